@@ -1,0 +1,295 @@
+"""The GPT architecture: config and presets, LayerNorm, GELU, feed-forward, transformer block, GPTModel.
+
+Names follow the book (`emb_dim`, `n_heads`, `n_layers`, `drop_rate`, `qkv_bias`; `tok_emb`,
+`pos_emb`, `trf_blocks`, `final_norm`, `out_head`) so its readers feel at home. The layers are
+written out for reading and run on PyTorch's fused kernels (`F.layer_norm`, `F.gelu`,
+`F.scaled_dot_product_attention`); tests check them against the book's formulas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ScratchLLMError
+from .attention import CausalSelfAttention, KVCache
+
+
+@dataclass
+class GPTConfig:
+    """Everything that fixes the shape of a GPT model."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = True
+    tie_weights: bool = True  # output head shares the token-embedding matrix (GPT-2 does)
+    n_classes: int = 0  # 0: language-model head over the vocabulary; N: a classifier head with N outputs
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            if int(getattr(self, name)) < 1:
+                raise ScratchLLMError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.emb_dim % self.n_heads:
+            raise ScratchLLMError(
+                f"model config: emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ScratchLLMError(f"model config: drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.n_classes < 0:
+            raise ScratchLLMError(f"model config: n_classes must be >= 0, got {self.n_classes}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ScratchLLMError(f"model config: unknown keys {unknown}; valid keys are {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> GPTConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# The four OpenAI GPT-2 sizes, and small shapes that train on a laptop CPU.
+PRESETS: dict[str, dict] = {
+    "gpt2-small": dict(emb_dim=768, n_layers=12, n_heads=12),  # 124M
+    "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16),  # 355M
+    "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),  # 774M
+    "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
+    "nano": dict(emb_dim=64, n_layers=2, n_heads=2, context_length=128, drop_rate=0.0),
+    "micro": dict(emb_dim=128, n_layers=4, n_heads=4, context_length=256, drop_rate=0.0),
+    "mini": dict(emb_dim=256, n_layers=6, n_heads=8, context_length=256, drop_rate=0.0),
+    "small-cpu": dict(emb_dim=384, n_layers=6, n_heads=6, context_length=256, drop_rate=0.0),
+}
+PRESET_ALIASES = {"gpt2": "gpt2-small", "124M": "gpt2-small", "355M": "gpt2-medium", "774M": "gpt2-large",
+                  "1558M": "gpt2-xl"}  # fmt: skip
+
+
+def preset_config(name: str, **overrides) -> GPTConfig:
+    """A `GPTConfig` for a named preset (see `PRESETS`), with keyword overrides."""
+    key = PRESET_ALIASES.get(name, name)
+    if key not in PRESETS:
+        raise ScratchLLMError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[key], **overrides})
+
+
+class LayerNorm(nn.Module):
+    """Normalize each token's vector to zero mean and unit variance, then scale and shift.
+
+    The book's formula is `scale * (x - mean) / sqrt(var + eps) + shift` with the biased variance;
+    `F.layer_norm` computes exactly that in one fused kernel.
+    """
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    """GELU, tanh approximation as in GPT-2: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: expand 4x, GELU, project back."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            GELU(),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.att = CausalSelfAttention(
+            d_in=cfg.emb_dim, d_out=cfg.emb_dim, n_heads=cfg.n_heads, dropout=cfg.drop_rate, qkv_bias=cfg.qkv_bias
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, kv_cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), mask=mask, kv_cache=kv_cache, layer=layer))
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x
+
+
+class GPTModel(nn.Module):
+    """Token + position embeddings, `n_layers` transformer blocks, final norm, output head."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        if cfg.n_classes:
+            self.out_head = nn.Linear(cfg.emb_dim, cfg.n_classes)
+        else:
+            self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the token-embedding matrix with the LM head when the config asks for it."""
+        if self.cfg.tie_weights and not self.cfg.n_classes:
+            self.out_head.weight = self.tok_emb.weight
+
+    @property
+    def weights_tied(self) -> bool:
+        return self.out_head.weight is self.tok_emb.weight
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialization: N(0, 0.02) weights, zero biases, and the projections that write into
+        the residual stream scaled by 1/sqrt(2 n_layers) so its variance does not grow with depth."""
+        for name, p in self.named_parameters():
+            if name.endswith(("scale",)):
+                nn.init.ones_(p)
+            elif name.endswith(("shift", "bias")):
+                nn.init.zeros_(p)
+            elif name.endswith(("att.out_proj.weight", "ff.layers.2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def new_kv_cache(
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        cfg = self.cfg
+        p = self.tok_emb.weight
+        return KVCache(
+            cfg.n_layers,
+            batch_size,
+            cfg.n_heads,
+            cfg.head_dim,
+            min(max_len or cfg.context_length, cfg.context_length),
+            device=p.device,
+            dtype=dtype or p.dtype,
+        )
+
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        *,
+        kv_cache: KVCache | None = None,
+        padding_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits of shape (batch, T, vocab_size or n_classes), or the final-norm hidden states.
+
+        `kv_cache`: positions continue from `kv_cache.pos`; the new keys/values are appended.
+        `padding_mask`: bool (batch, S) with S = cached + new positions, False at left padding; padded
+        positions are skipped as keys, and positions count from each row's first real token.
+        """
+        b, t = in_idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + t > self.cfg.context_length:
+            raise ValueError(
+                f"sequence of {start + t} tokens exceeds the context length {self.cfg.context_length}"
+            )
+        mask = None
+        if padding_mask is None:
+            pos = torch.arange(start, start + t, device=in_idx.device)
+            if kv_cache is not None and start > 0 and t > 1:
+                mask = _causal_mask(start, t, in_idx.device)[None, None]
+        else:
+            # positions count real tokens only: the first real token of each row is position 0
+            pos = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start : start + t]
+            key_ok = padding_mask[:, None, None, :]  # (b, 1, 1, S)
+            causal = _causal_mask(start, t, in_idx.device)[None, None]  # (1, 1, t, S)
+            # a padded query sees itself, so no row of the mask is empty (an empty row gives NaN)
+            own = torch.zeros_like(causal)
+            own[..., torch.arange(t), start + torch.arange(t)] = True
+            mask = (causal & key_ok) | own
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, mask=mask, kv_cache=kv_cache, layer=i)
+        if kv_cache is not None:
+            kv_cache.pos += t
+        x = self.final_norm(x)
+        if return_hidden:
+            return x
+        return self.out_head(x)
+
+
+def _causal_mask(start: int, t: int, device: torch.device) -> torch.Tensor:
+    """(t, start + t) bool: query i (at absolute position start + i) may see keys 0..start + i."""
+    q = torch.arange(start, start + t, device=device)[:, None]
+    k = torch.arange(start + t, device=device)[None, :]
+    return k <= q
+
+
+def count_parameters(model: nn.Module, count_tied_twice: bool = False) -> int:
+    """Number of parameters; a tied head counts once unless `count_tied_twice` (the book's 163M figure)."""
+    n = sum(p.numel() for p in model.parameters())  # .parameters() yields shared tensors once
+    if count_tied_twice and isinstance(model, GPTModel) and model.weights_tied:
+        n += model.out_head.weight.numel()
+    return n
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> int:
+    """Forward-pass FLOPs per token: 2 per multiply-add in every matrix multiply (the projections,
+    the MLP, the LM head) plus attention's scores and weighted sum over `seq_len` positions
+    (the average causal span is about seq_len / 2, counted here as the full length as in PaLM's MFU)."""
+    t = seq_len or cfg.context_length
+    d, n = cfg.emb_dim, cfg.n_layers
+    out = cfg.n_classes or cfg.vocab_size
+    matmul_params = n * (3 * d * d + d * d + 8 * d * d) + d * out
+    attention = n * 2 * t * d  # q.k scores and weights.v, each t*d multiply-adds per token
+    return 2 * matmul_params + 2 * attention
+
+
+def model_size_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    return count_parameters(model) * torch.tensor([], dtype=dtype).element_size()
+
+
+__all__ = [
+    "FeedForward",
+    "GELU",
+    "GPTConfig",
+    "GPTModel",
+    "LayerNorm",
+    "PRESETS",
+    "TransformerBlock",
+    "count_parameters",
+    "flops_per_token",
+    "model_size_bytes",
+    "preset_config",
+]

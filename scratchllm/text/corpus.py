@@ -1,0 +1,153 @@
+"""Corpus sources: where training text comes from.
+
+A source is one of
+- `builtin`: the English reference documentation bundled with every CPython
+  (`pydoc_data.topics`, about 465 KB in 79 topics), so every command has an offline default;
+- a text file, a directory (read recursively: *.txt, *.md, *.rst, *.text), or a glob (`docs/**/*.py`);
+- `hf:NAME[:SPLIT]`: a Hugging Face dataset's `text` column (needs `pip install scratchllm[hf]` and a
+  network, or the datasets cache).
+
+Each file, topic or dataset row is one `Document`; documents are later separated by `<|endoftext|>`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ScratchLLMError
+
+BUILTIN = "builtin"
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str  # a file path, `builtin:TOPIC` or `hf:NAME:SPLIT#ROW`
+    text: str
+
+
+def builtin_documents() -> list[Document]:
+    """Python's bundled reference documentation, one document per topic, in sorted topic order."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:  # some distributions strip it
+        raise ScratchLLMError(
+            "the built-in corpus needs Python's pydoc_data module, which this Python lacks; "
+            "pass --corpus PATH with your own text instead"
+        ) from e
+    return [Document(f"{BUILTIN}:{name}", topics[name]) for name in sorted(topics)]
+
+
+def read_text_file(path: str | os.PathLike, encoding_errors: str = "strict") -> str:
+    """Read a UTF-8 file; with `strict`, bytes that are not UTF-8 raise an error naming the offset."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ScratchLLMError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        return data.decode("utf-8", errors=encoding_errors)
+    except UnicodeDecodeError as e:
+        raise ScratchLLMError(
+            f"{path}: byte {e.start} (0x{data[e.start]:02x}) is not valid UTF-8; convert the file to UTF-8 "
+            "or pass --encoding-errors replace"
+        ) from e
+
+
+def resolve_paths(source: str) -> list[Path]:
+    """The files one path-like source stands for, sorted so runs are reproducible."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not _hidden(p.relative_to(path))
+        )
+        if not files:
+            raise ScratchLLMError(
+                f"directory {path} has no text files ({', '.join(TEXT_SUFFIXES)}); use a glob such as "
+                f"'{path}/**/*.py' for other kinds"
+            )
+        return files
+    if glob.has_magic(source):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
+        if not files:
+            raise ScratchLLMError(f"glob {source!r} matches no files")
+        return files
+    raise ScratchLLMError(f"corpus source {source!r} not found: give a file, a directory, a glob, `builtin` or hf:NAME")
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def _hf_documents(spec: str) -> Iterator[Document]:
+    parts = spec.split(":")
+    name = parts[1] if len(parts) > 1 else ""
+    split = parts[2] if len(parts) > 2 else "train"
+    if not name:
+        raise ScratchLLMError(f"corpus source {spec!r}: expected hf:NAME[:SPLIT], e.g. hf:roneneldan/TinyStories")
+    try:
+        import datasets
+    except ImportError as e:
+        raise ScratchLLMError(
+            f"corpus source {spec!r} needs the Hugging Face datasets package: pip install 'scratchllm[hf]'"
+        ) from e
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:  # network, auth, missing split: all reported the same way
+        raise ScratchLLMError(f"cannot load Hugging Face dataset {name!r} split {split!r}: {e}") from e
+    for i, row in enumerate(ds):
+        if "text" not in row:
+            raise ScratchLLMError(f"Hugging Face dataset {name!r} has no `text` column (columns: {sorted(row)})")
+        yield Document(f"hf:{name}:{split}#{i}", row["text"])
+
+
+def iter_documents(sources: Sequence[str] | str = (BUILTIN,), encoding_errors: str = "strict") -> Iterator[Document]:
+    """All documents of the given sources, in order. Paths are checked before any text is read."""
+    if isinstance(sources, str):
+        sources = [sources]
+    if not sources:
+        raise ScratchLLMError("no corpus given: pass --corpus PATH... or --corpus builtin")
+    resolved: list[str | Path] = []
+    for source in sources:
+        if source == BUILTIN or source.startswith("hf:"):
+            resolved.append(source)
+        else:
+            resolved.extend(resolve_paths(source))
+    for item in resolved:
+        if item == BUILTIN:
+            yield from builtin_documents()
+        elif isinstance(item, str):
+            yield from _hf_documents(item)
+        else:
+            yield Document(str(item), read_text_file(item, encoding_errors))
+
+
+def load_documents(sources: Sequence[str] | str = (BUILTIN,), encoding_errors: str = "strict") -> list[Document]:
+    """Like `iter_documents`, as a list; an all-empty corpus is an error."""
+    docs = list(iter_documents(sources, encoding_errors))
+    if not any(d.text.strip() for d in docs):
+        names = sources if isinstance(sources, str) else " ".join(sources)
+        raise ScratchLLMError(f"the corpus ({names}) is empty: it has no text to train on")
+    return docs
+
+
+def source_fingerprints(docs: Sequence[Document]) -> list[dict]:
+    """Per-source sha256 of the text, recorded with prepared data and training runs."""
+    by_source: dict[str, hashlib._Hash] = {}
+    sizes: dict[str, int] = {}
+    for d in docs:
+        key = BUILTIN if d.source.startswith(f"{BUILTIN}:") else d.source.split("#", 1)[0]
+        h = by_source.setdefault(key, hashlib.sha256())
+        data = d.text.encode("utf-8")
+        h.update(data)
+        sizes[key] = sizes.get(key, 0) + len(data)
+    return [{"source": k, "bytes": sizes[k], "sha256": h.hexdigest()} for k, h in by_source.items()]

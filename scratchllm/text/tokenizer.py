@@ -1,0 +1,157 @@
+"""The one tokenizer interface, and `load_tokenizer` that finds any tokenizer by name or path.
+
+Three implementations share it:
+- `SimpleTokenizer` (text/simple.py): the book's first step, a regex word vocabulary;
+- `BPETokenizer` (text/bpe.py): byte-level BPE, trained from scratch here or loaded from GPT-2's
+  files, encoding through tiktoken's engine;
+- GPT-2's tokenizer is a `BPETokenizer` with OpenAI's ranks (text/gpt2.py).
+
+On disk a tokenizer is a directory with `tokenizer_meta.json` (which kind, pattern, special
+tokens) plus the kind's own files; model directories embed one the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence, Set
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from ..errors import ScratchLLMError
+
+META_FILE = "tokenizer_meta.json"
+EOT = "<|endoftext|>"
+AllowedSpecial = Literal["all"] | Set[str]
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. Special-token strings in text are plain text unless `allowed_special`."""
+
+    kind: ClassVar[str]
+    name: str
+    special_tokens: dict[str, int]
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, specials included (the model's embedding rows)."""
+
+    @abstractmethod
+    def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
+        """Token ids of `text`. Special-token strings become their special id only when listed in
+        `allowed_special` (or it is "all"); otherwise they are encoded as ordinary text."""
+
+    def encode_batch(self, texts: Sequence[str], allowed_special: AllowedSpecial = frozenset()) -> list[list[int]]:
+        return [self.encode(t, allowed_special) for t in texts]
+
+    @abstractmethod
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw UTF-8 bytes of `ids` (a prefix may end inside a multi-byte character)."""
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    @abstractmethod
+    def _files(self) -> dict[str, bytes]:
+        """The kind's own files: name -> content."""
+
+    @abstractmethod
+    def _meta(self) -> dict[str, Any]:
+        """Kind-specific settings stored in tokenizer_meta.json."""
+
+    @classmethod
+    @abstractmethod
+    def _load(cls, directory: Path, meta: dict[str, Any]) -> Tokenizer:
+        """Rebuild from a directory written by `save`."""
+
+    @property
+    def eot_id(self) -> int | None:
+        """Id of `<|endoftext|>`, the document separator and default end-of-sequence token."""
+        return self.special_tokens.get(EOT)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "vocab_size": self.vocab_size,
+            "special_tokens": self.special_tokens,
+            **self._meta(),
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the tokenizer files into `directory` (created if needed; each file atomically)."""
+        from ..fileio import atomic_write_bytes, atomic_write_json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for fname, data in self._files().items():
+            atomic_write_bytes(directory / fname, data)
+        atomic_write_json(directory / META_FILE, self.meta())
+        return directory
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the ids: two tokenizers with equal fingerprints encode
+        every text identically."""
+        h = hashlib.sha256()
+        meta = {k: v for k, v in self.meta().items() if k != "name"}
+        h.update(json.dumps(meta, sort_keys=True).encode())
+        for fname, data in sorted(self._files().items()):
+            h.update(fname.encode())
+            h.update(hashlib.sha256(data).digest())
+        return h.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
+
+
+def _kinds() -> dict[str, type[Tokenizer]]:
+    from .bpe import BPETokenizer
+    from .simple import SimpleTokenizer
+
+    return {SimpleTokenizer.kind: SimpleTokenizer, BPETokenizer.kind: BPETokenizer}
+
+
+def load_tokenizer(spec: str | os.PathLike | Tokenizer) -> Tokenizer:
+    """Find a tokenizer by name or path.
+
+    - `gpt2`: OpenAI's GPT-2 BPE (local files first, then tiktoken's download; see text/gpt2.py);
+    - `tiktoken:NAME`: any encoding tiktoken knows (e.g. `tiktoken:cl100k_base`; needs a network
+      the first time);
+    - a directory written by `Tokenizer.save` or a model directory;
+    - GPT-2-format files: a directory with `encoder.json` + `vocab.bpe`, or a `.tiktoken` ranks file.
+    """
+    if isinstance(spec, Tokenizer):
+        return spec
+    s = str(spec)
+    from . import gpt2
+
+    if s == "gpt2":
+        return gpt2.load_gpt2_tokenizer()
+    if s.startswith("tiktoken:"):
+        return gpt2.load_tiktoken_encoding(s.split(":", 1)[1])
+    path = Path(s).expanduser()
+    if not path.exists():
+        raise ScratchLLMError(
+            f"tokenizer {s!r} not found: give `gpt2`, a tokenizer or model directory, an encoder.json + "
+            "vocab.bpe directory, or a .tiktoken file"
+        )
+    if path.is_file():
+        if path.name in ("encoder.json", "vocab.bpe", META_FILE):
+            path = path.parent
+        else:
+            return gpt2.load_gpt2_files(path)
+    meta_path = path / META_FILE
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            kind = meta["kind"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise ScratchLLMError(f"{meta_path}: not a valid tokenizer description ({e}); re-save the tokenizer") from e
+        kinds = _kinds()
+        if kind not in kinds:
+            raise ScratchLLMError(f"{meta_path}: unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}")
+        return kinds[kind]._load(path, meta)
+    return gpt2.load_gpt2_files(path)
