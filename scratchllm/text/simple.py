@@ -82,11 +82,11 @@ class SimpleTokenizer(Tokenizer):
         return self.decode(ids).encode("utf-8")
 
     def decode(self, ids: Iterable[int]) -> str:
-        try:
-            text = " ".join(self.id_to_token[i] for i in ids)
-        except IndexError as e:
-            raise ScratchLLMError(f"simple tokenizer: token id out of range 0..{self.vocab_size - 1}") from e
-        return _JOIN_FIX.sub(r"\1", text)
+        ids = list(ids)
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:  # checked, not caught: a negative index would silently read from the end
+            raise ScratchLLMError(f"simple tokenizer: token id {bad} out of range 0..{self.vocab_size - 1}")
+        return _JOIN_FIX.sub(r"\1", " ".join(self.id_to_token[i] for i in ids))
 
     def _files(self) -> dict[str, bytes]:
         return {"vocab.json": json.dumps(self.id_to_token, ensure_ascii=False, indent=0).encode("utf-8")}

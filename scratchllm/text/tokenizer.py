@@ -44,7 +44,9 @@ class Tokenizer(ABC):
         """Token ids of `text`. Special-token strings become their special id only when listed in
         `allowed_special` (or it is "all"); otherwise they are encoded as ordinary text."""
 
-    def encode_batch(self, texts: Sequence[str], allowed_special: AllowedSpecial = frozenset()) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], allowed_special: AllowedSpecial = frozenset()
+    ) -> list[list[int]]:
         return [self.encode(t, allowed_special) for t in texts]
 
     @abstractmethod
@@ -126,12 +128,14 @@ def load_tokenizer(spec: str | os.PathLike | Tokenizer) -> Tokenizer:
     if isinstance(spec, Tokenizer):
         return spec
     s = str(spec)
-    from . import gpt2
-
     if s == "gpt2":
-        return gpt2.load_gpt2_tokenizer()
+        from .gpt2 import load_gpt2_tokenizer
+
+        return load_gpt2_tokenizer()
     if s.startswith("tiktoken:"):
-        return gpt2.load_tiktoken_encoding(s.split(":", 1)[1])
+        from .gpt2 import load_tiktoken_encoding
+
+        return load_tiktoken_encoding(s.split(":", 1)[1])
     path = Path(s).expanduser()
     if not path.exists():
         raise ScratchLLMError(
@@ -142,16 +146,24 @@ def load_tokenizer(spec: str | os.PathLike | Tokenizer) -> Tokenizer:
         if path.name in ("encoder.json", "vocab.bpe", META_FILE):
             path = path.parent
         else:
-            return gpt2.load_gpt2_files(path)
+            from .gpt2 import load_gpt2_files
+
+            return load_gpt2_files(path)
     meta_path = path / META_FILE
     if meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             kind = meta["kind"]
         except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise ScratchLLMError(f"{meta_path}: not a valid tokenizer description ({e}); re-save the tokenizer") from e
+            raise ScratchLLMError(
+                f"{meta_path}: not a valid tokenizer description ({e}); re-save the tokenizer"
+            ) from e
         kinds = _kinds()
         if kind not in kinds:
-            raise ScratchLLMError(f"{meta_path}: unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}")
+            raise ScratchLLMError(
+                f"{meta_path}: unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}"
+            )
         return kinds[kind]._load(path, meta)
-    return gpt2.load_gpt2_files(path)
+    from .gpt2 import load_gpt2_files
+
+    return load_gpt2_files(path)
