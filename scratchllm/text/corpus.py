@@ -77,11 +77,15 @@ def resolve_paths(source: str) -> list[Path]:
             )
         return files
     if glob.has_magic(source):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
+        files = sorted(
+            Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file()
+        )
         if not files:
             raise ScratchLLMError(f"glob {source!r} matches no files")
         return files
-    raise ScratchLLMError(f"corpus source {source!r} not found: give a file, a directory, a glob, `builtin` or hf:NAME")
+    raise ScratchLLMError(
+        f"corpus source {source!r} not found: give a file, a directory, a glob, `builtin` or hf:NAME"
+    )
 
 
 def _hidden(rel: Path) -> bool:
@@ -93,7 +97,9 @@ def _hf_documents(spec: str) -> Iterator[Document]:
     name = parts[1] if len(parts) > 1 else ""
     split = parts[2] if len(parts) > 2 else "train"
     if not name:
-        raise ScratchLLMError(f"corpus source {spec!r}: expected hf:NAME[:SPLIT], e.g. hf:roneneldan/TinyStories")
+        raise ScratchLLMError(
+            f"corpus source {spec!r}: expected hf:NAME[:SPLIT], e.g. hf:roneneldan/TinyStories"
+        )
     try:
         import datasets
     except ImportError as e:
@@ -106,11 +112,15 @@ def _hf_documents(spec: str) -> Iterator[Document]:
         raise ScratchLLMError(f"cannot load Hugging Face dataset {name!r} split {split!r}: {e}") from e
     for i, row in enumerate(ds):
         if "text" not in row:
-            raise ScratchLLMError(f"Hugging Face dataset {name!r} has no `text` column (columns: {sorted(row)})")
+            raise ScratchLLMError(
+                f"Hugging Face dataset {name!r} has no `text` column (columns: {sorted(row)})"
+            )
         yield Document(f"hf:{name}:{split}#{i}", row["text"])
 
 
-def iter_documents(sources: Sequence[str] | str = (BUILTIN,), encoding_errors: str = "strict") -> Iterator[Document]:
+def iter_documents(
+    sources: Sequence[str] | str = (BUILTIN,), encoding_errors: str = "strict"
+) -> Iterator[Document]:
     """All documents of the given sources, in order. Paths are checked before any text is read."""
     if isinstance(sources, str):
         sources = [sources]
@@ -131,7 +141,9 @@ def iter_documents(sources: Sequence[str] | str = (BUILTIN,), encoding_errors: s
             yield Document(str(item), read_text_file(item, encoding_errors))
 
 
-def load_documents(sources: Sequence[str] | str = (BUILTIN,), encoding_errors: str = "strict") -> list[Document]:
+def load_documents(
+    sources: Sequence[str] | str = (BUILTIN,), encoding_errors: str = "strict"
+) -> list[Document]:
     """Like `iter_documents`, as a list; an all-empty corpus is an error."""
     docs = list(iter_documents(sources, encoding_errors))
     if not any(d.text.strip() for d in docs):

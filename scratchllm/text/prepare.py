@@ -1,0 +1,269 @@
+"""`scratchllm prepare`: tokenize a corpus once into memory-mapped token files for training.
+
+Output directory:
+  train.bin, val.bin   flat token ids (uint16 when the vocabulary fits, else uint32), documents separated
+                       by `<|endoftext|>`
+  meta.json            tokenizer identity, dtype, token and document counts, source hashes, split settings
+  tokenizer/           the tokenizer itself, so training uses exactly the ids that were written
+
+Documents go to train or val by a seeded hash of their index (stable for any number of workers); when that
+leaves one side empty (a corpus of one or two files) the last `val_fraction` of the tokens becomes val.
+Long documents are cut into chunks for the worker processes only where GPT-style pre-tokenizers always break
+(a newline between two non-space characters), so the ids equal encoding each document whole.
+Everything is written into a temporary directory that replaces `out` only when complete.
+
+This module avoids importing torch: worker processes start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import ScratchLLMError
+from ..fileio import atomic_dir, atomic_write_json
+from .corpus import BUILTIN, builtin_documents, iter_documents, resolve_paths
+from .tokenizer import Tokenizer, load_tokenizer
+
+META = "meta.json"
+FORMAT = "scratchllm-tokens"
+CHUNK_CHARS = 1 << 20  # work unit for the workers
+_SAFE_CUT = re.compile(r"\S\n(?=\S)")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (GPT-2's 50257 does), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def split_document(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
+    """Cut `text` into pieces of about `max_chars`, only just after a newline between two non-space
+    characters (a boundary the GPT-2 and GPT-4 pre-tokenization patterns never cross)."""
+    pieces = []
+    start = 0
+    while len(text) - start > max_chars:
+        target = start + max_chars
+        cut = None
+        # the last safe cut before the target, else the first one after it
+        i = text.rfind("\n", start + 1, target)
+        while i > start and cut is None:
+            if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+                cut = i + 1
+            else:
+                i = text.rfind("\n", start + 1, i)
+        if cut is None:
+            m = _SAFE_CUT.search(text, target)
+            if m is None:
+                break
+            cut = m.end()
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _in_val(index: int, seed: int, val_fraction: float) -> bool:
+    """A stable pseudo-random draw per document: blake2b(seed, index) as a number in [0, 1)."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+# worker side ----------------------------------------------------------------------------------
+
+_worker_tokenizer: Tokenizer | None = None
+_worker_dtype: np.dtype | None = None
+
+
+def _init_worker(tokenizer_dir: str, dtype: str) -> None:
+    global _worker_tokenizer, _worker_dtype
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+    _worker_dtype = np.dtype(dtype)
+
+
+def _encode_task(task: tuple[list[Any], list[str]]) -> tuple[list[Any], list[np.ndarray]]:
+    keys, texts = task
+    assert _worker_tokenizer is not None and _worker_dtype is not None
+    # one text at a time: the processes are the parallelism (encode_batch would add threads on top)
+    ids = [_worker_tokenizer.encode(t) for t in texts]  # document text is ordinary text: no specials
+    return keys, [np.asarray(x, dtype=_worker_dtype) for x in ids]
+
+
+# parent side ----------------------------------------------------------------------------------
+
+
+def _corpus_bytes(sources: Sequence[str]) -> int | None:
+    """Total size of the path sources, for the progress bar (None when a source has no known size)."""
+    total = 0
+    for s in sources:
+        if s == BUILTIN:
+            total += sum(len(d.text.encode("utf-8")) for d in builtin_documents())
+        elif s.startswith("hf:"):
+            return None
+        else:
+            total += sum(p.stat().st_size for p in resolve_paths(s))
+    return total
+
+
+def prepare(
+    corpus: Sequence[str] | str = (BUILTIN,),
+    tokenizer: str | Tokenizer = "gpt2",
+    out: str | os.PathLike = "data/prepared",
+    val_fraction: float = 0.1,
+    workers: int = 0,
+    encoding_errors: str = "strict",
+    seed: int = 1337,
+    progress: bool = True,
+    chunk_chars: int = CHUNK_CHARS,
+    extra_meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Tokenize `corpus` into `out` (see the module docstring); returns the written meta.json content."""
+    from tqdm.auto import tqdm
+
+    if isinstance(corpus, str):
+        corpus = [corpus]
+    if not 0.0 <= val_fraction < 1.0:
+        raise ScratchLLMError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if workers < 0:
+        raise ScratchLLMError(f"--workers must be >= 0, got {workers}")
+    workers = workers or os.cpu_count() or 1
+    tok = load_tokenizer(tokenizer)
+    if tok.eot_id is None:
+        raise ScratchLLMError(f"tokenizer {tok.name!r} has no <|endoftext|> token to separate documents")
+    dtype = token_dtype(tok.vocab_size)
+    eot = np.asarray([tok.eot_id], dtype=dtype)
+    total_bytes = _corpus_bytes(corpus)  # also checks that every path exists before any work
+    t0 = time.perf_counter()
+
+    source_hashes: dict[str, Any] = {}
+    counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
+
+    def tasks() -> Iterator[tuple[list[Any], list[str]]]:
+        keys: list[Any] = []
+        texts: list[str] = []
+        size = 0
+        for index, doc in enumerate(iter_documents(corpus, encoding_errors)):
+            src = BUILTIN if doc.source.startswith(f"{BUILTIN}:") else doc.source.split("#", 1)[0]
+            entry = source_hashes.setdefault(src, {"sha256": hashlib.sha256(), "bytes": 0, "documents": 0})
+            data = doc.text.encode("utf-8")
+            entry["sha256"].update(data)
+            entry["bytes"] += len(data)
+            entry["documents"] += 1
+            split = "val" if _in_val(index, seed, val_fraction) else "train"
+            pieces = split_document(doc.text, chunk_chars)
+            for j, piece in enumerate(pieces):
+                keys.append((split, j == len(pieces) - 1, len(piece.encode("utf-8"))))
+                texts.append(piece)
+                size += len(piece)
+                if size >= chunk_chars:
+                    yield keys, texts
+                    keys, texts, size = [], [], 0
+        if texts:
+            yield keys, texts
+
+    with atomic_dir(out) as tmp:
+        tok.save(tmp / "tokenizer")
+        files = {s: open(tmp / f"{s}.bin", "wb") for s in ("train", "val")}  # noqa: SIM115
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress)
+        pool = None
+        try:
+            if workers == 1:
+                _init_worker(str(tmp / "tokenizer"), dtype.str)
+                results: Iterator = map(_encode_task, tasks())
+            else:
+                pool = mp.get_context("spawn").Pool(
+                    workers, _init_worker, (str(tmp / "tokenizer"), dtype.str)
+                )
+                results = pool.imap(_encode_task, tasks())
+            for keys, arrays in results:
+                for (split, last, nbytes), ids in zip(keys, arrays):
+                    files[split].write(ids.tobytes())
+                    counts[split][0] += len(ids)
+                    if last:
+                        files[split].write(eot.tobytes())
+                        counts[split][0] += 1
+                        counts[split][1] += 1
+                    bar.update(nbytes)
+        finally:
+            bar.close()
+            for f in files.values():
+                f.close()
+            if pool is not None:
+                pool.terminate()
+
+        n_docs = counts["train"][1] + counts["val"][1]
+        if n_docs == 0 or counts["train"][0] + counts["val"][0] == n_docs:
+            raise ScratchLLMError(f"the corpus ({' '.join(corpus)}) is empty: it has no text to tokenize")
+        method = "documents"
+        if val_fraction > 0 and (counts["val"][0] == 0 or counts["train"][0] == 0):
+            method = "tail"
+            _tail_split(tmp, counts, val_fraction, dtype)
+
+        meta = {
+            "format": FORMAT,
+            "version": 1,
+            "dtype": dtype.name,
+            "train_tokens": counts["train"][0],
+            "val_tokens": counts["val"][0],
+            "documents": n_docs,
+            "train_documents": counts["train"][1],
+            "val_documents": counts["val"][1],
+            "tokenizer": {
+                "name": tok.name,
+                "kind": tok.kind,
+                "vocab_size": tok.vocab_size,
+                "eot_id": tok.eot_id,
+                "fingerprint": tok.fingerprint(),
+            },
+            "split": {"method": method, "val_fraction": val_fraction, "seed": seed},
+            "sources": [
+                {
+                    "source": k,
+                    "bytes": v["bytes"],
+                    "documents": v["documents"],
+                    "sha256": v["sha256"].hexdigest(),
+                }
+                for k, v in source_hashes.items()
+            ],
+            "scratchllm_version": __version__,
+            **(extra_meta or {}),
+        }
+        atomic_write_json(tmp / META, meta)
+    seconds = time.perf_counter() - t0
+    n_bytes = sum(s["bytes"] for s in meta["sources"])
+    if progress:
+        print(
+            f"prepared {n_docs} documents, {n_bytes / 1e6:.2f} MB -> {meta['train_tokens']:,} train + "
+            f"{meta['val_tokens']:,} val tokens ({dtype.name}) in {seconds:.1f} s "
+            f"({n_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s, {workers} worker{'s' if workers > 1 else ''}) -> {out}"
+        )
+    return meta
+
+
+def _tail_split(directory: Path, counts: dict[str, list[int]], val_fraction: float, dtype: np.dtype) -> None:
+    """Too few documents for a document split: the last `val_fraction` of the tokens become val.
+
+    Only the tail is copied (through a memory map) and train.bin is truncated, so memory stays flat
+    even for one huge file."""
+    train, val = directory / "train.bin", directory / "val.bin"
+    if counts["train"][0] == 0:  # every document was drawn for val: start from all of them as train
+        os.replace(val, train)
+        val.touch()
+        counts["train"], counts["val"] = counts["val"], [0, 0]
+    n = counts["train"][0]
+    n_val = max(1, int(n * val_fraction))
+    tokens = np.memmap(train, dtype=dtype, mode="r")
+    with open(val, "wb") as f:
+        f.write(tokens[n - n_val :].tobytes())
+    del tokens
+    os.truncate(train, (n - n_val) * dtype.itemsize)
+    counts["train"][0] = n - n_val
+    counts["val"] = [n_val, 0]

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import pytest
+
+from scratchllm.errors import ScratchLLMError
+from scratchllm.text.corpus import builtin_documents, iter_documents, load_documents, source_fingerprints
+
+
+def test_builtin_corpus_is_python_docs():
+    docs = builtin_documents()
+    assert len(docs) > 50
+    assert sum(len(d.text) for d in docs) > 300_000
+    assert all(d.source.startswith("builtin:") for d in docs)
+    by_name = {d.source.split(":", 1)[1]: d.text for d in docs}
+    assert "assert" in by_name and "assert" in by_name["assert"].lower()
+    assert [d.source for d in docs] == sorted(d.source for d in docs)
+
+
+def test_files_directories_and_globs(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha", encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("beta", encoding="utf-8")
+    (tmp_path / "sub" / "c.py").write_text("gamma", encoding="utf-8")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "d.txt").write_text("delta", encoding="utf-8")
+
+    assert [d.text for d in iter_documents([str(tmp_path)])] == ["alpha", "beta"]
+    assert [d.text for d in iter_documents([str(tmp_path / "sub" / "c.py")])] == ["gamma"]
+    assert [d.text for d in iter_documents([f"{tmp_path}/**/*.py"])] == ["gamma"]
+    both = [d.text for d in iter_documents([str(tmp_path / "a.txt"), "builtin"])]
+    assert both[0] == "alpha" and len(both) > 50
+
+
+def test_missing_sources_are_clear_errors(tmp_path):
+    with pytest.raises(ScratchLLMError, match="not found"):
+        list(iter_documents([str(tmp_path / "nope.txt")]))
+    with pytest.raises(ScratchLLMError, match="matches no files"):
+        list(iter_documents([f"{tmp_path}/*.zzz"]))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ScratchLLMError, match="no text files"):
+        list(iter_documents([str(tmp_path / "empty_dir")]))
+    with pytest.raises(ScratchLLMError, match="no corpus"):
+        list(iter_documents([]))
+
+
+def test_paths_are_checked_before_reading(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("x", encoding="utf-8")
+    it = iter_documents([str(good), str(tmp_path / "missing.txt")])
+    with pytest.raises(ScratchLLMError, match=r"missing\.txt"):
+        next(it)
+
+
+def test_non_utf8_names_file_and_offset(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 ok".encode("latin-1"))
+    with pytest.raises(ScratchLLMError, match=r"latin1\.txt: byte 3 \(0xe9\).*--encoding-errors replace"):
+        load_documents([str(bad)])
+    docs = load_documents([str(bad)], encoding_errors="replace")
+    assert docs[0].text == "caf\ufffd ok"
+
+
+def test_empty_corpus_is_an_error(tmp_path):
+    (tmp_path / "blank.txt").write_text("  \n", encoding="utf-8")
+    with pytest.raises(ScratchLLMError, match="empty"):
+        load_documents([str(tmp_path / "blank.txt")])
+
+
+def test_hf_source_without_datasets_package(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(ScratchLLMError, match=r"scratchllm\[hf\]"):
+        list(iter_documents(["hf:roneneldan/TinyStories"]))
+
+
+def test_source_fingerprints_group_builtin():
+    docs = builtin_documents()
+    fps = source_fingerprints(docs)
+    assert len(fps) == 1 and fps[0]["source"] == "builtin"
+    assert fps[0]["bytes"] == sum(len(d.text.encode()) for d in docs)
