@@ -134,7 +134,11 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.att = CausalSelfAttention(
-            d_in=cfg.emb_dim, d_out=cfg.emb_dim, n_heads=cfg.n_heads, dropout=cfg.drop_rate, qkv_bias=cfg.qkv_bias
+            d_in=cfg.emb_dim,
+            d_out=cfg.emb_dim,
+            n_heads=cfg.n_heads,
+            dropout=cfg.drop_rate,
+            qkv_bias=cfg.qkv_bias,
         )
         self.ff = FeedForward(cfg)
         self.norm1 = LayerNorm(cfg.emb_dim)
@@ -142,7 +146,11 @@ class TransformerBlock(nn.Module):
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, kv_cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
     ) -> torch.Tensor:
         x = x + self.drop_shortcut(self.att(self.norm1(x), mask=mask, kv_cache=kv_cache, layer=layer))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
@@ -218,7 +226,7 @@ class GPTModel(nn.Module):
         `padding_mask`: bool (batch, S) with S = cached + new positions, False at left padding; padded
         positions are skipped as keys, and positions count from each row's first real token.
         """
-        b, t = in_idx.shape
+        _, t = in_idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + t > self.cfg.context_length:
             raise ValueError(
@@ -281,12 +289,12 @@ def model_size_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> in
 
 
 __all__ = [
-    "FeedForward",
     "GELU",
+    "PRESETS",
+    "FeedForward",
     "GPTConfig",
     "GPTModel",
     "LayerNorm",
-    "PRESETS",
     "TransformerBlock",
     "count_parameters",
     "flops_per_token",

@@ -1,0 +1,452 @@
+"""Model directories: round trips, atomic writes, and a clear error for every way a directory can be broken."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from scratchllm import checkpoint
+from scratchllm.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_model,
+    load_state_dict_strict,
+    model_info,
+    read_config,
+    save_model,
+)
+from scratchllm.cli import main
+from scratchllm.errors import ScratchLLMError
+from scratchllm.model.gpt import GPTConfig, GPTModel
+from scratchllm.text.simple import SimpleTokenizer
+
+TINY = dict(vocab_size=60, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+
+
+def tiny_model(**overrides) -> GPTModel:
+    model = GPTModel(GPTConfig(**{**TINY, **overrides}))
+    with torch.no_grad():  # norms and biases away from their 1/0 init, so a swap would show
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A saved tied model directory and its model."""
+    model = tiny_model()
+    return save_model(tmp_path / "model", model), model
+
+
+def assert_same_model(a: GPTModel, b: GPTModel) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    x = torch.randint(0, a.cfg.vocab_size, (2, 9))
+    assert torch.equal(a(x), b(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Round trips
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(tie_weights=False), dict(qkv_bias=False), dict(n_classes=3), dict(drop_rate=0.1)],
+    ids=["tied", "untied", "no-qkv-bias", "classifier", "dropout"],
+)
+def test_round_trip(tmp_path, overrides):
+    model = tiny_model(**overrides)
+    path = save_model(tmp_path / "m", model, extra={"labels": ["ham", "spam"], "template": "{x}"})
+    loaded = load_model(path)
+    assert loaded.path == path
+    assert loaded.config == model.cfg
+    assert loaded.extra == {"labels": ["ham", "spam"], "template": "{x}"}
+    assert loaded.tokenizer is None
+    assert not loaded.model.training
+    assert loaded.model.weights_tied == model.weights_tied
+    assert_same_model(loaded.model, model)
+    assert all(p.requires_grad for p in loaded.model.parameters())  # ready to finetune
+
+
+def test_directory_layout_is_readable(saved):
+    path, model = saved
+    assert sorted(p.name for p in path.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    doc = json.loads((path / CONFIG_FILE).read_text())
+    assert doc["format"] == "scratchllm-model" and doc["version"] == 1
+    assert doc["model"] == model.cfg.to_dict()
+    assert doc["extra"] == {}
+    assert doc["info"]["parameters"] == sum(p.numel() for p in model.parameters())
+    assert doc["info"]["dtype"] == "float32"
+    with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
+        names = set(f.keys())
+        assert f.metadata() == {"format": "pt"}
+    # the tied head is stored once, under the embedding's name
+    assert "tok_emb.weight" in names and "out_head.weight" not in names
+    assert len(names) == len(list(model.parameters()))
+    # the parent holds nothing but the directory: no temporary leftovers
+    assert [p.name for p in path.parent.iterdir()] == ["model"]
+
+
+def test_tokenizer_is_saved_and_loaded(tmp_path):
+    tok = SimpleTokenizer.from_corpus("the cat sat on the mat . a dog ran !")
+    model = tiny_model()
+    path = save_model(tmp_path / "m", model, tok)
+    loaded = load_model(path)
+    assert loaded.tokenizer is not None
+    assert loaded.tokenizer.fingerprint() == tok.fingerprint()
+    assert loaded.tokenizer.encode("the dog sat") == tok.encode("the dog sat")
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    tok = SimpleTokenizer.from_corpus(" ".join(f"w{i}" for i in range(100)))
+    with pytest.raises(ScratchLLMError, match="102 ids but the model's vocab_size is 60"):
+        save_model(tmp_path / "m", tiny_model(), tok)
+    assert not (tmp_path / "m").exists()
+
+
+def test_dtype_choices(tmp_path):
+    model = tiny_model()
+    path = save_model(tmp_path / "m", model)
+    assert load_model(path).model.tok_emb.weight.dtype == torch.float32
+    bf16 = load_model(path, dtype="bf16").model
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert bf16.weights_tied
+    # a bf16 model stays bf16 by default, and loads as fp32 on request
+    path16 = save_model(tmp_path / "m16", model.to(torch.bfloat16))
+    assert json.loads((path16 / CONFIG_FILE).read_text())["info"]["dtype"] == "bfloat16"
+    assert load_model(path16).model.tok_emb.weight.dtype == torch.bfloat16
+    assert load_model(path16, dtype=torch.float32).model.tok_emb.weight.dtype == torch.float32
+    with pytest.raises(ScratchLLMError, match="unknown dtype 'int3'"):
+        load_model(path, dtype="int3")
+
+
+def test_save_overwrites_atomically(tmp_path, monkeypatch):
+    first = tiny_model()
+    path = save_model(tmp_path / "m", first)
+    save_model(path, tiny_model())  # a complete replacement works
+    save_model(path, first)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(path, tiny_model(n_layers=1))
+    # the old directory is intact and nothing half-written is left beside it
+    assert_same_model(load_model(path).model, first)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_save_refuses_a_model_that_does_not_match_its_config(tmp_path):
+    # a classifier head swapped in without updating the config: load_model could not rebuild it
+    model = tiny_model(tie_weights=False)
+    model.out_head = torch.nn.Linear(32, 2)
+    with pytest.raises(
+        ScratchLLMError, match=r"out_head\.weight has shape \(2, 32\) but the model config needs \(60, 32\)"
+    ):
+        save_model(tmp_path / "m", model)
+    model = tiny_model(tie_weights=True)
+    model.out_head = torch.nn.Linear(32, 60, bias=False)  # untied by hand, config still says tied
+    with pytest.raises(ScratchLLMError, match=r"unexpected out_head\.weight: the model ties it to tok_emb"):
+        save_model(tmp_path / "m", model)
+    assert not (tmp_path / "m").exists()
+
+
+def test_save_unwraps_compiled_models(tmp_path):
+    model = tiny_model()
+    wrapped = torch.nn.Module()
+    wrapped._orig_mod = model  # what torch.compile's wrapper holds
+    assert_same_model(load_model(save_model(tmp_path / "m", wrapped)).model, model)
+
+
+def test_extra_must_be_json(tmp_path):
+    with pytest.raises(ScratchLLMError, match="JSON values"):
+        save_model(tmp_path / "m", tiny_model(), extra={"f": object()})
+
+
+def test_trainer_files_beside_the_model_are_ignored(saved):
+    path, model = saved
+    (path / "training_state.json").write_text("{}")
+    save_file({"step": torch.tensor(3)}, str(path / "optimizer.safetensors"))
+    assert_same_model(load_model(path).model, model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Broken directories: each a ScratchLLMError that names the problem
+
+
+def rewrite_weights(path, change) -> None:
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    change(tensors)
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def rewrite_config(path, change) -> None:
+    doc = json.loads((path / CONFIG_FILE).read_text())
+    change(doc)
+    (path / CONFIG_FILE).write_text(json.dumps(doc))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ScratchLLMError, match=r"model '.*nowhere' not found: give a model directory"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_a_file_is_not_a_model(tmp_path):
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(ScratchLLMError, match="is a file"):
+        load_model(tmp_path / "f.txt")
+
+
+def test_missing_config(saved):
+    path, _ = saved
+    (path / CONFIG_FILE).unlink()
+    with pytest.raises(ScratchLLMError, match=r"not a model directory: config\.json is missing.*--from DIR"):
+        load_model(path)
+
+
+def test_hugging_face_directory_gets_a_hint(saved):
+    path, _ = saved
+    (path / CONFIG_FILE).write_text(json.dumps({"model_type": "gpt2", "n_embd": 32}))
+    with pytest.raises(ScratchLLMError, match=r"not a scratchllm model config.*download gpt2 --from DIR"):
+        load_model(path)
+
+
+def test_config_not_json(saved):
+    path, _ = saved
+    (path / CONFIG_FILE).write_text('{"format": "scratchllm-model", ')
+    with pytest.raises(ScratchLLMError, match=r"config\.json: not valid JSON"):
+        load_model(path)
+
+
+def test_config_from_a_newer_version(saved):
+    path, _ = saved
+    rewrite_config(path, lambda d: d.update(version=2))
+    with pytest.raises(ScratchLLMError, match="format version 2 is not supported"):
+        load_model(path)
+
+
+def test_unknown_config_keys(saved):
+    path, _ = saved
+    rewrite_config(path, lambda d: d.update(adapters={}))
+    with pytest.raises(ScratchLLMError, match=r"config.json: unknown keys \['adapters'\]"):
+        load_model(path)
+    rewrite_config(path, lambda d: (d.pop("adapters"), d["model"].update(n_experts=8)))
+    with pytest.raises(ScratchLLMError, match=r"config.json: model config: unknown keys \['n_experts'\]"):
+        load_model(path)
+
+
+def test_bad_config_value(saved):
+    path, _ = saved
+    rewrite_config(path, lambda d: d["model"].update(n_heads=5))
+    with pytest.raises(ScratchLLMError, match=r"config.json: model config: emb_dim \(32\) must be divisible"):
+        load_model(path)
+
+
+def test_missing_weights_file(saved):
+    path, _ = saved
+    (path / WEIGHTS_FILE).unlink()
+    with pytest.raises(ScratchLLMError, match=r"model\.safetensors is missing"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 10, 0], ids=["half", "last-byte", "header", "empty"])
+def test_truncated_weights(saved, keep):
+    path, _ = saved
+    data = (path / WEIGHTS_FILE).read_bytes()
+    n = int(len(data) * keep) if isinstance(keep, float) else keep
+    (path / WEIGHTS_FILE).write_bytes(data[:n])
+    with pytest.raises(
+        ScratchLLMError, match=r"model\.safetensors: not a readable safetensors file, probably truncated"
+    ):
+        load_model(path)
+
+
+def test_corrupt_weights(saved):
+    path, _ = saved
+    (path / WEIGHTS_FILE).write_bytes(b"\x00" * 8 + b"this is not a safetensors header" * 10)
+    with pytest.raises(ScratchLLMError, match="probably truncated or corrupt"):
+        load_model(path)
+
+
+def test_missing_tensor(saved):
+    path, _ = saved
+    rewrite_weights(path, lambda t: t.pop("trf_blocks.1.att.qkv.bias"))
+    with pytest.raises(
+        ScratchLLMError, match=r"missing tensor trf_blocks\.1\.att\.qkv\.bias \(shape \(96,\)\)"
+    ):
+        load_model(path)
+
+
+def test_unexpected_tensor(saved):
+    path, _ = saved
+    rewrite_weights(path, lambda t: t.update({"trf_blocks.0.att.lora_A": torch.zeros(4, 32)}))
+    with pytest.raises(ScratchLLMError, match=r"unexpected tensor trf_blocks\.0\.att\.lora_A"):
+        load_model(path)
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(saved):
+    path, _ = saved
+    rewrite_weights(path, lambda t: t.update({"trf_blocks.0.ff.layers.0.weight": torch.zeros(100, 32)}))
+    with pytest.raises(
+        ScratchLLMError,
+        match=r"tensor trf_blocks\.0\.ff\.layers\.0\.weight has shape \(100, 32\) but the model config needs \(128, 32\)",
+    ):
+        load_model(path)
+
+
+def test_config_and_weights_disagree(saved):
+    path, _ = saved
+    rewrite_config(path, lambda d: d["model"].update(n_layers=3))
+    with pytest.raises(
+        ScratchLLMError, match=r"do not match the model config: missing tensors trf_blocks\.2\."
+    ):
+        load_model(path)
+    rewrite_config(path, lambda d: d["model"].update(n_layers=2, vocab_size=70))
+    with pytest.raises(
+        ScratchLLMError, match=r"tok_emb\.weight has shape \(60, 32\) but the model config needs \(70, 32\)"
+    ):
+        load_model(path)
+
+
+def test_tied_config_with_separate_head(tmp_path):
+    path = save_model(tmp_path / "m", tiny_model(tie_weights=False))
+    rewrite_config(path, lambda d: d["model"].update(tie_weights=True))
+    with pytest.raises(
+        ScratchLLMError, match=r"unexpected out_head\.weight: the model ties it to tok_emb\.weight"
+    ):
+        load_model(path)
+    rewrite_config(path, lambda d: d["model"].update(tie_weights=False))
+    load_model(path)
+    path = save_model(tmp_path / "t", tiny_model(tie_weights=True))
+    rewrite_config(path, lambda d: d["model"].update(tie_weights=False))
+    with pytest.raises(ScratchLLMError, match=r"missing tensor out_head\.weight \(shape \(60, 32\)\)"):
+        load_model(path)
+
+
+def test_loading_never_unpickles(saved, monkeypatch):
+    path, model = saved
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.load must not be used")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    assert_same_model(load_model(path).model, model)
+
+
+# ----------------------------------------------------------------------------------------------
+# load_state_dict_strict, the helper finetuning and LoRA build on
+
+
+def test_strict_load_swapping_the_head():
+    lm = tiny_model()
+    clf = GPTModel(GPTConfig(**TINY, n_classes=2))
+    new_head = clf.out_head.weight.detach().clone()
+    with pytest.raises(
+        ScratchLLMError, match=r"tensor out_head\.weight has shape \(60, 32\).*needs \(2, 32\)"
+    ):
+        load_state_dict_strict(clf, lm.state_dict(), source="gpt2")
+    body = {k: v for k, v in lm.state_dict().items() if not k.startswith("out_head.")}
+    load_state_dict_strict(clf, body, source="gpt2", allow_missing=["out_head.*"])
+    assert torch.equal(clf.tok_emb.weight, lm.tok_emb.weight)
+    assert torch.equal(clf.out_head.weight, new_head)  # left as it was
+
+
+def test_strict_load_keeps_tying_and_allows_extra_names():
+    src = tiny_model()
+    dst = GPTModel(GPTConfig(**TINY))
+    sd = {**src.state_dict(), "lora.extra": torch.zeros(1)}  # out_head.weight is in it too, tied
+    with pytest.raises(ScratchLLMError, match=r"unexpected tensor lora\.extra"):
+        load_state_dict_strict(dst, sd)
+    load_state_dict_strict(dst, sd, allow_unexpected=["lora.*"])
+    assert dst.weights_tied
+    assert_same_model(dst, src)
+
+
+def test_meta_model_left_incomplete_is_an_error():
+    model = checkpoint.meta_model(GPTConfig(**TINY))
+    sd = {k: v for k, v in tiny_model().state_dict().items() if k != "pos_emb.weight"}
+    with pytest.raises(ScratchLLMError, match=r"pos_emb\.weight: they are still uninitialized"):
+        load_state_dict_strict(model, sd, allow_missing=["pos_emb.*"], assign=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# scratchllm info
+
+
+def test_info_numbers_for_a_model_dir(saved):
+    path, model = saved
+    info = model_info(model=path)
+    n = sum(p.numel() for p in model.parameters())
+    assert info["source"] == str(path)
+    assert info["parameters"] == info["parameters_tied"] == n
+    assert info["parameters_untied"] == n + 60 * 32
+    assert info["bytes_fp32"] == 4 * n and info["bytes_bf16"] == 2 * n
+    assert read_config(path)[0].to_dict() == info["config"]
+
+
+def test_info_for_untied_and_classifier_models(tmp_path):
+    untied = model_info(model=save_model(tmp_path / "u", tiny_model(tie_weights=False)))
+    assert untied["parameters"] == untied["parameters_untied"] == untied["parameters_tied"] + 60 * 32
+    clf = model_info(model=save_model(tmp_path / "c", tiny_model(n_classes=2)))
+    assert clf["parameters"] == clf["parameters_tied"] == clf["parameters_untied"]
+
+
+@pytest.mark.parametrize(
+    ("preset", "tied", "untied", "mb32", "mb16"),
+    [
+        ("gpt2-small", "124,439,808", "163,037,184", "497.8 MB", "248.9 MB"),
+        ("gpt2-medium", "354,823,168", "406,286,336", "1,419.3 MB", "709.6 MB"),
+        ("gpt2-large", "774,030,080", "838,359,040", "3,096.1 MB", "1,548.1 MB"),
+        ("gpt2-xl", "1,557,611,200", "1,638,022,400", "6,230.4 MB", "3,115.2 MB"),
+    ],
+)
+def test_info_cli_for_gpt2_presets(capsys, preset, tied, untied, mb32, mb16):
+    assert main(["info", "--preset", preset]) == 0
+    out = capsys.readouterr().out
+    assert f"parameters       {tied}" in out
+    assert f"without tying    {untied}" in out
+    assert f"{mb32} at fp32, {mb16} at bf16" in out
+    assert "forward FLOPs" in out and "context length   1,024 tokens" in out and "50,257 tokens" in out
+
+
+def test_info_cli_json_and_hub_name_without_download(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHLLM_HOME", str(tmp_path))
+    assert main(["info", "--model", "gpt2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 124_439_808 and info["flops_per_token"] == 284_812_800
+    assert "not downloaded" in info["source"]
+    assert not (tmp_path / "models").exists()  # nothing was fetched
+
+
+def test_info_cli_errors(capsys, tmp_path):
+    assert main(["info", "--preset", "gpt5"]) == 2
+    assert "unknown model preset 'gpt5'" in capsys.readouterr().err
+    assert main(["info", "--model", str(tmp_path / "none")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["info", "--model", str(tmp_path / "empty")]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["info"])  # neither --preset nor --model
+    assert e.value.code == 2
+
+
+def test_info_cli_process_exit_code(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "scratchllm", "info", "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert r.stderr.startswith("scratchllm: error:") and r.stderr.count("\n") == 1

@@ -1,0 +1,436 @@
+"""GPT-2 weights in and out: Hugging Face format <-> model directories, offline (no network in tests:
+the download is replaced by a local directory where it matters)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from scratchllm import hub
+from scratchllm.checkpoint import WEIGHTS_FILE, load_model, save_model
+from scratchllm.cli import main
+from scratchllm.errors import ScratchLLMError
+from scratchllm.model.gpt import GPTConfig, GPTModel
+
+from .conftest import shared_file
+
+transformers = pytest.importorskip("transformers")
+
+# (n_embd, n_layer, n_head, vocab_size, n_positions)
+SHAPES = [(32, 2, 4, 100, 64), (48, 3, 6, 257, 32), (64, 1, 1, 50, 16)]
+
+
+def random_hf_model(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, tie=True):
+    """A GPT2LMHeadModel with every tensor random (norms and biases too), in eval mode."""
+    cfg = transformers.GPT2Config(
+        n_embd=n_embd, n_layer=n_layer, n_head=n_head, vocab_size=vocab_size, n_positions=n_positions,
+        tie_word_embeddings=tie,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def random_model(**overrides) -> GPTModel:
+    cfg = GPTConfig(
+        **{**dict(vocab_size=100, context_length=64, emb_dim=32, n_heads=4, n_layers=2), **overrides}
+    )
+    model = GPTModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def hf_logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def our_logits(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face -> ours -> Hugging Face
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_hf_to_ours_same_logits(tmp_path, shape, tie):
+    *_, vocab, n_pos = shape
+    hf = random_hf_model(*shape, tie=tie)
+    hf.save_pretrained(tmp_path / "hf")
+    out = hub.convert_hf_dir(tmp_path / "hf", tmp_path / "ours")
+    loaded = load_model(out)
+    cfg = loaded.config
+    assert (cfg.emb_dim, cfg.n_layers, cfg.n_heads, cfg.vocab_size, cfg.context_length) == shape
+    assert cfg.tie_weights == tie == loaded.model.weights_tied
+    x = torch.randint(0, vocab, (2, n_pos))
+    torch.testing.assert_close(our_logits(loaded.model, x), hf_logits(hf, x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("qkv_bias", [True, False], ids=["qkv-bias", "no-qkv-bias"])
+def test_ours_to_hf_same_logits(tmp_path, tie, qkv_bias):
+    model = random_model(tie_weights=tie, qkv_bias=qkv_bias, emb_dim=48, n_heads=3, n_layers=3)
+    save_model(tmp_path / "ours", model)
+    hub.export_hf(tmp_path / "ours", tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert (hf.lm_head.weight is hf.transformer.wte.weight) == tie
+    x = torch.randint(0, 100, (3, 64))
+    torch.testing.assert_close(hf_logits(hf, x), our_logits(model, x), atol=1e-4, rtol=0)
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert ("lm_head.weight" in tensors) == (not tie)
+    if not qkv_bias:  # exported as zero biases
+        assert not tensors["transformer.h.0.attn.c_attn.bias"].any()
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_round_trip_gives_identical_tensors(tmp_path, tie):
+    model = random_model(tie_weights=tie)
+    save_model(tmp_path / "a", model)
+    hub.export_hf(tmp_path / "a", tmp_path / "hf")
+    hub.convert_hf_dir(tmp_path / "hf", tmp_path / "b")
+    assert (
+        load_file(str(tmp_path / "a" / WEIGHTS_FILE)).keys()
+        == load_file(str(tmp_path / "b" / WEIGHTS_FILE)).keys()
+    )
+    for k, v in load_file(str(tmp_path / "a" / WEIGHTS_FILE)).items():
+        assert torch.equal(v, load_file(str(tmp_path / "b" / WEIGHTS_FILE))[k]), k
+    # and the other way: HF -> ours -> HF gives HF's tensors back
+    hf = random_hf_model(tie=tie)
+    hf.save_pretrained(tmp_path / "hf2")
+    hub.convert_hf_dir(tmp_path / "hf2", tmp_path / "c")
+    hub.export_hf(tmp_path / "c", tmp_path / "hf3")
+    theirs = {k: v for k, v in hf.state_dict().items() if tie is False or k != "lm_head.weight"}
+    back = load_file(str(tmp_path / "hf3" / "model.safetensors"))
+    assert back.keys() == theirs.keys()
+    for k in theirs:
+        assert torch.equal(back[k], theirs[k]), k
+
+
+def test_hub_layout_without_prefix_and_with_mask_buffers(tmp_path):
+    """OpenAI's files on the hub: names without `transformer.`, causal-mask buffers `h.N.attn.bias`."""
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    model, tok = hub.load_hf_dir(tmp_path / "hf")
+    assert tok is None
+    x = torch.randint(0, 100, (1, 20))
+    torch.testing.assert_close(our_logits(model, x), hf_logits(hf, x), atol=1e-4, rtol=0)
+
+
+def test_sharded_hf_weights(tmp_path):
+    hf = random_hf_model(n_embd=64, n_layer=3, n_head=4)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    model, _ = hub.load_hf_dir(tmp_path / "hf")
+    x = torch.randint(0, 100, (2, 10))
+    torch.testing.assert_close(our_logits(model, x), hf_logits(hf, x), atol=1e-4, rtol=0)
+
+
+def test_tied_head_that_differs_is_refused(tmp_path):
+    hf = random_hf_model(tie=False)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ScratchLLMError, match=r"lm_head\.weight differs from wte\.weight"):
+        hub.load_hf_dir(tmp_path / "hf")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(model_type="llama"), "only GPT-2"),
+        (dict(activation_function="relu"), "activation_function 'relu'"),
+        (dict(n_inner=100), "n_inner 100"),
+        (dict(layer_norm_epsilon=1e-6), "layer_norm_epsilon"),
+        (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+        (dict(n_embd=None), "missing or bad GPT-2 setting"),
+    ],
+)
+def test_hf_configs_we_cannot_represent(tmp_path, change, message):
+    random_hf_model().save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.update(change)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ScratchLLMError, match=message):
+        hub.load_hf_dir(tmp_path / "hf")
+
+
+def test_broken_hf_directories(tmp_path):
+    with pytest.raises(ScratchLLMError, match="is not a directory"):
+        hub.load_hf_dir(tmp_path / "none")
+    hf = tmp_path / "hf"
+    random_hf_model().save_pretrained(hf)
+    tensors = load_file(str(hf / "model.safetensors"))
+    # an extra tensor that is not GPT-2 (say, a classifier's `score`)
+    save_file(
+        {**tensors, "score.weight": torch.zeros(2, 32)},
+        str(hf / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    with pytest.raises(ScratchLLMError, match=r"not part of a GPT-2 language model: score\.weight"):
+        hub.load_hf_dir(hf)
+    # a missing one, reported by our name
+    tensors.pop("transformer.h.1.mlp.c_fc.bias")
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ScratchLLMError, match=r"missing tensor trf_blocks\.1\.ff\.layers\.0\.bias"):
+        hub.load_hf_dir(hf)
+    # truncated
+    data = (hf / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ScratchLLMError, match="probably truncated or corrupt"):
+        hub.load_hf_dir(hf)
+    # only a pickle: never loaded
+    (hf / "model.safetensors").unlink()
+    (hf / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ScratchLLMError, match=r"no model.safetensors \(found pytorch_model.bin: pickled"):
+        hub.load_hf_dir(hf)
+    (hf / "config.json").unlink()
+    with pytest.raises(ScratchLLMError, match=r"config\.json is missing"):
+        hub.load_hf_dir(hf)
+
+
+def test_export_refuses_a_classifier(tmp_path):
+    save_model(tmp_path / "clf", random_model(n_classes=2))
+    with pytest.raises(ScratchLLMError, match=r"classifier .* not a language model"):
+        hub.export_hf(tmp_path / "clf", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_hf_config_fields(tmp_path):
+    save_model(tmp_path / "m", random_model(drop_rate=0.0))
+    hub.export_hf(tmp_path / "m", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["model_type"] == "gpt2" and cfg["activation_function"] == "gelu_new"
+    assert (cfg["n_embd"], cfg["n_layer"], cfg["n_head"], cfg["n_positions"], cfg["vocab_size"]) == (
+        32,
+        2,
+        4,
+        64,
+        100,
+    )
+    assert cfg["layer_norm_epsilon"] == 1e-5 and cfg["tie_word_embeddings"] is True
+    assert hub.config_from_hf(cfg) == GPTConfig(vocab_size=100, context_length=64, emb_dim=32, n_heads=4, n_layers=2,
+                                                drop_rate=0.0)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers: vocab.json + merges.txt are OpenAI's encoder.json + vocab.bpe under other names
+
+
+def gpt2_tokenizer():
+    from scratchllm.text.gpt2 import load_gpt2_files
+
+    shared_file("encoder.json")
+    return load_gpt2_files(shared_file("encoder.json").parent)
+
+
+TEXT = "Hello, world! It's 2024:  naïve café, 日本語\ttabs\nand newlines   x"
+
+
+def test_export_writes_a_tokenizer_hf_loads(tmp_path):
+    tok = gpt2_tokenizer()
+    save_model(tmp_path / "m", random_model(vocab_size=50257, emb_dim=16, n_heads=2, n_layers=1), tok)
+    hub.export_hf(tmp_path / "m", tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok(TEXT)["input_ids"] == tok.encode(TEXT)
+    with_eot = TEXT + "<|endoftext|>" + TEXT
+    assert hf_tok(with_eot)["input_ids"] == tok.encode(with_eot, allowed_special="all")
+    assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == 50256
+    fast = transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "hf")
+    assert fast(TEXT)["input_ids"] == tok.encode(TEXT)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["eos_token_id"] == cfg["bos_token_id"] == 50256
+
+
+def test_hf_tokenizer_files_load_as_gpt2(tmp_path):
+    tok = gpt2_tokenizer()
+    save_model(tmp_path / "m", random_model(vocab_size=50257, emb_dim=16, n_heads=2, n_layers=1), tok)
+    hub.export_hf(tmp_path / "m", tmp_path / "hf")
+    back = hub.load_hf_tokenizer(tmp_path / "hf")
+    assert back.fingerprint() == tok.fingerprint()
+    assert back.encode(TEXT) == tok.encode(TEXT) and back.eot_id == 50256
+    # and through a full conversion, into the model directory
+    hub.convert_hf_dir(tmp_path / "hf", tmp_path / "back")
+    assert load_model(tmp_path / "back").tokenizer.fingerprint() == tok.fingerprint()
+
+
+def test_non_gpt2_tokenizers_are_not_exported(tmp_path):
+    from scratchllm.text.simple import SimpleTokenizer
+
+    tok = SimpleTokenizer.from_corpus("a b c")
+    save_model(tmp_path / "m", random_model(), tok)
+    hub.export_hf(tmp_path / "m", tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hub names, the cache and the (mocked) download
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHLLM_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """snapshot_download replaced by a local HF directory holding a small model; gpt2-small's
+    preset shrunk to its shape so the shape check passes. Records the calls."""
+    import huggingface_hub
+
+    src = tmp_path / "snapshot"
+    hf = random_hf_model()
+    hf.save_pretrained(src)
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(src)
+
+    small = dict(vocab_size=100, context_length=64, emb_dim=32, n_heads=4, n_layers=2)
+    real_preset = hub.preset_config
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(hub, "preset_config", lambda name, **kw: real_preset(name, **{**small, **kw}))
+    return hf, calls
+
+
+def test_hub_names():
+    assert hub.canonical_name("gpt2") == hub.canonical_name("124M") == "gpt2-small"
+    assert hub.canonical_name("1558M") == "gpt2-xl"
+    assert all(hub.is_hub_name(n) for n in ("gpt2", "gpt2-medium", "355M"))
+    assert not hub.is_hub_name("nano")
+    with pytest.raises(ScratchLLMError, match="unknown GPT-2 model 'gpt3'"):
+        hub.canonical_name("gpt3")
+
+
+def test_cache_location(home, monkeypatch):
+    assert hub.cache_dir("124M") == home / "models" / "gpt2-small"
+    monkeypatch.delenv("SCRATCHLLM_HOME")
+    assert hub.cache_dir("gpt2").parts[-4:] == (".cache", "scratchllm", "models", "gpt2-small")
+
+
+def test_load_model_downloads_once_then_uses_the_cache(home, fake_hub):
+    hf, calls = fake_hub
+    loaded = load_model("gpt2")
+    assert len(calls) == 1
+    repo, kwargs = calls[0]
+    assert repo == "openai-community/gpt2"
+    assert "model.safetensors" in kwargs["allow_patterns"] and "vocab.json" in kwargs["allow_patterns"]
+    assert loaded.path == home / "models" / "gpt2-small"
+    x = torch.randint(0, 100, (1, 12))
+    torch.testing.assert_close(our_logits(loaded.model, x), hf_logits(hf, x), atol=1e-4, rtol=0)
+    again = load_model("124M")  # an alias of the same model: from the cache
+    assert again.path == loaded.path and len(calls) == 1
+
+
+def test_download_cli(home, fake_hub, tmp_path, capsys):
+    _, calls = fake_hub
+    assert main(["download", "gpt2", "--size", "355M", "--out", str(tmp_path / "med"), "--quiet"]) == 0
+    assert calls[-1][0] == "openai-community/gpt2-medium"
+    assert load_model(tmp_path / "med").config.n_layers == 2
+    assert main(["download", "gpt2-large", "--out", str(tmp_path / "large")]) == 0
+    assert calls[-1][0] == "openai-community/gpt2-large"
+    assert main(["download", "gpt2-medium", "--size", "124M"]) == 2
+    assert "gpt2-medium is not the 124M model" in capsys.readouterr().err
+
+
+def test_download_failure_is_a_clear_error(home, monkeypatch):
+    import huggingface_hub
+
+    def no_network(repo_id, **kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(
+        ScratchLLMError, match=r"cannot download openai-community/gpt2 .*ConnectionError.*--from DIR"
+    ):
+        load_model("gpt2")
+    assert not (home / "models" / "gpt2-small").exists()
+
+
+def test_offline_mode_is_passed_to_the_hub_client(home, monkeypatch):
+    import huggingface_hub
+
+    seen = {}
+
+    def snapshot_download(repo_id, **kwargs):
+        seen.update(kwargs)
+        raise FileNotFoundError("not in cache")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(
+        ScratchLLMError, match="HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+    ):
+        hub.fetch_model("gpt2-xl")
+    assert seen["local_files_only"] is True
+
+
+def test_offline_cli_without_cache_exits_2(tmp_path):
+    """The real client, no mocks: HF_HUB_OFFLINE=1 and empty caches never touch the network."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "SCRATCHLLM_HOME": str(tmp_path / "s"),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "scratchllm", "download", "gpt2", "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "HF_HUB_OFFLINE is set" in r.stderr and "scratchllm download gpt2 --from DIR" in r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_download_from_local_dir(home, tmp_path, capsys):
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["download", "gpt2", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 0
+    assert "saved the model directory" in capsys.readouterr().out
+    x = torch.randint(0, 100, (1, 8))
+    torch.testing.assert_close(
+        our_logits(load_model(tmp_path / "out").model, x), hf_logits(hf, x), atol=1e-4, rtol=0
+    )
+    # into the cache the shape must be the named model's
+    assert main(["download", "gpt2", "--from", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "does not hold gpt2-small: vocab_size 100 (expected 50257)" in err and "--size" in err
+    assert not (home / "models").exists() or not any((home / "models").iterdir())
+    assert main(["download", "gpt2", "--from", str(tmp_path / "nothing")]) == 2
+
+
+def test_export_cli(tmp_path, capsys):
+    model = random_model()
+    save_model(tmp_path / "m", model)
+    assert main(["export-hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 0
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 100, (1, 8))
+    torch.testing.assert_close(hf_logits(hf, x), our_logits(model, x), atol=1e-4, rtol=0)
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "missing"), str(tmp_path / "hf2")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "hf2").exists()
