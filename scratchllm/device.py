@@ -60,3 +60,35 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, for the MFU estimate.
+_GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+              "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # fmt: skip
+_measured_peaks: dict[tuple[str, str], float] = {}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak matrix-multiply FLOP/s used for MFU: a table for known GPUs; on CPU, measured once per
+    process with a large matmul in the training precision (so MFU says how well the model's work
+    keeps the matrix units busy, not a vendor figure that CPUs rarely reach)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in _GPU_PEAKS.items() if k in name), None)
+        return peak if precision != "fp32" or peak is None else peak / 16  # fp32 without TF32 is far slower
+    if device.type != "cpu":
+        return None
+    key = (device.type, precision)
+    if key not in _measured_peaks:
+        import time
+
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        a = torch.randn(1024, 1024, dtype=dtype)
+        b = torch.randn(1024, 1024, dtype=dtype)
+        a @ b  # warm up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.2:
+            a @ b
+            n += 1
+        _measured_peaks[key] = 2 * 1024**3 * n / (time.perf_counter() - t0)
+    return _measured_peaks[key]

@@ -17,7 +17,9 @@ def shared_file(name: str) -> Path:
     """Path of a file in shared/data, or skip the test with the reason."""
     path = SHARED_DATA / name
     if not path.exists():
-        pytest.skip(f"{name} not found in {SHARED_DATA} (real data beside the checkout; set SCRATCHLLM_SHARED_DATA)")
+        pytest.skip(
+            f"{name} not found in {SHARED_DATA} (real data beside the checkout; set SCRATCHLLM_SHARED_DATA)"
+        )
     return path
 
 

@@ -1,0 +1,238 @@
+"""Run configs: dataclasses, read from TOML files or named presets, every key overridable on the command line.
+
+A config class is a dataclass whose fields carry `metadata={"help": ..., "group": ...}`. Files are TOML
+(`tomllib`); sections such as `[model]` or `[train]` only group keys for the reader and are merged.
+`add_config_arguments` turns each field into a `--kebab-case` flag; a flag given on the command line wins
+over the file, which wins over the defaults. An unknown key or a value of the wrong type is an error that
+names it (and the closest valid key). The resolved config is saved with every run (`dump_toml`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ScratchLLMError
+
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+C = TypeVar("C", bound="DataclassInstance")
+PRESET_PACKAGE = "scratchllm.configs"
+
+
+def setting(default: Any, help: str, group: str = "settings") -> Any:
+    """A config field with its help text and the `[group]` it belongs to (mutable defaults are copied)."""
+    meta = {"help": help, "group": group}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    inner, optional = _unwrap_optional(tp)
+    origin = typing.get_origin(inner)
+    name = (
+        f"list of {typing.get_args(inner)[0].__name__}"
+        if origin is list
+        else getattr(inner, "__name__", str(inner))
+    )
+    return f"{name} or none" if optional else name
+
+
+def coerce(key: str, value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a TOML or command-line value to the field's type, or explain what is wrong."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ScratchLLMError(f"{where}: {key} needs a value of type {_type_name(tp)}")
+    origin = typing.get_origin(inner)
+    try:
+        if origin is list:
+            (item,) = typing.get_args(inner)
+            items = value if isinstance(value, list) else [value]
+            return [coerce(key, v, item, where) for v in items]
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if inner is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                try:
+                    return int(value)
+                except ValueError:  # allow 1e4 and 2000.0, not 2.5
+                    number = float(value)
+                    if not number.is_integer():
+                        raise
+                    return int(number)
+            if isinstance(value, int):
+                return value
+            raise ValueError
+        if inner is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if inner is str:
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ScratchLLMError(f"{where}: {key} = {value!r} is not a valid {_type_name(tp)}") from None
+    return value
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ScratchLLMError(f"cannot read config {path}: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ScratchLLMError(f"config {path} is not valid TOML: {e}") from e
+
+
+def preset_names() -> list[str]:
+    return sorted(
+        p.name[: -len(".toml")] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".toml")
+    )
+
+
+def find_config(spec: str) -> tuple[dict[str, Any], str]:
+    """A TOML file path, or the name of a preset shipped in scratchllm/configs."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return read_toml(path), str(path)
+    res = resources.files(PRESET_PACKAGE) / f"{spec}.toml"
+    if res.is_file():
+        with resources.as_file(res) as p:
+            return read_toml(p), f"preset {spec!r}"
+    raise ScratchLLMError(
+        f"config {spec!r} is neither a file nor a preset; presets: {', '.join(preset_names())}{_suggest(spec, preset_names())}"
+    )
+
+
+def _flatten(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Merge `[section]` tables into one flat mapping (sections only group keys; no setting is a table)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k in flat:
+                    raise ScratchLLMError(f"{where}: key {k!r} is set twice")
+                flat[k] = v
+        else:
+            if key in flat:
+                raise ScratchLLMError(f"{where}: key {key!r} is set twice")
+            flat[key] = value
+    return flat
+
+
+def build_config(cls: type[C], file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                 where: str = "config") -> C:  # fmt: skip
+    """Defaults <- file values <- overrides, each checked against the dataclass's fields and types."""
+    types_ = _field_types(cls)
+    valid = sorted(types_)
+    values: dict[str, Any] = {}
+    for source, data, label in ((file_values or {}, True, where), (overrides or {}, False, "command line")):
+        flat = _flatten(source, label) if data else source
+        for key, value in flat.items():
+            if key not in types_:
+                raise ScratchLLMError(f"{label}: unknown key {key!r}{_suggest(key, valid)}")
+            values[key] = coerce(key, value, types_[key], label)
+    return cls(**values)
+
+
+def load_config(cls: type[C], spec: str | None = None, overrides: dict[str, Any] | None = None) -> C:
+    """`spec` is a TOML path or preset name (or None for the defaults); `overrides` win over it."""
+    file_values, where = find_config(spec) if spec else ({}, "defaults")
+    return build_config(cls, file_values, overrides, where)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One `--kebab-case` flag per field, default None (= not given), grouped by the fields' `group`."""
+    types_ = _field_types(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        group_name = f.metadata.get("group", "settings")
+        group = groups.get(group_name) or groups.setdefault(
+            group_name, parser.add_argument_group(f"{group_name} settings")
+        )
+        tp = types_[f.name]
+        inner, _ = _unwrap_optional(tp)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".strip()
+        kwargs: dict[str, Any] = {"dest": f"cfg__{f.name}", "default": None, "help": help_text}
+        if typing.get_origin(inner) is list:
+            kwargs.update(nargs="+", metavar="VALUE")
+        else:
+            kwargs.update(metavar=_type_name(tp).split()[0].upper())
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k[len("cfg__") :]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(cfg: Any) -> str:
+    """The resolved config as TOML, grouped in sections by the fields' `group` (None values omitted)."""
+    sections: dict[str, list[str]] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        sections.setdefault(f.metadata.get("group", "settings"), []).append(
+            f"{f.name} = {_toml_value(value)}"
+        )
+    return "\n".join(f"[{name}]\n" + "\n".join(lines) + "\n" for name, lines in sections.items())

@@ -1,0 +1,90 @@
+"""Running the same training command on several processes (`torchrun --nproc_per_node=N ...`).
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and the rendezvous address) for every process; this module
+turns them into a process group (gloo on CPU, nccl on CUDA) and a device per process. A plain
+`scratchllm pretrain` (no torchrun) is world size 1 and touches none of this.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..device import pick_device
+from ..errors import ScratchLLMError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files, logs and progress bars."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group when started by torchrun; otherwise a single-process `DistInfo`."""
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistInfo(device=pick_device(device))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    want = pick_device(device)
+    if want.type == "cuda":
+        if torch.cuda.device_count() <= local_rank:
+            raise ScratchLLMError(
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); lower --nproc_per_node"
+            )
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    elif want.type == "cpu":
+        dev, backend = want, "gloo"
+    else:
+        raise ScratchLLMError(f"multi-process training supports CPU (gloo) and CUDA (nccl), not {want.type}")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Average a tensor over all processes (a no-op in a single process)."""
+    if info.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= info.world_size
+    return value
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def broadcast_flag(flag: bool, info: DistInfo) -> bool:
+    """True on every process if it is True on any (e.g. a stop signal that reached one process)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,147 @@
+"""Language-model evaluation: loss, perplexity and bits per byte of any model on any text.
+
+`next_token_loss` is the loss every language-model task trains on; `token_loss` evaluates it over a
+token array in non-overlapping windows (all of them, or the first `max_windows`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ScratchLLMError
+
+
+def next_token_loss(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy of predicting `targets` (batch, T) from `inputs` (batch, T); targets equal to
+    `ignore_index` (padding, masked prompts) do not count. Logits are upcast to fp32 for a stable softmax."""
+    logits = model(inputs)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+
+
+@torch.no_grad()
+def token_loss(
+    model: nn.Module,
+    tokens: np.ndarray | Sequence[int],
+    context_length: int,
+    batch_size: int = 8,
+    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    max_windows: int | None = None,
+    device: torch.device | None = None,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) and number of predicted tokens over `tokens`, cut into
+    consecutive windows of `context_length` (the last one shorter). Every token after the first is
+    predicted exactly once."""
+    device = device or next(model.parameters()).device
+    n = len(tokens)
+    if n < 2:
+        raise ScratchLLMError(f"need at least 2 tokens to evaluate, got {n}")
+    starts = list(range(0, n - 1, context_length))
+    if max_windows:
+        starts = starts[:max_windows]
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        group = starts[i : i + batch_size]
+        # windows of equal length batch together; the short final window (if any) goes alone
+        full = [s for s in group if s + context_length + 1 <= n]
+        parts = [full] + [[s] for s in group if s + context_length + 1 > n]
+        for part in parts:
+            if not part:
+                continue
+            length = min(context_length, n - 1 - part[0])
+            rows = np.stack([np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in part])
+            rows_t = torch.from_numpy(rows).to(device)
+            with amp():
+                logits = model(rows_t[:, :-1])
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), rows_t[:, 1:].flatten(), reduction="sum")
+            total += float(nll)
+            count += rows_t[:, 1:].numel()
+    return total, count
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def evaluate_text(
+    model_spec: str,
+    corpus: Sequence[str],
+    context_length: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    precision: str = "fp32",
+    encoding_errors: str = "strict",
+    max_tokens: int = 0,
+) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of a model on a corpus (documents separated by <|endoftext|>)."""
+    from ..checkpoint import load_model
+    from ..device import autocast, pick_device, resolve_precision
+    from ..text.corpus import load_documents
+
+    dev = pick_device(device)
+    prec = resolve_precision(precision, dev)
+    loaded = load_model(model_spec, device=str(dev))
+    if loaded.tokenizer is None:
+        raise ScratchLLMError(f"model {model_spec!r} has no tokenizer; it cannot read text")
+    if loaded.config.n_classes:
+        raise ScratchLLMError(f"model {model_spec!r} is a classifier; evaluate language models only")
+    tok = loaded.tokenizer
+    ctx = context_length or loaded.config.context_length
+    if ctx > loaded.config.context_length:
+        raise ScratchLLMError(
+            f"--context-length {ctx} exceeds the model's context length {loaded.config.context_length}"
+        )
+    docs = load_documents(corpus, encoding_errors)
+    ids: list[int] = []
+    n_bytes = 0
+    for d in docs:
+        ids.extend(tok.encode(d.text))
+        if tok.eot_id is not None:
+            ids.append(tok.eot_id)
+        n_bytes += len(d.text.encode("utf-8"))
+        if max_tokens and len(ids) >= max_tokens:
+            break
+    if max_tokens:
+        ids = ids[:max_tokens]
+    total, count = token_loss(
+        loaded.model, np.asarray(ids), ctx, batch_size, lambda: autocast(dev, prec), device=dev
+    )
+    loss = total / count
+    if max_tokens:  # bytes of the evaluated prefix only
+        n_bytes = len(tok.decode(ids).encode("utf-8"))
+    return {
+        "model": str(model_spec),
+        "tokens": count,
+        "bytes": n_bytes,
+        "loss": loss,
+        "perplexity": perplexity(loss),
+        "bits_per_byte": total / (math.log(2) * n_bytes),
+        "context_length": ctx,
+    }
+
+
+def evaluate_command(
+    model: str, corpus: Sequence[str], as_json: bool = False, **kwargs: Any
+) -> dict[str, Any]:
+    """`scratchllm evaluate`: print loss, perplexity and bits per byte."""
+    result = evaluate_text(model, corpus, **kwargs)
+    if as_json:
+        import json
+
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"{result['model']}: loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
+            f"{result['bits_per_byte']:.4f} bits/byte over {result['tokens']:,} tokens ({result['bytes']:,} bytes, "
+            f"context {result['context_length']})"
+        )
+    return result

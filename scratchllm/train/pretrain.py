@@ -1,0 +1,363 @@
+"""`scratchllm pretrain`: next-token prediction on a corpus, wired into the one trainer.
+
+The flow of one run directory (`out_dir`):
+  tokenizer/   the tokenizer (GPT-2's, a given one, or a byte-level BPE trained on the corpus right here)
+  data/        the corpus tokenized once into memory-mapped train/val files (text/prepare.py), unless
+               `data` points at a directory prepared earlier
+  checkpoints/ resumable checkpoints; best/ and model/ are plain model directories
+  metrics.jsonl, loss.png, config.toml (the resolved settings)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..config import setting
+from ..errors import ScratchLLMError
+from ..model.gpt import GPTModel, preset_config
+from ..text.sampling import PreparedData, TokenWindows, load_prepared
+from ..text.tokenizer import Tokenizer
+from .distributed import DistInfo, barrier, init_distributed
+from .evaluate import next_token_loss, perplexity, token_loss
+from .trainer import Task, Trainer, TrainerConfig, TrainResult
+
+
+@dataclass
+class PretrainConfig(TrainerConfig):
+    """Everything `scratchllm pretrain` needs; TOML sections [data], [model], [train], [eval], [system], [run]."""
+
+    corpus: list[str] = setting(
+        ["builtin"], "text sources: files, directories, globs, builtin, hf:NAME[:SPLIT]", "data"
+    )
+    data: str | None = setting(
+        None, "a directory written by `scratchllm prepare` (instead of --corpus)", "data"
+    )
+    tokenizer: str = setting(
+        "train", "train (a new BPE on the corpus), gpt2, or a tokenizer/model directory", "data"
+    )
+    vocab_size: int = setting(8192, "vocabulary of the BPE trained when tokenizer = train", "data")
+    val_fraction: float = setting(0.1, "share of the corpus held out for validation", "data")
+    encoding_errors: str = setting("strict", "non-UTF-8 bytes: strict (error) or replace", "data")
+    workers: int = setting(0, "tokenizer processes for preparing the corpus (0: one per core)", "data")
+    model: str = setting("micro", "model preset (see `scratchllm info --list`)", "model")
+    init_from: str | None = setting(
+        None, "continue from a model directory or GPT-2 (gpt2, gpt2-medium, ...)", "model"
+    )
+    context_length: int | None = setting(
+        None, "tokens per training sequence (default: the preset's)", "model"
+    )
+    emb_dim: int | None = setting(None, "override the preset's embedding size", "model")
+    n_layers: int | None = setting(None, "override the preset's number of transformer blocks", "model")
+    n_heads: int | None = setting(None, "override the preset's number of attention heads", "model")
+    drop_rate: float | None = setting(None, "override the preset's dropout rate", "model")
+    qkv_bias: bool | None = setting(None, "override: biases in the query/key/value projections", "model")
+    tie_weights: bool | None = setting(
+        None, "override: share the token embedding with the output head", "model"
+    )
+    sample_prompts: list[str] = setting(
+        ["The", "A function", "In Python,"], "prompts sampled at each evaluation", "eval"
+    )
+    sample_tokens: int = setting(40, "tokens generated per sample (0: no samples)", "eval")
+    sample_temperature: float = setting(0.8, "sampling temperature (0: greedy)", "eval")
+    sample_top_k: int = setting(40, "sample among the k most likely tokens", "eval")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ScratchLLMError(
+                f"training settings: val_fraction must be in (0, 1), got {self.val_fraction}"
+            )
+        if self.encoding_errors not in ("strict", "replace"):
+            raise ScratchLLMError(
+                f"training settings: encoding_errors must be strict or replace, got {self.encoding_errors!r}"
+            )
+
+
+class LanguageModelTask(Task):
+    """Next-token prediction on token windows: random windows for training (a pure function of the
+    micro-batch index), fixed sequential windows for validation so evaluations compare."""
+
+    def __init__(
+        self,
+        train_tokens: Any,
+        val_tokens: Any,
+        context_length: int,
+        batch_size: int,
+        seed: int,
+        eval_batches: int,
+        tokenizer: Tokenizer | None = None,
+        sample_prompts: list[str] | None = None,
+        sample_tokens: int = 0,
+        sample_temperature: float = 0.8,
+        sample_top_k: int | None = 40,
+    ):
+        self.train_tokens = train_tokens
+        self.val_tokens = val_tokens
+        self.context_length = context_length
+        self.batch_size = batch_size
+        self.seed = seed
+        self.eval_batches = eval_batches
+        self.tokenizer = tokenizer
+        self.sample_prompts = sample_prompts or []
+        self.sample_tokens = sample_tokens
+        self.sample_temperature = sample_temperature
+        self.sample_top_k = sample_top_k
+        # fail early, with a clear message, when a split is shorter than one window
+        TokenWindows(train_tokens, context_length, batch_size)
+        if len(val_tokens) < 2:
+            raise ScratchLLMError(
+                f"the validation split has {len(val_tokens)} tokens; use more text or a larger val_fraction"
+            )
+        self._windows: dict[tuple[int, int], TokenWindows] = {}
+
+    def train_batch(
+        self, index: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (rank, world_size)
+        if key not in self._windows:
+            self._windows[key] = TokenWindows(
+                self.train_tokens, self.context_length, self.batch_size, self.seed, "random", rank, world_size
+            )
+        return self._windows[key].batch(index)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return next_token_loss(model, *batch)
+
+    def evaluate(
+        self, model: nn.Module, amp: Callable[[], contextlib.AbstractContextManager]
+    ) -> dict[str, float]:
+        """Validation loss over `eval_batches` batches of consecutive windows (0: the whole split), and the
+        training loss over as many windows from the start of the training split, for comparison."""
+        device = next(model.parameters()).device
+        windows = self.eval_batches * self.batch_size or None
+        val_sum, val_n = token_loss(
+            model, self.val_tokens, self.context_length, self.batch_size, amp, windows, device
+        )
+        n_val_windows = -(-(len(self.val_tokens) - 1) // self.context_length)
+        train_sum, train_n = token_loss(model, self.train_tokens, self.context_length, self.batch_size, amp,
+                                        windows or n_val_windows, device)  # fmt: skip
+        val = val_sum / val_n
+        return {"train_loss": train_sum / train_n, "val_loss": val, "val_ppl": perplexity(val)}
+
+    def samples(self, model: nn.Module) -> list[str]:
+        if not (self.sample_tokens and self.sample_prompts and self.tokenizer is not None):
+            return []
+        from ..generate import Engine, GenerationConfig
+
+        gen = GenerationConfig(
+            max_new_tokens=self.sample_tokens,
+            temperature=self.sample_temperature,
+            top_k=self.sample_top_k,
+            seed=self.seed,
+        )
+        outs = Engine(model, self.tokenizer).generate(self.sample_prompts, gen)
+        return [p + o.text for p, o in zip(self.sample_prompts, outs)]
+
+
+# ----------------------------------------------------------------------------------------------
+# wiring
+
+
+def _resolve_tokenizer(
+    cfg: PretrainConfig, out_dir: Path, dist: DistInfo, init_tokenizer: Tokenizer | None
+) -> Tokenizer:
+    from ..text.tokenizer import load_tokenizer
+
+    if init_tokenizer is not None:
+        if (
+            cfg.tokenizer not in ("train", "")
+            and load_tokenizer(cfg.tokenizer).fingerprint() != init_tokenizer.fingerprint()
+        ):
+            raise ScratchLLMError(
+                f"--tokenizer {cfg.tokenizer} differs from the tokenizer of --init-from {cfg.init_from}"
+            )
+        return init_tokenizer
+    if cfg.tokenizer != "train":
+        return load_tokenizer(cfg.tokenizer)
+    tok_dir = out_dir / "tokenizer"
+    if dist.is_main:
+        existing = _existing_trained_tokenizer(tok_dir, cfg)
+        if existing is None:
+            from ..fileio import atomic_dir
+            from ..text.bpe import train_bpe
+            from ..text.corpus import load_documents
+
+            docs = load_documents(cfg.corpus, cfg.encoding_errors)
+            print(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on {len(docs)} documents")
+            tok = train_bpe(
+                (d.text for d in docs), cfg.vocab_size, progress=cfg.progress, name=f"bpe-{cfg.vocab_size}"
+            )
+            with atomic_dir(tok_dir) as tmp:
+                tok.save(tmp)
+                (tmp / "trained_on.json").write_text(
+                    json.dumps({"corpus": cfg.corpus, "vocab_size": cfg.vocab_size})
+                )
+    barrier(dist)
+    return load_tokenizer(tok_dir)
+
+
+def _existing_trained_tokenizer(tok_dir: Path, cfg: PretrainConfig) -> Path | None:
+    """A tokenizer this run directory trained before on the same corpus (kept for resuming)."""
+    marker = tok_dir / "trained_on.json"
+    if marker.exists() and json.loads(marker.read_text()) == {
+        "corpus": cfg.corpus,
+        "vocab_size": cfg.vocab_size,
+    }:
+        return tok_dir
+    return None
+
+
+def _resolve_data(cfg: PretrainConfig, tokenizer: Tokenizer, out_dir: Path, dist: DistInfo) -> PreparedData:
+    if cfg.data:
+        return load_prepared(cfg.data, expected_tokenizer=tokenizer)
+    data_dir = out_dir / "data"
+    if dist.is_main:
+        reuse = False
+        meta_path = data_dir / "meta.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            reuse = (
+                meta["tokenizer"]["fingerprint"] == tokenizer.fingerprint()
+                and meta["split"]["val_fraction"] == cfg.val_fraction
+                and meta.get("corpus") == cfg.corpus
+            )
+        if not reuse:
+            from ..text.prepare import prepare
+
+            prepare(cfg.corpus, tokenizer, data_dir, val_fraction=cfg.val_fraction, workers=cfg.workers,
+                    encoding_errors=cfg.encoding_errors, seed=cfg.seed, progress=cfg.progress,
+                    extra_meta={"corpus": cfg.corpus})  # fmt: skip
+    barrier(dist)
+    return load_prepared(data_dir, expected_tokenizer=tokenizer)
+
+
+def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> tuple[GPTModel, Tokenizer | None]:
+    """A fresh model from the preset (+ overrides), or the weights of `init_from`."""
+    overrides = {k: getattr(cfg, k) for k in ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate",
+                                              "qkv_bias", "tie_weights") if getattr(cfg, k) is not None}  # fmt: skip
+    if cfg.init_from:
+        from ..checkpoint import load_model
+
+        loaded = load_model(cfg.init_from)
+        model = loaded.model
+        if loaded.config.n_classes:
+            raise ScratchLLMError(f"--init-from {cfg.init_from} is a classifier, not a language model")
+        shape_keys = {"emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_weights"} & set(overrides)
+        if shape_keys:
+            raise ScratchLLMError(
+                f"--init-from fixes the model's shape; drop {', '.join('--' + k.replace('_', '-') for k in sorted(shape_keys))}"
+            )
+        if "context_length" in overrides and overrides["context_length"] > model.cfg.context_length:
+            raise ScratchLLMError(
+                f"--context-length {overrides['context_length']} exceeds {cfg.init_from}'s {model.cfg.context_length}"
+            )
+        if "drop_rate" in overrides:
+            _set_dropout(model, overrides["drop_rate"])
+        return model, loaded.tokenizer
+    model_cfg = preset_config(
+        cfg.model, **{k: v for k, v in overrides.items()}, vocab_size=tokenizer.vocab_size
+    )
+    return GPTModel(model_cfg), None
+
+
+def _set_dropout(model: GPTModel, rate: float) -> None:
+    model.cfg = model.cfg.replace(drop_rate=rate)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = rate
+        if hasattr(m, "dropout") and isinstance(m.dropout, float):
+            m.dropout = rate
+
+
+def pretrain(
+    cfg: PretrainConfig, resume: str | None = None, run_config_toml: str | None = None
+) -> TrainResult:
+    """Run a pretraining job end to end (see the module docstring); returns the trainer's result."""
+    from ..config import dump_toml
+
+    cfg.validate()
+    dist = init_distributed(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+
+    init_model, init_tok = (None, None)
+    if cfg.init_from:
+        init_model, init_tok = build_model(cfg, None)  # type: ignore[arg-type]
+    tokenizer = _resolve_tokenizer(cfg, out_dir, dist, init_tok)
+    data = _resolve_data(cfg, tokenizer, out_dir, dist)
+    model = init_model if init_model is not None else build_model(cfg, tokenizer)[0]
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ScratchLLMError(
+            f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocab_size {model.cfg.vocab_size}"
+        )
+    context = cfg.context_length or model.cfg.context_length
+    task = LanguageModelTask(
+        data.train, data.val, context, cfg.batch_size, cfg.seed, cfg.eval_batches, tokenizer,
+        cfg.sample_prompts, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k,
+    )  # fmt: skip
+    if dist.is_main:
+        from ..model.gpt import count_parameters
+
+        print(
+            f"model: {count_parameters(model) / 1e6:.2f}M parameters ({model.cfg.n_layers} layers, {model.cfg.n_heads} "
+            f"heads, {model.cfg.emb_dim} dims, context {context}); data: {len(data.train):,} train / "
+            f"{len(data.val):,} val tokens; tokenizer {tokenizer.name} ({tokenizer.vocab_size} ids)"
+        )
+    extra = {"trained_by": "scratchllm pretrain"}
+    trainer = Trainer(model, task, cfg, tokenizer=tokenizer, extra=extra, dist=dist,
+                      run_config_toml=run_config_toml or dump_toml(cfg))  # fmt: skip
+    return trainer.fit(resume)
+
+
+def summarize(result: TrainResult) -> str:
+    """What a user wants to see when a run ends: the numbers and where everything went."""
+    m = result.metrics
+    out = result.out_dir
+    tok_s = result.tokens / max(result.seconds, 1e-9)
+    lines = [
+        f"{result.stopped}: {result.steps:,} steps, {result.tokens:,} tokens in {result.seconds:.0f} s of training "
+        f"({tok_s:,.0f} tokens/s)",
+    ]
+    if "val_loss" in m:
+        lines.append(
+            f"validation loss {m['val_loss']:.3f}, perplexity {m['val_ppl']:.1f} "
+            f"(train loss {m.get('train_loss', float('nan')):.3f}; best validation loss {result.best:.3f})"
+        )
+    lines.append(f"model: {out / 'model'}   best: {out / 'best'}   loss plot: {out / 'loss.png'}")
+    lines.append(
+        f"metrics: {out / 'metrics.jsonl'}   checkpoints: {out / 'checkpoints'}   settings: {out / 'config.toml'}"
+    )
+    return "\n".join(lines)
+
+
+def pretrain_command(config: str | None, overrides: dict[str, Any], resume: str | None = None) -> TrainResult:
+    """`scratchllm pretrain`: resolve the settings, train, print the summary."""
+    from ..config import load_config
+
+    cfg = load_config(PretrainConfig, config, overrides)
+    result = pretrain(cfg, resume)
+    if init_distributed(cfg.device).is_main:
+        print(summarize(result))
+    return result
+
+
+def demo(overrides: dict[str, Any] | None = None, resume: str | None = None) -> TrainResult:
+    """The README's main job: the `demo` preset (offline, built-in corpus), then three samples."""
+    result = pretrain_command("demo", overrides or {}, resume)
+    evals = [r for r in result.history if r.get("kind") == "eval" and r.get("samples")]
+    if evals and init_distributed("auto" if not overrides else overrides.get("device", "auto")).is_main:
+        print("\nthree samples from the trained model:")
+        for s in evals[-1]["samples"][:3]:
+            print(f"  > {s!r}")
+        print(
+            f"\nnext: scratchllm generate --model {result.out_dir / 'model'} --prompt 'The' --temperature 0.8 --top-k 40"
+        )
+    return result

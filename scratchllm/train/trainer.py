@@ -1,0 +1,635 @@
+"""The one training loop. Pretraining, classifier finetuning and instruction finetuning plug into it.
+
+What differs between them is a `Task`: which batch comes at each step, how a batch becomes a loss, and
+how to evaluate. Everything else lives here once: AdamW with weight decay on matrices only, linear warmup
+and cosine decay, gradient accumulation and clipping, mixed precision, evaluation and samples, metrics
+(JSONL + a loss plot), checkpoints with exact resume, SIGINT/SIGTERM handling, budgets in steps, tokens or
+minutes, and DistributedDataParallel under torchrun.
+
+Exact resume rests on one rule: a task's batch number `i` is a pure function of `i` (and the seed), so the
+data position is just the step counter; together with the model, optimizer and RNG states in the
+checkpoint, a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..config import setting
+from ..device import autocast, peak_flops, resolve_precision
+from ..errors import ScratchLLMError
+from ..fileio import atomic_dir, atomic_path, atomic_write_text
+from ..model.gpt import GPTModel, flops_per_token
+from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag, init_distributed
+
+STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainerConfig:
+    """Settings of the loop itself (tasks add their own data and model settings)."""
+
+    out_dir: str = setting(
+        "runs/run", "directory for checkpoints, metrics, the loss plot and the final model", "run"
+    )
+    batch_size: int = setting(16, "sequences per micro-batch and process", "train")
+    grad_accum: int = setting(
+        1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)", "train"
+    )
+    max_steps: int = setting(1000, "optimizer steps (0: the task decides, e.g. from epochs)", "train")
+    max_tokens: int = setting(0, "stop after this many training tokens (0: no limit)", "train")
+    max_minutes: float = setting(0.0, "stop after this many minutes of training (0: no limit)", "train")
+    lr: float = setting(6e-4, "peak learning rate, reached after warmup", "train")
+    min_lr: float = setting(6e-5, "learning rate at the end of the decay", "train")
+    warmup_steps: int = setting(100, "steps of linear warmup from 0 to lr", "train")
+    schedule: str = setting("cosine", "decay after warmup: cosine, linear or constant", "train")
+    weight_decay: float = setting(0.1, "AdamW weight decay, applied to weight matrices only", "train")
+    beta1: float = setting(0.9, "AdamW beta1", "train")
+    beta2: float = setting(0.95, "AdamW beta2", "train")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: off)", "train")
+    precision: str = setting(
+        "auto", "auto (bf16 where the hardware runs it fast), bf16, fp16 (CUDA) or fp32", "system"
+    )
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps", "system")
+    compile: bool = setting(False, "torch.compile the model for training", "system")
+    seed: int = setting(1337, "seed for initialization, data order and dropout", "system")
+    eval_every: int = setting(100, "evaluate every N steps (0: only at the end)", "eval")
+    eval_batches: int = setting(
+        20, "validation batches per evaluation (0: the whole validation split)", "eval"
+    )
+    log_every: int = setting(10, "write a train-loss record every N steps", "eval")
+    checkpoint_every: int = setting(
+        0, "save a resumable checkpoint every N steps (0: only at the end)", "run"
+    )
+    keep_last: int = setting(2, "resumable checkpoints to keep (the best model is kept apart)", "run")
+    progress: bool = setting(True, "show a progress bar", "run")
+
+    def validate(self) -> None:
+        def bad(msg: str) -> ScratchLLMError:
+            return ScratchLLMError(f"training settings: {msg}")
+
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "max_tokens", "warmup_steps", "eval_every", "eval_batches", "log_every",
+                     "checkpoint_every"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_last < 1:
+            raise bad(f"keep_last must be >= 1, got {self.keep_last}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise bad(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.schedule not in SCHEDULES:
+            raise bad(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.max_minutes < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise bad("max_minutes, weight_decay and grad_clip must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise bad(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+
+
+class Task(ABC):
+    """What one kind of training supplies to the loop."""
+
+    #: the metric that picks the best checkpoint, and whether lower is better
+    best_metric: str = "val_loss"
+    best_lower_is_better: bool = True
+
+    @abstractmethod
+    def train_batch(self, index: int, rank: int = 0, world_size: int = 1) -> Any:
+        """Micro-batch number `index` (counted over the whole run) for process `rank`: a pure function of
+        `index`, so that resuming at a step needs nothing but the step."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Mean loss of a batch (a scalar with a gradient)."""
+
+    @abstractmethod
+    def evaluate(
+        self, model: nn.Module, amp: Callable[[], contextlib.AbstractContextManager]
+    ) -> dict[str, float]:
+        """Validation metrics (including `best_metric`); called with the model in eval mode, no grad."""
+
+    def batch_tokens(self, batch: Any) -> int:
+        """Tokens in a batch, for throughput and token budgets."""
+        return int(batch[0].numel())
+
+    def samples(self, model: nn.Module) -> list[str]:
+        """Texts to show at each evaluation (generated by the model, say)."""
+        return []
+
+    def default_steps(self, cfg: TrainerConfig, world_size: int) -> int | None:
+        """Steps to run when `max_steps` is 0 (e.g. epochs x steps per epoch)."""
+        return None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    metrics: dict[str, float]
+    stopped: str  # "done", "budget" or "interrupted"
+    out_dir: Path
+    best: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer and schedule
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (linear weights, embeddings) only: decaying biases and LayerNorm scales
+    toward zero only hurts. Frozen parameters are left out."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # shared (tied) tensors come once
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, with the fused kernel where this torch has one for the device, else the foreach one."""
+    groups = param_groups(model, cfg.weight_decay)
+    if not groups:
+        raise ScratchLLMError("no trainable parameters: everything is frozen")
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=device.type != "mps", **kwargs)
+
+
+def lr_at(step: int, cfg: TrainerConfig, total_steps: int) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine/linear decay to `min_lr` at `total_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant" or total_steps <= cfg.warmup_steps:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr + factor * (cfg.lr - cfg.min_lr)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Resumable checkpoints of a run, oldest first."""
+    ck = Path(out_dir) / "checkpoints"
+    if not ck.is_dir():
+        return []
+    found = [p for p in ck.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def find_resume_checkpoint(resume: str, out_dir: str | os.PathLike) -> Path:
+    """`latest` (or empty): the newest checkpoint of `out_dir`; else a checkpoint directory."""
+    if resume in ("", "latest"):
+        found = list_checkpoints(out_dir)
+        if not found:
+            raise ScratchLLMError(
+                f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}; start without --resume"
+            )
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).exists():
+        raise ScratchLLMError(
+            f"--resume {resume}: not a resumable checkpoint (no {STATE_FILE}); give a step-N directory"
+        )
+    return path
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+class Trainer:
+    """Train `model` on `task` with `cfg`; see the module docstring.
+
+    `tokenizer` and `extra` are saved into every checkpoint so each one is a complete model directory;
+    `run_config` (the resolved settings of the whole command) is written to `config.toml`.
+    """
+
+    def __init__(
+        self,
+        model: GPTModel,
+        task: Task,
+        cfg: TrainerConfig,
+        *,
+        tokenizer: Any = None,
+        extra: dict[str, Any] | None = None,
+        run_config_toml: str | None = None,
+        dist: DistInfo | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        cfg.validate()
+        self.cfg = cfg
+        self.task = task
+        self.dist = dist or init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.extra = extra or {}
+        self.run_config_toml = run_config_toml
+        self.out_dir = Path(cfg.out_dir)
+        self._log = log or print
+        self._stop_signal: str | None = None
+        self._bar: Any = None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+
+        total = cfg.max_steps or task.default_steps(cfg, self.dist.world_size)
+        if not total:
+            raise ScratchLLMError(
+                "training settings: max_steps is 0 and the task sets no default; give --max-steps"
+            )
+        self.total_steps = total
+
+        self.train_model: nn.Module = self.model
+        if cfg.compile:
+            self.train_model = torch.compile(self.model)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DDP(self.train_model, device_ids=ids)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+        self.best: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self._flops_per_token: float | None = None
+        self._peak = peak_flops(self.device, self.precision)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def log(self, msg: str) -> None:
+        """Print on the main process (through the progress bar while it is shown, so lines stay clean)."""
+        if not self.is_main:
+            return
+        if self._bar is not None and not self._bar.disable:
+            self._bar.write(msg)
+        else:
+            self._log(msg)
+
+    def amp(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.precision)
+
+    def _to_device(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(self._to_device(b) for b in batch)
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        return batch
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path | None:
+        """A resumable checkpoint: a complete model directory plus the trainer state."""
+        from ..checkpoint import write_model_files
+
+        rng = _rng_state()
+        if self.dist.enabled:  # every process's dropout RNG, so a resumed run is exact on each
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, rng)
+            rng_states = gathered
+        else:
+            rng_states = [rng]
+        path = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
+        if self.is_main:
+            state = {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "train_seconds": self.train_seconds,
+                "best": self.best,
+                "total_steps": self.total_steps,
+                "world_size": self.dist.world_size,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "rng": rng_states,
+                "trainer_config": asdict(self.cfg),
+            }
+            with atomic_dir(path) as tmp:
+                write_model_files(tmp, self.model, self.tokenizer, self.extra)
+                torch.save(state, tmp / STATE_FILE)
+            for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier(self.dist)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        from ..checkpoint import WEIGHTS_FILE, load_state_dict_strict, read_weights
+
+        try:
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:  # corrupt or foreign file: torch raises many types
+            raise ScratchLLMError(
+                f"cannot read {path / STATE_FILE}: {str(e).splitlines()[0]}; use another checkpoint"
+            ) from e
+        load_state_dict_strict(self.model, read_weights(path / WEIGHTS_FILE, self.model), source=str(path))
+        if state.get("world_size", 1) != self.dist.world_size:
+            raise ScratchLLMError(
+                f"{path} was written by {state.get('world_size')} processes, this run has {self.dist.world_size}; "
+                "resume with the same number of processes (the data order depends on it)"
+            )
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ScratchLLMError(
+                f"{path}: optimizer state does not fit this model ({e}); was it another run?"
+            ) from e
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.train_seconds = float(state["train_seconds"])
+        self.best = state["best"]
+        _set_rng_state(state["rng"][self.dist.rank])
+        self._restore_history()
+
+    def _restore_history(self) -> None:
+        """Keep the metrics of the steps before the checkpoint (a crashed run may have logged more)."""
+        path = self.out_dir / METRICS_FILE
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if rec.get("step", 0) <= self.step:
+                kept.append(rec)
+        self.history = kept
+        if self.is_main:
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def _save_model_dir(self, name: str) -> Path:
+        from ..checkpoint import save_model
+
+        path = self.out_dir / name
+        if self.is_main:
+            save_model(path, self.model, self.tokenizer, self.extra)
+        return path
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, Any]:
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.task.evaluate(self.model, self.amp)
+            samples = self.task.samples(self.model) if self.is_main else []
+        self.model.train(was_training)
+        record: dict[str, Any] = {"kind": "eval", "step": self.step, "tokens": self.tokens_seen, **metrics}
+        if samples:
+            record["samples"] = samples
+        return record
+
+    def _plot(self) -> None:
+        if not self.is_main:
+            return
+        from .plots import plot_losses
+
+        with atomic_path(self.out_dir / PLOT_FILE) as tmp:
+            plot_losses(self.history, tmp)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM ask the loop to save a checkpoint and stop at the next step boundary;
+        a second SIGINT stops at once."""
+        if not _in_main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def fit(self, resume: str | None = None) -> TrainResult:
+        """Train until the step, token or time budget is used up (or a signal arrives)."""
+        cfg = self.cfg
+        if resume is not None:
+            path = find_resume_checkpoint(resume, self.out_dir)
+            self.load_checkpoint(path)
+            self.log(f"resumed from {path} at step {self.step}")
+        else:
+            torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per process, reproducibly
+            if self.is_main:
+                (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.run_config_toml is not None:
+                atomic_write_text(self.out_dir / "config.toml", self.run_config_toml)
+
+        from tqdm.auto import tqdm
+
+        bar = self._bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                               dynamic_ncols=True, disable=not (cfg.progress and self.is_main))  # fmt: skip
+        stopped = "done"
+        last_eval: dict[str, Any] = {}
+        window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+        self.model.train()
+        try:
+            with self._signals():
+                while self.step < self.total_steps:
+                    if self._budget_used():
+                        stopped = "budget"
+                        break
+                    t0 = time.perf_counter()
+                    loss, tokens = self._train_step()
+                    dt = time.perf_counter() - t0
+                    self.step += 1
+                    self.tokens_seen += tokens
+                    self.train_seconds += dt
+                    window_loss += loss
+                    window_steps += 1
+                    window_tokens += tokens
+                    window_time += dt
+                    bar.update(1)
+                    if self.step % max(1, cfg.log_every) == 0 or self.step == self.total_steps:
+                        tok_s = window_tokens / max(window_time, 1e-9)
+                        rec = {"kind": "train", "step": self.step, "tokens": self.tokens_seen,
+                               "loss": window_loss / window_steps, "lr": self.optimizer.param_groups[0]["lr"],
+                               "tokens_per_s": tok_s, "mfu": self._mfu(tok_s)}  # fmt: skip
+                        self._record(rec)
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+                        window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+                    at_end = self.step == self.total_steps
+                    if (cfg.eval_every and self.step % cfg.eval_every == 0) or at_end:
+                        last_eval = self._eval_and_report()
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not at_end:
+                        self.save_checkpoint()
+                    if broadcast_flag(self._stop_signal is not None, self.dist):
+                        stopped = "interrupted"
+                        break
+        finally:
+            bar.close()
+            self._bar = None
+        if not last_eval or last_eval["step"] != self.step:
+            last_eval = self._eval_and_report()
+        path = self.save_checkpoint()
+        if stopped == "interrupted":
+            self.log(
+                f"stopped by {self._stop_signal} at step {self.step}; resume with --resume (checkpoint {path})"
+            )
+        self._save_model_dir("model")
+        metrics = {
+            k: v for k, v in last_eval.items() if isinstance(v, (int, float)) and k not in ("step", "tokens")
+        }
+        return TrainResult(self.step, self.tokens_seen, self.train_seconds, metrics, stopped, self.out_dir,
+                           self.best, self.history)  # fmt: skip
+
+    def _budget_used(self) -> bool:
+        cfg = self.cfg
+        used = (cfg.max_tokens and self.tokens_seen >= cfg.max_tokens) or (
+            cfg.max_minutes and self.train_seconds >= cfg.max_minutes * 60
+        )
+        return broadcast_flag(bool(used), self.dist)
+
+    def _train_step(self) -> tuple[float, int]:
+        """One optimizer step over `grad_accum` micro-batches; returns the mean loss and tokens used."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            index = self.step * cfg.grad_accum + micro
+            batch = self._to_device(self.task.train_batch(index, self.dist.rank, self.dist.world_size))
+            if self._flops_per_token is None:
+                self._flops_per_token = self._estimate_flops(batch)
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_model.no_sync()
+            with sync:
+                with self.amp():
+                    loss = self.task.loss(self.train_model, batch)
+                scaled = loss / cfg.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss.detach()
+            tokens += self.task.batch_tokens(batch)
+        mean = all_reduce_mean(total / cfg.grad_accum, self.dist)
+        value = float(mean)
+        if not math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            found = list_checkpoints(self.out_dir)
+            keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+            raise ScratchLLMError(
+                f"training loss became {value} at step {self.step + 1}; stopped without saving this state ({keep}); "
+                "lower --lr, raise --warmup-steps or use --precision fp32"
+            )
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return value, tokens * self.dist.world_size
+
+    def _estimate_flops(self, batch: Any) -> float:
+        seq = batch[0].shape[-1] if isinstance(batch, (tuple, list)) else self.model.cfg.context_length
+        return 3.0 * flops_per_token(self.model.cfg, seq)  # forward + backward (2x forward)
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        if not self._peak or not self._flops_per_token:
+            return None
+        return tokens_per_s * self._flops_per_token / (self._peak * self.dist.world_size)
+
+    def _eval_and_report(self) -> dict[str, Any]:
+        record = self.evaluate()
+        record["train_seconds"] = round(self.train_seconds, 3)
+        metric = record.get(self.task.best_metric)
+        improved = metric is not None and (
+            self.best is None
+            or (metric < self.best if self.task.best_lower_is_better else metric > self.best)
+        )
+        if improved:
+            self.best = metric
+            self._save_model_dir("best")
+        self._record(record)
+        self._plot()
+        shown = " | ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in record.items()
+            if k not in ("kind", "samples", "train_seconds")
+        )
+        self.log(f"eval | {shown}" + (" | best" if improved else ""))
+        for s in record.get("samples", []):
+            self.log(f"  sample: {s!r}")
+        return record
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
