@@ -110,9 +110,10 @@ class TokenWindows:
     - `random`: each row starts at a uniformly random offset (nanoGPT's `get_batch`);
     - `sequential`: consecutive non-overlapping windows in order, wrapping around at the end
       (evaluation, and epoch-style training).
-    Global batch `step` is computed from (seed, step) alone; rank r of `world_size` gets rows
-    [r * batch_size, (r + 1) * batch_size) of the `world_size * batch_size` global rows. Only the
-    rows' windows are read, so a memory-mapped file is never loaded as a whole.
+    Windows are numbered over the whole run (row j), and row j's window depends on (seed, j) alone, so a
+    batch is known from its step, and batch size x accumulation x processes can be rearranged without
+    changing what a step trains on. Only the rows' windows are read, so a memory-mapped file is never
+    loaded as a whole.
     """
 
     def __init__(
@@ -138,16 +139,21 @@ class TokenWindows:
         self.world_size = world_size
         self.n_windows = (len(tokens) - 1) // context_length  # non-overlapping windows, for sequential mode
 
+    def rows(self, step: int) -> np.ndarray:
+        """Global row numbers of this rank's part of batch `step`: row j is the j-th window of the run, so
+        one batch of 8, two of 4 (gradient accumulation) or 4 on each of 2 processes read the same windows."""
+        start = (step * self.world_size + self.rank) * self.batch_size
+        return np.arange(start, start + self.batch_size, dtype=np.uint64)
+
     def offsets(self, step: int) -> np.ndarray:
-        """Start offsets of this rank's rows of global batch `step`."""
-        global_rows = self.batch_size * self.world_size
+        """Start offsets of this rank's windows of batch `step`."""
+        rows = self.rows(step)
         if self.mode == "random":
-            rng = np.random.default_rng([self.seed, step])
-            starts = rng.integers(0, len(self.tokens) - self.context_length, size=global_rows)
+            # a counter-based hash of (seed, row): any row's window is known without replaying the ones before
+            starts = _uniform_hash(rows, self.seed) % np.uint64(len(self.tokens) - self.context_length)
         else:
-            window = (step * global_rows + np.arange(global_rows)) % self.n_windows
-            starts = window * self.context_length
-        return starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            starts = (rows % np.uint64(self.n_windows)) * np.uint64(self.context_length)
+        return starts.astype(np.int64)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack(
@@ -158,6 +164,18 @@ class TokenWindows:
 
     def steps_per_epoch(self) -> int:
         return max(1, self.n_windows // (self.batch_size * self.world_size))
+
+
+def _uniform_hash(rows: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64 of (seed, row): well-mixed 64-bit numbers, vectorized and stateless."""
+    with np.errstate(over="ignore"):
+        x = rows ^ (np.uint64(seed & (2**64 - 1)) * np.uint64(0x9E3779B97F4A7C15))
+        for _ in range(2):
+            x = x + np.uint64(0x9E3779B97F4A7C15)
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            x = x ^ (x >> np.uint64(31))
+    return x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ class PretrainConfig(TrainerConfig):
             raise ScratchLLMError(
                 f"training settings: val_fraction must be in (0, 1), got {self.val_fraction}"
             )
+        if not self.init_from:
+            preset_config(self.model)  # an unknown preset fails now, before any tokenizer training
         if self.encoding_errors not in ("strict", "replace"):
             raise ScratchLLMError(
                 f"training settings: encoding_errors must be strict or replace, got {self.encoding_errors!r}"
@@ -93,6 +95,7 @@ class LanguageModelTask(Task):
         batch_size: int,
         seed: int,
         eval_batches: int,
+        world_size: int = 1,
         tokenizer: Tokenizer | None = None,
         sample_prompts: list[str] | None = None,
         sample_tokens: int = 0,
@@ -105,6 +108,7 @@ class LanguageModelTask(Task):
         self.batch_size = batch_size
         self.seed = seed
         self.eval_batches = eval_batches
+        self.world_size = world_size  # evaluations cover the same windows whatever the process count
         self.tokenizer = tokenizer
         self.sample_prompts = sample_prompts or []
         self.sample_tokens = sample_tokens
@@ -134,10 +138,10 @@ class LanguageModelTask(Task):
     def evaluate(
         self, model: nn.Module, amp: Callable[[], contextlib.AbstractContextManager]
     ) -> dict[str, float]:
-        """Validation loss over `eval_batches` batches of consecutive windows (0: the whole split), and the
+        """Validation loss over `eval_batches` global batches of consecutive windows (0: the whole split), and the
         training loss over as many windows from the start of the training split, for comparison."""
         device = next(model.parameters()).device
-        windows = self.eval_batches * self.batch_size or None
+        windows = self.eval_batches * self.batch_size * self.world_size or None
         val_sum, val_n = token_loss(
             model, self.val_tokens, self.context_length, self.batch_size, amp, windows, device
         )
@@ -300,7 +304,7 @@ def pretrain(
         )
     context = cfg.context_length or model.cfg.context_length
     task = LanguageModelTask(
-        data.train, data.val, context, cfg.batch_size, cfg.seed, cfg.eval_batches, tokenizer,
+        data.train, data.val, context, cfg.batch_size, cfg.seed, cfg.eval_batches, dist.world_size, tokenizer,
         cfg.sample_prompts, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k,
     )  # fmt: skip
     if dist.is_main:

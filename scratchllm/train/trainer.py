@@ -70,6 +70,11 @@ class TrainerConfig:
     )
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps", "system")
     compile: bool = setting(False, "torch.compile the model for training", "system")
+    fsdp: bool = setting(
+        False,
+        "under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP",
+        "system",
+    )
     seed: int = setting(1337, "seed for initialization, data order and dropout", "system")
     eval_every: int = setting(100, "evaluate every N steps (0: only at the end)", "eval")
     eval_batches: int = setting(
@@ -139,6 +144,10 @@ class Task(ABC):
         """Steps to run when `max_steps` is 0 (e.g. epochs x steps per epoch)."""
         return None
 
+    def should_stop(self) -> bool:
+        """Asked after each evaluation: True ends training early (e.g. no validation gain for a while)."""
+        return False
+
 
 @dataclass
 class TrainResult:
@@ -146,7 +155,7 @@ class TrainResult:
     tokens: int
     seconds: float
     metrics: dict[str, float]
-    stopped: str  # "done", "budget" or "interrupted"
+    stopped: str  # "done", "budget", "early" (the task's should_stop) or "interrupted"
     out_dir: Path
     best: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -283,15 +292,20 @@ class Trainer:
             )
         self.total_steps = total
 
-        self.train_model: nn.Module = self.model
-        if cfg.compile:
-            self.train_model = torch.compile(self.model)
-        if self.dist.enabled:
+        self.fsdp = cfg.fsdp
+        if self.fsdp:
+            if not self.dist.enabled:
+                raise ScratchLLMError(
+                    "--fsdp shards a model over processes: start the run with torchrun --nproc_per_node=N"
+                )
+            _shard(self.model, self.device, self.dist.world_size)
+        self.train_model: nn.Module = torch.compile(self.model) if cfg.compile else self.model
+        if self.dist.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DDP(self.train_model, device_ids=ids)
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)  # after sharding: it sees the shards
 
         self.step = 0
         self.tokens_seen = 0
@@ -337,10 +351,38 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
 
+    def _savable_model(self) -> nn.Module | None:
+        """The model to write: itself, or under FSDP a full copy gathered onto the main process's CPU
+        (a collective call: every process takes part; the others get None)."""
+        if not self.fsdp:
+            return self.model if self.is_main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from ..checkpoint import load_state_dict_strict, meta_model
+
+        full = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if not self.is_main:
+            return None
+        copy = meta_model(self.model.cfg)
+        load_state_dict_strict(copy, full, source="the sharded model", assign=True)
+        return copy
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+
     def save_checkpoint(self) -> Path | None:
         """A resumable checkpoint: a complete model directory plus the trainer state."""
         from ..checkpoint import write_model_files
 
+        model = self._savable_model()
+        optimizer_state = self._optimizer_state()
         rng = _rng_state()
         if self.dist.enabled:  # every process's dropout RNG, so a resumed run is exact on each
             import torch.distributed as dist
@@ -359,13 +401,14 @@ class Trainer:
                 "best": self.best,
                 "total_steps": self.total_steps,
                 "world_size": self.dist.world_size,
-                "optimizer": self.optimizer.state_dict(),
+                "fsdp": self.fsdp,
+                "optimizer": optimizer_state,
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "rng": rng_states,
                 "trainer_config": asdict(self.cfg),
             }
             with atomic_dir(path) as tmp:
-                write_model_files(tmp, self.model, self.tokenizer, self.extra)
+                write_model_files(tmp, model, self.tokenizer, self.extra)
                 torch.save(state, tmp / STATE_FILE)
             for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -381,14 +424,34 @@ class Trainer:
             raise ScratchLLMError(
                 f"cannot read {path / STATE_FILE}: {str(e).splitlines()[0]}; use another checkpoint"
             ) from e
-        load_state_dict_strict(self.model, read_weights(path / WEIGHTS_FILE, self.model), source=str(path))
         if state.get("world_size", 1) != self.dist.world_size:
             raise ScratchLLMError(
                 f"{path} was written by {state.get('world_size')} processes, this run has {self.dist.world_size}; "
                 "resume with the same number of processes (the data order depends on it)"
             )
+        if bool(state.get("fsdp")) != self.fsdp:
+            raise ScratchLLMError(
+                f"{path} was written {'with' if state.get('fsdp') else 'without'} --fsdp; resume the same way"
+            )
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.fsdp:
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_model_state_dict,
+                    set_optimizer_state_dict,
+                )
+
+                from ..checkpoint import meta_model
+
+                weights = read_weights(path / WEIGHTS_FILE, meta_model(self.model.cfg))
+                opts = StateDictOptions(full_state_dict=True)
+                set_model_state_dict(self.model, weights, options=opts)
+                set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+            else:
+                load_state_dict_strict(
+                    self.model, read_weights(path / WEIGHTS_FILE, self.model), source=str(path)
+                )
+                self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise ScratchLLMError(
                 f"{path}: optimizer state does not fit this model ({e}); was it another run?"
@@ -423,8 +486,9 @@ class Trainer:
         from ..checkpoint import save_model
 
         path = self.out_dir / name
+        model = self._savable_model()
         if self.is_main:
-            save_model(path, self.model, self.tokenizer, self.extra)
+            save_model(path, model, self.tokenizer, self.extra)
         return path
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -434,7 +498,8 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             metrics = self.task.evaluate(self.model, self.amp)
-            samples = self.task.samples(self.model) if self.is_main else []
+            # samples run the model on the main process alone, which a sharded model cannot do
+            samples = self.task.samples(self.model) if self.is_main and not self.fsdp else []
         self.model.train(was_training)
         record: dict[str, Any] = {"kind": "eval", "step": self.step, "tokens": self.tokens_seen, **metrics}
         if samples:
@@ -523,6 +588,9 @@ class Trainer:
                     at_end = self.step == self.total_steps
                     if (cfg.eval_every and self.step % cfg.eval_every == 0) or at_end:
                         last_eval = self._eval_and_report()
+                        if not at_end and broadcast_flag(self.task.should_stop(), self.dist):
+                            stopped = "early"
+                            break
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not at_end:
                         self.save_checkpoint()
                     if broadcast_flag(self._stop_signal is not None, self.dist):
@@ -627,6 +695,21 @@ class Trainer:
         for s in record.get("samples", []):
             self.log(f"  sample: {s!r}")
         return record
+
+
+def _shard(model: GPTModel, device: torch.device, world_size: int) -> None:
+    """FSDP2: each transformer block, then the rest, becomes a unit whose parameters, gradients and
+    optimizer state are split over the processes and gathered only while the unit computes."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:
+        raise ScratchLLMError("--fsdp needs PyTorch 2.6 or newer (torch.distributed.fsdp.fully_shard)") from e
+    mesh = init_device_mesh(device.type, (world_size,))
+    for block in model.trf_blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def _in_main_thread() -> bool:

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from scratchllm.config import (
+    add_config_arguments,
+    build_config,
+    dump_toml,
+    load_config,
+    overrides_from_args,
+    tomllib,
+)
+from scratchllm.errors import ScratchLLMError
+from scratchllm.train.pretrain import PretrainConfig
+
+
+def test_defaults_file_and_overrides_in_order(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\nlr = 0.01\nbatch_size = 4\n[model]\nmodel = "nano"\n', encoding="utf-8")
+    cfg = load_config(PretrainConfig, str(path), {"lr": "0.5"})
+    assert cfg.lr == 0.5  # the command line wins
+    assert cfg.batch_size == 4 and cfg.model == "nano"  # the file wins over defaults
+    assert cfg.warmup_steps == PretrainConfig().warmup_steps
+
+
+def test_unknown_key_names_it_and_the_closest_valid_key(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nlearning_rat = 0.1\nbatch_sise = 3\n", encoding="utf-8")
+    with pytest.raises(ScratchLLMError, match=r"unknown key 'learning_rat'") as e:
+        load_config(PretrainConfig, str(path))
+    assert str(path) in str(e.value)
+    with pytest.raises(ScratchLLMError, match=r"unknown key 'batch_sise'.*did you mean 'batch_size'"):
+        build_config(PretrainConfig, {"batch_sise": 3})
+    with pytest.raises(ScratchLLMError, match=r"command line: unknown key 'warmup'.*'warmup_steps'"):
+        build_config(PretrainConfig, {}, {"warmup": 3})
+
+
+def test_wrong_types_are_named(tmp_path):
+    with pytest.raises(ScratchLLMError, match=r"batch_size = 'eight' is not a valid int"):
+        build_config(PretrainConfig, {}, {"batch_size": "eight"})
+    with pytest.raises(
+        ScratchLLMError, match=r"lr = true is not a valid float|lr = True is not a valid float"
+    ):
+        build_config(PretrainConfig, {"lr": True})
+    with pytest.raises(ScratchLLMError, match=r"max_steps = 2.5 is not a valid int"):
+        build_config(PretrainConfig, {"max_steps": 2.5})
+    assert build_config(PretrainConfig, {}, {"max_steps": "1e3"}).max_steps == 1000
+    assert build_config(PretrainConfig, {}, {"compile": "true"}).compile is True
+    assert build_config(PretrainConfig, {"corpus": "a.txt"}).corpus == ["a.txt"]
+    assert build_config(PretrainConfig, {}, {"emb_dim": "none"}).emb_dim is None
+
+
+def test_presets_and_missing_config():
+    cfg = load_config(PretrainConfig, "demo")
+    assert cfg.corpus == ["builtin"] and cfg.tokenizer == "train"
+    with pytest.raises(ScratchLLMError, match=r"neither a file nor a preset.*did you mean 'demo'"):
+        load_config(PretrainConfig, "demoo")
+
+
+def test_invalid_toml_is_one_clear_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("lr = = 1\n", encoding="utf-8")
+    with pytest.raises(ScratchLLMError, match="not valid TOML"):
+        load_config(PretrainConfig, str(path))
+
+
+def test_every_field_is_a_flag_and_dump_round_trips():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, PretrainConfig)
+    args = parser.parse_args(["--batch-size", "3", "--corpus", "a.txt", "b.txt", "--qkv-bias", "false"])
+    over = overrides_from_args(args)
+    assert over == {"batch_size": "3", "corpus": ["a.txt", "b.txt"], "qkv_bias": "false"}
+    cfg = build_config(PretrainConfig, {}, over)
+    text = dump_toml(cfg)
+    again = build_config(PretrainConfig, tomllib.loads(text))
+    assert again == cfg
+    assert "[data]" in text and "[train]" in text

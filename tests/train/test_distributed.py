@@ -1,0 +1,89 @@
+"""The same pretrain command under torchrun: 2 CPU processes (gloo) train like one process with the same
+global batch, with DDP and with FSDP2 sharding."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+def _args(corpus: Path, out: Path, batch: int) -> list[str]:
+    return ["pretrain", "--corpus", str(corpus), "--vocab-size", "300", "--model", "nano", "--context-length", "32",
+            "--max-steps", "12", "--eval-every", "6", "--eval-batches", "2", "--log-every", "1", "--drop-rate", "0",
+            "--progress", "false", "--sample-tokens", "0", "--warmup-steps", "2", "--workers", "1", "--device", "cpu",
+            "--precision", "fp32", "--checkpoint-every", "6", "--batch-size", str(batch), "--out-dir", str(out)]  # fmt: skip
+
+
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "scratchllm",
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _losses(run: Path) -> list[float]:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"] + [
+        r["val_loss"] for r in records if r["kind"] == "eval"
+    ]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    corpus = root / "corpus.txt"
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+    rng = np.random.default_rng(1)
+    corpus.write_text(" ".join(words[i] for i in rng.integers(0, len(words), 20_000)), encoding="utf-8")
+    out = root / "single"
+    done = subprocess.run(
+        [sys.executable, "-m", "scratchllm", *_args(corpus, out, 8)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return corpus, out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(single, tmp_path, mode):
+    corpus, reference = single
+    out = tmp_path / mode
+    extra = ["--fsdp", "true"] if mode == "fsdp" else []
+    done = _torchrun(_args(corpus, out, 4) + extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(out) == pytest.approx(_losses(reference), abs=1e-5)
+    a, b = (
+        load_file(out / "model" / "model.safetensors"),
+        load_file(reference / "model" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+    # only the main process writes: one summary, one metrics file with one line per step
+    assert done.stdout.count("loss plot:") == 1
+
+    # an exact resume under the same launcher, from the middle checkpoint
+    resumed_dir = tmp_path / f"{mode}-resumed"
+    resumed_dir.mkdir()
+    for name in ("tokenizer", "data", "checkpoints"):
+        subprocess.run(["cp", "-r", str(out / name), str(resumed_dir / name)], check=True)
+    subprocess.run(["rm", "-rf", str(resumed_dir / "checkpoints" / "step-000012")], check=True)
+    done = _torchrun(_args(corpus, resumed_dir, 4) + extra + ["--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    assert (resumed_dir / "model" / "model.safetensors").read_bytes() == (
+        out / "model" / "model.safetensors"
+    ).read_bytes()

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scratchllm.checkpoint import load_model
+from scratchllm.cli import main
+from scratchllm.train.evaluate import evaluate_text, token_loss
+
+FAST = ["--model", "nano", "--context-length", "32", "--batch-size", "4", "--eval-batches", "2", "--warmup-steps",
+        "2", "--progress", "false", "--sample-tokens", "8", "--sample-prompts", "the", "--workers", "1",
+        "--device", "cpu"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    words = ["alpha", "beta", "gamma", "delta", "the", "cat", "sat", "on", "mat", "and", "ran"]
+    rng = np.random.default_rng(0)
+    for i in range(20):  # several documents, so the split is by document
+        text = " ".join(words[j] for j in rng.integers(0, len(words), 1000))
+        (root / f"doc{i}.txt").write_text(text + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert main(["pretrain", "--corpus", str(corpus), "--vocab-size", "280", "--max-steps", "30", "--eval-every",
+                 "15", "--val-fraction", "0.2", "--out-dir", str(out), *FAST]) == 0  # fmt: skip
+    return out
+
+
+def test_pretrain_writes_a_usable_model_and_samples(trained, capsys):
+    records = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [15, 30]
+    assert all(s.startswith("the") for s in evals[-1]["samples"])
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] < math.log(280)
+    loaded = load_model(trained / "model")
+    assert loaded.tokenizer is not None and loaded.tokenizer.vocab_size == 280
+    assert loaded.config.context_length == 32
+    meta = json.loads((trained / "data" / "meta.json").read_text())
+    assert meta["split"]["method"] == "documents" and meta["documents"] == 20 and meta["val_documents"] > 0
+    assert "[train]" in (trained / "config.toml").read_text()
+
+
+def test_evaluate_reports_loss_perplexity_and_bits_per_byte(trained, corpus, capsys):
+    result = evaluate_text(str(trained / "model"), [str(corpus / "doc0.txt")], batch_size=3)
+    text = (corpus / "doc0.txt").read_text(encoding="utf-8")
+    loaded = load_model(trained / "model")
+    ids = loaded.tokenizer.encode(text) + [loaded.tokenizer.eot_id]
+    # an independent computation: every token after the first predicted once, windows of 32
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, 32):
+            chunk = torch.tensor(ids[start : start + 33])[None]
+            logits = loaded.model(chunk[:, :-1])
+            total += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+    assert result["tokens"] == len(ids) - 1
+    assert result["loss"] == pytest.approx(total / (len(ids) - 1), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    assert result["bits_per_byte"] == pytest.approx(total / math.log(2) / len(text.encode()), rel=1e-5)
+    assert (
+        main(["evaluate", "--model", str(trained / "model"), "--corpus", str(corpus / "doc0.txt"), "--json"])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["tokens"] == len(ids) - 1
+
+
+def test_token_loss_counts_every_prediction_once():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 10))  # logits = embedding rows
+    tokens = np.arange(23) % 10
+    total, count = token_loss(model, tokens, context_length=5, batch_size=2)
+    assert count == 22
+
+
+def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
+    out = tmp_path / "more"
+    assert main(["pretrain", "--init-from", str(trained / "model"), "--corpus", str(corpus), "--max-steps", "4",
+                 "--eval-every", "0", "--out-dir", str(out), *FAST]) == 0  # fmt: skip
+    a, b = load_model(trained / "model"), load_model(out / "model")
+    assert a.tokenizer.fingerprint() == b.tokenizer.fingerprint()
+    assert not torch.equal(a.model.tok_emb.weight, b.model.tok_emb.weight)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lrr", "0.1"], "unrecognized arguments: --lrr 0.1; did you mean --lr?"),
+        (["--batch-size", "x"], "batch_size = 'x' is not a valid int"),
+        (["--model", "giant"], "unknown model preset 'giant'"),
+        (["--corpus", "/nonexistent/file.txt"], "corpus source '/nonexistent/file.txt' not found"),
+        (["--schedule", "step"], "schedule must be one of cosine, linear, constant"),
+        (["--config", "nope"], "config 'nope' is neither a file nor a preset"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        code = main(["pretrain", "--out-dir", str(tmp_path / "x"), *args])
+        raise SystemExit(code)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x" / "model").exists()
+
+
+def test_corpus_shorter_than_a_window(tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("hi there\n", encoding="utf-8")
+    code = main(
+        ["pretrain", "--corpus", str(small), "--vocab-size", "260", "--out-dir", str(tmp_path / "r"), *FAST]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "fewer than one window of 32" in err and err.count("\n") == 1
+
+
+def test_prepared_data_with_another_tokenizer_is_refused(trained, tmp_path, capsys, monkeypatch):
+    from tests.conftest import shared_file
+
+    monkeypatch.setenv("SCRATCHLLM_GPT2_TOKENIZER", str(shared_file("gpt2.tiktoken")))
+    code = main(["pretrain", "--data", str(trained / "data"), "--tokenizer", "gpt2", "--out-dir", str(tmp_path / "r"),
+                 *FAST])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "was prepared with tokenizer" in err

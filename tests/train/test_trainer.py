@@ -1,0 +1,230 @@
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scratchllm.errors import ScratchLLMError
+from scratchllm.model.gpt import GPTModel, preset_config
+from scratchllm.train.pretrain import LanguageModelTask
+from scratchllm.train.trainer import (
+    STATE_FILE,
+    Trainer,
+    TrainerConfig,
+    list_checkpoints,
+    lr_at,
+    param_groups,
+)
+
+VOCAB = 64
+
+
+def _tokens(n: int = 20_000, seed: int = 0) -> np.ndarray:
+    """A learnable stream: mostly counting up modulo the vocabulary, with some noise."""
+    rng = np.random.default_rng(seed)
+    base = np.arange(n) % VOCAB
+    noise = rng.random(n) < 0.1
+    base[noise] = rng.integers(0, VOCAB, noise.sum())
+    return base.astype(np.uint16)
+
+
+def _setup(tmp_path: Path, drop_rate: float = 0.1, task_class: type = LanguageModelTask, **cfg_overrides):
+    torch.manual_seed(0)
+    model = GPTModel(preset_config("nano", vocab_size=VOCAB, context_length=32, drop_rate=drop_rate))
+    settings = dict(out_dir=str(tmp_path / "run"), max_steps=20, warmup_steps=2, lr=3e-3, min_lr=3e-4,
+                    eval_every=10, log_every=1, precision="fp32", device="cpu", progress=False, batch_size=4)  # fmt: skip
+    settings.update(cfg_overrides)
+    tokens = _tokens()
+    task = task_class(tokens[:18_000], tokens[18_000:], context_length=32, batch_size=settings["batch_size"],
+                      seed=1, eval_batches=2)  # fmt: skip
+    return model, task, TrainerConfig(**settings)
+
+
+def test_lr_warmup_then_cosine_to_min_lr():
+    cfg = TrainerConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, cfg, 110) == pytest.approx(1 / 11)
+    assert lr_at(9, cfg, 110) == pytest.approx(10 / 11)
+    assert lr_at(10, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+    lin = TrainerConfig(lr=1.0, min_lr=0.0, warmup_steps=0, schedule="linear")
+    assert lr_at(25, lin, 100) == pytest.approx(0.75)
+    const = TrainerConfig(lr=0.5, warmup_steps=0, schedule="constant")
+    assert lr_at(99, const, 100) == 0.5
+
+
+def test_weight_decay_only_on_matrices_and_tied_weights_once():
+    model = GPTModel(preset_config("nano", vocab_size=VOCAB))
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert sum(p.numel() for p in decay["params"] + no_decay["params"]) == sum(
+        p.numel() for p in model.parameters()
+    )
+
+
+def test_training_learns_and_writes_the_run_directory(tmp_path):
+    model, task, cfg = _setup(tmp_path, max_steps=60, eval_every=30, checkpoint_every=20, keep_last=2)
+    result = Trainer(model, task, cfg, run_config_toml="x = 1\n").fit()
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, 61))
+    assert [r["step"] for r in evals] == [30, 60]
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0  # math.log(64) = 4.16 at the start
+    assert evals[-1]["val_loss"] < math.log(VOCAB) - 1.0
+    assert result.metrics["val_loss"] == evals[-1]["val_loss"] and result.stopped == "done"
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "config.toml").read_text() == "x = 1\n"
+    assert [p.name for p in list_checkpoints(run)] == ["step-000040", "step-000060"]  # keep_last=2
+    for name in ("model", "best"):
+        assert (run / name / "model.safetensors").exists() and not (run / name / STATE_FILE).exists()
+
+
+def test_grad_accumulation_equals_a_bigger_batch(tmp_path):
+    losses = []
+    for batch, accum in ((8, 1), (4, 2)):
+        model, task, cfg = _setup(tmp_path / f"b{batch}", drop_rate=0.0, max_steps=5, batch_size=batch,
+                                  grad_accum=accum, eval_every=0)  # fmt: skip
+        Trainer(model, task, cfg).fit()
+        lines = (tmp_path / f"b{batch}" / "run" / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(x)["loss"] for x in lines if '"train"' in x])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_token_budget_stops_early(tmp_path):
+    model, task, cfg = _setup(tmp_path, max_steps=100, max_tokens=32 * 4 * 7)
+    result = Trainer(model, task, cfg).fit()
+    assert result.steps == 7 and result.stopped == "budget" and result.tokens == 32 * 4 * 7
+
+
+class _NaNAfter12Steps(LanguageModelTask):
+    """A task whose loss turns NaN at its 13th call (step 13 with no accumulation)."""
+
+    calls = 0
+
+    def loss(self, model, batch):
+        self.calls += 1
+        loss = super().loss(model, batch)
+        return loss * float("nan") if self.calls == 13 else loss
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model, task, cfg = _setup(
+        tmp_path, task_class=_NaNAfter12Steps, max_steps=50, checkpoint_every=5, eval_every=0
+    )
+    with pytest.raises(ScratchLLMError, match=r"loss became nan at step 13.*step-000010"):
+        Trainer(model, task, cfg).fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "step-000010"
+
+
+def test_corrupt_and_incompatible_checkpoints_are_clear_errors(tmp_path):
+    model, task, cfg = _setup(tmp_path, max_steps=4, eval_every=0)
+    Trainer(model, task, cfg).fit()
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    other = GPTModel(preset_config("nano", vocab_size=VOCAB, context_length=32, emb_dim=32))
+    with pytest.raises(ScratchLLMError, match=r"shape"):
+        Trainer(other, task, cfg).fit(resume=str(ckpt))
+    state = ckpt / STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    model2, task2, cfg2 = _setup(tmp_path)
+    with pytest.raises(ScratchLLMError, match=r"cannot read .*trainer_state\.pt"):
+        Trainer(model2, task2, cfg2).fit(resume=str(ckpt))
+    with pytest.raises(ScratchLLMError, match=r"no checkpoint"):
+        Trainer(model2, task2, _setup(tmp_path / "empty")[2]).fit(resume="latest")
+
+
+# ---------------------------------------------------------------------------------------------
+# the real command in subprocesses: kill -9 and SIGTERM, then resume
+
+
+def _cli_args(corpus: Path, out: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "scratchllm", "pretrain", "--corpus", str(corpus), "--vocab-size", "300",
+            "--model", "nano", "--context-length", "32", "--batch-size", "4", "--max-steps", str(steps),
+            "--eval-every", "50", "--eval-batches", "2", "--checkpoint-every", "10", "--log-every", "1",
+            "--drop-rate", "0.1", "--progress", "false", "--sample-tokens", "0", "--keep-last", "100",
+            "--warmup-steps", "5", "--workers", "1", "--device", "cpu", "--out-dir", str(out)]  # fmt: skip
+
+
+def _train_losses(run: Path) -> dict[int, float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    words = ["alpha", "beta", "gamma", "delta", "the", "cat", "sat", "on", "mat", "and", "ran"]
+    rng = np.random.default_rng(0)
+    path.write_text(" ".join(words[i] for i in rng.integers(0, len(words), 30_000)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run(_cli_args(corpus, out, 200), check=True, capture_output=True, timeout=300)
+    return out
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None or path.exists(), f"run ended before {path} appeared"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_is_bitwise_identical(corpus, reference_run, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli_args(corpus, out, 200), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(out / "checkpoints" / "step-000020", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model").exists(), "the run finished before it was killed; the test proves less"
+    resumed = subprocess.run(_cli_args(corpus, out, 200) + ["--resume", str(out / "checkpoints" / "step-000020")],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    ref, got = _train_losses(reference_run), _train_losses(out)
+    assert sorted(got) == sorted(ref) == list(range(1, 201))
+    assert all(got[s] == ref[s] for s in ref)  # exactly equal floats, before and after the resume
+    assert (out / "model" / "model.safetensors").read_bytes() == (
+        reference_run / "model" / "model.safetensors"
+    ).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(corpus, reference_run, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli_args(corpus, out, 200), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(out / "checkpoints" / "step-000010", proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stdout + stderr
+    stopped_at = max(int(p.name.split("-")[1]) for p in list_checkpoints(out))
+    assert 10 <= stopped_at < 200
+    resumed = subprocess.run(
+        _cli_args(corpus, out, 200) + ["--resume"], capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out / 'checkpoints' / f'step-{stopped_at:06d}'}" in resumed.stdout + resumed.stderr
+    assert (out / "model" / "model.safetensors").read_bytes() == (
+        reference_run / "model" / "model.safetensors"
+    ).read_bytes()
