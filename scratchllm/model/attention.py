@@ -1,8 +1,23 @@
-"""Attention, the production path.
+"""Attention, step by step, then the production path.
 
-`CausalSelfAttention` is what `GPTModel` runs: one fused q/k/v projection, heads split by
-reshaping, PyTorch's fused `scaled_dot_product_attention`, and an optional preallocated KV cache
-for generation.
+The book builds self-attention in small steps; each step is a class here, with the book's name,
+so a reader can run and compare them (tests/model/test_attention.py checks that they agree):
+
+1. `SelfAttention_v0` (and the function `simple_self_attention`): no trainable weights. Each
+   token's output is an average of all token vectors, weighted by softmax(dot products).
+2. `SelfAttention_v1`: trainable query/key/value matrices as raw `nn.Parameter`s, and scores
+   scaled by 1/sqrt(d_k) so the softmax does not saturate as the width grows.
+3. `SelfAttention_v2`: the same with `nn.Linear` layers (better initialization, optional bias).
+4. `CausalAttention`: a token may only look back (mask the upper triangle with -inf before the
+   softmax), plus dropout on the attention weights.
+5. `MultiHeadAttentionWrapper`: several independent causal heads, outputs concatenated.
+6. `MultiHeadAttention`: the same heads computed at once: one projection each for q/k/v, split
+   into heads by reshaping, and an output projection that mixes the heads.
+7. `CausalSelfAttention` (what `GPTModel` runs): step 6 with the three projections fused into
+   one `qkv` matrix multiply, PyTorch's fused `F.scaled_dot_product_attention`, and a
+   preallocated `KVCache` for generation.
+
+Shapes: x is (batch, num_tokens, d_in); the v0-v2 steps also take an unbatched (num_tokens, d_in).
 """
 
 from __future__ import annotations
@@ -11,13 +26,176 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# ----------------------------------------------------------------------------------------------
+# The teaching steps (the book's chapter 3)
+
+
+def simple_self_attention(x: torch.Tensor) -> torch.Tensor:
+    """Self-attention without trainable weights: context_i = sum_j softmax_j(x_i . x_j) x_j."""
+    attn_scores = x @ x.transpose(-2, -1)  # every token's dot product with every token
+    attn_weights = torch.softmax(attn_scores, dim=-1)  # each row sums to 1
+    return attn_weights @ x
+
+
+class SelfAttention_v0(nn.Module):
+    """Step 1 as a module (no parameters): see `simple_self_attention`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return simple_self_attention(x)
+
+
+class SelfAttention_v1(nn.Module):
+    """Step 2: queries, keys and values are learned projections of the input (raw parameters)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.W_query = nn.Parameter(torch.rand(d_in, d_out))
+        self.W_key = nn.Parameter(torch.rand(d_in, d_out))
+        self.W_value = nn.Parameter(torch.rand(d_in, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keys = x @ self.W_key
+        queries = x @ self.W_query
+        values = x @ self.W_value
+        attn_scores = queries @ keys.transpose(-2, -1)
+        # dividing by sqrt(d_k) keeps the scores' variance near 1, so the softmax stays soft
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        return attn_weights @ values
+
+
+class SelfAttention_v2(nn.Module):
+    """Step 3: step 2 with `nn.Linear` (stores W transposed: `W_query.weight` is v1's `W_query.T`)."""
+
+    def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keys = self.W_key(x)
+        queries = self.W_query(x)
+        values = self.W_value(x)
+        attn_scores = queries @ keys.transpose(-2, -1)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        return attn_weights @ values
+
+
+def _check_length(num_tokens: int, context_length: int) -> None:
+    if num_tokens > context_length:
+        raise ValueError(
+            f"{num_tokens} tokens exceed the context_length {context_length} this attention layer was built for"
+        )
+
+
+class CausalAttention(nn.Module):
+    """Step 4: one causal head. Scores above the diagonal (future tokens) become -inf, so they get
+    weight 0 after the softmax; dropout then zeroes random attention weights while training."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, qkv_bias: bool = False):
+        super().__init__()
+        self.d_out = d_out
+        self.context_length = context_length
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.dropout = nn.Dropout(dropout)
+        # a buffer moves with the module to the GPU; 1 above the diagonal marks the future
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, num_tokens, d_in = x.shape
+        _check_length(num_tokens, self.context_length)
+        keys = self.W_key(x)
+        queries = self.W_query(x)
+        values = self.W_value(x)
+        attn_scores = queries @ keys.transpose(1, 2)
+        attn_scores = attn_scores.masked_fill(self.mask.bool()[:num_tokens, :num_tokens], -torch.inf)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        attn_weights = self.dropout(attn_weights)
+        return attn_weights @ values
+
+
+class MultiHeadAttentionWrapper(nn.Module):
+    """Step 5: `num_heads` independent causal heads side by side; the output has num_heads * d_out
+    features (each head's d_out are the head dimension)."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+    ):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            CausalAttention(d_in, d_out, context_length, dropout, qkv_bias) for _ in range(num_heads)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(x) for head in self.heads], dim=-1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Step 6: all heads at once. One d_in x d_out projection each for queries, keys and values;
+    the d_out features are split into `num_heads` heads of `head_dim` by a reshape, every head
+    attends in one batched matrix multiply, and `out_proj` mixes the concatenated heads."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+    ):
+        super().__init__()
+        if d_out % num_heads:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.context_length = context_length
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, num_tokens, d_in = x.shape
+        _check_length(num_tokens, self.context_length)
+        # (b, num_tokens, d_out) -> (b, num_tokens, num_heads, head_dim) -> (b, num_heads, num_tokens, head_dim)
+        keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+
+        attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_tokens)
+        attn_scores = attn_scores.masked_fill(self.mask.bool()[:num_tokens, :num_tokens], -torch.inf)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        attn_weights = self.dropout(attn_weights)
+
+        context_vec = (attn_weights @ values).transpose(1, 2)  # (b, num_tokens, num_heads, head_dim)
+        context_vec = context_vec.reshape(b, num_tokens, self.d_out)  # heads side by side again
+        return self.out_proj(context_vec)
+
+
+# ----------------------------------------------------------------------------------------------
+# The production path
+
 
 class KVCache:
     """Preallocated keys and values for every layer, filled left to right during generation.
 
-    `k` and `v` have shape (n_layers, batch, n_heads, max_len, head_dim); `pos` counts the
-    positions filled so far (the same for every row: batches of different prompt lengths are
-    left-padded and the padding is masked out).
+    While generating, each new token needs the keys and values of all earlier tokens; the cache
+    keeps them so every step computes them for the new token only. `k` and `v` have shape
+    (n_layers, batch, n_heads, max_len, head_dim), allocated once; `pos` counts the positions
+    filled so far (the same for every row: batches of different prompt lengths are left-padded
+    and the padding is masked out).
     """
 
     def __init__(
@@ -35,6 +213,10 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
 
     def reset(self) -> None:
         self.pos = 0
@@ -57,8 +239,9 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention on `F.scaled_dot_product_attention`.
 
-    The query, key and value projections are one `nn.Linear` of width 3 * d_out (the same math as
-    three separate ones, with one matrix multiply instead of three); `out_proj` mixes the heads.
+    The query, key and value projections are one `nn.Linear` of width 3 * d_out: its weight is
+    `MultiHeadAttention`'s W_query, W_key and W_value weights stacked (the same math, one matrix
+    multiply instead of three); `out_proj` mixes the heads.
     """
 
     def __init__(self, d_in: int, d_out: int, n_heads: int, dropout: float = 0.0, qkv_bias: bool = False):
@@ -82,22 +265,21 @@ class CausalSelfAttention(nn.Module):
         """x: (batch, T, d_in). `mask` is None for plain causal attention, else a boolean
         (batch or 1, 1, T, S) tensor that is True where a query may attend to a key."""
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split(self.d_out, dim=2)
-        # (b, t, d_out) -> (b, n_heads, t, head_dim)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        # (b, t, 3 * d_out) -> (b, t, 3, n_heads, head_dim) -> 3 x (b, n_heads, t, head_dim)
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
+            # the cache may keep a wider type than the weights (fp32 keys/values for bf16 weights on
+            # CPUs, where fp32 attention is faster); attention then runs in the cache's type
+            q = q.to(k.dtype)
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:
-            # Without a cache the square causal mask applies; with a cache and one new token per
-            # row, that token may see every cached key, so no mask is needed at all.
-            is_causal = kv_cache is None or kv_cache.pos == 0
-            if kv_cache is not None and not is_causal and t > 1:
+            # Without a cache the square causal mask applies; with a cache, a multi-token step on
+            # a non-empty cache needs an explicit mask (GPTModel builds one).
+            if kv_cache is not None and kv_cache.pos > 0 and t > 1:
                 raise ValueError("a multi-token step on a non-empty cache needs an explicit mask")
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal and t > 1)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=t > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).reshape(b, t, self.d_out)
+        y = y.transpose(1, 2).reshape(b, t, self.d_out).to(x.dtype)
         return self.out_proj(y)

@@ -1,0 +1,331 @@
+"""Greedy generation speed: scratchllm's engine vs transformers vs the book's code, one process.
+
+The GPT-2 124M shape with random weights (the same weights in all three), a 32-token prompt, 128
+new tokens, batch 1; then batch 8, and the time to the first token of a 512-token prompt. Decoding
+one token reads every weight matrix once, so batch-1 speed is bounded by memory bandwidth: the
+script measures the read bandwidth (a large tensor sum) and reports how close each run gets.
+
+    .venv/bin/python benchmarks/bench_generate.py              # the full run (a few minutes)
+    .venv/bin/python benchmarks/bench_generate.py --quick      # fewer tokens and repeats
+
+Candidates run in rotation (A B C A B C ...) so that load changes on a shared machine hit them
+alike; each figure is the best of --repeats runs. On an oversubscribed machine run it with
+`OMP_WAIT_POLICY=PASSIVE` (or `--threads 1`): libgomp's default spin-waiting then slows every
+PyTorch program on the main thread several-fold (see RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from scratchllm.generate import Engine, GenerationConfig, generate_text_simple
+from scratchllm.model.gpt import GPTModel, preset_config
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def read_bandwidth(repeats: int = 7) -> float:
+    """GB/s of summing a 512 MiB fp32 tensor (reads it once), best of `repeats`."""
+    x = torch.ones(128 * 1024 * 1024)
+    x.sum()
+    best = min(_timed(lambda: x.sum()) for _ in range(repeats))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def weight_bytes_per_token(model: GPTModel) -> int:
+    """Bytes of weights a decode step reads: every linear layer's matrix and bias (the tied LM head
+    included), the norms; the embeddings contribute one row each (ignored)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+            if m.bias is not None:
+                total += m.bias.numel() * m.bias.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The same random weights in the book's GPTModel and in transformers' GPT2LMHeadModel
+
+
+def to_book(model: GPTModel):
+    from llms_from_scratch.ch04 import GPTModel as BookGPT
+
+    cfg = model.cfg
+    book_cfg = dict(vocab_size=cfg.vocab_size, context_length=cfg.context_length, emb_dim=cfg.emb_dim,
+                    n_heads=cfg.n_heads, n_layers=cfg.n_layers, drop_rate=0.0, qkv_bias=cfg.qkv_bias)  # fmt: skip
+    book = BookGPT(book_cfg).eval()
+    book.load_state_dict(_book_state(model, book), strict=True)
+    return book, book_cfg
+
+
+def _book_state(model: GPTModel, book: nn.Module) -> dict:
+    sd = {}
+    for name, t in model.state_dict().items():
+        if ".att.qkv." in name:
+            for part, tensor in zip(("W_query", "W_key", "W_value"), t.chunk(3, dim=0)):
+                sd[name.replace("qkv", part)] = tensor
+        else:
+            sd[name.replace("drop_shortcut", "drop_resid")] = t
+    for name, t in book.state_dict().items():
+        sd.setdefault(name, t)  # the causal-mask buffers
+    return sd
+
+
+def to_book_kv(model: GPTModel, book_cfg: dict):
+    """The package's KV-cache variant (llms_from_scratch.kv_cache.gpt2) with the same weights."""
+    from llms_from_scratch.kv_cache.gpt2 import GPTModel as BookKV
+
+    book = BookKV(book_cfg).eval()
+    book.load_state_dict(_book_state(model, book), strict=True)
+    return book
+
+
+def to_transformers(model: GPTModel):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.cfg
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.context_length,
+            n_embd=cfg.emb_dim,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    ).eval()
+    sd = model.state_dict()
+    # GPT-2's Conv1D stores (in, out): the transpose of nn.Linear's weight
+    hf_sd = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
+             "transformer.ln_f.weight": sd["final_norm.scale"], "transformer.ln_f.bias": sd["final_norm.shift"]}  # fmt: skip
+    for i in range(cfg.n_layers):
+        p, h = f"trf_blocks.{i}.", f"transformer.h.{i}."
+        for ours, theirs, transpose in [
+            ("norm1.scale", "ln_1.weight", False), ("norm1.shift", "ln_1.bias", False),
+            ("att.qkv.weight", "attn.c_attn.weight", True), ("att.qkv.bias", "attn.c_attn.bias", False),
+            ("att.out_proj.weight", "attn.c_proj.weight", True), ("att.out_proj.bias", "attn.c_proj.bias", False),
+            ("norm2.scale", "ln_2.weight", False), ("norm2.shift", "ln_2.bias", False),
+            ("ff.layers.0.weight", "mlp.c_fc.weight", True), ("ff.layers.0.bias", "mlp.c_fc.bias", False),
+            ("ff.layers.2.weight", "mlp.c_proj.weight", True), ("ff.layers.2.bias", "mlp.c_proj.bias", False),
+        ]:  # fmt: skip
+            t = sd[p + ours]
+            hf_sd[h + theirs] = t.t().contiguous() if transpose else t
+    missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
+    assert not unexpected and all(
+        "lm_head" in m or "attn.bias" in m or "masked_bias" in m for m in missing
+    ), missing
+    hf.tie_weights()
+    hf.generation_config.eos_token_id = None  # random weights: never stop early
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--long-prompt", type=int, default=512)
+    ap.add_argument("--book-uncached-tokens", type=int, default=128, help="new tokens for the slow book loop")
+    ap.add_argument("--quick", action="store_true", help="32 new tokens, 2 repeats")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    args = ap.parse_args()
+    if args.quick:
+        args.new_tokens, args.repeats, args.book_uncached_tokens = 32, 2, 32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    import transformers
+
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, python {platform.python_version()}")  # fmt: skip
+    print(
+        f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: libgomp spins)')}; load average at start: {load_average()}"
+    )
+    bw = read_bandwidth()
+    print(f"read bandwidth (sum of a 512 MiB tensor, best of 7): {bw:.1f} GB/s")
+
+    model = GPTModel(preset_config("gpt2", drop_rate=0.0)).eval()
+    model_bf16 = GPTModel(model.cfg).eval().to(torch.bfloat16)
+    model_bf16.load_state_dict(model.state_dict())
+    book, book_cfg = to_book(model)
+    book_kv = to_book_kv(model, book_cfg)
+    hf = to_transformers(model)
+    ctx = model.cfg.context_length
+    n_new = args.new_tokens
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 50256, (1, args.prompt_len), generator=g)
+    greedy = GenerationConfig(max_new_tokens=n_new, ignore_eos=True)
+
+    engines = {
+        "ours fp32": Engine(model),
+        "ours fp32, PyTorch's default linear kernels": Engine(model, prepack=False),
+        "ours bf16 weights": Engine(model_bf16),
+    }
+
+    def ours(name: str, prompts: list[list[int]], cfg: GenerationConfig = greedy) -> list[list[int]]:
+        return [c.token_ids for c in engines[name].generate(prompts, cfg)]
+
+    def hf_generate(ids: torch.Tensor, n: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return hf.generate(ids, max_new_tokens=n, do_sample=False, use_cache=True,
+                               attention_mask=torch.ones_like(ids))[:, ids.shape[1]:]  # fmt: skip
+
+    def book_kv_generate(ids: torch.Tensor, n: int) -> torch.Tensor:
+        # the book's cached loop (ch04/03_kv-cache), driven directly: the package's own
+        # kv_cache.generate.generate_text_simple expects model.cfg / reset_kv_cache, which its
+        # GPTModel lacks
+        from llms_from_scratch.kv_cache.utils import KVCache
+
+        with torch.no_grad():
+            cache = KVCache(n_layers=book_cfg["n_layers"])
+            book_kv.current_pos = 0
+            logits = book_kv(ids, use_cache=True, cache=cache)
+            out = []
+            for _ in range(n):
+                nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
+                out.append(nxt)
+                logits = book_kv(nxt, use_cache=True, cache=cache)
+            return torch.cat(out, dim=1)
+
+    # -- correctness first: every candidate must produce the same tokens from the same weights
+    p = prompt[0].tolist()
+    ref = ours("ours fp32", [p])[0]
+    checks = {
+        "ours fp32, PyTorch's default linear kernels": ours(
+            "ours fp32, PyTorch's default linear kernels", [p]
+        )[0],
+        "ours, no KV cache": ours("ours fp32", [p], greedy.replace(use_cache=False, max_new_tokens=32))[0],
+        "transformers": hf_generate(prompt, n_new)[0].tolist(),
+        "book generate_text_simple (uncached)": generate_text_simple(book, prompt, 32, ctx)[0, -32:].tolist(),
+        "ours bf16 weights": ours("ours bf16 weights", [p])[0],
+    }
+    try:
+        checks["book kv-cache loop"] = book_kv_generate(prompt, n_new)[0].tolist()
+        book_kv_error = None
+    except Exception as e:  # the package's kv_cache GPTModel fails on its first one-token step
+        book_kv_error = f"{type(e).__name__}: {e}"
+    print(f"\nsame greedy tokens as ours fp32 ({n_new} tokens; the uncached runs compare their first 32):")
+    for name, toks in checks.items():
+        same = toks == ref[: len(toks)]
+        agree = next((i for i, (a, b) in enumerate(zip(toks, ref)) if a != b), len(toks))
+        print(f"  {name:45s} {'yes' if same else f'no (first {agree} agree)'}")
+    if book_kv_error:
+        print(f"  llms_from_scratch.kv_cache.gpt2.GPTModel is not usable: {book_kv_error}")
+
+    # -- batch 1 decoding speed
+    print(
+        f"\nbatch 1, {args.prompt_len}-token prompt, {n_new} new tokens, greedy (best of {args.repeats}; tokens/s):"
+    )
+    candidates: dict[str, Callable[[], float]] = {
+        "ours fp32": lambda: len(ours("ours fp32", [p])[0]),
+        "ours bf16 weights": lambda: len(ours("ours bf16 weights", [p])[0]),
+        "ours fp32, PyTorch's default linear kernels": lambda: len(
+            ours("ours fp32, PyTorch's default linear kernels", [p])[0]
+        ),
+        "transformers GPT2LMHeadModel.generate (KV cache)": lambda: hf_generate(prompt, n_new).shape[1],
+    }
+    if not book_kv_error:
+        candidates["book kv-cache loop"] = lambda: book_kv_generate(prompt, n_new).shape[1]
+    # the bandwidth too, in the rotation: on a shared machine it changes with the neighbours' load
+    big = torch.ones(128 * 1024 * 1024)
+    candidates["(read bandwidth, GB/s)"] = lambda: big.sum().item() * 4 / 1e9  # GB read
+    rates = rotate(candidates, args.repeats)
+    bw = max(bw, *rates.pop("(read bandwidth, GB/s)"))
+    print(f"  read bandwidth, best of the start and the rotation: {bw:.1f} GB/s")
+    uncached_n = args.book_uncached_tokens
+    rates["book generate_text_simple (uncached)"] = [
+        uncached_n / _timed(lambda: generate_text_simple(book, prompt, uncached_n, ctx))
+    ]
+    hf_best = max(rates["transformers GPT2LMHeadModel.generate (KV cache)"])
+    bytes32 = weight_bytes_per_token(model)
+    for name, r in rates.items():
+        best = max(r)
+        nbytes = bytes32 // 2 if "bf16" in name else bytes32
+        print(f"  {name:50s} {best:7.1f}  (median {statistics.median(r):6.1f})  {best / hf_best:5.2f}x transformers"
+              f"  {best * nbytes / 1e9 / bw:4.0%} of the bandwidth bound ({bw * 1e9 / nbytes:5.1f} tok/s)")  # fmt: skip
+    print(f"  weights read per token: {bytes32 / 1e6:.0f} MB fp32, {bytes32 / 2e6:.0f} MB bf16")
+
+    # -- batch 8
+    bp = torch.randint(0, 50256, (args.batch, args.prompt_len), generator=g)
+    lens = [args.prompt_len - 3 * i for i in range(args.batch)]
+    mixed = [bp[i, : lens[i]].tolist() for i in range(args.batch)]
+    print(
+        f"\nbatch {args.batch}, {n_new} new tokens each, greedy (best of {args.repeats}; tokens/s over the batch):"
+    )
+    candidates = {
+        "ours fp32": lambda: sum(map(len, ours("ours fp32", bp.tolist()))),
+        "ours bf16 weights": lambda: sum(map(len, ours("ours bf16 weights", bp.tolist()))),
+        f"ours fp32, prompt lengths {lens[-1]}..{lens[0]} (left padding)": lambda: sum(
+            map(len, ours("ours fp32", mixed))
+        ),
+        "transformers": lambda: hf_generate(bp, n_new).numel(),
+    }
+    rates = rotate(candidates, args.repeats)
+    hf_best = max(rates["transformers"])
+    for name, r in rates.items():
+        print(f"  {name:50s} {max(r):7.1f}  {max(r) / hf_best:5.2f}x transformers")
+
+    # -- first token of a long prompt
+    long_prompt = torch.randint(0, 50256, (1, args.long_prompt), generator=g)
+    one = GenerationConfig(max_new_tokens=1, ignore_eos=True)
+    lp = long_prompt[0].tolist()
+    print(f"\nfirst-token latency, {args.long_prompt}-token prompt (best of {args.repeats}; ms):")
+    candidates = {
+        "ours fp32": lambda: ours("ours fp32", [lp], one) and 1,
+        "ours bf16 weights": lambda: ours("ours bf16 weights", [lp], one) and 1,
+        "transformers": lambda: hf_generate(long_prompt, 1).shape[1],
+        "book (one forward pass)": lambda: (
+            generate_text_simple(book, long_prompt, 1, ctx).shape[1] - args.long_prompt
+        ),
+    }
+    rates = rotate(candidates, args.repeats)
+    hf_ms = 1000 / max(rates["transformers"])
+    for name, r in rates.items():
+        ms = 1000 / max(r)
+        print(f"  {name:50s} {ms:7.0f}  {ms / hf_ms:5.2f}x transformers' time")
+    print(f"\n# load average at end: {load_average()}")
+
+
+def rotate(candidates: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Tokens per second of each candidate, run in rotation `repeats` times (after one warm-up each)."""
+    for fn in candidates.values():
+        fn()
+    rates: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            t = time.perf_counter()
+            n = fn()
+            rates[name].append(n / (time.perf_counter() - t))
+    return rates
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,742 @@
+"""The one generation engine: text in, text out, for the CLI, chat, the server and evaluation.
+
+Three layers, each usable alone:
+
+1. The book's teaching functions, `generate_text_simple` (greedy) and `generate` (temperature,
+   top-k, EOS): a plain loop that feeds the whole (cropped) sequence to the model for every new
+   token. Short and slow; the reference the engine is tested against.
+2. `Decoder`, the token-level core: a batch of prompts (token ids) in, one new token per
+   unfinished row per `step()` out. It left-pads prompts of different lengths and masks the
+   padding (`GPTModel`'s `padding_mask`), keeps a preallocated KV cache so each step runs the
+   model on one new token per row, and, once a sequence outgrows the context window, re-runs the
+   model on its last `context_length` tokens, so it always equals the book's loop (which crops to
+   the last `context_size` tokens and restarts positions at 0).
+3. `Engine(model, tokenizer)`: strings in, `Completion`s out (text, token ids, finish reason,
+   token counts). It stops at the end-of-text token or at stop strings, and streams text pieces
+   that never split a UTF-8 character and never show text that may turn out to start a stop
+   string.
+
+    engine = Engine(model, tokenizer)
+    [out] = engine.generate(["Every effort moves you"], GenerationConfig(max_new_tokens=20))
+    for piece in engine.stream("Once upon a time", GenerationConfig(temperature=0.8, seed=1)):
+        print(piece, end="", flush=True)
+
+Sampling never touches PyTorch's global random state: a seeded `torch.Generator` reproduces a
+run exactly (same prompts, settings and batch); without a seed every run differs.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import dataclasses
+import math
+import secrets
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from .device import cpu_supports_bf16
+from .errors import ScratchLLMError
+from .model.attention import KVCache
+from .model.gpt import GPTModel
+from .text.tokenizer import AllowedSpecial, Tokenizer
+
+FinishReason = Literal["stop", "length"]
+Prompt = str | Sequence[int]
+
+# ----------------------------------------------------------------------------------------------
+# 1. The book's teaching functions
+
+
+def generate_text_simple(
+    model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int
+) -> torch.Tensor:
+    """Greedy decoding, the book's way: append the most likely next token `max_new_tokens` times.
+
+    idx: (batch, n_tokens) token ids; returns (batch, n_tokens + max_new_tokens). Every step runs
+    the model on the last `context_size` tokens (what fits its position embeddings) and keeps only
+    the logits of the last position.
+    """
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]
+        with torch.no_grad():
+            logits = model(idx_cond)
+        logits = logits[:, -1, :]  # (batch, vocab_size): only the last position predicts the next token
+        idx_next = torch.argmax(logits, dim=-1, keepdim=True)  # (batch, 1)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
+
+
+def generate(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    context_size: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+) -> torch.Tensor:
+    """The book's sampling loop: keep the `top_k` most likely tokens, divide the logits by
+    `temperature` (0: greedy), sample from their softmax; stop before appending `eos_id`.
+
+    Uses PyTorch's global random generator (call `torch.manual_seed` for repeatable samples).
+    With several rows it stops when every row's next token is `eos_id` (one row: the book's test).
+    """
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]
+        with torch.no_grad():
+            logits = model(idx_cond)
+        logits = logits[:, -1, :]
+        if top_k is not None:
+            top_logits, _ = torch.topk(logits, top_k)
+            min_val = top_logits[:, -1:]
+            logits = torch.where(logits < min_val, torch.tensor(float("-inf"), device=logits.device), logits)
+        if temperature > 0.0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)
+        else:
+            idx_next = torch.argmax(logits, dim=-1, keepdim=True)
+        if eos_id is not None and bool((idx_next == eos_id).all()):
+            break
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class GenerationConfig:
+    """How to generate. The defaults are greedy decoding of up to 256 tokens."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy (always the most likely token); higher: more random
+    top_k: int | None = None  # sample only among the k most likely tokens
+    top_p: float = 1.0  # sample only among the most likely tokens whose probabilities sum to top_p
+    seed: int | None = None  # reproducible sampling; None: different samples every run
+    stop: Sequence[str] = ()  # stop strings; the text ends before the first one found
+    eos_id: int | None = None  # end-of-sequence token; None: the tokenizer's <|endoftext|>
+    ignore_eos: bool = False  # keep going past the end-of-sequence token
+    stop_token_ids: Sequence[int] = ()  # more tokens that end a sequence (e.g. a chat end-of-turn)
+    use_cache: bool = True  # KV cache; off runs the model on the whole window for every token
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ScratchLLMError` naming the first out-of-range setting."""
+
+        def bad(msg: str) -> ScratchLLMError:
+            return ScratchLLMError(f"generation settings: {msg}")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise bad(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise bad(f"top_k must be an integer >= 1 (or None for no limit), got {self.top_k!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise bad(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad(f"seed must be an integer, got {self.seed!r}")
+
+    def replace(self, **changes) -> GenerationConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token id per row of `logits` (batch, vocab_size).
+
+    temperature 0 is greedy (top_k and top_p change nothing then). Otherwise the logits are
+    divided by the temperature, cut to the `top_k` largest (ties kept, as in the book), then to the
+    smallest set of most likely tokens whose probabilities reach `top_p` (nucleus sampling; the
+    most likely token always stays), and one token is drawn from the softmax of what is left.
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the more likely ones before it already reach top_p
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU kernels for decoding
+
+
+class PackedLinears:
+    """Every `nn.Linear` weight of a model reordered once into oneDNN's blocked layout, for CPUs.
+
+    A decode step multiplies one activation row by every weight matrix, so its speed is how fast
+    the weights stream from memory. PyTorch's default CPU matrix-vector path reads them well below
+    the memory bandwidth; oneDNN's kernel on prepacked weights (the one `torch.compile`'s freezing
+    picks) comes closer (benchmarks/RESULTS.md). The packed copies take as much memory again as the
+    linear weights. `refresh()` rebuilds them when a weight has changed (training between
+    generations); `installed()` routes the linear layers through them, for inference only.
+    Subclasses of `nn.Linear` (LoRA layers) keep their own forward.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._linears: list[nn.Linear] = []
+        self._packed: list[torch.Tensor] = []
+        self._key: tuple | None = None
+
+    @staticmethod
+    def supported(model: nn.Module) -> bool:
+        """True when every linear weight is on the CPU, in fp32 or (with native support) bf16, and
+        PyTorch has oneDNN's prepacked linear."""
+        if not torch.backends.mkldnn.is_available() or not hasattr(
+            torch.ops.mkldnn, "_reorder_linear_weight"
+        ):
+            return False
+        weights = [m.weight for m in model.modules() if type(m) is nn.Linear]
+        if not weights or any(w.device.type != "cpu" or w.dtype != weights[0].dtype for w in weights):
+            return False
+        if weights[0].dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return weights[0].dtype == torch.float32
+
+    @torch.inference_mode()
+    def refresh(self) -> bool:
+        """Pack the current weights, unless nothing changed since the last call. False (and nothing
+        packed) when the model no longer qualifies, e.g. after moving to a GPU."""
+        if not self.supported(self.model):
+            self._linears, self._packed, self._key = [], [], None
+            return False
+        linears = [m for m in self.model.modules() if type(m) is nn.Linear]
+        key = tuple(
+            (id(m), m.weight.data_ptr(), _version(m.weight), m.weight.dtype, id(m.bias)) for m in linears
+        )
+        if key != self._key:
+            self._linears = linears
+            self._packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1) for m in linears]
+            self._key = key
+        return True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Route the linear layers through the packed weights (call `refresh()` first)."""
+        for m, w in zip(self._linears, self._packed):
+            m.forward = _packed_forward(w, m.bias)  # an instance attribute shadows the class's forward
+        try:
+            yield
+        finally:
+            for m in self._linears:
+                m.__dict__.pop("forward", None)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place modification counter (None for inference tensors, which do not keep one)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None):
+    linear = torch.ops.mkldnn._linear_pointwise
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return linear(x, weight, bias, "none", [], "")
+
+    return forward
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The token-level core
+
+
+class Decoder:
+    """Generate tokens for a batch of prompts, one step at a time.
+
+        dec = Decoder(model, [[15496, 11], [464]], max_new_tokens=20)
+        while dec.active:
+            for row, token in zip(dec.active, dec.step()):
+                ...
+            dec.finish(rows_that_are_done)
+
+    `step()` returns the next token of every active row (in `active` order, rows named by their
+    index in `prompts`); `finish(rows)` takes rows out of the batch. The decoder stops a row by
+    itself only after `max_new_tokens`. Prompts longer than the context window keep their last
+    `context_length` tokens (with a warning).
+    """
+
+    def __init__(
+        self,
+        model: GPTModel,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        use_cache: bool = True,
+        kernels: PackedLinears | None = None,
+        cache_dtype: torch.dtype | None = None,
+    ):
+        if not prompts:
+            raise ScratchLLMError("generation: no prompts given")
+        # the same checks as the engine's settings
+        GenerationConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        )
+        ctx = model.cfg.context_length
+        vocab = model.cfg.vocab_size
+        self.model = model
+        self.context_length = ctx
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.use_cache = use_cache
+        self.kernels = kernels if kernels is not None and kernels.refresh() else None
+        self.cache_dtype = cache_dtype
+        self.device = model.tok_emb.weight.device
+        self.history: list[deque[int]] = []  # per row: the last context_length tokens
+        for i, p in enumerate(prompts):
+            p = [int(t) for t in p]
+            if not p:
+                raise ScratchLLMError(f"generation: prompt {i} is empty; give at least one token")
+            bad = next((t for t in p if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ScratchLLMError(
+                    f"generation: prompt {i} has token id {bad}, outside the vocabulary 0..{vocab - 1}"
+                )
+            if len(p) > ctx:
+                warnings.warn(
+                    f"prompt {i} has {len(p)} tokens, more than the context window of {ctx}; "
+                    f"using its last {ctx} tokens",
+                    stacklevel=2,
+                )
+            self.history.append(deque(p[-ctx:], maxlen=ctx))
+        self.active: list[int] = list(range(len(prompts)))
+        self.steps = 0
+        self.generator: torch.Generator | None = None
+        if temperature > 0:
+            self.generator = torch.Generator(device=self.device)
+            self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        self._cache: KVCache | None = None
+        self._pad: torch.Tensor | None = None  # (batch, cache.max_len) bool, False at left padding
+        self._last: torch.Tensor | None = None  # (batch,) the tokens sampled last, fed next
+
+    def finish(self, rows: Iterable[int]) -> None:
+        """Take rows (indices into the prompts) out of the batch."""
+        rows = set(rows)
+        keep = [i for i, r in enumerate(self.active) if r not in rows]
+        if len(keep) == len(self.active):
+            return
+        self.active = [self.active[i] for i in keep]
+        if self._cache is not None and self.active:
+            index = torch.tensor(keep, device=self.device)
+            self._cache.select(index)
+            self._last = self._last[index]
+            if self._pad is not None:
+                self._pad = self._pad[index]
+                if bool(self._pad.all()):
+                    self._pad = None
+
+    @torch.inference_mode()
+    def step(self) -> list[int]:
+        """Run the model once and return the next token of every active row."""
+        if not self.active:
+            return []
+        if self.steps >= self.max_new_tokens:
+            raise RuntimeError("Decoder.step(): max_new_tokens already generated")
+        with self.kernels.installed() if self.kernels is not None else contextlib.nullcontext():
+            cache = self._cache
+            if not self.use_cache:
+                hidden = self._prefill(with_cache=False)
+            elif self._last is None or cache is None or cache.pos >= cache.max_len:
+                # the first step, or the window is full: (re)start from each row's last window
+                hidden = self._prefill(with_cache=True)
+            else:
+                pad = None if self._pad is None else self._pad[:, : cache.pos + 1]
+                hidden = self.model(self._last[:, None], kv_cache=cache, padding_mask=pad, return_hidden=True)
+            logits = self.model.out_head(hidden[:, -1]).float()
+        tokens = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator)
+        self._last = tokens
+        self.steps += 1
+        out = tokens.tolist()
+        for r, t in zip(self.active, out):
+            self.history[r].append(t)
+        return out
+
+    def _prefill(self, with_cache: bool) -> torch.Tensor:
+        """Run the model on every active row's window (left-padded); return the final hidden states."""
+        rows = [self.history[r] for r in self.active]
+        lengths = [len(h) for h in rows]
+        n, longest = len(rows), max(lengths)
+        # tokens still to feed after this step; the cache needs room for them, up to the window
+        to_feed = self.max_new_tokens - self.steps - 1
+        max_len = min(self.context_length, longest + max(to_feed, 0)) if with_cache else longest
+        idx = torch.zeros((n, longest), dtype=torch.long)
+        pad = None
+        if min(lengths) < longest:
+            pad = torch.ones((n, max_len), dtype=torch.bool)
+        for i, h in enumerate(rows):
+            idx[i, longest - len(h) :] = torch.tensor(h, dtype=torch.long)
+            if pad is not None:
+                pad[i, : longest - len(h)] = False
+        idx = idx.to(self.device, non_blocking=True)
+        self._pad = pad.to(self.device) if pad is not None else None
+        if not with_cache:
+            return self.model(idx, padding_mask=self._pad, return_hidden=True)
+        cache = self._cache
+        if cache is None or cache.batch_size != n or cache.max_len != max_len:
+            cache = self._cache = self.model.new_kv_cache(n, max_len, dtype=self.cache_dtype)
+        cache.reset()
+        pad = None if self._pad is None else self._pad[:, :longest]
+        return self.model(idx, kv_cache=cache, padding_mask=pad, return_hidden=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The text-level engine
+
+
+@dataclass
+class Completion:
+    """One prompt's result. `finish_reason` is "stop" (end-of-sequence token or stop string) or
+    "length" (max_new_tokens reached). `token_ids` are the generated tokens, without the
+    end-of-sequence token; the text stops before a stop string."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    stop: str | int | None = None  # what stopped it: the stop string, or the end token's id
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class _Row:
+    """One sequence's text state while generating."""
+
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far (only kept up to date when streaming or watching stop strings)
+    emitted: int = 0  # characters of `text` already handed out
+    nbytes: int = 0  # bytes of the generated tokens already fed to the UTF-8 decoder
+    utf8: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
+    finish_reason: FinishReason | None = None
+    stop: str | int | None = None
+
+
+class TextStream(Iterator[str]):
+    """The text pieces of one streamed completion; `completion` is set once the stream ends."""
+
+    def __init__(self, events: Iterator[tuple[int, str]], result: list[Completion]):
+        self._events = events
+        self._result = result
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            _, piece = next(self._events)
+        except StopIteration:
+            self.completion = self._result[0] if self._result else None
+            raise
+        return piece
+
+    def close(self) -> None:
+        """Stop generating early (the model is released; `completion` stays None)."""
+        close = getattr(self._events, "close", None)
+        if close is not None:
+            close()
+
+
+class Engine:
+    """Text generation for one model and tokenizer; see the module docstring.
+
+    `generate(prompts, config)` returns one `Completion` per prompt (the prompts run as one
+    batch); `stream(prompt, config)` yields text pieces as they are generated. A prompt is a string
+    (encoded with `allowed_special`, by default none: special-token strings stay plain text) or a
+    list of token ids. The model runs in eval mode under `torch.inference_mode` and is put back in
+    its previous mode afterwards. Not thread-safe: serve one request at a time per engine.
+    """
+
+    def __init__(
+        self,
+        model: GPTModel,
+        tokenizer: Tokenizer | None = None,
+        *,
+        allowed_special: AllowedSpecial = frozenset(),
+        prepack: bool | None = None,
+    ):
+        """`prepack`: decode with `PackedLinears` (None: wherever supported, i.e. on CPUs)."""
+        if getattr(model.cfg, "n_classes", 0):
+            raise ScratchLLMError("generation needs a language model; this model has a classifier head")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.allowed_special = allowed_special
+        use_packed = (
+            PackedLinears.supported(model) if prepack is None else prepack and PackedLinears.supported(model)
+        )
+        self.kernels = PackedLinears(model) if use_packed else None
+
+    @classmethod
+    def load(cls, spec: str, device: str = "cpu", dtype: torch.dtype | str | None = None) -> Engine:
+        """An engine for a model directory or a hub name (`gpt2`, `gpt2-medium`, ...)."""
+        from .checkpoint import load_model
+
+        loaded = load_model(spec, device=device, dtype=dtype)
+        if loaded.tokenizer is None:
+            raise ScratchLLMError(f"model {spec!r} has no tokenizer files; save the model with its tokenizer")
+        return cls(loaded.model, loaded.tokenizer)
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """The token ids of a prompt (text, or ids checked against the vocabulary)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ScratchLLMError(
+                    "generation: a text prompt needs a tokenizer; give token ids or a tokenizer"
+                )
+            ids = self.tokenizer.encode(prompt, allowed_special=self.allowed_special)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ScratchLLMError("generation: the prompt is empty; give at least one token of text")
+        vocab = self.model.cfg.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ScratchLLMError(
+                f"generation: token id {bad} is outside the model's vocabulary 0..{vocab - 1}"
+            )
+        return ids
+
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, **overrides
+    ) -> list[Completion]:
+        """Complete every prompt (one batch); keyword overrides change single settings of `config`."""
+        cfg = _config(config, overrides)
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        ids = [self.encode(p) for p in prompts]  # type: ignore[union-attr]
+        result: list[Completion] = []
+        for _ in self._run(ids, cfg, result, incremental=bool(cfg.stop)):
+            pass
+        return result
+
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **overrides) -> TextStream:
+        """Text pieces of one completion as they are generated; they concatenate to its text.
+        The returned stream's `completion` (finish reason, token counts) is set at the end."""
+        cfg = _config(config, overrides)
+        if self.tokenizer is None:
+            raise ScratchLLMError("generation: streaming needs a tokenizer to turn tokens into text")
+        result: list[Completion] = []
+        return TextStream(self._run([self.encode(prompt)], cfg, result, incremental=True), result)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _stop_ids(self, cfg: GenerationConfig) -> set[int]:
+        ids = set(cfg.stop_token_ids)
+        if not cfg.ignore_eos:
+            eos = (
+                cfg.eos_id if cfg.eos_id is not None else (self.tokenizer.eot_id if self.tokenizer else None)
+            )
+            if eos is not None:
+                ids.add(eos)
+        return ids
+
+    def _run(
+        self, prompts: list[list[int]], cfg: GenerationConfig, result: list[Completion], incremental: bool
+    ) -> Iterator[tuple[int, str]]:
+        """Yield (row, text piece) while generating (pieces only when `incremental`); fill `result`."""
+        if incremental and self.tokenizer is None:
+            raise ScratchLLMError("generation: streaming and stop strings need a tokenizer")
+        stop_ids = self._stop_ids(cfg)
+        stops = cfg.stop
+        longest_stop = max((len(s) for s in stops), default=0)
+        rows = [_Row(prompt_tokens=len(p)) for p in prompts]
+        with _eval_mode(self.model):
+            if cfg.max_new_tokens > 0 and prompts:
+                dec = Decoder(
+                    self.model,
+                    prompts,
+                    max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.temperature,
+                    top_k=cfg.top_k,
+                    top_p=cfg.top_p,
+                    seed=cfg.seed,
+                    use_cache=cfg.use_cache,
+                    kernels=self.kernels,
+                    cache_dtype=_cache_dtype(self.model),
+                )
+                while dec.active:
+                    tokens = dec.step()
+                    done = []
+                    for r, t in zip(dec.active, tokens):
+                        row = rows[r]
+                        if t in stop_ids:
+                            row.finish_reason, row.stop = "stop", t
+                        else:
+                            row.token_ids.append(t)
+                            if incremental:
+                                piece = self._advance(row, stops, longest_stop)
+                                if piece:
+                                    yield r, piece
+                            if row.finish_reason is None and len(row.token_ids) >= cfg.max_new_tokens:
+                                row.finish_reason = "length"
+                        if row.finish_reason is not None:
+                            done.append(r)
+                            if incremental:
+                                piece = self._flush(row)
+                                if piece:
+                                    yield r, piece
+                    dec.finish(done)
+        for row in rows:
+            if row.finish_reason is None:  # max_new_tokens == 0
+                row.finish_reason = "length"
+            text = (
+                row.text if incremental else (self.tokenizer.decode(row.token_ids) if self.tokenizer else "")
+            )
+            result.append(Completion(text, row.token_ids, row.finish_reason, row.prompt_tokens, row.stop))
+
+    def _advance(self, row: _Row, stops: tuple[str, ...], longest_stop: int) -> str:
+        """Decode the row's new token into `row.text`, end it at a stop string, and return the
+        text that is now safe to show."""
+        data = self.tokenizer.decode_bytes(row.token_ids)  # type: ignore[union-attr]
+        new = data[row.nbytes :]
+        row.nbytes = len(data)
+        before = len(row.text)
+        row.text += row.utf8.decode(new)
+        if stops:
+            # a stop string may begin in text decoded earlier (up to longest_stop - 1 characters back)
+            start = max(0, before - longest_stop + 1)
+            hits = [(i, s) for s in stops if (i := row.text.find(s, start)) >= 0]
+            if hits:
+                i, s = min(hits)
+                row.text = row.text[:i]
+                row.finish_reason, row.stop = "stop", s
+                return ""  # _flush hands out the rest
+            # hold back an ending that could still grow into a stop string
+            end = len(row.text) - _partial_stop(row.text, stops, longest_stop)
+        else:
+            end = len(row.text)
+        piece = row.text[row.emitted : end]
+        row.emitted = max(row.emitted, end)
+        return piece
+
+    @staticmethod
+    def _flush(row: _Row) -> str:
+        """The row's remaining text once it has finished (a dangling partial character becomes U+FFFD)."""
+        if row.stop is None or isinstance(row.stop, int):
+            row.text += row.utf8.decode(b"", final=True)
+        piece = row.text[row.emitted :]
+        row.emitted = len(row.text)
+        return piece
+
+
+def _partial_stop(text: str, stops: tuple[str, ...], longest_stop: int) -> int:
+    """Length of the longest ending of `text` that is a proper beginning of a stop string."""
+    for k in range(min(longest_stop - 1, len(text)), 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stops):
+            return k
+    return 0
+
+
+def _config(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
+    cfg = config or GenerationConfig()
+    if overrides:
+        names = {f.name for f in dataclasses.fields(GenerationConfig)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ScratchLLMError(f"generation settings: unknown {unknown}; valid are {sorted(names)}")
+        cfg = cfg.replace(**overrides)
+    return cfg
+
+
+def _cache_dtype(model: nn.Module) -> torch.dtype | None:
+    """fp32 keys/values for bf16 weights on CPUs (attention in bf16 is slower there), else the weights' type."""
+    p = next(model.parameters())
+    return torch.float32 if p.device.type == "cpu" and p.dtype == torch.bfloat16 else None
+
+
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weight precision for generation. `auto`: bf16 on CUDA GPUs and on CPUs with native bf16
+    instructions (AVX-512 BF16 / AMX), where decoding reads half the bytes per token and runs about
+    1.6x faster than fp32 (benchmarks/RESULTS.md, "Generation"); fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_supports_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPE_NAMES:
+        raise ScratchLLMError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPE_NAMES)}")
+    if name == "fp16" and device.type == "cpu":
+        raise ScratchLLMError("fp16 is not supported for generation on CPU; use fp32 or bf16")
+    return DTYPE_NAMES[name]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+__all__ = [
+    "Completion",
+    "Decoder",
+    "Engine",
+    "GenerationConfig",
+    "PackedLinears",
+    "TextStream",
+    "generate",
+    "generate_text_simple",
+    "resolve_dtype",
+    "sample_next_token",
+]

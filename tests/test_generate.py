@@ -1,0 +1,461 @@
+"""The generation engine: the book's functions, cached == uncached == the book's loop (batches,
+padding, past the context window), sampling controls, seeds, stops, streaming, validation, CLI."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import scratchllm.generate as gen
+from scratchllm.errors import ScratchLLMError
+from scratchllm.generate import (
+    Decoder,
+    Engine,
+    GenerationConfig,
+    generate,
+    generate_text_simple,
+    sample_next_token,
+)
+from scratchllm.model.gpt import GPTConfig, GPTModel
+from scratchllm.text.tokenizer import EOT, Tokenizer
+
+CTX = 24
+
+
+class ByteTokenizer(Tokenizer):
+    """Ids 0-255 are single bytes (so one character may take several tokens), 256 is <|endoftext|>."""
+
+    kind = "test-bytes"
+
+    def __init__(self) -> None:
+        self.name = "bytes"
+        self.special_tokens = {EOT: 256}
+
+    @property
+    def vocab_size(self) -> int:
+        return 257
+
+    def encode(self, text: str, allowed_special: Any = frozenset()) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return b"".join(EOT.encode() if i == 256 else bytes([i]) for i in ids)
+
+    def _files(self) -> dict[str, bytes]:
+        return {}
+
+    def _meta(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def _load(cls, directory: Path, meta: dict[str, Any]) -> ByteTokenizer:
+        return cls()
+
+
+def tiny_model(seed: int = 0, ctx: int = CTX, vocab: int = 257, layers: int = 2) -> GPTModel:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(
+        vocab_size=vocab, context_length=ctx, emb_dim=32, n_heads=4, n_layers=layers, drop_rate=0.0
+    )
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():  # sharper next-token distributions than GPT-2's tiny initial weights give
+        model.tok_emb.weight.mul_(10)
+    return model
+
+
+def book_greedy(model: GPTModel, prompt: list[int], n: int) -> list[int]:
+    out = generate_text_simple(model, torch.tensor([prompt]), n, model.cfg.context_length)
+    return out[0, len(prompt) :].tolist()
+
+
+def decode_all(model: GPTModel, prompts: list[list[int]], n: int, **kw) -> list[list[int]]:
+    dec = Decoder(model, prompts, max_new_tokens=n, **kw)
+    out: list[list[int]] = [[] for _ in prompts]
+    while dec.active and dec.steps < n:
+        for r, t in zip(dec.active, dec.step()):
+            out[r].append(t)
+    return out
+
+
+def prompts_of(lengths: list[int], seed: int = 0, vocab: int = 256) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+# ---------------------------------------------------------------------------------------------
+# The book's functions
+
+
+def test_teaching_functions_equal_the_books():
+    book4 = pytest.importorskip("llms_from_scratch.ch04")
+    book5 = pytest.importorskip("llms_from_scratch.ch05")
+    model = tiny_model()
+    idx = torch.tensor(prompts_of([5, 5]))
+    torch.testing.assert_close(
+        generate_text_simple(model, idx, 30, CTX), book4.generate_text_simple(model, idx, 30, CTX)
+    )
+    for kw in (dict(temperature=0.0), dict(temperature=1.3, top_k=5), dict(temperature=0.7)):
+        torch.manual_seed(3)
+        ours = generate(model, idx[:1], 30, CTX, **kw)
+        torch.manual_seed(3)
+        theirs = book5.generate(model, idx[:1], 30, CTX, **kw)
+        torch.testing.assert_close(ours, theirs)
+    # eos stops before appending it (one row, as in the book)
+    out = generate(model, idx[:1], 30, CTX)
+    eos = out[0, 8].item()
+    first = out[0, 5:].tolist().index(eos)
+    assert generate(model, idx[:1], 30, CTX, eos_id=eos).shape[1] == 5 + first
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached == uncached == the book, for batches and past the context window
+
+
+@pytest.mark.parametrize(
+    "lengths,n",
+    [
+        ([5], 10),  # short
+        ([3], 40),  # runs past the context window (24)
+        ([24], 5),  # starts with a full window
+        ([4, 4, 4], 12),  # equal lengths, no padding
+        ([2, 9, 17], 15),  # different lengths: left padding, rows leave the window at different steps
+        ([1, 20], 30),
+    ],
+)
+def test_cached_and_uncached_greedy_equal_the_book_per_prompt(lengths, n):
+    model = tiny_model()
+    prompts = prompts_of(lengths, seed=len(lengths) + n)
+    expected = [book_greedy(model, p, n) for p in prompts]
+    assert decode_all(model, prompts, n, use_cache=True) == expected
+    assert decode_all(model, prompts, n, use_cache=False) == expected
+
+
+def test_engine_batch_equals_each_prompt_alone_with_rows_finishing_early():
+    model, tok = tiny_model(seed=1), ByteTokenizer()
+    prompts = prompts_of([3, 11, 6, 19], seed=5)
+    alone = [book_greedy(model, p, 35) for p in prompts]
+    # make row 1 stop early: its 7th token becomes the end-of-sequence token
+    eos = alone[1][6]
+    engine = Engine(model, tok)
+    for use_cache in (True, False):
+        outs = engine.generate(prompts, max_new_tokens=35, eos_id=eos, use_cache=use_cache)
+        for out, ref in zip(outs, alone):
+            if eos in ref:
+                assert (
+                    out.token_ids == ref[: ref.index(eos)] and out.finish_reason == "stop" and out.stop == eos
+                )
+            else:
+                assert out.token_ids == ref and out.finish_reason == "length"
+
+
+def test_long_prompts_are_cropped_from_the_left_with_a_warning():
+    model = tiny_model()
+    [prompt] = prompts_of([40])
+    with pytest.warns(UserWarning, match="last 24 tokens"):
+        out = decode_all(model, [prompt], 8)
+    assert out[0] == book_greedy(model, prompt, 8)
+    with pytest.warns(UserWarning):
+        [c] = Engine(model, ByteTokenizer()).generate([prompt], max_new_tokens=3, ignore_eos=True)
+    assert c.prompt_tokens == 40 and c.completion_tokens == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling controls
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy():
+    model = tiny_model(seed=2)
+    prompts = prompts_of([4, 7], seed=2)
+    greedy = decode_all(model, prompts, 20)
+    assert decode_all(model, prompts, 20, temperature=1.5, top_k=1, seed=1) == greedy
+    assert decode_all(model, prompts, 20, temperature=1.5, top_p=1e-6, seed=1) == greedy
+
+
+def test_seed_reproduces_samples_and_different_seeds_differ():
+    model = tiny_model(seed=3)
+    prompts = prompts_of([4, 7], seed=3)
+    a = decode_all(model, prompts, 25, temperature=1.0, seed=11)
+    b = decode_all(model, prompts, 25, temperature=1.0, seed=11)
+    c = decode_all(model, prompts, 25, temperature=1.0, seed=12)
+    assert a == b and a != c
+    # the seed also holds through the engine, with top-k and top-p together
+    engine = Engine(model, ByteTokenizer())
+    cfg = GenerationConfig(max_new_tokens=20, temperature=0.9, top_k=50, top_p=0.9, seed=4, ignore_eos=True)
+    assert engine.generate(prompts, cfg) == engine.generate(prompts, cfg)
+
+
+def test_sampling_leaves_the_global_random_state_alone():
+    model = tiny_model(seed=4)
+    state = torch.get_rng_state()
+    decode_all(model, prompts_of([5]), 10, temperature=1.0, seed=1)
+    decode_all(model, prompts_of([5]), 10, temperature=1.0)  # unseeded too
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_sample_next_token_filters():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 2.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits).item() == 1
+    draws = {sample_next_token(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {1, 2}
+    # top_p: the two best carry about 0.66 of the mass, the third brings it to 0.9
+    draws = {sample_next_token(logits, 1.0, top_p=0.6, generator=g).item() for _ in range(300)}
+    assert draws == {1, 2}
+    draws = {sample_next_token(logits, 1.0, top_p=0.95, generator=g).item() for _ in range(300)}
+    assert draws == {1, 2, 4}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stops, streaming, counts (with a scripted sampler: the model runs, the tokens are chosen)
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Make every row of the decoder emit the given token sequence."""
+
+    def install(tokens: list[int]):
+        counter = {"i": 0}
+
+        def fake(logits, *args, **kwargs):
+            i = counter["i"]
+            counter["i"] += 1
+            t = tokens[i] if i < len(tokens) else ord(".")
+            return torch.full((logits.shape[0],), t, dtype=torch.long)
+
+        monkeypatch.setattr(gen, "sample_next_token", fake)
+
+    return install
+
+
+TEXT = "héllo wörld, ça va? 日本語 🎉 done"
+
+
+def test_stream_never_splits_characters_and_concatenates_to_the_text(scripted):
+    tokens = list(TEXT.encode()) + [256]
+    scripted(tokens)
+    engine = Engine(tiny_model(ctx=64), ByteTokenizer())
+    stream = engine.stream("Hi", max_new_tokens=100)
+    pieces = list(stream)
+    assert "".join(pieces) == TEXT
+    assert all("\ufffd" not in p for p in pieces)
+    assert len(pieces) == len(TEXT)  # one character per piece: each is handed out once complete
+    c = stream.completion
+    assert c is not None and c.text == TEXT and c.finish_reason == "stop" and c.stop == 256
+    assert c.prompt_tokens == 2 and c.completion_tokens == len(TEXT.encode())
+    scripted(tokens)
+    [full] = engine.generate("Hi", max_new_tokens=100)
+    assert full == c
+
+
+def test_stream_with_a_real_bpe_tokenizer(scripted):
+    bpe = pytest.importorskip("scratchllm.text.bpe")
+    tok = bpe.BPETokenizer({bytes([b]): b for b in range(256)} | {"é".encode()[1:] + b"l": 256})
+    ids = tok.encode(TEXT)
+    scripted(ids)
+    engine = Engine(tiny_model(ctx=64, vocab=tok.vocab_size), tok)
+    stream = engine.stream("Hi", max_new_tokens=len(ids))
+    pieces = list(stream)
+    assert "".join(pieces) == TEXT and all("\ufffd" not in p for p in pieces)
+    assert stream.completion.finish_reason == "length"
+
+
+def test_stop_strings_end_the_text_and_are_never_streamed(scripted):
+    engine = Engine(tiny_model(ctx=64), ByteTokenizer())
+    text = "one two ### three"
+    scripted(list(text.encode()))
+    stream = engine.stream("x", max_new_tokens=50, stop=["###", "zzz"])
+    pieces = list(stream)
+    assert "".join(pieces) == "one two " and not any("#" in p for p in pieces)
+    assert stream.completion.finish_reason == "stop" and stream.completion.stop == "###"
+    assert stream.completion.completion_tokens == len("one two ###")
+    scripted(list(text.encode()))
+    [c] = engine.generate("x", max_new_tokens=50, stop="###")
+    assert c.text == "one two " and c.finish_reason == "stop"
+    # a partial stop string that never completes is text after all
+    scripted(list(b"ab ## cd"))
+    stream = engine.stream("x", max_new_tokens=8, stop=["###"])
+    assert "".join(stream) == "ab ## cd" and stream.completion.finish_reason == "length"
+    # a stop string spanning a multi-byte character, found across tokens
+    scripted(list("ab🎉cd".encode()))
+    [c] = engine.generate("x", max_new_tokens=20, stop=["b🎉"])
+    assert c.text == "a" and c.stop == "b🎉"
+
+
+def test_eos_ignore_eos_and_extra_stop_tokens(scripted):
+    engine = Engine(tiny_model(ctx=64), ByteTokenizer())
+    scripted([104, 105, 256, 106])
+    [c] = engine.generate("x", max_new_tokens=10)
+    assert c.text == "hi" and c.token_ids == [104, 105] and c.finish_reason == "stop"
+    scripted([104, 105, 256, 106])
+    [c] = engine.generate("x", max_new_tokens=4, ignore_eos=True)
+    assert c.token_ids == [104, 105, 256, 106] and c.finish_reason == "length"
+    scripted([104, 105, 256, 106])
+    [c] = engine.generate("x", max_new_tokens=10, stop_token_ids=[105])
+    assert c.text == "h" and c.stop == 105
+    [c] = engine.generate("x", max_new_tokens=0)
+    assert c.text == "" and c.finish_reason == "length" and c.completion_tokens == 0 and c.prompt_tokens == 1
+
+
+def test_partial_character_at_the_length_limit_becomes_a_replacement_character(scripted):
+    engine = Engine(tiny_model(ctx=64), ByteTokenizer())
+    scripted(list("a🎉".encode())[:3])
+    stream = engine.stream("x", max_new_tokens=3)
+    assert "".join(stream) == "a\ufffd" == stream.completion.text
+
+
+def test_stream_can_be_closed_early_and_restores_training_mode():
+    model = tiny_model()
+    model.train()
+    engine = Engine(model, ByteTokenizer())
+    stream = engine.stream("abc", max_new_tokens=20, ignore_eos=True)
+    next(stream)
+    assert not model.training  # generation runs in eval mode
+    stream.close()
+    assert model.training and stream.completion is None
+    engine.generate("abc", max_new_tokens=3)
+    assert model.training
+
+
+def test_token_id_prompts_and_text_prompts_agree():
+    engine = Engine(tiny_model(), ByteTokenizer())
+    a = engine.generate("hello", max_new_tokens=6, ignore_eos=True)
+    b = engine.generate(list(b"hello"), max_new_tokens=6, ignore_eos=True)
+    c = engine.generate([list(b"hello")], max_new_tokens=6, ignore_eos=True)
+    assert a == b == c
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
+def test_out_of_range_settings_are_errors(settings, match):
+    with pytest.raises(ScratchLLMError, match=match):
+        GenerationConfig(**settings)
+    engine = Engine(tiny_model(), ByteTokenizer())
+    with pytest.raises(ScratchLLMError, match=match):
+        engine.generate("abc", **settings)
+
+
+def test_empty_prompts_and_bad_ids_are_errors():
+    engine = Engine(tiny_model(), ByteTokenizer())
+    with pytest.raises(ScratchLLMError, match="empty"):
+        engine.generate("")
+    with pytest.raises(ScratchLLMError, match="empty"):
+        engine.generate(["ok", ""])
+    with pytest.raises(ScratchLLMError, match="vocabulary"):
+        engine.generate([[1, 2, 999]])
+    with pytest.raises(ScratchLLMError, match="unknown"):
+        engine.generate("abc", max_tokens=3)
+    with pytest.raises(ScratchLLMError, match="empty"):
+        Decoder(tiny_model(), [[]], max_new_tokens=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_generate_with_a_model_directory(tmp_path, capsys):
+    checkpoint = pytest.importorskip("scratchllm.checkpoint")
+    bpe = pytest.importorskip("scratchllm.text.bpe")
+    from scratchllm.cli import main
+
+    tok = bpe.BPETokenizer({bytes([b]): b for b in range(256)})
+    model = tiny_model(vocab=tok.vocab_size)
+    checkpoint.save_model(tmp_path / "m", model, tok)
+    expected = Engine(model, tok).generate("Hello", max_new_tokens=12)[0].text
+
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--max-new-tokens", "12", "--dtype", "fp32",
+                 "--device", "cpu", "--quiet"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--max-new-tokens", "12", "--dtype", "fp32",
+                 "--stream", "--echo", "--device", "cpu"]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert captured.out == "Hello" + expected + "\n"
+    assert "tokens" in captured.err
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
+
+
+def test_default_cache_equals_no_cache_on_a_gpt2_shaped_model():
+    # a deeper model, several heads, bias terms: the production decode path against the uncached one
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=300, context_length=40, emb_dim=64, n_heads=8, n_layers=4, drop_rate=0.0)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(10)
+    prompts = prompts_of([7, 30, 12], seed=9, vocab=300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cached = decode_all(model, prompts, 45)
+    assert cached == decode_all(model, prompts, 45, use_cache=False)
+    assert cached == [book_greedy(model, p, 45) for p in prompts]
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU decode kernels (prepacked weights)
+
+
+def test_prepacked_kernels_give_the_same_tokens_and_follow_weight_changes():
+    if not gen.PackedLinears.supported(tiny_model()):
+        pytest.skip("oneDNN's prepacked linear is not available here")
+    model = tiny_model(seed=5)
+    packed, plain = Engine(model, ByteTokenizer()), Engine(model, ByteTokenizer(), prepack=False)
+    assert packed.kernels is not None and plain.kernels is None
+    prompts = prompts_of([3, 12], seed=6)
+    cfg = GenerationConfig(max_new_tokens=30, ignore_eos=True)
+    assert [c.token_ids for c in packed.generate(prompts, cfg)] == [
+        c.token_ids for c in plain.generate(prompts, cfg)
+    ]
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the layers are restored afterwards
+    with torch.no_grad():  # training between generations: the packed copies must follow
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert [c.token_ids for c in packed.generate(prompts, cfg)] == [
+        c.token_ids for c in plain.generate(prompts, cfg)
+    ]
+
+
+def test_linear_subclasses_keep_their_own_forward():
+    if not gen.PackedLinears.supported(tiny_model()):
+        pytest.skip("oneDNN's prepacked linear is not available here")
+
+    class Shifted(torch.nn.Linear):  # like a LoRA layer: an nn.Linear with extra work in forward
+        def forward(self, x):
+            return super().forward(x) + 0.5
+
+    model = tiny_model(seed=7)
+    old = model.trf_blocks[0].ff.layers[0]
+    new = Shifted(old.in_features, old.out_features)
+    new.load_state_dict(old.state_dict())
+    model.trf_blocks[0].ff.layers[0] = new
+    prompts = prompts_of([5], seed=8)
+    cfg = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    a = Engine(model, ByteTokenizer()).generate(prompts, cfg)
+    assert a == Engine(model, ByteTokenizer(), prepack=False).generate(prompts, cfg)
+    assert [c.token_ids for c in a] == [book_greedy(model, p, 20) for p in prompts]
+
+
+def test_bf16_weights_generate():
+    model = tiny_model(seed=8).to(torch.bfloat16)
+    [c] = Engine(model, ByteTokenizer()).generate([[1, 2, 3]], max_new_tokens=10, ignore_eos=True)
+    assert len(c.token_ids) == 10
+    assert gen.resolve_dtype("fp32", torch.device("cpu")) == torch.float32
+    assert gen.resolve_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+    with pytest.raises(ScratchLLMError, match="fp16"):
+        gen.resolve_dtype("fp16", torch.device("cpu"))
