@@ -4,8 +4,10 @@ A model directory holds everything needed to rebuild a model, and nothing execut
 
     config.json        {"format": "scratchllm-model", "version": 1,
                         "model": {GPTConfig fields}, "extra": {task-specific, e.g. class labels},
+                        "lora": {rank, alpha, dropout, layers}: only when LoRA adapters are stored
                         "info": {parameters, dtype, writer: for people, never read back}}
-    model.safetensors  the weights by parameter name; a tied head is stored once (as tok_emb.weight)
+    model.safetensors  the weights by parameter name; a tied head is stored once (as tok_emb.weight);
+                       LoRA adapters unmerged as `<layer>.lora.A` / `.lora.B` (model/lora.py)
     tokenizer files    what `Tokenizer.save` writes (tokenizer_meta.json + the kind's own files)
 
 Other files may sit beside these (the trainer keeps its state there); loading ignores them.
@@ -31,6 +33,7 @@ from .device import pick_device
 from .errors import ScratchLLMError
 from .fileio import atomic_dir, atomic_write_json
 from .model.gpt import GPTConfig, GPTModel, count_parameters
+from .model.lora import apply_lora_config, lora_config
 from .text.tokenizer import META_FILE, Tokenizer, load_tokenizer
 
 FORMAT = "scratchllm-model"
@@ -38,7 +41,7 @@ VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Top-level keys of config.json. A new section (say, LoRA adapters) is added here with its loader.
-CONFIG_KEYS = ("format", "version", "model", "extra", "info")
+CONFIG_KEYS = ("format", "version", "model", "extra", "info", "lora")
 
 DTYPES = {
     "fp32": torch.float32,
@@ -94,9 +97,10 @@ def write_model_files(
         raise TypeError(f"save_model expects a GPTModel, got {type(model).__name__}")
     cfg = model.cfg
     tensors = model_tensors(model)
+    lora = lora_config(model)  # unmerged adapters are saved as they are, so training can resume
     # Refuse now what load_model would refuse later: the weights must fit a GPTModel built from cfg.
     check_state_dict(
-        meta_model(cfg), {k: tuple(v.shape) for k, v in tensors.items()}, source="the model to save"
+        meta_model(cfg, lora), {k: tuple(v.shape) for k, v in tensors.items()}, source="the model to save"
     )
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ScratchLLMError(
@@ -116,21 +120,21 @@ def write_model_files(
         tokenizer.save(directory)  # first, so its files can never overwrite ours
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
-    atomic_write_json(
-        directory / CONFIG_FILE,
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "model": cfg.to_dict(),
-            "extra": extra,
-            "info": {
-                "parameters": count_parameters(model),
-                "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-                "tokenizer": tokenizer.name if tokenizer is not None else None,
-                "written_by": f"scratchllm {__version__}",
-            },
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": cfg.to_dict(),
+        "extra": extra,
+        "info": {
+            "parameters": count_parameters(model),
+            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+            "tokenizer": tokenizer.name if tokenizer is not None else None,
+            "written_by": f"scratchllm {__version__}",
         },
-    )
+    }
+    if lora is not None:
+        doc["lora"] = lora
+    atomic_write_json(directory / CONFIG_FILE, doc)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -170,7 +174,7 @@ def load_model(
     target_dtype = _parse_dtype(dtype)
     dev = device if isinstance(device, torch.device) else pick_device(device)
 
-    model = meta_model(cfg)
+    model = meta_model(cfg, read_lora_config(directory))
     tensors = read_weights(weights, model, device=dev)
     if target_dtype is not None:
         tensors = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
@@ -244,7 +248,19 @@ def read_config(directory: str | os.PathLike) -> tuple[GPTConfig, dict[str, Any]
     extra = doc.get("extra", {})
     if not isinstance(extra, dict):
         raise ScratchLLMError(f'{path}: "extra" must be an object')
+    if not isinstance(doc.get("lora", {}), dict):
+        raise ScratchLLMError(f'{path}: "lora" must be an object')
     return cfg, extra
+
+
+def read_lora_config(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The `lora` section of a model directory's config.json (where its adapters go), or None."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        lora = json.loads(path.read_text(encoding="utf-8")).get("lora")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None  # read_config reports a broken file
+    return lora if isinstance(lora, dict) else None
 
 
 def read_weights(
@@ -361,11 +377,15 @@ def check_state_dict(
 # Helpers
 
 
-def meta_model(cfg: GPTConfig) -> GPTModel:
+def meta_model(cfg: GPTConfig, lora: Mapping[str, Any] | None = None) -> GPTModel:
     """A GPTModel with shapes but no storage: instant even for gpt2-xl, and loading assigns the
-    file's tensors instead of first filling random ones."""
+    file's tensors instead of first filling random ones. `lora`: a config.json `lora` section whose
+    adapters are put in place (see model/lora.py)."""
     with torch.device("meta"):
-        return GPTModel(cfg)
+        model = GPTModel(cfg)
+        if lora:
+            apply_lora_config(model, lora, source="the LoRA settings")
+    return model
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:
