@@ -1,0 +1,658 @@
+"""`scratchllm finetune instruct` and `scratchllm respond`: turn a language model into an assistant.
+
+One instruction example, from file to loss (the book's chapter 7):
+
+    {"instruction", "input", "output"}             load_instruction_data (JSON list or JSONL)
+      -> prompt + response text                    templates.py (Alpaca by default, or Phi-3 style)
+      -> token ids, and how many are the prompt    InstructionDataset
+      -> padded batch: inputs, targets             custom_collate_fn: append <|endoftext|>, pad to
+                                                   the longest example, targets = inputs shifted by
+                                                   one, padding targets -100 except the first
+                                                   end-of-text (so the model learns to stop), cut to
+                                                   the context length, optionally the prompt -100 too
+      -> cross-entropy over the target tokens      InstructionTask.loss, inside the one trainer
+
+Training runs whole epochs over a seeded 85/5/10 train/val/test split (or separate files); the
+trained assistant is a normal model directory whose `extra` names its prompt template, so
+`respond`, chat and the server prompt it the way it was trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import setting
+from ..errors import ScratchLLMError
+from ..text.tokenizer import Tokenizer
+from ..train.evaluate import next_token_loss
+from ..train.trainer import Task, TrainerConfig, TrainResult
+from .templates import DEFAULT_TEMPLATE, TEMPLATE_KEY, PromptTemplate, get_template, template_for_model
+
+IGNORE_INDEX = -100  # targets with this value do not count in the loss (PyTorch's cross_entropy default)
+RESPONSE_KEY = "model_response"  # the field `respond` adds, as in the book
+
+Entry = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# data: records, split
+
+
+def load_instruction_data(path: str | Path, require_output: bool = True) -> list[Entry]:
+    """Instruction records from a JSON file holding a list (the book's format) or a JSONL file
+    (one object per line). Each record needs a non-empty string `instruction`, an optional string
+    `input` and, when `require_output`, a string `output`; other fields are kept. A malformed
+    record is an error that names the file and the record."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScratchLLMError(
+            f"instruction data {path} not found; give a JSON list or JSONL file of "
+            "{instruction, input, output} records"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ScratchLLMError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    records: list[tuple[str, Any]] = []
+    if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ScratchLLMError(
+                    f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno}); a JSONL file "
+                    "has one {...} record per line, a JSON file one [...] list"
+                ) from None
+            records.append((f"{path}, line {lineno}", record))
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ScratchLLMError(
+                f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+            ) from None
+        if not isinstance(data, list):
+            raise ScratchLLMError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        records = [(f"{path}, record [{i}]", r) for i, r in enumerate(data)]
+    if not records:
+        raise ScratchLLMError(f"{path}: no records; add {{instruction, input, output}} records")
+    for where, record in records:
+        _check_record(where, record, require_output)
+    return [r for _, r in records]
+
+
+def _check_record(where: str, record: Any, require_output: bool) -> None:
+    if not isinstance(record, dict):
+        raise ScratchLLMError(
+            f"{where}: expected an object with instruction/input/output, got {type(record).__name__}"
+        )
+    instruction = record.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        got = "missing" if instruction is None else repr(instruction)[:40]
+        raise ScratchLLMError(f'{where}: "instruction" must be a non-empty string ({got})')
+    if not isinstance(record.get("input", ""), (str, type(None))):
+        raise ScratchLLMError(
+            f'{where}: "input" must be a string (or left out), got {type(record["input"]).__name__}'
+        )
+    if require_output and not isinstance(record.get("output"), str):
+        got = "missing" if record.get("output") is None else type(record["output"]).__name__
+        raise ScratchLLMError(
+            f'{where}: "output" must be a string ({got}); training needs the expected response'
+        )
+
+
+def split_data(
+    data: Sequence[Entry], val_fraction: float = 0.05, test_fraction: float = 0.1, seed: int | None = 123
+) -> tuple[list[Entry], list[Entry], list[Entry]]:
+    """(train, val, test). `seed` shuffles first; None keeps the file order, which with the default
+    fractions is exactly the book's split (first 85% train, next 10% test, last 5% validation)."""
+    n = len(data)
+    n_test = int(n * test_fraction + 1e-9)
+    n_val = int(n * val_fraction + 1e-9)
+    n_train = n - n_test - n_val
+    order = list(range(n)) if seed is None else np.random.default_rng(seed).permutation(n).tolist()
+    items = [data[i] for i in order]
+    train, test, val = items[:n_train], items[n_train : n_train + n_test], items[n_train + n_test :]
+    if not train or not val:
+        raise ScratchLLMError(
+            f"splitting {n} records {1 - val_fraction - test_fraction:.0%}/{val_fraction:.0%}/{test_fraction:.0%} "
+            f"leaves {len(train)} for training and {len(val)} for validation; give more records, "
+            "a larger --val-fraction, or a separate --val-data file"
+        )
+    return train, val, test
+
+
+# ----------------------------------------------------------------------------------------------
+# tokens: dataset and collate
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """The book's `InstructionDataset`: each entry rendered with the template and tokenized once.
+    `encoded_texts[i]` are the ids of prompt + response; `prompt_lengths[i]` how many of them are
+    the prompt (for `--mask-prompt`)."""
+
+    def __init__(
+        self, data: Sequence[Entry], tokenizer: Tokenizer, template: str | PromptTemplate = DEFAULT_TEMPLATE
+    ):
+        self.data = list(data)
+        self.template = get_template(template)
+        pairs = [self.template.format_example(entry) for entry in self.data]
+        self.encoded_texts: list[list[int]] = tokenizer.encode_batch([p + r for p, r in pairs])
+        prompt_ids = tokenizer.encode_batch([p for p, _ in pairs])
+        # The prompt's tokens are normally a prefix of the full text's; where a BPE merge crosses
+        # the boundary, the common prefix is the part that is certainly prompt.
+        self.prompt_lengths = [_common_prefix(p, full) for p, full in zip(prompt_ids, self.encoded_texts)]
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self.encoded_texts[index]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    if b[: len(a)] == a:
+        return len(a)
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+def custom_collate_fn(
+    batch: Sequence[Sequence[int]],
+    pad_token_id: int = 50256,
+    ignore_index: int = IGNORE_INDEX,
+    allowed_max_length: int | None = None,
+    device: str | torch.device = "cpu",
+    prompt_lengths: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The book's `custom_collate_fn`: (inputs, targets), both (batch, longest example).
+
+    Each example gets the end-of-text token (`pad_token_id`, which also pads) appended; inputs are
+    the example padded, targets the example shifted left by one, so the last real target is the
+    end-of-text token and every target after it is `ignore_index`. Both are cut to
+    `allowed_max_length`. With `prompt_lengths`, the targets that are prompt tokens become
+    `ignore_index` too, so only the response (and its end-of-text) is learned.
+    """
+    width = max(len(item) for item in batch)
+    inputs = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    targets = torch.full((len(batch), width), ignore_index, dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item)
+        ids = torch.as_tensor(item, dtype=torch.long)
+        inputs[row, :n] = ids
+        targets[row, : n - 1] = ids[1:]
+        targets[row, n - 1] = pad_token_id  # predict end-of-text after the response: learn to stop
+        if prompt_lengths is not None:
+            targets[row, : max(prompt_lengths[row] - 1, 0)] = ignore_index
+    if allowed_max_length is not None:
+        inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
+    return inputs.to(device), targets.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# the task
+
+
+class InstructionTask(Task):
+    """Instruction finetuning for the trainer: epochs over the training examples in a seeded
+    order (micro-batch `index` -> epoch and position, so batches are a pure function of `index`),
+    the loss on target tokens, and validation loss over the validation examples in file order."""
+
+    best_metric = "val_loss"
+    best_lower_is_better = True
+
+    def __init__(
+        self,
+        train: InstructionDataset,
+        val: InstructionDataset,
+        *,
+        batch_size: int,
+        eot_id: int,
+        seed: int = 123,
+        epochs: float = 2.0,
+        context_length: int | None = None,
+        mask_prompt: bool = False,
+        eval_batches: int = 0,
+        tokenizer: Tokenizer | None = None,
+        sample_count: int = 3,
+        sample_tokens: int = 64,
+    ):
+        self.train, self.val = train, val
+        self.batch_size = batch_size
+        self.eot_id = eot_id
+        self.seed = seed
+        self.epochs = epochs
+        self.context_length = context_length
+        self.mask_prompt = mask_prompt
+        self.eval_batches = eval_batches
+        self.tokenizer = tokenizer
+        self.sample_count = sample_count
+        self.sample_tokens = sample_tokens
+        # as the book's DataLoader(drop_last=True): whole batches only (one short batch for tiny sets)
+        self.batches_per_epoch = max(1, len(train) // batch_size)
+        self._perm: tuple[int, list[int]] | None = None
+
+    def collate(
+        self, dataset: InstructionDataset, indices: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = [dataset.prompt_lengths[i] for i in indices] if self.mask_prompt else None
+        return custom_collate_fn([dataset[i] for i in indices], self.eot_id, IGNORE_INDEX, self.context_length,
+                                 prompt_lengths=lengths)  # fmt: skip
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The training examples' order in `epoch` (a fresh seeded permutation per epoch)."""
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (
+                epoch,
+                np.random.default_rng([self.seed, epoch]).permutation(len(self.train)).tolist(),
+            )
+        return self._perm[1]
+
+    def train_batch(
+        self, index: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position = divmod(index * world_size + rank, self.batches_per_epoch)
+        start = position * self.batch_size
+        return self.collate(self.train, self.epoch_order(epoch)[start : start + self.batch_size])
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return next_token_loss(model, *batch, ignore_index=IGNORE_INDEX)
+
+    def default_steps(self, cfg: TrainerConfig, world_size: int) -> int:
+        return max(1, math.ceil(self.epochs * self.batches_per_epoch / (cfg.grad_accum * world_size)))
+
+    def evaluate(
+        self, model: nn.Module, amp: Callable[[], contextlib.AbstractContextManager]
+    ) -> dict[str, float]:
+        """Loss per target token on the validation examples (the first `eval_batches` batches; 0: all),
+        and on as many training examples (in file order) for comparison."""
+        n = (
+            len(self.val)
+            if not self.eval_batches
+            else min(len(self.val), self.eval_batches * self.batch_size)
+        )
+        val = self.dataset_loss(model, self.val, n, amp)
+        train = self.dataset_loss(model, self.train, min(n, len(self.train)), amp)
+        return {"train_loss": train, "val_loss": val}
+
+    @torch.no_grad()
+    def dataset_loss(
+        self,
+        model: nn.Module,
+        dataset: InstructionDataset,
+        n: int,
+        amp: Callable[[], contextlib.AbstractContextManager],
+    ) -> float:
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for start in range(0, n, self.batch_size):
+            inputs, targets = self.collate(dataset, range(start, min(start + self.batch_size, n)))
+            inputs, targets = inputs.to(device), targets.to(device)
+            with amp():
+                logits = model(inputs)
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                           ignore_index=IGNORE_INDEX, reduction="sum"))  # fmt: skip
+            count += int((targets != IGNORE_INDEX).sum())
+        return total / max(count, 1)
+
+    def samples(self, model: nn.Module) -> list[str]:
+        """The model's answers to the first few validation instructions."""
+        if not (self.sample_count and self.sample_tokens and self.tokenizer is not None):
+            return []
+        from ..generate import Engine, GenerationConfig
+
+        entries = self.val.data[: self.sample_count]
+        template = self.val.template
+        prompts = [template.format_example(e)[0] for e in entries]
+        gen = GenerationConfig(max_new_tokens=self.sample_tokens, stop=template.stop_strings)
+        outs = Engine(model, self.tokenizer, prepack=False).generate(
+            prompts, gen
+        )  # weights change: no packed copy
+        return [
+            f"{e['instruction'][:60]} -> {template.extract_response(o.text)}" for e, o in zip(entries, outs)
+        ]
+
+
+# ----------------------------------------------------------------------------------------------
+# wiring: `scratchllm finetune instruct`
+
+
+@dataclass
+class InstructConfig(TrainerConfig):
+    """Everything `scratchllm finetune instruct` needs; TOML sections [data], [model], [lora], [train],
+    [eval], [system], [run]. Training defaults follow the book's chapter 7 (AdamW, lr 5e-5, batch 8, 2 epochs)."""
+
+    data: str = setting(
+        "", "instruction data: a JSON list or JSONL file of {instruction, input, output}", "data"
+    )
+    val_data: str | None = setting(
+        None, "validation records in their own file (then --data is all training)", "data"
+    )
+    test_data: str | None = setting(
+        None, "test records in their own file (copied to OUT/data/test.json)", "data"
+    )
+    val_fraction: float = setting(0.05, "share of --data held out for validation (no --val-data)", "data")
+    test_fraction: float = setting(0.1, "share of --data held out for testing (no --val-data)", "data")
+    split_seed: int | None = setting(
+        123, "seed of the shuffled split; none: file order (the book's split)", "data"
+    )
+    template: str = setting(DEFAULT_TEMPLATE, "prompt template: alpaca or phi3", "data")
+    mask_prompt: bool = setting(
+        False, "learn only the response: prompt tokens are left out of the loss", "data"
+    )
+    model: str = setting(
+        "gpt2-medium", "the model to finetune: a model directory or gpt2, gpt2-medium, ...", "model"
+    )
+    context_length: int | None = setting(
+        None, "truncate examples to this many tokens (default: the model's)", "model"
+    )
+    drop_rate: float | None = setting(None, "override the model's dropout rate", "model")
+    lora: bool = setting(
+        False, "train low-rank adapters instead of all weights (merged into the saved model)", "lora"
+    )
+    lora_rank: int = setting(16, "rank of the LoRA matrices", "lora")
+    lora_alpha: float = setting(16.0, "LoRA scaling numerator (the update is scaled by alpha / rank)", "lora")
+    lora_targets: list[str] = setting(
+        ["qkv", "out_proj", "ff.layers.0", "ff.layers.2"],
+        "linear layers that get adapters (names or endings)",
+        "lora",
+    )
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input", "lora")
+    epochs: float = setting(2.0, "passes over the training examples (used when max_steps = 0)", "train")
+    batch_size: int = setting(8, "examples per micro-batch and process", "train")
+    max_steps: int = setting(0, "optimizer steps (0: from --epochs)", "train")
+    lr: float = setting(5e-5, "peak learning rate", "train")
+    min_lr: float = setting(5e-6, "learning rate at the end of the decay", "train")
+    warmup_steps: int = setting(10, "steps of linear warmup from 0 to lr", "train")
+    beta2: float = setting(0.999, "AdamW beta2", "train")
+    eval_every: int = setting(50, "evaluate every N steps (0: only at the end)", "eval")
+    eval_batches: int = setting(
+        0, "validation batches per evaluation (0: the whole validation split)", "eval"
+    )
+    sample_count: int = setting(3, "validation instructions answered at each evaluation", "eval")
+    sample_tokens: int = setting(64, "tokens generated per sample answer (0: no samples)", "eval")
+    out_dir: str = setting(
+        "runs/instruct", "directory for checkpoints, metrics, the data split and the model", "run"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+
+        def bad(msg: str) -> ScratchLLMError:
+            return ScratchLLMError(f"finetune settings: {msg}")
+
+        if not self.data:
+            raise bad(
+                "no instruction data; give --data FILE (a JSON list or JSONL of {instruction, input, output})"
+            )
+        if not (
+            0 <= self.val_fraction < 1
+            and 0 <= self.test_fraction < 1
+            and self.val_fraction + self.test_fraction < 1
+        ):
+            raise bad(
+                f"need 0 <= val_fraction, test_fraction and their sum < 1, got {self.val_fraction}, {self.test_fraction}"
+            )
+        if self.epochs <= 0:
+            raise bad(f"epochs must be > 0, got {self.epochs}")
+        if self.lora and (self.lora_rank < 1 or self.lora_alpha <= 0):
+            raise bad(f"lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
+        if self.context_length is not None and self.context_length < 2:
+            raise bad(f"context_length must be >= 2, got {self.context_length}")
+        get_template(self.template)
+
+
+@dataclass
+class InstructData:
+    train: list[Entry]
+    val: list[Entry]
+    test: list[Entry]
+
+
+def resolve_splits(cfg: InstructConfig) -> InstructData:
+    """The train/val/test records: separate files, or a split of `data`."""
+    records = load_instruction_data(cfg.data)
+    test = load_instruction_data(cfg.test_data) if cfg.test_data else []
+    if cfg.val_data:
+        return InstructData(records, load_instruction_data(cfg.val_data), test)
+    train, val, split_test = split_data(records, cfg.val_fraction, 0.0 if cfg.test_data else cfg.test_fraction,
+                                        cfg.split_seed)  # fmt: skip
+    return InstructData(train, val, test or split_test)
+
+
+def _prepare_model(cfg: InstructConfig):
+    from ..checkpoint import load_model
+
+    loaded = load_model(cfg.model)
+    if loaded.config.n_classes:
+        raise ScratchLLMError(
+            f"--model {cfg.model} is a classifier; instruction finetuning needs a language model"
+        )
+    if loaded.tokenizer is None:
+        raise ScratchLLMError(
+            f"--model {cfg.model} has no tokenizer files; save the model with its tokenizer"
+        )
+    if loaded.tokenizer.eot_id is None:
+        raise ScratchLLMError(
+            f"the tokenizer of {cfg.model} has no <|endoftext|> token to end responses with"
+        )
+    model = loaded.model
+    if cfg.context_length and cfg.context_length > model.cfg.context_length:
+        raise ScratchLLMError(
+            f"--context-length {cfg.context_length} exceeds the model's context window of {model.cfg.context_length}"
+        )
+    if cfg.drop_rate is not None:
+        from ..train.pretrain import _set_dropout
+
+        _set_dropout(model, cfg.drop_rate)
+    if cfg.lora:
+        from ..model.lora import apply_lora, mark_only_lora_trainable
+
+        apply_lora(
+            model,
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            targets=cfg.lora_targets,
+            dropout=cfg.lora_dropout,
+        )
+        mark_only_lora_trainable(model)
+    return model, loaded
+
+
+def instruct_finetune(
+    cfg: InstructConfig, resume: str | None = None, run_config_toml: str | None = None
+) -> TrainResult:
+    """Finetune `cfg.model` on instruction data (see the module docstring); returns the trainer's
+    result. The run directory gets `model/` and `best/` (model directories with the template in
+    `extra`) and `data/{train,val,test}.json` (the split, for `respond` and evaluation)."""
+    from ..config import dump_toml
+    from ..fileio import atomic_write_json
+    from ..train.distributed import init_distributed
+    from ..train.trainer import Trainer
+
+    cfg.validate()
+    dist = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    template = get_template(cfg.template)
+    splits = resolve_splits(cfg)
+    model, loaded = _prepare_model(cfg)
+    tokenizer = loaded.tokenizer
+    context = cfg.context_length or model.cfg.context_length
+    out_dir = Path(cfg.out_dir)
+    if dist.is_main:
+        for name in ("train", "val", "test"):
+            atomic_write_json(out_dir / "data" / f"{name}.json", getattr(splits, name))
+
+    train = InstructionDataset(splits.train, tokenizer, template)
+    if cfg.mask_prompt:  # a prompt that fills the context leaves no response token to learn from
+        keep = [e for e, n in zip(train.data, train.prompt_lengths) if n < context]
+        if not keep:
+            raise ScratchLLMError(
+                f"with --mask-prompt no training example has a response token within the context of {context} "
+                "tokens; raise --context-length or leave out --mask-prompt"
+            )
+        if len(keep) < len(train):
+            if dist.is_main:
+                print(
+                    f"skipping {len(train) - len(keep)} training examples whose prompt fills the context ({context})"
+                )
+            train = InstructionDataset(keep, tokenizer, template)
+    val = InstructionDataset(splits.val, tokenizer, template)
+    task = InstructionTask(train, val, batch_size=cfg.batch_size, eot_id=tokenizer.eot_id, seed=cfg.seed,
+                           epochs=cfg.epochs, context_length=context, mask_prompt=cfg.mask_prompt,
+                           eval_batches=cfg.eval_batches, tokenizer=tokenizer, sample_count=cfg.sample_count,
+                           sample_tokens=cfg.sample_tokens)  # fmt: skip
+    if dist.is_main:
+        from ..model.gpt import count_parameters
+
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        too_long = sum(len(t) > context for t in train.encoded_texts)
+        print(
+            f"model {cfg.model}: {count_parameters(model) / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained"
+            f"{' (LoRA)' if cfg.lora else ''}; data: {len(train)} train / {len(val)} val / {len(splits.test)} test "
+            f"examples, template {template.name}, context {context}"
+            + (f" ({too_long} training examples truncated)" if too_long else "")
+        )
+    extra = {**loaded.extra, "trained_by": "scratchllm finetune instruct", TEMPLATE_KEY: template.name}
+    trainer = Trainer(model, task, cfg, tokenizer=tokenizer, extra=extra, dist=dist,
+                      run_config_toml=run_config_toml or dump_toml(cfg))  # fmt: skip
+    result = trainer.fit(resume)
+    if cfg.lora and dist.is_main:
+        _merge_saved_adapters([out_dir / "model", out_dir / "best"])
+    return result
+
+
+def _merge_saved_adapters(directories: Sequence[Path]) -> None:
+    """Rewrite LoRA model directories as plain ones (adapters folded into the weights), so the
+    assistant loads and runs like any model; resumable checkpoints keep their adapters."""
+    from ..checkpoint import load_model, save_model
+    from ..model.lora import merge_lora
+
+    for directory in directories:
+        if directory.is_dir():
+            loaded = load_model(directory)
+            merge_lora(loaded.model)
+            save_model(directory, loaded.model, loaded.tokenizer, loaded.extra)
+
+
+def summarize(result: TrainResult) -> str:
+    m = result.metrics
+    out = result.out_dir
+    tok_s = result.tokens / max(result.seconds, 1e-9)
+    return "\n".join([
+        f"{result.stopped}: {result.steps:,} steps, {result.tokens:,} tokens in {result.seconds:.0f} s ({tok_s:,.0f} tokens/s)",
+        f"validation loss {m.get('val_loss', float('nan')):.3f} (train loss {m.get('train_loss', float('nan')):.3f}; "
+        f"best validation loss {result.best if result.best is not None else float('nan'):.3f})",
+        f"assistant: {out / 'model'}   best: {out / 'best'}   loss plot: {out / 'loss.png'}   split: {out / 'data'}",
+        f"next: scratchllm respond --model {out / 'model'} --data {out / 'data' / 'test.json'} "
+        f"--out {out / 'test-responses.json'}",
+    ])  # fmt: skip
+
+
+def instruct_command(config: str | None, overrides: dict[str, Any], resume: str | None = None) -> TrainResult:
+    """`scratchllm finetune instruct`: resolve the settings, train, print the summary."""
+    from ..config import load_config
+    from ..train.distributed import init_distributed
+
+    cfg = load_config(InstructConfig, config, overrides)
+    result = instruct_finetune(cfg, resume)
+    if init_distributed(cfg.device).is_main:
+        print(summarize(result))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# `scratchllm respond`
+
+
+def respond(
+    model: str,
+    data: str | Path | Sequence[Mapping[str, Any]],
+    out: str | Path | None = None,
+    *,
+    template: str | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: bool = True,
+    key: str = RESPONSE_KEY,
+) -> list[Entry]:
+    """Answer every instruction of `data` (a file or records) with `model` (a model directory, or an
+    `Engine`-ready hub name), adding `key` ("model_response") to a copy of each record. Prompts use
+    the model's own template (`extra["prompt_template"]`) unless `template` names one; they run in
+    batches of similar length through the generation engine. Written atomically to `out` (a JSON
+    list, or JSONL when it ends in .jsonl) when given."""
+    from tqdm.auto import tqdm
+
+    from ..checkpoint import load_model
+    from ..device import pick_device
+    from ..generate import Engine, GenerationConfig, resolve_dtype
+
+    records = (
+        load_instruction_data(data, require_output=False) if isinstance(data, (str, Path)) else list(data)
+    )
+    if batch_size < 1:
+        raise ScratchLLMError(f"--batch-size must be >= 1, got {batch_size}")
+    dev = pick_device(device)
+    loaded = load_model(model, device=str(dev), dtype=resolve_dtype(dtype, dev))
+    if loaded.tokenizer is None:
+        raise ScratchLLMError(f"model {model!r} has no tokenizer files; save the model with its tokenizer")
+    chosen = get_template(template) if template else template_for_model(loaded.extra)
+    engine = Engine(loaded.model, loaded.tokenizer)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, stop=chosen.stop_strings)  # fmt: skip
+    gen.validate()
+    prompts = [chosen.format_example(r)[0] for r in records]
+    lengths = [len(ids) for ids in loaded.tokenizer.encode_batch(prompts)]
+    # similar lengths together: less left padding per batch (the results do not depend on it)
+    order = sorted(range(len(records)), key=lambda i: lengths[i])
+    answers: list[str] = [""] * len(records)
+    start = time.perf_counter()
+    generated = 0
+    with tqdm(
+        total=len(records), desc="respond", unit="entry", dynamic_ncols=True, disable=not progress
+    ) as bar:
+        for b in range(0, len(order), batch_size):
+            rows = order[b : b + batch_size]
+            for i, completion in zip(rows, engine.generate([prompts[i] for i in rows], gen)):
+                answers[i] = chosen.extract_response(completion.text)
+                generated += completion.completion_tokens
+            bar.update(len(rows))
+    results = [{**r, key: a} for r, a in zip(records, answers)]
+    if out is not None:
+        _write_records(Path(out), results)
+    if progress:
+        seconds = time.perf_counter() - start
+        print(
+            f"{len(results)} responses ({generated:,} tokens, {generated / max(seconds, 1e-9):,.1f} tokens/s, "
+            f"template {chosen.name})" + (f" -> {out}" if out is not None else "")
+        )
+    return results
+
+
+def _write_records(path: Path, records: list[Entry]) -> None:
+    from ..fileio import atomic_write_text
+
+    if path.suffix.lower() == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        text = json.dumps(records, indent=4, ensure_ascii=False) + "\n"  # the book's layout
+    atomic_write_text(path, text)
