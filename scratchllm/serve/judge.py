@@ -1,0 +1,470 @@
+"""Score model responses with a judge LLM, the book's way (chapter 7.8).
+
+Each entry of a responses file ({"instruction", "input", "output", "model_response"}, as the
+book's `instruction-data-with-response.json`) is sent to a judge model over the OpenAI-compatible
+chat API with the book's prompt:
+
+    Given the input `{format_input(entry)}` and correct output `{output}`, score the model
+    response `{model_response}` on a scale from 0 to 100, where 100 is the best score.
+    Respond with the integer number only.
+
+The judge can be Ollama (`--judge-url http://localhost:11434/v1`, the book's choice), any OpenAI
+compatible endpoint, or another model behind `scratchllm serve`. Judges do not always answer with
+a bare number, so `parse_score` reads chatty answers ("Score: 85/100", "I'd rate it 85."); when a
+reply holds no score the judge is asked once more for the number alone.
+
+Transient failures (connection errors, timeouts, 408/429/5xx answers) are retried with
+exponential backoff; a wrong URL, model name or API key stops the run at once. The result file
+has, per entry, the entry plus `score`, the judge's raw `judge_reply`, `attempts` and `error`,
+and the average over the scored entries; entries that still fail are listed, never dropped.
+It is written atomically while the run progresses, and `--resume` skips entries already scored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ScratchLLMError
+from ..fileio import atomic_write_json
+from ..finetune.templates import get_template
+
+BOOK_PROMPT = (
+    "Given the input `{input}` and correct output `{output}`, score the model response `{response}` "
+    "on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only."
+)
+FOLLOW_UP = "Respond with the score only: one integer from 0 to 100."
+API_KEY_ENV = "SCRATCHLLM_JUDGE_API_KEY"
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+# ----------------------------------------------------------------------------------------------
+# The prompt and the parser
+
+
+def judge_prompt(
+    entry: Mapping[str, Any], response_key: str = "model_response", template: str = "alpaca"
+) -> str:
+    """The book's judge prompt for one entry; the input is rendered with the template's
+    `format_input` (for "alpaca", the book's `format_input`)."""
+    return BOOK_PROMPT.format(
+        input=get_template(template).format_input(entry),
+        output=entry["output"],
+        response=entry[response_key],
+    )
+
+
+_NUMBER = r"(\d{1,3}(?:\.\d+)?)"
+# in order of trust: a bare number, "N/100" or "N out of 100", a number after a score word,
+# "N/10" (scaled by 10), then the first number from 0 to 100 anywhere
+_BARE = re.compile(rf"^\W*{_NUMBER}\W*$")
+_OF_100 = re.compile(rf"(?<![\d.]){_NUMBER}\s*(?:/|out of)\s*100(?!\d)", re.IGNORECASE)
+_AFTER_WORD = re.compile(
+    rf"\b(?:score|scored|rating|rated|rate|grade|give it|i'd give|i would give)\b[^\d\n]{{0,25}}?(?<![\d.]){_NUMBER}(?![\d])(?!\s*(?:/|out of)\s*10\b)",
+    re.IGNORECASE,
+)
+_OF_10 = re.compile(rf"(?<![\d.]){_NUMBER}\s*(?:/|out of)\s*10(?![\d])", re.IGNORECASE)
+_ANY = re.compile(rf"(?<![\d.]){_NUMBER}(?![\d])")
+
+
+def parse_score(reply: str) -> int | None:
+    """The 0-100 score in a judge's reply, or None. A bare number wins, then "N/100" or
+    "N out of 100", then a number after "score"/"rating"/"rate" and similar, then "N/10" (times
+    10), then the first number from 0 to 100. Decimals are rounded."""
+
+    def value(text: str, scale: float = 1.0) -> int | None:
+        number = float(text) * scale
+        return int(number + 0.5) if 0 <= number <= 100 else None
+
+    text = reply.strip()
+    if not text:
+        return None
+    if m := _BARE.match(text):
+        return value(m.group(1))
+    for pattern, scale in ((_OF_100, 1.0), (_AFTER_WORD, 1.0), (_OF_10, 10.0)):
+        for m in pattern.finditer(text):
+            if (score := value(m.group(1), scale)) is not None:
+                return score
+    for m in _ANY.finditer(text):
+        if (score := value(m.group(1))) is not None:
+            return score
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The client
+
+
+class JudgeFatalError(ScratchLLMError):
+    """An answer that no retry can fix for any entry (wrong URL, model name or API key)."""
+
+
+class JudgeItemError(ScratchLLMError):
+    """One entry got no answer from the judge (after retries, if the failure was transient)."""
+
+    def __init__(self, message: str, attempts: int):
+        super().__init__(message)
+        self.attempts = attempts
+
+
+class _Transient(Exception):
+    """A failure worth retrying."""
+
+
+def chat_url(url: str) -> str:
+    """The chat completions endpoint for a base URL: `.../v1` or a bare host get
+    `/chat/completions` (and `/v1`) appended; a full `.../chat/completions` URL stays."""
+    url = url.strip().rstrip("/")
+    if not re.match(r"^https?://", url):
+        raise ScratchLLMError(
+            f"judge URL {url!r} must start with http:// or https:// (e.g. http://localhost:11434/v1)"
+        )
+    if url.endswith("/chat/completions"):
+        return url
+    if url.endswith("/v1"):
+        return url + "/chat/completions"
+    return url + "/v1/chat/completions"
+
+
+@dataclass
+class JudgeClient:
+    """Sends chat requests to an OpenAI-compatible judge, with timeouts and retries.
+
+    `ask(prompt)` returns (score, raw reply, attempts). Transient failures are retried up to
+    `retries` times, waiting `backoff * 2**k` seconds (with jitter, at most `max_wait`, or what
+    a Retry-After header asks). A reply without a score gets one follow-up turn asking for the number.
+    """
+
+    url: str
+    model: str
+    api_key: str | None = None
+    timeout: float = 120.0
+    retries: int = 4
+    backoff: float = 1.0
+    max_wait: float = 30.0
+    max_tokens: int | None = 256
+    temperature: float = 0.0
+    seed: int | None = 123  # the book's Ollama options: seed 123, temperature 0
+
+    def __post_init__(self) -> None:
+        import httpx
+
+        self.endpoint = chat_url(self.url)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._http = httpx.Client(timeout=httpx.Timeout(self.timeout), headers=headers)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> JudgeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ask(self, prompt: str) -> tuple[int | None, str, int]:
+        """Score one prompt: (score or None, the judge's last reply, requests made)."""
+        messages = [{"role": "user", "content": prompt}]
+        reply, attempts = self._complete(messages, 0)
+        score = parse_score(reply)
+        if score is None:  # a chatty judge: ask once more, in the same conversation
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": FOLLOW_UP}]
+            second, attempts = self._complete(messages, attempts)
+            score = parse_score(second)
+            reply = f"{reply}\n[follow-up] {second}"
+        return score, reply, attempts
+
+    def _complete(self, messages: list[dict[str, str]], attempts: int) -> tuple[str, int]:
+        import httpx
+
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature}
+        if self.seed is not None:
+            body["seed"] = self.seed
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        failures = 0
+        while True:
+            attempts += 1
+            wait_s = None
+            try:
+                response = self._http.post(self.endpoint, json=body)
+                if response.status_code in RETRY_STATUS:
+                    wait_s = _retry_after(response)
+                    raise _Transient(f"HTTP {response.status_code}: {_error_message(response)}")
+                if response.status_code in (401, 403):
+                    raise JudgeFatalError(
+                        f"judge at {self.endpoint} refused the API key (HTTP {response.status_code}: "
+                        f"{_error_message(response)}); pass --api-key or set ${API_KEY_ENV}"
+                    )
+                if response.status_code == 404:
+                    raise JudgeFatalError(
+                        f"judge at {self.endpoint} answered 404 ({_error_message(response)}); check --judge-url "
+                        f"(e.g. http://localhost:11434/v1) and --judge-model {self.model!r}"
+                    )
+                if response.status_code >= 400:
+                    raise JudgeItemError(
+                        f"judge rejected the request: HTTP {response.status_code}: {_error_message(response)}",
+                        attempts,
+                    )
+                return _reply_text(response), attempts
+            except (httpx.TransportError, _Transient) as e:
+                failures += 1
+                if failures > self.retries:
+                    raise JudgeItemError(
+                        f"judge failed {failures} times; last error: {_describe(e)}", attempts
+                    ) from None
+                delay = min(self.max_wait, self.backoff * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+                time.sleep(min(self.max_wait, wait_s) if wait_s is not None else delay)
+
+
+def _reply_text(response: Any) -> str:
+    try:
+        content = response.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise _Transient(
+            f"malformed answer (not an OpenAI chat completion): {response.text[:200]!r}"
+        ) from None
+    return content if isinstance(content, str) else ""
+
+
+def _error_message(response: Any) -> str:
+    try:
+        error = response.json().get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or response.text[:200] or response.reason_phrase)
+
+
+def _retry_after(response: Any) -> float | None:
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "")))
+    except ValueError:
+        return None
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text if isinstance(error, _Transient) else f"{type(error).__name__}: {text}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring a file
+
+
+def read_responses(path: str | os.PathLike, response_key: str = "model_response") -> list[dict[str, Any]]:
+    """The entries of a .json (a list) or .jsonl responses file, checked for the needed keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScratchLLMError(f"responses file {path} not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            entries = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ScratchLLMError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(entries, dict) and isinstance(entries.get("items"), list):
+        entries = entries["items"]  # a judge result file: score it again
+    if not isinstance(entries, list) or not entries:
+        raise ScratchLLMError(f"{path}: expected a non-empty list of entries (or one JSON object per line)")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ScratchLLMError(f"{path}: entry {i} is not an object")
+        for key in ("instruction", "output", response_key):
+            if not isinstance(entry.get(key), str):
+                raise ScratchLLMError(
+                    f"{path}: entry {i} has no string {key!r} (it has {sorted(entry)}); "
+                    + (
+                        "pick the response field with --response-key"
+                        if key == response_key
+                        else "fix the file"
+                    )
+                )
+    return entries
+
+
+_RESULT_KEYS = ("score", "judge_reply", "attempts", "error")
+
+
+def _entry_key(entry: Mapping[str, Any]) -> str:
+    return json.dumps({k: v for k, v in entry.items() if k not in _RESULT_KEYS}, sort_keys=True)
+
+
+def judge_entries(
+    entries: Sequence[Mapping[str, Any]],
+    client: JudgeClient,
+    response_key: str = "model_response",
+    template: str = "alpaca",
+    workers: int = 1,
+    done: Mapping[str, Mapping[str, Any]] | None = None,
+    on_item: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Score every entry; returns the entries with `score`, `judge_reply`, `attempts`, `error`.
+    `done` maps `_entry_key`s to earlier results to reuse; after each new result `on_item` gets
+    the results so far (in entry order)."""
+    items: list[dict[str, Any] | None] = [None] * len(entries)
+    todo = []
+    for i, entry in enumerate(entries):
+        earlier = (done or {}).get(_entry_key(entry))
+        if earlier is not None and earlier.get("score") is not None:
+            items[i] = dict(earlier)
+        else:
+            todo.append(i)
+
+    def score(i: int) -> dict[str, Any]:
+        entry = {k: v for k, v in entries[i].items() if k not in _RESULT_KEYS}
+        try:
+            value, reply, attempts = client.ask(judge_prompt(entry, response_key, template))
+            error = None if value is not None else "the judge's reply holds no score from 0 to 100"
+        except JudgeItemError as e:
+            value, reply, attempts, error = None, "", e.attempts, str(e)
+        return {**entry, "score": value, "judge_reply": reply, "attempts": attempts, "error": error}
+
+    lock = threading.Lock()
+    stop = threading.Event()  # set by a fatal error: entries not yet started are skipped
+
+    def run(i: int) -> None:
+        if stop.is_set():
+            return
+        try:
+            item = score(i)
+        except BaseException:
+            stop.set()
+            raise
+        with lock:
+            items[i] = item
+            if on_item is not None:
+                on_item([it for it in items if it is not None])
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(run, i) for i in todo]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for f in futures:
+            if f.done() and f.exception() is not None:
+                for g in futures:
+                    g.cancel()
+                raise f.exception()  # type: ignore[misc]
+    return [item for item in items if item is not None]
+
+
+def summarize(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Counts, the average score over the scored items, and the indices of the failed ones."""
+    scores = [it["score"] for it in items if it.get("score") is not None]
+    failed = [i for i, it in enumerate(items) if it.get("score") is None]
+    return {
+        "count": len(items),
+        "scored": len(scores),
+        "failed": len(failed),
+        "average": round(sum(scores) / len(scores), 2) if scores else None,
+        "failed_items": failed,
+    }
+
+
+def judge_command(
+    responses: str,
+    judge_url: str,
+    judge_model: str,
+    out: str | None = None,
+    response_key: str = "model_response",
+    template: str = "alpaca",
+    api_key: str | None = None,
+    timeout: float = 120.0,
+    retries: int = 4,
+    max_tokens: int | None = 256,
+    workers: int = 1,
+    resume: bool = False,
+    progress: bool = True,
+) -> int:
+    """`scratchllm judge`: score a responses file, write the result JSON, print the average.
+    Returns the exit code: 0 when every entry got a score, 1 when some failed."""
+    get_template(template)
+    entries = read_responses(responses, response_key)
+    out_path = Path(out) if out else Path(responses).with_name(Path(responses).stem + "-judged.json")
+    done: dict[str, Mapping[str, Any]] = {}
+    if resume and out_path.is_file():
+        try:
+            done = {
+                _entry_key(it): it for it in json.loads(out_path.read_text(encoding="utf-8")).get("items", [])
+            }
+        except (json.JSONDecodeError, AttributeError):
+            raise ScratchLLMError(
+                f"--resume: {out_path} is not a judge result file; remove it or pick --out"
+            ) from None
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    header = {"judge": {"url": chat_url(judge_url), "model": judge_model, "prompt": BOOK_PROMPT},
+              "responses": str(responses), "response_key": response_key, "template": template}  # fmt: skip
+
+    def write(items: Sequence[Mapping[str, Any]], complete: bool = False) -> None:
+        # a run stopped early leaves a file with "complete": false and the items done so far
+        atomic_write_json(
+            out_path, {**header, "complete": complete, **summarize(items), "items": list(items)}
+        )
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(entries), desc="judge", unit="item", file=sys.stderr)
+        bar.update(
+            sum(1 for e in entries if _entry_key(e) in done and done[_entry_key(e)].get("score") is not None)
+        )
+    last_write = time.monotonic()
+
+    def on_item(items: list[dict[str, Any]]) -> None:
+        nonlocal last_write
+        if bar is not None:
+            bar.update(1)
+        if time.monotonic() - last_write > 5:  # keep what is done safe on disk, without rewriting it per item
+            write(items)
+            last_write = time.monotonic()
+
+    client = JudgeClient(judge_url, judge_model, api_key=api_key, timeout=timeout, retries=retries,
+                         max_tokens=max_tokens)  # fmt: skip
+    try:
+        items = judge_entries(entries, client, response_key, template, workers, done, on_item)
+    finally:
+        client.close()
+        if bar is not None:
+            bar.close()
+    write(items, complete=True)
+    summary = summarize(items)
+    average = "n/a" if summary["average"] is None else f"{summary['average']:.2f}"
+    print(f"judge {judge_model}: average score {average} over {summary['scored']}/{summary['count']} responses; "
+          f"results in {out_path}")  # fmt: skip
+    if summary["failed"]:
+        shown = ", ".join(str(i) for i in summary["failed_items"][:10])
+        more = "" if summary["failed"] <= 10 else f" and {summary['failed'] - 10} more"
+        first = items[summary["failed_items"][0]]["error"]
+        print(
+            f"{summary['failed']} responses got no score (items {shown}{more}); first error: {first}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+__all__ = [
+    "BOOK_PROMPT",
+    "JudgeClient",
+    "JudgeFatalError",
+    "JudgeItemError",
+    "chat_url",
+    "judge_command",
+    "judge_entries",
+    "judge_prompt",
+    "parse_score",
+    "read_responses",
+    "summarize",
+]

@@ -1,0 +1,145 @@
+"""The chat REPL: replies equal the engine's on the template-rendered conversation, history is kept
+and trimmed to the context window, /reset and /exit work, piped stdin works, stored templates are used."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scratchllm.checkpoint import save_model
+from scratchllm.errors import ScratchLLMError
+from scratchllm.generate import Engine, GenerationConfig
+from scratchllm.serve.chat import ChatSession, chat_loop, chat_model, load_chat_model, strip_stream
+
+from .conftest import tiny_gpt
+
+
+@pytest.fixture(scope="module")
+def chat(model_dir: Path):
+    return load_chat_model(str(model_dir), device="cpu", dtype="fp32")
+
+
+def expected_reply(chat, messages, max_new_tokens) -> str:
+    """The engine's greedy answer to the rendered conversation, as the chat shows it."""
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop=chat.stop_strings())
+    return chat.engine.generate([chat.encode_chat(messages)], cfg)[0].text.strip()
+
+
+def run_loop(session, lines: str) -> tuple[list[str], str, int]:
+    out, err = io.StringIO(), io.StringIO()
+    n = chat_loop(session, io.StringIO(lines), out, err)
+    return out.getvalue().split("\n")[:-1], err.getvalue(), n
+
+
+def test_multi_turn_replies_equal_the_engine_and_reset_and_exit_work(chat):
+    session = ChatSession(chat, GenerationConfig(max_new_tokens=12))
+    q1, q2 = "Name three primary colors.", "What is the capital of France?"
+    lines = f"{q1}\n\n/help\n{q2}\n/reset\n{q1}\n/bogus\n/exit\nnever read\n"
+    replies, err, n = run_loop(session, lines)
+
+    a1 = expected_reply(chat, [{"role": "user", "content": q1}], 12)
+    a2 = expected_reply(chat, [{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
+                               {"role": "user", "content": q2}], 12)  # fmt: skip
+    assert a1 and a2 and a1 != a2
+    assert n == 3 and replies == [a1, a2, a1]  # after /reset the first question gets the first answer again
+    assert session.messages == [{"role": "user", "content": q1}, {"role": "assistant", "content": a1}]
+    assert "stores no prompt template" in err and "'alpaca'" in err  # a plain model: the default, said so
+    assert "(conversation reset)" in err and "unknown command /bogus" in err and "/reset forgets" in err
+
+
+def test_history_is_trimmed_to_the_context_window(bpe):
+    small = chat_model(Engine(tiny_gpt(bpe.vocab_size, ctx=96), bpe), name="small")
+    session = ChatSession(small, GenerationConfig(max_new_tokens=16), system="Be brief.")
+    questions = [f"Question {i}: what is the capital of France?" for i in range(6)]
+    dropped = []
+    for q in questions:
+        reply = session.send(q)
+        expected = expected_reply(
+            small, session.messages, min(16, 96 - len(small.encode_chat(session.messages)))
+        )
+        assert "".join(reply) == expected == session.messages[-1]["content"]
+        dropped.append(reply.dropped_turns)
+        assert reply.prompt_tokens + min(16, 96 // 2) <= 96  # room left for the answer
+    assert sum(dropped) > 0 and dropped[0] == 0
+    assert session.messages[0] == {"role": "system", "content": "Be brief."}  # the system message stays
+    assert session.messages[-2]["content"] == questions[-1]
+    users = [m["content"] for m in session.messages if m["role"] == "user"]
+    assert users == questions[len(questions) - len(users) :]  # the newest turns survive, in order
+
+    # a message that cannot fit even alone is refused and not kept; the loop says so and goes on
+    before = list(session.messages)
+    with pytest.raises(ScratchLLMError, match="message too long"):
+        session.send("capital " * 200)
+    assert session.messages == before
+    replies, err, n = run_loop(session, "capital " * 200 + "\n/exit\n")
+    assert n == 0 and "error: message too long" in err
+
+
+def test_stop_strings_system_messages_and_closing_a_reply_early(chat):
+    session = ChatSession(
+        chat, GenerationConfig(max_new_tokens=20, stop=["\nUser:"]), system="You are terse."
+    )
+    assert set(chat.template.stop_strings) | {"\nUser:"} == set(session.config.stop)
+    reply = session.send("Name three primary colors.")
+    expected = expected_reply(chat, session.messages, 20)
+    first = next(reply)
+    reply.close()  # Ctrl-C: the text so far stays in the history
+    assert expected.startswith(first) and session.messages[-1] == {"role": "assistant", "content": first}
+    assert list(reply) == []
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "You are terse."}]
+
+
+@given(st.lists(st.text(alphabet=" \n\tab", max_size=4), max_size=8))
+def test_strip_stream_equals_stripping_the_whole_text(pieces):
+    out = list(strip_stream(pieces))
+    assert "".join(out) == "".join(pieces).strip()
+    assert all(out)
+
+
+def test_a_stored_template_is_used_and_can_be_overridden(tmp_path, bpe):
+    model = tiny_gpt(bpe.vocab_size)
+    path = save_model(tmp_path / "assistant", model, bpe, extra={"prompt_template": "phi3"})
+    loaded = load_chat_model(str(path), device="cpu", dtype="fp32")
+    assert loaded.template.name == "phi3" and not loaded.template_is_default and loaded.name == "assistant"
+    assert loaded.render([{"role": "user", "content": "Hi"}]) == "<|user|>\nHi\n\n<|assistant|>\n"
+    assert "<|user|>" in loaded.stop_strings()
+    assert load_chat_model(str(path), device="cpu", template="alpaca").template.name == "alpaca"
+    with pytest.raises(ScratchLLMError, match="unknown prompt template"):
+        load_chat_model(str(path), template="vicuna")
+
+
+def test_cli_chat_reads_piped_stdin(model_dir, monkeypatch, capsys, chat):
+    from scratchllm.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name three primary colors.\n/exit\n"))
+    assert (
+        main(
+            [
+                "chat",
+                "--model",
+                str(model_dir),
+                "--max-new-tokens",
+                "10",
+                "--device",
+                "cpu",
+                "--dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert (
+        captured.out
+        == expected_reply(chat, [{"role": "user", "content": "Name three primary colors."}], 10) + "\n"
+    )
+    assert "Chatting with tiny" in captured.err
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", "--model", str(model_dir), "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err

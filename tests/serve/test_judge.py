@@ -1,0 +1,292 @@
+"""The LLM judge: the book's prompt (checked against the book's own code), a parser for chatty
+answers, retries/timeouts/fatal errors against a flaky fake server, and the whole command end to
+end against a real `scratchllm serve` app whose hand-built model always answers "Score: 85"."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from scratchllm.checkpoint import save_model
+from scratchllm.finetune.templates import get_template
+from scratchllm.model.gpt import GPTConfig, GPTModel
+from scratchllm.serve.chat import load_chat_model
+from scratchllm.serve.judge import (
+    FOLLOW_UP,
+    JudgeClient,
+    JudgeFatalError,
+    chat_url,
+    judge_entries,
+    judge_prompt,
+    parse_score,
+    read_responses,
+)
+from scratchllm.serve.server import BackgroundServer, create_app
+
+ENTRIES = [
+    {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
+     "output": "The car is as fast as lightning.", "model_response": "The car is as fast as a bullet."},
+    {"instruction": "What type of cloud is typically associated with thunderstorms?", "input": "",
+     "output": "The type of cloud typically associated with thunderstorms is cumulonimbus.",
+     "model_response": "The type of cloud associated with thunderstorms is a cumulus cloud."},
+    {"instruction": "Name the author of 'Pride and Prejudice'.", "input": "",
+     "output": "Jane Austen wrote 'Pride and Prejudice'.", "model_response": "The author is Jane Austen."},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "reply, score",
+    [
+        ("85", 85),
+        (" 85.\n", 85),
+        ("**72**", 72),
+        ("100", 100),
+        ("0", 0),
+        ("Score: 85", 85),
+        ("I would rate this response 72 out of 100.", 72),
+        ("The response is mostly correct (2 small errors). Score: 90/100", 90),
+        ("In 2023 terms the answer deserves 95", 95),
+        ("8/10", 80),
+        ("I'd give it a 7 out of 10.", 70),
+        ("85.5", 86),
+        ("Rating: 60%", 60),
+        ("150", None),
+        ("The response is good.", None),
+        ("", None),
+    ],
+)
+def test_parse_score_reads_chatty_answers(reply, score):
+    assert parse_score(reply) == score
+
+
+def test_the_prompt_is_the_books(monkeypatch):
+    ch07 = pytest.importorskip("llms_from_scratch.ch07")
+    seen: list[str] = []
+    monkeypatch.setattr(ch07, "query_model", lambda prompt, model="llama3", **kw: seen.append(prompt) or "85")
+    monkeypatch.setattr(ch07, "tqdm", lambda it, **kw: it)
+    assert ch07.generate_model_scores(ENTRIES, "model_response") == [85, 85, 85]
+    assert [judge_prompt(e) for e in ENTRIES] == seen
+    assert judge_prompt(ENTRIES[0], template="phi3").startswith("Given the input `<|user|>\nRewrite")
+
+
+def test_chat_url_accepts_base_urls():
+    assert chat_url("http://localhost:11434/v1/") == "http://localhost:11434/v1/chat/completions"
+    assert chat_url("http://localhost:11434") == "http://localhost:11434/v1/chat/completions"
+    assert chat_url("https://x.org/v1/chat/completions") == "https://x.org/v1/chat/completions"
+    with pytest.raises(Exception, match="must start with http"):
+        chat_url("localhost:11434")
+
+
+# ----------------------------------------------------------------------------------------------
+# a flaky fake judge
+
+
+class FakeJudge:
+    """An OpenAI-style chat endpoint that follows a script: an int answers with that HTTP status,
+    "close" drops the connection, ("slow", seconds, text) answers late, a string answers it."""
+
+    def __init__(self, script: list):
+        self.script = list(script)
+        self.requests: list[dict] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                step = fake.script.pop(0) if len(fake.script) > 1 else fake.script[0]
+                if step == "close":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if isinstance(step, tuple):
+                    time.sleep(step[1])
+                    step = step[2]
+                if isinstance(step, int):
+                    self.reply(step, {"error": {"message": f"scripted {step}", "type": "x"}})
+                else:
+                    self.reply(
+                        200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": step}}]}
+                    )
+
+            def reply(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                if status == 429:
+                    self.send_header("Retry-After", "0")
+                self.end_headers()
+                self.wfile.write(data)
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # a client that timed out leaves a broken pipe behind: expected here
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    servers = []
+
+    def make(script):
+        servers.append(FakeJudge(script))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def client_for(judge, **kw):
+    return JudgeClient(judge.url, "llama3", backoff=0.01, **kw)
+
+
+def test_transient_failures_are_retried_and_the_request_is_the_books(fake):
+    judge = fake([503, 429, "close", 500, "I'd rate it 90/100."])
+    with client_for(judge, api_key="k") as client:
+        assert client.ask("prompt") == (90, "I'd rate it 90/100.", 5)
+    request = judge.requests[-1]
+    assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer k"
+    assert request["model"] == "llama3" and request["messages"] == [{"role": "user", "content": "prompt"}]
+    assert (request["temperature"], request["seed"], request["max_tokens"]) == (
+        0.0,
+        123,
+        256,
+    )  # the book's options
+
+
+def test_timeouts_are_retried(fake):
+    judge = fake([("slow", 1.0, "12"), "77"])
+    with client_for(judge, timeout=0.2) as client:
+        assert client.ask("p") == (77, "77", 2)
+
+
+def test_failing_items_are_reported_not_dropped(fake):
+    judge = fake([503])
+    with client_for(judge, retries=2) as client:
+        [item] = judge_entries(ENTRIES[:1], client)
+    assert item["score"] is None and item["attempts"] == 3 and "failed 3 times" in item["error"]
+    assert "HTTP 503: scripted 503" in item["error"] and item["instruction"] == ENTRIES[0]["instruction"]
+    assert len(judge.requests) == 3
+
+    judge = fake([400])  # a rejected request is not retried
+    with client_for(judge) as client:
+        [item] = judge_entries(ENTRIES[:1], client)
+    assert item["score"] is None and item["attempts"] == 1 and "HTTP 400" in item["error"]
+
+
+def test_a_chatty_judge_is_asked_again_for_the_number(fake):
+    judge = fake(["The response is quite good, but not perfect.", "Fine: 75"])
+    with client_for(judge) as client:
+        score, reply, attempts = client.ask("p")
+    assert (score, attempts) == (75, 2) and reply.endswith("[follow-up] Fine: 75")
+    assert [m["role"] for m in judge.requests[1]["messages"]] == ["user", "assistant", "user"]
+    assert judge.requests[1]["messages"][2]["content"] == FOLLOW_UP
+
+    judge = fake(["no idea", "still no idea"])
+    with client_for(judge) as client:
+        [item] = judge_entries(ENTRIES[:1], client)
+    assert item["score"] is None and "no score" in item["error"] and "still no idea" in item["judge_reply"]
+
+
+@pytest.mark.parametrize("status", [401, 404])
+def test_a_wrong_key_url_or_model_stops_the_run(fake, status):
+    judge = fake([status])
+    with client_for(judge) as client, pytest.raises(JudgeFatalError, match=str(status)):
+        judge_entries(ENTRIES, client, workers=2)
+    assert len(judge.requests) <= 2
+
+
+def test_read_responses_checks_the_records(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in ENTRIES) + "\n")
+    assert read_responses(path) == ENTRIES
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([{"instruction": "x", "output": "y", "response": "z"}]))
+    with pytest.raises(Exception, match=r"entry 0 has no string 'model_response'.*--response-key"):
+        read_responses(path)
+    assert read_responses(path, response_key="response")[0]["response"] == "z"
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end: `scratchllm judge` against a real server
+
+
+def scoring_model(tokenizer, reply: str = "Score: 85", context_length: int = 512) -> GPTModel:
+    """A GPT whose greedy answer to any alpaca-style prompt is `reply`: the blocks are zeroed so
+    each position sees only its own token, and the embedding and output head form a chain
+    (last prompt token -> first reply token -> ... -> end of text)."""
+    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, context_length=context_length, emb_dim=32, n_heads=4,
+                    n_layers=1, drop_rate=0.0, tie_weights=False)  # fmt: skip
+    model = GPTModel(cfg)
+    start = tokenizer.encode(get_template("alpaca").assistant_header)[-1]
+    chain = [start, *tokenizer.encode(reply), tokenizer.eot_id]
+    assert len(set(chain)) == len(chain) <= cfg.emb_dim
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.final_norm.scale.fill_(1.0)
+        for k, (token, following) in enumerate(itertools.pairwise(chain)):
+            model.tok_emb.weight[token, k] = 1.0
+            model.out_head.weight[following, k] = 10.0
+    return model.eval()
+
+
+def test_judge_end_to_end_against_scratchllm_serve(tmp_path, bpe, monkeypatch, capsys):
+    from scratchllm.cli import main
+
+    judge_dir = save_model(tmp_path / "judge", scoring_model(bpe), bpe)
+    app = create_app(load_chat_model(str(judge_dir), device="cpu", dtype="fp32"), api_key="judge-key")
+    long_entry = {**ENTRIES[0], "model_response": "fast " * 600}  # too long for the judge's context window
+    responses = tmp_path / "responses.json"
+    responses.write_text(json.dumps([*ENTRIES, long_entry]))
+    out = tmp_path / "scores.json"
+    monkeypatch.setenv("SCRATCHLLM_JUDGE_API_KEY", "judge-key")
+
+    with BackgroundServer(app) as server:
+        args = ["judge", "--responses", str(responses), "--judge-url", server.url + "/v1", "--judge-model", "judge",
+                "--out", str(out), "--max-tokens", "16", "--workers", "2", "--quiet"]  # fmt: skip
+        assert main(args) == 1  # one item failed
+        captured = capsys.readouterr()
+        assert "average score 85.00 over 3/4 responses" in captured.out
+        assert (
+            "1 responses got no score (items 3)" in captured.err and "maximum context length" in captured.err
+        )
+
+        result = json.loads(out.read_text())
+        assert result["complete"] and result["judge"]["model"] == "judge"
+        assert (result["count"], result["scored"], result["failed"], result["average"]) == (4, 3, 1, 85.0)
+        assert result["failed_items"] == [3]
+        for entry, item in zip(ENTRIES, result["items"]):
+            assert item == {**entry, "score": 85, "judge_reply": "Score: 85", "attempts": 1, "error": None}
+        assert result["items"][3]["score"] is None and "HTTP 400" in result["items"][3]["error"]
+
+        # --resume keeps the scores: only the failed item is asked again
+        batches = app.state.scheduler.batches_run
+        assert main([*args, "--resume"]) == 1
+        assert app.state.scheduler.batches_run == batches
+        assert json.loads(out.read_text())["items"][:3] == result["items"][:3]
+
+        # a wrong model name or key stops at once with one line
+        assert main([*args[:6], "other", *args[7:]]) == 2
+        assert "404" in capsys.readouterr().err
+        monkeypatch.setenv("SCRATCHLLM_JUDGE_API_KEY", "wrong")
+        assert main(args) == 2
+        assert "refused the API key" in capsys.readouterr().err

@@ -1,0 +1,339 @@
+"""The OpenAI-compatible server, called with the official `openai` client on a real uvicorn server
+on a free loopback port: answers equal the engine's, streaming equals non-streaming, bad requests get
+OpenAI-shaped 4xx errors, the API key is enforced, 50 concurrent requests are all answered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scratchllm.generate import GenerationConfig
+from scratchllm.serve.chat import load_chat_model
+from scratchllm.serve.server import BackgroundServer, Scheduler, _Job, create_app
+
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test-key"
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def chat(model_dir: Path):
+    return load_chat_model(str(model_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def server(chat):
+    app = create_app(chat, model_name=MODEL, api_key=KEY, max_batch_size=8)
+    with BackgroundServer(app) as running:
+        running.app = app
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def reference(chat, prompt, **settings) -> object:
+    """What the engine itself answers (greedy unless told otherwise)."""
+    ids = chat.engine.encode(prompt) if isinstance(prompt, str) else prompt
+    return chat.engine.generate([ids], GenerationConfig(**settings))[0]
+
+
+def chat_reference(chat, messages, max_tokens, stop=()) -> object:
+    return reference(
+        chat, chat.encode_chat(messages), max_new_tokens=max_tokens, stop=chat.stop_strings(stop)
+    )
+
+
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name three primary colors."},
+    {"role": "assistant", "content": "red, blue and yellow"},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+
+
+def test_models_and_completions_equal_the_engine(client, chat):
+    [card] = client.models.list().data
+    assert card.id == MODEL and card.owned_by == "scratchllm"
+    assert client.models.retrieve(MODEL).id == MODEL
+
+    r = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, temperature=0)
+    expected = reference(chat, "The quick brown fox", max_new_tokens=12)
+    assert r.choices[0].text == expected.text and expected.text
+    assert r.choices[0].finish_reason == expected.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (
+        expected.prompt_tokens,
+        expected.completion_tokens,
+    )
+    assert r.usage.total_tokens == expected.total_tokens and r.object == "text_completion"
+
+    # several prompts (strings and token ids) in one request, and echo
+    ids = chat.engine.encode("Paris is")
+    r = client.completions.create(
+        model=MODEL, prompt=["The cat sat", "Convert 45"], max_tokens=5, temperature=0
+    )
+    assert [c.text for c in r.choices] == [
+        reference(chat, p, max_new_tokens=5).text for p in ["The cat sat", "Convert 45"]
+    ]
+    assert [c.index for c in r.choices] == [0, 1]
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0, echo=True)
+    assert r.choices[0].text == "Paris is" + reference(chat, ids, max_new_tokens=5).text
+
+    # the default max_tokens is OpenAI's 16
+    r = client.completions.create(model=MODEL, prompt="The cat", temperature=0)
+    assert r.usage.completion_tokens <= 16
+
+
+def test_completion_stream_equals_the_non_streamed_text(client, server, chat):
+    expected = reference(chat, "Write a response", max_new_tokens=20)
+    stream = client.completions.create(model=MODEL, prompt="Write a response", max_tokens=20, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+    assert chunks[-1].usage.completion_tokens == expected.completion_tokens and not chunks[-1].choices
+
+    # the raw event stream: `data: {json}` events ending with `data: [DONE]`
+    body = {"model": MODEL, "prompt": "Write", "max_tokens": 3, "stream": True, "temperature": 0}
+    raw = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert raw.status_code == 200 and raw.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in raw.text.split("\n\n") if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(json.loads(e.removeprefix("data: "))["object"] == "text_completion" for e in events[:-1])
+
+
+def test_chat_renders_the_template_and_streams_the_same_text(client, chat):
+    assert chat.template_is_default and chat.template.name == "alpaca"  # a plain model: the default template
+    expected = chat_reference(chat, MESSAGES, 24)
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected.text.strip() and r.choices[0].message.content
+    assert r.choices[0].finish_reason == expected.finish_reason
+    assert r.usage.prompt_tokens == len(chat.encode_chat(MESSAGES))
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+    assert chunks[-1].usage.total_tokens == r.usage.total_tokens
+
+    # content parts and the `developer` role (OpenAI's newer name for system) are understood
+    parts = [{"role": "developer", "content": "You are terse."},
+             {"role": "user", "content": [{"type": "text", "text": "Name three "}, {"type": "text", "text": "primary colors."}]}]  # fmt: skip
+    r2 = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=8, temperature=0)
+    assert r2.choices[0].message.content == chat_reference(chat, MESSAGES[:2], 8).text.strip()
+
+
+def test_stop_strings_seeds_and_the_chat_default_max_tokens(client, chat):
+    text = reference(chat, "The cat sat", max_new_tokens=20).text
+    stop = text[5:8]
+    assert stop and stop not in text[:7]
+    r = client.completions.create(
+        model=MODEL, prompt="The cat sat", max_tokens=20, temperature=0, stop=[stop]
+    )
+    assert r.choices[0].text == text[: text.index(stop)] and r.choices[0].finish_reason == "stop"
+
+    sample = dict(model=MODEL, prompt="The cat", max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    a, b = (client.completions.create(**sample).choices[0].text for _ in range(2))
+    assert a == b == reference(chat, "The cat", max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7).text
+
+    # chat without max_tokens may fill the rest of the context window
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES[1:2], temperature=0)
+    assert r.usage.total_tokens <= chat.context_length
+    assert r.choices[0].finish_reason == "stop" or r.usage.total_tokens == chat.context_length
+
+
+def _post(server, path, body, key=KEY, raw: bytes | None = None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        return httpx.post(
+            server.url + path, content=raw, headers={**headers, "Content-Type": "application/json"}
+        )
+    return httpx.post(server.url + path, json=body, headers=headers)
+
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+USER = [{"role": "user", "content": "hi"}]
+
+
+# fmt: off
+BAD_REQUESTS = [
+    (CHAT, {"model": MODEL}, 400, "messages", "missing required parameter 'messages'"),
+    (CHAT, {"model": MODEL, "messages": []}, 400, "messages", "at least 1"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", "role"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user"}]}, 400, "messages.0.content", "content is missing"),
+    (CHAT, {"model": MODEL, "messages": "hello"}, 400, "messages", "valid list"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "system", "content": "x"}]}, 400, "messages", "user message"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages.0.content", "only text"),
+    (CHAT, {"model": MODEL, "messages": USER, "temperature": 2.5}, 400, "temperature", "less than or equal to 2"),
+    (CHAT, {"model": MODEL, "messages": USER, "temperature": -1}, 400, "temperature", "greater than or equal"),
+    (CHAT, {"model": MODEL, "messages": USER, "top_p": 0}, 400, "top_p", "greater than 0"),
+    (CHAT, {"model": MODEL, "messages": USER, "top_p": 1.5}, 400, "top_p", "less than or equal to 1"),
+    (CHAT, {"model": MODEL, "messages": USER, "n": 2}, 400, "n", "n > 1 is not supported"),
+    (CHAT, {"model": MODEL, "messages": USER, "max_tokens": 10_000}, 400, "max_tokens", "maximum context length is 256"),
+    (CHAT, {"model": MODEL, "messages": USER, "max_tokens": -3}, 400, "max_tokens", "greater than or equal to 0"),
+    (CHAT, {"model": MODEL, "messages": USER, "max_tokens": "many"}, 400, "max_tokens", "valid integer"),
+    (CHAT, {"model": MODEL, "messages": USER, "stop": [""]}, 400, "stop", "non-empty"),
+    (CHAT, {"model": MODEL, "messages": USER, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+    (CHAT, {"model": MODEL, "messages": USER, "presence_penalty": 1.0}, 400, "presence_penalty", "not supported"),
+    (CHAT, {"model": "gpt-4o", "messages": USER}, 404, "model", "serves 'tiny'"),
+    (COMP, {"model": MODEL, "prompt": ""}, 400, "prompt", "empty"),
+    (COMP, {"model": MODEL, "prompt": [5, 99999]}, 400, "prompt", "outside the vocabulary"),
+    (COMP, {"model": MODEL, "prompt": "x" * 2000}, 400, "prompt", "leaving no room"),
+    (COMP, {"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, "logprobs", "not supported"),
+    (COMP, {"model": MODEL, "prompt": ["a", "b"], "stream": True}, 400, "stream", "one by one"),
+    (COMP, {"prompt": "hi"}, 400, "model", "missing required parameter 'model'"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("path, body, status, param, words", BAD_REQUESTS)
+def test_bad_requests_get_openai_shaped_errors(server, path, body, status, param, words):
+    r = _post(server, path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and words in error["message"], error
+    assert error["type"] == "invalid_request_error"
+
+
+def test_malformed_bodies_unknown_paths_and_the_openai_client_errors(server, client):
+    r = _post(server, CHAT, None, raw=b'{"model": "tiny", "messages": [')
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = _post(server, CHAT, None, raw=b"[1, 2]")
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = httpx.get(server.url + "/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(server.url + CHAT, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and "error" in r.json()
+
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=5000)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="nope", messages=USER)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL, prompt="hi", temperature=9)
+
+
+def test_the_api_key_is_required(server):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # health needs no key
+    for key in (None, "wrong"):  # the key is checked before the body: a bad body still gets 401
+        for r in (httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {}),
+                  _post(server, CHAT, {"model": MODEL, "messages": USER}, key=key),
+                  _post(server, CHAT, {"model": MODEL}, key=key)):  # fmt: skip
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_50_concurrent_requests_are_all_answered(server, client, chat):
+    prompts = [f"The cat sat {i}" for i in range(50)]
+
+    def call(i: int) -> str:
+        if i % 5 == 0:  # some streamed chats among them
+            stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[i]}],
+                                                    max_tokens=4, temperature=0, stream=True)  # fmt: skip
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        return (
+            client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=4, temperature=0)
+            .choices[0]
+            .text
+        )
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(call, range(50)))
+    for i, answer in enumerate(answers):
+        if i % 5 == 0:
+            expected = chat_reference(chat, [{"role": "user", "content": prompts[i]}], 4).text.strip()
+        else:
+            expected = reference(chat, prompts[i], max_new_tokens=4).text
+        assert answer == expected, i
+    assert server.app.state.scheduler.waiting == 0
+
+
+def test_scheduler_batches_waiting_requests_with_equal_settings(chat):
+    greedy = GenerationConfig(max_new_tokens=3)
+    seeded = GenerationConfig(max_new_tokens=3, temperature=1.0, seed=1)
+    ids = [chat.engine.encode(t) for t in ["The cat", "Paris is the", "Name"]]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        scheduler = Scheduler(chat, max_batch_size=8)
+        jobs = [_Job([ids[0]], greedy, loop), _Job([ids[1], ids[2]], greedy, loop), _Job([ids[0]], seeded, loop),
+                _Job([ids[1]], greedy, loop, stream=True), _Job([ids[2]], greedy, loop)]  # fmt: skip
+        for job in jobs:  # all queued before the worker starts
+            scheduler._jobs.append(job)
+        scheduler.start()
+        results = [await job.future for job in jobs if not job.stream]
+        events = []
+        while not events or events[-1][0] != "done":
+            events.append(await jobs[3].events.get())
+        scheduler.close()
+        return scheduler.batches_run, results, events
+
+    batches, results, events = asyncio.run(main())
+    assert batches == 3  # the four greedy prompts together, the seeded one alone, the stream alone
+    assert [c.text for c in results[0] + results[1] + results[3]] == [
+        chat.engine.generate([i], greedy)[0].text for i in [ids[0], ids[1], ids[2], ids[2]]
+    ]
+    assert results[2][0].text == chat.engine.generate([ids[0]], seeded)[0].text
+    assert "".join(v for k, v in events if k == "piece") == events[-1][1].text
+
+
+@pytest.mark.slow  # a fresh Python process imports torch and loads the model
+def test_cli_serve_starts_answers_and_reports_a_busy_port(model_dir, tmp_path, capsys):
+    from scratchllm.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", str(model_dir), "--port", str(port)]) == 2
+        assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+    env = {**os.environ, "SCRATCHLLM_API_KEY": "env-key"}
+    proc = subprocess.Popen([sys.executable, "-m", "scratchllm", "serve", "--model", str(model_dir), "--port", "0",
+                             "--dtype", "fp32", "--device", "cpu", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert "serving 'tiny'" in line and "no prompt template" in line, line + proc.stderr.read()
+        base = line.split(" at ")[-1].strip()
+        cli_client = openai.OpenAI(base_url=base, api_key="env-key", max_retries=0)
+        r = cli_client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens <= 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_the_model(server, client):
+    scheduler = server.app.state.scheduler
+    before = scheduler.batches_run
+    body = {"model": MODEL, "prompt": "The", "max_tokens": 250, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + COMP, json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert next(r.iter_lines()).startswith("data: ")
+    # the next request is answered, and the abandoned stream never ran to its end
+    r = client.completions.create(model=MODEL, prompt="The", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens <= 2
+    assert scheduler.batches_run == before + 1
