@@ -1,5 +1,69 @@
-"""scratchllm: build a GPT-style LLM from scratch and carry it through its whole life."""
+"""scratchllm: build a GPT-style LLM from scratch and carry it through its whole life.
+
+The Python API mirrors the command line:
+
+    import scratchllm
+
+    llm = scratchllm.load("runs/demo/model")        # a model directory, or "gpt2", "gpt2-medium", ...
+    print(llm.generate("The", max_new_tokens=40, temperature=0.8, top_k=40))
+    for piece in llm.stream("In Python,"):
+        print(piece, end="")
+
+    tok = scratchllm.train_bpe(["some text ..."], vocab_size=512)   # Stage 1: tokenizers
+    model = scratchllm.GPTModel(scratchllm.preset_config("gpt2-small"))  # Stage 1: the model
+
+The main classes are importable from here; submodules are imported on first use, so `import scratchllm`
+stays fast.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "ScratchLLMError": "scratchllm.errors",
+    "LLM": "scratchllm.api",
+    "load": "scratchllm.api",
+    # Stage 1: text
+    "load_tokenizer": "scratchllm.text.tokenizer",
+    "Tokenizer": "scratchllm.text.tokenizer",
+    "SimpleTokenizer": "scratchllm.text.simple",
+    "CharTokenizer": "scratchllm.text.char",
+    "BPETokenizer": "scratchllm.text.bpe",
+    "train_bpe": "scratchllm.text.bpe",
+    "GPTDatasetV1": "scratchllm.text.sampling",
+    "create_dataloader": "scratchllm.text.sampling",
+    "prepare": "scratchllm.text.prepare",
+    # Stage 1: model and generation
+    "GPTConfig": "scratchllm.model.gpt",
+    "GPTModel": "scratchllm.model.gpt",
+    "preset_config": "scratchllm.model.gpt",
+    "Engine": "scratchllm.generate",
+    "GenerationConfig": "scratchllm.generate",
+    "generate": "scratchllm.generate",
+    "generate_text_simple": "scratchllm.generate",
+    "load_model": "scratchllm.checkpoint",
+    "save_model": "scratchllm.checkpoint",
+    # Stage 2: training
+    "Trainer": "scratchllm.train.trainer",
+    "TrainerConfig": "scratchllm.train.trainer",
+    "PretrainConfig": "scratchllm.train.pretrain",
+    "pretrain": "scratchllm.train.pretrain",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'scratchllm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

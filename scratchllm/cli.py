@@ -18,6 +18,26 @@ Stage 1, foundation: text, tokenizers, the model
   tokenizer train|encode|decode|info   train a byte-level BPE, or inspect any tokenizer
   prepare                               tokenize a corpus into a memory-mapped token file
 
+  info                                  parameter count, size and FLOPs of a preset or model
+  download                              OpenAI's GPT-2 weights from the Hugging Face hub
+  export-hf                             write a model as a Hugging Face GPT-2 directory
+  generate                              continue a prompt (greedy, temperature, top-k, top-p, streaming)
+
+Stage 2, pretraining
+  demo                                  the main job: tokenizer + small GPT on the built-in corpus, offline
+  pretrain                              train a GPT by next-token prediction (TOML configs, resume, torchrun)
+  evaluate                              loss, perplexity and bits per byte of a model on any text
+  eval                                  zero-/few-shot accuracy on task files (multiple choice, generation)
+
+Stage 3, finetuning
+  finetune classify                     a new N-class head, finetuned on labelled texts (SMS spam, CSV, JSONL)
+  classify                              label texts with a finetuned classifier
+  finetune instruct                     an assistant: finetune on {instruction, input, output} records (LoRA too)
+  respond                               answer every instruction of a file, batched (adds model_response)
+  chat                                  talk with a model in the terminal (multi-turn, streamed)
+  serve                                 an OpenAI-compatible HTTP API (completions, chat, streaming)
+  judge                                 score responses 0-100 with a judge LLM (Ollama, any OpenAI-compatible API)
+
 Run `scratchllm COMMAND --help` for the flags of each command.
 """
 
@@ -142,7 +162,9 @@ def _add_stage1(sub: argparse._SubParsersAction) -> None:
     _add_corpus_args(p)
     p.add_argument("--tokenizer", default="gpt2", help=tok_help)
     p.add_argument("--out", required=True, help="output directory (train.bin, val.bin, meta.json)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out for validation")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of documents held out for validation"
+    )
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per CPU core)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the train/val document split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -153,12 +175,593 @@ def _add_stage1(sub: argparse._SubParsersAction) -> None:
 # Stage 1: the model (info, download, export-hf) and generation
 
 
+def _info(args: argparse.Namespace) -> None:
+    import json
+
+    from .checkpoint import format_model_info, model_info
+
+    info = model_info(preset=args.preset, model=args.model)
+    print(json.dumps(info, indent=2) if args.json else format_model_info(info))
+
+
+def _download(args: argparse.Namespace) -> None:
+    from .hub import download_command
+
+    path = download_command(args.name, size=args.size, out=args.out, src=args.src, progress=not args.quiet)
+    print(f"saved the model directory {path}")
+
+
+def _export_hf(args: argparse.Namespace) -> None:
+    from .hub import export_hf
+
+    print(f"wrote a Hugging Face GPT-2 directory to {export_hf(args.model, args.out)}")
+
+
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     """info, download, export-hf."""
+    from .model.gpt import PRESETS
+
+    hub_names = "gpt2, gpt2-medium, gpt2-large, gpt2-xl (or 124M, 355M, 774M, 1558M)"
+    p = sub.add_parser("info", help="a model's shape, parameter count, size and FLOPs per token")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", help=f"a model preset: {', '.join(PRESETS)}")
+    which.add_argument(
+        "--model",
+        help=f"a model directory, or {hub_names}: read from the cache if downloaded, never downloaded",
+    )
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser(
+        "download",
+        help="fetch OpenAI's GPT-2 weights from the Hugging Face hub and convert them into a model directory",
+    )
+    p.add_argument(
+        "name",
+        nargs="?",
+        default="gpt2",
+        choices=["gpt2", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"],
+        help="the model (default gpt2; --size picks among the four)",
+    )
+    p.add_argument("--size", choices=["124M", "355M", "774M", "1558M"], help="GPT-2 size (default 124M)")
+    p.add_argument(
+        "--out",
+        help="model directory to write (default: the cache, ~/.cache/scratchllm/models/NAME, or under "
+        "$SCRATCHLLM_HOME)",
+    )
+    p.add_argument(
+        "--from",
+        dest="src",
+        metavar="DIR",
+        help="convert a local Hugging Face GPT-2 directory (config.json, model.safetensors, vocab.json, "
+        "merges.txt) instead of downloading",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_download)
+
+    p = sub.add_parser(
+        "export-hf", help="write a model as a Hugging Face GPT-2 directory (GPT2LMHeadModel.from_pretrained)"
+    )
+    p.add_argument("model", help=f"a model directory, or {hub_names}")
+    p.add_argument("out", help="the directory to write")
+    p.set_defaults(func=_export_hf)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import time
+
+    from .device import pick_device
+    from .generate import Engine, GenerationConfig, resolve_dtype
+
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or (),
+        ignore_eos=args.ignore_eos,
+        use_cache=not args.no_cache,
+    )
+    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
+    device = pick_device(args.device)
+    engine = Engine.load(args.model, device=str(device), dtype=resolve_dtype(args.dtype, device))
+    start = time.perf_counter()
+    if args.stream:
+        if len(prompts) > 1:
+            raise ScratchLLMError(
+                "--stream takes one --prompt; leave it out to run several prompts as a batch"
+            )
+        stream = engine.stream(prompts[0], cfg)
+        if args.echo:
+            print(prompts[0], end="", flush=True)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        completions = [stream.completion] if stream.completion else []
+    else:
+        completions = engine.generate(prompts, cfg)
+        for i, (prompt, c) in enumerate(zip(prompts, completions)):
+            if len(prompts) > 1:
+                print(f"{'' if i == 0 else chr(10)}--- {i + 1}/{len(prompts)}")
+            print((prompt if args.echo else "") + c.text)
+    if not args.quiet:
+        seconds = time.perf_counter() - start
+        n = sum(c.completion_tokens for c in completions)
+        reasons = ", ".join(sorted({c.finish_reason for c in completions}))
+        print(
+            f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s, finish: {reasons}; "
+            f"{device.type}, {str(next(engine.model.parameters()).dtype).removeprefix('torch.')}]",
+            file=sys.stderr,
+        )
 
 
 def _add_generate_command(sub: argparse._SubParsersAction) -> None:
     """generate."""
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt with a model",
+        description="Continue one prompt (or several, as a batch) with a model directory or GPT-2. "
+        "Greedy by default; --temperature > 0 samples. The text goes to stdout, a summary to stderr.",
+    )
+    p.add_argument("--model", default="gpt2", help="a model directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+                   "(downloaded and converted on first use); default gpt2")  # fmt: skip
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="the text to continue; `-` reads stdin; repeat for a batch")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); higher: more random")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="sample among the most likely tokens summing to p"
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="continue past the end-of-text token")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
+    p.add_argument("--no-cache", action="store_true", help="no KV cache (slower; for comparison)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weight precision; auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (see benchmarks/RESULTS.md)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no summary line on stderr")
+    p.set_defaults(func=_generate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: pretraining and evaluation
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from .config import overrides_from_args
+    from .train.pretrain import pretrain_command
+
+    pretrain_command(args.config, overrides_from_args(args), resume=args.resume)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .config import overrides_from_args
+    from .train.pretrain import demo
+
+    demo(overrides_from_args(args), resume=args.resume)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .train.evaluate import evaluate_command
+
+    evaluate_command(
+        args.model,
+        args.corpus,
+        context_length=args.context_length,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        encoding_errors=args.encoding_errors,
+        max_tokens=args.max_tokens,
+        as_json=args.json,
+    )
+
+
+def _add_stage2(sub: argparse._SubParsersAction) -> None:
+    from .config import add_config_arguments
+    from .train.pretrain import PretrainConfig
+
+    resume_help = (
+        "continue a stopped run exactly: no value = the newest checkpoint in --out-dir, or a step-N directory"
+    )
+    p = sub.add_parser(
+        "pretrain",
+        help="train a GPT on a corpus by next-token prediction",
+        description="Pretrain a GPT from scratch (or continue from GPT-2) on text. Settings come from the "
+        "defaults, then --config (a TOML file or a preset name), then the flags below.",
+    )
+    p.add_argument("--config", help="a TOML file or a preset name (demo, shakespeare-char, ...)")
+    p.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT", help=resume_help
+    )
+    add_config_arguments(p, PretrainConfig)
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job: tokenizer + small GPT on Python's bundled docs, offline, in minutes",
+        description="Train a BPE tokenizer and a small GPT on the built-in corpus (Python's reference "
+        "documentation), then print validation loss, perplexity and three samples. The same flags as "
+        "`pretrain` change it (e.g. --corpus my.txt, --max-minutes 2).",
+    )
+    p.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT", help=resume_help
+    )
+    add_config_arguments(p, PretrainConfig)
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="loss, perplexity and bits per byte of a model on any text",
+        description="Loss, perplexity and bits per byte of a model on any text. For zero-/few-shot "
+        "accuracy on task files (HellaSwag, multiple choice, generation) see `scratchllm eval`.",
+    )
+    p.add_argument("--model", required=True, help="a model directory or gpt2, gpt2-medium, ...")
+    _add_corpus_args(p)
+    p.add_argument("--context-length", type=int, default=None, help="window length (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens (0: all)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="fp32", help="fp32 (default, exact), bf16, fp16 or auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_evaluate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation beyond loss: zero-shot and few-shot tasks
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .evals import EvalSettings, eval_command
+
+    def unescape(text: str) -> str:  # let `--separator '\n\n'` mean two newlines
+        return text.replace("\\n", "\n").replace("\\t", "\t")
+
+    settings = EvalSettings(
+        shots=args.shots,
+        fewshot_file=args.fewshot_file,
+        holdout=args.holdout,
+        seed=args.seed,
+        separator=unescape(args.separator),
+        target_delimiter=unescape(args.target_delimiter),
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        stop=tuple(unescape(s) for s in args.stop) if args.stop else ("\n",),
+        format=args.format,
+    )
+    eval_command(
+        args.model,
+        args.task,
+        settings,
+        out=args.out,
+        device=args.device,
+        precision=args.precision,
+        as_json=args.json,
+        progress=not args.quiet,
+    )
+
+
+def _add_eval_command(sub: argparse._SubParsersAction) -> None:
+    """eval."""
+    p = sub.add_parser(
+        "eval",
+        help="zero-/few-shot accuracy of a model on a task file (multiple choice or generation)",
+        description="Score a model on a JSON Lines task file, zero-shot or with K solved examples in the "
+        "prompt. Multiple choice (HellaSwag's ctx/endings/label, or context/choices/answer): the choice "
+        "with the highest log-likelihood wins (acc), or per byte of the choice (acc_norm). Generation "
+        "(prompt/answer): greedy output up to a stop string, exact match after normalising case and "
+        "whitespace. For loss and perplexity on plain text see `scratchllm evaluate`.",
+    )
+    p.add_argument(
+        "--model", required=True, help="a model directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl"
+    )
+    p.add_argument(
+        "--task", required=True, metavar="FILE.jsonl", help="the task file, one JSON object per line"
+    )
+    p.add_argument(
+        "--shots", type=int, default=0, metavar="K", help="solved examples before each item (default 0)"
+    )
+    p.add_argument(
+        "--fewshot-file",
+        metavar="FILE.jsonl",
+        help="draw examples from this file (same format) instead of the task's other items",
+    )
+    p.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        metavar="N",
+        help="use the task's first N items as the example pool and score the rest",
+    )
+    p.add_argument("--seed", type=int, default=1234, help="seed for drawing the examples (default 1234)")
+    p.add_argument(
+        "--separator", default="\\n\\n", help="text between examples (default: a blank line, \\n\\n)"
+    )
+    p.add_argument(
+        "--target-delimiter", default=" ", help="text between a context and its answer (default: a space)"
+    )
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "hellaswag", "choice", "generation"],
+        help="the task format (default: from the first line's fields)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="score only the first N items (quick runs)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="sequences per forward pass (multiple choice) or prompts per batch (generation)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation: tokens to generate at most")
+    p.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="generation: stop at this text (repeatable; default: a newline, \\n)",
+    )
+    p.add_argument("--out", metavar="FILE.json", help="write the summary and per-item scores as JSON")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="fp32", help="fp32 (default, exact), bf16, fp16 or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_eval)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: classifier finetuning and classification
+
+
+def _finetune_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The subcommands of the `finetune` group, created on first use so each finetune (classify,
+    instruct) adds its own kind to the one group."""
+    existing = sub.choices.get("finetune")
+    if existing is not None:
+        return next(a for a in existing._actions if isinstance(a, argparse._SubParsersAction))
+    p = sub.add_parser(
+        "finetune",
+        help="Stage 3: finetune a model into a classifier or an instruction follower",
+        description="Finetune a pretrained model (a model directory or GPT-2) with the one trainer.",
+    )
+    return p.add_subparsers(dest="finetune_command", required=True, metavar="KIND", parser_class=_Parser)
+
+
+def _finetune_classify(args: argparse.Namespace) -> None:
+    from .config import overrides_from_args
+    from .finetune.classify import finetune_classify_command
+
+    finetune_classify_command(args.config, overrides_from_args(args), resume=args.resume)
+
+
+def _classify(args: argparse.Namespace) -> None:
+    from .finetune.classify import classify_command
+
+    classify_command(args.model, args.texts, file=args.file, out=args.out, text_column=args.text_column,
+                     batch_size=args.batch_size, device=args.device)  # fmt: skip
+
+
+def _add_classify_commands(sub: argparse._SubParsersAction) -> None:
+    """finetune classify, classify."""
+    from .config import add_config_arguments
+    from .finetune.classify import ClassifyConfig
+
+    p = _finetune_subparsers(sub).add_parser(
+        "classify",
+        help="replace the output head by an N-class head and finetune on labelled texts",
+        description="Finetune a model into a text classifier (the book's chapter 6): --data spam (the SMS "
+        "Spam Collection, the book's balanced 70/10/20 split) or a .csv/.tsv/.jsonl/.json file with a text "
+        "and a label column. Settings come from the defaults (the book's), then --config, then the flags.",
+    )
+    p.add_argument("--config", help="a TOML file with the settings below")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue a stopped run: no value = the newest checkpoint in --out, or a step-N directory")  # fmt: skip
+    p.add_argument("--out", dest="cfg__out_dir", default=None, metavar="DIR",
+                   help="run directory (same as --out-dir); the classifier is written to DIR/model")  # fmt: skip
+    add_config_arguments(p, ClassifyConfig)
+    p.set_defaults(func=_finetune_classify)
+
+    p = sub.add_parser(
+        "classify",
+        help="label texts with a finetuned classifier",
+        description="Print the predicted label and its probability for each text, or classify the records "
+        "of --file (.jsonl, .csv, .tsv, .json) into --out (JSONL: each record plus `label` and `probabilities`).",
+    )
+    p.add_argument("--model", required=True, help="a classifier model directory (from `finetune classify`)")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    p.add_argument("--file", help="a table of texts to classify")
+    p.add_argument("--out", help="the JSONL file to write (default: print the records)")
+    p.add_argument("--text-column", default="text", help="column or JSON key of the text in --file")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=_classify)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: instruction finetuning and responses
+
+
+def _finetune_instruct(args: argparse.Namespace) -> None:
+    from .config import overrides_from_args
+    from .finetune.instruct import instruct_command
+
+    instruct_command(args.config, overrides_from_args(args), resume=args.resume)
+
+
+def _respond(args: argparse.Namespace) -> None:
+    from .finetune.instruct import respond
+
+    respond(args.model, args.data, args.out, template=args.template, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            seed=args.seed, device=args.device, dtype=args.dtype, progress=not args.quiet)  # fmt: skip
+
+
+def _add_instruct_commands(sub: argparse._SubParsersAction) -> None:
+    """finetune instruct, respond."""
+    from .config import add_config_arguments
+    from .finetune.instruct import InstructConfig
+    from .finetune.templates import template_names
+
+    p = _finetune_subparsers(sub).add_parser(
+        "instruct",
+        help="finetune a model to follow instructions (a personal assistant)",
+        description="Finetune a model on {instruction, input, output} records (the book's chapter 7): a JSON "
+        "list or JSONL file, split 85/5/10 train/val/test with --split-seed (none: file order, the book's "
+        "split) or given as separate files. Full finetuning, or --lora. The assistant is written to "
+        "OUT/model with its prompt template; the split goes to OUT/data. Settings come from the defaults "
+        "(the book's), then --config, then the flags.",
+    )
+    p.add_argument("--config", help="a TOML file with the settings below")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue a stopped run: no value = the newest checkpoint in --out, or a step-N directory")  # fmt: skip
+    p.add_argument("--out", dest="cfg__out_dir", default=None, metavar="DIR",
+                   help="run directory (same as --out-dir); the assistant is written to DIR/model")  # fmt: skip
+    add_config_arguments(p, InstructConfig)
+    p.set_defaults(func=_finetune_instruct)
+
+    p = sub.add_parser(
+        "respond",
+        help="answer every instruction of a file with an assistant model",
+        description="Run each {instruction, input} record of --data (JSON list or JSONL) through the model, "
+        "batched and greedy by default, and write the records with a `model_response` field to --out "
+        "(JSON, or JSONL for a .jsonl name). The prompt template is the one stored with the model.",
+    )
+    p.add_argument("--model", required=True, help="an assistant model directory (from `finetune instruct`)")
+    p.add_argument("--data", required=True, metavar="FILE", help="instruction records (.json list or .jsonl)")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the records with responses")
+    p.add_argument("--template", choices=template_names(), default=None,
+                   help="prompt template (default: the model's own, else alpaca)")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per response at most (256)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); higher: more random")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens summing to p")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weight precision; auto: bf16 on GPUs that support it, fp32 on CPUs")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=_respond)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: chat, the OpenAI-compatible server, the LLM judge
+
+
+def _sampling_config(args: argparse.Namespace):
+    from .generate import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=args.stop or ())  # fmt: skip
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from .serve.chat import chat_command
+
+    chat_command(args.model, _sampling_config(args), template=args.template, system=args.system,
+                 device=args.device, dtype=args.dtype)  # fmt: skip
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .serve.server import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+          template=args.template, max_batch_size=args.max_batch_size, default_max_tokens=args.default_max_tokens,
+          device=args.device, dtype=args.dtype, log_level=args.log_level)  # fmt: skip
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from .serve.judge import judge_command
+
+    return judge_command(args.responses, args.judge_url, args.judge_model, out=args.out,
+                         response_key=args.response_key, template=args.template, api_key=args.api_key,
+                         timeout=args.timeout, retries=args.retries, max_tokens=args.max_tokens or None,
+                         workers=args.workers, resume=args.resume, progress=not args.quiet)  # fmt: skip
+
+
+def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
+    """chat, serve, judge."""
+    from .finetune.templates import template_names
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="a model directory (an assistant from `finetune instruct`), "
+                       "or gpt2, gpt2-medium, ...")  # fmt: skip
+        p.add_argument("--template", choices=template_names(), default=None,
+                       help="prompt template (default: the model's own, else alpaca)")  # fmt: skip
+        p.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N, mps")
+        p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="weight precision; auto: bf16 on GPUs that support it, fp32 on CPUs")  # fmt: skip
+
+    p = sub.add_parser(
+        "chat",
+        help="talk with a model in the terminal (multi-turn, streamed)",
+        description="An interactive chat: type a message, the reply streams back. The conversation is "
+        "rendered with the model's prompt template and its oldest turns are dropped when it outgrows the "
+        "context window. /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops a reply. Reads lines "
+        "from stdin, so it also works piped.",
+    )
+    model_args(p)
+    p.add_argument("--system", default=None, help="a system message (default: the template's own, if any)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); higher: more random")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens summing to p")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="also stop before this text (repeatable)")
+    p.set_defaults(func=_chat)
+
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP API for a model (/v1/completions, /v1/chat/completions)",
+        description="Serve a model over OpenAI's API: GET /v1/models, POST /v1/completions (raw text), POST "
+        "/v1/chat/completions (rendered with the prompt template), streaming as server-sent events. Any "
+        "OpenAI client works with base_url http://HOST:PORT/v1. Requests queue for the model; waiting "
+        "ones with equal settings run as one batch.",
+    )
+    model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` (default: $SCRATCHLLM_API_KEY, else no key)")  # fmt: skip
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: directory name)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together at most (8)")
+    p.add_argument("--default-max-tokens", type=int, default=None,
+                   help="cap for chat replies without max_tokens (default: the rest of the context window)")  # fmt: skip
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info: one line per request)")  # fmt: skip
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
+        "judge",
+        help="score model responses 0-100 with a judge LLM (Ollama, an OpenAI-compatible API, `scratchllm serve`)",
+        description="Score each response of --responses (records with instruction, input, output and "
+        "model_response, as written by `scratchllm respond`) against the reference output with a judge "
+        "model, using the book's prompt. Writes per-item JSON plus the average; exits 1 if some items got "
+        "no score (they are listed in the output).",
+    )
+    p.add_argument("--responses", required=True, metavar="FILE", help="records to score (.json, .jsonl)")
+    p.add_argument("--judge-url", required=True, metavar="URL",
+                   help="the judge's OpenAI-compatible base URL, e.g. http://localhost:11434/v1 (Ollama) or "
+                   "http://127.0.0.1:8000/v1 (scratchllm serve)")  # fmt: skip
+    p.add_argument("--judge-model", required=True, metavar="NAME", help="the judge model's name, e.g. llama3")
+    p.add_argument("--out", default=None, metavar="FILE", help="result JSON (default: FILE-judged.json)")
+    p.add_argument("--response-key", default="model_response", help="the field holding the response")
+    p.add_argument("--template", choices=template_names(), default="alpaca",
+                   help="how the input is shown to the judge (default alpaca, the book's format_input)")  # fmt: skip
+    p.add_argument("--api-key", default=None, help="the judge's API key (default: $SCRATCHLLM_JUDGE_API_KEY)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    p.add_argument("--retries", type=int, default=4, help="retries of a failed request (default 4)")
+    p.add_argument("--max-tokens", type=int, default=256, help="reply length cap sent to the judge (0: none)")
+    p.add_argument("--workers", type=int, default=1, help="requests in flight at once (default 1)")
+    p.add_argument("--resume", action="store_true", help="keep the scores already in --out, judge the rest")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_judge)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,12 +781,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage1(sub)
     _add_model_commands(sub)
     _add_generate_command(sub)
+    _add_stage2(sub)
+    _add_eval_command(sub)
+    _add_classify_commands(sub)
+    _add_instruct_commands(sub)
+    _add_serve_commands(sub)
+    return parser
+
+
+def _active_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command being run, to suggest its flags for a mistyped one."""
+    for dest in ("command", "tokenizer_command", "finetune_command"):
+        name = getattr(args, dest, None)
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if name is None or sub is None or name not in sub.choices:
+            break
+        parser = sub.choices[name]
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        import difflib
+
+        active = _active_parser(parser, args)
+        flags = [o for a in active._actions for o in a.option_strings]
+        bad = next((e for e in extras if e.startswith("-")), extras[0])
+        close = difflib.get_close_matches(bad.split("=")[0], flags, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        active.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     try:
         code = args.func(args)
     except ScratchLLMError as e:

@@ -111,9 +111,10 @@ class Tokenizer(ABC):
 
 def _kinds() -> dict[str, type[Tokenizer]]:
     from .bpe import BPETokenizer
+    from .char import CharTokenizer
     from .simple import SimpleTokenizer
 
-    return {SimpleTokenizer.kind: SimpleTokenizer, BPETokenizer.kind: BPETokenizer}
+    return {k.kind: k for k in (SimpleTokenizer, BPETokenizer, CharTokenizer)}
 
 
 def load_tokenizer(spec: str | os.PathLike | Tokenizer) -> Tokenizer:

@@ -41,7 +41,9 @@ class PretrainConfig(TrainerConfig):
         None, "a directory written by `scratchllm prepare` (instead of --corpus)", "data"
     )
     tokenizer: str = setting(
-        "train", "train (a new BPE on the corpus), gpt2, or a tokenizer/model directory", "data"
+        "train",
+        "train (a BPE on the corpus), char (one id per character), gpt2, or a tokenizer/model dir",
+        "data",
     )
     vocab_size: int = setting(8192, "vocabulary of the BPE trained when tokenizer = train", "data")
     val_fraction: float = setting(0.1, "share of the corpus held out for validation", "data")
@@ -162,7 +164,8 @@ class LanguageModelTask(Task):
             top_k=self.sample_top_k,
             seed=self.seed,
         )
-        outs = Engine(model, self.tokenizer).generate(self.sample_prompts, gen)
+        # no prepacked copy of the weights: they change between evaluations
+        outs = Engine(model, self.tokenizer, prepack=False).generate(self.sample_prompts, gen)
         return [p + o.text for p, o in zip(self.sample_prompts, outs)]
 
 
@@ -173,50 +176,46 @@ class LanguageModelTask(Task):
 def _resolve_tokenizer(
     cfg: PretrainConfig, out_dir: Path, dist: DistInfo, init_tokenizer: Tokenizer | None
 ) -> Tokenizer:
+    """The run's tokenizer: the `init_from` model's, a named/saved one, or one trained here on the corpus
+    (`train`: byte-level BPE of `vocab_size`; `char`: one id per character), kept in out_dir/tokenizer."""
     from ..text.tokenizer import load_tokenizer
 
+    trainable = cfg.tokenizer in ("train", "char")
     if init_tokenizer is not None:
-        if (
-            cfg.tokenizer not in ("train", "")
-            and load_tokenizer(cfg.tokenizer).fingerprint() != init_tokenizer.fingerprint()
-        ):
+        if not trainable and load_tokenizer(cfg.tokenizer).fingerprint() != init_tokenizer.fingerprint():
             raise ScratchLLMError(
                 f"--tokenizer {cfg.tokenizer} differs from the tokenizer of --init-from {cfg.init_from}"
             )
         return init_tokenizer
-    if cfg.tokenizer != "train":
+    if not trainable:
         return load_tokenizer(cfg.tokenizer)
     tok_dir = out_dir / "tokenizer"
-    if dist.is_main:
-        existing = _existing_trained_tokenizer(tok_dir, cfg)
-        if existing is None:
-            from ..fileio import atomic_dir
-            from ..text.bpe import train_bpe
-            from ..text.corpus import load_documents
+    recipe = {
+        "kind": cfg.tokenizer,
+        "corpus": cfg.corpus,
+        "vocab_size": cfg.vocab_size if cfg.tokenizer == "train" else None,
+    }
+    marker = tok_dir / "trained_on.json"
+    if dist.is_main and not (marker.exists() and json.loads(marker.read_text()) == recipe):
+        from ..fileio import atomic_dir
+        from ..text.corpus import load_documents
 
-            docs = load_documents(cfg.corpus, cfg.encoding_errors)
+        docs = load_documents(cfg.corpus, cfg.encoding_errors)
+        if cfg.tokenizer == "char":
+            from ..text.char import CharTokenizer
+
+            tok: Tokenizer = CharTokenizer.from_corpus(d.text for d in docs)
+        else:
+            from ..text.bpe import train_bpe
+
             print(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on {len(docs)} documents")
-            tok = train_bpe(
-                (d.text for d in docs), cfg.vocab_size, progress=cfg.progress, name=f"bpe-{cfg.vocab_size}"
-            )
-            with atomic_dir(tok_dir) as tmp:
-                tok.save(tmp)
-                (tmp / "trained_on.json").write_text(
-                    json.dumps({"corpus": cfg.corpus, "vocab_size": cfg.vocab_size})
-                )
+            texts = (d.text for d in docs)
+            tok = train_bpe(texts, cfg.vocab_size, progress=cfg.progress, name=f"bpe-{cfg.vocab_size}")
+        with atomic_dir(tok_dir) as tmp:
+            tok.save(tmp)
+            (tmp / "trained_on.json").write_text(json.dumps(recipe))
     barrier(dist)
     return load_tokenizer(tok_dir)
-
-
-def _existing_trained_tokenizer(tok_dir: Path, cfg: PretrainConfig) -> Path | None:
-    """A tokenizer this run directory trained before on the same corpus (kept for resuming)."""
-    marker = tok_dir / "trained_on.json"
-    if marker.exists() and json.loads(marker.read_text()) == {
-        "corpus": cfg.corpus,
-        "vocab_size": cfg.vocab_size,
-    }:
-        return tok_dir
-    return None
 
 
 def _resolve_data(cfg: PretrainConfig, tokenizer: Tokenizer, out_dir: Path, dist: DistInfo) -> PreparedData:

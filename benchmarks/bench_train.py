@@ -1,0 +1,273 @@
+"""Pretraining benchmarks (issue: Stage 2, section 6), run peers side by side and print ratios.
+
+  python benchmarks/bench_train.py throughput    tokens/s of full training steps, ours vs the book vs transformers
+  python benchmarks/bench_train.py shakespeare   val loss per wall-clock, character-level Tiny Shakespeare
+  python benchmarks/bench_train.py               both
+
+Every contender runs in a fresh subprocess (its own peak RSS, no shared allocator or thread state), one after
+the other, from this one command. Shapes and recipes are the issue's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SCRATCHLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHAPE = dict(vocab_size=50257, context_length=256, emb_dim=384, n_layers=6, n_heads=6, drop_rate=0.0)
+BATCH = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# throughput contenders (each runs inside its own subprocess)
+
+
+def _random_batches(n: int, batch: int, ctx: int, vocab: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, vocab, (n, batch, ctx + 1), generator=g)
+    return [(d[:, :-1].contiguous(), d[:, 1:].contiguous()) for d in data]
+
+
+def _time_steps(step, batches, warmup: int) -> tuple[float, list[float]]:
+    losses = []
+    for x, y in batches[:warmup]:
+        losses.append(step(x, y))
+    t0 = time.perf_counter()
+    for x, y in batches[warmup:]:
+        losses.append(step(x, y))
+    return time.perf_counter() - t0, losses
+
+
+def _real_tokens():
+    """Tiny Shakespeare in GPT-2 tokens: a loss curve that falls, to compare precisions on."""
+    import numpy as np
+
+    from scratchllm.text.gpt2 import load_gpt2_files
+
+    tok = load_gpt2_files(DATA / "gpt2.tiktoken")
+    return np.asarray(tok.encode((DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")), dtype=np.uint16)
+
+
+def run_ours(
+    steps: int, warmup: int, precision: str, preset: str | None, batch: int, real: bool = False
+) -> dict:
+    """Our trainer with the defaults a user gets (precision auto -> bf16 on this CPU, fused AdamW, clipping)."""
+    import numpy as np
+    import torch
+
+    from scratchllm.model.gpt import GPTConfig, GPTModel, preset_config
+    from scratchllm.train.pretrain import LanguageModelTask
+    from scratchllm.train.trainer import Trainer, TrainerConfig
+
+    torch.manual_seed(0)
+    cfg = preset_config(preset, drop_rate=0.0) if preset else GPTConfig(**SHAPE)
+    ctx = SHAPE["context_length"]
+    model = GPTModel(cfg)
+    if real:
+        tokens = _real_tokens()
+    else:
+        tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 2_000_000).astype(np.uint16)
+    split = int(len(tokens) * 0.9)
+    task = LanguageModelTask(tokens[:split], tokens[split:], ctx, batch, seed=0, eval_batches=1)
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-train-{os.getpid()}"
+    tcfg = TrainerConfig(out_dir=str(out), batch_size=batch, max_steps=steps + warmup, warmup_steps=10,
+                         eval_every=0, log_every=1, precision=precision, progress=False, device="cpu",
+                         checkpoint_every=0, lr=6e-4)  # fmt: skip
+    trainer = Trainer(model, task, tcfg)
+    # time the loop's own steps (the same code path as `scratchllm pretrain`), without the final eval/saves
+    losses, t0 = [], None
+    for i in range(steps + warmup):
+        if i == warmup:
+            t0 = time.perf_counter()
+        loss, _ = trainer._train_step()
+        trainer.step += 1
+        losses.append(loss)
+    seconds = time.perf_counter() - t0
+    return {
+        "seconds": seconds,
+        "tokens": steps * batch * ctx,
+        "losses": losses,
+        "precision": trainer.precision,
+    }
+
+
+def run_book(steps: int, warmup: int) -> dict:
+    import torch
+    from llms_from_scratch.ch04 import GPTModel
+
+    torch.manual_seed(0)
+    cfg = {"vocab_size": SHAPE["vocab_size"], "context_length": SHAPE["context_length"], "emb_dim": SHAPE["emb_dim"],
+           "n_heads": SHAPE["n_heads"], "n_layers": SHAPE["n_layers"], "drop_rate": 0.0, "qkv_bias": False}  # fmt: skip
+    model = GPTModel(cfg)
+    model.out_head.weight = model.tok_emb.weight  # tied, as the benchmark shape asks
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
+
+    def step(x, y):
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.item()
+
+    batches = _random_batches(steps + warmup, BATCH, SHAPE["context_length"], SHAPE["vocab_size"])
+    seconds, losses = _time_steps(step, batches, warmup)
+    return {"seconds": seconds, "tokens": steps * BATCH * SHAPE["context_length"], "losses": losses}
+
+
+def run_transformers(steps: int, warmup: int) -> dict:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=SHAPE["vocab_size"], n_positions=SHAPE["context_length"], n_embd=SHAPE["emb_dim"],
+                     n_layer=SHAPE["n_layers"], n_head=SHAPE["n_heads"], resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, tie_word_embeddings=True)  # fmt: skip
+    model = GPT2LMHeadModel(cfg)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
+
+    def step(x, y):
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.item()
+
+    batches = _random_batches(steps + warmup, BATCH, SHAPE["context_length"], SHAPE["vocab_size"])
+    seconds, losses = _time_steps(step, batches, warmup)
+    return {"seconds": seconds, "tokens": steps * BATCH * SHAPE["context_length"], "losses": losses}
+
+
+def _child(args: argparse.Namespace) -> None:
+    if args.child == "ours":
+        result = run_ours(args.steps, args.warmup, args.precision, args.preset, args.batch, args.real)
+    elif args.child == "book":
+        result = run_book(args.steps, args.warmup)
+    else:
+        result = run_transformers(args.steps, args.warmup)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def _spawn(name: str, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def throughput(steps: int, warmup: int, loss_steps: int) -> None:
+    print(f"# training throughput: vocab 50257, context 256, 6 layers, 6 heads, 384 dims, batch {BATCH}, tied, "
+          f"dropout 0; {steps} timed steps after {warmup} warm-up steps")  # fmt: skip
+    rows = {}
+    for name, extra in (
+        ("ours", ()),
+        ("ours fp32", ("--precision", "fp32")),
+        ("book", ()),
+        ("transformers", ()),
+    ):
+        child = name.split()[0]
+        r = _spawn(child, "--steps", str(steps), "--warmup", str(warmup), *extra)
+        rows[name] = r
+        tag = f" ({r['precision']})" if "precision" in r else " (fp32)"
+        print(
+            f"{name + tag:24s} {r['tokens'] / r['seconds']:8.0f} tok/s   peak RSS {r['peak_rss_mb']:6.0f} MB"
+        )
+    best_peer = max(rows[n]["tokens"] / rows[n]["seconds"] for n in ("book", "transformers"))
+    ours = rows["ours"]["tokens"] / rows["ours"]["seconds"]
+    print(f"ours / best fp32 peer: {ours / best_peer:.2f}x (goal 2x = {2 * best_peer:.0f} tok/s)")
+
+    # the loss over loss_steps steps on real text: our default precision against our fp32, same init and data
+    a = _spawn("ours", "--steps", str(loss_steps), "--warmup", "0", "--real")
+    b = _spawn("ours", "--steps", str(loss_steps), "--warmup", "0", "--precision", "fp32", "--real")
+    diffs = [abs(x - y) for x, y in zip(a["losses"], b["losses"])]
+    tail = slice(-20, None)
+    print(f"loss over {loss_steps} steps on Tiny Shakespeare (GPT-2 tokens), {a['precision']} vs fp32: first {a['losses'][0]:.4f} vs {b['losses'][0]:.4f}, "
+          f"last-20 mean {sum(a['losses'][tail]) / 20:.4f} vs {sum(b['losses'][tail]) / 20:.4f}, "
+          f"max |diff| {max(diffs):.4f}, mean |diff| {sum(diffs) / len(diffs):.4f}")  # fmt: skip
+    g = _spawn(
+        "ours", "--steps", str(max(3, steps // 4)), "--warmup", "2", "--preset", "gpt2-small", "--batch", "4"
+    )
+    print(f"gpt2-small preset, batch 4, context 256 ({g['precision']}): {g['tokens'] / g['seconds']:.0f} tok/s, "
+          f"peak RSS {g['peak_rss_mb']:.0f} MB")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# quality per wall-clock: character-level Tiny Shakespeare
+
+
+def _pretrain(out: Path, *flags: str) -> tuple[float, dict]:
+    corpus = DATA / "tinyshakespeare.txt"
+    cmd = [sys.executable, "-m", "scratchllm", "pretrain", "--config", "shakespeare-char", "--corpus", str(corpus),
+           "--out-dir", str(out), "--progress", "false", "--sample-tokens", "0", "--device", "cpu", *flags]  # fmt: skip
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-3000:])
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["kind"] == "eval"][-1]
+    return wall, last
+
+
+def shakespeare(best_flags: list[str]) -> None:
+    import tempfile
+
+    if not (DATA / "tinyshakespeare.txt").exists():
+        print(f"skipped: {DATA / 'tinyshakespeare.txt'} not found")
+        return
+    print("# quality per wall-clock: char-level Tiny Shakespeare, first 90% train / last 10% val, val loss on the "
+          "whole val split; wall = the whole `scratchllm pretrain` command (tokenizer, data, training, evals)")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [("the reference recipe, fp32", ["--precision", "fp32"]), ("the reference recipe, our defaults", []),
+                ("our best recipe", best_flags)]  # fmt: skip
+        for name, flags in runs:
+            wall, last = _pretrain(Path(tmp) / name.replace(" ", "_"), *flags)
+            print(f"{name:36s} val loss {last['val_loss']:.4f} at step {last['step']}, {wall:5.1f} s wall "
+                  f"({last['train_seconds']:.1f} s in training steps)  {' '.join(flags)}")  # fmt: skip
+    print("goal: val loss <= 1.886 in <= 50 s wall (the reference implementation: 1.886 in 99 s here)")
+
+
+BEST = ["--batch-size", "32", "--max-steps", "900", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "50",
+        "--eval-every", "0"]  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", nargs="?", default="all", choices=["all", "throughput", "shakespeare"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--loss-steps", type=int, default=200)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--preset", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
+    p.add_argument("--real", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        _child(args)
+        return
+    print(
+        f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d')}"
+    )
+    if args.which in ("all", "throughput"):
+        throughput(args.steps, args.warmup, args.loss_steps)
+    if args.which in ("all", "shakespeare"):
+        shakespeare(BEST)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""`scratchllm.load(...)`: a loaded model with the everyday verbs, over the same engine as the CLI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .checkpoint import LoadedModel, load_model, read_config, resolve_model
+from .errors import ScratchLLMError
+from .generate import Completion, Engine, GenerationConfig
+
+
+class LLM:
+    """A model directory (or GPT-2) ready to use: `generate`, `stream`, `complete` (with details), `classify`."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = loaded.config
+        self.extra = loaded.extra
+        self._engine: Engine | None = None
+
+    @classmethod
+    def load(cls, spec: str | os.PathLike, device: str = "auto", dtype: torch.dtype | str = "auto") -> LLM:
+        """A model directory, or `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` (downloaded once).
+        `dtype` "auto" is what the CLI uses: for generation bf16 where the hardware runs it fast, else
+        fp32; fp32 for classifiers."""
+        from .device import pick_device
+        from .generate import resolve_dtype
+
+        dev = pick_device(device)
+        if dtype == "auto" and read_config(resolve_model(spec))[0].n_classes:
+            dtype = torch.float32  # classifiers: the exact probabilities `scratchllm classify` prints
+        elif isinstance(dtype, str):
+            dtype = resolve_dtype(dtype, dev)
+        return cls(load_model(spec, device=dev, dtype=dtype))
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            if self.config.n_classes:
+                raise ScratchLLMError("this model is a classifier: use .classify(texts), not text generation")
+            self._engine = Engine(self.model, self.tokenizer)
+        return self._engine
+
+    def complete(
+        self, prompts: str | Sequence[str], config: GenerationConfig | None = None, **settings: Any
+    ) -> list[Completion]:
+        """Completions with token counts and finish reasons (one per prompt; prompts run as a batch)."""
+        return self.engine.generate(prompts, config, **settings)
+
+    def generate(self, prompt: str, config: GenerationConfig | None = None, **settings: Any) -> str:
+        """The text that continues `prompt` (settings: max_new_tokens, temperature, top_k, top_p, seed, stop...)."""
+        return self.complete(prompt, config, **settings)[0].text
+
+    def stream(self, prompt: str, config: GenerationConfig | None = None, **settings: Any) -> Iterator[str]:
+        """Text pieces as they are generated."""
+        return self.engine.stream(prompt, config, **settings)
+
+    def classify(self, texts: str | Sequence[str]) -> list[dict[str, Any]]:
+        """Labels and class probabilities of a finetuned classifier (see `scratchllm finetune classify`)."""
+        from .finetune.classify import predict
+
+        if not self.config.n_classes:
+            raise ScratchLLMError("this model is a language model, not a classifier; finetune one first")
+        return predict(self.loaded, [texts] if isinstance(texts, str) else list(texts))
+
+    def __repr__(self) -> str:
+        kind = f"classifier ({self.config.n_classes} classes)" if self.config.n_classes else "language model"
+        return f"LLM({self.loaded.path}, {kind}, {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters)"
+
+
+def load(spec: str | os.PathLike, device: str = "auto", dtype: torch.dtype | str = "auto") -> LLM:
+    """Load a model directory or GPT-2 for use; see `LLM`."""
+    return LLM.load(spec, device=device, dtype=dtype)
