@@ -8,6 +8,8 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -328,21 +330,49 @@ def _add_generate_command(sub: argparse._SubParsersAction) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Training commands (pretrain, demo, finetune classify, finetune instruct): one shape
+
+
+def _add_training_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    config_cls: type,
+    run: str,
+    *,
+    help: str,
+    description: str,
+    made: str,
+    config_flag: bool = True,
+) -> None:
+    """A command driven by a config dataclass: --config (TOML file or preset), --resume, --out (alias of
+    --out-dir) and one flag per setting. `run` is "module:function" (imported on use), called as
+    function(config, overrides, resume=...)."""
+    from .config import add_config_arguments
+
+    p = sub.add_parser(name, help=help, description=description)
+    if config_flag:
+        p.add_argument("--config", help="a TOML file or a preset name (see `scratchllm/configs/`)")
+    p.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+        help="continue a stopped run exactly: no value = the newest checkpoint in the run directory, "
+        "or a step-N checkpoint directory",
+    )  # fmt: skip
+    p.add_argument("--out", dest="cfg__out_dir", default=None, metavar="DIR",
+                   help=f"run directory (same as --out-dir); {made} is written to DIR/model")  # fmt: skip
+    add_config_arguments(p, config_cls)
+    p.set_defaults(func=functools.partial(_run_training, run))
+
+
+def _run_training(run: str, args: argparse.Namespace) -> None:
+    from .config import overrides_from_args
+
+    module, function = run.split(":")
+    command = getattr(importlib.import_module(module, __package__), function)
+    command(getattr(args, "config", None), overrides_from_args(args), resume=args.resume)
+
+
+# ----------------------------------------------------------------------------------------------
 # Stage 2: pretraining and evaluation
-
-
-def _pretrain(args: argparse.Namespace) -> None:
-    from .config import overrides_from_args
-    from .train.pretrain import pretrain_command
-
-    pretrain_command(args.config, overrides_from_args(args), resume=args.resume)
-
-
-def _demo(args: argparse.Namespace) -> None:
-    from .config import overrides_from_args
-    from .train.pretrain import demo
-
-    demo(overrides_from_args(args), resume=args.resume)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -362,37 +392,23 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _add_stage2(sub: argparse._SubParsersAction) -> None:
-    from .config import add_config_arguments
     from .train.pretrain import PretrainConfig
 
-    resume_help = (
-        "continue a stopped run exactly: no value = the newest checkpoint in --out-dir, or a step-N directory"
-    )
-    p = sub.add_parser(
-        "pretrain",
+    _add_training_command(
+        sub, "pretrain", PretrainConfig, ".train.pretrain:pretrain_command",
         help="train a GPT on a corpus by next-token prediction",
         description="Pretrain a GPT from scratch (or continue from GPT-2) on text. Settings come from the "
-        "defaults, then --config (a TOML file or a preset name), then the flags below.",
-    )
-    p.add_argument("--config", help="a TOML file or a preset name (demo, shakespeare-char, ...)")
-    p.add_argument(
-        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT", help=resume_help
-    )
-    add_config_arguments(p, PretrainConfig)
-    p.set_defaults(func=_pretrain)
-
-    p = sub.add_parser(
-        "demo",
+        "defaults, then --config (a TOML file or a preset name: demo, shakespeare-char), then the flags below.",
+        made="the trained model",
+    )  # fmt: skip
+    _add_training_command(
+        sub, "demo", PretrainConfig, ".train.pretrain:demo",
         help="the main job: tokenizer + small GPT on Python's bundled docs, offline, in minutes",
         description="Train a BPE tokenizer and a small GPT on the built-in corpus (Python's reference "
         "documentation), then print validation loss, perplexity and three samples. The same flags as "
         "`pretrain` change it (e.g. --corpus my.txt, --max-minutes 2).",
-    )
-    p.add_argument(
-        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT", help=resume_help
-    )
-    add_config_arguments(p, PretrainConfig)
-    p.set_defaults(func=_demo)
+        made="the trained model", config_flag=False,
+    )  # fmt: skip
 
     p = sub.add_parser(
         "evaluate",
@@ -533,13 +549,6 @@ def _finetune_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParser
     return p.add_subparsers(dest="finetune_command", required=True, metavar="KIND", parser_class=_Parser)
 
 
-def _finetune_classify(args: argparse.Namespace) -> None:
-    from .config import overrides_from_args
-    from .finetune.classify import finetune_classify_command
-
-    finetune_classify_command(args.config, overrides_from_args(args), resume=args.resume)
-
-
 def _classify(args: argparse.Namespace) -> None:
     from .finetune.classify import classify_command
 
@@ -549,23 +558,16 @@ def _classify(args: argparse.Namespace) -> None:
 
 def _add_classify_commands(sub: argparse._SubParsersAction) -> None:
     """finetune classify, classify."""
-    from .config import add_config_arguments
     from .finetune.classify import ClassifyConfig
 
-    p = _finetune_subparsers(sub).add_parser(
-        "classify",
+    _add_training_command(
+        _finetune_subparsers(sub), "classify", ClassifyConfig, ".finetune.classify:finetune_classify_command",
         help="replace the output head by an N-class head and finetune on labelled texts",
         description="Finetune a model into a text classifier (the book's chapter 6): --data spam (the SMS "
         "Spam Collection, the book's balanced 70/10/20 split) or a .csv/.tsv/.jsonl/.json file with a text "
         "and a label column. Settings come from the defaults (the book's), then --config, then the flags.",
-    )
-    p.add_argument("--config", help="a TOML file with the settings below")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue a stopped run: no value = the newest checkpoint in --out, or a step-N directory")  # fmt: skip
-    p.add_argument("--out", dest="cfg__out_dir", default=None, metavar="DIR",
-                   help="run directory (same as --out-dir); the classifier is written to DIR/model")  # fmt: skip
-    add_config_arguments(p, ClassifyConfig)
-    p.set_defaults(func=_finetune_classify)
+        made="the classifier",
+    )  # fmt: skip
 
     p = sub.add_parser(
         "classify",
@@ -587,13 +589,6 @@ def _add_classify_commands(sub: argparse._SubParsersAction) -> None:
 # Stage 3: instruction finetuning and responses
 
 
-def _finetune_instruct(args: argparse.Namespace) -> None:
-    from .config import overrides_from_args
-    from .finetune.instruct import instruct_command
-
-    instruct_command(args.config, overrides_from_args(args), resume=args.resume)
-
-
 def _respond(args: argparse.Namespace) -> None:
     from .finetune.instruct import respond
 
@@ -604,26 +599,19 @@ def _respond(args: argparse.Namespace) -> None:
 
 def _add_instruct_commands(sub: argparse._SubParsersAction) -> None:
     """finetune instruct, respond."""
-    from .config import add_config_arguments
     from .finetune.instruct import InstructConfig
     from .finetune.templates import template_names
 
-    p = _finetune_subparsers(sub).add_parser(
-        "instruct",
+    _add_training_command(
+        _finetune_subparsers(sub), "instruct", InstructConfig, ".finetune.instruct:instruct_command",
         help="finetune a model to follow instructions (a personal assistant)",
         description="Finetune a model on {instruction, input, output} records (the book's chapter 7): a JSON "
         "list or JSONL file, split 85/5/10 train/val/test with --split-seed (none: file order, the book's "
         "split) or given as separate files. Full finetuning, or --lora. The assistant is written to "
         "OUT/model with its prompt template; the split goes to OUT/data. Settings come from the defaults "
         "(the book's), then --config, then the flags.",
-    )
-    p.add_argument("--config", help="a TOML file with the settings below")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue a stopped run: no value = the newest checkpoint in --out, or a step-N directory")  # fmt: skip
-    p.add_argument("--out", dest="cfg__out_dir", default=None, metavar="DIR",
-                   help="run directory (same as --out-dir); the assistant is written to DIR/model")  # fmt: skip
-    add_config_arguments(p, InstructConfig)
-    p.set_defaults(func=_finetune_instruct)
+        made="the assistant",
+    )  # fmt: skip
 
     p = sub.add_parser(
         "respond",

@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: a crash never leaves a half-written output behind.
+"""Atomic file and directory writes: a crash never leaves a half-written output behind. And one
+reader for the JSON / JSON Lines record files that tasks, datasets and instruction data come in.
 
 Everything the project writes (tokenizers, model directories, checkpoints, metrics, plots)
 goes through these helpers: data is written to a temporary name in the destination's own
@@ -90,3 +91,58 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading record files
+
+
+def read_json_records(
+    path: str | os.PathLike, what: str = "data file", hint: str = "one JSON object per line"
+) -> list[tuple[str, int, dict[str, Any]]]:
+    """`(where, number, object)` for the objects of a JSON Lines file (one per line; blank lines skipped) or of a JSON file holding
+    a list (told apart by the `.jsonl` suffix or a leading `[`), each with where it came from
+    (`path, line N` or `path, record [i]`, for error messages) and its 1-based line or list position. Every problem (missing, not UTF-8,
+    bad JSON, not an object, no records) is a one-line `ScratchLLMError` naming the file and line;
+    `what` and `hint` say what the file should be."""
+    from .errors import ScratchLLMError
+
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScratchLLMError(f"{what} {path} not found; give a JSON or JSONL file ({hint})") from None
+    except IsADirectoryError:
+        raise ScratchLLMError(f"{path} is a directory; give a JSON or JSONL {what}") from None
+    except UnicodeDecodeError as e:
+        raise ScratchLLMError(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
+    except OSError as e:
+        raise ScratchLLMError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    items: list[tuple[str, int, Any]] = []
+    if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append((f"{path}, line {n}", n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ScratchLLMError(
+                    f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}); a JSONL file has "
+                    "one {...} object per line, a JSON file one [...] list"
+                ) from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ScratchLLMError(
+                f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+            ) from None
+        if not isinstance(data, list):
+            raise ScratchLLMError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        items = [(f"{path}, record [{i}]", i + 1, obj) for i, obj in enumerate(data)]
+    for where, _, obj in items:
+        if not isinstance(obj, dict):
+            raise ScratchLLMError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if not items:
+        raise ScratchLLMError(f"{what} {path} has no records; write {hint}")
+    return items

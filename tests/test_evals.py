@@ -307,7 +307,7 @@ HS_OK = {"ctx": "c", "endings": ["a", "b"], "label": 0}
         ([{"context": "c", "choices": ["a", "b"], "answer": "z"}], r"'answer' is 'z', which is not one of"),
         ([{"prompt": "p", "answer": 5}], r"line 1: field 'answer' must be a string or a list"),
         ([{"question": "q"}], r"line 1: cannot tell the task format"),
-        (["", "  "], r"has no items"),
+        (["", "  "], r"has no records"),
     ],
 )
 def test_malformed_task_files_name_the_line_and_field(tmp_path, lines, message):
@@ -321,7 +321,7 @@ def test_cli_reports_a_malformed_task_in_one_line_before_loading_the_model(tmp_p
     code = main(["eval", "--model", str(tmp_path / "no-such-model"), "--task", str(path), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "bad.jsonl line 2: missing field 'endings'" in err
+    assert "bad.jsonl, line 2: missing field 'endings'" in err
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,6 @@ format's fields. A malformed line is a `ScratchLLMError` naming the file, the li
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ScratchLLMError
+from ..fileio import read_json_records
 
 FORMATS = {
     "hellaswag": ("ctx", "endings", "label"),
@@ -81,36 +81,11 @@ def read_task(path: str | os.PathLike, format: str = "auto") -> TaskFile:
     path = Path(path).expanduser()
     if format != "auto" and format not in FORMATS:
         raise ScratchLLMError(f"unknown task format {format!r}; use auto, {', '.join(FORMATS)}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ScratchLLMError(
-            f"task file {path} not found; give a JSON Lines file (one item per line)"
-        ) from None
-    except IsADirectoryError:
-        raise ScratchLLMError(f"{path} is a directory; give a JSON Lines task file") from None
-    except UnicodeDecodeError as e:
-        raise ScratchLLMError(
-            f"{path}: not UTF-8 text (byte {e.start}); save the task file as UTF-8"
-        ) from None
     items: list[Item] = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ScratchLLMError(
-                f"{where}: not valid JSON ({e.msg} at column {e.colno}); one JSON object per line"
-            ) from None
-        if not isinstance(record, dict):
-            raise ScratchLLMError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for where, n, record in read_json_records(path, "task file", "one item per line (JSON Lines)"):
         if format == "auto":
             format = detect_format(record, where)
         items.append(parse_record(record, format, where, n))
-    if not items:
-        raise ScratchLLMError(f"task file {path} has no items; write one JSON object per line")
     return TaskFile(str(path), format, items)
 
 

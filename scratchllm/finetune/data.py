@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ScratchLLMError
+from ..fileio import read_json_records
 
 TSV_SUFFIXES = (".tsv", ".tab", ".txt")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -61,9 +61,14 @@ def read_table(
         raise ScratchLLMError(
             f"{path}: unknown data format {suffix or '(no suffix)'!r}; use .csv, .tsv, .jsonl or .json"
         )
-    text = _read_text(path)
     if suffix in JSONL_SUFFIXES or suffix == ".json":
-        return _read_json_records(path, text, suffix == ".json")
+        found = read_json_records(path)
+        # sources as for CSV rows (file:line), or file[index] in a JSON list
+        records = [
+            (f"{path}[{n - 1}]" if "record [" in where else f"{path}:{n}", obj) for where, n, obj in found
+        ]
+        return list(dict.fromkeys(k for _, obj in records for k in obj)), records
+    text = _read_text(path)
     if suffix == ".csv":
         reader = csv.reader(io.StringIO(text, newline=""))
         rows = []
@@ -90,37 +95,6 @@ def read_table(
                 + ("; a text with tabs needs a .csv or .jsonl file" if suffix in TSV_SUFFIXES else "")
             )
         records.append((f"{path}:{n}", dict(zip(columns, row))))
-    return columns, records
-
-
-def _read_json_records(
-    path: Path, text: str, whole: bool
-) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
-    records: list[tuple[str, dict[str, Any]]] = []
-    if whole:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ScratchLLMError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(data, list):
-            raise ScratchLLMError(f"{path}: expected a JSON list of objects")
-        items = [(f"{path}[{i}]", obj) for i, obj in enumerate(data)]
-    else:
-        items = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append((f"{path}:{n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ScratchLLMError(f"{path}:{n}: not valid JSON ({e})") from e
-    for source, obj in items:
-        if not isinstance(obj, dict):
-            raise ScratchLLMError(f"{source}: expected a JSON object, got {type(obj).__name__}")
-        records.append((source, obj))
-    if not records:
-        raise ScratchLLMError(f"{path} has no records")
-    columns = list(dict.fromkeys(k for _, obj in records for k in obj))
     return columns, records
 
 

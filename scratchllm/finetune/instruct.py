@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..config import setting
 from ..errors import ScratchLLMError
+from ..fileio import read_json_records
 from ..text.tokenizer import Tokenizer
 from ..train.evaluate import next_token_loss
 from ..train.trainer import Task, TrainerConfig, TrainResult
@@ -55,44 +56,10 @@ def load_instruction_data(path: str | Path, require_output: bool = True) -> list
     (one object per line). Each record needs a non-empty string `instruction`, an optional string
     `input` and, when `require_output`, a string `output`; other fields are kept. A malformed
     record is an error that names the file and the record."""
-    path = Path(path)
-    if not path.is_file():
-        raise ScratchLLMError(
-            f"instruction data {path} not found; give a JSON list or JSONL file of "
-            "{instruction, input, output} records"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ScratchLLMError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    records: list[tuple[str, Any]] = []
-    if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ScratchLLMError(
-                    f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno}); a JSONL file "
-                    "has one {...} record per line, a JSON file one [...] list"
-                ) from None
-            records.append((f"{path}, line {lineno}", record))
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ScratchLLMError(
-                f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
-            ) from None
-        if not isinstance(data, list):
-            raise ScratchLLMError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        records = [(f"{path}, record [{i}]", r) for i, r in enumerate(data)]
-    if not records:
-        raise ScratchLLMError(f"{path}: no records; add {{instruction, input, output}} records")
-    for where, record in records:
+    records = read_json_records(path, "instruction data", "{instruction, input, output} records")
+    for where, _, record in records:
         _check_record(where, record, require_output)
-    return [r for _, r in records]
+    return [r for _, _, r in records]
 
 
 def _check_record(where: str, record: Any, require_output: bool) -> None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ScratchLLMError
 from .attention import CausalSelfAttention, KVCache
+from .loss import linear_cross_entropy
 
 
 @dataclass
@@ -219,8 +220,14 @@ class GPTModel(nn.Module):
         kv_cache: KVCache | None = None,
         padding_mask: torch.Tensor | None = None,
         return_hidden: bool = False,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = -100,
     ) -> torch.Tensor:
         """Logits of shape (batch, T, vocab_size or n_classes), or the final-norm hidden states.
+
+        `targets` (batch, T): return instead the mean next-token cross-entropy against them (targets
+        equal to `ignore_index` do not count), computed with the head by `linear_cross_entropy`,
+        which never holds all the logits at once (model/loss.py).
 
         `kv_cache`: positions continue from `kv_cache.pos`; the new keys/values are appended.
         `padding_mask`: bool (batch, S) with S = cached + new positions, False at left padding; padded
@@ -254,6 +261,12 @@ class GPTModel(nn.Module):
         x = self.final_norm(x)
         if return_hidden:
             return x
+        if targets is not None:
+            head = self.out_head
+            if type(head) is nn.Linear and head.bias is None:  # a LoRA or biased head: the plain way
+                return linear_cross_entropy(x, head.weight, targets, ignore_index)
+            logits = head(x).flatten(0, 1).float()
+            return F.cross_entropy(logits, targets.flatten(), ignore_index=ignore_index)
         return self.out_head(x)
 
 

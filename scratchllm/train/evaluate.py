@@ -23,9 +23,9 @@ def next_token_loss(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:
     """Mean cross-entropy of predicting `targets` (batch, T) from `inputs` (batch, T); targets equal to
-    `ignore_index` (padding, masked prompts) do not count. Logits are upcast to fp32 for a stable softmax."""
-    logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+    `ignore_index` (padding, masked prompts) do not count. The model computes it with its head, chunk by
+    chunk, with the softmax in fp32 (`GPTModel.forward(targets=...)`, model/loss.py)."""
+    return model(inputs, targets=targets, ignore_index=ignore_index)
 
 
 @torch.no_grad()

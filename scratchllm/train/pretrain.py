@@ -352,9 +352,11 @@ def pretrain_command(config: str | None, overrides: dict[str, Any], resume: str 
     return result
 
 
-def demo(overrides: dict[str, Any] | None = None, resume: str | None = None) -> TrainResult:
-    """The README's main job: the `demo` preset (offline, built-in corpus), then three samples."""
-    result = pretrain_command("demo", overrides or {}, resume)
+def demo(
+    config: str | None = None, overrides: dict[str, Any] | None = None, resume: str | None = None
+) -> TrainResult:
+    """The README's main job: the `demo` preset (or `config`; offline, built-in corpus), then three samples."""
+    result = pretrain_command(config or "demo", overrides or {}, resume)
     evals = [r for r in result.history if r.get("kind") == "eval" and r.get("samples")]
     if evals and init_distributed("auto" if not overrides else overrides.get("device", "auto")).is_main:
         print("\nthree samples from the trained model:")

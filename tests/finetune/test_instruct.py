@@ -107,7 +107,7 @@ def test_json_and_jsonl_give_the_same_records(tmp_path):
         (
             "x.json",
             '[["a", "b"]]',
-            r"record \[0\]: expected an object with instruction/input/output, got list",
+            r"record \[0\]: expected a JSON object, got list",
         ),
         (
             "x.json",
