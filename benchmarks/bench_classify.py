@@ -10,6 +10,7 @@ wall time on 2 CPU cores.
     python benchmarks/bench_classify.py --threads 1          # the timed pipeline: pretrain + finetune + test
     python benchmarks/bench_classify.py --seeds 3 --ablations  # plus 2 more finetune seeds, and what each
                                                              # choice contributes (same seeds), ~40 min more
+    python benchmarks/bench_classify.py --base runs/bench_classify/pretrain/model --ablations  # reuse a base
 
 The main setup: BPE with 2,048 ids and a 2.2M-parameter GPT (4 layers, 192 dims, context 128, dropout 0.1)
 pretrained for 1,000 steps of 16 x 128 tokens (capped at 9 minutes) on the `sms` corpus below; then the
@@ -149,6 +150,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--pooling", default="mean", choices=["last", "mean"])
     p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--base", help="skip pretraining: finetune this model directory (e.g. OUT/pretrain/model)")
     p.add_argument(
         "--seeds", type=int, default=1, help="finetune seeds for the main setup (the first is timed)"
     )
@@ -172,7 +174,7 @@ def main() -> None:
     )
     t0 = time.perf_counter()
     corpus = pretraining_corpus(args.corpus, out, spam_path)
-    base, pre_s = run_pretrain(args, out, corpus)
+    base, pre_s = (Path(args.base), 0.0) if args.base else run_pretrain(args, out, corpus)
     main_row, ft_s = run_finetune(args, base, out / "finetune", spam_path)
     total = time.perf_counter() - t0
     print(f"load after: {load_avg()}")

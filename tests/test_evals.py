@@ -477,3 +477,14 @@ def test_cli_eval_writes_json_and_prints_the_summary(copy_model, tmp_path, capsy
     assert set(result["items"][0]) >= {"loglikelihoods", "bytes", "pred", "pred_norm", "label", "acc"}
     assert main([*args, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["acc"] == summary["acc"]
+
+
+def test_the_example_task_files_shipped_in_the_repo_parse():
+    root = Path(__file__).resolve().parents[1] / "examples" / "tasks"
+    choice = read_task(root / "python-basics.jsonl")
+    assert choice.format == "choice" and len(choice.items) == 16
+    assert all(
+        item.choices[item.label] and len(set(item.choices)) == len(item.choices) for item in choice.items
+    )
+    generation = read_task(root / "python-completions.jsonl")
+    assert generation.format == "generation" and len(generation.items) == 8

@@ -11,9 +11,18 @@ def test_builtin_corpus_is_python_docs():
     assert len(docs) > 50
     assert sum(len(d.text) for d in docs) > 300_000
     assert all(d.source.startswith("builtin:") for d in docs)
-    by_name = {d.source.split(":", 1)[1]: d.text for d in docs}
-    assert "assert" in by_name and "assert" in by_name["assert"].lower()
-    assert [d.source for d in docs] == sorted(d.source for d in docs)
+    # each topic is cut into its sections (`builtin:TOPIC#N`), topics in sorted order, sections in order
+    from pydoc_data.topics import topics
+
+    names = [d.source.split(":", 1)[1].split("#")[0] for d in docs]
+    assert list(dict.fromkeys(names)) == sorted(topics)
+    assert len(docs) > 2 * len(topics)
+    sections = [d.text for d in docs if d.source.startswith("builtin:typesseq#")]
+    assert [d.source for d in docs if d.source.startswith("builtin:typesseq#")] == [
+        f"builtin:typesseq#{i}" for i in range(len(sections))
+    ]
+    assert "\n".join(sections) == topics["typesseq"]  # nothing lost but the newlines the cuts replace
+    assert sections[1].startswith("Common Sequence Operations\n=====")
 
 
 def test_files_directories_and_globs(tmp_path):
