@@ -102,38 +102,14 @@ def to_book_kv(model: GPTModel, book_cfg: dict):
 
 
 def to_transformers(model: GPTModel):
+    """The same weights in a transformers GPT2LMHeadModel, through the project's own export mapping."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = model.cfg
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=cfg.vocab_size,
-            n_positions=cfg.context_length,
-            n_embd=cfg.emb_dim,
-            n_layer=cfg.n_layers,
-            n_head=cfg.n_heads,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-    ).eval()
-    sd = model.state_dict()
-    # GPT-2's Conv1D stores (in, out): the transpose of nn.Linear's weight
-    hf_sd = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
-             "transformer.ln_f.weight": sd["final_norm.scale"], "transformer.ln_f.bias": sd["final_norm.shift"]}  # fmt: skip
-    for i in range(cfg.n_layers):
-        p, h = f"trf_blocks.{i}.", f"transformer.h.{i}."
-        for ours, theirs, transpose in [
-            ("norm1.scale", "ln_1.weight", False), ("norm1.shift", "ln_1.bias", False),
-            ("att.qkv.weight", "attn.c_attn.weight", True), ("att.qkv.bias", "attn.c_attn.bias", False),
-            ("att.out_proj.weight", "attn.c_proj.weight", True), ("att.out_proj.bias", "attn.c_proj.bias", False),
-            ("norm2.scale", "ln_2.weight", False), ("norm2.shift", "ln_2.bias", False),
-            ("ff.layers.0.weight", "mlp.c_fc.weight", True), ("ff.layers.0.bias", "mlp.c_fc.bias", False),
-            ("ff.layers.2.weight", "mlp.c_proj.weight", True), ("ff.layers.2.bias", "mlp.c_proj.bias", False),
-        ]:  # fmt: skip
-            t = sd[p + ours]
-            hf_sd[h + theirs] = t.t().contiguous() if transpose else t
-    missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
+    from scratchllm.hub import hf_config, to_hf_state_dict
+
+    settings = {**hf_config(model.cfg), "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    hf = GPT2LMHeadModel(GPT2Config(**settings)).eval()
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
     assert not unexpected and all(
         "lm_head" in m or "attn.bias" in m or "masked_bias" in m for m in missing
     ), missing
