@@ -3,7 +3,9 @@ tests that need it skip with a reason when it is absent, as on a user's fresh cl
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,22 @@ def shared_data() -> Path:
 def _seed_torch():
     torch.manual_seed(0)
     yield
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP threads waiting for a
+    core make them several times slower (see benchmarks/RESULTS.md, Serving)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """`single_thread` for a whole test module: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    with single_thread():
+        yield

@@ -3,7 +3,6 @@ copy task, K-shot prompts, task-file errors and the `scratchllm eval` command.""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 from pathlib import Path
@@ -35,28 +34,14 @@ from scratchllm.evals import (
 from scratchllm.generate import Engine, GenerationConfig
 from scratchllm.model.gpt import GPTConfig, GPTModel
 from scratchllm.text.tokenizer import load_tokenizer
+from tests.conftest import single_thread
 
 from .conftest import shared_file
 
 WINDOW = 64  # context length of the random GPT-2: short, so long few-shot prompts get cut
 
 
-@contextlib.contextmanager
-def one_thread():
-    """The models here are tiny: on a shared machine a second thread only waits for a core
-    (and made these tests several times slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -412,7 +397,7 @@ def copy_model(tmp_path_factory):
         device="cpu",
         progress=False,
     )
-    with one_thread():
+    with single_thread():
         Trainer(model, task, cfg, tokenizer=tok, log=lambda msg: None).fit()
     return model.eval(), tok, out / "run" / "model"
 

@@ -36,14 +36,7 @@ from scratchllm.model.lora import lora_layers
 from scratchllm.text.simple import SimpleTokenizer
 from tests.conftest import shared_file
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 POS = [f"good{i}" for i in range(8)]

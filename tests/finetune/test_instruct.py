@@ -42,14 +42,7 @@ RECORDS = [
 RECORDS += [{"instruction": "Repeat the word.", "input": w, "output": w} for w in ANIMALS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Nano models gain nothing from a second thread, and on a busy machine OpenMP threads waiting for a
-    core make training several times slower (see RESULTS.md, Serving)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
