@@ -33,7 +33,8 @@ class LLM:
         from .generate import resolve_dtype
 
         dev = pick_device(device)
-        if dtype == "auto" and read_config(resolve_model(spec))[0].n_classes:
+        spec = resolve_model(spec)  # once: a hub name is fetched or found in the cache here
+        if dtype == "auto" and read_config(spec)[0].n_classes:
             dtype = torch.float32  # classifiers: the exact probabilities `scratchllm classify` prints
         elif isinstance(dtype, str):
             dtype = resolve_dtype(dtype, dev)

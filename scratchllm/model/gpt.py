@@ -227,7 +227,7 @@ class GPTModel(nn.Module):
 
         `targets` (batch, T): return instead the mean next-token cross-entropy against them (targets
         equal to `ignore_index` do not count), computed with the head by `linear_cross_entropy`,
-        which never holds all the logits at once (model/loss.py).
+        which never materializes the fp32 logits (model/loss.py).
 
         `kv_cache`: positions continue from `kv_cache.pos`; the new keys/values are appended.
         `padding_mask`: bool (batch, S) with S = cached + new positions, False at left padding; padded

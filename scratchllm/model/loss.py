@@ -5,12 +5,13 @@ position: for GPT-2's 50,257-word vocabulary, a batch of 8 x 256 tokens makes a 
 which is then read and written again by the softmax, its backward, the bf16/fp32 casts and the zero
 fill of its gradient. On a CPU those passes over memory cost about a third of a training step.
 
-`linear_cross_entropy` gives the same loss and gradients without ever holding more than `chunk`
-rows of logits: for each chunk it computes the logits, their log-sum-exp, the loss, and right away
-the gradient of the logits, softmax(logits) - onehot(target), which it multiplies back into the
-gradients of the hidden states and of the head's weight. The backward pass then only scales
-those by the incoming gradient. The matrix multiplies are the same ones autograd would run; what
-goes away is the traffic.
+`linear_cross_entropy` gives the same loss and gradients with one pass over the logits: for each
+chunk of rows it computes the logits in the compute dtype, upcasts that chunk (small enough to stay
+in cache) for the softmax, its log-sum-exp and the loss, and right away writes the gradient of the
+logits, (softmax - onehot(target)) / count, into one (rows, vocab) tensor in the compute dtype (bf16
+under autocast). That tensor is the only full-size one it keeps; the backward pass multiplies it into
+the gradients of the hidden states and of the head's weight. The matrix multiplies are the same ones
+autograd would run; what goes away is the fp32 logits, the separate softmax passes and their traffic.
 """
 
 from __future__ import annotations
