@@ -68,3 +68,34 @@ def test_model_targets_give_the_loss_of_its_logits_tied_or_not():
         assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
         for a, b in zip(grads, ref_grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_chunk_sizes_fit_a_cpu_cache_and_fill_a_gpu():
+    from scratchllm.model.loss import chunk_rows_for
+
+    assert chunk_rows_for("cpu", 50257) == 128
+    assert chunk_rows_for("cuda", 50257) == 2048
+    assert chunk_rows_for("cpu", 10**9) == 16  # never fewer rows than that, whatever the vocabulary
+    h, w = torch.randn(300, 8, requires_grad=True), torch.randn(50257, 8, requires_grad=True)
+    t = torch.randint(0, 50257, (300,))
+    assert linear_cross_entropy(h, w, t).item() == pytest.approx(_reference(h, w, t).item(), rel=1e-6)
+
+
+def test_under_torch_compile_the_model_takes_the_plain_loss(monkeypatch):
+    """The compiler fuses the plain head + cross-entropy itself, better than it compiles the hand-fused
+    loss's chunk loop; the model must pick the plain path while compiling, with the same loss."""
+    import scratchllm.model.gpt as gpt
+
+    torch.manual_seed(3)
+    model = GPTModel(
+        GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_layers=1, n_heads=4, drop_rate=0.0)
+    )
+    x, y = torch.randint(0, 61, (2, 16)), torch.randint(0, 61, (2, 16))
+    eager = model(x, targets=y)
+
+    def fused_not_allowed(*args, **kwargs):
+        raise AssertionError("the hand-fused loss ran while compiling")
+
+    monkeypatch.setattr(gpt, "linear_cross_entropy", fused_not_allowed)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert model(x, targets=y).item() == pytest.approx(eager.item(), rel=1e-6)

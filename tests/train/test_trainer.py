@@ -104,6 +104,20 @@ def test_grad_accumulation_equals_a_bigger_batch(tmp_path):
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager_mode(tmp_path):
+    """`--compile`: the compiled model (plain loss, fused by the compiler) follows the eager run."""
+    losses = []
+    for compiled in (False, True):
+        run = tmp_path / f"compile-{compiled}"
+        model, task, cfg = _setup(run, drop_rate=0.0, max_steps=6, eval_every=0, compile=compiled)
+        result = Trainer(model, task, cfg).fit()
+        assert result.steps == 6
+        lines = (run / "run" / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(x)["loss"] for x in lines if '"train"' in x])
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4)
+
+
 def test_token_budget_stops_early(tmp_path):
     model, task, cfg = _setup(tmp_path, max_steps=100, max_tokens=32 * 4 * 7)
     result = Trainer(model, task, cfg).fit()
