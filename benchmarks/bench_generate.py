@@ -7,6 +7,7 @@ script measures the read bandwidth (a large tensor sum) and reports how close ea
 
     .venv/bin/python benchmarks/bench_generate.py              # the full run (a few minutes)
     .venv/bin/python benchmarks/bench_generate.py --quick      # fewer tokens and repeats
+    python benchmarks/bench_generate.py --device cuda          # on a GPU (adds "transformers bf16")
 
 Candidates run in rotation (A B C A B C ...) so that load changes on a shared machine hit them
 alike; each figure is the best of --repeats runs. On an oversubscribed machine run it with
@@ -17,6 +18,7 @@ PyTorch program on the main thread several-fold (see RESULTS.md).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import statistics
@@ -38,17 +40,30 @@ def load_average() -> str:
         return "n/a"
 
 
-def read_bandwidth(repeats: int = 7) -> float:
-    """GB/s of summing a 512 MiB fp32 tensor (reads it once), best of `repeats`."""
-    x = torch.ones(128 * 1024 * 1024)
+CPU = torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on a GPU, so that a timer read next counts it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def read_bandwidth(repeats: int = 7, device: torch.device = CPU) -> float:
+    """GB/s of summing a 512 MiB fp32 tensor (reads it once), best of `repeats`; on a GPU each timing
+    covers 10 sums, so that the launch and synchronization overhead is spread over more bytes."""
+    x = torch.ones(128 * 1024 * 1024, device=device)
     x.sum()
-    best = min(_timed(lambda: x.sum()) for _ in range(repeats))
-    return x.numel() * 4 / best / 1e9
+    n = 1 if device.type == "cpu" else 10
+    best = min(_timed(lambda: [x.sum() for _ in range(n)], device) for _ in range(repeats))
+    return n * x.numel() * 4 / best / 1e9
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _timed(fn: Callable[[], object], device: torch.device = CPU) -> float:
+    sync(device)
     t = time.perf_counter()
     fn()
+    sync(device)
     return time.perf_counter() - t
 
 
@@ -132,7 +147,22 @@ def main() -> None:
     ap.add_argument("--book-uncached-tokens", type=int, default=128, help="new tokens for the slow book loop")
     ap.add_argument("--quick", action="store_true", help="32 new tokens, 2 repeats")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = ap.parse_args()
+    if args.device == "cpu":
+        dev = CPU
+    else:
+        from scratchllm.device import pick_device
+        from scratchllm.errors import ScratchLLMError
+
+        try:
+            dev = pick_device(args.device)
+        except ScratchLLMError as e:
+            raise SystemExit(f"error: {e}") from None
+        if dev.type != "cuda":
+            raise SystemExit(f"error: --device {args.device}: this benchmark runs on cpu or cuda")
+    gpu = dev.type == "cuda"
+    has_book = importlib.util.find_spec("llms_from_scratch") is not None
     if args.quick:
         args.new_tokens, args.repeats, args.book_uncached_tokens = 32, 2, 32
     if args.threads:
@@ -145,33 +175,46 @@ def main() -> None:
     print(
         f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: libgomp spins)')}; load average at start: {load_average()}"
     )
-    bw = read_bandwidth()
+    if gpu:
+        print(f"# device: {dev} ({torch.cuda.get_device_name(dev)}); every timing synchronizes the GPU "
+              f"before reading the clock; float32 matmul precision {torch.get_float32_matmul_precision()!r}")  # fmt: skip
+    if not has_book:
+        print("# llms_from_scratch is not installed: the book's contenders are skipped")
+    bw = read_bandwidth(device=dev)
     print(f"read bandwidth (sum of a 512 MiB tensor, best of 7): {bw:.1f} GB/s")
 
     model = GPTModel(preset_config("gpt2", drop_rate=0.0)).eval()
     model_bf16 = GPTModel(model.cfg).eval().to(torch.bfloat16)
     model_bf16.load_state_dict(model.state_dict())
-    book, book_cfg = to_book(model)
-    book_kv = to_book_kv(model, book_cfg)
+    book = book_kv = None
+    if has_book:
+        book, book_cfg = to_book(model)
+        book_kv = to_book_kv(model, book_cfg)
     hf = to_transformers(model)
+    # on a GPU: transformers with bf16 weights too, as its GPU users run it
+    hf_bf16 = to_transformers(model).to(device=dev, dtype=torch.bfloat16) if gpu else None
+    # every model is built on the CPU from the same weights, then moved (a no-op on the CPU)
+    for m in (model, model_bf16, book, book_kv, hf):
+        if m is not None:
+            m.to(dev)
     ctx = model.cfg.context_length
     n_new = args.new_tokens
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 50256, (1, args.prompt_len), generator=g)
+    prompt_d = prompt.to(dev)  # for transformers and the book (the engine takes token lists)
     greedy = GenerationConfig(max_new_tokens=n_new, ignore_eos=True)
 
-    engines = {
-        "ours fp32": Engine(model),
-        "ours fp32, PyTorch's default linear kernels": Engine(model, prepack=False),
-        "ours bf16 weights": Engine(model_bf16),
-    }
+    engines = {"ours fp32": Engine(model)}
+    if not gpu:  # prepacking is for CPUs: on a GPU both engines would be the same
+        engines["ours fp32, PyTorch's default linear kernels"] = Engine(model, prepack=False)
+    engines["ours bf16 weights"] = Engine(model_bf16)
 
     def ours(name: str, prompts: list[list[int]], cfg: GenerationConfig = greedy) -> list[list[int]]:
         return [c.token_ids for c in engines[name].generate(prompts, cfg)]
 
-    def hf_generate(ids: torch.Tensor, n: int) -> torch.Tensor:
+    def hf_generate(ids: torch.Tensor, n: int, lm: nn.Module = hf) -> torch.Tensor:
         with torch.inference_mode():
-            return hf.generate(ids, max_new_tokens=n, do_sample=False, use_cache=True,
+            return lm.generate(ids, max_new_tokens=n, do_sample=False, use_cache=True,
                                attention_mask=torch.ones_like(ids))[:, ids.shape[1]:]  # fmt: skip
 
     def book_kv_generate(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -194,26 +237,35 @@ def main() -> None:
     # -- correctness first: every candidate must produce the same tokens from the same weights
     p = prompt[0].tolist()
     ref = ours("ours fp32", [p])[0]
-    checks = {
-        "ours fp32, PyTorch's default linear kernels": ours(
+    checks = {}
+    if not gpu:
+        checks["ours fp32, PyTorch's default linear kernels"] = ours(
             "ours fp32, PyTorch's default linear kernels", [p]
-        )[0],
-        "ours, no KV cache": ours("ours fp32", [p], greedy.replace(use_cache=False, max_new_tokens=32))[0],
-        "transformers": hf_generate(prompt, n_new)[0].tolist(),
-        "book generate_text_simple (uncached)": generate_text_simple(book, prompt, 32, ctx)[0, -32:].tolist(),
-        "ours bf16 weights": ours("ours bf16 weights", [p])[0],
-    }
-    try:
-        checks["book kv-cache loop"] = book_kv_generate(prompt, n_new)[0].tolist()
-        book_kv_error = None
-    except Exception as e:  # the package's kv_cache GPTModel fails on its first one-token step
-        book_kv_error = f"{type(e).__name__}: {e}"
+        )[0]
+    no_cache = greedy.replace(use_cache=False, max_new_tokens=32)
+    checks["ours, no KV cache"] = ours("ours fp32", [p], no_cache)[0]
+    checks["transformers"] = hf_generate(prompt_d, n_new)[0].tolist()
+    if book is not None:
+        uncached = generate_text_simple(book, prompt_d, 32, ctx)
+        checks["book generate_text_simple (uncached)"] = uncached[0, -32:].tolist()
+    checks["ours bf16 weights"] = ours("ours bf16 weights", [p])[0]
+    if hf_bf16 is not None:
+        checks["transformers bf16 weights"] = hf_generate(prompt_d, n_new, hf_bf16)[0].tolist()
+    book_kv_error = None if book_kv is not None else "llms_from_scratch is not installed"
+    if book_kv is not None:
+        try:
+            checks["book kv-cache loop"] = book_kv_generate(prompt_d, n_new)[0].tolist()
+            book_kv_error = None
+        except Exception as e:  # the package's kv_cache GPTModel fails on its first one-token step
+            book_kv_error = f"{type(e).__name__}: {e}"
     print(f"\nsame greedy tokens as ours fp32 ({n_new} tokens; the uncached runs compare their first 32):")
     for name, toks in checks.items():
         same = toks == ref[: len(toks)]
         agree = next((i for i, (a, b) in enumerate(zip(toks, ref)) if a != b), len(toks))
         print(f"  {name:45s} {'yes' if same else f'no (first {agree} agree)'}")
-    if book_kv_error:
+    if gpu:
+        print("  (bf16 runs, and fp32 ones with other GPU kernels, may part from fp32 after a near-tie)")
+    if book_kv_error and has_book:
         print(f"  llms_from_scratch.kv_cache.gpt2.GPTModel is not usable: {book_kv_error}")
 
     # -- batch 1 decoding speed
@@ -223,24 +275,29 @@ def main() -> None:
     candidates: dict[str, Callable[[], float]] = {
         "ours fp32": lambda: len(ours("ours fp32", [p])[0]),
         "ours bf16 weights": lambda: len(ours("ours bf16 weights", [p])[0]),
-        "ours fp32, PyTorch's default linear kernels": lambda: len(
-            ours("ours fp32, PyTorch's default linear kernels", [p])[0]
-        ),
-        "transformers GPT2LMHeadModel.generate (KV cache)": lambda: hf_generate(prompt, n_new).shape[1],
     }
+    if not gpu:
+        candidates["ours fp32, PyTorch's default linear kernels"] = lambda: len(
+            ours("ours fp32, PyTorch's default linear kernels", [p])[0]
+        )
+    hf_name = "transformers GPT2LMHeadModel.generate (KV cache)"
+    candidates[hf_name] = lambda: hf_generate(prompt_d, n_new).shape[1]
+    if hf_bf16 is not None:
+        candidates["transformers bf16 weights"] = lambda: hf_generate(prompt_d, n_new, hf_bf16).shape[1]
     if not book_kv_error:
-        candidates["book kv-cache loop"] = lambda: book_kv_generate(prompt, n_new).shape[1]
+        candidates["book kv-cache loop"] = lambda: book_kv_generate(prompt_d, n_new).shape[1]
     # the bandwidth too, in the rotation: on a shared machine it changes with the neighbours' load
-    big = torch.ones(128 * 1024 * 1024)
+    big = torch.ones(128 * 1024 * 1024, device=dev)
     candidates["(read bandwidth, GB/s)"] = lambda: big.sum().item() * 4 / 1e9  # GB read
-    rates = rotate(candidates, args.repeats)
+    rates = rotate(candidates, args.repeats, dev)
     bw = max(bw, *rates.pop("(read bandwidth, GB/s)"))
     print(f"  read bandwidth, best of the start and the rotation: {bw:.1f} GB/s")
     uncached_n = args.book_uncached_tokens
-    rates["book generate_text_simple (uncached)"] = [
-        uncached_n / _timed(lambda: generate_text_simple(book, prompt, uncached_n, ctx))
-    ]
-    hf_best = max(rates["transformers GPT2LMHeadModel.generate (KV cache)"])
+    if book is not None:
+        rates["book generate_text_simple (uncached)"] = [
+            uncached_n / _timed(lambda: generate_text_simple(book, prompt_d, uncached_n, ctx), dev)
+        ]
+    hf_best = max(rates[hf_name])
     bytes32 = weight_bytes_per_token(model)
     for name, r in rates.items():
         best = max(r)
@@ -251,6 +308,7 @@ def main() -> None:
 
     # -- batch 8
     bp = torch.randint(0, 50256, (args.batch, args.prompt_len), generator=g)
+    bp_d = bp.to(dev)
     lens = [args.prompt_len - 3 * i for i in range(args.batch)]
     mixed = [bp[i, : lens[i]].tolist() for i in range(args.batch)]
     print(
@@ -262,43 +320,53 @@ def main() -> None:
         f"ours fp32, prompt lengths {lens[-1]}..{lens[0]} (left padding)": lambda: sum(
             map(len, ours("ours fp32", mixed))
         ),
-        "transformers": lambda: hf_generate(bp, n_new).numel(),
+        "transformers": lambda: hf_generate(bp_d, n_new).numel(),
     }
-    rates = rotate(candidates, args.repeats)
+    if hf_bf16 is not None:
+        candidates["transformers bf16 weights"] = lambda: hf_generate(bp_d, n_new, hf_bf16).numel()
+    rates = rotate(candidates, args.repeats, dev)
     hf_best = max(rates["transformers"])
     for name, r in rates.items():
         print(f"  {name:50s} {max(r):7.1f}  {max(r) / hf_best:5.2f}x transformers")
 
     # -- first token of a long prompt
     long_prompt = torch.randint(0, 50256, (1, args.long_prompt), generator=g)
+    long_d = long_prompt.to(dev)
     one = GenerationConfig(max_new_tokens=1, ignore_eos=True)
     lp = long_prompt[0].tolist()
     print(f"\nfirst-token latency, {args.long_prompt}-token prompt (best of {args.repeats}; ms):")
     candidates = {
         "ours fp32": lambda: ours("ours fp32", [lp], one) and 1,
         "ours bf16 weights": lambda: ours("ours bf16 weights", [lp], one) and 1,
-        "transformers": lambda: hf_generate(long_prompt, 1).shape[1],
-        "book (one forward pass)": lambda: (
-            generate_text_simple(book, long_prompt, 1, ctx).shape[1] - args.long_prompt
-        ),
+        "transformers": lambda: hf_generate(long_d, 1).shape[1],
     }
-    rates = rotate(candidates, args.repeats)
+    if hf_bf16 is not None:
+        candidates["transformers bf16 weights"] = lambda: hf_generate(long_d, 1, hf_bf16).shape[1]
+    if book is not None:
+        candidates["book (one forward pass)"] = lambda: (
+            generate_text_simple(book, long_d, 1, ctx).shape[1] - args.long_prompt
+        )
+    rates = rotate(candidates, args.repeats, dev)
     hf_ms = 1000 / max(rates["transformers"])
     for name, r in rates.items():
         ms = 1000 / max(r)
-        print(f"  {name:50s} {ms:7.0f}  {ms / hf_ms:5.2f}x transformers' time")
+        print(f"  {name:50s} {ms:7.{2 if gpu else 0}f}  {ms / hf_ms:5.2f}x transformers' time")
     print(f"\n# load average at end: {load_average()}")
 
 
-def rotate(candidates: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+def rotate(
+    candidates: dict[str, Callable[[], float]], repeats: int, device: torch.device = CPU
+) -> dict[str, list[float]]:
     """Tokens per second of each candidate, run in rotation `repeats` times (after one warm-up each)."""
     for fn in candidates.values():
         fn()
     rates: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
+            sync(device)
             t = time.perf_counter()
             n = fn()
+            sync(device)
             rates[name].append(n / (time.perf_counter() - t))
     return rates
 
