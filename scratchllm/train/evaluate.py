@@ -28,16 +28,6 @@ def next_token_loss(
     return model(inputs, targets=targets, ignore_index=ignore_index)
 
 
-# Logits per evaluation forward pass: evaluation keeps no activations for a backward pass, so it can run
-# more rows at once than a training batch (fewer, larger matrix products); 32M fp32 logits are 128 MB.
-EVAL_LOGITS = 32 * 2**20
-
-
-def eval_batch_size(batch_size: int, context_length: int, vocab_size: int, most: int = 512) -> int:
-    """Rows per evaluation forward pass: the training batch, or more where the logits stay small."""
-    return max(batch_size, min(most, EVAL_LOGITS // (context_length * vocab_size)))
-
-
 @torch.no_grad()
 def token_loss(
     model: nn.Module,

@@ -26,7 +26,7 @@ from ..model.gpt import GPTModel, preset_config
 from ..text.sampling import PreparedData, TokenWindows, load_prepared
 from ..text.tokenizer import Tokenizer
 from .distributed import DistInfo, barrier, init_distributed
-from .evaluate import eval_batch_size, next_token_loss, perplexity, token_loss
+from .evaluate import next_token_loss, perplexity, token_loss
 from .trainer import Task, Trainer, TrainerConfig, TrainResult
 
 
@@ -144,10 +144,11 @@ class LanguageModelTask(Task):
         training loss over as many windows from the start of the training split, for comparison."""
         device = next(model.parameters()).device
         windows = self.eval_batches * self.batch_size * self.world_size or None
-        rows = eval_batch_size(self.batch_size, self.context_length, model.cfg.vocab_size)
-        val_sum, val_n = token_loss(model, self.val_tokens, self.context_length, rows, amp, windows, device)
+        val_sum, val_n = token_loss(
+            model, self.val_tokens, self.context_length, self.batch_size, amp, windows, device
+        )
         n_val_windows = -(-(len(self.val_tokens) - 1) // self.context_length)
-        train_sum, train_n = token_loss(model, self.train_tokens, self.context_length, rows, amp,
+        train_sum, train_n = token_loss(model, self.train_tokens, self.context_length, self.batch_size, amp,
                                         windows or n_val_windows, device)  # fmt: skip
         val = val_sum / val_n
         return {"train_loss": train_sum / train_n, "val_loss": val, "val_ppl": perplexity(val)}

@@ -9,8 +9,7 @@ import torch
 
 from scratchllm.checkpoint import load_model
 from scratchllm.cli import main
-from scratchllm.model.gpt import GPTModel, preset_config
-from scratchllm.train.evaluate import eval_batch_size, evaluate_text, token_loss
+from scratchllm.train.evaluate import evaluate_text, token_loss
 
 FAST = ["--model", "nano", "--context-length", "32", "--batch-size", "4", "--eval-batches", "2", "--warmup-steps",
         "2", "--progress", "false", "--sample-tokens", "8", "--sample-prompts", "the", "--workers", "1",
@@ -79,17 +78,6 @@ def test_token_loss_counts_every_prediction_once():
     tokens = np.arange(23) % 10
     total, count = token_loss(model, tokens, context_length=5, batch_size=2)
     assert count == 22
-
-
-def test_evaluation_batches_grow_while_the_logits_stay_small_and_give_the_same_loss():
-    assert eval_batch_size(12, 64, 67) == 512  # a character model: up to 512 rows per pass
-    assert eval_batch_size(8, 256, 50257) == 8  # GPT-2's vocabulary: the training batch
-    assert eval_batch_size(4, 128, 4096) == 64
-    model = GPTModel(preset_config("nano", vocab_size=67, context_length=16)).eval()
-    tokens = np.random.default_rng(0).integers(0, 67, 5000)
-    small = token_loss(model, tokens, context_length=16, batch_size=3)
-    large = token_loss(model, tokens, context_length=16, batch_size=eval_batch_size(3, 16, 67))
-    assert small[1] == large[1] == 4999 and small[0] == pytest.approx(large[0], rel=1e-5)
 
 
 def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
