@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def test_grad_accumulation_equals_a_bigger_batch(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler (g++)")
 def test_torch_compile_trains_like_eager_mode(tmp_path):
     """`--compile`: the compiled model (plain loss, fused by the compiler) follows the eager run."""
     losses = []
