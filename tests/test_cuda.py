@@ -15,32 +15,19 @@ from scratchllm.cli import main
 from scratchllm.generate import Engine, GenerationConfig
 from scratchllm.model.gpt import GPTModel, preset_config
 from scratchllm.text.bpe import BPETokenizer
-from scratchllm.train.pretrain import LanguageModelTask
-from scratchllm.train.trainer import Trainer, TrainerConfig
+from scratchllm.train.trainer import Trainer
+from tests.train.test_trainer import VOCAB, _setup  # the same nano run, moved to the GPU
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-VOCAB = 64
-
-
-def _tokens(n: int = 20_000) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    base = np.arange(n) % VOCAB
-    noise = rng.random(n) < 0.1
-    base[noise] = rng.integers(0, VOCAB, noise.sum())
-    return base.astype(np.uint16)
-
 
 def _trainer(tmp_path, name: str = "run", **overrides) -> Trainer:
-    torch.manual_seed(0)
-    model = GPTModel(preset_config("nano", vocab_size=VOCAB, context_length=32, drop_rate=0.0))
-    tokens = _tokens()
-    task = LanguageModelTask(tokens[:18_000], tokens[18_000:], context_length=32, batch_size=8, seed=1,
-                             eval_batches=2)  # fmt: skip
-    settings = dict(out_dir=str(tmp_path / name), max_steps=40, warmup_steps=2, lr=3e-3, min_lr=3e-4,
-                    eval_every=20, checkpoint_every=20, log_every=1, device="cuda", progress=False, batch_size=8)  # fmt: skip
-    settings.update(overrides)
-    return Trainer(model, task, TrainerConfig(**settings))
+    """test_trainer's nano run moved to the GPU, with the default precision; it writes to tmp_path/name/run."""
+    settings = dict(
+        max_steps=40, eval_every=20, checkpoint_every=20, device="cuda", precision="auto", batch_size=8
+    )
+    model, task, cfg = _setup(tmp_path / name, drop_rate=0.0, **{**settings, **overrides})
+    return Trainer(model, task, cfg)
 
 
 def _losses(run) -> list[float]:
@@ -54,11 +41,11 @@ def test_training_on_cuda_defaults_to_bf16_and_fused_adamw_and_learns(tmp_path):
     assert trainer.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     assert trainer.optimizer.defaults.get("fused") is True
     trainer.fit()
-    losses = _losses(tmp_path / "run")
+    losses = _losses(tmp_path / "run" / "run")
     assert len(losses) == 40 and all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
     # the saved weights are plain fp32 tensors that load on the CPU and give the GPU's logits
-    on_cpu = load_model(tmp_path / "run" / "model", device="cpu").model.eval()
+    on_cpu = load_model(tmp_path / "run" / "run" / "model", device="cpu").model.eval()
     x = torch.randint(0, VOCAB, (2, 32))
     trainer.model.eval()
     with torch.no_grad():
@@ -71,7 +58,7 @@ def test_fp16_with_grad_scaling_and_fp32_train_on_cuda(tmp_path, precision):
     trainer = _trainer(tmp_path, precision=precision, max_steps=30, eval_every=0, checkpoint_every=0)
     assert (trainer.scaler is not None) == (precision == "fp16")
     trainer.fit()
-    losses = _losses(tmp_path / "run")
+    losses = _losses(tmp_path / "run" / "run")
     assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
 
 
@@ -80,9 +67,9 @@ def test_resume_on_cuda_continues_the_same_run(tmp_path):
     sums, so the resumed losses must match closely, not bit for bit."""
     _trainer(tmp_path, "full", precision="fp32").fit()
     _trainer(tmp_path, "resumed", precision="fp32").fit(
-        str(tmp_path / "full" / "checkpoints" / "step-000020")
+        str(tmp_path / "full" / "run" / "checkpoints" / "step-000020")
     )
-    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    full, resumed = _losses(tmp_path / "full" / "run"), _losses(tmp_path / "resumed" / "run")
     assert len(full) == 40 and len(resumed) == 20
     np.testing.assert_allclose(resumed, full[20:], rtol=1e-4, atol=1e-4)
 
