@@ -2,8 +2,8 @@
 
 A source is one of
 - `builtin`: the English reference documentation bundled with every CPython
-  (`pydoc_data.topics`, about 465 KB in 79 topics, cut into ~300 section documents), so every
-  command has an offline default;
+  (`pydoc_data.topics`, about 465 KB in 79 topics, cut into 300 section documents on Python 3.11
+  and 353 on 3.12), so every command has an offline default;
 - a text file, a directory (read recursively: *.txt, *.md, *.rst, *.text), or a glob (`docs/**/*.py`);
 - `hf:NAME[:SPLIT]`: a Hugging Face dataset's `text` column (needs `pip install scratchllm[hf]` and a
   network, or the datasets cache).

@@ -7,6 +7,7 @@ import pytest
 from scratchllm.cli import main
 from scratchllm.text import gpt2
 from scratchllm.text.bpe import BPETokenizer
+from scratchllm.text.corpus import builtin_documents
 from scratchllm.text.tokenizer import load_tokenizer
 from tests.conftest import shared_file
 from tests.text.test_bpe import MIXED_CORPUS
@@ -63,7 +64,9 @@ def test_train_on_the_builtin_corpus_offline(tmp_path, capsys):
     out = tmp_path / "builtin-tok"
     assert main(["tokenizer", "train", "--vocab-size", "300", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "trained 300 tokens" in printed and "bytes/token" in printed and "300 documents" in printed
+    # the topic count differs between Python versions (300 sections on 3.11, 353 on 3.12)
+    n_docs = len(builtin_documents())
+    assert "trained 300 tokens" in printed and "bytes/token" in printed and f"{n_docs} documents" in printed
     assert load_tokenizer(out).vocab_size == 300
     # training again into the same directory replaces it
     assert (
