@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="32 new tokens, 2 repeats")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time Engine(compile=True): torch.compile, CUDA graphs on GPUs")  # fmt: skip
     args = ap.parse_args()
     if args.device == "cpu":
         dev = CPU
@@ -208,6 +210,10 @@ def main() -> None:
     if not gpu:  # prepacking is for CPUs: on a GPU both engines would be the same
         engines["ours fp32, PyTorch's default linear kernels"] = Engine(model, prepack=False)
     engines["ours bf16 weights"] = Engine(model_bf16)
+    compiled = [f"ours {w} compiled" for w in ("fp32", "bf16 weights")] if args.compile else []
+    if args.compile:
+        engines["ours fp32 compiled"] = Engine(model, compile=True)
+        engines["ours bf16 weights compiled"] = Engine(model_bf16, compile=True)
 
     def ours(name: str, prompts: list[list[int]], cfg: GenerationConfig = greedy) -> list[list[int]]:
         return [c.token_ids for c in engines[name].generate(prompts, cfg)]
@@ -249,6 +255,10 @@ def main() -> None:
         uncached = generate_text_simple(book, prompt_d, 32, ctx)
         checks["book generate_text_simple (uncached)"] = uncached[0, -32:].tolist()
     checks["ours bf16 weights"] = ours("ours bf16 weights", [p])[0]
+    for name in compiled:  # the first call of each batch size compiles
+        t = time.perf_counter()
+        checks[name] = ours(name, [p])[0]
+        print(f"  ({name}: first call, compilation included, {time.perf_counter() - t:.1f} s)")
     if hf_bf16 is not None:
         checks["transformers bf16 weights"] = hf_generate(prompt_d, n_new, hf_bf16)[0].tolist()
     book_kv_error = None if book_kv is not None else "llms_from_scratch is not installed"
@@ -276,6 +286,8 @@ def main() -> None:
         "ours fp32": lambda: len(ours("ours fp32", [p])[0]),
         "ours bf16 weights": lambda: len(ours("ours bf16 weights", [p])[0]),
     }
+    for name in compiled:
+        candidates[name] = lambda name=name: len(ours(name, [p])[0])
     if not gpu:
         candidates["ours fp32, PyTorch's default linear kernels"] = lambda: len(
             ours("ours fp32, PyTorch's default linear kernels", [p])[0]
@@ -322,6 +334,8 @@ def main() -> None:
         ),
         "transformers": lambda: hf_generate(bp_d, n_new).numel(),
     }
+    for name in compiled:
+        candidates[name] = lambda name=name: sum(map(len, ours(name, bp.tolist())))
     if hf_bf16 is not None:
         candidates["transformers bf16 weights"] = lambda: hf_generate(bp_d, n_new, hf_bf16).numel()
     rates = rotate(candidates, args.repeats, dev)

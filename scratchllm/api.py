@@ -23,12 +23,19 @@ class LLM:
         self.config = loaded.config
         self.extra = loaded.extra
         self._engine: Engine | None = None
+        self.compile = False  # generate with CompiledDecoding (torch.compile, CUDA graphs)
 
     @classmethod
-    def load(cls, spec: str | os.PathLike, device: str = "auto", dtype: torch.dtype | str = "auto") -> LLM:
+    def load(
+        cls,
+        spec: str | os.PathLike,
+        device: str = "auto",
+        dtype: torch.dtype | str = "auto",
+        compile: bool = False,
+    ) -> LLM:
         """A model directory, or `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` (downloaded once).
         `dtype` "auto" is what the CLI uses: for generation bf16 where the hardware runs it fast, else
-        fp32; fp32 for classifiers."""
+        fp32; fp32 for classifiers. `compile`: generate with `CompiledDecoding` (for GPUs)."""
         from .device import pick_device
         from .generate import resolve_dtype
 
@@ -38,14 +45,16 @@ class LLM:
             dtype = torch.float32  # classifiers: the exact probabilities `scratchllm classify` prints
         elif isinstance(dtype, str):
             dtype = resolve_dtype(dtype, dev)
-        return cls(load_model(spec, device=dev, dtype=dtype))
+        llm = cls(load_model(spec, device=dev, dtype=dtype))
+        llm.compile = compile
+        return llm
 
     @property
     def engine(self) -> Engine:
         if self._engine is None:
             if self.config.n_classes:
                 raise ScratchLLMError("this model is a classifier: use .classify(texts), not text generation")
-            self._engine = Engine(self.model, self.tokenizer)
+            self._engine = Engine(self.model, self.tokenizer, compile=self.compile)
         return self._engine
 
     def complete(
@@ -75,6 +84,8 @@ class LLM:
         return f"LLM({self.loaded.path}, {kind}, {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters)"
 
 
-def load(spec: str | os.PathLike, device: str = "auto", dtype: torch.dtype | str = "auto") -> LLM:
+def load(
+    spec: str | os.PathLike, device: str = "auto", dtype: torch.dtype | str = "auto", compile: bool = False
+) -> LLM:
     """Load a model directory or GPT-2 for use; see `LLM`."""
-    return LLM.load(spec, device=device, dtype=dtype)
+    return LLM.load(spec, device=device, dtype=dtype, compile=compile)

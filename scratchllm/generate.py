@@ -34,7 +34,7 @@ import math
 import secrets
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -276,6 +276,66 @@ def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Compiled decoding (fixed shapes, CUDA graphs)
+
+
+class CompiledDecoding:
+    """One-token decode steps under `torch.compile`, over caches in static mode (`KVCache.freeze`).
+
+    An eager step launches a few hundred small kernels from Python (about 15 per block); on a GPU
+    that, not the arithmetic, sets the decoding speed of GPT-2 sized models (benchmarks/RESULTS.md).
+    With every shape and buffer fixed, the compiler fuses the step, and on CUDA
+    (`mode="reduce-overhead"`) records it once as a CUDA graph that each later step replays. The
+    first step of each batch size compiles (seconds to a minute); one cache of `context_length`
+    slots per batch size is kept, so later generations reuse the compiled step.
+    """
+
+    def __init__(self, model: GPTModel, mode: str | None = "auto", compile: bool = True):
+        """`mode`: torch.compile's mode; "auto" is "reduce-overhead" (CUDA graphs) on CUDA, else the
+        default. `compile=False` runs the same fixed-shape steps eagerly (to test or debug them)."""
+        self.model = model
+        self.mode = mode
+        self.compile = compile
+        self._caches: dict[tuple[int, torch.dtype | None], KVCache] = {}
+        self._step: Callable[[GPTModel, KVCache], torch.Tensor] | None = None
+
+    def cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
+        """The (reset) cache for this batch size, allocated and marked static on first use."""
+        device = self.model.tok_emb.weight.device
+        cache = self._caches.get((batch_size, dtype))
+        if cache is None or cache.k[0].device != device:
+            with torch.inference_mode(False):  # plain tensors, updated in place by the compiled step
+                cache = self.model.new_kv_cache(batch_size, self.model.cfg.context_length, dtype=dtype)
+                cache.freeze()  # allocates the static-mode buffers
+            for t in (*cache.k, *cache.v, cache.slot, cache.valid, cache.positions, cache.tokens):
+                torch._dynamo.mark_static_address(t)  # CUDA graphs read them in place, never copied
+            self._caches[(batch_size, dtype)] = cache
+        cache.reset()
+        return cache
+
+    def step(self, cache: KVCache) -> torch.Tensor:
+        """fp32 logits (batch, vocab) of the tokens in `cache.tokens`; advances the cache's slot."""
+        if self._step is None:
+            mode = self.mode
+            if mode == "auto":
+                mode = "reduce-overhead" if cache.k[0].device.type == "cuda" else None
+            self._step = (
+                torch.compile(_static_step, mode=mode, fullgraph=True, dynamic=False)
+                if self.compile
+                else _static_step
+            )
+        if self.compile and cache.k[0].device.type == "cuda":
+            # a new step: the previous step's outputs (already sampled from) may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._step(self.model, cache)
+
+
+def _static_step(model: GPTModel, cache: KVCache) -> torch.Tensor:
+    hidden = model(cache.tokens, kv_cache=cache, return_hidden=True)
+    return model.out_head(hidden[:, -1]).float()
+
+
+# ----------------------------------------------------------------------------------------------
 # 2. The token-level core
 
 
@@ -292,6 +352,10 @@ class Decoder:
     index in `prompts`); `finish(rows)` takes rows out of the batch. The decoder stops a row by
     itself only after `max_new_tokens`. Prompts longer than the context window keep their last
     `context_length` tokens (with a warning).
+
+    `compiled`: run the one-token steps through a `CompiledDecoding` (fixed shapes, torch.compile,
+    CUDA graphs on GPUs). Its cache keeps every row, so finished rows stay in the batch (their
+    results are dropped) instead of leaving it.
     """
 
     def __init__(
@@ -307,6 +371,7 @@ class Decoder:
         use_cache: bool = True,
         kernels: PackedLinears | None = None,
         cache_dtype: torch.dtype | None = None,
+        compiled: CompiledDecoding | None = None,
     ):
         if not prompts:
             raise ScratchLLMError("generation: no prompts given")
@@ -323,6 +388,9 @@ class Decoder:
         self.use_cache = use_cache
         self.kernels = kernels if kernels is not None and kernels.refresh() else None
         self.cache_dtype = cache_dtype
+        self.compiled = compiled if use_cache else None
+        if self.compiled is not None:
+            self.kernels = None  # the compiler picks the kernels
         self.device = model.tok_emb.weight.device
         self.history: list[deque[int]] = []  # per row: the last context_length tokens
         for i, p in enumerate(prompts):
@@ -350,6 +418,7 @@ class Decoder:
         self._cache: KVCache | None = None
         self._pad: torch.Tensor | None = None  # (batch, cache.max_len) bool, False at left padding
         self._last: torch.Tensor | None = None  # (batch,) the tokens sampled last, fed next
+        self._rows: torch.Tensor | None = None  # compiled: the cache rows of the active rows
 
     def finish(self, rows: Iterable[int]) -> None:
         """Take rows (indices into the prompts) out of the batch."""
@@ -358,6 +427,9 @@ class Decoder:
         if len(keep) == len(self.active):
             return
         self.active = [self.active[i] for i in keep]
+        if self.compiled is not None:
+            self._rows = torch.tensor(self.active, device=self.device)  # cache row = prompt index
+            return
         if self._cache is not None and self.active:
             index = torch.tensor(keep, device=self.device)
             self._cache.select(index)
@@ -377,16 +449,25 @@ class Decoder:
         with self.kernels.installed() if self.kernels is not None else contextlib.nullcontext():
             cache = self._cache
             if not self.use_cache:
-                hidden = self._prefill(with_cache=False)
+                logits = self.model.out_head(self._prefill(with_cache=False)[:, -1]).float()
             elif self._last is None or cache is None or cache.pos >= cache.max_len:
                 # the first step, or the window is full: (re)start from each row's last window
-                hidden = self._prefill(with_cache=True)
+                logits = self.model.out_head(self._prefill(with_cache=True)[:, -1]).float()
+            elif self.compiled is not None:
+                cache.tokens.copy_(self._last[:, None])
+                logits = self.compiled.step(cache)
+                cache.pos += 1
             else:
                 pad = None if self._pad is None else self._pad[:, : cache.pos + 1]
                 hidden = self.model(self._last[:, None], kv_cache=cache, padding_mask=pad, return_hidden=True)
-            logits = self.model.out_head(hidden[:, -1]).float()
+                logits = self.model.out_head(hidden[:, -1]).float()
+        if self._rows is not None and len(self._rows) < len(logits):
+            logits = logits[self._rows]  # compiled: finished rows are still computed; drop them
         tokens = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator)
-        self._last = tokens
+        if self.compiled is not None and self._last is not None and self._rows is not None:
+            self._last = self._last.index_copy(0, self._rows, tokens)
+        else:
+            self._last = tokens
         self.steps += 1
         out = tokens.tolist()
         for r, t in zip(self.active, out):
@@ -395,12 +476,15 @@ class Decoder:
 
     def _prefill(self, with_cache: bool) -> torch.Tensor:
         """Run the model on every active row's window (left-padded); return the final hidden states."""
-        rows = [self.history[r] for r in self.active]
+        # compiled: every row, finished or not (the cache keeps its batch size)
+        rows = self.history if self.compiled is not None else [self.history[r] for r in self.active]
         lengths = [len(h) for h in rows]
         n, longest = len(rows), max(lengths)
         # tokens still to feed after this step; the cache needs room for them, up to the window
         to_feed = self.max_new_tokens - self.steps - 1
         max_len = min(self.context_length, longest + max(to_feed, 0)) if with_cache else longest
+        if self.compiled is not None:
+            max_len = self.context_length  # one cache shape, so one compiled graph per batch size
         idx = torch.zeros((n, longest), dtype=torch.long)
         pad = None
         if min(lengths) < longest:
@@ -413,12 +497,20 @@ class Decoder:
         self._pad = pad.to(self.device) if pad is not None else None
         if not with_cache:
             return self.model(idx, padding_mask=self._pad, return_hidden=True)
-        cache = self._cache
-        if cache is None or cache.batch_size != n or cache.max_len != max_len:
-            cache = self._cache = self.model.new_kv_cache(n, max_len, dtype=self.cache_dtype)
-        cache.reset()
+        if self.compiled is not None:
+            cache = self._cache = self.compiled.cache(n, self.cache_dtype)
+            if self._last is None:
+                self._rows = torch.tensor(self.active, device=self.device)
+        else:
+            cache = self._cache
+            if cache is None or cache.batch_size != n or cache.max_len != max_len:
+                cache = self._cache = self.model.new_kv_cache(n, max_len, dtype=self.cache_dtype)
+            cache.reset()
         pad = None if self._pad is None else self._pad[:, :longest]
-        return self.model(idx, kv_cache=cache, padding_mask=pad, return_hidden=True)
+        hidden = self.model(idx, kv_cache=cache, padding_mask=pad, return_hidden=True)
+        if self.compiled is not None:
+            cache.freeze(self._pad)
+        return hidden
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,8 +597,11 @@ class Engine:
         *,
         allowed_special: AllowedSpecial = frozenset(),
         prepack: bool | None = None,
+        compile: bool = False,
     ):
-        """`prepack`: decode with `PackedLinears` (None: wherever supported, i.e. on CPUs)."""
+        """`prepack`: decode with `PackedLinears` (None: wherever supported, i.e. on CPUs).
+        `compile`: decode with `CompiledDecoding` (torch.compile; CUDA graphs on GPUs), for GPUs and
+        long generations: the first generation of each batch size pays the compilation."""
         if getattr(model.cfg, "n_classes", 0):
             raise ScratchLLMError("generation needs a language model; this model has a classifier head")
         self.model = model
@@ -515,17 +610,20 @@ class Engine:
         use_packed = (
             PackedLinears.supported(model) if prepack is None else prepack and PackedLinears.supported(model)
         )
-        self.kernels = PackedLinears(model) if use_packed else None
+        self.compiled = CompiledDecoding(model) if compile else None
+        self.kernels = PackedLinears(model) if use_packed and not compile else None
 
     @classmethod
-    def load(cls, spec: str, device: str = "cpu", dtype: torch.dtype | str | None = None) -> Engine:
+    def load(
+        cls, spec: str, device: str = "cpu", dtype: torch.dtype | str | None = None, compile: bool = False
+    ) -> Engine:
         """An engine for a model directory or a hub name (`gpt2`, `gpt2-medium`, ...)."""
         from .checkpoint import load_model
 
         loaded = load_model(spec, device=device, dtype=dtype)
         if loaded.tokenizer is None:
             raise ScratchLLMError(f"model {spec!r} has no tokenizer files; save the model with its tokenizer")
-        return cls(loaded.model, loaded.tokenizer)
+        return cls(loaded.model, loaded.tokenizer, compile=compile)
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -606,6 +704,7 @@ class Engine:
                     use_cache=cfg.use_cache,
                     kernels=self.kernels,
                     cache_dtype=_cache_dtype(self.model),
+                    compiled=self.compiled,
                 )
                 while dec.active:
                     tokens = dec.step()
@@ -729,6 +828,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 __all__ = [
+    "CompiledDecoding",
     "Completion",
     "Decoder",
     "Engine",

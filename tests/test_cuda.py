@@ -101,6 +101,23 @@ def test_generation_on_cuda_cached_equals_uncached_and_batched_equals_single():
     assert engine.generate(prompts[:1], topk1)[0].token_ids == cached[0][:20]
 
 
+def test_compiled_decoding_with_cuda_graphs_equals_eager():
+    torch.manual_seed(0)
+    model = GPTModel(preset_config("mini", vocab_size=300, context_length=64, drop_rate=0.0)).cuda()
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(10)  # sharper distributions: no near-ties between fp32 paths
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [42], [1, 2, 3]]
+    greedy = GenerationConfig(max_new_tokens=80, ignore_eos=True)  # past the 64-token window
+    eager, compiled = Engine(model), Engine(model, compile=True)
+    expected = [c.token_ids for c in eager.generate(prompts, greedy)]
+    assert [c.token_ids for c in compiled.generate(prompts, greedy)] == expected  # compiles and records
+    assert [c.token_ids for c in compiled.generate(prompts, greedy)] == expected  # replays
+    sample = GenerationConfig(max_new_tokens=40, temperature=1.0, top_k=50, seed=7, ignore_eos=True)
+    assert compiled.generate(prompts, sample) == eager.generate(prompts, sample)
+    [alone] = compiled.generate(prompts[:1], greedy)  # another batch size
+    assert alone.token_ids == expected[0]
+
+
 def test_cli_pretrain_generate_and_evaluate_on_cuda(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

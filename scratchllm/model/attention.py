@@ -192,10 +192,19 @@ class KVCache:
     """Preallocated keys and values for every layer, filled left to right during generation.
 
     While generating, each new token needs the keys and values of all earlier tokens; the cache
-    keeps them so every step computes them for the new token only. `k` and `v` have shape
-    (n_layers, batch, n_heads, max_len, head_dim), allocated once; `pos` counts the positions
+    keeps them so every step computes them for the new token only. `k` and `v` hold one tensor
+    per layer of shape (batch, n_heads, max_len, head_dim), allocated once (separate tensors, so
+    that a compiled step writes each in place rather than copying a whole stacked cache); `pos`
+    counts the positions
     filled so far (the same for every row: batches of different prompt lengths are left-padded
     and the padding is masked out).
+
+    Static mode (`freeze()`), for decoding under torch.compile and CUDA graphs: a one-token step
+    then has the same shapes and reads the same tensors every time. The slot it writes (`slot`),
+    the keys it may see (`valid`, batch x max_len) and the new tokens' positions (`positions`) are
+    tensors that the step updates in place, attention spans all `max_len` slots with `valid` as
+    its mask, and `tokens` is the step's input buffer. `pos` stays the host's count of filled
+    slots; the caller advances it after each static step.
     """
 
     def __init__(
@@ -208,32 +217,74 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (n_layers, batch_size, n_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, n_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_len = max_len
         self.pos = 0
+        self.static = False
+        self.slot: torch.Tensor | None = None  # the static-mode buffers, allocated by the first freeze()
+        self.valid: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     def reset(self) -> None:
         self.pos = 0
+        self.static = False
+
+    def freeze(self, padding_mask: torch.Tensor | None = None) -> None:
+        """Enter static mode after a prompt pass filled `pos` slots. `padding_mask` (batch, >= pos)
+        is False at left padding (None: no padding). The buffers are allocated once and refilled in
+        place afterwards, so a recorded CUDA graph keeps reading the right memory."""
+        b, dev = self.batch_size, self.k[0].device
+        if self.slot is None:
+            self.slot = torch.zeros((), dtype=torch.long, device=dev)
+            self.valid = torch.zeros((b, self.max_len), dtype=torch.bool, device=dev)
+            self.positions = torch.zeros((b, 1), dtype=torch.long, device=dev)
+            self.tokens = torch.zeros((b, 1), dtype=torch.long, device=dev)
+        filled = torch.zeros((b, self.max_len), dtype=torch.bool, device=dev)
+        filled[:, : self.pos] = True if padding_mask is None else padding_mask[:, : self.pos]
+        self.valid.copy_(filled)
+        self.positions.copy_(filled.sum(dim=1, keepdim=True))  # real tokens so far = the next position
+        self.slot.fill_(self.pos)
+        self.static = True
+
+    def static_step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static mode: mark the slot this step writes as visible; return the new tokens' positions
+        (batch, 1) and the attention mask (batch, 1, 1, max_len)."""
+        self.valid.index_fill_(1, self.slot.view(1), True)
+        return self.positions, self.valid[:, None, None, :]
+
+    def static_step_done(self) -> None:
+        self.slot.add_(1)
+        self.positions.add_(1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values at `pos` and return all keys/values so far for `layer`."""
+        """Write this step's keys/values at `pos` and return all keys/values so far for `layer`
+        (static mode: at `slot`, returning all `max_len` slots)."""
+        if self.static:
+            slot = self.slot.view(1)
+            keys, values = self.k[layer], self.v[layer]
+            keys.index_copy_(2, slot, k.to(keys.dtype))
+            values.index_copy_(2, slot, v.to(values.dtype))
+            return keys, values
         start, end = self.pos, self.pos + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (used when finished sequences leave a batch)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
+        """Keep only the given batch rows (used when finished sequences leave a batch; not in static mode)."""
+        if self.slot is not None:
+            raise RuntimeError("a cache with static-mode buffers keeps its batch size")
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
 
 
 class CausalSelfAttention(nn.Module):
@@ -276,7 +327,7 @@ class CausalSelfAttention(nn.Module):
         if mask is None:
             # Without a cache the square causal mask applies; with a cache, a multi-token step on
             # a non-empty cache needs an explicit mask (GPTModel builds one).
-            if kv_cache is not None and kv_cache.pos > 0 and t > 1:
+            if kv_cache is not None and not kv_cache.static and kv_cache.pos > 0 and t > 1:
                 raise ValueError("a multi-token step on a non-empty cache needs an explicit mask")
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=t > 1)
         else:

@@ -232,15 +232,23 @@ class GPTModel(nn.Module):
         `kv_cache`: positions continue from `kv_cache.pos`; the new keys/values are appended.
         `padding_mask`: bool (batch, S) with S = cached + new positions, False at left padding; padded
         positions are skipped as keys, and positions count from each row's first real token.
+        A cache in static mode (`KVCache.freeze`) keeps the positions and the mask itself: a one-token
+        step with fixed shapes, for torch.compile and CUDA graphs (`padding_mask` is not used).
         """
         _, t = in_idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
+        static = kv_cache is not None and kv_cache.static
+        # (static: no Python-side position here, so a compiled step is not specialized on it)
+        start = kv_cache.pos if kv_cache is not None and not static else 0
         if start + t > self.cfg.context_length:
             raise ValueError(
                 f"sequence of {start + t} tokens exceeds the context length {self.cfg.context_length}"
             )
         mask = None
-        if padding_mask is None:
+        if static:
+            if t != 1:
+                raise ValueError(f"a static-mode cache takes one token per row and step, got {t}")
+            pos, mask = kv_cache.static_step_inputs()
+        elif padding_mask is None:
             pos = torch.arange(start, start + t, device=in_idx.device)
             if kv_cache is not None and start > 0 and t > 1:
                 mask = _causal_mask(start, t, in_idx.device)[None, None]
@@ -256,7 +264,9 @@ class GPTModel(nn.Module):
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
         for i, block in enumerate(self.trf_blocks):
             x = block(x, mask=mask, kv_cache=kv_cache, layer=i)
-        if kv_cache is not None:
+        if static:
+            kv_cache.static_step_done()
+        elif kv_cache is not None:
             kv_cache.pos += t
         x = self.final_norm(x)
         if return_hidden:

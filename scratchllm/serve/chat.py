@@ -91,6 +91,7 @@ def load_chat_model(
     device: str = "auto",
     dtype: str = "auto",
     template: str | None = None,
+    compile: bool = False,
 ) -> ChatModel:
     """Load a model directory (or a hub name such as `gpt2`) with its tokenizer and template."""
     from ..checkpoint import load_model
@@ -104,7 +105,7 @@ def load_chat_model(
     if loaded.tokenizer is None:
         raise ScratchLLMError(f"model {spec!r} has no tokenizer files; save the model with its tokenizer")
     name = Path(spec).name if Path(spec).expanduser().is_dir() else str(spec)
-    return chat_model(Engine(loaded.model, loaded.tokenizer), loaded.extra, name, template)
+    return chat_model(Engine(loaded.model, loaded.tokenizer, compile=compile), loaded.extra, name, template)
 
 
 class WhitespaceStripper:
@@ -337,10 +338,11 @@ def chat_command(
     system: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    compile: bool = False,
 ) -> None:
     """`scratchllm chat`: load the model and run the REPL on stdin/stdout."""
     session = ChatSession(
-        load_chat_model(model, device=device, dtype=dtype, template=template), config, system
+        load_chat_model(model, device=device, dtype=dtype, template=template, compile=compile), config, system
     )
     chat_loop(session)
 

@@ -778,6 +778,7 @@ def serve(
     device: str = "auto",
     dtype: str = "auto",
     log_level: str = "info",
+    compile: bool = False,
 ) -> None:
     """`scratchllm serve`: load the model and answer requests until Ctrl-C."""
     import uvicorn
@@ -785,7 +786,7 @@ def serve(
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     sock = _bind(host, port)  # fail fast, before the model loads, when the port is taken
     try:
-        chat = load_chat_model(model, device=device, dtype=dtype, template=template)
+        chat = load_chat_model(model, device=device, dtype=dtype, template=template, compile=compile)
         app = create_app(chat, model_name=model_name, api_key=api_key, max_batch_size=max_batch_size,
                          default_max_tokens=default_max_tokens)  # fmt: skip
         base = f"http://{_url_host(host)}:{sock.getsockname()[1]}/v1"
