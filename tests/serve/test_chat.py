@@ -143,3 +143,30 @@ def test_cli_chat_reads_piped_stdin(model_dir, monkeypatch, capsys, chat):
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
     assert main(["chat", "--model", str(model_dir), "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
+
+
+def test_compile_reaches_the_engine_from_chat_and_serve(model_dir, monkeypatch):
+    """`--compile` on chat and serve gives their engine a CompiledDecoding (compiled on first use)."""
+    import scratchllm.serve.chat as chat_module
+    import scratchllm.serve.server as server_module
+    from scratchllm.cli import main
+
+    loaded = load_chat_model(str(model_dir), device="cpu", dtype="fp32", compile=True)
+    assert loaded.engine.compiled is not None and loaded.engine.kernels is None
+    assert load_chat_model(str(model_dir), device="cpu", dtype="fp32").engine.compiled is None
+    import scratchllm
+
+    assert scratchllm.load(model_dir, device="cpu", compile=True).engine.compiled is not None
+    assert scratchllm.load(model_dir, device="cpu").engine.compiled is None
+    seen = []
+
+    def fake_load(*args, **kwargs):
+        seen.append(kwargs.get("compile"))
+        raise ScratchLLMError("stop here")
+
+    monkeypatch.setattr(chat_module, "load_chat_model", fake_load)
+    monkeypatch.setattr(server_module, "load_chat_model", fake_load)
+    assert main(["chat", "--model", str(model_dir), "--compile"]) == 2
+    assert main(["serve", "--model", str(model_dir), "--port", "0", "--compile"]) == 2
+    assert main(["chat", "--model", str(model_dir)]) == 2
+    assert seen == [True, True, False]
