@@ -172,7 +172,9 @@ def _add_stage1(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--val-fraction", type=float, default=0.1, help="share of documents held out for validation"
     )
-    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per CPU core)")
+    p.add_argument(
+        "--workers", type=int, default=0, help="tokenizer processes (0: one per CPU core and 16 MB of text)"
+    )
     p.add_argument("--seed", type=int, default=1337, help="seed of the train/val document split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)

@@ -37,6 +37,9 @@ from .tokenizer import Tokenizer, load_tokenizer
 META = "meta.json"
 FORMAT = "scratchllm-tokens"
 CHUNK_CHARS = 1 << 20  # work unit for the workers
+# With `workers=0` each worker process gets at least this much text: starting one (spawn, imports,
+# loading the tokenizer) takes 0.5-2 s, about what one encodes of 16 MB (benchmarks/RESULTS.md).
+BYTES_PER_WORKER = 16 << 20
 _SAFE_CUT = re.compile(r"\S\n(?=\S)")
 
 
@@ -134,13 +137,14 @@ def prepare(
         raise ScratchLLMError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if workers < 0:
         raise ScratchLLMError(f"--workers must be >= 0, got {workers}")
-    workers = workers or os.cpu_count() or 1
     tok = load_tokenizer(tokenizer)
     if tok.eot_id is None:
         raise ScratchLLMError(f"tokenizer {tok.name!r} has no <|endoftext|> token to separate documents")
     dtype = token_dtype(tok.vocab_size)
     eot = np.asarray([tok.eot_id], dtype=dtype)
     total_bytes = _corpus_bytes(corpus)  # also checks that every path exists before any work
+    if not workers:  # one per core, but no more than the text keeps busy
+        workers = max(1, min(os.cpu_count() or 1, total_bytes // BYTES_PER_WORKER))
     t0 = time.perf_counter()
 
     source_hashes: dict[str, Any] = {}

@@ -48,7 +48,9 @@ class PretrainConfig(TrainerConfig):
     vocab_size: int = setting(8192, "vocabulary of the BPE trained when tokenizer = train", "data")
     val_fraction: float = setting(0.1, "share of the corpus held out for validation", "data")
     encoding_errors: str = setting("strict", "non-UTF-8 bytes: strict (error) or replace", "data")
-    workers: int = setting(0, "tokenizer processes for preparing the corpus (0: one per core)", "data")
+    workers: int = setting(
+        0, "tokenizer processes for preparing the corpus (0: one per core and 16 MB of text)", "data"
+    )
     model: str = setting("micro", "model preset (see `scratchllm info --list`)", "model")
     init_from: str | None = setting(
         None, "continue from a model directory or GPT-2 (gpt2, gpt2-medium, ...)", "model"
