@@ -418,7 +418,8 @@ class Decoder:
         self._cache: KVCache | None = None
         self._pad: torch.Tensor | None = None  # (batch, cache.max_len) bool, False at left padding
         self._last: torch.Tensor | None = None  # (batch,) the tokens sampled last, fed next
-        self._rows: torch.Tensor | None = None  # compiled: the cache rows of the active rows
+        # compiled: the cache rows of the active rows (the cache keeps finished rows; row = prompt index)
+        self._rows = torch.arange(len(prompts), device=self.device) if self.compiled is not None else None
 
     def finish(self, rows: Iterable[int]) -> None:
         """Take rows (indices into the prompts) out of the batch."""
@@ -464,8 +465,8 @@ class Decoder:
         if self._rows is not None and len(self._rows) < len(logits):
             logits = logits[self._rows]  # compiled: finished rows are still computed; drop them
         tokens = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator)
-        if self.compiled is not None and self._last is not None and self._rows is not None:
-            self._last = self._last.index_copy(0, self._rows, tokens)
+        if self._rows is not None and self._last is not None:
+            self._last = self._last.index_copy(0, self._rows, tokens)  # finished rows keep theirs
         else:
             self._last = tokens
         self.steps += 1
@@ -499,8 +500,6 @@ class Decoder:
             return self.model(idx, padding_mask=self._pad, return_hidden=True)
         if self.compiled is not None:
             cache = self._cache = self.compiled.cache(n, self.cache_dtype)
-            if self._last is None:
-                self._rows = torch.tensor(self.active, device=self.device)
         else:
             cache = self._cache
             if cache is None or cache.batch_size != n or cache.max_len != max_len:
