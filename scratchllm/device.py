@@ -54,6 +54,31 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+def check_compile(device: torch.device) -> None:
+    """Fail early, in one line, where `torch.compile` cannot build kernels for `device`: its code
+    generator compiles C++ on CPUs and Triton kernels on CUDA (Triton builds its launchers with a C
+    compiler), and a missing compiler otherwise surfaces as a long traceback at the first step."""
+    import importlib.util
+    import os
+    import shutil
+
+    if device.type == "cpu":
+        names, need = (os.environ.get("CXX"), "g++", "clang++", "c++"), "a C++ compiler (g++ or clang++)"
+    elif device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise ScratchLLMError(
+                "--compile on CUDA needs Triton (pip install triton), or leave out --compile"
+            )
+        names, need = (os.environ.get("CC"), "cc", "gcc", "clang"), "a C compiler (gcc or clang) for Triton"
+    else:
+        return
+    if not any(name and shutil.which(name) for name in names):
+        raise ScratchLLMError(
+            f"--compile on {device.type} needs {need} on PATH: install one (e.g. apt install g++) "
+            "or leave out --compile"
+        )
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed-precision context for the forward pass (weights stay fp32)."""
     if precision == "fp32":

@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .device import cpu_supports_bf16
+from .device import check_compile, cpu_supports_bf16
 from .errors import ScratchLLMError
 from .model.attention import KVCache
 from .model.gpt import GPTModel
@@ -609,6 +609,8 @@ class Engine:
         use_packed = (
             PackedLinears.supported(model) if prepack is None else prepack and PackedLinears.supported(model)
         )
+        if compile:
+            check_compile(model.tok_emb.weight.device)
         self.compiled = CompiledDecoding(model) if compile else None
         self.kernels = PackedLinears(model) if use_packed and not compile else None
 

@@ -562,3 +562,18 @@ def test_compiled_decoding_equals_eager_and_the_cli_takes_compile(tmp_path, caps
             "--dtype", "fp32", "--device", "cpu", "--quiet"]  # fmt: skip
     assert main([*argv, "--compile"]) == 0
     assert capsys.readouterr().out == Engine(model, tok).generate("Hello", max_new_tokens=12)[0].text + "\n"
+
+
+def test_compile_without_a_compiler_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from scratchllm.cli import main
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ScratchLLMError, match="needs a C\\+\\+ compiler"):
+        Engine(tiny_model(), ByteTokenizer(), compile=True)
+    (tmp_path / "c.txt").write_text("the cat sat on the mat\\n" * 200, encoding="utf-8")
+    code = main(["pretrain", "--corpus", str(tmp_path / "c.txt"), "--tokenizer", "char", "--model", "nano",
+                 "--max-steps", "2", "--compile", "true", "--device", "cpu", "--progress", "false",
+                 "--out-dir", str(tmp_path / "run")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--compile on cpu needs a C++ compiler" in err and len(err.splitlines()) == 1

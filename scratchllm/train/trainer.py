@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..config import setting
-from ..device import autocast, peak_flops, resolve_precision
+from ..device import autocast, check_compile, peak_flops, resolve_precision
 from ..errors import ScratchLLMError
 from ..fileio import atomic_dir, atomic_path, atomic_write_text
 from ..model.gpt import GPTModel, flops_per_token
@@ -299,6 +299,8 @@ class Trainer:
                     "--fsdp shards a model over processes: start the run with torchrun --nproc_per_node=N"
                 )
             _shard(self.model, self.device, self.dist.world_size)
+        if cfg.compile:
+            check_compile(self.device)
         self.train_model: nn.Module = torch.compile(self.model) if cfg.compile else self.model
         if self.dist.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
