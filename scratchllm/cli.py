@@ -45,7 +45,8 @@ Run `scratchllm COMMAND --help` for the flags of each command.
 
 COMPILE_HELP = (
     "decode with torch.compile over a static KV cache (CUDA graphs on GPUs): much faster "
-    "tokens on a GPU after a one-off compilation per batch size; slower on CPUs"
+    "tokens on a GPU after a one-off compilation per batch shape (chat and serve compile theirs "
+    "at start); slower on CPUs"
 )
 
 Handler = Callable[[argparse.Namespace], int | None]

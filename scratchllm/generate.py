@@ -286,8 +286,9 @@ class CompiledDecoding:
     that, not the arithmetic, sets the decoding speed of GPT-2 sized models (benchmarks/RESULTS.md).
     With every shape and buffer fixed, the compiler fuses the step, and on CUDA
     (`mode="reduce-overhead"`) records it once as a CUDA graph that each later step replays. The
-    first step of each batch size compiles (seconds to a minute); one cache of `context_length`
-    slots per batch size is kept, so later generations reuse the compiled step.
+    first step of each cache batch size compiles (seconds to a minute); batches are padded to the
+    next power of two (`batch_rows`), so a server batching 1 to 8 requests compiles 4 shapes, and
+    one cache of `context_length` slots per shape is kept for later generations to reuse.
     """
 
     def __init__(self, model: GPTModel, mode: str | None = "auto", compile: bool = True):
@@ -298,6 +299,11 @@ class CompiledDecoding:
         self.compile = compile
         self._caches: dict[tuple[int, torch.dtype | None], KVCache] = {}
         self._step: Callable[[GPTModel, KVCache], torch.Tensor] | None = None
+
+    @staticmethod
+    def batch_rows(n: int) -> int:
+        """Cache rows for a batch of `n` prompts: the next power of two."""
+        return 1 << max(n - 1, 0).bit_length()
 
     def cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
         """The (reset) cache for this batch size, allocated and marked static on first use."""
@@ -465,8 +471,10 @@ class Decoder:
         if self._rows is not None and len(self._rows) < len(logits):
             logits = logits[self._rows]  # compiled: finished rows are still computed; drop them
         tokens = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator)
-        if self._rows is not None and self._last is not None:
-            self._last = self._last.index_copy(0, self._rows, tokens)  # finished rows keep theirs
+        if self._rows is not None:  # compiled: the next input of every cache row
+            if self._last is None:
+                self._last = torch.zeros(self._cache.batch_size, dtype=torch.long, device=self.device)
+            self._last = self._last.index_copy(0, self._rows, tokens)  # the other rows keep theirs
         else:
             self._last = tokens
         self.steps += 1
@@ -477,8 +485,13 @@ class Decoder:
 
     def _prefill(self, with_cache: bool) -> torch.Tensor:
         """Run the model on every active row's window (left-padded); return the final hidden states."""
-        # compiled: every row, finished or not (the cache keeps its batch size)
-        rows = self.history if self.compiled is not None else [self.history[r] for r in self.active]
+        if self.compiled is not None:
+            # every row, finished or not (the cache keeps its batch size), plus copies of the first
+            # to fill the cache's power-of-two batch
+            rows = list(self.history)
+            rows += [rows[0]] * (self.compiled.batch_rows(len(rows)) - len(rows))
+        else:
+            rows = [self.history[r] for r in self.active]
         lengths = [len(h) for h in rows]
         n, longest = len(rows), max(lengths)
         # tokens still to feed after this step; the cache needs room for them, up to the window
@@ -669,6 +682,17 @@ class Engine:
             raise ScratchLLMError("generation: streaming needs a tokenizer to turn tokens into text")
         result: list[Completion] = []
         return TextStream(self._run([self.encode(prompt)], cfg, result, incremental=True), result)
+
+    def warm_up(self, max_batch_size: int = 1) -> list[int]:
+        """With `compile`: compile (and on GPUs record) the decode step for every cache shape that
+        batches of up to `max_batch_size` prompts use, so that no later request waits for it.
+        Returns those cache batch sizes ([] without `compile`)."""
+        if self.compiled is None:
+            return []
+        sizes = sorted({CompiledDecoding.batch_rows(n) for n in range(1, max_batch_size + 1)})
+        for n in sizes:  # steps 2 and 3 compile the step and record the CUDA graph; 4 replays it
+            self.generate([[0]] * n, GenerationConfig(max_new_tokens=4, ignore_eos=True))
+        return sizes
 
     # -- the loop --------------------------------------------------------------------------------
 

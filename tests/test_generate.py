@@ -493,6 +493,10 @@ def test_fixed_shape_steps_equal_the_default_decoding(settings):
     [alone] = engine.generate(prompts[:1], cfg)  # another batch size: its own cache
     assert alone == Engine(model, ByteTokenizer(), prepack=False).generate(prompts[:1], cfg)[0]
     assert set(engine.compiled._caches) == {(4, None), (1, None)}
+    three = engine.generate(prompts[:3], cfg)  # padded to a cache of 4 rows: the same shape as 4
+    assert three == Engine(model, ByteTokenizer(), prepack=False).generate(prompts[:3], cfg)
+    assert set(engine.compiled._caches) == {(4, None), (1, None)}
+    assert [gen.CompiledDecoding.batch_rows(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
 
 
 def test_fixed_shape_steps_keep_finished_rows_and_drop_their_tokens():
@@ -509,6 +513,16 @@ def test_fixed_shape_steps_keep_finished_rows_and_drop_their_tokens():
     # seeded sampling draws for the active rows only, as the default decoding does
     cfg = GenerationConfig(max_new_tokens=35, eos_id=eos, temperature=1.5, seed=11)
     assert static_engine(model).generate(prompts, cfg) == Engine(model, tok).generate(prompts, cfg)
+    # 3 prompts fill a 4-row cache: the padding row is computed and never returned
+    assert static_engine(model).generate(prompts[1:], cfg) == Engine(model, tok).generate(prompts[1:], cfg)
+
+
+def test_warm_up_builds_every_cache_shape_a_server_batch_uses():
+    model = tiny_model(seed=3)
+    engine = static_engine(model)
+    assert engine.warm_up(5) == [1, 2, 4, 8]
+    assert set(engine.compiled._caches) == {(1, None), (2, None), (4, None), (8, None)}
+    assert Engine(model, ByteTokenizer()).warm_up(8) == []
 
 
 def test_static_cache_state_and_errors():

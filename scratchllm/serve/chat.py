@@ -341,9 +341,12 @@ def chat_command(
     compile: bool = False,
 ) -> None:
     """`scratchllm chat`: load the model and run the REPL on stdin/stdout."""
-    session = ChatSession(
-        load_chat_model(model, device=device, dtype=dtype, template=template, compile=compile), config, system
-    )
+    loaded = load_chat_model(model, device=device, dtype=dtype, template=template, compile=compile)
+    if compile:
+        print("compiling the decode step...", end=" ", flush=True)
+        loaded.engine.warm_up(1)
+        print("done", flush=True)
+    session = ChatSession(loaded, config, system)
     chat_loop(session)
 
 

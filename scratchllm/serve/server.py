@@ -787,6 +787,11 @@ def serve(
     sock = _bind(host, port)  # fail fast, before the model loads, when the port is taken
     try:
         chat = load_chat_model(model, device=device, dtype=dtype, template=template, compile=compile)
+        if compile:
+            t = time.perf_counter()
+            sizes = chat.engine.warm_up(max_batch_size)
+            print(f"compiled the decode step for batches of {', '.join(map(str, sizes))} in "
+                  f"{time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
         app = create_app(chat, model_name=model_name, api_key=api_key, max_batch_size=max_batch_size,
                          default_max_tokens=default_max_tokens)  # fmt: skip
         base = f"http://{_url_host(host)}:{sock.getsockname()[1]}/v1"
