@@ -195,9 +195,8 @@ class KVCache:
     keeps them so every step computes them for the new token only. `k` and `v` hold one tensor
     per layer of shape (batch, n_heads, max_len, head_dim), allocated once (separate tensors, so
     that a compiled step writes each in place rather than copying a whole stacked cache); `pos`
-    counts the positions
-    filled so far (the same for every row: batches of different prompt lengths are left-padded
-    and the padding is masked out).
+    counts the positions filled so far (the same for every row: batches of different prompt
+    lengths are left-padded and the padding is masked out).
 
     Static mode (`freeze()`), for decoding under torch.compile and CUDA graphs: a one-token step
     then has the same shapes and reads the same tensors every time. The slot it writes (`slot`),
