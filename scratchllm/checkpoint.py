@@ -77,7 +77,7 @@ def save_model(
     """Write `model` (+ tokenizer, + `extra`) as a model directory, atomically: readers see either
     the old complete directory or the new one. Returns the directory."""
     directory = Path(directory)
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, marker=CONFIG_FILE, what="model directory") as tmp:
         write_model_files(tmp, model, tokenizer, extra)
     return directory
 

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +68,41 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def check_replaceable(path: str | os.PathLike, marker: str, what: str, inside: Iterable[Path] = ()) -> None:
+    """Raise unless `path` may be replaced as a whole by a new `what`: it is new, an empty
+    directory, or a `what` written before (it holds the file `marker`), and none of the paths in
+    `inside` (what the new output is made from) lies in it. So a mistyped output path never takes
+    a run directory, a source or the current directory down with it."""
+    from .errors import ScratchLLMError
+
+    path = Path(path).expanduser()
+    here = path.resolve()
+    for source in inside:
+        source = Path(source).resolve()
+        if source == here or here in source.parents:
+            raise ScratchLLMError(
+                f"{path} holds {source}, which this writes from; give another output directory"
+            )
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ScratchLLMError(f"{path} is a file, not a directory; give a new or empty directory")
+    if any(path.iterdir()) and not (path / marker).is_file():
+        raise ScratchLLMError(
+            f"{path} is not empty and is not a {what} (it has no {marker}); it would be replaced as a "
+            "whole, so give a new or empty directory"
+        )
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, marker: str, what: str) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it replaces `path` as a whole.
 
     An existing `path` is moved aside first and deleted only after the new one is in place,
-    so readers see either the old complete directory or the new complete one.
+    so readers see either the old complete directory or the new complete one. It must be empty
+    or an earlier `what`, known by its `marker` file (`check_replaceable`).
     """
+    check_replaceable(path, marker, what)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

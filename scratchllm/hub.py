@@ -35,7 +35,7 @@ from .checkpoint import (
     save_model,
 )
 from .errors import ScratchLLMError
-from .fileio import atomic_dir, atomic_write_json
+from .fileio import atomic_dir, atomic_write_json, check_replaceable
 from .model.gpt import PRESET_ALIASES, GPTConfig, GPTModel, preset_config
 from .text.tokenizer import EOT, Tokenizer
 
@@ -223,6 +223,7 @@ def convert_hf_dir(src: str | os.PathLike, out: str | os.PathLike, expect: str |
                 f"{src} does not hold {expect}: {', '.join(diff)}; pick the matching size (--size), or write "
                 "another shape to a directory of your own (--out DIR)"
             )
+    check_replaceable(out, CONFIG_FILE, "model directory", inside=[Path(src)])  # before reading src
     model, tokenizer = load_hf_dir(src)
     return save_model(out, model, tokenizer)
 
@@ -485,7 +486,9 @@ def export_hf(spec: str | os.PathLike | LoadedModel, out: str | os.PathLike) -> 
     model, tokenizer = loaded.model, loaded.tokenizer
     tensors = to_hf_state_dict(model)
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    sources = [loaded.path] if loaded.path is not None else []
+    check_replaceable(out, CONFIG_FILE, "Hugging Face model directory", inside=sources)
+    with atomic_dir(out, marker=CONFIG_FILE, what="Hugging Face model directory") as tmp:
         save_file(tensors, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
         atomic_write_json(tmp / CONFIG_FILE, hf_config(model.cfg, tokenizer, model.tok_emb.weight.dtype))
         files = hf_tokenizer_files(tokenizer, model.cfg.context_length) if tokenizer is not None else None

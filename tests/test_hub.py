@@ -434,3 +434,32 @@ def test_export_cli(tmp_path, capsys):
     assert main(["export-hf", str(tmp_path / "missing"), str(tmp_path / "hf2")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "hf2").exists()
+
+
+def test_outputs_never_replace_a_directory_of_something_else(tmp_path, capsys):
+    """Outputs replace their directory as a whole, so they refuse one that is not theirs: the run
+    directory holding the model (the case that once wiped a run), the source itself, the cwd."""
+    run = tmp_path / "run"
+    save_model(run / "model", random_model())
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert main(["export-hf", str(run / "model"), str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds" in err and "which this writes from" in err and len(err.splitlines()) == 1
+    assert main(["export-hf", str(run / "model"), str(run / "model")]) == 2
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    assert main(["export-hf", str(run / "model"), str(tmp_path / "notes")]) == 2
+    assert "is not a Hugging Face model directory (it has no config.json)" in capsys.readouterr().err
+    assert (
+        sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "model"]
+        and (tmp_path / "notes" / "a.txt").exists()
+    )
+    with pytest.raises(ScratchLLMError, match="is not a model directory"):
+        save_model(tmp_path / "notes", random_model())
+    # an earlier export, or a model directory, is replaced
+    assert main(["export-hf", str(run / "model"), str(tmp_path / "hf")]) == 0
+    assert main(["export-hf", str(run / "model"), str(tmp_path / "hf")]) == 0
+    save_model(run / "model", random_model(n_layers=1))  # a model directory: replaced
+    # converting a Hugging Face directory onto itself would delete the source
+    assert main(["download", "gpt2", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "hf")]) == 2
+    assert "which this writes from" in capsys.readouterr().err and (tmp_path / "hf" / "config.json").exists()

@@ -23,11 +23,11 @@ def tokenizer_train(
     progress: bool = True,
 ) -> BPETokenizer:
     """Train a byte-level BPE on the corpus, write it to `out` (as a whole), print a summary."""
-    from ..fileio import atomic_dir
+    from ..fileio import atomic_dir, check_replaceable
     from .corpus import load_documents
 
     out_dir = Path(out).expanduser()
-    _check_out_dir(out_dir)
+    check_replaceable(out_dir, META_FILE, "tokenizer directory")  # before the training, not after
     check_training_args(vocab_size, special_tokens)
     resolve_pattern(pattern)
     docs = load_documents(corpus, encoding_errors)
@@ -41,7 +41,7 @@ def tokenizer_train(
     seconds = time.perf_counter() - start
     for w in caught:  # e.g. the corpus ran out of pairs: one readable line, not a source listing
         print(f"scratchllm: warning: {w.message}", file=sys.stderr)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker=META_FILE, what="tokenizer directory") as tmp:
         tok.save(tmp)
 
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -52,19 +52,6 @@ def tokenizer_train(
     )
     print(f"saved to {out_dir}")
     return tok
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """--out is replaced as a whole, so it must be new, empty, or a tokenizer written before."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ScratchLLMError(f"--out {out_dir} is a file; give a directory")
-    entries = list(out_dir.iterdir())
-    if entries and not (out_dir / META_FILE).exists():
-        raise ScratchLLMError(
-            f"--out {out_dir} holds other files and would be replaced as a whole; give a new or empty directory"
-        )
 
 
 def tokenizer_encode(

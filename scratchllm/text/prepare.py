@@ -173,7 +173,7 @@ def prepare(
         if texts:
             yield keys, texts
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker=META, what="prepared data directory") as tmp:
         tok.save(tmp / "tokenizer")
         files = {s: open(tmp / f"{s}.bin", "wb") for s in ("train", "val")}  # noqa: SIM115
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress)

@@ -24,6 +24,7 @@ from ..config import setting
 from ..errors import ScratchLLMError
 from ..model.gpt import GPTModel, preset_config
 from ..text.sampling import PreparedData, TokenWindows, load_prepared
+from ..text.tokenizer import META_FILE as TOKENIZER_META
 from ..text.tokenizer import Tokenizer
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluate import next_token_loss, perplexity, token_loss
@@ -213,7 +214,7 @@ def _resolve_tokenizer(
             print(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on {len(docs)} documents")
             texts = (d.text for d in docs)
             tok = train_bpe(texts, cfg.vocab_size, progress=cfg.progress, name=f"bpe-{cfg.vocab_size}")
-        with atomic_dir(tok_dir) as tmp:
+        with atomic_dir(tok_dir, marker=TOKENIZER_META, what="tokenizer directory") as tmp:
             tok.save(tmp)
             (tmp / "trained_on.json").write_text(json.dumps(recipe))
     barrier(dist)

@@ -409,7 +409,7 @@ class Trainer:
                 "rng": rng_states,
                 "trainer_config": asdict(self.cfg),
             }
-            with atomic_dir(path) as tmp:
+            with atomic_dir(path, marker=STATE_FILE, what="checkpoint") as tmp:
                 write_model_files(tmp, model, self.tokenizer, self.extra)
                 torch.save(state, tmp / STATE_FILE)
             for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_last]:

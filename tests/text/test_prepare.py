@@ -96,50 +96,46 @@ def test_one_file_takes_its_tail_as_validation(tokenizer, tmp_path):
     assert _tokens(tmp_path / "out", "val", "uint16") == ids[-n_val:]
 
 
-def test_cli_prepare_replaces_the_output_and_rejects_bad_settings(corpus, tmp_path, capsys):
+def test_cli_prepare_replaces_only_its_own_output_and_rejects_bad_settings(corpus, tmp_path, capsys):
     tok_dir = tmp_path / "tok"
-    assert (
-        main(
-            [
-                "tokenizer",
-                "train",
-                "--corpus",
-                str(corpus),
-                "--vocab-size",
-                "280",
-                "--out",
-                str(tok_dir),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    argv = [
+        "tokenizer",
+        "train",
+        "--corpus",
+        str(corpus),
+        "--vocab-size",
+        "280",
+        "--out",
+        str(tok_dir),
+        "--quiet",
+    ]
+    assert main(argv) == 0
     out = tmp_path / "data"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    assert (
-        main(
-            [
-                "prepare",
-                "--corpus",
-                str(corpus),
-                "--tokenizer",
-                str(tok_dir),
-                "--out",
-                str(out),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
+    prepare = [
+        "prepare",
+        "--corpus",
+        str(corpus),
+        "--tokenizer",
+        str(tok_dir),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
+    assert main(prepare) == 0
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer", "train.bin", "val.bin"]
     assert "prepared 12 documents" in capsys.readouterr().out
-    for bad, message in (("--workers=-1", "--workers must be >= 0"), ("--val-fraction=1", "--val-fraction")):
-        assert (
-            main(["prepare", "--corpus", str(corpus), "--tokenizer", str(tok_dir), "--out", str(out), bad])
-            == 2
-        )
+    (out / "train.bin").write_bytes(b"")
+    assert main(prepare) == 0  # an earlier prepared directory is replaced as a whole
+    assert (out / "train.bin").stat().st_size > 0
+    capsys.readouterr()
+    # a directory of something else (here: the corpus itself) is never replaced
+    for bad, message in (
+        (["--out", str(corpus)], "is not a prepared data directory (it has no meta.json)"),
+        (["--workers=-1"], "--workers must be >= 0"),
+        (["--val-fraction=1"], "--val-fraction"),
+    ):
+        assert main([*prepare, *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
-    assert (out / "train.bin").exists()  # a refused run leaves the old output alone
+    assert len(list(corpus.iterdir())) == 12 and (out / "meta.json").exists()
