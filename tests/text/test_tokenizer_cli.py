@@ -141,7 +141,9 @@ def test_bad_input_is_one_line_with_exit_code_2(tok_dir, tmp_path, capsys):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    one_line_error(capsys, ["tokenizer", "train", "--out", str(busy), "--quiet"], "is not a tokenizer directory")
+    one_line_error(
+        capsys, ["tokenizer", "train", "--out", str(busy), "--quiet"], "is not a tokenizer directory"
+    )
     assert (busy / "notes.txt").read_text() == "mine"
 
     bad_utf8 = tmp_path / "latin1.txt"
