@@ -85,6 +85,9 @@ class TrainerConfig:
         0, "save a resumable checkpoint every N steps (0: only at the end)", "run"
     )
     keep_last: int = setting(2, "resumable checkpoints to keep (the best model is kept apart)", "run")
+    overwrite: bool = setting(
+        False, "start over in an out_dir that holds an earlier run's checkpoints (deleting them)", "run"
+    )
     progress: bool = setting(True, "show a progress bar", "run")
 
     def validate(self) -> None:
@@ -546,8 +549,18 @@ class Trainer:
             self.load_checkpoint(path)
             self.log(f"resumed from {path} at step {self.step}")
         else:
+            # a fresh run must not mix with an earlier one's checkpoints (--resume would pick those up)
+            earlier = list_checkpoints(self.out_dir)
+            if earlier and not cfg.overwrite:
+                raise ScratchLLMError(
+                    f"{self.out_dir} holds the checkpoints of an earlier run (the last: {earlier[-1].name}): "
+                    "continue it with --resume, start over with --overwrite true (deletes them), or give "
+                    "another --out-dir"
+                )
             torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per process, reproducibly
             if self.is_main:
+                for old in earlier:
+                    shutil.rmtree(old)
                 (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)

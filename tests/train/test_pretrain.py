@@ -110,6 +110,24 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
     assert not (tmp_path / "x" / "model").exists()
 
 
+def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["pretrain", "--corpus", str(corpus), "--vocab-size", "280", "--eval-every", "0",
+            "--checkpoint-every", "4", "--out-dir", str(out), *FAST]  # fmt: skip
+    assert main([*argv, "--max-steps", "8"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
+    capsys.readouterr()
+    assert main([*argv, "--max-steps", "4"]) == 2  # would leave step-8 as the newest for --resume
+    err = capsys.readouterr().err.strip()
+    assert "holds the checkpoints of an earlier run (the last: step-000008)" in err and "--resume" in err
+    assert len(err.splitlines()) == 1 and (out / "checkpoints" / "step-000008").exists()
+    assert main([*argv, "--max-steps", "4", "--overwrite", "true"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004"]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 4  # the earlier run's metrics are gone too
+    assert main([*argv, "--max-steps", "6", "--resume"]) == 0  # continuing is always allowed
+
+
 def test_corpus_shorter_than_a_window(tmp_path, capsys):
     small = tmp_path / "small.txt"
     small.write_text("hi there\n", encoding="utf-8")
