@@ -215,6 +215,8 @@ def read_config(directory: str | os.PathLike) -> tuple[GPTConfig, dict[str, Any]
         hint = ""
         if (directory / "model.safetensors").exists() or (directory / "pytorch_model.bin").exists():
             hint = "; if it is a Hugging Face GPT-2 directory, convert it with `scratchllm download gpt2 --from DIR`"
+        elif (directory / "model" / CONFIG_FILE).is_file():
+            hint = f"; it looks like a training run: its final model is {directory / 'model'}"
         raise ScratchLLMError(f"{directory} is not a model directory: {CONFIG_FILE} is missing{hint}")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))

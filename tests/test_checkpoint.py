@@ -222,6 +222,15 @@ def test_hugging_face_directory_gets_a_hint(saved):
         load_model(path)
 
 
+def test_a_run_directory_points_to_its_model(saved, tmp_path):
+    path, _ = saved
+    run = tmp_path / "run"
+    run.mkdir()
+    path.rename(run / "model")
+    with pytest.raises(ScratchLLMError, match=r"looks like a training run: its final model is .*run/model"):
+        load_model(run)
+
+
 def test_config_not_json(saved):
     path, _ = saved
     (path / CONFIG_FILE).write_text('{"format": "scratchllm-model", ')
