@@ -510,13 +510,14 @@ def finetune_classify(
     from ..model.gpt import count_parameters
     from ..model.lora import count_trainable, merge_lora
     from ..train.distributed import init_distributed
-    from ..train.trainer import Trainer
+    from ..train.trainer import Trainer, check_run_start
     from .metrics import classification_metrics, format_report
 
     t_start = time.perf_counter()
     cfg.validate()
-    dist = init_distributed(cfg.device)
     out_dir = Path(cfg.out_dir)
+    check_run_start(out_dir, resume, cfg.overwrite)  # before loading the data and the model
+    dist = init_distributed(cfg.device)
     splits = load_splits(cfg)
     labels = LabelSet(cfg.labels) if cfg.labels else LabelSet.from_examples(splits.train)
     y = {name: labels.encode(getattr(splits, name), name) for name in ("train", "val", "test")}

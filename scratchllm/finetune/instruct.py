@@ -448,9 +448,11 @@ def instruct_finetune(
     from ..config import dump_toml
     from ..fileio import atomic_write_json
     from ..train.distributed import init_distributed
-    from ..train.trainer import Trainer
+    from ..train.trainer import Trainer, check_run_start
 
     cfg.validate()
+    out_dir = Path(cfg.out_dir)
+    check_run_start(out_dir, resume, cfg.overwrite)  # before loading the data and the model
     dist = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     template = get_template(cfg.template)
@@ -458,7 +460,6 @@ def instruct_finetune(
     model, loaded = _prepare_model(cfg)
     tokenizer = loaded.tokenizer
     context = cfg.context_length or model.cfg.context_length
-    out_dir = Path(cfg.out_dir)
     if dist.is_main:
         for name in ("train", "val", "test"):
             atomic_write_json(out_dir / "data" / f"{name}.json", getattr(splits, name))

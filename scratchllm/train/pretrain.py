@@ -28,7 +28,7 @@ from ..text.tokenizer import META_FILE as TOKENIZER_META
 from ..text.tokenizer import Tokenizer
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluate import next_token_loss, perplexity, token_loss
-from .trainer import Task, Trainer, TrainerConfig, TrainResult
+from .trainer import Task, Trainer, TrainerConfig, TrainResult, check_run_start
 
 
 @dataclass
@@ -290,8 +290,9 @@ def pretrain(
     from ..config import dump_toml
 
     cfg.validate()
-    dist = init_distributed(cfg.device)
     out_dir = Path(cfg.out_dir)
+    check_run_start(out_dir, resume, cfg.overwrite)  # before the tokenizer and the data
+    dist = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
 
     init_model, init_tok = (None, None)

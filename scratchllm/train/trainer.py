@@ -219,6 +219,22 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def check_run_start(out_dir: str | os.PathLike, resume: str | None, overwrite: bool = False) -> Path | None:
+    """The checkpoint a run resumes from (None for a fresh run), or a one-line error: `--resume`
+    without a checkpoint, or a fresh run in a directory holding an earlier run's checkpoints (it
+    would mix with them: `--resume` would later pick up the earlier run's newer ones) unless
+    `overwrite`. Commands call it before their slow setup; `Trainer.fit` again at the start."""
+    if resume is not None:
+        return find_resume_checkpoint(resume, out_dir)
+    earlier = list_checkpoints(out_dir)
+    if earlier and not overwrite:
+        raise ScratchLLMError(
+            f"{out_dir} holds the checkpoints of an earlier run (the last: {earlier[-1].name}): continue it "
+            "with --resume, start over with --overwrite true (deletes them), or give another --out-dir"
+        )
+    return None
+
+
 def find_resume_checkpoint(resume: str, out_dir: str | os.PathLike) -> Path:
     """`latest` (or empty): the newest checkpoint of `out_dir`; else a checkpoint directory."""
     if resume in ("", "latest"):
@@ -544,22 +560,14 @@ class Trainer:
     def fit(self, resume: str | None = None) -> TrainResult:
         """Train until the step, token or time budget is used up (or a signal arrives)."""
         cfg = self.cfg
-        if resume is not None:
-            path = find_resume_checkpoint(resume, self.out_dir)
+        path = check_run_start(self.out_dir, resume, cfg.overwrite)
+        if path is not None:
             self.load_checkpoint(path)
             self.log(f"resumed from {path} at step {self.step}")
         else:
-            # a fresh run must not mix with an earlier one's checkpoints (--resume would pick those up)
-            earlier = list_checkpoints(self.out_dir)
-            if earlier and not cfg.overwrite:
-                raise ScratchLLMError(
-                    f"{self.out_dir} holds the checkpoints of an earlier run (the last: {earlier[-1].name}): "
-                    "continue it with --resume, start over with --overwrite true (deletes them), or give "
-                    "another --out-dir"
-                )
             torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per process, reproducibly
             if self.is_main:
-                for old in earlier:
+                for old in list_checkpoints(self.out_dir):  # an earlier run's, with --overwrite
                     shutil.rmtree(old)
                 (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
         if self.is_main:

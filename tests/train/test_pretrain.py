@@ -112,8 +112,9 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
 
 def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["pretrain", "--corpus", str(corpus), "--vocab-size", "280", "--eval-every", "0",
-            "--checkpoint-every", "4", "--out-dir", str(out), *FAST]  # fmt: skip
+    base = ["pretrain", "--corpus", str(corpus), "--vocab-size", "280", "--eval-every", "0",
+            "--checkpoint-every", "4", *FAST]  # fmt: skip
+    argv = [*base, "--out-dir", str(out)]
     assert main([*argv, "--max-steps", "8"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
     capsys.readouterr()
@@ -126,6 +127,10 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(corpus, tmp_pa
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == 4  # the earlier run's metrics are gone too
     assert main([*argv, "--max-steps", "6", "--resume"]) == 0  # continuing is always allowed
+    # the refusal comes before any work: nothing is written into a new directory
+    other = tmp_path / "other"
+    assert main([*base, "--out-dir", str(other), "--resume"]) == 2
+    assert "--resume: no checkpoint" in capsys.readouterr().err and not other.exists()
 
 
 def test_corpus_shorter_than_a_window(tmp_path, capsys):
