@@ -787,7 +787,7 @@ def serve(
     sock = _bind(host, port)  # fail fast, before the model loads, when the port is taken
     try:
         chat = load_chat_model(model, device=device, dtype=dtype, template=template, compile=compile)
-        if compile:
+        if compile:  # compile here; the engine thread then records its own CUDA graphs (per thread, quick)
             t = time.perf_counter()
             sizes = chat.engine.warm_up(max_batch_size)
             print(f"compiled the decode step for batches of {', '.join(map(str, sizes))} in "
