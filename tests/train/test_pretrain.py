@@ -72,12 +72,21 @@ def test_evaluate_reports_loss_perplexity_and_bits_per_byte(trained, corpus, cap
     assert json.loads(capsys.readouterr().out)["tokens"] == len(ids) - 1
 
 
-def test_token_loss_counts_every_prediction_once():
+def test_token_loss_counts_every_prediction_once_and_equals_the_logits_cross_entropy():
+    from scratchllm.model.gpt import GPTModel, preset_config
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(10, 10))  # logits = embedding rows
+    model = GPTModel(preset_config("nano", vocab_size=10, context_length=8)).eval()
     tokens = np.arange(23) % 10
     total, count = token_loss(model, tokens, context_length=5, batch_size=2)
     assert count == 22
+    expected = 0.0  # windows 0-5, 5-10, ..., 20-22: every token after the first predicted once
+    with torch.no_grad():
+        for start in range(0, 22, 5):
+            chunk = torch.as_tensor(tokens[start : start + 6])[None]
+            logits = model(chunk[:, :-1])
+            expected += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+    assert total == pytest.approx(expected, rel=1e-6)
 
 
 def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
