@@ -21,14 +21,17 @@ import torch
 # Logits per chunk. On a CPU, 128 rows x 50,257 fp32 values are 26 MB, about what its caches hold. On a
 # GPU small chunks starve the matrix units and cost kernel launches: measured on an H200 (the issue-4
 # training shape at batch 32, bf16), 128 rows ran at 207k tok/s, 2048 rows at 327k (peak memory 3.0 GB),
-# one chunk of all 8192 rows at 337k (4.3 GB); benchmarks/RESULTS.md.
+# one chunk of all 8192 rows at 337k (4.3 GB); benchmarks/RESULTS.md. Without gradients (evaluation)
+# nothing full-size is kept, and the large chunks serve CPUs too: each chunk's matrix multiply re-packs the
+# whole head weight, so on an AVX2 CPU in fp32 the head + loss of 8192 x 768 rows over GPT-2's vocabulary
+# took 12.6 s in 128-row chunks, 8.9 s in 2048-row ones, 10.9 s as plain logits + cross-entropy.
 CHUNK_ELEMENTS = 128 * 50257
 GPU_CHUNK_ELEMENTS = 2048 * 50257
 
 
-def chunk_rows_for(device_type: str, vocab_size: int) -> int:
-    """Rows of logits computed at a time on this kind of device."""
-    elements = CHUNK_ELEMENTS if device_type == "cpu" else GPU_CHUNK_ELEMENTS
+def chunk_rows_for(device_type: str, vocab_size: int, grad: bool = True) -> int:
+    """Rows of logits computed at a time on this kind of device (`grad`: for a training step)."""
+    elements = CHUNK_ELEMENTS if device_type == "cpu" and grad else GPU_CHUNK_ELEMENTS
     return max(16, elements // vocab_size)
 
 
@@ -49,7 +52,8 @@ def linear_cross_entropy(
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     elif weight.dtype != hidden.dtype:
         hidden = hidden.to(weight.dtype)
-    rows = chunk_rows or chunk_rows_for(device_type, weight.shape[0])
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    rows = chunk_rows or chunk_rows_for(device_type, weight.shape[0], grad)
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(
             hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), ignore_index, rows

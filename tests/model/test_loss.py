@@ -74,6 +74,7 @@ def test_chunk_sizes_fit_a_cpu_cache_and_fill_a_gpu():
     from scratchllm.model.loss import chunk_rows_for
 
     assert chunk_rows_for("cpu", 50257) == 128
+    assert chunk_rows_for("cpu", 50257, grad=False) == 2048  # evaluation: no gradient buffer to bound
     assert chunk_rows_for("cuda", 50257) == 2048
     assert chunk_rows_for("cpu", 10**9) == 16  # never fewer rows than that, whatever the vocabulary
     h, w = torch.randn(300, 8, requires_grad=True), torch.randn(50257, 8, requires_grad=True)
