@@ -35,9 +35,23 @@ def _publish_mode(path: Path, directory: bool) -> None:
                 os.chmod(child, 0o666 & ~mask)
 
 
+def check_output_file(path: str | os.PathLike, what: str = "--out") -> None:
+    """Raise a one-line error unless `path` can become a file: commands call it before their work,
+    so a directory given as the output file fails at once, not after an hour of generation."""
+    from .errors import ScratchLLMError
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ScratchLLMError(f"{what} {path} is a directory; give a file path such as {path / 'out.json'}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ScratchLLMError(f"{what} {path}: {parent} is a file, not a directory")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it."""
+    check_output_file(path, "output")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from ..errors import ScratchLLMError
+from ..fileio import check_output_file
 from ..model.gpt import GPTModel
 from ..text.tokenizer import Tokenizer
 from .fewshot import FewShot
@@ -154,7 +155,9 @@ def eval_command(
     from ..checkpoint import load_model
     from ..device import autocast, pick_device, resolve_precision
 
-    settings.validate()  # bad settings and a malformed file fail before the model loads
+    settings.validate()  # bad settings, a malformed file and a bad --out fail before the model loads
+    if out is not None:
+        check_output_file(out)
     task_file = read_task(task, settings.format)
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)

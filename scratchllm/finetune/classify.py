@@ -733,13 +733,15 @@ def classify_command(
 ) -> list[Prediction]:
     """`scratchllm classify`: texts from the command line (one line each: label, probability, text), or
     a table `file` into `out` (JSONL: each input record plus `label` and `probabilities`)."""
-    from ..fileio import atomic_write_text
+    from ..fileio import atomic_write_text, check_output_file
     from .data import read_texts
 
     if bool(texts) == bool(file):
         raise ScratchLLMError("give texts to classify, or --file IN.jsonl (not both)")
     if out and not file:
         raise ScratchLLMError("--out needs --file")
+    if out:
+        check_output_file(out)
     clf = Classifier.load(model, device=device)
     if texts:
         preds = clf.predict(list(texts), batch_size)

@@ -572,8 +572,11 @@ def respond(
 
     from ..checkpoint import load_model
     from ..device import pick_device
+    from ..fileio import check_output_file
     from ..generate import Engine, GenerationConfig, resolve_dtype
 
+    if out is not None:
+        check_output_file(out)
     records = (
         load_instruction_data(data, require_output=False) if isinstance(data, (str, Path)) else list(data)
     )

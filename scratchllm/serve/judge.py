@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ScratchLLMError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, check_output_file
 from ..finetune.templates import get_template
 
 BOOK_PROMPT = (
@@ -390,8 +390,9 @@ def judge_command(
     """`scratchllm judge`: score a responses file, write the result JSON, print the average.
     Returns the exit code: 0 when every entry got a score, 1 when some failed."""
     get_template(template)
-    entries = read_responses(responses, response_key)
     out_path = Path(out) if out else Path(responses).with_name(Path(responses).stem + "-judged.json")
+    check_output_file(out_path)
+    entries = read_responses(responses, response_key)
     done: dict[str, Mapping[str, Any]] = {}
     if resume and out_path.is_file():
         try:
