@@ -27,7 +27,15 @@ def test_output_files_must_be_files(tmp_path):
         ["respond", "--model", "no-model", "--data", "no-data.json"],
         ["eval", "--model", "no-model", "--task", "no-task.jsonl"],
         ["classify", "--model", "no-model", "--file", "no-file.tsv"],
-        ["judge", "--responses", "no-responses.json", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m"],
+        [
+            "judge",
+            "--responses",
+            "no-responses.json",
+            "--judge-url",
+            "http://127.0.0.1:9/v1",
+            "--judge-model",
+            "m",
+        ],
     ],
 )
 def test_commands_check_out_before_their_work(argv, tmp_path, capsys):
