@@ -224,6 +224,8 @@ def check_run_start(out_dir: str | os.PathLike, resume: str | None, overwrite: b
     without a checkpoint, or a fresh run in a directory holding an earlier run's checkpoints (it
     would mix with them: `--resume` would later pick up the earlier run's newer ones) unless
     `overwrite`. Commands call it before their slow setup; `Trainer.fit` again at the start."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ScratchLLMError(f"--out-dir {out_dir} is a file; give a directory for the run")
     if resume is not None:
         return find_resume_checkpoint(resume, out_dir)
     earlier = list_checkpoints(out_dir)

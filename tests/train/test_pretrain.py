@@ -140,6 +140,9 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(corpus, tmp_pa
     other = tmp_path / "other"
     assert main([*base, "--out-dir", str(other), "--resume"]) == 2
     assert "--resume: no checkpoint" in capsys.readouterr().err and not other.exists()
+    other.write_text("a file")
+    assert main([*base, "--out-dir", str(other)]) == 2
+    assert "is a file; give a directory for the run" in capsys.readouterr().err
 
 
 def test_corpus_shorter_than_a_window(tmp_path, capsys):
