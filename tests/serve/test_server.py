@@ -310,6 +310,8 @@ def test_cli_serve_starts_answers_and_reports_a_busy_port(model_dir, tmp_path, c
         port = busy.getsockname()[1]
         assert main(["serve", "--model", str(model_dir), "--port", str(port)]) == 2
         assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    assert main(["serve", "--model", str(model_dir), "--port", "99999"]) == 2
+    assert "--port 99999 is out of range" in capsys.readouterr().err
 
     env = {**os.environ, "SCRATCHLLM_API_KEY": "env-key"}
     proc = subprocess.Popen([sys.executable, "-m", "scratchllm", "serve", "--model", str(model_dir), "--port", "0",
