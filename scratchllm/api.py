@@ -16,14 +16,15 @@ from .generate import Completion, Engine, GenerationConfig
 class LLM:
     """A model directory (or GPT-2) ready to use: `generate`, `stream`, `complete` (with details), `classify`."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, compile: bool = False):
+        """`compile`: generate with `CompiledDecoding` (torch.compile, CUDA graphs; for GPUs)."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.extra = loaded.extra
         self._engine: Engine | None = None
-        self.compile = False  # generate with CompiledDecoding (torch.compile, CUDA graphs)
+        self.compile = compile
 
     @classmethod
     def load(
@@ -45,9 +46,7 @@ class LLM:
             dtype = torch.float32  # classifiers: the exact probabilities `scratchllm classify` prints
         elif isinstance(dtype, str):
             dtype = resolve_dtype(dtype, dev)
-        llm = cls(load_model(spec, device=dev, dtype=dtype))
-        llm.compile = compile
-        return llm
+        return cls(load_model(spec, device=dev, dtype=dtype), compile=compile)
 
     @property
     def engine(self) -> Engine:

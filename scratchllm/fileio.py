@@ -109,14 +109,17 @@ def check_replaceable(path: str | os.PathLike, marker: str, what: str, inside: I
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, *, marker: str, what: str) -> Iterator[Path]:
+def atomic_dir(
+    path: str | os.PathLike, *, marker: str, what: str, inside: Iterable[Path] = ()
+) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it replaces `path` as a whole.
 
     An existing `path` is moved aside first and deleted only after the new one is in place,
     so readers see either the old complete directory or the new complete one. It must be empty
-    or an earlier `what`, known by its `marker` file (`check_replaceable`).
+    or an earlier `what`, known by its `marker` file, and hold none of the `inside` paths
+    (`check_replaceable`).
     """
-    check_replaceable(path, marker, what)
+    check_replaceable(path, marker, what, inside)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

@@ -392,11 +392,11 @@ class Decoder:
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.use_cache = use_cache
-        self.kernels = kernels if kernels is not None and kernels.refresh() else None
         self.cache_dtype = cache_dtype
         self.compiled = compiled if use_cache else None
-        if self.compiled is not None:
-            self.kernels = None  # the compiler picks the kernels
+        # compiled: the compiler picks the kernels (so nothing is packed)
+        use_kernels = kernels is not None and self.compiled is None
+        self.kernels = kernels if use_kernels and kernels.refresh() else None
         self.device = model.tok_emb.weight.device
         self.history: list[deque[int]] = []  # per row: the last context_length tokens
         for i, p in enumerate(prompts):

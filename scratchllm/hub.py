@@ -487,8 +487,7 @@ def export_hf(spec: str | os.PathLike | LoadedModel, out: str | os.PathLike) -> 
     tensors = to_hf_state_dict(model)
     out = Path(out)
     sources = [loaded.path] if loaded.path is not None else []
-    check_replaceable(out, CONFIG_FILE, "Hugging Face model directory", inside=sources)
-    with atomic_dir(out, marker=CONFIG_FILE, what="Hugging Face model directory") as tmp:
+    with atomic_dir(out, marker=CONFIG_FILE, what="Hugging Face model directory", inside=sources) as tmp:
         save_file(tensors, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
         atomic_write_json(tmp / CONFIG_FILE, hf_config(model.cfg, tokenizer, model.tok_emb.weight.dtype))
         files = hf_tokenizer_files(tokenizer, model.cfg.context_length) if tokenizer is not None else None
