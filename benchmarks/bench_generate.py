@@ -18,6 +18,7 @@ PyTorch program on the main thread several-fold (see RESULTS.md).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import platform
@@ -31,6 +32,7 @@ import torch.nn as nn
 
 from scratchllm.generate import Engine, GenerationConfig, generate_text_simple
 from scratchllm.model.gpt import GPTModel, preset_config
+from scratchllm.model.quantize import Int4Linear, int4_supported, quantize_model
 
 
 def load_average() -> str:
@@ -69,13 +71,16 @@ def _timed(fn: Callable[[], object], device: torch.device = CPU) -> float:
 
 def weight_bytes_per_token(model: GPTModel) -> int:
     """Bytes of weights a decode step reads: every linear layer's matrix and bias (the tied LM head
-    included), the norms; the embeddings contribute one row each (ignored)."""
+    included); int4 layers their codes, steps and minimums. The norms' and the embeddings' few
+    bytes (one row each) are ignored."""
     total = 0
     for m in model.modules():
+        tensors = []
         if isinstance(m, nn.Linear):
-            total += m.weight.numel() * m.weight.element_size()
-            if m.bias is not None:
-                total += m.bias.numel() * m.bias.element_size()
+            tensors = [m.weight, m.bias]
+        elif isinstance(m, Int4Linear):
+            tensors = [m.qweight, m.step, m.minimum, m.bias]
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
     return total
 
 
@@ -210,6 +215,10 @@ def main() -> None:
     if not gpu:  # prepacking is for CPUs: on a GPU both engines would be the same
         engines["ours fp32, PyTorch's default linear kernels"] = Engine(model, prepack=False)
     engines["ours bf16 weights"] = Engine(model_bf16)
+    model_int4 = None
+    if not gpu and int4_supported():  # the int4 kernel is a CPU one
+        model_int4 = quantize_model(copy.deepcopy(model))
+        engines["ours int4 weights"] = Engine(model_int4)
     compiled = [f"ours {w} compiled" for w in ("fp32", "bf16 weights")] if args.compile else []
     if args.compile:
         engines["ours fp32 compiled"] = Engine(model, compile=True)
@@ -255,6 +264,8 @@ def main() -> None:
         uncached = generate_text_simple(book, prompt_d, 32, ctx)
         checks["book generate_text_simple (uncached)"] = uncached[0, -32:].tolist()
     checks["ours bf16 weights"] = ours("ours bf16 weights", [p])[0]
+    if model_int4 is not None:
+        checks["ours int4 weights"] = ours("ours int4 weights", [p])[0]
     for name in compiled:  # the first call of each batch size compiles
         t = time.perf_counter()
         checks[name] = ours(name, [p])[0]
@@ -275,6 +286,9 @@ def main() -> None:
         print(f"  {name:45s} {'yes' if same else f'no (first {agree} agree)'}")
     if gpu:
         print("  (bf16 runs, and fp32 ones with other GPU kernels, may part from fp32 after a near-tie)")
+    else:
+        print("  (bf16 and int4 weights are rounded: with random weights, whose top logits nearly tie, they")
+        print("   part from fp32 after a few tokens; `scratchllm evaluate --quantize int4` measures quality)")
     if book_kv_error and has_book:
         print(f"  llms_from_scratch.kv_cache.gpt2.GPTModel is not usable: {book_kv_error}")
 
@@ -286,6 +300,8 @@ def main() -> None:
         "ours fp32": lambda: len(ours("ours fp32", [p])[0]),
         "ours bf16 weights": lambda: len(ours("ours bf16 weights", [p])[0]),
     }
+    if model_int4 is not None:
+        candidates["ours int4 weights"] = lambda: len(ours("ours int4 weights", [p])[0])
     for name in compiled:
         candidates[name] = lambda name=name: len(ours(name, [p])[0])
     if not gpu:
@@ -311,12 +327,14 @@ def main() -> None:
         ]
     hf_best = max(rates[hf_name])
     bytes32 = weight_bytes_per_token(model)
+    bytes4 = weight_bytes_per_token(model_int4) if model_int4 is not None else 0
     for name, r in rates.items():
         best = max(r)
-        nbytes = bytes32 // 2 if "bf16" in name else bytes32
+        nbytes = bytes32 // 2 if "bf16" in name else bytes4 if "int4" in name else bytes32
         print(f"  {name:50s} {best:7.1f}  (median {statistics.median(r):6.1f})  {best / hf_best:5.2f}x transformers"
               f"  {best * nbytes / 1e9 / bw:4.0%} of the bandwidth bound ({bw * 1e9 / nbytes:5.1f} tok/s)")  # fmt: skip
-    print(f"  weights read per token: {bytes32 / 1e6:.0f} MB fp32, {bytes32 / 2e6:.0f} MB bf16")
+    print(f"  weights read per token: {bytes32 / 1e6:.0f} MB fp32, {bytes32 / 2e6:.0f} MB bf16"
+          + (f", {bytes4 / 1e6:.0f} MB int4" if bytes4 else ""))  # fmt: skip
 
     # -- batch 8
     bp = torch.randint(0, 50256, (args.batch, args.prompt_len), generator=g)
@@ -329,6 +347,11 @@ def main() -> None:
     candidates = {
         "ours fp32": lambda: sum(map(len, ours("ours fp32", bp.tolist()))),
         "ours bf16 weights": lambda: sum(map(len, ours("ours bf16 weights", bp.tolist()))),
+        **(
+            {"ours int4 weights": lambda: sum(map(len, ours("ours int4 weights", bp.tolist())))}
+            if model_int4
+            else {}
+        ),
         f"ours fp32, prompt lengths {lens[-1]}..{lens[0]} (left padding)": lambda: sum(
             map(len, ours("ours fp32", mixed))
         ),
@@ -352,6 +375,7 @@ def main() -> None:
     candidates = {
         "ours fp32": lambda: ours("ours fp32", [lp], one) and 1,
         "ours bf16 weights": lambda: ours("ours bf16 weights", [lp], one) and 1,
+        **({"ours int4 weights": lambda: ours("ours int4 weights", [lp], one) and 1} if model_int4 else {}),
         "transformers": lambda: hf_generate(long_d, 1).shape[1],
     }
     if hf_bf16 is not None:

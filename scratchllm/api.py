@@ -33,10 +33,12 @@ class LLM:
         device: str = "auto",
         dtype: torch.dtype | str = "auto",
         compile: bool = False,
+        quantize: str | None = None,
     ) -> LLM:
         """A model directory, or `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` (downloaded once).
         `dtype` "auto" is what the CLI uses: for generation bf16 where the hardware runs it fast, else
-        fp32; fp32 for classifiers. `compile`: generate with `CompiledDecoding` (for GPUs)."""
+        fp32; fp32 for classifiers. `compile`: generate with `CompiledDecoding` (for GPUs).
+        `quantize` "int4": int4 weights, for faster decoding on CPUs (model/quantize.py)."""
         from .device import pick_device
         from .generate import resolve_dtype
 
@@ -46,7 +48,7 @@ class LLM:
             dtype = torch.float32  # classifiers: the exact probabilities `scratchllm classify` prints
         elif isinstance(dtype, str):
             dtype = resolve_dtype(dtype, dev)
-        return cls(load_model(spec, device=dev, dtype=dtype), compile=compile)
+        return cls(load_model(spec, device=dev, dtype=dtype, quantize=quantize), compile=compile)
 
     @property
     def engine(self) -> Engine:
@@ -84,7 +86,11 @@ class LLM:
 
 
 def load(
-    spec: str | os.PathLike, device: str = "auto", dtype: torch.dtype | str = "auto", compile: bool = False
+    spec: str | os.PathLike,
+    device: str = "auto",
+    dtype: torch.dtype | str = "auto",
+    compile: bool = False,
+    quantize: str | None = None,
 ) -> LLM:
     """Load a model directory or GPT-2 for use; see `LLM`."""
-    return LLM.load(spec, device=device, dtype=dtype, compile=compile)
+    return LLM.load(spec, device=device, dtype=dtype, compile=compile, quantize=quantize)

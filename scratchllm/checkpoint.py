@@ -34,6 +34,7 @@ from .errors import ScratchLLMError
 from .fileio import atomic_dir, atomic_write_json
 from .model.gpt import GPTConfig, GPTModel, count_parameters
 from .model.lora import apply_lora_config, lora_config
+from .model.quantize import is_quantized, quantize_model
 from .text.tokenizer import META_FILE, Tokenizer, load_tokenizer
 
 FORMAT = "scratchllm-model"
@@ -95,6 +96,10 @@ def write_model_files(
     model = unwrap_model(model)
     if not isinstance(model, GPTModel):
         raise TypeError(f"save_model expects a GPTModel, got {type(model).__name__}")
+    if is_quantized(model):
+        raise ScratchLLMError(
+            "a quantized model cannot be saved (int4 is for inference); save the model before quantize_model"
+        )
     cfg = model.cfg
     tensors = model_tensors(model)
     lora = lora_config(model)  # unmerged adapters are saved as they are, so training can resume
@@ -165,9 +170,11 @@ def load_model(
     spec: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load a model directory, or a hub name (`gpt2`, `gpt2-medium`, `124M`, ...: converted once
-    into the cache, see hub.py). `dtype` None keeps the stored precision."""
+    into the cache, see hub.py). `dtype` None keeps the stored precision. `quantize` "int4":
+    quantize the linear layers for inference on a CPU (model/quantize.py)."""
     directory = resolve_model(spec)
     cfg, extra = read_config(directory)
     weights = directory / WEIGHTS_FILE
@@ -180,6 +187,8 @@ def load_model(
         tensors = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     load_state_dict_strict(model, tensors, source=str(weights), assign=True)
     model.eval()
+    if quantize:
+        quantize_model(model, quantize)
 
     tokenizer = load_tokenizer(directory) if (directory / META_FILE).exists() else None
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, extra=extra, path=directory)

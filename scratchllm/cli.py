@@ -49,6 +49,12 @@ COMPILE_HELP = (
     "at start); slower on CPUs"
 )
 
+QUANTIZE_HELP = (
+    "int4: 4-bit weights in groups of 128 (CPU only): about 2x faster decoding than fp32 for one "
+    "prompt at a time on CPUs without native bf16, at a small loss of quality; slower for long "
+    "prompts and batches (see benchmarks/RESULTS.md)"
+)
+
 Handler = Callable[[argparse.Namespace], int | None]
 
 
@@ -276,7 +282,11 @@ def _generate(args: argparse.Namespace) -> None:
     prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
     device = pick_device(args.device)
     engine = Engine.load(
-        args.model, device=str(device), dtype=resolve_dtype(args.dtype, device), compile=args.compile
+        args.model,
+        device=str(device),
+        dtype=resolve_dtype(args.dtype, device),
+        compile=args.compile,
+        quantize=args.quantize,
     )
     start = time.perf_counter()
     if args.stream:
@@ -310,6 +320,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _add_generate_command(sub: argparse._SubParsersAction) -> None:
     """generate."""
+    from .model.quantize import QUANTIZE_MODES
+
     p = sub.add_parser(
         "generate",
         help="continue a prompt with a model",
@@ -336,6 +348,7 @@ def _add_generate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weight precision; auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (see benchmarks/RESULTS.md)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help=QUANTIZE_HELP)
     p.add_argument("--quiet", action="store_true", help="no summary line on stderr")
     p.set_defaults(func=_generate)
 
@@ -398,11 +411,13 @@ def _evaluate(args: argparse.Namespace) -> None:
         precision=args.precision,
         encoding_errors=args.encoding_errors,
         max_tokens=args.max_tokens,
+        quantize=args.quantize,
         as_json=args.json,
     )
 
 
 def _add_stage2(sub: argparse._SubParsersAction) -> None:
+    from .model.quantize import QUANTIZE_MODES
     from .train.pretrain import PretrainConfig
 
     _add_training_command(
@@ -434,6 +449,8 @@ def _add_stage2(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens (0: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="fp32", help="fp32 (default, exact), bf16, fp16 or auto")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                   help="evaluate the model with int4 weights, as `generate --quantize int4` runs it (CPU only)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_evaluate)
 
@@ -664,7 +681,7 @@ def _chat(args: argparse.Namespace) -> None:
     from .serve.chat import chat_command
 
     chat_command(args.model, _sampling_config(args), template=args.template, system=args.system,
-                 device=args.device, dtype=args.dtype, compile=args.compile)  # fmt: skip
+                 device=args.device, dtype=args.dtype, compile=args.compile, quantize=args.quantize)  # fmt: skip
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -672,7 +689,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
           template=args.template, max_batch_size=args.max_batch_size, default_max_tokens=args.default_max_tokens,
-          device=args.device, dtype=args.dtype, log_level=args.log_level, compile=args.compile)  # fmt: skip
+          device=args.device, dtype=args.dtype, log_level=args.log_level, compile=args.compile,
+          quantize=args.quantize)  # fmt: skip
 
 
 def _judge(args: argparse.Namespace) -> int:
@@ -687,6 +705,7 @@ def _judge(args: argparse.Namespace) -> int:
 def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     """chat, serve, judge."""
     from .finetune.templates import template_names
+    from .model.quantize import QUANTIZE_MODES
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=True, help="a model directory (an assistant from `finetune instruct`), "
@@ -697,6 +716,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="weight precision; auto: bf16 on GPUs that support it, fp32 on CPUs")  # fmt: skip
         p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+        p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help=QUANTIZE_HELP)
 
     p = sub.add_parser(
         "chat",

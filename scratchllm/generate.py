@@ -629,12 +629,18 @@ class Engine:
 
     @classmethod
     def load(
-        cls, spec: str, device: str = "cpu", dtype: torch.dtype | str | None = None, compile: bool = False
+        cls,
+        spec: str,
+        device: str = "cpu",
+        dtype: torch.dtype | str | None = None,
+        compile: bool = False,
+        quantize: str | None = None,
     ) -> Engine:
-        """An engine for a model directory or a hub name (`gpt2`, `gpt2-medium`, ...)."""
+        """An engine for a model directory or a hub name (`gpt2`, `gpt2-medium`, ...). `quantize`
+        "int4": int4 weights (CPU only; model/quantize.py)."""
         from .checkpoint import load_model
 
-        loaded = load_model(spec, device=device, dtype=dtype)
+        loaded = load_model(spec, device=device, dtype=dtype, quantize=quantize)
         if loaded.tokenizer is None:
             raise ScratchLLMError(f"model {spec!r} has no tokenizer files; save the model with its tokenizer")
         return cls(loaded.model, loaded.tokenizer, compile=compile)

@@ -92,6 +92,7 @@ def load_chat_model(
     dtype: str = "auto",
     template: str | None = None,
     compile: bool = False,
+    quantize: str | None = None,
 ) -> ChatModel:
     """Load a model directory (or a hub name such as `gpt2`) with its tokenizer and template."""
     from ..checkpoint import load_model
@@ -101,7 +102,7 @@ def load_chat_model(
     if template is not None:
         get_template(template)  # an unknown name fails before the (slow) model load
     dev = pick_device(device)
-    loaded = load_model(spec, device=dev, dtype=resolve_dtype(dtype, dev))
+    loaded = load_model(spec, device=dev, dtype=resolve_dtype(dtype, dev), quantize=quantize)
     if loaded.tokenizer is None:
         raise ScratchLLMError(f"model {spec!r} has no tokenizer files; save the model with its tokenizer")
     name = Path(spec).name if Path(spec).expanduser().is_dir() else str(spec)
@@ -339,9 +340,12 @@ def chat_command(
     device: str = "auto",
     dtype: str = "auto",
     compile: bool = False,
+    quantize: str | None = None,
 ) -> None:
     """`scratchllm chat`: load the model and run the REPL on stdin/stdout."""
-    loaded = load_chat_model(model, device=device, dtype=dtype, template=template, compile=compile)
+    loaded = load_chat_model(
+        model, device=device, dtype=dtype, template=template, compile=compile, quantize=quantize
+    )
     if compile:
         print("compiling the decode step...", end=" ", flush=True)
         loaded.engine.warm_up(1)

@@ -781,6 +781,7 @@ def serve(
     dtype: str = "auto",
     log_level: str = "info",
     compile: bool = False,
+    quantize: str | None = None,
 ) -> None:
     """`scratchllm serve`: load the model and answer requests until Ctrl-C."""
     import uvicorn
@@ -788,7 +789,9 @@ def serve(
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     sock = _bind(host, port)  # fail fast, before the model loads, when the port is taken
     try:
-        chat = load_chat_model(model, device=device, dtype=dtype, template=template, compile=compile)
+        chat = load_chat_model(
+            model, device=device, dtype=dtype, template=template, compile=compile, quantize=quantize
+        )
         if compile:  # compile here; the engine thread then records its own CUDA graphs (per thread, quick)
             t = time.perf_counter()
             sizes = chat.engine.warm_up(max_batch_size)

@@ -82,15 +82,17 @@ def evaluate_text(
     precision: str = "fp32",
     encoding_errors: str = "strict",
     max_tokens: int = 0,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
-    """Loss, perplexity and bits per byte of a model on a corpus (documents separated by <|endoftext|>)."""
+    """Loss, perplexity and bits per byte of a model on a corpus (documents separated by <|endoftext|>).
+    `quantize` "int4": of the model with int4 weights (what `generate --quantize int4` runs)."""
     from ..checkpoint import load_model
     from ..device import autocast, pick_device, resolve_precision
     from ..text.corpus import load_documents
 
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)
-    loaded = load_model(model_spec, device=str(dev))
+    loaded = load_model(model_spec, device=str(dev), quantize=quantize)
     if loaded.tokenizer is None:
         raise ScratchLLMError(f"model {model_spec!r} has no tokenizer; it cannot read text")
     if loaded.config.n_classes:

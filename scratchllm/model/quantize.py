@@ -1,0 +1,170 @@
+"""Weight-only int4 quantization, for faster decoding on CPUs.
+
+Decoding one token multiplies one activation row by every weight matrix, so its speed is how fast
+the weights stream through the CPU: 4 bytes per weight in fp32, 2 in bf16, half a byte in int4.
+Group-wise affine quantization stores each run of `group_size` consecutive input weights of an
+output row as 4-bit integers q in 0..15 plus two numbers for the group, a step and a minimum:
+
+    w  ~=  minimum + q * step          step = (max - min) / 15,  q = round((w - minimum) / step)
+
+so every weight is off by at most half a step, and a group's range, not the whole matrix's, sets the
+step. Activations stay in floating point (weight-only quantization); the model computes as before
+with slightly different weights.
+
+`Int4Linear` keeps the codes readable (two per byte, `qweight`) and hands the multiplication to
+PyTorch's CPU kernel for int4 weights (`aten._weight_int4pack_mm_for_cpu`, the kernel torchao's
+int4 CPU layout uses), which reads the packed codes and takes bf16 activations. That kernel writes the
+dequantization as `(q - 8) * step + zero`, so `zero = minimum + 8 * step`. On a 2-core AVX2 CPU it
+multiplies one row by GPT-2 124M's weights in ~10 ms against ~33 ms for fp32 (benchmarks/RESULTS.md),
+but its cost grows with every row, so long prompts are slower than in fp32.
+
+    quantize_model(model)                # every nn.Linear (and the tied head) -> Int4Linear, in place
+    Engine(model, tokenizer).generate(...)
+
+Quantized models are for inference: they cannot be trained, saved or moved off the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ScratchLLMError
+
+#: Group sizes the CPU kernel accepts, largest first.
+GROUP_SIZES = (256, 128, 64, 32)
+#: The default group size: GPT-2's widths (768, 1024, 1280, 3072, ...) divide by it, except 1600
+#: (gpt2-xl), whose layers fall back to 64.
+DEFAULT_GROUP_SIZE = 128
+QUANTIZE_MODES = ("int4",)
+
+
+def int4_supported() -> bool:
+    """True when this PyTorch build has the int4 CPU kernel."""
+    ops = torch.ops.aten
+    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+
+
+def group_size_for(in_features: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """The largest kernel group size <= `group_size` that divides `in_features`."""
+    if group_size not in GROUP_SIZES:
+        raise ScratchLLMError(
+            f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}"
+        )
+    for g in GROUP_SIZES:
+        if g <= group_size and in_features % g == 0:
+            return g
+    raise ScratchLLMError(
+        f"int4 quantization needs layer input widths divisible by 32, got {in_features}; "
+        "use a model whose emb_dim is a multiple of 32, or run it unquantized"
+    )
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (uint8, values 0..15, same shape as `weight`), steps and minimums (bf16, one per group:
+    shape (out, in // group_size)). The step and minimum are rounded to bf16 first, as the kernel
+    stores them, and the codes chosen against the rounded values."""
+    out_features, in_features = weight.shape
+    groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    step = ((hi - lo) / 15).clamp(min=1e-8).bfloat16()
+    minimum = lo.bfloat16()
+    q = torch.round((groups - minimum.float()[..., None]) / step.float()[..., None]).clamp_(0, 15)
+    return q.to(torch.uint8).reshape(out_features, in_features), step, minimum
+
+
+def dequantize_int4(q: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """The fp32 weights that codes, steps and minimums stand for."""
+    out_features, in_features = q.shape
+    groups = q.float().reshape(out_features, step.shape[-1], -1)
+    return (minimum.float()[..., None] + groups * step.float()[..., None]).reshape(out_features, in_features)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte: column 2j in the low half, 2j + 1 in the high half."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+class Int4Linear(nn.Module):
+    """A linear layer with int4 weights (group-wise steps and minimums) and a floating-point bias."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE):
+        super().__init__()
+        if linear.weight.device.type != "cpu":
+            raise ScratchLLMError(
+                f"int4 quantization runs on CPUs only, but the model is on {linear.weight.device.type}; "
+                "load it with --device cpu, or use --dtype bf16 on a GPU"
+            )
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.group_size = group_size_for(self.in_features, group_size)
+        q, step, minimum = quantize_int4(linear.weight, self.group_size)
+        self.register_buffer("qweight", pack_nibbles(q))
+        self.register_buffer("step", step)
+        self.register_buffer("minimum", minimum)
+        self.bias = (
+            None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        )
+        # the kernel's layout: rows padded to a multiple of 16, steps and zeros as (groups, out, 2)
+        pad = -self.out_features % 16
+        q = F.pad(q, (0, 0, 0, pad)).to(torch.int32)
+        zero = minimum.float() + 8 * step.float()
+        steps_zeros = torch.stack((step.float(), zero), dim=-1).transpose(0, 1)
+        self.register_buffer(
+            "_kernel_weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False
+        )
+        self.register_buffer(
+            "_kernel_scales", F.pad(steps_zeros, (0, 0, 0, pad)).bfloat16().contiguous(), persistent=False
+        )
+
+    def weight_fp32(self) -> torch.Tensor:
+        """The weights this layer stands for, in fp32 (for checks and the slow reference path)."""
+        return dequantize_int4(unpack_nibbles(self.qweight), self.step, self.minimum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise ScratchLLMError(f"int4 layers run on CPUs only, got an input on {x.device.type}")
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows, self._kernel_weight, self.group_size, self._kernel_scales
+        )
+        if y.shape[-1] != self.out_features:
+            y = y[:, : self.out_features]
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        # adding the (fp32) bias casts back to it; without a bias, back to the input's dtype
+        return torch.add(self.bias, y) if self.bias is not None else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        )
+
+
+def quantize_model(model: nn.Module, mode: str = "int4", group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
+    """Replace every `nn.Linear` of `model` (the attention and feed-forward projections and the
+    output head, tied or not) by an `Int4Linear`, in place; returns the model, in eval mode, its
+    remaining parameters frozen. Embeddings and norms stay in floating point. Merge LoRA adapters
+    first (`merge_lora`)."""
+    if mode not in QUANTIZE_MODES:
+        raise ScratchLLMError(f"unknown quantization {mode!r}; choose one of: {', '.join(QUANTIZE_MODES)}")
+    if not int4_supported():
+        raise ScratchLLMError(
+            f"this PyTorch ({torch.__version__}) lacks the int4 CPU kernel; "
+            "upgrade torch (2.6 or newer) or run the model unquantized"
+        )
+    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
+    if any(isinstance(child, nn.Linear) and type(child) is not nn.Linear for _, _, child in linears):
+        raise ScratchLLMError("quantization: the model has LoRA adapters; merge them first (merge_lora)")
+    for parent, name, child in linears:
+        if type(child) is nn.Linear:
+            setattr(parent, name, Int4Linear(child, group_size))
+    model.eval().requires_grad_(False)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int4Linear) for m in model.modules())
