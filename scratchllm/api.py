@@ -42,6 +42,10 @@ class LLM:
         from .device import pick_device
         from .generate import resolve_dtype
 
+        if not isinstance(spec, (str, os.PathLike)):
+            raise ScratchLLMError(
+                f"load: give a model directory or a GPT-2 name such as 'gpt2', got {type(spec).__name__}"
+            )
         dev = pick_device(device)
         spec = resolve_model(spec)  # once: a hub name is fetched or found in the cache here
         if dtype == "auto" and read_config(spec)[0].n_classes:
@@ -78,6 +82,8 @@ class LLM:
 
         if not self.config.n_classes:
             raise ScratchLLMError("this model is a language model, not a classifier; finetune one first")
+        if texts is None or not isinstance(texts, (str, Sequence)):
+            raise ScratchLLMError(f"classify: give a text or a list of texts, got {type(texts).__name__}")
         return predict(self.loaded, [texts] if isinstance(texts, str) else list(texts))
 
     def __repr__(self) -> str:

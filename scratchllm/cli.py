@@ -8,10 +8,11 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from .errors import ScratchLLMError
 
@@ -820,6 +821,22 @@ def _active_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings print as `scratchllm: warning: ...`, without Python's file name and source line."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"scratchllm: warning: {message}", file=file or sys.stderr)
+
+    saved = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
@@ -833,7 +850,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f"; did you mean {close[0]}?" if close else ""
         active.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     try:
-        code = args.func(args)
+        with _one_line_warnings():
+            code = args.func(args)
     except ScratchLLMError as e:
         print(f"scratchllm: error: {e}", file=sys.stderr)
         return 2

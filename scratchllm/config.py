@@ -127,6 +127,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ScratchLLMError(f"cannot read config {path}: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ScratchLLMError(f"config {path} is not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ScratchLLMError(f"config {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
 
 
 def preset_names() -> list[str]:

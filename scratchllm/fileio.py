@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,13 @@ def _publish_mode(path: Path, directory: bool) -> None:
                 os.chmod(child, 0o666 & ~mask)
 
 
-def check_output_file(path: str | os.PathLike, what: str = "--out") -> None:
+def check_output_file(
+    path: str | os.PathLike, what: str = "--out", inputs: Mapping[str, object] | None = None
+) -> None:
     """Raise a one-line error unless `path` can become a file: commands call it before their work,
-    so a directory given as the output file fails at once, not after an hour of generation."""
+    so a directory given as the output file fails at once, not after an hour of generation.
+    `inputs` ({flag: path}) are the command's input files: an output that is one of them would
+    replace the data it was made from, so that is an error too."""
     from .errors import ScratchLLMError
 
     path = Path(path).expanduser()
@@ -46,6 +50,13 @@ def check_output_file(path: str | os.PathLike, what: str = "--out") -> None:
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ScratchLLMError(f"{what} {path}: {parent} is a file, not a directory")
+    for flag, source in (inputs or {}).items():
+        src = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else None
+        if src is not None and src.is_file() and path.is_file() and os.path.samefile(path, src):
+            raise ScratchLLMError(
+                f"{what} {path} is the input file given as {flag}: writing it would replace that "
+                "input; choose another output file"
+            )
 
 
 @contextlib.contextmanager

@@ -130,6 +130,10 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if not isinstance(self.stop, Iterable):
+            raise ScratchLLMError(
+                f"generation settings: stop must be a string or a list of strings, got {self.stop!r}"
+            )
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
         self.validate()
@@ -140,18 +144,25 @@ class GenerationConfig:
         def bad(msg: str) -> ScratchLLMError:
             return ScratchLLMError(f"generation settings: {msg}")
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        def integer(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def number(x: object) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not integer(self.max_new_tokens) or self.max_new_tokens < 0:
             raise bad(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        if not number(self.temperature) or self.temperature < 0:
+            raise bad(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not integer(self.top_k) or self.top_k < 1):
             raise bad(f"top_k must be an integer >= 1 (or None for no limit), got {self.top_k!r}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise bad(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p!r}")
+        if not number(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise bad(f"top_p must be a number in (0, 1] (1 keeps every token), got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad(f"seed must be an integer, got {self.seed!r}")
+        # the range torch.Generator.manual_seed takes
+        if self.seed is not None and (not integer(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise bad(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
 
     def replace(self, **changes) -> GenerationConfig:
         return dataclasses.replace(self, **changes)
@@ -399,6 +410,7 @@ class Decoder:
         self.kernels = kernels if use_kernels and kernels.refresh() else None
         self.device = model.tok_emb.weight.device
         self.history: list[deque[int]] = []  # per row: the last context_length tokens
+        too_long: list[tuple[int, int]] = []  # (prompt index, tokens)
         for i, p in enumerate(prompts):
             p = [int(t) for t in p]
             if not p:
@@ -409,12 +421,20 @@ class Decoder:
                     f"generation: prompt {i} has token id {bad}, outside the vocabulary 0..{vocab - 1}"
                 )
             if len(p) > ctx:
-                warnings.warn(
-                    f"prompt {i} has {len(p)} tokens, more than the context window of {ctx}; "
-                    f"using its last {ctx} tokens",
-                    stacklevel=2,
-                )
+                too_long.append((i, len(p)))
             self.history.append(deque(p[-ctx:], maxlen=ctx))
+        if len(too_long) == 1:
+            ((i, n),) = too_long
+            warnings.warn(
+                f"prompt {i} has {n} tokens, more than the context window of {ctx}; using its last {ctx} tokens",
+                stacklevel=2,
+            )
+        elif too_long:  # one warning per batch, not one per prompt
+            warnings.warn(
+                f"{len(too_long)} of {len(prompts)} prompts have more tokens than the context window of {ctx} "
+                f"(the longest {max(n for _, n in too_long)}); using the last {ctx} tokens of each",
+                stacklevel=2,
+            )
         self.active: list[int] = list(range(len(prompts)))
         self.steps = 0
         self.generator: torch.Generator | None = None
@@ -656,7 +676,12 @@ class Engine:
                 )
             ids = self.tokenizer.encode(prompt, allowed_special=self.allowed_special)
         else:
-            ids = [int(t) for t in prompt]
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError):
+                raise ScratchLLMError(
+                    f"generation: a prompt must be text or a list of token ids, got {prompt!r:.60}"
+                ) from None
         if not ids:
             raise ScratchLLMError("generation: the prompt is empty; give at least one token of text")
         vocab = self.model.cfg.vocab_size
@@ -672,9 +697,20 @@ class Engine:
     ) -> list[Completion]:
         """Complete every prompt (one batch); keyword overrides change single settings of `config`."""
         cfg = _config(config, overrides)
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]  # type: ignore[list-item]
-        ids = [self.encode(p) for p in prompts]  # type: ignore[union-attr]
+        try:
+            prompts = list(prompts)  # type: ignore[arg-type]
+        except TypeError:
+            raise ScratchLLMError(
+                "generation: give a prompt (text or a list of token ids) or a list of prompts, "
+                f"got {type(prompts).__name__}"
+            ) from None
+        if not prompts:
+            raise ScratchLLMError("generation: the list of prompts is empty")
+        ids = [self.encode(p) for p in prompts]
         result: list[Completion] = []
         for _ in self._run(ids, cfg, result, incremental=bool(cfg.stop)):
             pass

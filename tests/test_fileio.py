@@ -42,3 +42,26 @@ def test_commands_check_out_before_their_work(argv, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "is a directory; give a file path" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["respond", "--model", "no-model", "--data", "{input}"], "--data"),
+        (["eval", "--model", "no-model", "--task", "{input}"], "--task"),
+        (["eval", "--model", "no-model", "--task", "hellaswag", "--fewshot-file", "{input}"], "--fewshot-file"),
+        (["classify", "--model", "no-model", "--file", "{input}"], "--file"),
+        (["judge", "--responses", "{input}", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m"],
+         "--responses"),
+    ],
+)  # fmt: skip
+def test_an_output_that_is_the_input_file_is_refused(argv, flag, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data.json"
+    data.write_text('[{"instruction": "keep me"}]')
+    monkeypatch.chdir(tmp_path)
+    # the same file under another spelling of its path
+    argv = [a.replace("{input}", str(data)) for a in argv]
+    assert main([*argv, "--out", "./data.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"is the input file given as {flag}" in err and len(err.splitlines()) == 1
+    assert data.read_text() == '[{"instruction": "keep me"}]'

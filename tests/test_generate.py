@@ -343,6 +343,13 @@ def test_token_id_prompts_and_text_prompts_agree():
         (dict(top_k=0), "top_k"),
         (dict(max_new_tokens=-1), "max_new_tokens"),
         (dict(stop=[""]), "stop"),
+        (dict(stop=5), "stop must be a string or a list"),
+        (dict(temperature="hot"), "temperature must be a number"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p="x"), "top_p must be a number"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(seed=2**64), "seed must be an integer from"),
+        (dict(seed="1"), "seed"),
     ],
 )
 def test_out_of_range_settings_are_errors(settings, match):
@@ -365,6 +372,34 @@ def test_empty_prompts_and_bad_ids_are_errors():
         engine.generate("abc", max_tokens=3)
     with pytest.raises(ScratchLLMError, match="empty"):
         Decoder(tiny_model(), [[]], max_new_tokens=3)
+    with pytest.raises(ScratchLLMError, match="list of prompts is empty"):
+        engine.generate([])
+    for bad in (None, 5):
+        with pytest.raises(ScratchLLMError, match="give a prompt"):
+            engine.generate(bad)
+    with pytest.raises(ScratchLLMError, match="text or a list of token ids"):
+        engine.generate(["The", 3])
+    with pytest.raises(ScratchLLMError, match="text or a list of token ids"):
+        engine.stream(None)
+    # the largest seed torch takes works
+    assert (
+        len(
+            engine.generate("a", max_new_tokens=2, temperature=1.0, seed=2**64 - 1, ignore_eos=True)[
+                0
+            ].token_ids
+        )
+        == 2
+    )
+
+
+def test_a_batch_of_long_prompts_gives_one_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decode_all(tiny_model(), prompts_of([40, 30, 5]), 2)
+    assert [str(w.message) for w in caught] == [
+        "2 of 3 prompts have more tokens than the context window of 24 (the longest 40); "
+        "using the last 24 tokens of each"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +426,14 @@ def test_cli_generate_with_a_model_directory(tmp_path, capsys):
     assert "tokens" in captured.err
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
+    # a warning is one line of its own, not Python's file name and source line
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x" * 30, "--max-new-tokens", "2",
+                 "--device", "cpu", "--quiet"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        err == f"scratchllm: warning: prompt 0 has 30 tokens, more than the context window of {CTX}; "
+        f"using its last {CTX} tokens\n"
+    )
 
 
 def test_default_cache_equals_no_cache_on_a_gpt2_shaped_model():

@@ -157,7 +157,7 @@ def eval_command(
 
     settings.validate()  # bad settings, a malformed file and a bad --out fail before the model loads
     if out is not None:
-        check_output_file(out)
+        check_output_file(out, inputs={"--task": task, "--fewshot-file": settings.fewshot_file})
     task_file = read_task(task, settings.format)
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)

@@ -694,7 +694,11 @@ class Classifier:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
+            if not isinstance(t, str):
+                raise ScratchLLMError(
+                    f"text {i + 1} is a {type(t).__name__}, not a string; give texts to classify"
+                )
+            if not t.strip():
                 raise ScratchLLMError(f"text {i + 1} is empty; give some text to classify")
         return encode_texts(self.tokenizer, texts, self.text_template, self.max_length)
 
@@ -740,8 +744,10 @@ def classify_command(
         raise ScratchLLMError("give texts to classify, or --file IN.jsonl (not both)")
     if out and not file:
         raise ScratchLLMError("--out needs --file")
+    if batch_size < 1:
+        raise ScratchLLMError(f"--batch-size must be >= 1, got {batch_size}")
     if out:
-        check_output_file(out)
+        check_output_file(out, inputs={"--file": file})
     clf = Classifier.load(model, device=device)
     if texts:
         preds = clf.predict(list(texts), batch_size)

@@ -112,6 +112,8 @@ def read_examples(
     out = []
     for source, rec in records:
         text, label = rec.get(text_column), rec.get(label_column)
+        _check_scalar(source, text, text_column, "text")
+        _check_scalar(source, label, label_column, "label")
         if text is None or not str(text).strip():
             raise ScratchLLMError(
                 f"{source}: empty text in column {text_column!r}; fill it in or drop the line"
@@ -132,10 +134,19 @@ def read_texts(
     out = []
     for source, rec in records:
         text = rec.get(text_column)
+        _check_scalar(source, text, text_column, "text")
         if text is None or not str(text).strip():
             raise ScratchLLMError(f"{source}: empty text in column {text_column!r}")
         out.append((str(text), rec))
     return out
+
+
+def _check_scalar(source: str, value: Any, column: str, what: str) -> None:
+    if isinstance(value, (list, dict)):
+        raise ScratchLLMError(
+            f"{source}: the {what} in {column!r} is a JSON {type(value).__name__}; it must be a string"
+            + (" (or a number)" if what == "label" else "")
+        )
 
 
 def _label_name(label: Any) -> str:

@@ -576,7 +576,7 @@ def respond(
     from ..generate import Engine, GenerationConfig, resolve_dtype
 
     if out is not None:
-        check_output_file(out)
+        check_output_file(out, inputs={"--data": data})
     records = (
         load_instruction_data(data, require_output=False) if isinstance(data, (str, Path)) else list(data)
     )

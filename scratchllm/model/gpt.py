@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -36,8 +39,19 @@ class GPTConfig:
     n_classes: int = 0  # 0: language-model head over the vocabulary; N: a classifier head with N outputs
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "n_classes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ScratchLLMError(f"model config: {name} must be an integer, got {value!r}")
+        for name in ("qkv_bias", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ScratchLLMError(
+                    f"model config: {name} must be true or false, got {getattr(self, name)!r}"
+                )
+        if isinstance(self.drop_rate, bool) or not isinstance(self.drop_rate, numbers.Real):
+            raise ScratchLLMError(f"model config: drop_rate must be a number, got {self.drop_rate!r}")
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ScratchLLMError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
         if self.emb_dim % self.n_heads:
             raise ScratchLLMError(
@@ -161,8 +175,15 @@ class TransformerBlock(nn.Module):
 class GPTModel(nn.Module):
     """Token + position embeddings, `n_layers` transformer blocks, final norm, output head."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any]):
+        """`cfg`: a `GPTConfig`, or a dict of its keys (the book's `GPT_CONFIG_124M` style)."""
         super().__init__()
+        if isinstance(cfg, Mapping):
+            cfg = GPTConfig.from_dict(dict(cfg))
+        elif not isinstance(cfg, GPTConfig):
+            raise ScratchLLMError(
+                f"GPTModel takes a GPTConfig or a dict of its keys, got {type(cfg).__name__}"
+            )
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)

@@ -16,7 +16,8 @@ PyTorch's CPU kernel for int4 weights (`aten._weight_int4pack_mm_for_cpu`, the k
 int4 CPU layout uses), which reads the packed codes and takes bf16 activations. That kernel writes the
 dequantization as `(q - 8) * step + zero`, so `zero = minimum + 8 * step`. On a 2-core AVX2 CPU it
 multiplies one row by GPT-2 124M's weights in ~10 ms against ~33 ms for fp32 (benchmarks/RESULTS.md),
-but its cost grows with every row, so long prompts are slower than in fp32.
+but its cost grows with every row: from `DEQUANTIZE_ROWS` rows on (long prompts, evaluations) the
+layer instead dequantizes its weights block by block and runs one fp32 matrix product.
 
     quantize_model(model)                # every nn.Linear (and the tied head) -> Int4Linear, in place
     Engine(model, tokenizer).generate(...)
@@ -38,6 +39,11 @@ GROUP_SIZES = (256, 128, 64, 32)
 #: (gpt2-xl), whose layers fall back to 64.
 DEFAULT_GROUP_SIZE = 128
 QUANTIZE_MODES = ("int4",)
+#: From this many input rows on, `Int4Linear` dequantizes and runs one fp32 GEMM instead of the int4
+#: kernel, whose cost grows with every row (benchmarks/RESULTS.md, "Generation").
+DEQUANTIZE_ROWS = 128
+#: Rows of weights dequantized at a time (256 x 3072 fp32 = 3 MB of temporaries).
+DEQUANTIZE_BLOCK = 256
 
 
 def int4_supported() -> bool:
@@ -122,18 +128,30 @@ class Int4Linear(nn.Module):
         )
 
     def weight_fp32(self) -> torch.Tensor:
-        """The weights this layer stands for, in fp32 (for checks and the slow reference path)."""
-        return dequantize_int4(unpack_nibbles(self.qweight), self.step, self.minimum)
+        """The weights this layer stands for, in fp32. Dequantized in blocks of rows whose
+        temporaries stay in the CPU's caches (the whole matrix at once is ~4x slower)."""
+        out = torch.empty(self.out_features, self.in_features)
+        for start in range(0, self.out_features, DEQUANTIZE_BLOCK):
+            end = min(start + DEQUANTIZE_BLOCK, self.out_features)
+            q = unpack_nibbles(self.qweight[start:end])
+            out[start:end] = dequantize_int4(q, self.step[start:end], self.minimum[start:end])
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise ScratchLLMError(f"int4 layers run on CPUs only, got an input on {x.device.type}")
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            rows, self._kernel_weight, self.group_size, self._kernel_scales
-        )
-        if y.shape[-1] != self.out_features:
-            y = y[:, : self.out_features]
+        if rows.shape[0] < DEQUANTIZE_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows, self._kernel_weight, self.group_size, self._kernel_scales
+            )
+            if y.shape[-1] != self.out_features:
+                y = y[:, : self.out_features]
+        else:
+            # the kernel's cost grows with every row; for many rows (a long prompt, an evaluation)
+            # one fp32 GEMM on the dequantized weights is faster, with the kernel's roundings
+            # (bf16 activations in, bf16 out) so that both paths compute the same numbers
+            y = F.linear(rows.float(), self.weight_fp32()).bfloat16()
         y = y.reshape(*x.shape[:-1], self.out_features)
         # adding the (fp32) bias casts back to it; without a bias, back to the input's dtype
         return torch.add(self.bias, y) if self.bias is not None else y.to(x.dtype)

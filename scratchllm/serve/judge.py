@@ -23,6 +23,7 @@ It is written atomically while the run progresses, and `--resume` skips entries 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -129,6 +130,12 @@ def chat_url(url: str) -> str:
         raise ScratchLLMError(
             f"judge URL {url!r} must start with http:// or https:// (e.g. http://localhost:11434/v1)"
         )
+    import httpx
+
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise ScratchLLMError(f"judge URL {url!r} is not a valid URL ({e})") from None
     if url.endswith("/chat/completions"):
         return url
     if url.endswith("/v1"):
@@ -159,6 +166,12 @@ class JudgeClient:
     def __post_init__(self) -> None:
         import httpx
 
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ScratchLLMError(f"judge: --timeout must be a number of seconds > 0, got {self.timeout}")
+        if self.retries < 0:
+            raise ScratchLLMError(f"judge: --retries must be >= 0, got {self.retries}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ScratchLLMError(f"judge: --max-tokens must be >= 1, got {self.max_tokens}")
         self.endpoint = chat_url(self.url)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._http = httpx.Client(timeout=httpx.Timeout(self.timeout), headers=headers)
@@ -265,9 +278,14 @@ def _describe(error: BaseException) -> str:
 def read_responses(path: str | os.PathLike, response_key: str = "model_response") -> list[dict[str, Any]]:
     """The entries of a .json (a list) or .jsonl responses file, checked for the needed keys."""
     path = Path(path)
+    if path.is_dir():
+        raise ScratchLLMError(f"responses file {path} is a directory; give the JSON file `respond` wrote")
     if not path.is_file():
         raise ScratchLLMError(f"responses file {path} not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ScratchLLMError(f"responses file {path} is not UTF-8 text (byte {e.start})") from None
     try:
         if path.suffix == ".jsonl":
             entries = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -390,8 +408,10 @@ def judge_command(
     """`scratchllm judge`: score a responses file, write the result JSON, print the average.
     Returns the exit code: 0 when every entry got a score, 1 when some failed."""
     get_template(template)
+    if workers < 1:
+        raise ScratchLLMError(f"judge: --workers must be >= 1, got {workers}")
     out_path = Path(out) if out else Path(responses).with_name(Path(responses).stem + "-judged.json")
-    check_output_file(out_path)
+    check_output_file(out_path, inputs={"--responses": responses})
     entries = read_responses(responses, response_key)
     done: dict[str, Mapping[str, Any]] = {}
     if resume and out_path.is_file():

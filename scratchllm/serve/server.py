@@ -366,6 +366,7 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving `model` (see the module docstring). `default_max_tokens` caps the
     chat default (the rest of the context window)."""
+    _check_default_max_tokens(default_max_tokens)
     model_id = model_name or model.name
     scheduler = Scheduler(model, max_batch_size=max_batch_size)
     ctx = model.context_length
@@ -768,6 +769,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _check_default_max_tokens(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ScratchLLMError(
+            f"--default-max-tokens must be >= 1 (or left out: the rest of the context), got {value}"
+        )
+
+
 def serve(
     model: str,
     host: str = "127.0.0.1",
@@ -787,6 +795,9 @@ def serve(
     import uvicorn
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    _check_default_max_tokens(default_max_tokens)
+    if max_batch_size < 1:
+        raise ScratchLLMError(f"--max-batch-size must be >= 1, got {max_batch_size}")
     sock = _bind(host, port)  # fail fast, before the model loads, when the port is taken
     try:
         chat = load_chat_model(

@@ -145,6 +145,8 @@ def prepare(
     total_bytes = _corpus_bytes(corpus)  # also checks that every path exists before any work
     if not workers:  # one per core, but no more than the text keeps busy
         workers = max(1, min(os.cpu_count() or 1, total_bytes // BYTES_PER_WORKER))
+    # never more processes than cores or pieces of work: the rest would only start and sit idle
+    workers = max(1, min(workers, os.cpu_count() or 1, -(-total_bytes // chunk_chars)))
     t0 = time.perf_counter()
 
     source_hashes: dict[str, Any] = {}

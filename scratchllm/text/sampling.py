@@ -226,6 +226,10 @@ def load_prepared(path: str | os.PathLike, expected_tokenizer: Tokenizer | None 
             f"(fingerprint {tokenizer.fingerprint()}), not the requested {expected_tokenizer.name!r} "
             f"({expected_tokenizer.fingerprint()}); re-run `scratchllm prepare --tokenizer ...` or drop --tokenizer"
         )
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        raise ScratchLLMError(
+            f"{meta_path}: token dtype {meta.get('dtype')!r} is not uint16 or uint32; re-run `scratchllm prepare`"
+        )
     dtype = np.dtype(meta["dtype"])
     arrays = {}
     for split in ("train", "val"):

@@ -90,6 +90,14 @@ def evaluate_text(
     from ..device import autocast, pick_device, resolve_precision
     from ..text.corpus import load_documents
 
+    if batch_size < 1:
+        raise ScratchLLMError(f"--batch-size must be >= 1, got {batch_size}")
+    if context_length is not None and context_length < 1:
+        raise ScratchLLMError(
+            f"--context-length must be >= 1 (or left out: the model's), got {context_length}"
+        )
+    if max_tokens < 0:
+        raise ScratchLLMError(f"--max-tokens must be >= 0 (0: all), got {max_tokens}")
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)
     loaded = load_model(model_spec, device=str(dev), quantize=quantize)

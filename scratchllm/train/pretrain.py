@@ -43,7 +43,8 @@ class PretrainConfig(TrainerConfig):
     )
     tokenizer: str = setting(
         "train",
-        "train (a BPE on the corpus), char (one id per character), gpt2, or a tokenizer/model dir",
+        "train (a BPE on the corpus), char (one id per character), gpt2, or a tokenizer/model dir; "
+        "with --data, the prepared data's own unless another is named",
         "data",
     )
     vocab_size: int = setting(8192, "vocabulary of the BPE trained when tokenizer = train", "data")
@@ -192,6 +193,14 @@ def _resolve_tokenizer(
         return init_tokenizer
     if not trainable:
         return load_tokenizer(cfg.tokenizer)
+    if cfg.data:  # prepared data is tokenized already: its tokenizer is the run's, nothing to train
+        prepared_tok = Path(cfg.data).expanduser() / "tokenizer"
+        if not (prepared_tok / TOKENIZER_META).is_file():
+            raise ScratchLLMError(
+                f"--data {cfg.data} is not a prepared data directory (no tokenizer/ inside); "
+                "run `scratchllm prepare` first"
+            )
+        return load_tokenizer(prepared_tok)
     tok_dir = out_dir / "tokenizer"
     recipe = {
         "kind": cfg.tokenizer,

@@ -103,12 +103,16 @@ class TrainerConfig:
                 raise bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_last < 1:
             raise bad(f"keep_last must be >= 1, got {self.keep_last}")
+        for name in ("lr", "min_lr", "max_minutes", "weight_decay", "grad_clip", "beta1", "beta2"):
+            if not math.isfinite(getattr(self, name)):
+                raise bad(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise bad(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.schedule not in SCHEDULES:
             raise bad(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.max_minutes < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise bad("max_minutes, weight_decay and grad_clip must be >= 0")
+        for name in ("max_minutes", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise bad(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
 

@@ -284,6 +284,16 @@ def test_data_errors_are_one_clear_line(tmp_path, base_dir):
         read_examples(tmp_path / "b.jsonl")
     with pytest.raises(ScratchLLMError, match="unknown data format"):
         read_examples(tmp_path / "c.xlsx")
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "hi", "label": "x"}, {"text": ["a"], "label": "y"}])
+    with pytest.raises(
+        ScratchLLMError, match=r"d.jsonl:2: the text in 'text' is a JSON list; it must be a string"
+    ):
+        read_examples(tmp_path / "d.jsonl")
+    write_jsonl(tmp_path / "e.jsonl", [{"text": "hi", "label": {"a": 1}}])
+    with pytest.raises(
+        ScratchLLMError, match=r"the label in 'label' is a JSON dict; it must be a string \(or a number\)"
+    ):
+        read_examples(tmp_path / "e.jsonl")
     one = write_jsonl(tmp_path / "one.jsonl", [{"text": f"w{i}", "label": "only"} for i in range(20)])
     with pytest.raises(ScratchLLMError, match=r"at least two classes.*only"):
         finetune_classify(quick_cfg(base_dir, one, tmp_path / "r1"), log=lambda s: None)
@@ -495,3 +505,7 @@ def test_cli_errors_exit_2_with_one_line(base_dir, small_file, tmp_path, capsys)
     assert "not a classifier" in capsys.readouterr().err
     assert cli.main(["finetune", "classify", "--model", str(base_dir), "--trainable", "some"]) == 2
     assert "trainable must be one of" in capsys.readouterr().err
+    assert (
+        cli.main(["classify", "--model", str(base_dir), "--file", str(small_file), "--batch-size", "0"]) == 2
+    )
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err

@@ -83,11 +83,21 @@ def test_presets_and_aliases():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(emb_dim=30, n_heads=4), dict(n_layers=0), dict(drop_rate=1.0), dict(n_classes=-1)],
-)
+    [dict(emb_dim=30, n_heads=4), dict(n_layers=0), dict(drop_rate=1.0), dict(n_classes=-1),
+     dict(emb_dim="big"), dict(n_layers=2.5), dict(qkv_bias="yes"), dict(drop_rate="0.1"), dict(vocab_size=True)],
+)  # fmt: skip
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ScratchLLMError, match="model config"):
         GPTConfig(**{**TINY, **bad})
+
+
+def test_model_takes_the_books_config_dict():
+    book_style = {"vocab_size": 100, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
+                  "drop_rate": 0.0, "qkv_bias": False}  # fmt: skip
+    model = GPTModel(book_style)
+    assert model.cfg == GPTConfig(**book_style)
+    with pytest.raises(ScratchLLMError, match="GPTConfig or a dict"):
+        GPTModel(["not", "a", "config"])
 
 
 def test_config_dict_round_trip_and_unknown_key():

@@ -109,6 +109,25 @@ def test_layer_equals_its_dequantized_weights(out_features, bias, rows):
     assert float((y - exact).square().mean().sqrt()) < 0.1 * float(exact.square().mean().sqrt())
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_many_rows_take_the_dequantized_path_with_the_same_numbers(monkeypatch, bias):
+    import scratchllm.model.quantize as quantize
+
+    layer = Int4Linear(nn.Linear(256, 300, bias=bias), group_size=128)
+    x = torch.randn(2, 40, 256)
+    with torch.no_grad():
+        monkeypatch.setattr(quantize, "DEQUANTIZE_ROWS", 10**9)
+        kernel = layer(x)
+        monkeypatch.setattr(quantize, "DEQUANTIZE_ROWS", 80)  # 80 rows: dequantize
+        dequantized = layer(x)
+    assert dequantized.shape == kernel.shape == (2, 40, 300)
+    # both round the activations and the product to bf16; only the summation order differs
+    assert torch.allclose(dequantized, kernel, rtol=2**-7, atol=1e-3)
+    assert torch.equal(
+        layer.weight_fp32(), dequantize_int4(unpack_nibbles(layer.qweight), layer.step, layer.minimum)
+    )
+
+
 def test_quantize_model_replaces_every_linear_and_keeps_the_embeddings():
     model = model_of()
     emb = model.tok_emb.weight.detach().clone()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from scratchllm.checkpoint import save_model
+from scratchllm.errors import ScratchLLMError
 from scratchllm.finetune.templates import get_template
 from scratchllm.model.gpt import GPTConfig, GPTModel
 from scratchllm.serve.chat import load_chat_model
@@ -81,6 +82,29 @@ def test_chat_url_accepts_base_urls():
     assert chat_url("https://x.org/v1/chat/completions") == "https://x.org/v1/chat/completions"
     with pytest.raises(Exception, match="must start with http"):
         chat_url("localhost:11434")
+    with pytest.raises(ScratchLLMError, match="is not a valid URL"):
+        chat_url("http://[::1")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--timeout", "-1"], "--timeout must be a number of seconds > 0, got -1.0"),
+        (["--retries", "-1"], "--retries must be >= 0, got -1"),
+        (["--workers", "0"], "--workers must be >= 1, got 0"),
+        (["--max-tokens", "-1"], "--max-tokens must be >= 1, got -1"),
+        (["--judge-url", "http://[::1"], "is not a valid URL"),
+    ],
+)
+def test_bad_judge_settings_are_one_line_errors(flags, message, tmp_path, capsys):
+    from scratchllm.cli import main
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(ENTRIES))
+    argv = ["judge", "--responses", str(path), "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m"]
+    assert main([*argv, *flags, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,6 +247,11 @@ def test_read_responses_checks_the_records(tmp_path):
     with pytest.raises(Exception, match=r"entry 0 has no string 'model_response'.*--response-key"):
         read_responses(path)
     assert read_responses(path, response_key="response")[0]["response"] == "z"
+    path.write_bytes(b"\xff\xfe[]")
+    with pytest.raises(ScratchLLMError, match="is not UTF-8 text"):
+        read_responses(path)
+    with pytest.raises(ScratchLLMError, match="is a directory"):
+        read_responses(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------

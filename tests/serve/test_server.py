@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scratchllm.errors import ScratchLLMError
 from scratchllm.generate import GenerationConfig
 from scratchllm.serve.chat import load_chat_model
 from scratchllm.serve.server import BackgroundServer, Scheduler, _Job, create_app
@@ -202,6 +203,8 @@ BAD_REQUESTS = [
     (COMP, {"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, "logprobs", "not supported"),
     (COMP, {"model": MODEL, "prompt": ["a", "b"], "stream": True}, 400, "stream", "one by one"),
     (COMP, {"prompt": "hi"}, 400, "model", "missing required parameter 'model'"),
+    (COMP, {"model": MODEL, "prompt": "hi", "temperature": 1, "seed": 10**23}, 400, None, "seed must be an integer"),
+    (COMP, {"model": MODEL, "prompt": "hi", "seed": 10**23, "stream": True}, 400, None, "seed must be an integer"),
 ]
 # fmt: on
 
@@ -214,6 +217,18 @@ def test_bad_requests_get_openai_shaped_errors(server, path, body, status, param
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and words in error["message"], error
     assert error["type"] == "invalid_request_error"
+
+
+def test_a_default_max_tokens_below_1_is_refused_at_start(chat, capsys):
+    with pytest.raises(ScratchLLMError, match="--default-max-tokens must be >= 1"):
+        create_app(chat, default_max_tokens=0)
+    from scratchllm.cli import main
+
+    assert main(["serve", "--model", "unused", "--default-max-tokens", "-1", "--port", "0"]) == 2
+    assert (
+        "--default-max-tokens must be >= 1 (or left out: the rest of the context), got -1"
+        in capsys.readouterr().err
+    )
 
 
 def test_malformed_bodies_unknown_paths_and_the_openai_client_errors(server, client):

@@ -82,6 +82,21 @@ def test_workers_auto_starts_no_process_for_a_small_corpus(corpus, tokenizer, tm
     prep.prepare([str(corpus)], tokenizer, tmp_path / "auto", workers=0)
     assert started == [] and "1 worker)" in capsys.readouterr().out
     assert prep.BYTES_PER_WORKER >= 1 << 20
+    # asking for more workers than pieces of work (or cores) starts no idle processes
+    prep.prepare([str(corpus)], tokenizer, tmp_path / "many", workers=999)
+    assert started == [] and "1 worker)" in capsys.readouterr().out
+
+
+def test_a_prepared_directory_with_a_bad_token_dtype_is_refused(corpus, tokenizer, tmp_path):
+    from scratchllm.errors import ScratchLLMError
+    from scratchllm.text.sampling import load_prepared
+
+    out = tmp_path / "p"
+    prep.prepare([str(corpus)], tokenizer, out, workers=1, progress=False)
+    meta = json.loads((out / prep.META).read_text())
+    (out / prep.META).write_text(json.dumps({**meta, "dtype": "float99"}))
+    with pytest.raises(ScratchLLMError, match="token dtype 'float99' is not uint16 or uint32"):
+        load_prepared(out)
 
 
 def test_one_file_takes_its_tail_as_validation(tokenizer, tmp_path):

@@ -64,6 +64,9 @@ def test_invalid_toml_is_one_clear_error(tmp_path):
     path.write_text("lr = = 1\n", encoding="utf-8")
     with pytest.raises(ScratchLLMError, match="not valid TOML"):
         load_config(PretrainConfig, str(path))
+    path.write_bytes(b"\xff\xfe[train]\n")  # UTF-16 from a Windows editor
+    with pytest.raises(ScratchLLMError, match="not UTF-8 text"):
+        load_config(PretrainConfig, str(path))
 
 
 def test_every_field_is_a_flag_and_dump_round_trips():

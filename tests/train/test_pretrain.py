@@ -70,6 +70,19 @@ def test_evaluate_reports_loss_perplexity_and_bits_per_byte(trained, corpus, cap
         == 0
     )
     assert json.loads(capsys.readouterr().out)["tokens"] == len(ids) - 1
+    for flags, message in (
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--context-length", "-5"], "--context-length must be >= 1"),
+        (["--max-tokens", "-1"], "--max-tokens must be >= 0 (0: all), got -1"),
+    ):
+        assert (
+            main(
+                ["evaluate", "--model", str(trained / "model"), "--corpus", str(corpus / "doc0.txt"), *flags]
+            )
+            == 2
+        )
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
 
 
 def test_token_loss_counts_every_prediction_once_and_equals_the_logits_cross_entropy():
@@ -107,6 +120,12 @@ def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
         (["--corpus", "/nonexistent/file.txt"], "corpus source '/nonexistent/file.txt' not found"),
         (["--schedule", "step"], "schedule must be one of cosine, linear, constant"),
         (["--config", "nope"], "config 'nope' is neither a file nor a preset"),
+        (["--lr", "nan"], "lr must be a finite number, got nan"),
+        (["--grad-clip", "-1"], "grad_clip must be >= 0, got -1.0"),
+        (
+            ["--data", "/nonexistent/prepared"],
+            "--data /nonexistent/prepared is not a prepared data directory",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
@@ -153,6 +172,17 @@ def test_corpus_shorter_than_a_window(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "fewer than one window of 32" in err and err.count("\n") == 1
+
+
+def test_prepared_data_brings_its_own_tokenizer(trained, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["pretrain", "--data", str(trained / "data"), "--out-dir", str(out), "--eval-every", "0",
+                 *FAST]) == 0  # fmt: skip
+    assert "training a byte-level BPE" not in capsys.readouterr().out  # nothing to train: the data's is used
+    assert (
+        load_model(out / "model").tokenizer.fingerprint()
+        == load_model(trained / "model").tokenizer.fingerprint()
+    )
 
 
 def test_prepared_data_with_another_tokenizer_is_refused(trained, tmp_path, capsys, monkeypatch):
