@@ -51,9 +51,9 @@ COMPILE_HELP = (
 )
 
 QUANTIZE_HELP = (
-    "int4: 4-bit weights in groups of 128 (CPU only): about 2x faster decoding than fp32 for one "
-    "prompt at a time on CPUs without native bf16, at a small loss of quality; slower for long "
-    "prompts and batches (see benchmarks/RESULTS.md)"
+    "int4: 4-bit weights in groups of 128 (CPU only): about 2x faster decoding than fp32 on CPUs "
+    "without native bf16, at a small loss of quality; long prompts take longer to start "
+    "(see benchmarks/RESULTS.md)"
 )
 
 Handler = Callable[[argparse.Namespace], int | None]
