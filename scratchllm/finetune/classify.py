@@ -458,7 +458,11 @@ class ClassifyResult:
 
 def _resolve_pad_id(cfg: ClassifyConfig, tokenizer: Any, vocab_size: int) -> int:
     pad = cfg.pad_id
-    if pad < 0:
+    if pad < -1:
+        raise ScratchLLMError(
+            f"pad_id must be a token id, or -1 for the tokenizer's <|endoftext|>; got {pad}"
+        )
+    if pad == -1:
         pad = tokenizer.eot_id if tokenizer.eot_id is not None else 0
     if not 0 <= pad < vocab_size:
         raise ScratchLLMError(f"pad_id {pad} is outside the model's vocabulary (0..{vocab_size - 1})")

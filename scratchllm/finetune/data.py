@@ -57,6 +57,8 @@ def read_table(
     """The column names and the records (`(source, {column: value})`) of a CSV/TSV/JSONL/JSON file."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise ScratchLLMError(f"data file {path} is a directory; give a .csv, .tsv, .jsonl or .json file")
     if suffix not in TABLE_SUFFIXES:
         raise ScratchLLMError(
             f"{path}: unknown data format {suffix or '(no suffix)'!r}; use .csv, .tsv, .jsonl or .json"
@@ -68,7 +70,7 @@ def read_table(
             (f"{path}[{n - 1}]" if "record [" in where else f"{path}:{n}", obj) for where, n, obj in found
         ]
         return list(dict.fromkeys(k for _, obj in records for k in obj)), records
-    text = _read_text(path)
+    text = _read_text(path).removeprefix("\ufeff")  # a byte-order mark (Excel's UTF-8 CSV) is not text
     if suffix == ".csv":
         reader = csv.reader(io.StringIO(text, newline=""))
         rows = []
@@ -85,6 +87,8 @@ def read_table(
     if header:
         (_, columns), rows = rows[0], rows[1:]
         columns = [c.strip() for c in columns]
+        if not rows:
+            raise ScratchLLMError(f"{path} has a header ({', '.join(columns)}) but no records below it")
     else:
         columns = [str(i) for i in range(max(len(r) for _, r in rows))]
     records = []

@@ -162,7 +162,7 @@ def load_documents(
     docs = list(iter_documents(sources, encoding_errors))
     if not any(d.text.strip() for d in docs):
         names = sources if isinstance(sources, str) else " ".join(sources)
-        raise ScratchLLMError(f"the corpus ({names}) is empty: it has no text to train on")
+        raise ScratchLLMError(f"the corpus ({names}) is empty: it has no text")
     return docs
 
 

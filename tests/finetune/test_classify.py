@@ -273,6 +273,15 @@ def test_reads_csv_tsv_jsonl_and_json(tmp_path):
     (tmp_path / "nohead.tsv").write_text("ham\thello\nspam\tWIN now\n")
     ex = read_examples(tmp_path / "nohead.tsv", text_column="1", label_column="0", header=False)
     assert [(e.label, e.text) for e in ex] == [("ham", "hello"), ("spam", "WIN now")]
+    # Excel's "CSV UTF-8" starts with a byte-order mark, which is not part of the first column's name
+    (tmp_path / "bom.csv").write_bytes("\ufefftext,label\nhello,a\n".encode())
+    assert [(e.text, e.label) for e in read_examples(tmp_path / "bom.csv")] == [("hello", "a")]
+    (tmp_path / "head.csv").write_text("text,label\n")
+    with pytest.raises(ScratchLLMError, match=r"has a header \(text, label\) but no records"):
+        read_examples(tmp_path / "head.csv")
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(ScratchLLMError, match="is a directory"):
+        read_examples(tmp_path / "dir.csv")
 
 
 def test_data_errors_are_one_clear_line(tmp_path, base_dir):
