@@ -51,6 +51,11 @@ def load_gpt2_files(path: str | os.PathLike) -> BPETokenizer:
         path = ranks_files[0]
     if not path.is_file():
         raise ScratchLLMError(f"GPT-2 tokenizer files not found at {path}")
+    if path.stat().st_size == 0:
+        raise ScratchLLMError(
+            f"{path} is an empty file, not a tokenizer: give a tokenizer or model directory, `gpt2`, "
+            "or a .tiktoken ranks file"
+        )
     ranks = read_tiktoken_file(path)
     return BPETokenizer(ranks, pattern="gpt2", special_tokens=(EOT,), name="gpt2")
 

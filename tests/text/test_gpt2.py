@@ -171,6 +171,9 @@ def test_tiktoken_encoding_errors():
 def test_bad_gpt2_files(tmp_path, gpt2_openai_dir):
     with pytest.raises(ScratchLLMError, match="expected GPT-2 tokenizer files"):
         gpt2.load_gpt2_files(tmp_path)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ScratchLLMError, match="is an empty file, not a tokenizer"):
+        load_tokenizer(tmp_path / "empty.txt")
     (tmp_path / "encoder.json").write_text('{"a": 0}')
     shutil.copy(gpt2_openai_dir / "vocab.bpe", tmp_path / "vocab.bpe")
     with pytest.raises(ScratchLLMError, match="do not belong together"):
