@@ -170,3 +170,32 @@ def test_compile_reaches_the_engine_from_chat_and_serve(model_dir, monkeypatch):
     assert main(["serve", "--model", str(model_dir), "--port", "0", "--compile"]) == 2
     assert main(["chat", "--model", str(model_dir)]) == 2
     assert seen == [True, True, False]
+
+
+def test_quantize_reaches_the_model_from_chat_serve_and_the_api(model_dir, monkeypatch):
+    """`--quantize int4` on chat and serve (and `scratchllm.load(quantize=)`) give int4 layers."""
+    import scratchllm
+    import scratchllm.serve.chat as chat_module
+    import scratchllm.serve.server as server_module
+    from scratchllm.cli import main
+    from scratchllm.model.quantize import int4_supported, is_quantized
+
+    if not int4_supported():
+        pytest.skip("this PyTorch lacks the int4 CPU kernel")
+    loaded = load_chat_model(str(model_dir), device="cpu", dtype="fp32", quantize="int4")
+    assert is_quantized(loaded.engine.model)
+    ids = loaded.encode_chat([{"role": "user", "content": "Hi"}])
+    assert len(loaded.engine.generate([ids], max_new_tokens=5, ignore_eos=True)[0].token_ids) == 5
+    assert is_quantized(scratchllm.load(model_dir, device="cpu", quantize="int4").model)
+    seen = []
+
+    def fake_load(*args, **kwargs):
+        seen.append(kwargs.get("quantize"))
+        raise ScratchLLMError("stop here")
+
+    monkeypatch.setattr(chat_module, "load_chat_model", fake_load)
+    monkeypatch.setattr(server_module, "load_chat_model", fake_load)
+    assert main(["chat", "--model", str(model_dir), "--quantize", "int4"]) == 2
+    assert main(["serve", "--model", str(model_dir), "--port", "0", "--quantize", "int4"]) == 2
+    assert main(["chat", "--model", str(model_dir)]) == 2
+    assert seen == ["int4", "int4", None]
