@@ -574,6 +574,8 @@ def _validation_error(errors: Sequence[Any]) -> APIError:
             return _bad(f"the request body is not valid JSON: {err.get('msg')}")
         if not loc and err.get("type") in ("model_attributes_type", "dict_type"):
             return _bad("the request body must be a JSON object, sent with Content-Type: application/json")
+        if err.get("type") == "missing" and not loc:  # no body at all
+            return _bad("the request has no body; send a JSON object with Content-Type: application/json")
         if err.get("type") == "missing":
             parts.append(f"missing required parameter {where!r}")
         else:

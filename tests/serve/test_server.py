@@ -236,6 +236,8 @@ def test_malformed_bodies_unknown_paths_and_the_openai_client_errors(server, cli
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = _post(server, CHAT, None, raw=b"[1, 2]")
     assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = _post(server, COMP, None, raw=b"")
+    assert r.status_code == 400 and "the request has no body" in r.json()["error"]["message"]
     r = httpx.get(server.url + "/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = httpx.get(server.url + CHAT, headers={"Authorization": f"Bearer {KEY}"})
