@@ -71,7 +71,7 @@ def _timed(fn: Callable[[], object], device: torch.device = CPU) -> float:
 
 def weight_bytes_per_token(model: GPTModel) -> int:
     """Bytes of weights a decode step reads: every linear layer's matrix and bias (the tied LM head
-    included); int4 layers their codes, steps and minimums. The norms' and the embeddings' few
+    included); int4 layers their codes, steps and zeros. The norms' and the embeddings' few
     bytes (one row each) are ignored."""
     total = 0
     for m in model.modules():
@@ -79,7 +79,7 @@ def weight_bytes_per_token(model: GPTModel) -> int:
         if isinstance(m, nn.Linear):
             tensors = [m.weight, m.bias]
         elif isinstance(m, Int4Linear):
-            tensors = [m.qweight, m.step, m.minimum, m.bias]
+            tensors = [m.qweight, m.step, m.zero, m.bias]
         total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
     return total
 

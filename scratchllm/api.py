@@ -82,9 +82,13 @@ class LLM:
 
         if not self.config.n_classes:
             raise ScratchLLMError("this model is a language model, not a classifier; finetune one first")
-        if texts is None or not isinstance(texts, (str, Sequence)):
+        try:
+            batch = [texts] if isinstance(texts, str) else list(texts)  # any iterable: numpy, pandas, ...
+        except TypeError:
+            batch = None
+        if batch is None or isinstance(texts, bytes):
             raise ScratchLLMError(f"classify: give a text or a list of texts, got {type(texts).__name__}")
-        return predict(self.loaded, [texts] if isinstance(texts, str) else list(texts))
+        return predict(self.loaded, batch)
 
     def __repr__(self) -> str:
         kind = f"classifier ({self.config.n_classes} classes)" if self.config.n_classes else "language model"

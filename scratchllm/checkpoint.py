@@ -34,7 +34,7 @@ from .errors import ScratchLLMError
 from .fileio import atomic_dir, atomic_write_json
 from .model.gpt import GPTConfig, GPTModel, count_parameters
 from .model.lora import apply_lora_config, lora_config
-from .model.quantize import is_quantized, quantize_model
+from .model.quantize import check_quantize, is_quantized, quantize_model
 from .text.tokenizer import META_FILE, Tokenizer, load_tokenizer
 
 FORMAT = "scratchllm-model"
@@ -175,11 +175,13 @@ def load_model(
     """Load a model directory, or a hub name (`gpt2`, `gpt2-medium`, `124M`, ...: converted once
     into the cache, see hub.py). `dtype` None keeps the stored precision. `quantize` "int4":
     quantize the linear layers for inference on a CPU (model/quantize.py)."""
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    if quantize:  # before the (slow) load
+        check_quantize(quantize, dev)
     directory = resolve_model(spec)
     cfg, extra = read_config(directory)
     weights = directory / WEIGHTS_FILE
     target_dtype = _parse_dtype(dtype)
-    dev = device if isinstance(device, torch.device) else pick_device(device)
 
     model = meta_model(cfg, read_lora_config(directory))
     tensors = read_weights(weights, model, device=dev)

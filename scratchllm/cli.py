@@ -823,18 +823,19 @@ def _active_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 @contextlib.contextmanager
 def _one_line_warnings() -> Iterator[None]:
-    """Warnings print as `scratchllm: warning: ...`, without Python's file name and source line."""
+    """Warnings print as `scratchllm: warning: ...`, without Python's file name and source line.
+    (The format, not the printing, is replaced, so whoever records warnings still sees them.)"""
     import warnings
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"scratchllm: warning: {message}", file=file or sys.stderr)
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        return f"scratchllm: warning: {message}\n"
 
-    saved = warnings.showwarning
-    warnings.showwarning = show
+    saved = warnings.formatwarning
+    warnings.formatwarning = one_line
     try:
         yield
     finally:
-        warnings.showwarning = saved
+        warnings.formatwarning = saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,6 +31,7 @@ import codecs
 import contextlib
 import dataclasses
 import math
+import numbers
 import secrets
 import warnings
 from collections import deque
@@ -147,8 +148,8 @@ class GenerationConfig:
         def integer(x: object) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
-        def number(x: object) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        def number(x: object) -> bool:  # numpy floats too
+            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
         if not integer(self.max_new_tokens) or self.max_new_tokens < 0:
             raise bad(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")

@@ -482,8 +482,14 @@ def export_hf(spec: str | os.PathLike | LoadedModel, out: str | os.PathLike) -> 
     BPE tokenizer). Atomic: `out` appears complete or not at all."""
     from safetensors.torch import save_file
 
+    from .model.quantize import is_quantized
+
     loaded = spec if isinstance(spec, LoadedModel) else load_model(spec)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if is_quantized(model):
+        raise ScratchLLMError(
+            "a quantized model cannot be exported (int4 is for inference); export the original"
+        )
     tensors = to_hf_state_dict(model)
     out = Path(out)
     sources = [loaded.path] if loaded.path is not None else []

@@ -4,6 +4,8 @@ padding, past the context window), sampling controls, seeds, stops, streaming, v
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -381,6 +383,12 @@ def test_empty_prompts_and_bad_ids_are_errors():
         engine.generate(["The", 3])
     with pytest.raises(ScratchLLMError, match="text or a list of token ids"):
         engine.stream(None)
+    # numpy numbers are numbers
+    import numpy as np
+
+    assert GenerationConfig(temperature=np.float32(0.7), top_p=np.float64(0.9)).temperature == pytest.approx(
+        0.7
+    )
     # the largest seed torch takes works
     assert (
         len(
@@ -426,14 +434,17 @@ def test_cli_generate_with_a_model_directory(tmp_path, capsys):
     assert "tokens" in captured.err
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
-    # a warning is one line of its own, not Python's file name and source line
-    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x" * 30, "--max-new-tokens", "2",
-                 "--device", "cpu", "--quiet"]) == 0  # fmt: skip
-    err = capsys.readouterr().err
-    assert (
-        err == f"scratchllm: warning: prompt 0 has 30 tokens, more than the context window of {CTX}; "
-        f"using its last {CTX} tokens\n"
-    )
+    # a warning is one line of its own, not Python's file name and source line (a subprocess: pytest
+    # records the warnings raised in its own process)
+    run = subprocess.run([sys.executable, "-m", "scratchllm", "generate", "--model", str(tmp_path / "m"), "--prompt",
+                          "x" * 30, "--max-new-tokens", "2", "--device", "cpu", "--quiet"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0
+    expected = f"prompt 0 has 30 tokens, more than the context window of {CTX}; using its last {CTX} tokens"
+    assert run.stderr == f"scratchllm: warning: {expected}\n"
+    with pytest.warns(UserWarning, match="more than the context window"):  # and recorders still see them
+        assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x" * 30, "--max-new-tokens", "2",
+                     "--device", "cpu", "--quiet"]) == 0  # fmt: skip
 
 
 def test_default_cache_equals_no_cache_on_a_gpt2_shaped_model():

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..errors import ScratchLLMError
 from .attention import CausalSelfAttention, KVCache
 from .loss import linear_cross_entropy
+from .quantize import Int4Linear
 
 
 @dataclass
@@ -44,10 +45,10 @@ class GPTConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ScratchLLMError(f"model config: {name} must be an integer, got {value!r}")
         for name in ("qkv_bias", "tie_weights"):
-            if not isinstance(getattr(self, name), bool):
-                raise ScratchLLMError(
-                    f"model config: {name} must be true or false, got {getattr(self, name)!r}"
-                )
+            value = getattr(self, name)
+            if isinstance(value, str) or value not in (True, False):  # numpy bools and 0/1 too
+                raise ScratchLLMError(f"model config: {name} must be true or false, got {value!r}")
+            setattr(self, name, bool(value))
         if isinstance(self.drop_rate, bool) or not isinstance(self.drop_rate, numbers.Real):
             raise ScratchLLMError(f"model config: drop_rate must be a number, got {self.drop_rate!r}")
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -204,7 +205,8 @@ class GPTModel(nn.Module):
 
     @property
     def weights_tied(self) -> bool:
-        return self.out_head.weight is self.tok_emb.weight
+        # (a quantized head has no `weight`: it is then not tied)
+        return getattr(self.out_head, "weight", None) is self.tok_emb.weight
 
     def reset_parameters(self) -> None:
         """GPT-2's initialization: N(0, 0.02) weights, zero biases, and the projections that write into
@@ -299,6 +301,8 @@ class GPTModel(nn.Module):
             # A LoRA or biased head also takes the plain way.
             if type(head) is nn.Linear and head.bias is None and not torch.compiler.is_compiling():
                 return linear_cross_entropy(x, head.weight, targets, ignore_index)
+            if isinstance(head, Int4Linear) and head.bias is None:  # its weights, as the kernel sees x
+                return linear_cross_entropy(x.bfloat16().float(), head.weight_fp32(), targets, ignore_index)
             logits = head(x).flatten(0, 1).float()
             return F.cross_entropy(logits, targets.flatten(), ignore_index=ignore_index)
         return self.out_head(x)

@@ -3,18 +3,22 @@
 Decoding one token multiplies one activation row by every weight matrix, so its speed is how fast
 the weights stream through the CPU: 4 bytes per weight in fp32, 2 in bf16, half a byte in int4.
 Group-wise affine quantization stores each run of `group_size` consecutive input weights of an
-output row as 4-bit integers q in 0..15 plus two numbers for the group, a step and a minimum:
+output row as 4-bit integers q in 0..15 plus two numbers for the group, a step and a zero:
 
-    w  ~=  minimum + q * step          step = (max - min) / 15,  q = round((w - minimum) / step)
+    w  ~=  zero + (q - 8) * step       step = (max - min) / 15,  zero = min + 8 * step
+                                       q = round((w - zero) / step) + 8
 
-so every weight is off by at most half a step, and a group's range, not the whole matrix's, sets the
-step. Activations stay in floating point (weight-only quantization); the model computes as before
-with slightly different weights.
+that is, code 0 stands for the group's minimum and code 15 for its maximum, so every weight is off by
+at most half a step, and a group's range, not the whole matrix's, sets the step. (`zero`, the value
+of the middle code, is the form PyTorch's kernel takes.) Step and zero are stored in bf16, and the
+codes are chosen against the rounded values; for a narrow group far from zero (say 100.3 +- 0.01)
+bf16's 8 bits of `zero` are coarser than the step, and the error is bf16's, not half a step.
+Activations stay in floating point (weight-only quantization); the model computes as before with
+slightly different weights.
 
 `Int4Linear` keeps the codes readable (two per byte, `qweight`) and hands the multiplication to
 PyTorch's CPU kernel for int4 weights (`aten._weight_int4pack_mm_for_cpu`, the kernel torchao's
-int4 CPU layout uses), which reads the packed codes and takes bf16 activations. That kernel writes the
-dequantization as `(q - 8) * step + zero`, so `zero = minimum + 8 * step`. On a 2-core AVX2 CPU it
+int4 CPU layout uses), which reads the packed codes and takes bf16 activations. On a 2-core AVX2 CPU it
 multiplies one row by GPT-2 124M's weights in ~10 ms against ~33 ms for fp32 (benchmarks/RESULTS.md),
 but its cost grows with every row: from `DEQUANTIZE_ROWS` rows on (long prompts, evaluations) the
 layer instead dequantizes its weights block by block and runs one fp32 matrix product.
@@ -68,23 +72,23 @@ def group_size_for(in_features: int, group_size: int = DEFAULT_GROUP_SIZE) -> in
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes (uint8, values 0..15, same shape as `weight`), steps and minimums (bf16, one per group:
-    shape (out, in // group_size)). The step and minimum are rounded to bf16 first, as the kernel
-    stores them, and the codes chosen against the rounded values."""
+    """Codes (uint8, values 0..15, same shape as `weight`), steps and zeros (bf16, one per group:
+    shape (out, in // group_size)). Step and zero are rounded to bf16 first, as the kernel stores
+    them, and the codes chosen against the rounded values."""
     out_features, in_features = weight.shape
     groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
     lo, hi = groups.amin(-1), groups.amax(-1)
     step = ((hi - lo) / 15).clamp(min=1e-8).bfloat16()
-    minimum = lo.bfloat16()
-    q = torch.round((groups - minimum.float()[..., None]) / step.float()[..., None]).clamp_(0, 15)
-    return q.to(torch.uint8).reshape(out_features, in_features), step, minimum
+    zero = (lo + 8 * step.float()).bfloat16()
+    q = torch.round((groups - zero.float()[..., None]) / step.float()[..., None]).add_(8).clamp_(0, 15)
+    return q.to(torch.uint8).reshape(out_features, in_features), step, zero
 
 
-def dequantize_int4(q: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-    """The fp32 weights that codes, steps and minimums stand for."""
+def dequantize_int4(q: torch.Tensor, step: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The fp32 weights that codes, steps and zeros stand for: zero + (q - 8) * step."""
     out_features, in_features = q.shape
-    groups = q.float().reshape(out_features, step.shape[-1], -1)
-    return (minimum.float()[..., None] + groups * step.float()[..., None]).reshape(out_features, in_features)
+    groups = q.float().reshape(out_features, step.shape[-1], -1) - 8
+    return (zero.float()[..., None] + groups * step.float()[..., None]).reshape(out_features, in_features)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -97,29 +101,28 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
-    """A linear layer with int4 weights (group-wise steps and minimums) and a floating-point bias."""
+    """A linear layer with int4 weights (group-wise steps and zeros) and a floating-point bias."""
 
     def __init__(self, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE):
         super().__init__()
         if linear.weight.device.type != "cpu":
             raise ScratchLLMError(
                 f"int4 quantization runs on CPUs only, but the model is on {linear.weight.device.type}; "
-                "load it with --device cpu, or use --dtype bf16 on a GPU"
+                "load it on the CPU (--device cpu), or leave quantization out on a GPU"
             )
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group_size = group_size_for(self.in_features, group_size)
-        q, step, minimum = quantize_int4(linear.weight, self.group_size)
+        q, step, zero = quantize_int4(linear.weight, self.group_size)
         self.register_buffer("qweight", pack_nibbles(q))
         self.register_buffer("step", step)
-        self.register_buffer("minimum", minimum)
+        self.register_buffer("zero", zero)
         self.bias = (
             None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         )
         # the kernel's layout: rows padded to a multiple of 16, steps and zeros as (groups, out, 2)
         pad = -self.out_features % 16
         q = F.pad(q, (0, 0, 0, pad)).to(torch.int32)
-        zero = minimum.float() + 8 * step.float()
-        steps_zeros = torch.stack((step.float(), zero), dim=-1).transpose(0, 1)
+        steps_zeros = torch.stack((step, zero), dim=-1).transpose(0, 1)
         self.register_buffer(
             "_kernel_weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False
         )
@@ -134,7 +137,7 @@ class Int4Linear(nn.Module):
         for start in range(0, self.out_features, DEQUANTIZE_BLOCK):
             end = min(start + DEQUANTIZE_BLOCK, self.out_features)
             q = unpack_nibbles(self.qweight[start:end])
-            out[start:end] = dequantize_int4(q, self.step[start:end], self.minimum[start:end])
+            out[start:end] = dequantize_int4(q, self.step[start:end], self.zero[start:end])
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,16 +152,31 @@ class Int4Linear(nn.Module):
                 y = y[:, : self.out_features]
         else:
             # the kernel's cost grows with every row; for many rows (a long prompt, an evaluation)
-            # one fp32 GEMM on the dequantized weights is faster, with the kernel's roundings
-            # (bf16 activations in, bf16 out) so that both paths compute the same numbers
+            # one fp32 GEMM on the same dequantized weights is faster, with the kernel's roundings
+            # (bf16 activations in, bf16 out): the two paths differ only in summation order
             y = F.linear(rows.float(), self.weight_fp32()).bfloat16()
         y = y.reshape(*x.shape[:-1], self.out_features)
-        # adding the (fp32) bias casts back to it; without a bias, back to the input's dtype
-        return torch.add(self.bias, y) if self.bias is not None else y.to(x.dtype)
+        return (torch.add(self.bias, y) if self.bias is not None else y).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        )
+
+
+def check_quantize(mode: str, device: torch.device | str = "cpu") -> None:
+    """Raise a one-line error unless `mode` is known, this PyTorch has its kernel and `device` is a CPU."""
+    if mode not in QUANTIZE_MODES:
+        raise ScratchLLMError(f"unknown quantization {mode!r}; choose one of: {', '.join(QUANTIZE_MODES)}")
+    if not int4_supported():
+        raise ScratchLLMError(
+            f"this PyTorch ({torch.__version__}) lacks the int4 CPU kernel; "
+            "upgrade torch (2.6 or newer) or run the model unquantized"
+        )
+    if torch.device(device).type != "cpu":
+        raise ScratchLLMError(
+            f"int4 quantization runs on CPUs only, not on {torch.device(device).type}; "
+            "add --device cpu, or leave quantization out on a GPU"
         )
 
 
@@ -167,13 +185,8 @@ def quantize_model(model: nn.Module, mode: str = "int4", group_size: int = DEFAU
     output head, tied or not) by an `Int4Linear`, in place; returns the model, in eval mode, its
     remaining parameters frozen. Embeddings and norms stay in floating point. Merge LoRA adapters
     first (`merge_lora`)."""
-    if mode not in QUANTIZE_MODES:
-        raise ScratchLLMError(f"unknown quantization {mode!r}; choose one of: {', '.join(QUANTIZE_MODES)}")
-    if not int4_supported():
-        raise ScratchLLMError(
-            f"this PyTorch ({torch.__version__}) lacks the int4 CPU kernel; "
-            "upgrade torch (2.6 or newer) or run the model unquantized"
-        )
+    first = next(model.parameters(), None)
+    check_quantize(mode, first.device if first is not None else "cpu")
     linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
     if any(isinstance(child, nn.Linear) and type(child) is not nn.Linear for _, _, child in linears):
         raise ScratchLLMError("quantization: the model has LoRA adapters; merge them first (merge_lora)")

@@ -143,10 +143,14 @@ def prepare(
     dtype = token_dtype(tok.vocab_size)
     eot = np.asarray([tok.eot_id], dtype=dtype)
     total_bytes = _corpus_bytes(corpus)  # also checks that every path exists before any work
-    if not workers:  # one per core, but no more than the text keeps busy
-        workers = max(1, min(os.cpu_count() or 1, total_bytes // BYTES_PER_WORKER))
-    # never more processes than cores or pieces of work: the rest would only start and sit idle
-    workers = max(1, min(workers, os.cpu_count() or 1, -(-total_bytes // chunk_chars)))
+    cores = os.cpu_count() or 1
+    if total_bytes is None:  # a source of unknown size (hf:): one worker per core
+        workers = min(workers or cores, cores)
+    else:
+        if not workers:  # one per core, but no more than the text keeps busy
+            workers = max(1, min(cores, total_bytes // BYTES_PER_WORKER))
+        # never more processes than cores or pieces of work: the rest would only start and sit idle
+        workers = max(1, min(workers, cores, -(-total_bytes // chunk_chars)))
     t0 = time.perf_counter()
 
     source_hashes: dict[str, Any] = {}

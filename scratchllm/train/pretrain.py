@@ -44,7 +44,8 @@ class PretrainConfig(TrainerConfig):
     tokenizer: str = setting(
         "train",
         "train (a BPE on the corpus), char (one id per character), gpt2, or a tokenizer/model dir; "
-        "with --data, the prepared data's own unless another is named",
+        "with --data: the prepared data's own (train and char have nothing to train on), unless a "
+        "tokenizer is named",
         "data",
     )
     vocab_size: int = setting(8192, "vocabulary of the BPE trained when tokenizer = train", "data")
@@ -232,7 +233,7 @@ def _resolve_tokenizer(
 
 def _resolve_data(cfg: PretrainConfig, tokenizer: Tokenizer, out_dir: Path, dist: DistInfo) -> PreparedData:
     if cfg.data:
-        return load_prepared(cfg.data, expected_tokenizer=tokenizer)
+        return load_prepared(Path(cfg.data).expanduser(), expected_tokenizer=tokenizer)
     data_dir = out_dir / "data"
     if dist.is_main:
         reuse = False

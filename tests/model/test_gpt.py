@@ -96,6 +96,9 @@ def test_model_takes_the_books_config_dict():
                   "drop_rate": 0.0, "qkv_bias": False}  # fmt: skip
     model = GPTModel(book_style)
     assert model.cfg == GPTConfig(**book_style)
+    import numpy as np
+
+    assert GPTConfig(**{**TINY, "qkv_bias": np.bool_(True), "tie_weights": 0}).qkv_bias is True
     with pytest.raises(ScratchLLMError, match="GPTConfig or a dict"):
         GPTModel(["not", "a", "config"])
 

@@ -42,12 +42,12 @@ def model_of(emb_dim: int = 64, vocab: int = 300, bias: bool = True, tie: bool =
 
 def test_codes_steps_and_the_half_step_bound():
     w = torch.randn(48, 256) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different scales
-    q, step, minimum = quantize_int4(w, 64)
+    q, step, zero = quantize_int4(w, 64)
     assert q.dtype == torch.uint8 and q.shape == w.shape and int(q.max()) <= 15
-    assert step.shape == minimum.shape == (48, 4) and step.dtype == torch.bfloat16
-    err = (dequantize_int4(q, step, minimum) - w).abs().reshape(48, 4, 64)
-    # off by at most half a step (plus the bf16 rounding of the minimum)
-    bound = step.float()[..., None] / 2 + minimum.float().abs()[..., None] * 2**-8
+    assert step.shape == zero.shape == (48, 4) and step.dtype == zero.dtype == torch.bfloat16
+    err = (dequantize_int4(q, step, zero) - w).abs().reshape(48, 4, 64)
+    # off by at most half a step (plus the bf16 roundings of step and zero)
+    bound = step.float()[..., None] * (0.5 + 8 * 2**-8) + zero.float().abs()[..., None] * 2**-8
     assert bool((err <= bound * 1.001).all())
     assert int(q.min()) == 0 and int((q == 15).sum()) > 0  # each group's range is used end to end
 
@@ -55,8 +55,8 @@ def test_codes_steps_and_the_half_step_bound():
 def test_groups_keep_an_outlier_to_itself():
     w = torch.randn(16, 128) * 0.02
     w[0, 5] = 10.0  # one outlier in the first group of row 0
-    q, step, minimum = quantize_int4(w, 32)
-    err = (dequantize_int4(q, step, minimum) - w).abs()
+    q, step, zero = quantize_int4(w, 32)
+    err = (dequantize_int4(q, step, zero) - w).abs()
     assert float(err[0, 32:].max()) < 0.01  # the other groups of that row keep their fine steps
     assert float(err[1:].max()) < 0.01
     assert float(step[0, 0]) > 0.5  # only the outlier's group got a coarse step
@@ -64,8 +64,8 @@ def test_groups_keep_an_outlier_to_itself():
 
 def test_a_constant_group_is_exact():
     w = torch.full((16, 64), 0.25)
-    q, step, minimum = quantize_int4(w, 32)
-    assert torch.equal(dequantize_int4(q, step, minimum), w)
+    q, step, zero = quantize_int4(w, 32)
+    assert torch.equal(dequantize_int4(q, step, zero), w)
 
 
 @settings(max_examples=50, deadline=None)
@@ -109,11 +109,26 @@ def test_layer_equals_its_dequantized_weights(out_features, bias, rows):
     assert float((y - exact).square().mean().sqrt()) < 0.1 * float(exact.square().mean().sqrt())
 
 
+@pytest.mark.parametrize("offset", [0.0, 0.3, 3.0])  # groups away from zero: the bf16 zero matters
+def test_the_kernel_uses_exactly_the_dequantized_weights(offset):
+    linear = nn.Linear(256, 32, bias=False)
+    with torch.no_grad():
+        linear.weight.add_(offset)
+    layer = Int4Linear(linear, group_size=128)
+    with torch.no_grad():
+        columns = layer(torch.eye(256)[:48])  # 48 one-hot rows (the kernel's path): weight columns
+    assert torch.equal(columns, layer.weight_fp32()[:, :48].t().bfloat16().float())
+
+
 @pytest.mark.parametrize("bias", [True, False])
-def test_many_rows_take_the_dequantized_path_with_the_same_numbers(monkeypatch, bias):
+@pytest.mark.parametrize("offset", [0.0, 3.0])
+def test_many_rows_take_the_dequantized_path_with_the_same_numbers(monkeypatch, bias, offset):
     import scratchllm.model.quantize as quantize
 
-    layer = Int4Linear(nn.Linear(256, 300, bias=bias), group_size=128)
+    linear = nn.Linear(256, 300, bias=bias)
+    with torch.no_grad():
+        linear.weight.add_(offset)
+    layer = Int4Linear(linear, group_size=128)
     x = torch.randn(2, 40, 256)
     with torch.no_grad():
         monkeypatch.setattr(quantize, "DEQUANTIZE_ROWS", 10**9)
@@ -124,7 +139,7 @@ def test_many_rows_take_the_dequantized_path_with_the_same_numbers(monkeypatch, 
     # both round the activations and the product to bf16; only the summation order differs
     assert torch.allclose(dequantized, kernel, rtol=2**-7, atol=1e-3)
     assert torch.equal(
-        layer.weight_fp32(), dequantize_int4(unpack_nibbles(layer.qweight), layer.step, layer.minimum)
+        layer.weight_fp32(), dequantize_int4(unpack_nibbles(layer.qweight), layer.step, layer.zero)
     )
 
 
@@ -158,6 +173,25 @@ def test_quantized_models_generate_with_and_without_the_cache():
     assert cached == uncached and all(len(t) == 15 for t in cached)
 
 
+def test_the_loss_uses_the_dequantized_head_and_equals_the_logits_cross_entropy():
+    model = quantize_model(model_of(bias=False))
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        fused = model(x[:, :-1], targets=x[:, 1:])  # no full logits: linear_cross_entropy
+        logits = model(x[:, :-1])
+    plain = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+    assert float(fused) == pytest.approx(float(plain), rel=1e-3)  # the logits are rounded to bf16
+    assert not model.weights_tied  # a quantized head has no weight to share
+
+
+def test_half_and_bf16_models_keep_their_dtype():
+    x = torch.randint(0, 300, (1, 5))
+    for dtype in (torch.float16, torch.bfloat16):
+        model = quantize_model(model_of().to(dtype))
+        with torch.no_grad():
+            assert model(x).dtype == dtype
+
+
 def test_refusals():
     with pytest.raises(ScratchLLMError, match="unknown quantization"):
         quantize_model(model_of(), "int3")
@@ -171,6 +205,18 @@ def test_refusals():
 
     with pytest.raises(ScratchLLMError, match="cannot be saved"):
         save_model("unused", quantize_model(model_of()))
+    from scratchllm.checkpoint import LoadedModel, load_model
+    from scratchllm.hub import export_hf
+
+    with pytest.raises(ScratchLLMError, match="cannot be exported"):
+        export_hf(
+            LoadedModel(model=quantize_model(model_of()), tokenizer=None, config=None, extra={}), "unused"
+        )
+    # checked before the model loads (the path does not even exist)
+    with pytest.raises(ScratchLLMError, match="unknown quantization 'int3'"):
+        load_model("no/such/model", quantize="int3")
+    with pytest.raises(ScratchLLMError, match="CPUs only, not on meta"):
+        load_model("no/such/model", device=torch.device("meta"), quantize="int4")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

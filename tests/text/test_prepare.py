@@ -87,6 +87,24 @@ def test_workers_auto_starts_no_process_for_a_small_corpus(corpus, tokenizer, tm
     assert started == [] and "1 worker)" in capsys.readouterr().out
 
 
+def test_a_source_of_unknown_size_reaches_its_own_error(tokenizer, tmp_path, monkeypatch):
+    import builtins
+
+    from scratchllm.errors import ScratchLLMError
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):  # offline either way: the datasets package is "missing"
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    for workers in (0, 4):  # hf: sources have no known size (was a TypeError in the worker count)
+        with pytest.raises(ScratchLLMError, match=r"scratchllm\[hf\]"):
+            prep.prepare(["hf:x/y"], tokenizer, tmp_path / f"hf{workers}", workers=workers, progress=False)
+
+
 def test_a_prepared_directory_with_a_bad_token_dtype_is_refused(corpus, tokenizer, tmp_path):
     from scratchllm.errors import ScratchLLMError
     from scratchllm.text.sampling import load_prepared
