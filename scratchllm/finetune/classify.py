@@ -147,8 +147,9 @@ class ClassifyConfig(TrainerConfig):
         for name in ("epochs", "trainable_blocks", "lora_rank"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.patience < 0 or self.max_length < 0:
-            raise bad("patience and max_length must be >= 0")
+        for name in ("patience", "max_length"):
+            if getattr(self, name) < 0:
+                raise bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if "{text}" not in self.text_template:
             raise bad(f"text_template must contain {{text}}, got {self.text_template!r}")
         if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6:

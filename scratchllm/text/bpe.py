@@ -539,7 +539,11 @@ def count_pretokens(texts: Iterable[str], pattern: str) -> Counter[str]:
     """How often each distinct pre-token occurs in the corpus (the trainer's only pass over text)."""
     pat = regex.compile(resolve_pattern(pattern))
     counts: Counter[str] = Counter()
-    for text in texts:
+    if isinstance(texts, (str, bytes)):  # one string would be read character by character
+        raise ScratchLLMError("BPE training takes a list of texts, not one string; wrap it: [text]")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ScratchLLMError(f"BPE training: text {i} is a {type(text).__name__}, not a str")
         pieces = pat.findall(text)
         if sum(map(len, pieces)) != len(text):
             raise ScratchLLMError(
@@ -595,6 +599,8 @@ def train_bpe(
     n_learned = vocab_size - len(specials)
     pat_str = resolve_pattern(pattern)
     counts = count_pretokens(texts, pat_str)
+    if not counts:
+        raise ScratchLLMError("BPE training: the texts are empty; give some text to learn from")
 
     # the distinct pre-tokens as lists of token ids; single bytes have no pair and are left out
     words: list[list[int]] = []

@@ -200,6 +200,12 @@ def test_training_errors():
     with pytest.raises(ScratchLLMError, match="skips some characters"):
         train_bpe(["abc def"], vocab_size=300, pattern=r"\w+", progress=False)
     train_bpe(["abc"], vocab_size=257, progress=False)  # the smallest legal size: bytes + <|endoftext|>
+    with pytest.raises(ScratchLLMError, match="not one string"):
+        train_bpe("abc def", vocab_size=300, progress=False)
+    with pytest.raises(ScratchLLMError, match="text 1 is a bytes, not a str"):
+        train_bpe(["abc", b"def"], vocab_size=300, progress=False)
+    with pytest.raises(ScratchLLMError, match="the texts are empty"):
+        train_bpe(["", ""], vocab_size=300, progress=False)
 
 
 def test_a_custom_regex_pattern_is_used():
