@@ -623,13 +623,15 @@ def _respond(args: argparse.Namespace) -> None:
 
     respond(args.model, args.data, args.out, template=args.template, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            seed=args.seed, device=args.device, dtype=args.dtype, progress=not args.quiet)  # fmt: skip
+            seed=args.seed, device=args.device, dtype=args.dtype, progress=not args.quiet,
+            quantize=args.quantize)  # fmt: skip
 
 
 def _add_instruct_commands(sub: argparse._SubParsersAction) -> None:
     """finetune instruct, respond."""
     from .finetune.instruct import InstructConfig
     from .finetune.templates import template_names
+    from .model.quantize import QUANTIZE_MODES
 
     _add_training_command(
         _finetune_subparsers(sub), "instruct", InstructConfig, ".finetune.instruct:instruct_command",
@@ -663,6 +665,7 @@ def _add_instruct_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weight precision; auto: bf16 on GPUs that support it, fp32 on CPUs")  # fmt: skip
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help=QUANTIZE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_respond)
 

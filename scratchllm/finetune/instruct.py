@@ -562,12 +562,13 @@ def respond(
     dtype: str = "auto",
     progress: bool = True,
     key: str = RESPONSE_KEY,
+    quantize: str | None = None,
 ) -> list[Entry]:
     """Answer every instruction of `data` (a file or records) with `model` (a model directory, or an
     `Engine`-ready hub name), adding `key` ("model_response") to a copy of each record. Prompts use
     the model's own template (`extra["prompt_template"]`) unless `template` names one; they run in
     batches of similar length through the generation engine. Written atomically to `out` (a JSON
-    list, or JSONL when it ends in .jsonl) when given."""
+    list, or JSONL when it ends in .jsonl) when given. `quantize` "int4": int4 weights (CPU only)."""
     from tqdm.auto import tqdm
 
     from ..checkpoint import load_model
@@ -583,7 +584,7 @@ def respond(
     if batch_size < 1:
         raise ScratchLLMError(f"--batch-size must be >= 1, got {batch_size}")
     dev = pick_device(device)
-    loaded = load_model(model, device=str(dev), dtype=resolve_dtype(dtype, dev))
+    loaded = load_model(model, device=str(dev), dtype=resolve_dtype(dtype, dev), quantize=quantize)
     if loaded.tokenizer is None:
         raise ScratchLLMError(f"model {model!r} has no tokenizer files; save the model with its tokenizer")
     chosen = get_template(template) if template else template_for_model(loaded.extra)

@@ -333,6 +333,10 @@ def test_cli_finetune_instruct_then_respond(toy, tmp_path, capsys):
     answered = json.loads((tmp_path / "r.json").read_text())
     assert [{k: v for k, v in a.items() if k != "model_response"} for a in answered] == test
     assert all(isinstance(a["model_response"], str) for a in answered)
+    code = main(["respond", "--model", str(out / "model"), "--data", str(out / "data" / "test.json"),
+                 "--out", str(tmp_path / "q.json"), "--max-new-tokens", "5", "--quiet", "--device", "cpu",
+                 "--quantize", "int4"])  # fmt: skip
+    assert code == 0 and len(json.loads((tmp_path / "q.json").read_text())) == 4
 
 
 def test_cli_bad_record_is_one_line_and_exit_2(toy, tmp_path, capsys):
