@@ -4,6 +4,7 @@ generation, the refusals and the command line."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -264,3 +265,23 @@ def test_cli_generate_and_evaluate_with_int4(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", *args, "--prompt", "Hi", "--quantize", "int8"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_fixed_shape_decoding_of_an_int4_model_equals_the_default():
+    from tests.test_generate import static_engine
+
+    model = quantize_model(model_of(vocab=257, bias=False, tie=False))  # static_engine's byte tokenizer
+    prompts = [[1, 2, 3, 4], [7] * 11, [5, 9]]
+    cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    fixed = [c.token_ids for c in static_engine(model).generate(prompts, cfg)]
+    assert fixed == [c.token_ids for c in Engine(model).generate(prompts, cfg)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler (g++)")
+def test_compiled_decoding_of_an_int4_model():
+    model = quantize_model(model_of(bias=False, tie=False))
+    prompts = [[1, 2, 3, 4], [7] * 11]
+    cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    compiled = [c.token_ids for c in Engine(model, compile=True).generate(prompts, cfg)]
+    assert compiled == [c.token_ids for c in Engine(model).generate(prompts, cfg)]
