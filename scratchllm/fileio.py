@@ -200,5 +200,7 @@ def read_json_records(
         if not isinstance(obj, dict):
             raise ScratchLLMError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if not items:
-        raise ScratchLLMError(f"{what} {path} has no records; write {hint}")
+        listed = path.suffix.lower() != ".jsonl" and text.lstrip().startswith("[")
+        form = "a JSON list of objects" if listed else hint
+        raise ScratchLLMError(f"{what} {path} has no records; write {form}")
     return items

@@ -356,6 +356,9 @@ def test_generation_exact_match_through_the_engine(gpt2_pair):
     assert [r["output"] for r in result["items"]] == expected
     assert [r["exact_match"] for r in result["items"]] == [1.0, 0.0, 1.0, 0.0]
     assert result["summary"]["exact_match"] == 0.5
+    empty = [*items[:2], GenerationItem("", ("x",), 7)]
+    with pytest.raises(ScratchLLMError, match="the task item on line 7: generation: the prompt is empty"):
+        evaluate_task(model, tok, TaskFile("gen", "generation", empty), EvalSettings(max_new_tokens=6))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,3 +65,14 @@ def test_an_output_that_is_the_input_file_is_refused(argv, flag, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert f"is the input file given as {flag}" in err and len(err.splitlines()) == 1
     assert data.read_text() == '[{"instruction": "keep me"}]'
+
+
+def test_empty_record_files_say_what_to_write(tmp_path):
+    from scratchllm.fileio import read_json_records
+
+    (tmp_path / "a.json").write_text("[]")
+    with pytest.raises(ScratchLLMError, match=r"a\.json has no records; write a JSON list of objects"):
+        read_json_records(tmp_path / "a.json")
+    (tmp_path / "b.jsonl").write_text("\n")
+    with pytest.raises(ScratchLLMError, match=r"b\.jsonl has no records; write one JSON object per line"):
+        read_json_records(tmp_path / "b.jsonl")

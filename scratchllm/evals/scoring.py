@@ -345,7 +345,10 @@ def score_generation(
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(stop))
     prompts, cuts = [], []
     for i, item in enumerate(items):
-        ids = engine.encode(fewshot.context(item, first_index + i))
+        try:
+            ids = engine.encode(fewshot.context(item, first_index + i))
+        except ScratchLLMError as e:  # an empty prompt: say which item
+            raise ScratchLLMError(f"the task item on line {item.line}: {e}") from None
         keep = window - max_new_tokens
         cuts.append(max(0, len(ids) - keep))
         prompts.append(ids[-keep:])
