@@ -95,12 +95,5 @@ class LLM:
         return f"LLM({self.loaded.path}, {kind}, {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters)"
 
 
-def load(
-    spec: str | os.PathLike,
-    device: str = "auto",
-    dtype: torch.dtype | str = "auto",
-    compile: bool = False,
-    quantize: str | None = None,
-) -> LLM:
-    """Load a model directory or GPT-2 for use; see `LLM`."""
-    return LLM.load(spec, device=device, dtype=dtype, compile=compile, quantize=quantize)
+#: `scratchllm.load(...)`: load a model directory or GPT-2 for use (`LLM.load`, one signature to keep).
+load = LLM.load

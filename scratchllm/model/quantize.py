@@ -105,11 +105,7 @@ class Int4Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE):
         super().__init__()
-        if linear.weight.device.type != "cpu":
-            raise ScratchLLMError(
-                f"int4 quantization runs on CPUs only, but the model is on {linear.weight.device.type}; "
-                "load it on the CPU (--device cpu), or leave quantization out on a GPU"
-            )
+        check_quantize("int4", linear.weight.device)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group_size = group_size_for(self.in_features, group_size)
         q, step, zero = quantize_int4(linear.weight, self.group_size)

@@ -147,10 +147,6 @@ def test_cli_chat_reads_piped_stdin(model_dir, monkeypatch, capsys, chat):
 
 def test_compile_reaches_the_engine_from_chat_and_serve(model_dir, monkeypatch):
     """`--compile` on chat and serve gives their engine a CompiledDecoding (compiled on first use)."""
-    import scratchllm.serve.chat as chat_module
-    import scratchllm.serve.server as server_module
-    from scratchllm.cli import main
-
     loaded = load_chat_model(str(model_dir), device="cpu", dtype="fp32", compile=True)
     assert loaded.engine.compiled is not None and loaded.engine.kernels is None
     assert load_chat_model(str(model_dir), device="cpu", dtype="fp32").engine.compiled is None
@@ -158,26 +154,32 @@ def test_compile_reaches_the_engine_from_chat_and_serve(model_dir, monkeypatch):
 
     assert scratchllm.load(model_dir, device="cpu", compile=True).engine.compiled is not None
     assert scratchllm.load(model_dir, device="cpu").engine.compiled is None
+    assert passed_to_load_chat_model(monkeypatch, model_dir, "compile", ["--compile"]) == [True, True, False]
+
+
+def passed_to_load_chat_model(monkeypatch, model_dir, key: str, flags: list[str]) -> list:
+    """What `chat FLAGS`, `serve FLAGS` and a plain `chat` pass as `key` to load_chat_model."""
+    import scratchllm.serve.chat as chat_module
+    import scratchllm.serve.server as server_module
+    from scratchllm.cli import main
+
     seen = []
 
     def fake_load(*args, **kwargs):
-        seen.append(kwargs.get("compile"))
+        seen.append(kwargs.get(key))
         raise ScratchLLMError("stop here")
 
     monkeypatch.setattr(chat_module, "load_chat_model", fake_load)
     monkeypatch.setattr(server_module, "load_chat_model", fake_load)
-    assert main(["chat", "--model", str(model_dir), "--compile"]) == 2
-    assert main(["serve", "--model", str(model_dir), "--port", "0", "--compile"]) == 2
+    assert main(["chat", "--model", str(model_dir), *flags]) == 2
+    assert main(["serve", "--model", str(model_dir), "--port", "0", *flags]) == 2
     assert main(["chat", "--model", str(model_dir)]) == 2
-    assert seen == [True, True, False]
+    return seen
 
 
 def test_quantize_reaches_the_model_from_chat_serve_and_the_api(model_dir, monkeypatch):
     """`--quantize int4` on chat and serve (and `scratchllm.load(quantize=)`) give int4 layers."""
     import scratchllm
-    import scratchllm.serve.chat as chat_module
-    import scratchllm.serve.server as server_module
-    from scratchllm.cli import main
     from scratchllm.model.quantize import int4_supported, is_quantized
 
     if not int4_supported():
@@ -187,15 +189,5 @@ def test_quantize_reaches_the_model_from_chat_serve_and_the_api(model_dir, monke
     ids = loaded.encode_chat([{"role": "user", "content": "Hi"}])
     assert len(loaded.engine.generate([ids], max_new_tokens=5, ignore_eos=True)[0].token_ids) == 5
     assert is_quantized(scratchllm.load(model_dir, device="cpu", quantize="int4").model)
-    seen = []
-
-    def fake_load(*args, **kwargs):
-        seen.append(kwargs.get("quantize"))
-        raise ScratchLLMError("stop here")
-
-    monkeypatch.setattr(chat_module, "load_chat_model", fake_load)
-    monkeypatch.setattr(server_module, "load_chat_model", fake_load)
-    assert main(["chat", "--model", str(model_dir), "--quantize", "int4"]) == 2
-    assert main(["serve", "--model", str(model_dir), "--port", "0", "--quantize", "int4"]) == 2
-    assert main(["chat", "--model", str(model_dir)]) == 2
-    assert seen == ["int4", "int4", None]
+    flags = ["--quantize", "int4"]
+    assert passed_to_load_chat_model(monkeypatch, model_dir, "quantize", flags) == ["int4", "int4", None]
