@@ -92,7 +92,9 @@ class LLM:
 
     def __repr__(self) -> str:
         kind = f"classifier ({self.config.n_classes} classes)" if self.config.n_classes else "language model"
-        return f"LLM({self.loaded.path}, {kind}, {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters)"
+        from .model.gpt import count_parameters
+
+        return f"LLM({self.loaded.path}, {kind}, {count_parameters(self.model) / 1e6:.1f}M parameters)"
 
 
 #: `scratchllm.load(...)`: load a model directory or GPT-2 for use (`LLM.load`, one signature to keep).

@@ -318,8 +318,14 @@ def _causal_mask(start: int, t: int, device: torch.device) -> torch.Tensor:
 def count_parameters(model: nn.Module, count_tied_twice: bool = False) -> int:
     """Number of parameters; a tied head counts once unless `count_tied_twice` (the book's 163M figure)."""
     n = sum(p.numel() for p in model.parameters())  # .parameters() yields shared tensors once
-    if count_tied_twice and isinstance(model, GPTModel) and model.weights_tied:
-        n += model.out_head.weight.numel()
+    # int4 layers keep their weights in buffers; a quantized tied head is a copy of the embedding
+    quantized = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    n += sum(m.in_features * m.out_features for m in quantized)
+    if isinstance(model, GPTModel) and model.cfg.tie_weights and not model.cfg.n_classes:
+        if model.out_head in quantized and not count_tied_twice:
+            n -= model.out_head.in_features * model.out_head.out_features
+        elif count_tied_twice and model.weights_tied:
+            n += model.out_head.weight.numel()
     return n
 
 

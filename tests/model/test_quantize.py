@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from scratchllm.errors import ScratchLLMError
 from scratchllm.generate import Engine, GenerationConfig
-from scratchllm.model.gpt import GPTConfig, GPTModel
+from scratchllm.model.gpt import GPTConfig, GPTModel, count_parameters
 from scratchllm.model.lora import apply_lora
 from scratchllm.model.quantize import (
     Int4Linear,
@@ -161,6 +161,15 @@ def test_quantize_model_replaces_every_linear_and_keeps_the_embeddings():
     assert 0 < rel < 0.05
     agree = float((after.argmax(-1) == before.argmax(-1)).float().mean())
     assert agree > 0.9
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_quantized_model_counts_the_parameters_it_stands_for(tie):
+    model = model_of(tie=tie)
+    counts = count_parameters(model), count_parameters(model, count_tied_twice=True)
+    quantize_model(model)
+    assert (count_parameters(model), count_parameters(model, count_tied_twice=True)) == counts
+    assert counts[1] - counts[0] == (300 * 64 if tie else 0)
 
 
 def test_quantized_models_generate_with_and_without_the_cache():

@@ -188,6 +188,9 @@ def test_quantize_reaches_the_model_from_chat_serve_and_the_api(model_dir, monke
     assert is_quantized(loaded.engine.model)
     ids = loaded.encode_chat([{"role": "user", "content": "Hi"}])
     assert len(loaded.engine.generate([ids], max_new_tokens=5, ignore_eos=True)[0].token_ids) == 5
-    assert is_quantized(scratchllm.load(model_dir, device="cpu", quantize="int4").model)
+    llm = scratchllm.load(model_dir, device="cpu", quantize="int4")
+    assert is_quantized(llm.model)
+    # the int4 weights sit in buffers; the summary still counts them
+    assert repr(llm).split(", ")[-1] == repr(scratchllm.load(model_dir, device="cpu")).split(", ")[-1]
     flags = ["--quantize", "int4"]
     assert passed_to_load_chat_model(monkeypatch, model_dir, "quantize", flags) == ["int4", "int4", None]
