@@ -166,6 +166,7 @@ class GenerationConfig:
             raise bad(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
 
     def replace(self, **changes) -> GenerationConfig:
+        """A copy with `changes` applied (and checked), e.g. `cfg.replace(temperature=0.7)`."""
         return dataclasses.replace(self, **changes)
 
 

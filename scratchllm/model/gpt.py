@@ -68,6 +68,7 @@ class GPTConfig:
         return self.emb_dim // self.n_heads
 
     def to_dict(self) -> dict:
+        """The settings as a plain dict (what config.json holds; `from_dict` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -79,6 +80,7 @@ class GPTConfig:
         return cls(**d)
 
     def replace(self, **changes) -> GPTConfig:
+        """A copy with `changes` applied (and checked), e.g. `cfg.replace(drop_rate=0.0)`."""
         return dataclasses.replace(self, **changes)
 
 
@@ -224,6 +226,8 @@ class GPTModel(nn.Module):
     def new_kv_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
+        """An empty key/value cache for `batch_size` sequences of up to `max_len` positions (default:
+        the context length), preallocated per layer in `dtype` (default: the weights') on their device."""
         cfg = self.cfg
         p = self.tok_emb.weight
         return KVCache(

@@ -66,6 +66,7 @@ class CharTokenizer(Tokenizer):
         return self.decode(ids).encode("utf-8")
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The characters of `ids` (specials as their strings); an id outside the vocabulary is an error."""
         try:
             return "".join(self._id_to_text[i] if i >= 0 else "\ufffd" for i in ids)
         except IndexError as e:

@@ -82,6 +82,8 @@ class SimpleTokenizer(Tokenizer):
         return self.decode(ids).encode("utf-8")
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The words of `ids` joined by spaces, with the space before punctuation removed (the book's
+        `decode`); an id outside the vocabulary is an error."""
         ids = list(ids)
         bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
         if bad is not None:  # checked, not caught: a negative index would silently read from the end

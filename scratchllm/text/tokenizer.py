@@ -47,6 +47,7 @@ class Tokenizer(ABC):
     def encode_batch(
         self, texts: Sequence[str], allowed_special: AllowedSpecial = frozenset()
     ) -> list[list[int]]:
+        """`encode` of each text (kinds with a faster batch path override this)."""
         return [self.encode(t, allowed_special) for t in texts]
 
     @abstractmethod
@@ -54,6 +55,7 @@ class Tokenizer(ABC):
         """The raw UTF-8 bytes of `ids` (a prefix may end inside a multi-byte character)."""
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`; bytes that do not form valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     @abstractmethod
@@ -75,6 +77,7 @@ class Tokenizer(ABC):
         return self.special_tokens.get(EOT)
 
     def meta(self) -> dict[str, Any]:
+        """What tokenizer_meta.json holds: kind, name, vocab size, special tokens, kind-specific settings."""
         return {
             "kind": self.kind,
             "name": self.name,

@@ -77,6 +77,7 @@ class PretrainConfig(TrainerConfig):
     sample_top_k: int = setting(40, "sample among the k most likely tokens", "eval")
 
     def validate(self) -> None:
+        """The trainer's checks, then the data and model settings'."""
         super().validate()
         if not 0.0 < self.val_fraction < 1.0:
             raise ScratchLLMError(

@@ -91,6 +91,8 @@ class TrainerConfig:
     progress: bool = setting(True, "show a progress bar", "run")
 
     def validate(self) -> None:
+        """Raise `ScratchLLMError` naming the first setting of the wrong type or out of range."""
+
         def bad(msg: str) -> ScratchLLMError:
             return ScratchLLMError(f"training settings: {msg}")
 
@@ -358,6 +360,7 @@ class Trainer:
             self._log(msg)
 
     def amp(self) -> contextlib.AbstractContextManager:
+        """The run's mixed-precision context (bf16/fp16 autocast, or nothing for fp32)."""
         return autocast(self.device, self.precision)
 
     def _to_device(self, batch: Any) -> Any:
@@ -443,6 +446,8 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: Path) -> None:
+        """Restore a checkpoint written by `save_checkpoint`: weights, optimizer, step, tokens seen,
+        RNG states and the metrics logged up to it, so that training continues exactly."""
         from ..checkpoint import WEIGHTS_FILE, load_state_dict_strict, read_weights
 
         try:
@@ -521,6 +526,7 @@ class Trainer:
     # -- evaluation ------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, Any]:
+        """The task's evaluation (and samples, on the main process) as one metrics record."""
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
