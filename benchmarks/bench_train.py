@@ -339,7 +339,8 @@ def shakespeare(best_flags: list[str]) -> None:
 
 # fp32 (this 0.8M-parameter model's matrices are too narrow for bf16 to pay off), a 6x larger learning rate
 # without weight decay, half the steps of batch 16: 1.02M tokens instead of 1.54M. (8e-3 reached 1.873 on an
-# AVX-512 CPU but 1.888 on an AVX2 one, whose fp32 rounding differs; 6e-3 reached 1.862 there.)
+# AVX-512 CPU but 1.888 on an AVX2 one, whose fp32 rounding differs; 6e-3 reached 1.862 there, and 1.868 at worst
+# over seeds 0-2; shorter runs spread as widely over seeds as their gap to 1.886: see RESULTS.md.)
 BEST = ["--precision", "fp32", "--batch-size", "16", "--max-steps", "1000", "--lr", "6e-3", "--min-lr", "6e-4",
         "--warmup-steps", "50", "--weight-decay", "0", "--eval-every", "0"]  # fmt: skip
 
