@@ -69,7 +69,8 @@ class LLM:
         return self.engine.generate(prompts, config, **settings)
 
     def generate(self, prompt: str, config: GenerationConfig | None = None, **settings: Any) -> str:
-        """The text that continues `prompt` (settings: max_new_tokens, temperature, top_k, top_p, seed, stop...)."""
+        """The text that continues `prompt` (settings: `GenerationConfig`'s, e.g. max_new_tokens, temperature,
+        top_k, top_p, seed, stop, repetition_penalty)."""
         return self.complete(prompt, config, **settings)[0].text
 
     def stream(self, prompt: str, config: GenerationConfig | None = None, **settings: Any) -> Iterator[str]:

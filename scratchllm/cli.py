@@ -264,6 +264,28 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export_hf)
 
 
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling flags of generate, chat and respond (GenerationConfig's settings)."""
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); higher: more random")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens summing to p")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="FLOAT",
+                   help="> 1 makes tokens already in the prompt or the text less likely (e.g. 1.2; default 1: off)")  # fmt: skip
+    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="FLOAT",
+                   help="subtract this from the logit of every token generated so far (OpenAI's; default 0)")  # fmt: skip
+    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="FLOAT",
+                   help="subtract this once per time a token was generated so far (OpenAI's; default 0)")  # fmt: skip
+
+
+def _penalties(args: argparse.Namespace) -> dict[str, float]:
+    return {
+        "repetition_penalty": args.repetition_penalty,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+    }
+
+
 def _generate(args: argparse.Namespace) -> None:
     import time
 
@@ -279,6 +301,7 @@ def _generate(args: argparse.Namespace) -> None:
         stop=args.stop or (),
         ignore_eos=args.ignore_eos,
         use_cache=not args.no_cache,
+        **_penalties(args),
     )
     prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
     device = pick_device(args.device)
@@ -334,12 +357,7 @@ def _add_generate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="the text to continue; `-` reads stdin; repeat for a batch")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); higher: more random")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument(
-        "--top-p", type=float, default=1.0, help="sample among the most likely tokens summing to p"
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    add_sampling_args(p)
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="continue past the end-of-text token")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -624,7 +642,7 @@ def _respond(args: argparse.Namespace) -> None:
     respond(args.model, args.data, args.out, template=args.template, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=args.seed, device=args.device, dtype=args.dtype, progress=not args.quiet,
-            quantize=args.quantize)  # fmt: skip
+            quantize=args.quantize, **_penalties(args))  # fmt: skip
 
 
 def _add_instruct_commands(sub: argparse._SubParsersAction) -> None:
@@ -658,10 +676,7 @@ def _add_instruct_commands(sub: argparse._SubParsersAction) -> None:
                    help="prompt template (default: the model's own, else alpaca)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per response at most (256)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); higher: more random")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens summing to p")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    add_sampling_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weight precision; auto: bf16 on GPUs that support it, fp32 on CPUs")  # fmt: skip
@@ -678,7 +693,7 @@ def _sampling_config(args: argparse.Namespace):
     from .generate import GenerationConfig
 
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=args.stop or ())  # fmt: skip
+                            top_p=args.top_p, seed=args.seed, stop=args.stop or (), **_penalties(args))  # fmt: skip
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -733,10 +748,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     model_args(p)
     p.add_argument("--system", default=None, help="a system message (default: the template's own, if any)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); higher: more random")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens summing to p")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    add_sampling_args(p)
     p.add_argument("--stop", action="append", metavar="TEXT", help="also stop before this text (repeatable)")
     p.set_defaults(func=_chat)
 

@@ -21,6 +21,8 @@ Three layers, each usable alone:
     for piece in engine.stream("Once upon a time", GenerationConfig(temperature=0.8, seed=1)):
         print(piece, end="", flush=True)
 
+Each step's logits can be penalized against repetition before sampling (`apply_penalties`:
+Hugging Face's `repetition_penalty`, OpenAI's `presence_penalty` and `frequency_penalty`).
 Sampling never touches PyTorch's global random state: a seeded `torch.Generator` reproduces a
 run exactly (same prompts, settings and batch); without a seed every run differs.
 """
@@ -127,6 +129,10 @@ class GenerationConfig:
     ignore_eos: bool = False  # keep going past the end-of-sequence token
     stop_token_ids: Sequence[int] = ()  # more tokens that end a sequence (e.g. a chat end-of-turn)
     use_cache: bool = True  # KV cache; off runs the model on the whole window for every token
+    # against repetition (applied to the logits before temperature, top-k and top-p):
+    repetition_penalty: float = 1.0  # > 1: tokens of the prompt or the text so far less likely (HF's rule)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far (OpenAI's)
+    frequency_penalty: float = 0.0  # subtracted once for each time a token was generated so far (OpenAI's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -159,6 +165,11 @@ class GenerationConfig:
             raise bad(f"top_k must be an integer >= 1 (or None for no limit), got {self.top_k!r}")
         if not number(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise bad(f"top_p must be a number in (0, 1] (1 keeps every token), got {self.top_p!r}")
+        if not number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad(f"repetition_penalty must be a number > 0 (1: none), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not number(getattr(self, name)):
+                raise bad(f"{name} must be a finite number (0: none), got {getattr(self, name)!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         # the range torch.Generator.manual_seed takes
@@ -203,6 +214,30 @@ def sample_next_token(
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+) -> torch.Tensor:
+    """Logits (batch, vocab_size) made less likely to repeat, before sampling.
+
+    `seen` (bool, same shape) marks the tokens of each row's prompt and text so far: their logits are
+    divided by `repetition_penalty` when positive and multiplied by it when negative (Keskar et al.
+    2019, as in Hugging Face's `repetition_penalty`). `counts` holds how often each token was
+    generated so far: `frequency_penalty` is subtracted once per occurrence and `presence_penalty`
+    once for any (OpenAI's API). Penalties of 1 and 0 change nothing.
+    """
+    if seen is not None and repetition_penalty != 1.0:
+        penalized = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if counts is not None and (presence_penalty or frequency_penalty):
+        logits = logits - frequency_penalty * counts - presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,6 +422,9 @@ class Decoder:
         top_k: int | None = None,
         top_p: float = 1.0,
         seed: int | None = None,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
         use_cache: bool = True,
         kernels: PackedLinears | None = None,
         cache_dtype: torch.dtype | None = None,
@@ -395,9 +433,9 @@ class Decoder:
         if not prompts:
             raise ScratchLLMError("generation: no prompts given")
         # the same checks as the engine's settings
-        GenerationConfig(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
-        )
+        GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=seed, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                         frequency_penalty=frequency_penalty)  # fmt: skip
         ctx = model.cfg.context_length
         vocab = model.cfg.vocab_size
         self.model = model
@@ -439,6 +477,17 @@ class Decoder:
             )
         self.active: list[int] = list(range(len(prompts)))
         self.steps = 0
+        # what the penalties look at, one row per prompt: the tokens of the whole prompt and the text
+        # so far (repetition), how often each token was generated (presence, frequency)
+        self.penalties = (repetition_penalty, presence_penalty, frequency_penalty)
+        self._seen: torch.Tensor | None = None
+        self._counts: torch.Tensor | None = None
+        if repetition_penalty != 1.0:
+            self._seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=self.device)
+            for i, p in enumerate(prompts):
+                self._seen[i, torch.tensor([int(t) for t in p], device=self.device)] = True
+        if presence_penalty or frequency_penalty:
+            self._counts = torch.zeros(len(prompts), vocab, device=self.device)
         self.generator: torch.Generator | None = None
         if temperature > 0:
             self.generator = torch.Generator(device=self.device)
@@ -492,7 +541,18 @@ class Decoder:
                 logits = self.model.out_head(hidden[:, -1]).float()
         if self._rows is not None and len(self._rows) < len(logits):
             logits = logits[self._rows]  # compiled: finished rows are still computed; drop them
-        tokens = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator)
+        if self._seen is not None or self._counts is not None:
+            rows = torch.tensor(self.active, device=self.device)
+            seen = None if self._seen is None else self._seen[rows]
+            counts = None if self._counts is None else self._counts[rows]
+            logits = apply_penalties(logits, seen, counts, *self.penalties)
+            tokens = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator)
+            if self._seen is not None:
+                self._seen[rows, tokens] = True
+            if self._counts is not None:
+                self._counts[rows, tokens] += 1
+        else:
+            tokens = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator)
         if self._rows is not None:  # compiled: the next input of every cache row
             if self._last is None:
                 self._last = torch.zeros(self._cache.batch_size, dtype=torch.long, device=self.device)
@@ -770,6 +830,9 @@ class Engine:
                     top_k=cfg.top_k,
                     top_p=cfg.top_p,
                     seed=cfg.seed,
+                    repetition_penalty=cfg.repetition_penalty,
+                    presence_penalty=cfg.presence_penalty,
+                    frequency_penalty=cfg.frequency_penalty,
                     use_cache=cfg.use_cache,
                     kernels=self.kernels,
                     cache_dtype=_cache_dtype(self.model),
@@ -904,6 +967,7 @@ __all__ = [
     "GenerationConfig",
     "PackedLinears",
     "TextStream",
+    "apply_penalties",
     "generate",
     "generate_text_simple",
     "resolve_dtype",

@@ -20,6 +20,7 @@ from scratchllm.generate import (
     Decoder,
     Engine,
     GenerationConfig,
+    apply_penalties,
     generate,
     generate_text_simple,
     sample_next_token,
@@ -211,6 +212,75 @@ def test_sample_next_token_filters():
     assert draws == {1, 2}
     draws = {sample_next_token(logits, 1.0, top_p=0.95, generator=g).item() for _ in range(300)}
     assert draws == {1, 2, 4}
+
+
+def penalized_greedy(model: GPTModel, prompt: list[int], n: int, repetition: float = 1.0,
+                     presence: float = 0.0, frequency: float = 0.0) -> list[int]:  # fmt: skip
+    """The penalties written out on the book's uncached loop: Hugging Face's rule over every token so
+    far (prompt included), OpenAI's formula over the generated tokens."""
+    ctx = model.cfg.context_length
+    ids, out = list(prompt), []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[-ctx:]]))[0, -1].float()
+        for t in set(ids):
+            logits[t] = logits[t] * repetition if logits[t] < 0 else logits[t] / repetition
+        for t in set(out):
+            logits[t] -= frequency * out.count(t) + presence
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize(
+    "penalties",
+    [
+        dict(repetition=3.0),  # strong: this model's best logit leads the next by ~3.5
+        dict(presence=4.0),
+        dict(frequency=0.5),
+        dict(repetition=1.5, presence=1.0, frequency=0.3),
+    ],
+)
+def test_penalties_equal_their_rules_written_out(penalties):
+    model = tiny_model(seed=5)
+    prompts = prompts_of([3, 8, 5], seed=5)  # a batch with left padding; 30 tokens pass the 24-token window
+    expected = [penalized_greedy(model, p, 30, **penalties) for p in prompts]
+    assert expected != [book_greedy(model, p, 30) for p in prompts]  # the penalties change the tokens
+    names = dict(repetition="repetition_penalty", presence="presence_penalty", frequency="frequency_penalty")
+    settings = {names[k]: v for k, v in penalties.items()}
+    assert decode_all(model, prompts, 30, **settings) == expected
+    assert decode_all(model, prompts, 30, use_cache=False, **settings) == expected
+    cfg = GenerationConfig(max_new_tokens=30, ignore_eos=True, **settings)
+    assert [c.token_ids for c in Engine(model, ByteTokenizer()).generate(prompts, cfg)] == expected
+    assert [c.token_ids for c in static_engine(model).generate(prompts, cfg)] == expected  # fixed shapes
+
+
+def test_apply_penalties():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    seen = torch.tensor([[True, True, False, False]])
+    counts = torch.tensor([[0.0, 0.0, 3.0, 1.0]])
+    assert apply_penalties(logits, seen, counts).equal(logits)  # penalties 1 and 0: unchanged
+    out = apply_penalties(
+        logits, seen, counts, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25
+    )
+    assert out.tolist() == [[1.0, -4.0, 1.0 - 0.75 - 0.5, 0.5 - 0.25 - 0.5]]
+    # negative OpenAI penalties favour repetition
+    assert apply_penalties(logits, None, counts, presence_penalty=-1.0).tolist() == [[2.0, -2.0, 2.0, 1.5]]
+
+
+def test_penalized_sampling_is_reproducible_and_the_settings_are_checked():
+    model = tiny_model(seed=6)
+    prompts = prompts_of([4, 9], seed=6)
+    cfg = GenerationConfig(max_new_tokens=25, temperature=0.9, seed=7, ignore_eos=True, repetition_penalty=1.2,
+                           frequency_penalty=0.3)  # fmt: skip
+    engine = Engine(model, ByteTokenizer())
+    assert engine.generate(prompts, cfg) == engine.generate(prompts, cfg)
+    assert engine.generate(prompts, cfg) == static_engine(model).generate(prompts, cfg)
+    for bad, match in [(dict(repetition_penalty=0), "repetition_penalty must be a number > 0"),
+                       (dict(presence_penalty=float("inf")), "presence_penalty must be a finite number"),
+                       (dict(frequency_penalty="x"), "frequency_penalty must be a finite number")]:  # fmt: skip
+        with pytest.raises(ScratchLLMError, match=match):
+            engine.generate("abc", **bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +515,38 @@ def test_cli_generate_with_a_model_directory(tmp_path, capsys):
     with pytest.warns(UserWarning, match="more than the context window"):  # and recorders still see them
         assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x" * 30, "--max-new-tokens", "2",
                      "--device", "cpu", "--quiet"]) == 0  # fmt: skip
+
+
+def test_cli_penalty_flags_reach_generate_chat_and_respond(tmp_path, capsys, monkeypatch):
+    checkpoint = pytest.importorskip("scratchllm.checkpoint")
+    bpe = pytest.importorskip("scratchllm.text.bpe")
+    import scratchllm.finetune.instruct as instruct
+    from scratchllm.cli import _sampling_config, build_parser, main
+
+    tok = bpe.BPETokenizer({bytes([b]): b for b in range(256)})
+    model = tiny_model(vocab=tok.vocab_size)
+    checkpoint.save_model(tmp_path / "m", model, tok)
+    settings = dict(repetition_penalty=3.0, presence_penalty=4.0, frequency_penalty=0.5)
+    expected = Engine(model, tok).generate("Hello", max_new_tokens=12, **settings)[0].text
+    assert expected != Engine(model, tok).generate("Hello", max_new_tokens=12)[0].text
+    flags = ["--repetition-penalty", "3", "--presence-penalty", "4", "--frequency-penalty", "0.5"]
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--max-new-tokens", "12",
+                 "--dtype", "fp32", "--device", "cpu", "--quiet", *flags]) == 0  # fmt: skip
+    assert capsys.readouterr().out == expected + "\n"
+    assert (
+        main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--repetition-penalty", "0"])
+        == 2
+    )
+    assert "repetition_penalty must be a number > 0" in capsys.readouterr().err
+
+    cfg = _sampling_config(build_parser().parse_args(["chat", "--model", "m", *flags]))
+    assert (cfg.repetition_penalty, cfg.presence_penalty, cfg.frequency_penalty) == (3.0, 4.0, 0.5)
+    with pytest.raises(ScratchLLMError, match="repetition_penalty"):  # checked before the model loads
+        instruct.respond("no/such/model", [{"instruction": "x", "input": ""}], repetition_penalty=0)
+    seen = {}
+    monkeypatch.setattr(instruct, "respond", lambda *a, **kw: seen.update(kw))
+    assert main(["respond", "--model", "m", "--data", "d.json", "--out", "o.json", *flags]) == 0
+    assert {k: seen[k] for k in settings} == settings
 
 
 def test_default_cache_equals_no_cache_on_a_gpt2_shaped_model():

@@ -95,6 +95,32 @@ def test_ours_to_hf_same_logits(tmp_path, tie, qkv_bias):
         assert not tensors["transformer.h.0.attn.c_attn.bias"].any()
 
 
+@pytest.mark.parametrize("penalty", [1.2, 2.0])
+def test_repetition_penalty_gives_transformers_tokens(tmp_path, penalty):
+    """Greedy decoding with `repetition_penalty` picks the tokens transformers' `generate` picks
+    with the same weights (and differs from plain greedy decoding, so the penalty is at work)."""
+    from scratchllm.generate import Engine
+
+    hf = random_hf_model(n_embd=48, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_model(hub.convert_hf_dir(tmp_path / "hf", tmp_path / "ours")).model
+    engine = Engine(model)
+    changed = 0
+    for seed in range(3):
+        prompt = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
+                              repetition_penalty=penalty, pad_token_id=0, eos_token_id=None)  # fmt: skip
+        expected = out[0, prompt.shape[1] :].tolist()
+        [ours] = engine.generate(
+            prompt[0].tolist(), max_new_tokens=30, repetition_penalty=penalty, ignore_eos=True
+        )
+        assert ours.token_ids == expected
+        [plain] = engine.generate(prompt[0].tolist(), max_new_tokens=30, ignore_eos=True)
+        changed += plain.token_ids != expected
+    assert changed == 3
+
+
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_round_trip_gives_identical_tensors(tmp_path, tie):
     model = random_model(tie_weights=tie)

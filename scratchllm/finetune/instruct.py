@@ -563,12 +563,16 @@ def respond(
     progress: bool = True,
     key: str = RESPONSE_KEY,
     quantize: str | None = None,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> list[Entry]:
     """Answer every instruction of `data` (a file or records) with `model` (a model directory, or an
     `Engine`-ready hub name), adding `key` ("model_response") to a copy of each record. Prompts use
     the model's own template (`extra["prompt_template"]`) unless `template` names one; they run in
     batches of similar length through the generation engine. Written atomically to `out` (a JSON
-    list, or JSONL when it ends in .jsonl) when given. `quantize` "int4": int4 weights (CPU only)."""
+    list, or JSONL when it ends in .jsonl) when given. `quantize` "int4": int4 weights (CPU only).
+    The sampling settings and penalties are `GenerationConfig`'s."""
     from tqdm.auto import tqdm
 
     from ..checkpoint import load_model
@@ -583,15 +587,17 @@ def respond(
     )
     if batch_size < 1:
         raise ScratchLLMError(f"--batch-size must be >= 1, got {batch_size}")
+    # checked before the model loads; the stop strings come with its template
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                           frequency_penalty=frequency_penalty)  # fmt: skip
     dev = pick_device(device)
     loaded = load_model(model, device=str(dev), dtype=resolve_dtype(dtype, dev), quantize=quantize)
     if loaded.tokenizer is None:
         raise ScratchLLMError(f"model {model!r} has no tokenizer files; save the model with its tokenizer")
     chosen = get_template(template) if template else template_for_model(loaded.extra)
     engine = Engine(loaded.model, loaded.tokenizer)
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, stop=chosen.stop_strings)  # fmt: skip
-    gen.validate()
+    gen = gen.replace(stop=chosen.stop_strings)
     prompts = [chosen.format_example(r)[0] for r in records]
     lengths = [len(ids) for ids in loaded.tokenizer.encode_batch(prompts)]
     # similar lengths together: less left padding per batch (the results do not depend on it)

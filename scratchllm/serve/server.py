@@ -17,6 +17,8 @@ settings (and no seed) are run together as one batch, which the engine's batched
 several times faster than one by one; streaming and seeded requests run alone (a seed reproduces
 a completion only within the same batch).
 
+`presence_penalty` and `frequency_penalty` work as in OpenAI's API; `top_k` and
+`repetition_penalty` (Hugging Face's rule) are extensions, as in vLLM.
 Defaults follow OpenAI's API: temperature 1 and top_p 1 (send temperature 0 for greedy decoding);
 `max_tokens` 16 for completions and, for chat, what is left of the context window. The server
 binds 127.0.0.1 unless told otherwise; `--api-key` (or $SCRATCHLLM_API_KEY) requires
@@ -114,8 +116,9 @@ class _Sampling(_Body):
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)  # an extension (vLLM has it too)
     logit_bias: dict[str, float] | None = None
 
     def stops(self) -> list[str]:
@@ -127,9 +130,6 @@ class _Sampling(_Body):
     def check_unsupported(self) -> None:
         if (self.n or 1) != 1:
             raise _bad("n > 1 is not supported: this server returns one choice per prompt", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise _bad(f"{name} is not supported; leave it out or send 0", param=name)
         if self.logit_bias:
             raise _bad("logit_bias is not supported", param="logit_bias")
 
@@ -453,6 +453,9 @@ def create_app(
             top_k=body.top_k,
             seed=body.seed,
             stop=tuple(stops),
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
         )
 
     async def run(prepared: _Prepared) -> list[Completion]:

@@ -195,7 +195,9 @@ BAD_REQUESTS = [
     (CHAT, {"model": MODEL, "messages": USER, "max_tokens": "many"}, 400, "max_tokens", "valid integer"),
     (CHAT, {"model": MODEL, "messages": USER, "stop": [""]}, 400, "stop", "non-empty"),
     (CHAT, {"model": MODEL, "messages": USER, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
-    (CHAT, {"model": MODEL, "messages": USER, "presence_penalty": 1.0}, 400, "presence_penalty", "not supported"),
+    (CHAT, {"model": MODEL, "messages": USER, "presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal to 2"),
+    (COMP, {"model": MODEL, "prompt": "hi", "frequency_penalty": -3}, 400, "frequency_penalty", "greater than or equal to -2"),
+    (COMP, {"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty", "greater than 0"),
     (CHAT, {"model": "gpt-4o", "messages": USER}, 404, "model", "serves 'tiny'"),
     (COMP, {"model": MODEL, "prompt": ""}, 400, "prompt", "empty"),
     (COMP, {"model": MODEL, "prompt": [5, 99999]}, 400, "prompt", "outside the vocabulary"),
@@ -217,6 +219,23 @@ def test_bad_requests_get_openai_shaped_errors(server, path, body, status, param
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and words in error["message"], error
     assert error["type"] == "invalid_request_error"
+
+
+def test_penalties_reach_the_engine(client, chat):
+    """OpenAI's presence and frequency penalties, and the repetition_penalty extension (sent as an extra
+    body field, as to vLLM), give the engine's tokens with the same settings. (Negative and < 1: this
+    random model seldom repeats a token, so only penalties that favour repetition change its text.)"""
+    prompt = "The quick brown fox"
+    for settings, extra in [
+        (dict(presence_penalty=-2.0, frequency_penalty=-0.5), {}),
+        (dict(repetition_penalty=0.3), {"repetition_penalty": 0.3}),
+    ]:
+        openai_settings = {k: v for k, v in settings.items() if k != "repetition_penalty"}
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0,
+                                      extra_body=extra, **openai_settings)  # fmt: skip
+        expected = reference(chat, prompt, max_new_tokens=20, **settings)
+        assert r.choices[0].text == expected.text
+        assert expected.token_ids != reference(chat, prompt, max_new_tokens=20).token_ids
 
 
 def test_a_default_max_tokens_below_1_is_refused_at_start(chat, capsys):
