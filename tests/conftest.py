@@ -15,6 +15,30 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SCRATCHLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def require_transformers():
+    """The `transformers` module, or skip: not installed, or too new for this torch (transformers 5
+    imports without its models below torch 2.6)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.utils import is_torch_available
+
+    if not is_torch_available():
+        pytest.skip(
+            f"transformers {transformers.__version__} does not run with torch {torch.__version__}; "
+            "install an older transformers (e.g. 4.57) or a newer torch",
+            allow_module_level=True,
+        )
+    return transformers
+
+
+def has_fully_shard() -> bool:
+    """Whether this torch has FSDP2's public `fully_shard` (torch 2.6 and newer), which --fsdp uses."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def shared_file(name: str) -> Path:
     """Path of a file in shared/data, or skip the test with the reason."""
     path = SHARED_DATA / name

@@ -16,6 +16,7 @@ from scratchllm.generate import Engine, GenerationConfig
 from scratchllm.model.gpt import GPTModel, preset_config
 from scratchllm.text.bpe import BPETokenizer
 from scratchllm.train.trainer import Trainer
+from tests.conftest import has_fully_shard
 from tests.train.test_trainer import VOCAB, _setup  # the same nano run, moved to the GPU
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -152,7 +153,15 @@ def test_bf16_model_directory_loads_on_cuda_and_generates(tmp_path):
     assert len(text.token_ids) == 8
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "ddp",
+        pytest.param(
+            "fsdp", marks=pytest.mark.skipif(not has_fully_shard(), reason="--fsdp needs torch >= 2.6")
+        ),
+    ],
+)
 def test_torchrun_on_cuda(tmp_path, mode):
     """Two processes: with two GPUs, nccl + DDP/FSDP2 follow the plain run with the same global batch;
     with one GPU, the second rank has no device and the run stops with a clear message."""

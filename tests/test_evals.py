@@ -34,9 +34,8 @@ from scratchllm.evals import (
 from scratchllm.generate import Engine, GenerationConfig
 from scratchllm.model.gpt import GPTConfig, GPTModel
 from scratchllm.text.tokenizer import load_tokenizer
-from tests.conftest import single_thread
 
-from .conftest import shared_file
+from .conftest import require_transformers, shared_file, single_thread
 
 WINDOW = 64  # context length of the random GPT-2: short, so long few-shot prompts get cut
 
@@ -56,7 +55,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 @pytest.fixture(scope="module")
 def gpt2_pair(tmp_path_factory):
     """(our model, our GPT-2 tokenizer, HF GPT2LMHeadModel, HF `tokenizers` GPT-2 tokenizer), same weights."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     tokenizers = pytest.importorskip("tokenizers")
     data = shared_file("encoder.json").parent
     shared_file("vocab.bpe")

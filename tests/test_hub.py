@@ -18,9 +18,9 @@ from scratchllm.cli import main
 from scratchllm.errors import ScratchLLMError
 from scratchllm.model.gpt import GPTConfig, GPTModel
 
-from .conftest import shared_file
+from .conftest import require_transformers, shared_file
 
-transformers = pytest.importorskip("transformers")
+transformers = require_transformers()
 
 # (n_embd, n_layer, n_head, vocab_size, n_positions)
 SHAPES = [(32, 2, 4, 100, 64), (48, 3, 6, 257, 32), (64, 1, 1, 50, 16)]

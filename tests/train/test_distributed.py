@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from tests.conftest import has_fully_shard
+
 pytestmark = pytest.mark.slow
 
 
@@ -59,7 +61,15 @@ def single(tmp_path_factory) -> tuple[Path, Path]:
     return corpus, out
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "ddp",
+        pytest.param(
+            "fsdp", marks=pytest.mark.skipif(not has_fully_shard(), reason="--fsdp needs torch >= 2.6")
+        ),
+    ],
+)
 def test_two_processes_match_one_with_the_same_global_batch(single, tmp_path, mode):
     corpus, reference = single
     out = tmp_path / mode
