@@ -115,6 +115,9 @@ def generate(
 # Settings
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
+
+
 @dataclass
 class GenerationConfig:
     """How to generate. The defaults are greedy decoding of up to 256 tokens."""
@@ -133,6 +136,9 @@ class GenerationConfig:
     repetition_penalty: float = 1.0  # > 1: tokens of the prompt or the text so far less likely (HF's rule)
     presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far (OpenAI's)
     frequency_penalty: float = 0.0  # subtracted once for each time a token was generated so far (OpenAI's)
+    # log-probabilities of the generated tokens (the model's own, before penalties, temperature and
+    # filtering), each with this many most likely alternatives; None: none (Completion.logprobs)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -170,6 +176,13 @@ class GenerationConfig:
         for name in ("presence_penalty", "frequency_penalty"):
             if not number(getattr(self, name)):
                 raise bad(f"{name} must be a finite number (0: none), got {getattr(self, name)!r}")
+        if self.logprobs is not None and (
+            not integer(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise bad(
+                f"logprobs must be None or an integer from 0 to {MAX_TOP_LOGPROBS} (alternatives per token), "
+                f"got {self.logprobs!r}"
+            )
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         # the range torch.Generator.manual_seed takes
@@ -425,6 +438,7 @@ class Decoder:
         repetition_penalty: float = 1.0,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
+        logprobs: int | None = None,
         use_cache: bool = True,
         kernels: PackedLinears | None = None,
         cache_dtype: torch.dtype | None = None,
@@ -435,7 +449,7 @@ class Decoder:
         # the same checks as the engine's settings
         GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          seed=seed, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                         frequency_penalty=frequency_penalty)  # fmt: skip
+                         frequency_penalty=frequency_penalty, logprobs=logprobs)  # fmt: skip
         ctx = model.cfg.context_length
         vocab = model.cfg.vocab_size
         self.model = model
@@ -488,6 +502,8 @@ class Decoder:
                 self._seen[i, torch.tensor([int(t) for t in p], device=self.device)] = True
         if presence_penalty or frequency_penalty:
             self._counts = torch.zeros(len(prompts), vocab, device=self.device)
+        self.logprobs = logprobs
+        self.last_logprobs: list[TokenLogprob] = []  # with `logprobs`: the last step's, per active row
         self.generator: torch.Generator | None = None
         if temperature > 0:
             self.generator = torch.Generator(device=self.device)
@@ -541,6 +557,7 @@ class Decoder:
                 logits = self.model.out_head(hidden[:, -1]).float()
         if self._rows is not None and len(self._rows) < len(logits):
             logits = logits[self._rows]  # compiled: finished rows are still computed; drop them
+        raw = logits
         if self._seen is not None or self._counts is not None:
             rows = torch.tensor(self.active, device=self.device)
             seen = None if self._seen is None else self._seen[rows]
@@ -563,6 +580,8 @@ class Decoder:
         out = tokens.tolist()
         for r, t in zip(self.active, out):
             self.history[r].append(t)
+        if self.logprobs is not None:
+            self.last_logprobs = token_logprobs(raw, tokens, self.logprobs)
         return out
 
     def _prefill(self, with_cache: bool) -> torch.Tensor:
@@ -611,6 +630,29 @@ class Decoder:
 # 3. The text-level engine
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the most likely tokens at its position
+    (`top`: (token id, log-probability) pairs, most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Per row of `logits` (rows, vocab_size): the log-probability of that row's token in `tokens`,
+    with the `top` most likely tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, tokens.reshape(-1, 1)).squeeze(-1).tolist()
+    if top:
+        values, ids = logp.topk(top, dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [()] * len(chosen)
+    return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(tokens.tolist(), chosen, tops)]
+
+
 @dataclass
 class Completion:
     """One prompt's result. `finish_reason` is "stop" (end-of-sequence token or stop string) or
@@ -622,6 +664,7 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     stop: str | int | None = None  # what stopped it: the stop string, or the end token's id
+    logprobs: list[TokenLogprob] | None = None  # one per token of `token_ids`, when asked for
 
     @property
     def completion_tokens(self) -> int:
@@ -646,6 +689,7 @@ class _Row:
     )
     finish_reason: FinishReason | None = None
     stop: str | int | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class TextStream(Iterator[str]):
@@ -787,6 +831,23 @@ class Engine:
         result: list[Completion] = []
         return TextStream(self._run([self.encode(prompt)], cfg, result, incremental=True), result)
 
+    def prompt_logprobs(self, prompt: Prompt, top: int = 0) -> list[TokenLogprob | None]:
+        """How likely the model finds each token of `prompt` after the ones before it (one forward
+        pass; the first token has none, so None), with the `top` most likely tokens at each position.
+        What scoring a text needs (the server's `echo` with `logprobs`)."""
+        ids = self.encode(prompt)
+        GenerationConfig(logprobs=top)  # the same range check
+        ctx = self.model.cfg.context_length
+        if len(ids) > ctx:
+            raise ScratchLLMError(
+                f"generation: scoring a prompt of {len(ids)} tokens needs them in one context window of {ctx}"
+            )
+        device = self.model.tok_emb.weight.device
+        with _eval_mode(self.model), torch.inference_mode():
+            logits = self.model(torch.tensor([ids], device=device))[0, :-1]
+        tail = token_logprobs(logits, torch.tensor(ids[1:], device=device), top) if len(ids) > 1 else []
+        return [None, *tail]
+
     def warm_up(self, max_batch_size: int = 1) -> list[int]:
         """With `compile`: compile (and on GPUs record) the decode step for every cache shape that
         batches of up to `max_batch_size` prompts use, so that no later request waits for it.
@@ -833,6 +894,7 @@ class Engine:
                     repetition_penalty=cfg.repetition_penalty,
                     presence_penalty=cfg.presence_penalty,
                     frequency_penalty=cfg.frequency_penalty,
+                    logprobs=cfg.logprobs,
                     use_cache=cfg.use_cache,
                     kernels=self.kernels,
                     cache_dtype=_cache_dtype(self.model),
@@ -841,12 +903,14 @@ class Engine:
                 while dec.active:
                     tokens = dec.step()
                     done = []
-                    for r, t in zip(dec.active, tokens):
+                    for i, (r, t) in enumerate(zip(dec.active, tokens)):
                         row = rows[r]
                         if t in stop_ids:
                             row.finish_reason, row.stop = "stop", t
                         else:
                             row.token_ids.append(t)
+                            if cfg.logprobs is not None:
+                                row.logprobs.append(dec.last_logprobs[i])
                             if incremental:
                                 piece = self._advance(row, stops, longest_stop)
                                 if piece:
@@ -866,7 +930,10 @@ class Engine:
             text = (
                 row.text if incremental else (self.tokenizer.decode(row.token_ids) if self.tokenizer else "")
             )
-            result.append(Completion(text, row.token_ids, row.finish_reason, row.prompt_tokens, row.stop))
+            logprobs = row.logprobs if cfg.logprobs is not None else None
+            result.append(
+                Completion(text, row.token_ids, row.finish_reason, row.prompt_tokens, row.stop, logprobs)
+            )
 
     def _advance(self, row: _Row, stops: tuple[str, ...], longest_stop: int) -> str:
         """Decode the row's new token into `row.text`, end it at a stop string, and return the
@@ -967,9 +1034,11 @@ __all__ = [
     "GenerationConfig",
     "PackedLinears",
     "TextStream",
+    "TokenLogprob",
     "apply_penalties",
     "generate",
     "generate_text_simple",
     "resolve_dtype",
     "sample_next_token",
+    "token_logprobs",
 ]

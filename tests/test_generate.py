@@ -283,6 +283,41 @@ def test_penalized_sampling_is_reproducible_and_the_settings_are_checked():
             engine.generate("abc", **bad)
 
 
+def test_logprobs_are_the_models_own_at_each_step():
+    """Each generated token's log-probability and its top alternatives are the log-softmax of the book's
+    uncached loop's logits at that step (batched with padding, past the context window), before any
+    penalty or temperature; a full forward pass over prompt + text (`prompt_logprobs`) agrees."""
+    model = tiny_model(seed=7)
+    prompts = prompts_of([3, 9], seed=7)
+    engine = Engine(model, ByteTokenizer())
+    for extra in ({}, dict(temperature=1.3, seed=2, presence_penalty=2.0, top_k=5)):
+        cfg = GenerationConfig(max_new_tokens=30, ignore_eos=True, logprobs=3, **extra)
+        for prompt, c in zip(prompts, engine.generate(prompts, cfg)):
+            assert len(c.logprobs) == len(c.token_ids) == 30
+            ids = list(prompt)
+            for t, lp in zip(c.token_ids, c.logprobs):
+                with torch.no_grad():
+                    ref = torch.log_softmax(model(torch.tensor([ids[-CTX:]]))[0, -1], -1)
+                top = ref.topk(3)
+                assert lp.token_id == t and lp.logprob == pytest.approx(ref[t].item(), abs=1e-5)
+                assert [i for i, _ in lp.top] == top.indices.tolist()
+                assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-5)
+                ids.append(t)
+    [c] = engine.generate(prompts[1], max_new_tokens=10, ignore_eos=True, logprobs=0)
+    assert all(lp.top == () for lp in c.logprobs)
+    [greedy] = engine.generate(prompts[1], max_new_tokens=10, ignore_eos=True, logprobs=1)
+    assert greedy.token_ids == c.token_ids and all(lp.token_id == lp.top[0][0] for lp in greedy.logprobs)
+    scored = engine.prompt_logprobs(prompts[1] + c.token_ids, top=2)
+    assert scored[0] is None and len(scored) == 9 + 10
+    assert [s.logprob for s in scored[9:]] == pytest.approx([lp.logprob for lp in c.logprobs], abs=1e-5)
+    assert [s.token_id for s in scored[1:]] == (prompts[1] + c.token_ids)[1:]
+    assert engine.generate(prompts, max_new_tokens=3)[0].logprobs is None  # not asked for
+    with pytest.raises(ScratchLLMError, match="logprobs must be None or an integer from 0 to 20"):
+        engine.generate(prompts, logprobs=21)
+    with pytest.raises(ScratchLLMError, match="one context window"):
+        engine.prompt_logprobs(list(range(CTX + 1)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Stops, streaming, counts (with a scripted sampler: the model runs, the tokens are chosen)
 

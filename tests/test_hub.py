@@ -121,6 +121,32 @@ def test_repetition_penalty_gives_transformers_tokens(tmp_path, penalty):
     assert changed == 3
 
 
+def test_prompt_and_generation_logprobs_equal_transformers(tmp_path):
+    """`prompt_logprobs` (the server's echo + logprobs) and the generated tokens' logprobs are
+    transformers' log-softmax scores for the same weights and tokens."""
+    from scratchllm.generate import Engine
+
+    hf = random_hf_model(n_embd=48, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+    hf.save_pretrained(tmp_path / "hf")
+    engine = Engine(load_model(hub.convert_hf_dir(tmp_path / "hf", tmp_path / "ours")).model)
+    ids = torch.randint(0, 100, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = torch.log_softmax(hf(ids).logits[0, :-1], -1)
+    scored = engine.prompt_logprobs(ids[0].tolist(), top=5)
+    assert scored[0] is None
+    got = torch.tensor([s.logprob for s in scored[1:]])
+    torch.testing.assert_close(got, expected.gather(1, ids[0, 1:, None])[:, 0], atol=1e-4, rtol=0)
+    assert [[i for i, _ in s.top] for s in scored[1:]] == expected.topk(5).indices.tolist()
+
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                          output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)  # fmt: skip
+    [c] = engine.generate(ids[0].tolist(), max_new_tokens=8, ignore_eos=True, logprobs=1)
+    assert c.token_ids == out.sequences[0, 20:].tolist()
+    hf_logprobs = [torch.log_softmax(score[0], -1)[t].item() for score, t in zip(out.scores, c.token_ids)]
+    assert [lp.logprob for lp in c.logprobs] == pytest.approx(hf_logprobs, abs=1e-4)
+
+
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_round_trip_gives_identical_tensors(tmp_path, tie):
     model = random_model(tie_weights=tie)

@@ -18,7 +18,11 @@ several times faster than one by one; streaming and seeded requests run alone (a
 a completion only within the same batch).
 
 `presence_penalty` and `frequency_penalty` work as in OpenAI's API; `top_k` and
-`repetition_penalty` (Hugging Face's rule) are extensions, as in vLLM.
+`repetition_penalty` (Hugging Face's rule) are extensions, as in vLLM. `logprobs` (completions: up
+to 5 alternatives; chat: `logprobs: true` and `top_logprobs` up to 20) gives the model's own
+log-probability of each generated token, not in streams; completions with `echo` and `logprobs`
+also score the prompt's tokens (the first gets null), which is how lm-evaluation-harness's
+`local-completions` model computes log-likelihoods (`max_tokens` 0 or 1, token-id prompts).
 Defaults follow OpenAI's API: temperature 1 and top_p 1 (send temperature 0 for greedy decoding);
 `max_tokens` 16 for completions and, for chat, what is left of the context window. The server
 binds 127.0.0.1 unless told otherwise; `--api-key` (or $SCRATCHLLM_API_KEY) requires
@@ -44,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import ScratchLLMError
-from ..generate import Completion, GenerationConfig
+from ..generate import Completion, GenerationConfig, TokenLogprob
 from .chat import ChatModel, WhitespaceStripper, load_chat_model
 
 try:
@@ -137,7 +141,7 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -171,6 +175,7 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -187,6 +192,8 @@ class _Job:
     cfg: GenerationConfig
     loop: asyncio.AbstractEventLoop
     stream: bool = False
+    score: int | None = None  # echo with logprobs: score the prompts too, with this many alternatives
+    scores: list[list[TokenLogprob | None]] | None = None  # set by the worker before the result
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: asyncio.Future | None = None  # non-streaming: the list of Completions
     events: asyncio.Queue | None = None  # streaming: ("piece", str), ("done", Completion), ("error", exc)
@@ -203,6 +210,7 @@ class _Job:
             and not other.stream
             and self.cfg.seed is None
             and self.cfg == other.cfg
+            and self.score == other.score
             and rows + len(other.prompts) <= max_rows
         )
 
@@ -311,6 +319,15 @@ class Scheduler:
                     job.fail(e)
 
     def _run_batch(self, batch: list[_Job]) -> None:
+        for job in list(batch):
+            if job.score is not None:
+                try:
+                    job.scores = [self.model.engine.prompt_logprobs(p, job.score) for p in job.prompts]
+                except Exception as e:  # this request alone fails
+                    job.fail(e)
+                    batch.remove(job)
+        if not batch:
+            return
         prompts = [p for job in batch for p in job.prompts]
         try:
             completions = self.model.engine.generate(prompts, batch[0].cfg)
@@ -458,11 +475,12 @@ def create_app(
             frequency_penalty=body.frequency_penalty or 0.0,
         )
 
-    async def run(prepared: _Prepared) -> list[Completion]:
-        job = _Job(prepared.prompts, prepared.cfg, asyncio.get_running_loop())
+    async def run(prepared: _Prepared, score: int | None = None) -> tuple[list[Completion], list | None]:
+        """The completions, and with `score` the prompts' token logprobs (see `Engine.prompt_logprobs`)."""
+        job = _Job(prepared.prompts, prepared.cfg, asyncio.get_running_loop(), score=score)
         scheduler.submit(job)
         try:
-            return await job.future  # type: ignore[misc]
+            return await job.future, job.scores  # type: ignore[return-value]
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
@@ -503,14 +521,17 @@ def create_app(
     async def completions(body: CompletionRequest):
         check_model(body.model)
         body.check_unsupported()
-        if body.logprobs is not None:
-            raise _bad("logprobs are not supported", param="logprobs")
+        if body.logprobs is not None and body.stream:
+            raise _bad(
+                "logprobs with stream are not supported; leave out stream or logprobs", param="logprobs"
+            )
         if (body.best_of or 1) != 1:
             raise _bad("best_of > 1 is not supported", param="best_of")
         if body.suffix:
             raise _bad("suffix is not supported", param="suffix")
         prompts = _completion_prompts(body.prompt, model, vocab)
         cfg = settings(body, prompts, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, body.stops(), "prompt")
+        cfg = cfg.replace(logprobs=body.logprobs)
         prepared = _Prepared(
             prompts, cfg, bool(body.stream), bool(body.stream_options and body.stream_options.include_usage)
         )
@@ -523,19 +544,31 @@ def create_app(
                     "stream with several prompts is not supported; send them one by one", param="stream"
                 )
             return _sse(_completion_chunks(head, stream_events(prepared), echoes[0], prepared.include_usage))
-        results = await run(prepared)
-        choices = [
-            {"index": i, "text": echo + c.text, "logprobs": None, "finish_reason": c.finish_reason}
-            for i, (echo, c) in enumerate(zip(echoes, results))
-        ]
+        scored = body.logprobs is not None and bool(body.echo)
+        results, scores = await run(prepared, body.logprobs if scored else None)
+        choices = []
+        for i, (echo, c) in enumerate(zip(echoes, results)):
+            logprobs = None
+            if body.logprobs is not None:
+                tokens = (list(zip(prompts[i], scores[i])) if scores else []) + [
+                    (t.token_id, t) for t in c.logprobs
+                ]
+                logprobs = _completion_logprobs(model.engine.tokenizer, tokens)
+            choices.append(
+                {"index": i, "text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+            )
         return {**head, "choices": choices, "usage": _usage(results)}
 
     @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(body: ChatRequest):
         check_model(body.model)
         body.check_unsupported()
-        if body.logprobs:
-            raise _bad("logprobs are not supported", param="logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise _bad("top_logprobs needs logprobs: true", param="top_logprobs")
+        if body.logprobs and body.stream:
+            raise _bad(
+                "logprobs with stream are not supported; leave out stream or logprobs", param="logprobs"
+            )
         if body.tools:
             raise _bad("tools (function calling) are not supported", param="tools")
         if body.response_format and body.response_format.get("type", "text") != "text":
@@ -552,6 +585,8 @@ def create_app(
         cfg = settings(
             body, [ids], max_tokens, default_max_tokens, model.stop_strings(body.stops()), "messages"
         )
+        if body.logprobs:
+            cfg = cfg.replace(logprobs=body.top_logprobs or 0)
         prepared = _Prepared(
             [ids], cfg, bool(body.stream), bool(body.stream_options and body.stream_options.include_usage)
         )
@@ -559,9 +594,10 @@ def create_app(
                 "model": model_id}  # fmt: skip
         if prepared.stream:
             return _sse(_chat_chunks(head, stream_events(prepared), prepared.include_usage))
-        [c] = await run(prepared)
+        [c], _ = await run(prepared)
         message = {"role": "assistant", "content": c.text.strip()}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": c.finish_reason}
+        logprobs = _chat_logprobs(model.engine.tokenizer, c.logprobs) if c.logprobs is not None else None
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason}
         return {**head, "choices": [choice], "usage": _usage([c])}
 
     return app
@@ -621,6 +657,45 @@ def _completion_prompts(prompt: Any, model: ChatModel, vocab: int) -> list[list[
             )
         out.append(ids)
     return out
+
+
+def _token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    return tokenizer.decode_bytes([token_id])
+
+
+def _completion_logprobs(tokenizer: Any, tokens: Sequence[tuple[int, TokenLogprob | None]]) -> dict[str, Any]:
+    """The completions API's `logprobs` object for (token id, its logprob or None) pairs: token strings,
+    their logprobs, the top alternatives as {token string: logprob}, and each token's character offset."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token_id, lp in tokens:
+        text = _token_bytes(tokenizer, token_id).decode("utf-8", errors="replace")
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        out["token_logprobs"].append(None if lp is None else lp.logprob)
+        out["top_logprobs"].append(
+            None
+            if lp is None
+            else {_token_bytes(tokenizer, i).decode("utf-8", errors="replace"): v for i, v in lp.top}
+        )
+    return out
+
+
+def _chat_logprobs(tokenizer: Any, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """The chat API's `logprobs` object: per generated token its string, logprob, UTF-8 bytes and the
+    top alternatives in the same shape."""
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        raw = _token_bytes(tokenizer, token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+            for lp in logprobs
+        ]
+    }
 
 
 def _usage(completions: Sequence[Completion]) -> dict[str, int]:

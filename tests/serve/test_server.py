@@ -202,7 +202,11 @@ BAD_REQUESTS = [
     (COMP, {"model": MODEL, "prompt": ""}, 400, "prompt", "empty"),
     (COMP, {"model": MODEL, "prompt": [5, 99999]}, 400, "prompt", "outside the vocabulary"),
     (COMP, {"model": MODEL, "prompt": "x" * 2000}, 400, "prompt", "leaving no room"),
-    (COMP, {"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, "logprobs", "not supported"),
+    (COMP, {"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "logprobs", "less than or equal to 5"),
+    (COMP, {"model": MODEL, "prompt": "hi", "logprobs": 1, "stream": True}, 400, "logprobs", "with stream are not"),
+    (CHAT, {"model": MODEL, "messages": USER, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs: true"),
+    (CHAT, {"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "less than or equal to 20"),
+    (CHAT, {"model": MODEL, "messages": USER, "logprobs": True, "stream": True}, 400, "logprobs", "with stream are not"),
     (COMP, {"model": MODEL, "prompt": ["a", "b"], "stream": True}, 400, "stream", "one by one"),
     (COMP, {"prompt": "hi"}, 400, "model", "missing required parameter 'model'"),
     (COMP, {"model": MODEL, "prompt": "hi", "temperature": 1, "seed": 10**23}, 400, None, "seed must be an integer"),
@@ -236,6 +240,61 @@ def test_penalties_reach_the_engine(client, chat):
         expected = reference(chat, prompt, max_new_tokens=20, **settings)
         assert r.choices[0].text == expected.text
         assert expected.token_ids != reference(chat, prompt, max_new_tokens=20).token_ids
+
+
+def test_logprobs_of_completions_chat_and_echoed_prompts(client, chat, server):
+    """The logprobs objects of both APIs carry the engine's numbers, and lm-evaluation-harness's
+    log-likelihood request (token ids, echo, logprobs 1, max_tokens 1) scores the prompt's tokens."""
+    engine, tok = chat.engine, chat.engine.tokenizer
+
+    def text(t):
+        return tok.decode_bytes([t]).decode("utf-8", errors="replace")
+
+    r = client.completions.create(
+        model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0, logprobs=2
+    )
+    expected = reference(chat, "The quick brown fox", max_new_tokens=6, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [text(t) for t in expected.token_ids]
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in expected.logprobs], abs=1e-6)
+    assert lp.top_logprobs == [
+        {text(i): pytest.approx(v, abs=1e-6) for i, v in t.top} for t in expected.logprobs
+    ]
+    assert lp.text_offset == [sum(len(x) for x in lp.tokens[:i]) for i in range(6)]
+
+    ids = engine.encode("Hello world, this is a test")
+    body = {"model": MODEL, "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+    lp = _post(server, COMP, body).json()["choices"][0]["logprobs"]
+    scored = engine.prompt_logprobs(ids, 1)
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["tokens"][: len(ids)] == [text(t) for t in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1 : len(ids)] == pytest.approx([s.logprob for s in scored[1:]], abs=1e-6)
+    [generated] = reference(chat, ids, max_new_tokens=1, logprobs=1).logprobs
+    assert lp["token_logprobs"][-1] == pytest.approx(generated.logprob, abs=1e-6)
+    lp = _post(server, COMP, {**body, "max_tokens": 0}).json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids)  # the prompt alone
+
+    messages = [{"role": "user", "content": "Name a color."}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=3)  # fmt: skip
+    expected = reference(
+        chat, chat.encode_chat(messages), max_new_tokens=5, stop=chat.stop_strings(()), logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [text(t) for t in expected.token_ids]
+    assert [bytes(c.bytes) for c in content] == [tok.decode_bytes([t]) for t in expected.token_ids]
+    assert [c.logprob for c in content] == pytest.approx([t.logprob for t in expected.logprobs], abs=1e-6)
+    assert [[a.logprob for a in c.top_logprobs] for c in content] == [
+        pytest.approx([v for _, v in t.top], abs=1e-6) for t in expected.logprobs
+    ]
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=3, temperature=0, logprobs=True
+    )
+    assert all(c.top_logprobs == [] for c in r.choices[0].logprobs.content)
+    assert (
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3).choices[0].logprobs
+        is None
+    )
 
 
 def test_a_default_max_tokens_below_1_is_refused_at_start(chat, capsys):
