@@ -828,6 +828,9 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # listening from now on: a client that connects as soon as "serving ... at URL" is printed
+        # waits in the backlog until the server has started, instead of being refused
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise ScratchLLMError(

@@ -396,6 +396,18 @@ def test_scheduler_batches_waiting_requests_with_equal_settings(chat):
 
 
 @pytest.mark.slow  # a fresh Python process imports torch and loads the model
+def test_the_port_accepts_connections_before_the_server_starts():
+    """`serve` prints its URL once the socket listens: a client connecting right away waits in the
+    backlog for the server to start instead of being refused."""
+    from scratchllm.serve.server import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        socket.create_connection(sock.getsockname(), timeout=5).close()
+    finally:
+        sock.close()
+
+
 def test_cli_serve_starts_answers_and_reports_a_busy_port(model_dir, tmp_path, capsys):
     from scratchllm.cli import main
 
