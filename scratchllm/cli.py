@@ -290,19 +290,9 @@ def _generate(args: argparse.Namespace) -> None:
     import time
 
     from .device import pick_device
-    from .generate import Engine, GenerationConfig, resolve_dtype
+    from .generate import Engine, resolve_dtype
 
-    cfg = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop or (),
-        ignore_eos=args.ignore_eos,
-        use_cache=not args.no_cache,
-        **_penalties(args),
-    )
+    cfg = _sampling_config(args).replace(ignore_eos=args.ignore_eos, use_cache=not args.no_cache)
     prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
     device = pick_device(args.device)
     engine = Engine.load(

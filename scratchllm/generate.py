@@ -29,6 +29,7 @@ run exactly (same prompts, settings and batch); without a seed every run differs
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import contextlib
 import dataclasses
@@ -645,6 +646,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list
     with the `top` most likely tokens."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     chosen = logp.gather(-1, tokens.reshape(-1, 1)).squeeze(-1).tolist()
+    top = min(top, logp.shape[-1])  # a vocabulary smaller than the alternatives asked for
     if top:
         values, ids = logp.topk(top, dim=-1)
         tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
@@ -664,7 +666,10 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     stop: str | int | None = None  # what stopped it: the stop string, or the end token's id
-    logprobs: list[TokenLogprob] | None = None  # one per token of `token_ids`, when asked for
+    # with `logprobs`: one per token of `token_ids` that the text covers (the tokens of a stop string
+    # after the text's end are left out), and the end-of-sequence token's when one ended the text
+    logprobs: list[TokenLogprob] | None = None
+    stop_logprob: TokenLogprob | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -690,6 +695,8 @@ class _Row:
     finish_reason: FinishReason | None = None
     stop: str | int | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    stop_logprob: TokenLogprob | None = None
+    starts: list[int] = field(default_factory=list)  # where each token's text begins in `text`
 
 
 class TextStream(Iterator[str]):
@@ -836,7 +843,10 @@ class Engine:
         pass; the first token has none, so None), with the `top` most likely tokens at each position.
         What scoring a text needs (the server's `echo` with `logprobs`)."""
         ids = self.encode(prompt)
-        GenerationConfig(logprobs=top)  # the same range check
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ScratchLLMError(
+                f"prompt_logprobs: top must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}"
+            )
         ctx = self.model.cfg.context_length
         if len(ids) > ctx:
             raise ScratchLLMError(
@@ -907,6 +917,8 @@ class Engine:
                         row = rows[r]
                         if t in stop_ids:
                             row.finish_reason, row.stop = "stop", t
+                            if cfg.logprobs is not None:
+                                row.stop_logprob = dec.last_logprobs[i]
                         else:
                             row.token_ids.append(t)
                             if cfg.logprobs is not None:
@@ -930,9 +942,21 @@ class Engine:
             text = (
                 row.text if incremental else (self.tokenizer.decode(row.token_ids) if self.tokenizer else "")
             )
-            logprobs = row.logprobs if cfg.logprobs is not None else None
+            logprobs = None
+            if cfg.logprobs is not None:
+                # a stop string cut the text: keep the tokens that begin before the cut
+                kept = bisect.bisect_left(row.starts, len(row.text)) if isinstance(row.stop, str) else None
+                logprobs = row.logprobs[:kept]
             result.append(
-                Completion(text, row.token_ids, row.finish_reason, row.prompt_tokens, row.stop, logprobs)
+                Completion(
+                    text,
+                    row.token_ids,
+                    row.finish_reason,
+                    row.prompt_tokens,
+                    row.stop,
+                    logprobs=logprobs,
+                    stop_logprob=row.stop_logprob,
+                )
             )
 
     def _advance(self, row: _Row, stops: tuple[str, ...], longest_stop: int) -> str:
@@ -942,6 +966,7 @@ class Engine:
         new = data[row.nbytes :]
         row.nbytes = len(data)
         before = len(row.text)
+        row.starts.append(before)
         row.text += row.utf8.decode(new)
         if stops:
             # a stop string may begin in text decoded earlier (up to longest_stop - 1 characters back)

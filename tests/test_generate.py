@@ -283,6 +283,38 @@ def test_penalized_sampling_is_reproducible_and_the_settings_are_checked():
             engine.generate("abc", **bad)
 
 
+def test_penalties_follow_each_row_when_rows_finish_early():
+    """A row that ends early (a stop token) leaves the batch; the others keep their own penalty tables:
+    every row equals its prompt decoded alone, on the default and the fixed-shape paths."""
+    model = tiny_model(seed=5)
+    prompts = prompts_of([3, 8, 5], seed=5)
+    engine = Engine(model, ByteTokenizer())
+    settings = dict(max_new_tokens=30, ignore_eos=True, repetition_penalty=3.0, presence_penalty=1.0)
+    first = engine.generate([prompts[0]], **settings)[0].token_ids
+    cfg = GenerationConfig(stop_token_ids=[first[4]], **settings)  # the first row stops at its 5th token
+    alone = [engine.generate([p], cfg)[0] for p in prompts]
+    assert alone[0].finish_reason == "stop" and len(alone[0].token_ids) < 30
+    assert engine.generate(prompts, cfg) == alone
+    assert static_engine(model).generate(prompts, cfg) == alone
+
+
+def test_logprobs_stop_where_the_text_stops(scripted):
+    """With a stop string the logprobs cover the tokens that begin before the text's end; an end token
+    that ends the text is kept apart (`stop_logprob`)."""
+    engine = Engine(tiny_model(ctx=64), ByteTokenizer())
+    scripted(list(b"hi##x"))
+    [c] = engine.generate("x", max_new_tokens=10, stop="##", logprobs=1)
+    assert c.text == "hi" and len(c.token_ids) == 4 and [lp.token_id for lp in c.logprobs] == list(b"hi")
+    assert c.stop_logprob is None
+    scripted(list(b"ab#") + list(b"#"))
+    [c] = engine.generate("x", max_new_tokens=10, stop="b#", logprobs=0)
+    assert c.text == "a" and [lp.token_id for lp in c.logprobs] == [ord("a")]
+    scripted([104, 105, 256])
+    [c] = engine.generate("x", max_new_tokens=10, logprobs=2)
+    assert c.text == "hi" and [lp.token_id for lp in c.logprobs] == [104, 105]
+    assert c.stop_logprob is not None and c.stop_logprob.token_id == 256 and len(c.stop_logprob.top) == 2
+
+
 def test_logprobs_are_the_models_own_at_each_step():
     """Each generated token's log-probability and its top alternatives are the log-softmax of the book's
     uncached loop's logits at that step (batched with padding, past the context window), before any
@@ -312,6 +344,9 @@ def test_logprobs_are_the_models_own_at_each_step():
     assert [s.logprob for s in scored[9:]] == pytest.approx([lp.logprob for lp in c.logprobs], abs=1e-5)
     assert [s.token_id for s in scored[1:]] == (prompts[1] + c.token_ids)[1:]
     assert engine.generate(prompts, max_new_tokens=3)[0].logprobs is None  # not asked for
+    small = Engine(tiny_model(vocab=10))  # more alternatives asked for than the vocabulary has
+    [c] = small.generate([[1, 2]], max_new_tokens=2, logprobs=15, ignore_eos=True)
+    assert len(c.logprobs[0].top) == 10 and len(small.prompt_logprobs([1, 2, 3], 15)[1].top) == 10
     with pytest.raises(ScratchLLMError, match="logprobs must be None or an integer from 0 to 20"):
         engine.generate(prompts, logprobs=21)
     with pytest.raises(ScratchLLMError, match="one context window"):

@@ -22,7 +22,8 @@ a completion only within the same batch).
 to 5 alternatives; chat: `logprobs: true` and `top_logprobs` up to 20) gives the model's own
 log-probability of each generated token, not in streams; completions with `echo` and `logprobs`
 also score the prompt's tokens (the first gets null), which is how lm-evaluation-harness's
-`local-completions` model computes log-likelihoods (`max_tokens` 0 or 1, token-id prompts).
+`local-completions` model computes log-likelihoods (`max_tokens` 1, token-id prompts; when the
+model ends the text there, the end-of-text token is listed as the generated one).
 Defaults follow OpenAI's API: temperature 1 and top_p 1 (send temperature 0 for greedy decoding);
 `max_tokens` 16 for completions and, for chat, what is left of the context window. The server
 binds 127.0.0.1 unless told otherwise; `--api-key` (or $SCRATCHLLM_API_KEY) requires
@@ -32,6 +33,7 @@ binds 127.0.0.1 unless told otherwise; `--api-key` (or $SCRATCHLLM_API_KEY) requ
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import hmac
 import ipaddress
@@ -468,7 +470,7 @@ def create_app(
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k,
-            seed=body.seed,
+            seed=body.seed if body.temperature != 0 else None,  # greedy: no seed, so such requests batch
             stop=tuple(stops),
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             presence_penalty=body.presence_penalty or 0.0,
@@ -553,6 +555,8 @@ def create_app(
                 tokens = (list(zip(prompts[i], scores[i])) if scores else []) + [
                     (t.token_id, t) for t in c.logprobs
                 ]
+                if c.stop_logprob is not None:  # the end-of-text token, as vLLM lists it
+                    tokens.append((c.stop_logprob.token_id, c.stop_logprob))
                 logprobs = _completion_logprobs(model.engine.tokenizer, tokens)
             choices.append(
                 {"index": i, "text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
@@ -659,43 +663,55 @@ def _completion_prompts(prompt: Any, model: ChatModel, vocab: int) -> list[list[
     return out
 
 
-def _token_bytes(tokenizer: Any, token_id: int) -> bytes:
-    return tokenizer.decode_bytes([token_id])
+def _token_text(raw: bytes) -> str:
+    """A token's string: its text, or (a piece of a multi-byte character) its bytes spelled out as
+    OpenAI does, "bytes:\\xe6\\x97", so that different fragments never look alike."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def _completion_logprobs(tokenizer: Any, tokens: Sequence[tuple[int, TokenLogprob | None]]) -> dict[str, Any]:
     """The completions API's `logprobs` object for (token id, its logprob or None) pairs: token strings,
-    their logprobs, the top alternatives as {token string: logprob}, and each token's character offset."""
+    their logprobs, the top alternatives as {token string: logprob}, and where each token's text begins
+    in the decoded text (a token inside a multi-byte character: where that character begins)."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = 0
+    utf8, offset = codecs.getincrementaldecoder("utf-8")("replace"), 0
     for token_id, lp in tokens:
-        text = _token_bytes(tokenizer, token_id).decode("utf-8", errors="replace")
-        out["tokens"].append(text)
-        out["text_offset"].append(offset)
-        offset += len(text)
+        raw = tokenizer.decode_bytes([token_id])
+        out["tokens"].append(_token_text(raw))
+        held = utf8.getstate()[0]  # the start of a character, from earlier tokens
+        piece = utf8.decode(raw)
+        # this token may complete that character (it then begins where the character does) or break
+        # it, and the character's replacement comes first
+        broken = held.decode("utf-8", "replace")
+        alone = codecs.getincrementaldecoder("utf-8")("replace").decode(raw)
+        out["text_offset"].append(offset + (len(broken) if held and piece == broken + alone else 0))
+        offset += len(piece)
         out["token_logprobs"].append(None if lp is None else lp.logprob)
-        out["top_logprobs"].append(
-            None
-            if lp is None
-            else {_token_bytes(tokenizer, i).decode("utf-8", errors="replace"): v for i, v in lp.top}
-        )
+        top = None if lp is None else {_token_text(tokenizer.decode_bytes([i])): v for i, v in lp.top}
+        out["top_logprobs"].append(top)
     return out
 
 
 def _chat_logprobs(tokenizer: Any, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
-    """The chat API's `logprobs` object: per generated token its string, logprob, UTF-8 bytes and the
-    top alternatives in the same shape."""
+    """The chat API's `logprobs` object: per token of the reply its string, logprob, UTF-8 bytes and
+    the top alternatives in the same shape. The reply is stripped of surrounding whitespace, and so
+    are its tokens: whitespace-only tokens at either end are left out."""
 
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        raw = _token_bytes(tokenizer, token_id)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+        raw = tokenizer.decode_bytes([token_id])
+        return {"token": _token_text(raw), "logprob": logprob, "bytes": list(raw)}
 
-    return {
-        "content": [
-            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
-            for lp in logprobs
-        ]
-    }
+    kept = list(logprobs)
+    for end in (0, -1):
+        while kept and not tokenizer.decode_bytes([kept[end].token_id]).decode("utf-8", "replace").strip():
+            kept.pop(end)
+    content = [
+        {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]} for lp in kept
+    ]
+    return {"content": content, "refusal": None}
 
 
 def _usage(completions: Sequence[Completion]) -> dict[str, int]:
@@ -828,8 +844,8 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        # listening from now on: a client that connects as soon as "serving ... at URL" is printed
-        # waits in the backlog until the server has started, instead of being refused
+        # listening from now on (the model loads next): a client that connects early, e.g. as soon as
+        # "serving ... at URL" is printed, waits in the backlog for the server instead of being refused
         sock.listen(2048)
     except OSError as e:
         sock.close()

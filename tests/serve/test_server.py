@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from scratchllm.errors import ScratchLLMError
 from scratchllm.generate import GenerationConfig
@@ -245,10 +246,12 @@ def test_penalties_reach_the_engine(client, chat):
 def test_logprobs_of_completions_chat_and_echoed_prompts(client, chat, server):
     """The logprobs objects of both APIs carry the engine's numbers, and lm-evaluation-harness's
     log-likelihood request (token ids, echo, logprobs 1, max_tokens 1) scores the prompt's tokens."""
+    from scratchllm.serve.server import _token_text
+
     engine, tok = chat.engine, chat.engine.tokenizer
 
     def text(t):
-        return tok.decode_bytes([t]).decode("utf-8", errors="replace")
+        return _token_text(tok.decode_bytes([t]))
 
     r = client.completions.create(
         model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0, logprobs=2
@@ -260,7 +263,9 @@ def test_logprobs_of_completions_chat_and_echoed_prompts(client, chat, server):
     assert lp.top_logprobs == [
         {text(i): pytest.approx(v, abs=1e-6) for i, v in t.top} for t in expected.logprobs
     ]
-    assert lp.text_offset == [sum(len(x) for x in lp.tokens[:i]) for i in range(6)]
+    assert r.choices[0].text == expected.text
+    for token, offset in zip(lp.tokens, lp.text_offset):
+        assert token.startswith("bytes:") or expected.text[offset:].startswith(token)
 
     ids = engine.encode("Hello world, this is a test")
     body = {"model": MODEL, "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
@@ -395,7 +400,48 @@ def test_scheduler_batches_waiting_requests_with_equal_settings(chat):
     assert "".join(v for k, v in events if k == "piece") == events[-1][1].text
 
 
-@pytest.mark.slow  # a fresh Python process imports torch and loads the model
+def test_an_end_of_text_token_is_listed_when_it_ends_an_echoed_completion(server, chat, monkeypatch):
+    """lm-evaluation-harness takes the last entry of an echo + logprobs answer as the generated token:
+    when the model ends the text there, that entry is the end-of-text token with its logprob."""
+    import scratchllm.generate as gen
+
+    eot = chat.engine.tokenizer.eot_id
+    monkeypatch.setattr(gen, "sample_next_token", lambda logits, *a, **k: torch.full((logits.shape[0],), eot))
+    ids = chat.engine.encode("Hello world")
+    body = {"model": MODEL, "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+    choice = _post(server, COMP, body).json()["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["tokens"][-1] == "<|endoftext|>"
+    expected = chat.engine.prompt_logprobs([*ids, eot])[-1].logprob
+    assert lp["token_logprobs"][-1] == pytest.approx(expected, abs=1e-5)
+
+
+def test_logprobs_objects_name_byte_fragments_and_follow_the_text():
+    """Pieces of a multi-byte character get distinct names ("bytes:\\xc3"), offsets point into the
+    decoded text, and chat's tokens follow the stripped reply."""
+    from scratchllm.generate import TokenLogprob
+    from scratchllm.serve.server import _chat_logprobs, _completion_logprobs
+    from scratchllm.text.bpe import BPETokenizer
+
+    tok = BPETokenizer({bytes([b]): b for b in range(256)})
+    text = "café au lait"
+    ids = list(text.encode())
+    lp = _completion_logprobs(tok, [(t, TokenLogprob(t, -1.0, ((0xC3, -1.0), (0xA9, -2.0)))) for t in ids])
+    assert lp["tokens"][3:5] == ["bytes:\\xc3", "bytes:\\xa9"] and lp["tokens"][5] == " "
+    assert lp["top_logprobs"][0] == {"bytes:\\xc3": -1.0, "bytes:\\xa9": -2.0}
+    assert lp["text_offset"] == [0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    for token, offset in zip(lp["tokens"], lp["text_offset"]):
+        assert token.startswith("bytes:") or text[offset:].startswith(token)
+    broken = b"\xdcab"  # a character's first byte, then no continuation: "\ufffdab"
+    lp = _completion_logprobs(tok, [(t, None) for t in broken])
+    assert lp["text_offset"] == [0, 1, 2] and broken.decode("utf-8", "replace")[1:] == "ab"
+    reply = [TokenLogprob(t, -0.5) for t in b"  hi\n\n"]
+    content = _chat_logprobs(tok, reply)
+    assert [c["token"] for c in content["content"]] == ["h", "i"] and content["refusal"] is None
+    assert content["content"][0]["bytes"] == [ord("h")]
+
+
 def test_the_port_accepts_connections_before_the_server_starts():
     """`serve` prints its URL once the socket listens: a client connecting right away waits in the
     backlog for the server to start instead of being refused."""
@@ -408,6 +454,7 @@ def test_the_port_accepts_connections_before_the_server_starts():
         sock.close()
 
 
+@pytest.mark.slow  # a fresh Python process imports torch and loads the model
 def test_cli_serve_starts_answers_and_reports_a_busy_port(model_dir, tmp_path, capsys):
     from scratchllm.cli import main
 
