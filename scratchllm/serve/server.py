@@ -674,8 +674,9 @@ def _token_text(raw: bytes) -> str:
 
 def _completion_logprobs(tokenizer: Any, tokens: Sequence[tuple[int, TokenLogprob | None]]) -> dict[str, Any]:
     """The completions API's `logprobs` object for (token id, its logprob or None) pairs: token strings,
-    their logprobs, the top alternatives as {token string: logprob}, and where each token's text begins
-    in the decoded text (a token inside a multi-byte character: where that character begins)."""
+    their logprobs, the top alternatives and the chosen token as {token string: logprob}, and where each
+    token's text begins in the decoded text (a token inside a multi-byte character: where that character
+    begins)."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     utf8, offset = codecs.getincrementaldecoder("utf-8")("replace"), 0
     for token_id, lp in tokens:
@@ -690,7 +691,12 @@ def _completion_logprobs(tokenizer: Any, tokens: Sequence[tuple[int, TokenLogpro
         out["text_offset"].append(offset + (len(broken) if held and piece == broken + alone else 0))
         offset += len(piece)
         out["token_logprobs"].append(None if lp is None else lp.logprob)
-        top = None if lp is None else {_token_text(tokenizer.decode_bytes([i])): v for i, v in lp.top}
+        top = None
+        if (
+            lp is not None
+        ):  # the `logprobs` most likely tokens, and the chosen one (OpenAI: "up to logprobs+1")
+            top = {_token_text(tokenizer.decode_bytes([i])): v for i, v in lp.top}
+            top.setdefault(out["tokens"][-1], lp.logprob)
         out["top_logprobs"].append(top)
     return out
 

@@ -260,8 +260,15 @@ def test_logprobs_of_completions_chat_and_echoed_prompts(client, chat, server):
     lp = r.choices[0].logprobs
     assert lp.tokens == [text(t) for t in expected.token_ids]
     assert lp.token_logprobs == pytest.approx([t.logprob for t in expected.logprobs], abs=1e-6)
-    assert lp.top_logprobs == [
-        {text(i): pytest.approx(v, abs=1e-6) for i, v in t.top} for t in expected.logprobs
+    assert lp.top_logprobs == [  # the 2 most likely tokens, and the chosen one (OpenAI: "up to logprobs+1")
+        {text(i): pytest.approx(v, abs=1e-6) for i, v in [*t.top, (t.token_id, t.logprob)]}
+        for t in expected.logprobs
+    ]
+    zero = client.completions.create(
+        model=MODEL, prompt="The quick brown fox", max_tokens=2, temperature=0, logprobs=0
+    )
+    assert [list(top) for top in zero.choices[0].logprobs.top_logprobs] == [
+        [t] for t in zero.choices[0].logprobs.tokens
     ]
     assert r.choices[0].text == expected.text
     for token, offset in zip(lp.tokens, lp.text_offset):
@@ -429,7 +436,11 @@ def test_logprobs_objects_name_byte_fragments_and_follow_the_text():
     ids = list(text.encode())
     lp = _completion_logprobs(tok, [(t, TokenLogprob(t, -1.0, ((0xC3, -1.0), (0xA9, -2.0)))) for t in ids])
     assert lp["tokens"][3:5] == ["bytes:\\xc3", "bytes:\\xa9"] and lp["tokens"][5] == " "
-    assert lp["top_logprobs"][0] == {"bytes:\\xc3": -1.0, "bytes:\\xa9": -2.0}
+    assert lp["top_logprobs"][0] == {
+        "bytes:\\xc3": -1.0,
+        "bytes:\\xa9": -2.0,
+        "c": -1.0,
+    }  # + the chosen token
     assert lp["text_offset"] == [0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10, 11]
     for token, offset in zip(lp["tokens"], lp["text_offset"]):
         assert token.startswith("bytes:") or text[offset:].startswith(token)
