@@ -655,6 +655,20 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list
     return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(tokens.tolist(), chosen, tops)]
 
 
+def decode_piece(utf8: codecs.IncrementalDecoder, raw: bytes) -> tuple[str, int]:
+    """Feed a token's bytes to an incremental UTF-8 decoder ("replace" errors); return the text it
+    releases and how many of its first characters stand for earlier bytes: a character begun by
+    earlier tokens that this one broke (its U+FFFD comes first). A token that completes such a
+    character releases it whole, counted as this token's (it begins where the character does)."""
+    held = utf8.getstate()[0]
+    piece = utf8.decode(raw)
+    if not held:
+        return piece, 0
+    broken = held.decode("utf-8", "replace")
+    alone = codecs.getincrementaldecoder("utf-8")("replace").decode(raw)
+    return piece, len(broken) if piece == broken + alone else 0
+
+
 @dataclass
 class Completion:
     """One prompt's result. `finish_reason` is "stop" (end-of-sequence token or stop string) or
@@ -667,7 +681,7 @@ class Completion:
     prompt_tokens: int
     stop: str | int | None = None  # what stopped it: the stop string, or the end token's id
     # with `logprobs`: one per token of `token_ids` that the text covers (the tokens of a stop string
-    # after the text's end are left out), and the end-of-sequence token's when one ended the text
+    # after the text's end are left out); the end-of-sequence token's, when one ended the text, apart
     logprobs: list[TokenLogprob] | None = None
     stop_logprob: TokenLogprob | None = None
 
@@ -966,8 +980,9 @@ class Engine:
         new = data[row.nbytes :]
         row.nbytes = len(data)
         before = len(row.text)
-        row.starts.append(before)
-        row.text += row.utf8.decode(new)
+        piece, earlier = decode_piece(row.utf8, new)
+        row.starts.append(before + earlier)
+        row.text += piece
         if stops:
             # a stop string may begin in text decoded earlier (up to longest_stop - 1 characters back)
             start = max(0, before - longest_stop + 1)
@@ -1061,6 +1076,7 @@ __all__ = [
     "TextStream",
     "TokenLogprob",
     "apply_penalties",
+    "decode_piece",
     "generate",
     "generate_text_simple",
     "resolve_dtype",

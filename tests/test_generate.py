@@ -309,6 +309,9 @@ def test_logprobs_stop_where_the_text_stops(scripted):
     scripted(list(b"ab#") + list(b"#"))
     [c] = engine.generate("x", max_new_tokens=10, stop="b#", logprobs=0)
     assert c.text == "a" and [lp.token_id for lp in c.logprobs] == [ord("a")]
+    scripted([ord("x"), 0xE6, ord("#")])  # a character broken by the stop string: its U+FFFD is kept
+    [c] = engine.generate("x", max_new_tokens=10, stop="#", logprobs=0)
+    assert c.text == "x\ufffd" and [lp.token_id for lp in c.logprobs] == [ord("x"), 0xE6]
     scripted([104, 105, 256])
     [c] = engine.generate("x", max_new_tokens=10, logprobs=2)
     assert c.text == "hi" and [lp.token_id for lp in c.logprobs] == [104, 105]

@@ -13,9 +13,9 @@ invalid body (types, ranges, `max_tokens` beyond the context window, unsupported
 
 Concurrency: one `Scheduler` thread owns the engine, so the model runs one batch at a time and
 requests wait in a queue instead of failing. Waiting non-streaming requests with equal sampling
-settings (and no seed) are run together as one batch, which the engine's batched decoding makes
-several times faster than one by one; streaming and seeded requests run alone (a seed reproduces
-a completion only within the same batch).
+settings (and no seed, unless greedy) are run together as one batch, which the engine's batched
+decoding makes several times faster than one by one; streaming and seeded sampling requests run
+alone (a seed reproduces a completion only within the same batch).
 
 `presence_penalty` and `frequency_penalty` work as in OpenAI's API; `top_k` and
 `repetition_penalty` (Hugging Face's rule) are extensions, as in vLLM. `logprobs` (completions: up
@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import ScratchLLMError
-from ..generate import Completion, GenerationConfig, TokenLogprob
+from ..generate import Completion, GenerationConfig, TokenLogprob, decode_piece
 from .chat import ChatModel, WhitespaceStripper, load_chat_model
 
 try:
@@ -210,8 +210,10 @@ class _Job:
         return (
             not self.stream
             and not other.stream
-            and self.cfg.seed is None
-            and self.cfg == other.cfg
+            # a seed matters only when sampling: seeded greedy requests (lm-eval's) batch too
+            and (self.cfg.seed is None or self.cfg.temperature == 0)
+            and self.cfg.replace(seed=None) == other.cfg.replace(seed=None)
+            and (other.cfg.seed is None or other.cfg.temperature == 0)
             and self.score == other.score
             and rows + len(other.prompts) <= max_rows
         )
@@ -470,7 +472,7 @@ def create_app(
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k,
-            seed=body.seed if body.temperature != 0 else None,  # greedy: no seed, so such requests batch
+            seed=body.seed,
             stop=tuple(stops),
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             presence_penalty=body.presence_penalty or 0.0,
@@ -557,7 +559,9 @@ def create_app(
                 ]
                 if c.stop_logprob is not None:  # the end-of-text token, as vLLM lists it
                     tokens.append((c.stop_logprob.token_id, c.stop_logprob))
-                logprobs = _completion_logprobs(model.engine.tokenizer, tokens)
+                logprobs = _completion_logprobs(
+                    model.engine.tokenizer, tokens, len(prompts[i]) if scores else 0
+                )
             choices.append(
                 {"index": i, "text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
             )
@@ -672,23 +676,23 @@ def _token_text(raw: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-def _completion_logprobs(tokenizer: Any, tokens: Sequence[tuple[int, TokenLogprob | None]]) -> dict[str, Any]:
+def _completion_logprobs(
+    tokenizer: Any, tokens: Sequence[tuple[int, TokenLogprob | None]], echoed: int = 0
+) -> dict[str, Any]:
     """The completions API's `logprobs` object for (token id, its logprob or None) pairs: token strings,
     their logprobs, the top alternatives and the chosen token as {token string: logprob}, and where each
     token's text begins in the decoded text (a token inside a multi-byte character: where that character
-    begins)."""
+    begins). `echoed`: how many of the tokens are the prompt's, whose text is decoded on its own."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     utf8, offset = codecs.getincrementaldecoder("utf-8")("replace"), 0
-    for token_id, lp in tokens:
+    for n, (token_id, lp) in enumerate(tokens):
+        if n == echoed and n:  # the prompt's text ends here: a character cut there is its own U+FFFD
+            offset += len(utf8.decode(b"", final=True))
+            utf8.reset()
         raw = tokenizer.decode_bytes([token_id])
         out["tokens"].append(_token_text(raw))
-        held = utf8.getstate()[0]  # the start of a character, from earlier tokens
-        piece = utf8.decode(raw)
-        # this token may complete that character (it then begins where the character does) or break
-        # it, and the character's replacement comes first
-        broken = held.decode("utf-8", "replace")
-        alone = codecs.getincrementaldecoder("utf-8")("replace").decode(raw)
-        out["text_offset"].append(offset + (len(broken) if held and piece == broken + alone else 0))
+        piece, earlier = decode_piece(utf8, raw)
+        out["text_offset"].append(offset + earlier)
         offset += len(piece)
         out["token_logprobs"].append(None if lp is None else lp.logprob)
         top = None
@@ -703,8 +707,9 @@ def _completion_logprobs(tokenizer: Any, tokens: Sequence[tuple[int, TokenLogpro
 
 def _chat_logprobs(tokenizer: Any, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
     """The chat API's `logprobs` object: per token of the reply its string, logprob, UTF-8 bytes and
-    the top alternatives in the same shape. The reply is stripped of surrounding whitespace, and so
-    are its tokens: whitespace-only tokens at either end are left out."""
+    the top alternatives in the same shape. The reply is stripped of surrounding whitespace; of its
+    tokens, those that are whitespace alone are left out at either end (a token with a letter too
+    stays whole)."""
 
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         raw = tokenizer.decode_bytes([token_id])

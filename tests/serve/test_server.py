@@ -212,6 +212,7 @@ BAD_REQUESTS = [
     (COMP, {"prompt": "hi"}, 400, "model", "missing required parameter 'model'"),
     (COMP, {"model": MODEL, "prompt": "hi", "temperature": 1, "seed": 10**23}, 400, None, "seed must be an integer"),
     (COMP, {"model": MODEL, "prompt": "hi", "seed": 10**23, "stream": True}, 400, None, "seed must be an integer"),
+    (COMP, {"model": MODEL, "prompt": "hi", "temperature": 0, "seed": 10**23}, 400, None, "seed must be an integer"),
 ]
 # fmt: on
 
@@ -381,13 +382,16 @@ def test_50_concurrent_requests_are_all_answered(server, client, chat):
 def test_scheduler_batches_waiting_requests_with_equal_settings(chat):
     greedy = GenerationConfig(max_new_tokens=3)
     seeded = GenerationConfig(max_new_tokens=3, temperature=1.0, seed=1)
+    greedy_seeded = GenerationConfig(
+        max_new_tokens=3, seed=9
+    )  # a seed changes nothing when greedy (lm-eval sends one)
     ids = [chat.engine.encode(t) for t in ["The cat", "Paris is the", "Name"]]
 
     async def main():
         loop = asyncio.get_running_loop()
         scheduler = Scheduler(chat, max_batch_size=8)
         jobs = [_Job([ids[0]], greedy, loop), _Job([ids[1], ids[2]], greedy, loop), _Job([ids[0]], seeded, loop),
-                _Job([ids[1]], greedy, loop, stream=True), _Job([ids[2]], greedy, loop)]  # fmt: skip
+                _Job([ids[1]], greedy, loop, stream=True), _Job([ids[2]], greedy_seeded, loop)]  # fmt: skip
         for job in jobs:  # all queued before the worker starts
             scheduler._jobs.append(job)
         scheduler.start()
@@ -399,7 +403,9 @@ def test_scheduler_batches_waiting_requests_with_equal_settings(chat):
         return scheduler.batches_run, results, events
 
     batches, results, events = asyncio.run(main())
-    assert batches == 3  # the four greedy prompts together, the seeded one alone, the stream alone
+    assert (
+        batches == 3
+    )  # the four greedy prompts together (one seeded), the seeded sample alone, the stream alone
     assert [c.text for c in results[0] + results[1] + results[3]] == [
         chat.engine.generate([i], greedy)[0].text for i in [ids[0], ids[1], ids[2], ids[2]]
     ]
@@ -445,8 +451,13 @@ def test_logprobs_objects_name_byte_fragments_and_follow_the_text():
     for token, offset in zip(lp["tokens"], lp["text_offset"]):
         assert token.startswith("bytes:") or text[offset:].startswith(token)
     broken = b"\xdcab"  # a character's first byte, then no continuation: "\ufffdab"
-    lp = _completion_logprobs(tok, [(t, None) for t in broken])
-    assert lp["text_offset"] == [0, 1, 2] and broken.decode("utf-8", "replace")[1:] == "ab"
+    assert _completion_logprobs(tok, [(t, None) for t in broken])["text_offset"] == [0, 1, 2]
+    # echo: the prompt's text and the completion's are decoded apart, so a character cut between them is
+    # U+FFFD on each side: "ab\ufffd" + "\ufffd\ufffdxy"
+    prompt, completion = b"ab\xe6", b"\x97\xa5xy"
+    echoed = prompt.decode("utf-8", "replace") + completion.decode("utf-8", "replace")
+    lp = _completion_logprobs(tok, [(t, None) for t in prompt + completion], echoed=len(prompt))
+    assert lp["text_offset"] == [0, 1, 2, 3, 4, 5, 6] and echoed[5:] == "xy"
     reply = [TokenLogprob(t, -0.5) for t in b"  hi\n\n"]
     content = _chat_logprobs(tok, reply)
     assert [c["token"] for c in content["content"]] == ["h", "i"] and content["refusal"] is None
