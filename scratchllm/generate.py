@@ -558,19 +558,19 @@ class Decoder:
                 logits = self.model.out_head(hidden[:, -1]).float()
         if self._rows is not None and len(self._rows) < len(logits):
             logits = logits[self._rows]  # compiled: finished rows are still computed; drop them
-        raw = logits
-        if self._seen is not None or self._counts is not None:
+        raw = logits  # logprobs are the model's own, before the penalties
+        penalized = self._seen is not None or self._counts is not None
+        if penalized:
             rows = torch.tensor(self.active, device=self.device)
             seen = None if self._seen is None else self._seen[rows]
             counts = None if self._counts is None else self._counts[rows]
             logits = apply_penalties(logits, seen, counts, *self.penalties)
-            tokens = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator)
+        tokens = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator)
+        if penalized:
             if self._seen is not None:
                 self._seen[rows, tokens] = True
             if self._counts is not None:
                 self._counts[rows, tokens] += 1
-        else:
-            tokens = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator)
         if self._rows is not None:  # compiled: the next input of every cache row
             if self._last is None:
                 self._last = torch.zeros(self._cache.batch_size, dtype=torch.long, device=self.device)

@@ -210,10 +210,10 @@ class _Job:
         return (
             not self.stream
             and not other.stream
-            # a seed matters only when sampling: seeded greedy requests (lm-eval's) batch too
-            and (self.cfg.seed is None or self.cfg.temperature == 0)
+            # equal settings but for the seed, which matters only when sampling (lm-eval's greedy
+            # requests carry one)
             and self.cfg.replace(seed=None) == other.cfg.replace(seed=None)
-            and (other.cfg.seed is None or other.cfg.temperature == 0)
+            and (self.cfg.temperature == 0 or self.cfg.seed is other.cfg.seed is None)
             and self.score == other.score
             and rows + len(other.prompts) <= max_rows
         )
@@ -695,10 +695,9 @@ def _completion_logprobs(
         out["text_offset"].append(offset + earlier)
         offset += len(piece)
         out["token_logprobs"].append(None if lp is None else lp.logprob)
+        # the `logprobs` most likely tokens, and the chosen one (OpenAI: "up to logprobs+1")
         top = None
-        if (
-            lp is not None
-        ):  # the `logprobs` most likely tokens, and the chosen one (OpenAI: "up to logprobs+1")
+        if lp is not None:
             top = {_token_text(tokenizer.decode_bytes([i])): v for i, v in lp.top}
             top.setdefault(out["tokens"][-1], lp.logprob)
         out["top_logprobs"].append(top)
