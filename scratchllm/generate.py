@@ -711,26 +711,48 @@ class _Row:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     stop_logprob: TokenLogprob | None = None
     starts: list[int] = field(default_factory=list)  # where each token's text begins in `text`
+    sent: int = 0  # logprobs already handed out with streamed pieces
+
+    def piece_logprobs(self) -> list[TokenLogprob]:
+        """The logprobs not yet handed out of the tokens whose text begins in the text handed out."""
+        end = bisect.bisect_left(self.starts, self.emitted, lo=self.sent)
+        new, self.sent = self.logprobs[self.sent : end], max(self.sent, end)
+        return new
 
 
 class TextStream(Iterator[str]):
-    """The text pieces of one streamed completion; `completion` is set once the stream ends."""
+    """The text pieces of one streamed completion; `completion` is set once the stream ends.
 
-    def __init__(self, events: Iterator[tuple[int, str]], result: list[Completion]):
+    With `logprobs` set, `piece_logprobs` holds, after each piece, the logprobs of the tokens whose
+    text begins in it; once the stream ends, `rest_logprobs` holds those of the completion's tokens not
+    yet handed out (a token whose text is empty). Together they are `completion.logprobs`, in order."""
+
+    def __init__(self, events: Iterator[tuple[int, str, list[TokenLogprob]]], result: list[Completion]):
         self._events = events
         self._result = result
+        self._sent = 0
         self.completion: Completion | None = None
+        self.piece_logprobs: list[TokenLogprob] = []
 
     def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
         try:
-            _, piece = next(self._events)
+            _, piece, self.piece_logprobs = next(self._events)
         except StopIteration:
+            self.piece_logprobs = []
             self.completion = self._result[0] if self._result else None
             raise
+        self._sent += len(self.piece_logprobs)
         return piece
+
+    @property
+    def rest_logprobs(self) -> list[TokenLogprob]:
+        """Once the stream has ended: the completion's logprobs that no piece carried."""
+        if self.completion is None or self.completion.logprobs is None:
+            return []
+        return self.completion.logprobs[self._sent :]
 
     def close(self) -> None:
         """Stop generating early (the model is released; `completion` stays None)."""
@@ -897,8 +919,9 @@ class Engine:
 
     def _run(
         self, prompts: list[list[int]], cfg: GenerationConfig, result: list[Completion], incremental: bool
-    ) -> Iterator[tuple[int, str]]:
-        """Yield (row, text piece) while generating (pieces only when `incremental`); fill `result`."""
+    ) -> Iterator[tuple[int, str, list[TokenLogprob]]]:
+        """Yield (row, text piece, logprobs of the tokens that begin in it) while generating (pieces
+        only when `incremental`); fill `result`."""
         if incremental and self.tokenizer is None:
             raise ScratchLLMError("generation: streaming and stop strings need a tokenizer")
         stop_ids = self._stop_ids(cfg)
@@ -940,7 +963,7 @@ class Engine:
                             if incremental:
                                 piece = self._advance(row, stops, longest_stop)
                                 if piece:
-                                    yield r, piece
+                                    yield r, piece, row.piece_logprobs()
                             if row.finish_reason is None and len(row.token_ids) >= cfg.max_new_tokens:
                                 row.finish_reason = "length"
                         if row.finish_reason is not None:
@@ -948,7 +971,7 @@ class Engine:
                             if incremental:
                                 piece = self._flush(row)
                                 if piece:
-                                    yield r, piece
+                                    yield r, piece, row.piece_logprobs()
                     dec.finish(done)
         for row in rows:
             if row.finish_reason is None:  # max_new_tokens == 0

@@ -454,6 +454,42 @@ def test_partial_character_at_the_length_limit_becomes_a_replacement_character(s
     assert "".join(stream) == "a\ufffd" == stream.completion.text
 
 
+def test_streamed_logprobs_come_with_the_piece_their_token_begins_in(scripted):
+    """`piece_logprobs` lists the tokens whose text begins in the piece just handed out (a character's
+    bytes with the piece that shows it; tokens held back by a partial stop string wait); with
+    `rest_logprobs` at the end they are the completion's logprobs in order, stop strings included."""
+    engine = Engine(tiny_model(ctx=64), ByteTokenizer())
+    cases = [
+        (list("a🎉 b".encode()) + [256], {}),  # 4 bytes, one piece; the end token is not listed
+        (list(b"one #two ##x"), dict(stop="##")),  # "#" held back, then text; "##" cut
+        (list("xé".encode())[:2], {}),  # a broken character at the length limit: U+FFFD at the end
+        (list(b"ab") + [0xE6, ord("#")], dict(stop="#")),  # a character broken by the stop string
+    ]
+    for tokens, extra in cases:
+        scripted(tokens)
+        stream = engine.stream("x", max_new_tokens=len(tokens), logprobs=1, **extra)
+        seen, text = [], ""
+        for piece in stream:
+            seen += stream.piece_logprobs
+            text += piece  # the tokens listed so far are exactly those that spell the text so far
+            assert engine.tokenizer.decode([lp.token_id for lp in seen]) == text
+        assert stream.piece_logprobs == []
+        seen += stream.rest_logprobs
+        c = stream.completion
+        assert c.logprobs and seen == c.logprobs and text == c.text
+        scripted(tokens)
+        assert engine.generate("x", max_new_tokens=len(tokens), logprobs=1, **extra)[0].logprobs == seen
+    scripted(list("a🎉".encode()))
+    stream = engine.stream("x", max_new_tokens=5, logprobs=0)
+    assert [(p, [lp.token_id for lp in stream.piece_logprobs]) for p in stream] == [
+        ("a", [97]),
+        ("🎉", list("🎉".encode())),
+    ]
+    scripted(list(b"ab##"))
+    stream = engine.stream("x", max_new_tokens=5, stop="##")  # no logprobs asked for: none listed
+    assert list(stream) == ["a", "b"] and stream.piece_logprobs == stream.rest_logprobs == []
+
+
 def test_stream_can_be_closed_early_and_restores_training_mode():
     model = tiny_model()
     model.train()

@@ -20,7 +20,8 @@ alone (a seed reproduces a completion only within the same batch).
 `presence_penalty` and `frequency_penalty` work as in OpenAI's API; `top_k` and
 `repetition_penalty` (Hugging Face's rule) are extensions, as in vLLM. `logprobs` (completions: up
 to 5 alternatives; chat: `logprobs: true` and `top_logprobs` up to 20) gives the model's own
-log-probability of each generated token, not in streams; completions with `echo` and `logprobs`
+log-probability of each generated token (in streams too, with the chunk whose text the token
+begins); completions with `echo` and `logprobs`
 also score the prompt's tokens (the first gets null), which is how lm-evaluation-harness's
 `local-completions` model computes log-likelihoods (`max_tokens` 1, token-id prompts; when the
 model ends the text there, the end-of-text token is listed as the generated one).
@@ -198,7 +199,9 @@ class _Job:
     scores: list[list[TokenLogprob | None]] | None = None  # set by the worker before the result
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: asyncio.Future | None = None  # non-streaming: the list of Completions
-    events: asyncio.Queue | None = None  # streaming: ("piece", str), ("done", Completion), ("error", exc)
+    # streaming: ("scores", the prompt's token logprobs), ("piece", (text, its tokens' logprobs)),
+    # ("done", (Completion, the logprobs no piece carried)), ("error", exc)
+    events: asyncio.Queue | None = None
 
     def __post_init__(self) -> None:
         if self.stream:
@@ -351,13 +354,15 @@ class Scheduler:
             start += len(job.prompts)
 
     def _run_stream(self, job: _Job) -> None:
+        if job.score is not None:
+            job.post("scores", self.model.engine.prompt_logprobs(job.prompts[0], job.score))
         stream = self.model.engine.stream(job.prompts[0], job.cfg)
         try:
             for piece in stream:
                 if job.cancelled.is_set():  # the client went away
                     return
-                job.post("piece", piece)
-            job.post("done", stream.completion)
+                job.post("piece", (piece, stream.piece_logprobs))
+            job.post("done", (stream.completion, stream.rest_logprobs))
             self.batches_run += 1
         finally:
             stream.close()
@@ -489,8 +494,8 @@ def create_app(
             job.cancelled.set()
             raise
 
-    async def stream_events(prepared: _Prepared) -> AsyncIterator[tuple[str, Any]]:
-        job = _Job(prepared.prompts, prepared.cfg, asyncio.get_running_loop(), stream=True)
+    async def stream_events(prepared: _Prepared, score: int | None = None) -> AsyncIterator[tuple[str, Any]]:
+        job = _Job(prepared.prompts, prepared.cfg, asyncio.get_running_loop(), stream=True, score=score)
         scheduler.submit(job)
         try:
             while True:
@@ -525,10 +530,6 @@ def create_app(
     async def completions(body: CompletionRequest):
         check_model(body.model)
         body.check_unsupported()
-        if body.logprobs is not None and body.stream:
-            raise _bad(
-                "logprobs with stream are not supported; leave out stream or logprobs", param="logprobs"
-            )
         if (body.best_of or 1) != 1:
             raise _bad("best_of > 1 is not supported", param="best_of")
         if body.suffix:
@@ -542,26 +543,33 @@ def create_app(
         echoes = [model.engine.tokenizer.decode(p) for p in prompts] if body.echo else [""] * len(prompts)  # type: ignore[union-attr]
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
                 "model": model_id}  # fmt: skip
+        scored = body.logprobs is not None and bool(body.echo)
+        score = body.logprobs if scored else None
         if prepared.stream:
             if len(prompts) > 1:
                 raise _bad(
                     "stream with several prompts is not supported; send them one by one", param="stream"
                 )
-            return _sse(_completion_chunks(head, stream_events(prepared), echoes[0], prepared.include_usage))
-        scored = body.logprobs is not None and bool(body.echo)
-        results, scores = await run(prepared, body.logprobs if scored else None)
+            offsets = _TextOffsets(model.engine.tokenizer) if body.logprobs is not None else None
+            events = stream_events(prepared, score)
+            return _sse(
+                _completion_chunks(
+                    head,
+                    events,
+                    echoes[0] if body.echo else None,
+                    prompts[0],
+                    offsets,
+                    prepared.include_usage,
+                )
+            )
+        results, scores = await run(prepared, score)
         choices = []
         for i, (echo, c) in enumerate(zip(echoes, results)):
             logprobs = None
             if body.logprobs is not None:
-                tokens = (list(zip(prompts[i], scores[i])) if scores else []) + [
-                    (t.token_id, t) for t in c.logprobs
-                ]
-                if c.stop_logprob is not None:  # the end-of-text token, as vLLM lists it
-                    tokens.append((c.stop_logprob.token_id, c.stop_logprob))
-                logprobs = _completion_logprobs(
-                    model.engine.tokenizer, tokens, len(prompts[i]) if scores else 0
-                )
+                offsets = _TextOffsets(model.engine.tokenizer)
+                prompt_part = offsets.prompt(prompts[i], scores[i]) if scores else None
+                logprobs = _merge_logprobs(prompt_part, offsets.add(c.logprobs, c.stop_logprob))
             choices.append(
                 {"index": i, "text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
             )
@@ -573,10 +581,6 @@ def create_app(
         body.check_unsupported()
         if body.top_logprobs is not None and not body.logprobs:
             raise _bad("top_logprobs needs logprobs: true", param="top_logprobs")
-        if body.logprobs and body.stream:
-            raise _bad(
-                "logprobs with stream are not supported; leave out stream or logprobs", param="logprobs"
-            )
         if body.tools:
             raise _bad("tools (function calling) are not supported", param="tools")
         if body.response_format and body.response_format.get("type", "text") != "text":
@@ -600,11 +604,14 @@ def create_app(
         )
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_id}  # fmt: skip
+        tokens = _ChatTokens(model.engine.tokenizer) if body.logprobs else None
         if prepared.stream:
-            return _sse(_chat_chunks(head, stream_events(prepared), prepared.include_usage))
+            return _sse(_chat_chunks(head, stream_events(prepared), tokens, prepared.include_usage))
         [c], _ = await run(prepared)
         message = {"role": "assistant", "content": c.text.strip()}
-        logprobs = _chat_logprobs(model.engine.tokenizer, c.logprobs) if c.logprobs is not None else None
+        logprobs = None
+        if tokens is not None:
+            logprobs = {"content": tokens.feed(c.logprobs or []), "refusal": None}
         choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason}
         return {**head, "choices": [choice], "usage": _usage([c])}
 
@@ -676,52 +683,107 @@ def _token_text(raw: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-def _completion_logprobs(
-    tokenizer: Any, tokens: Sequence[tuple[int, TokenLogprob | None]], echoed: int = 0
-) -> dict[str, Any]:
-    """The completions API's `logprobs` object for (token id, its logprob or None) pairs: token strings,
-    their logprobs, the top alternatives and the chosen token as {token string: logprob}, and where each
-    token's text begins in the decoded text (a token inside a multi-byte character: where that character
-    begins). `echoed`: how many of the tokens are the prompt's, whose text is decoded on its own."""
+class _TextOffsets:
+    """Builds the completions API's `logprobs` objects, for one text in one or more parts (a stream's
+    chunks): token strings, their logprobs, the top alternatives and the chosen token as {token
+    string: logprob}, and where each token's text begins in the decoded text (a token inside a
+    multi-byte character: where that character begins), counted from the first part on."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.offset = 0
+
+    def prompt(self, ids: Sequence[int], scores: Sequence[TokenLogprob | None]) -> dict[str, list]:
+        """The echoed prompt's tokens with their scores (the first has none). Its text is decoded on
+        its own, so a character cut between prompt and completion is a U+FFFD on each side."""
+        out = self._entries(list(zip(ids, scores)))
+        self.offset += len(self.utf8.decode(b"", final=True))
+        self.utf8.reset()
+        return out
+
+    def add(
+        self, logprobs: Sequence[TokenLogprob] | None, stop: TokenLogprob | None = None
+    ) -> dict[str, list]:
+        """Generated tokens, and an end-of-text token that ended the text (listed, as vLLM does)."""
+        tokens = [(t.token_id, t) for t in logprobs or ()]
+        if stop is not None:
+            tokens.append((stop.token_id, stop))
+        return self._entries(tokens)
+
+    def _entries(self, tokens: Sequence[tuple[int, TokenLogprob | None]]) -> dict[str, list]:
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, lp in tokens:
+            raw = self.tokenizer.decode_bytes([token_id])
+            out["tokens"].append(_token_text(raw))
+            piece, earlier = decode_piece(self.utf8, raw)
+            out["text_offset"].append(self.offset + earlier)
+            self.offset += len(piece)
+            out["token_logprobs"].append(None if lp is None else lp.logprob)
+            # the `logprobs` most likely tokens, and the chosen one (OpenAI: "up to logprobs+1")
+            top = None
+            if lp is not None:
+                top = {_token_text(self.tokenizer.decode_bytes([i])): v for i, v in lp.top}
+                top.setdefault(out["tokens"][-1], lp.logprob)
+            out["top_logprobs"].append(top)
+        return out
+
+
+def _merge_logprobs(*parts: dict[str, list] | None) -> dict[str, list]:
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    utf8, offset = codecs.getincrementaldecoder("utf-8")("replace"), 0
-    for n, (token_id, lp) in enumerate(tokens):
-        if n == echoed and n:  # the prompt's text ends here: a character cut there is its own U+FFFD
-            offset += len(utf8.decode(b"", final=True))
-            utf8.reset()
-        raw = tokenizer.decode_bytes([token_id])
-        out["tokens"].append(_token_text(raw))
-        piece, earlier = decode_piece(utf8, raw)
-        out["text_offset"].append(offset + earlier)
-        offset += len(piece)
-        out["token_logprobs"].append(None if lp is None else lp.logprob)
-        # the `logprobs` most likely tokens, and the chosen one (OpenAI: "up to logprobs+1")
-        top = None
-        if lp is not None:
-            top = {_token_text(tokenizer.decode_bytes([i])): v for i, v in lp.top}
-            top.setdefault(out["tokens"][-1], lp.logprob)
-        out["top_logprobs"].append(top)
+    for part in parts:
+        for key, values in (part or {}).items():
+            out[key].extend(values)
     return out
 
 
+def _completion_logprobs(
+    tokenizer: Any, tokens: Sequence[tuple[int, TokenLogprob | None]], echoed: int = 0
+) -> dict[str, Any]:
+    """The completions API's `logprobs` object for (token id, logprob or None) pairs, of which the
+    first `echoed` are the prompt's."""
+    offsets = _TextOffsets(tokenizer)
+    prompt = (
+        offsets.prompt([t for t, _ in tokens[:echoed]], [lp for _, lp in tokens[:echoed]]) if echoed else None
+    )
+    return _merge_logprobs(prompt, offsets._entries(tokens[echoed:]))
+
+
+class _ChatTokens:
+    """The chat API's `logprobs.content` entries for a reply that arrives in parts: per token its
+    string, logprob, UTF-8 bytes and the top alternatives in the same shape. The reply is stripped of
+    surrounding whitespace, so tokens that are whitespace alone are left out at either end (held
+    back until a token with more than whitespace follows); a token with a letter too stays whole."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.started = False
+        self.held: list[TokenLogprob] = []
+
+    def feed(self, logprobs: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+        """The entries that are now sure to be in the reply."""
+        out = []
+        for lp in logprobs:
+            if not self.tokenizer.decode_bytes([lp.token_id]).decode("utf-8", "replace").strip():
+                if self.started:
+                    self.held.append(lp)
+                continue
+            self.started = True
+            out += [self._entry(t) for t in (*self.held, lp)]
+            self.held = []
+        return out
+
+    def _entry(self, lp: TokenLogprob) -> dict[str, Any]:
+        def one(token_id: int, logprob: float) -> dict[str, Any]:
+            raw = self.tokenizer.decode_bytes([token_id])
+            return {"token": _token_text(raw), "logprob": logprob, "bytes": list(raw)}
+
+        return {**one(lp.token_id, lp.logprob), "top_logprobs": [one(i, v) for i, v in lp.top]}
+
+
 def _chat_logprobs(tokenizer: Any, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
-    """The chat API's `logprobs` object: per token of the reply its string, logprob, UTF-8 bytes and
-    the top alternatives in the same shape. The reply is stripped of surrounding whitespace; of its
-    tokens, those that are whitespace alone are left out at either end (a token with a letter too
-    stays whole)."""
-
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        raw = tokenizer.decode_bytes([token_id])
-        return {"token": _token_text(raw), "logprob": logprob, "bytes": list(raw)}
-
-    kept = list(logprobs)
-    for end in (0, -1):
-        while kept and not tokenizer.decode_bytes([kept[end].token_id]).decode("utf-8", "replace").strip():
-            kept.pop(end)
-    content = [
-        {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]} for lp in kept
-    ]
-    return {"content": content, "refusal": None}
+    """The chat API's `logprobs` object for a whole reply (see `_ChatTokens`)."""
+    return {"content": _ChatTokens(tokenizer).feed(logprobs), "refusal": None}
 
 
 def _usage(completions: Sequence[Completion]) -> dict[str, int]:
@@ -756,47 +818,85 @@ async def _guard(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[st
 
 
 def _completion_chunks(
-    head: dict[str, Any], events: AsyncIterator[tuple[str, Any]], echo: str, include_usage: bool
+    head: dict[str, Any],
+    events: AsyncIterator[tuple[str, Any]],
+    echo: str | None,
+    prompt: list[int],
+    offsets: _TextOffsets | None,
+    include_usage: bool,
 ) -> AsyncIterator[dict[str, Any]]:
+    """`echo`: the prompt's text to send first (None: no echo). With `offsets` (logprobs asked for)
+    every chunk carries the logprobs of the tokens that begin in its text (the echo: the prompt's
+    scores); the last chunk those no text carried (and the end-of-text token that ended the text)."""
+
     async def chunks() -> AsyncIterator[dict[str, Any]]:
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+        def chunk(text: str, finish: str | None, logprobs: dict | None = None) -> dict[str, Any]:
             return {
                 **head,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
             }
 
-        if echo:
-            yield chunk(echo, None)
+        if echo is not None:
+            scores = None
+            if offsets is not None:  # echo with logprobs: the prompt's scores come first
+                _, value = await anext(events)
+                scores = offsets.prompt(prompt, value)
+            yield chunk(echo, None, scores)
         async for kind, value in events:
             if kind == "piece":
-                yield chunk(value, None)
-            else:
-                yield chunk("", value.finish_reason)
+                text, logprobs = value
+                yield chunk(text, None, offsets.add(logprobs) if offsets else None)
+            elif kind == "done":
+                completion, rest = value
+                yield chunk(
+                    "",
+                    completion.finish_reason,
+                    offsets.add(rest, completion.stop_logprob) if offsets else None,
+                )
                 if include_usage:
-                    yield {**head, "choices": [], "usage": _usage([value])}
+                    yield {**head, "choices": [], "usage": _usage([completion])}
 
     return _guard(chunks())
 
 
 def _chat_chunks(
-    head: dict[str, Any], events: AsyncIterator[tuple[str, Any]], include_usage: bool
+    head: dict[str, Any],
+    events: AsyncIterator[tuple[str, Any]],
+    tokens: _ChatTokens | None,
+    include_usage: bool,
 ) -> AsyncIterator[dict[str, Any]]:
+    """With `tokens` (logprobs asked for) a content chunk carries the logprobs of the tokens that
+    begin in its text; tokens whose text was held back come with the next chunk that has text."""
     head = {**head, "object": "chat.completion.chunk"}
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-        return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    def chunk(delta: dict[str, Any], finish: str | None, content: list | None = None) -> dict[str, Any]:
+        logprobs = None if content is None else {"content": content, "refusal": None}
+        return {
+            **head,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        }
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
-        yield chunk({"role": "assistant", "content": ""}, None)
+        yield chunk({"role": "assistant", "content": ""}, None, [] if tokens else None)
         stripper = WhitespaceStripper()  # the same stripping as the non-streaming answer
+        ready: list[dict[str, Any]] = []
         async for kind, value in events:
             if kind == "piece":
-                if text := stripper.feed(value):
-                    yield chunk({"content": text}, None)
+                piece, logprobs = value
+                if tokens:
+                    ready += tokens.feed(logprobs)
+                if text := stripper.feed(piece):
+                    yield chunk({"content": text}, None, ready if tokens else None)
+                    ready = []
             else:
-                yield chunk({}, value.finish_reason)
+                completion, rest = value
+                if tokens:
+                    ready += tokens.feed(rest)
+                    if ready:  # tokens whose text came with an earlier chunk or none
+                        yield chunk({"content": ""}, None, ready)
+                yield chunk({}, completion.finish_reason)
                 if include_usage:
-                    yield {**head, "choices": [], "usage": _usage([value])}
+                    yield {**head, "choices": [], "usage": _usage([completion])}
 
     return _guard(chunks())
 

@@ -204,10 +204,8 @@ BAD_REQUESTS = [
     (COMP, {"model": MODEL, "prompt": [5, 99999]}, 400, "prompt", "outside the vocabulary"),
     (COMP, {"model": MODEL, "prompt": "x" * 2000}, 400, "prompt", "leaving no room"),
     (COMP, {"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "logprobs", "less than or equal to 5"),
-    (COMP, {"model": MODEL, "prompt": "hi", "logprobs": 1, "stream": True}, 400, "logprobs", "with stream are not"),
     (CHAT, {"model": MODEL, "messages": USER, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs: true"),
     (CHAT, {"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "less than or equal to 20"),
-    (CHAT, {"model": MODEL, "messages": USER, "logprobs": True, "stream": True}, 400, "logprobs", "with stream are not"),
     (COMP, {"model": MODEL, "prompt": ["a", "b"], "stream": True}, 400, "stream", "one by one"),
     (COMP, {"prompt": "hi"}, 400, "model", "missing required parameter 'model'"),
     (COMP, {"model": MODEL, "prompt": "hi", "temperature": 1, "seed": 10**23}, 400, None, "seed must be an integer"),
@@ -310,6 +308,85 @@ def test_logprobs_of_completions_chat_and_echoed_prompts(client, chat, server):
     )
 
 
+def _stream(server, path, body) -> list[dict]:
+    """The JSON events of a streamed response (without the final [DONE])."""
+    r = _post(server, path, {**body, "stream": True})
+    assert r.status_code == 200, r.text
+    events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_streamed_logprobs_equal_the_non_streamed_ones(server, chat):
+    """Each chunk carries the logprobs of the tokens that begin in its text; together the chunks' logprobs
+    are the non-streamed answer's, for completions (with a stop string, with echo scoring the prompt)
+    and chat (top alternatives, the reply's surrounding whitespace left out alike)."""
+    text = reference(chat, "The cat sat", max_new_tokens=16).text
+    stop = text[6:9]
+    assert stop and stop not in text[:8]
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    for extra in (
+        {},
+        {"stop": [stop]},
+        {"echo": True},
+        {"echo": True, "max_tokens": 0},
+        {"prompt": [5, 9, 3]},
+    ):
+        body = {
+            "model": MODEL,
+            "prompt": "The cat sat",
+            "max_tokens": 16,
+            "temperature": 0,
+            "logprobs": 2,
+            **extra,
+        }
+        whole = _post(server, COMP, body).json()["choices"][0]
+        chunks = [e["choices"][0] for e in _stream(server, COMP, body)]
+        assert "".join(c["text"] for c in chunks) == whole["text"] and whole["logprobs"]["tokens"]
+        assert {k: [v for c in chunks for v in c["logprobs"][k]] for k in keys} == whole["logprobs"]
+        written = 0
+        for c in chunks:  # a chunk's tokens begin in its own text
+            assert all(written <= o < written + len(c["text"]) for o in c["logprobs"]["text_offset"]) or (
+                c["finish_reason"] and c["text"] == ""
+            )
+            written += len(c["text"])
+        if "stop" in extra:
+            assert chunks[-1]["finish_reason"] == "stop" and stop not in whole["text"]
+
+    messages = [{"role": "user", "content": "Name three primary colors."}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 12, "temperature": 0, "logprobs": True,
+            "top_logprobs": 3}  # fmt: skip
+    whole = _post(server, CHAT, body).json()["choices"][0]
+    chunks = [e["choices"][0] for e in _stream(server, CHAT, body)]
+    assert "".join(c["delta"].get("content") or "" for c in chunks) == whole["message"]["content"]
+    assert [t for c in chunks if c["logprobs"] for t in c["logprobs"]["content"]] == whole["logprobs"][
+        "content"
+    ]
+    assert len(whole["logprobs"]["content"]) > 2 and all(
+        len(t["top_logprobs"]) == 3 for t in whole["logprobs"]["content"]
+    )
+    plain = _stream(server, CHAT, {**body, "logprobs": False, "top_logprobs": None})
+    assert all(e["choices"][0]["logprobs"] is None for e in plain)
+
+
+def test_chat_logprobs_in_parts_leave_out_the_whitespace_around_the_reply():
+    """`_ChatTokens` fed a reply in parts gives what it gives fed the whole reply: whitespace-only
+    tokens at either end left out, held back in the middle until a token with text follows."""
+    from scratchllm.generate import TokenLogprob
+    from scratchllm.serve.server import _ChatTokens
+    from scratchllm.text.bpe import BPETokenizer
+
+    tok = BPETokenizer({bytes([b]): b for b in range(256)})
+    reply = [TokenLogprob(t, -0.5) for t in b"\n  a \n b  \n\n"]
+    whole = [e["token"] for e in _ChatTokens(tok).feed(reply)]
+    assert whole == list("a \n b")
+    for cut in range(len(reply) + 1):
+        tokens = _ChatTokens(tok)
+        first = [e["token"] for e in tokens.feed(reply[:cut])]
+        assert first + [e["token"] for e in tokens.feed(reply[cut:])] == whole
+        assert first == whole[: len(first)]
+
+
 def test_a_default_max_tokens_below_1_is_refused_at_start(chat, capsys):
     with pytest.raises(ScratchLLMError, match="--default-max-tokens must be >= 1"):
         create_app(chat, default_max_tokens=0)
@@ -403,14 +480,13 @@ def test_scheduler_batches_waiting_requests_with_equal_settings(chat):
         return scheduler.batches_run, results, events
 
     batches, results, events = asyncio.run(main())
-    assert (
-        batches == 3
-    )  # the four greedy prompts together (one seeded), the seeded sample alone, the stream alone
+    # the four greedy prompts together (one seeded), the seeded sample alone, the stream alone
+    assert batches == 3
     assert [c.text for c in results[0] + results[1] + results[3]] == [
         chat.engine.generate([i], greedy)[0].text for i in [ids[0], ids[1], ids[2], ids[2]]
     ]
     assert results[2][0].text == chat.engine.generate([ids[0]], seeded)[0].text
-    assert "".join(v for k, v in events if k == "piece") == events[-1][1].text
+    assert "".join(v[0] for k, v in events if k == "piece") == events[-1][1][0].text
 
 
 def test_an_end_of_text_token_is_listed_when_it_ends_an_echoed_completion(server, chat, monkeypatch):
