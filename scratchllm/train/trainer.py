@@ -1,10 +1,11 @@
 """The one training loop. Pretraining, classifier finetuning and instruction finetuning plug into it.
 
 What differs between them is a `Task`: which batch comes at each step, how a batch becomes a loss, and
-how to evaluate. Everything else lives here once: AdamW with weight decay on matrices only, linear warmup
-and cosine decay, gradient accumulation and clipping, mixed precision, evaluation and samples, metrics
-(JSONL + a loss plot), checkpoints with exact resume, SIGINT/SIGTERM handling, budgets in steps, tokens or
-minutes, and DistributedDataParallel under torchrun.
+how to evaluate. Everything else lives here once: AdamW with weight decay on matrices only (or Muon for
+the transformer blocks' matrices, train/muon.py), linear warmup and cosine decay, gradient accumulation
+and clipping, mixed precision, evaluation and samples, metrics (JSONL + a loss plot), checkpoints with
+exact resume, SIGINT/SIGTERM handling, budgets in steps, tokens or minutes, and DistributedDataParallel
+under torchrun.
 
 Exact resume rests on one rule: a task's batch number `i` is a pure function of `i` (and the seed), so the
 data position is just the step counter; together with the model, optimizer and RNG states in the
@@ -36,11 +37,13 @@ from ..errors import ScratchLLMError
 from ..fileio import atomic_dir, atomic_path, atomic_write_text
 from ..model.gpt import GPTModel, flops_per_token
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag, init_distributed
+from .muon import Muon, muon_param_groups
 
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -61,9 +64,16 @@ class TrainerConfig:
     min_lr: float = setting(6e-5, "learning rate at the end of the decay", "train")
     warmup_steps: int = setting(100, "steps of linear warmup from 0 to lr", "train")
     schedule: str = setting("cosine", "decay after warmup: cosine, linear or constant", "train")
-    weight_decay: float = setting(0.1, "AdamW weight decay, applied to weight matrices only", "train")
+    optimizer: str = setting(
+        "adamw",
+        "adamw, or muon: orthogonalized momentum for the transformer blocks' matrices, AdamW for the rest "
+        "(same lr and weight decay; train/muon.py)",
+        "train",
+    )
+    weight_decay: float = setting(0.1, "decoupled weight decay, applied to weight matrices only", "train")
     beta1: float = setting(0.9, "AdamW beta1", "train")
     beta2: float = setting(0.95, "AdamW beta2", "train")
+    muon_momentum: float = setting(0.95, "Muon's momentum (with --optimizer muon)", "train")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: off)", "train")
     precision: str = setting(
         "auto", "auto (bf16 where the hardware runs it fast), bf16, fp16 (CUDA) or fp32", "system"
@@ -112,6 +122,10 @@ class TrainerConfig:
             raise bad(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.schedule not in SCHEDULES:
             raise bad(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not (math.isfinite(self.muon_momentum) and 0 <= self.muon_momentum < 1):
+            raise bad(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
         for name in ("max_minutes", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise bad(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -187,11 +201,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, with the fused kernel where this torch has one for the device, else the foreach one."""
+    """AdamW, with the fused kernel where this torch has one for the device, else the foreach one;
+    or `Muon` (train/muon.py) with AdamW inside it for what is not a transformer block's matrix."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ScratchLLMError("no trainable parameters: everything is frozen")
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if cfg.optimizer == "muon":
+        try:
+            groups = muon_param_groups(model, cfg.weight_decay)
+        except ValueError as e:
+            raise ScratchLLMError(f"--optimizer muon: {e}; use --optimizer adamw") from None
+        return Muon(groups, momentum=cfg.muon_momentum, **kwargs)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
@@ -321,6 +342,10 @@ class Trainer:
 
         self.fsdp = cfg.fsdp
         if self.fsdp:
+            if cfg.optimizer == "muon":  # Newton-Schulz needs whole matrices, FSDP holds shards
+                raise ScratchLLMError(
+                    "--optimizer muon does not work with --fsdp; use DDP (leave out --fsdp)"
+                )
             if not self.dist.enabled:
                 raise ScratchLLMError(
                     "--fsdp shards a model over processes: start the run with torchrun --nproc_per_node=N"
@@ -464,6 +489,12 @@ class Trainer:
         if bool(state.get("fsdp")) != self.fsdp:
             raise ScratchLLMError(
                 f"{path} was written {'with' if state.get('fsdp') else 'without'} --fsdp; resume the same way"
+            )
+        written_with = state.get("trainer_config", {}).get("optimizer", "adamw")
+        if written_with != self.cfg.optimizer:
+            raise ScratchLLMError(
+                f"{path} was written with --optimizer {written_with}, this run has --optimizer {self.cfg.optimizer}; "
+                "resume with the same optimizer"
             )
         try:
             if self.fsdp:

@@ -1,5 +1,5 @@
 """The same pretrain command under torchrun: 2 CPU processes (gloo) train like one process with the same
-global batch, with DDP and with FSDP2 sharding."""
+global batch, with DDP (AdamW or Muon) and with FSDP2 sharding."""
 
 from __future__ import annotations
 
@@ -46,19 +46,29 @@ def _losses(run: Path) -> list[float]:
     ]
 
 
+MODES = {"ddp": [], "fsdp": ["--fsdp", "true"], "ddp-muon": ["--optimizer", "muon"]}
+
+
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> tuple[Path, Path]:
+def single(tmp_path_factory):
+    """The corpus, and a function giving the one-process run with some extra flags (run once each)."""
     root = tmp_path_factory.mktemp("dist")
     corpus = root / "corpus.txt"
     words = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
     rng = np.random.default_rng(1)
     corpus.write_text(" ".join(words[i] for i in rng.integers(0, len(words), 20_000)), encoding="utf-8")
-    out = root / "single"
-    done = subprocess.run(
-        [sys.executable, "-m", "scratchllm", *_args(corpus, out, 8)], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    return corpus, out
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def run(extra: list[str]) -> Path:
+        if tuple(extra) not in runs:
+            out = root / f"single-{len(runs)}"
+            done = subprocess.run([sys.executable, "-m", "scratchllm", *_args(corpus, out, 8), *extra],
+                                  capture_output=True, text=True)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            runs[tuple(extra)] = out
+        return runs[tuple(extra)]
+
+    return corpus, run
 
 
 @pytest.mark.parametrize(
@@ -68,12 +78,14 @@ def single(tmp_path_factory) -> tuple[Path, Path]:
         pytest.param(
             "fsdp", marks=pytest.mark.skipif(not has_fully_shard(), reason="--fsdp needs torch >= 2.6")
         ),
+        "ddp-muon",
     ],
 )
 def test_two_processes_match_one_with_the_same_global_batch(single, tmp_path, mode):
-    corpus, reference = single
+    corpus, single_run = single
+    extra = MODES[mode]
+    reference = single_run([] if mode == "fsdp" else extra)
     out = tmp_path / mode
-    extra = ["--fsdp", "true"] if mode == "fsdp" else []
     done = _torchrun(_args(corpus, out, 4) + extra)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _losses(out) == pytest.approx(_losses(reference), abs=1e-5)
