@@ -14,10 +14,12 @@ a bare number, so `parse_score` reads chatty answers ("Score: 85/100", "I'd rate
 reply holds no score the judge is asked once more for the number alone.
 
 Transient failures (connection errors, timeouts, 408/429/5xx answers) are retried with
-exponential backoff; a wrong URL, model name or API key stops the run at once. The result file
-has, per entry, the entry plus `score`, the judge's raw `judge_reply`, `attempts` and `error`,
-and the average over the scored entries; entries that still fail are listed, never dropped.
-It is written atomically while the run progresses, and `--resume` skips entries already scored.
+exponential backoff once the judge has answered; a judge that cannot be reached at all (connection
+refused, unknown host, connect timeout before its first answer), a wrong URL, model name or API key
+stop the run at once. The result file has, per entry, the entry plus `score`, the judge's raw
+`judge_reply`, `attempts` and `error`, and the average over the scored entries; entries that still
+fail are listed, never dropped. It is written atomically while the run progresses (and when a run
+stops early, with what it scored), and `--resume` skips entries already scored.
 """
 
 from __future__ import annotations
@@ -175,6 +177,7 @@ class JudgeClient:
         self.endpoint = chat_url(self.url)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._http = httpx.Client(timeout=httpx.Timeout(self.timeout), headers=headers)
+        self._answered = False  # set by the judge's first answer: until then, no connection is fatal
 
     def close(self) -> None:
         self._http.close()
@@ -211,6 +214,7 @@ class JudgeClient:
             wait_s = None
             try:
                 response = self._http.post(self.endpoint, json=body)
+                self._answered = True
                 if response.status_code in RETRY_STATUS:
                     wait_s = _retry_after(response)
                     raise _Transient(f"HTTP {response.status_code}: {_error_message(response)}")
@@ -231,6 +235,11 @@ class JudgeClient:
                     )
                 return _reply_text(response), attempts
             except (httpx.TransportError, _Transient) as e:
+                if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)) and not self._answered:
+                    raise JudgeFatalError(
+                        f"cannot reach the judge at {self.endpoint} ({self._connect_reason(e)}); is the "
+                        "server running? (start one with `ollama serve` or `scratchllm serve`, or check --judge-url)"
+                    ) from None
                 failures += 1
                 if failures > self.retries:
                     raise JudgeItemError(
@@ -238,6 +247,14 @@ class JudgeClient:
                     ) from None
                 delay = min(self.max_wait, self.backoff * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
                 time.sleep(min(self.max_wait, wait_s) if wait_s is not None else delay)
+
+    def _connect_reason(self, error: Exception) -> str:
+        import httpx
+
+        text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(error)).strip()
+        if isinstance(error, httpx.ConnectTimeout):
+            return f"no connection within {self.timeout:g} s" + (f": {text}" if text else "")
+        return text or type(error).__name__
 
 
 def _reply_text(response: Any) -> str:
@@ -442,9 +459,11 @@ def judge_command(
             sum(1 for e in entries if _entry_key(e) in done and done[_entry_key(e)].get("score") is not None)
         )
     last_write = time.monotonic()
+    latest: list[dict[str, Any]] | None = None  # the results so far, once there are new ones
 
     def on_item(items: list[dict[str, Any]]) -> None:
-        nonlocal last_write
+        nonlocal last_write, latest
+        latest = items
         if bar is not None:
             bar.update(1)
         if time.monotonic() - last_write > 5:  # keep what is done safe on disk, without rewriting it per item
@@ -455,6 +474,10 @@ def judge_command(
                          max_tokens=max_tokens)  # fmt: skip
     try:
         items = judge_entries(entries, client, response_key, template, workers, done, on_item)
+    except BaseException:
+        if latest is not None:  # a run stopped early keeps what it scored
+            write(latest)
+        raise
     finally:
         client.close()
         if bar is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +18,7 @@ from scratchllm.checkpoint import save_model
 from scratchllm.errors import ScratchLLMError
 from scratchllm.finetune.templates import get_template
 from scratchllm.model.gpt import GPTConfig, GPTModel
+from scratchllm.serve import judge as judge_module
 from scratchllm.serve.chat import load_chat_model
 from scratchllm.serve.judge import (
     FOLLOW_UP,
@@ -236,6 +238,67 @@ def test_a_wrong_key_url_or_model_stops_the_run(fake, status):
     with client_for(judge) as client, pytest.raises(JudgeFatalError, match=str(status)):
         judge_entries(ENTRIES, client, workers=2)
     assert len(judge.requests) <= 2
+
+
+def unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_judge_stops_at_once_with_one_line(tmp_path, monkeypatch, capsys):
+    from scratchllm.cli import main
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(judge_module.time, "sleep", sleeps.append)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(ENTRIES))
+    out = tmp_path / "scores.json"
+    url = f"http://127.0.0.1:{unused_port()}/v1"
+    argv = ["judge", "--responses", str(path), "--judge-url", url, "--judge-model", "m", "--out", str(out)]
+    assert main([*argv, "--workers", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"cannot reach the judge at {url}/chat/completions (Connection refused)" in err
+    assert "is the server running?" in err and "ollama serve" in err and "scratchllm serve" in err
+    assert sleeps == [] and not out.exists()  # no retries, and no empty result file
+
+
+def test_a_judge_that_goes_away_mid_run_is_still_retried(fake, monkeypatch):
+    sleeps: list[float] = []
+    monkeypatch.setattr(judge_module.time, "sleep", sleeps.append)
+    judge = fake(["85"])
+    with client_for(judge, retries=2) as client:
+        assert client.ask("p") == (85, "85", 1)
+        judge.close()  # the server went away after answering: connection refused from now on
+        [item] = judge_entries(ENTRIES[:1], client)
+    assert item["score"] is None and item["attempts"] == 3 and len(sleeps) == 2
+    assert "failed 3 times" in item["error"] and "ConnectError" in item["error"]
+
+
+def test_a_run_stopped_by_a_fatal_error_keeps_what_it_scored(fake, tmp_path, capsys):
+    from scratchllm.cli import main
+
+    judge = fake(["85", 404])
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(ENTRIES))
+    out = tmp_path / "scores.json"
+    argv = [
+        "judge",
+        "--responses",
+        str(path),
+        "--judge-url",
+        judge.url,
+        "--judge-model",
+        "m",
+        "--out",
+        str(out),
+    ]
+    assert main([*argv, "--quiet"]) == 2
+    assert "answered 404" in capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert not result["complete"] and (result["count"], result["scored"]) == (1, 1)
+    assert result["items"] == [{**ENTRIES[0], "score": 85, "judge_reply": "85", "attempts": 1, "error": None}]
 
 
 def test_read_responses_checks_the_records(tmp_path):
