@@ -93,11 +93,39 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def directory_kind(path: str | os.PathLike) -> str | None:
+    """What an existing directory is, by its files: "checkpoint", "model directory", "Hugging Face
+    model directory", "prepared data directory", "tokenizer directory" or "run directory"; None for
+    anything else. Outputs check it so that one kind never silently replaces another (a model
+    directory holds tokenizer files too, an exported Hugging Face directory a config.json too)."""
+    path = Path(path)
+    if (path / "trainer_state.pt").is_file():
+        return "checkpoint"
+    if (path / "config.json").is_file():
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = None
+        if isinstance(config, dict) and config.get("format") == "scratchllm-model":
+            return "model directory"
+        if isinstance(config, dict) and "model_type" in config:
+            return "Hugging Face model directory"
+        return None
+    if (path / "meta.json").is_file() and (path / "tokenizer").is_dir():
+        return "prepared data directory"
+    if (path / "tokenizer_meta.json").is_file():
+        return "tokenizer directory"
+    if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+        return "run directory"
+    return None
+
+
 def check_replaceable(path: str | os.PathLike, marker: str, what: str, inside: Iterable[Path] = ()) -> None:
     """Raise unless `path` may be replaced as a whole by a new `what`: it is new, an empty
-    directory, or a `what` written before (it holds the file `marker`), and none of the paths in
-    `inside` (what the new output is made from) lies in it. So a mistyped output path never takes
-    a run directory, a source or the current directory down with it."""
+    directory, or a `what` written before (it holds the file `marker` and `directory_kind` does not
+    name another kind), and none of the paths in `inside` (what the new output is made from) lies in
+    it. So a mistyped output path never takes a run directory, a model, a source or the current
+    directory down with it."""
     from .errors import ScratchLLMError
 
     path = Path(path).expanduser()
@@ -112,7 +140,14 @@ def check_replaceable(path: str | os.PathLike, marker: str, what: str, inside: I
         return
     if not path.is_dir():
         raise ScratchLLMError(f"{path} is a file, not a directory; give a new or empty directory")
-    if any(path.iterdir()) and not (path / marker).is_file():
+    if not any(path.iterdir()):
+        return
+    kind = directory_kind(path)
+    if kind is not None and kind != what:
+        raise ScratchLLMError(
+            f"{path} is a {kind}, not a {what}; it would be replaced as a whole, so give a new or empty directory"
+        )
+    if not (path / marker).is_file():
         raise ScratchLLMError(
             f"{path} is not empty and is not a {what} (it has no {marker}); it would be replaced as a "
             "whole, so give a new or empty directory"

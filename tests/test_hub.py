@@ -515,3 +515,49 @@ def test_outputs_never_replace_a_directory_of_something_else(tmp_path, capsys):
     # converting a Hugging Face directory onto itself would delete the source
     assert main(["download", "gpt2", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "hf")]) == 2
     assert "which this writes from" in capsys.readouterr().err and (tmp_path / "hf" / "config.json").exists()
+
+
+def test_one_kind_of_output_never_replaces_another(tmp_path, capsys):
+    """A model directory holds tokenizer files, an exported Hugging Face directory a config.json: the
+    markers alone would let a tokenizer replace a model, an export replace a model (and back), and a
+    run spread over a model or prepared data. Each is refused with one line, and nothing changes."""
+    from scratchllm.fileio import directory_kind
+    from scratchllm.text.bpe import train_bpe
+
+    tok = train_bpe(["the cat sat on the mat " * 20], vocab_size=260, progress=False)
+    model = save_model(tmp_path / "model", random_model(vocab_size=tok.vocab_size), tok)
+    assert main(["export-hf", str(model), str(tmp_path / "hf")]) == 0
+    hf = tmp_path / "hf"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 50)
+    assert (
+        main(["prepare", "--corpus", str(corpus), "--tokenizer", str(model), "--out", str(tmp_path / "data")])
+        == 0
+    )
+    kinds = {
+        p.name: directory_kind(p) for p in (model, hf, tmp_path / "data", tmp_path / "data" / "tokenizer")
+    }
+    assert kinds == {"model": "model directory", "hf": "Hugging Face model directory",
+                     "data": "prepared data directory", "tokenizer": "tokenizer directory"}  # fmt: skip
+    before = {p: sorted(q.name for q in p.iterdir()) for p in (model, hf, tmp_path / "data")}
+    capsys.readouterr()
+    for argv, message in [
+        (["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "260", "--out", str(model)],
+         "is a model directory, not a tokenizer directory"),
+        (["export-hf", str(model), str(model)], "which this writes from"),
+        (["export-hf", str(tmp_path / "model"), str(tmp_path / "data")], "is a prepared data directory, not a Hugging"),
+        (["download", "gpt2", "--from", str(hf), "--out", str(model)], None),  # a model directory: replaced
+        (["download", "gpt2", "--from", str(hf), "--out", str(tmp_path / "data")], "is a prepared data directory"),
+        (["pretrain", "--corpus", str(corpus), "--out-dir", str(tmp_path / "data")],
+         "--out-dir " + str(tmp_path / "data") + " is a prepared data directory, not a run directory"),
+        (["pretrain", "--corpus", str(corpus), "--out-dir", str(hf)], "is a Hugging Face model directory, not a run"),
+    ]:  # fmt: skip
+        assert main(argv) == (0 if message is None else 2), argv
+        err = capsys.readouterr().err.strip()
+        assert message is None or (message in err and len(err.splitlines()) == 1), err
+    cp = tmp_path / "hf-copy"
+    assert main(["export-hf", str(model), str(cp)]) == 0
+    assert main(["download", "gpt2", "--from", str(cp), "--out", str(hf)]) == 2
+    assert "is a Hugging Face model directory, not a model directory" in capsys.readouterr().err
+    assert main(["export-hf", str(model), str(model)]) == 2
+    assert {p: sorted(q.name for q in p.iterdir()) for p in (model, hf, tmp_path / "data")} == before

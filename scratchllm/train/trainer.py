@@ -34,7 +34,7 @@ import torch.nn as nn
 from ..config import setting
 from ..device import autocast, check_compile, peak_flops, resolve_precision
 from ..errors import ScratchLLMError
-from ..fileio import atomic_dir, atomic_path, atomic_write_text
+from ..fileio import atomic_dir, atomic_path, atomic_write_text, directory_kind
 from ..model.gpt import GPTModel, flops_per_token
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag, init_distributed
 from .muon import Muon, muon_param_groups
@@ -253,6 +253,11 @@ def check_run_start(out_dir: str | os.PathLike, resume: str | None, overwrite: b
     `overwrite`. Commands call it before their slow setup; `Trainer.fit` again at the start."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ScratchLLMError(f"--out-dir {out_dir} is a file; give a directory for the run")
+    kind = directory_kind(out_dir) if Path(out_dir).is_dir() else None
+    if kind not in (None, "run directory"):  # a run writes model/, tokenizer/, checkpoints/ into it
+        raise ScratchLLMError(
+            f"--out-dir {out_dir} is a {kind}, not a run directory; give a new directory for the run"
+        )
     if resume is not None:
         return find_resume_checkpoint(resume, out_dir)
     earlier = list_checkpoints(out_dir)
