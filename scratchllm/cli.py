@@ -197,8 +197,32 @@ def _info(args: argparse.Namespace) -> None:
 
     from .checkpoint import format_model_info, model_info
 
+    if args.list:
+        _list_presets(as_json=args.json)
+        return
     info = model_info(preset=args.preset, model=args.model)
     print(json.dumps(info, indent=2) if args.json else format_model_info(info))
+
+
+def _list_presets(as_json: bool) -> None:
+    """`info --list`: every model preset's shape and size, from its config alone."""
+    import json
+
+    from .checkpoint import model_info
+    from .model.gpt import PRESETS
+
+    infos = {name: model_info(preset=name) for name in PRESETS}
+    if as_json:
+        print(json.dumps(infos, indent=2))
+        return
+    print(
+        f"{'preset':<12} {'layers':>6} {'heads':>5} {'dims':>5} {'context':>7} {'parameters':>11} {'fp32 MB':>8}"
+    )
+    for name, info in infos.items():
+        c = info["config"]
+        print(f"{name:<12} {c['n_layers']:>6} {c['n_heads']:>5} {c['emb_dim']:>5} {c['context_length']:>7} "
+              f"{info['parameters'] / 1e6:>10.1f}M {info['bytes_fp32'] / 1e6:>8.1f}")  # fmt: skip
+    print("(GPT-2's vocabulary of 50257 and tied embeddings; a run's own vocabulary changes the count)")
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -221,6 +245,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     hub_names = "gpt2, gpt2-medium, gpt2-large, gpt2-xl (or 124M, 355M, 774M, 1558M)"
     p = sub.add_parser("info", help="a model's shape, parameter count, size and FLOPs per token")
     which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--list", action="store_true", help="every model preset's shape and size")
     which.add_argument("--preset", help=f"a model preset: {', '.join(PRESETS)}")
     which.add_argument(
         "--model",
@@ -390,9 +415,9 @@ def _add_training_command(
         help="continue a stopped run exactly: no value = the newest checkpoint in the run directory, "
         "or a step-N checkpoint directory",
     )  # fmt: skip
-    p.add_argument("--out", dest="cfg__out_dir", default=None, metavar="DIR",
+    p.add_argument("--out", dest="out_alias", default=None, metavar="DIR",
                    help=f"run directory (same as --out-dir); {made} is written to DIR/model")  # fmt: skip
-    add_config_arguments(p, config_cls)
+    add_config_arguments(p, config_cls, preset=None if config_flag else name)
     p.set_defaults(func=functools.partial(_run_training, run))
 
 
@@ -401,7 +426,14 @@ def _run_training(run: str, args: argparse.Namespace) -> None:
 
     module, function = run.split(":")
     command = getattr(importlib.import_module(module, __package__), function)
-    command(getattr(args, "config", None), overrides_from_args(args), resume=args.resume)
+    overrides = overrides_from_args(args)
+    if args.out_alias is not None:
+        if overrides.get("out_dir", args.out_alias) != args.out_alias:
+            raise ScratchLLMError(
+                f"--out {args.out_alias} and --out-dir {overrides['out_dir']} name two run directories; give one"
+            )
+        overrides["out_dir"] = args.out_alias
+    command(getattr(args, "config", None), overrides, resume=args.resume)
 
 
 # ----------------------------------------------------------------------------------------------

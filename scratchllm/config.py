@@ -13,6 +13,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from importlib import resources
@@ -188,10 +189,14 @@ def load_config(cls: type[C], spec: str | None = None, overrides: dict[str, Any]
     return build_config(cls, file_values, overrides, where)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One `--kebab-case` flag per field, default None (= not given), grouped by the fields' `group`."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), preset: str | None = None
+) -> None:
+    """One `--kebab-case` flag per field, default None (= not given), grouped by the fields' `group`.
+    The help shows each default: the dataclass's, or with `preset` the preset's values."""
     types_ = _field_types(cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
+    preset_values = dataclasses.asdict(load_config(cls, preset)) if preset else {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -202,13 +207,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         tp = types_[f.name]
         inner, _ = _unwrap_optional(tp)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".strip()
+        default = preset_values.get(f.name, default)
+        help_text = f.metadata.get("help", "")
+        if default not in (None, [], "") or "(default:" not in help_text:  # the help may say what empty means
+            help_text = re.sub(r"\s*\(default: [^)]*\)", "", help_text)
+            help_text = f"{help_text} (default: {default!r})".strip()
         kwargs: dict[str, Any] = {"dest": f"cfg__{f.name}", "default": None, "help": help_text}
         if typing.get_origin(inner) is list:
             kwargs.update(nargs="+", metavar="VALUE")
         else:
             kwargs.update(metavar=_type_name(tp).split()[0].upper())
         group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def reject_unused_flags(flags: dict[str, Any], names: tuple[str, ...], needs: str) -> None:
+    """A one-line error when command-line `flags` set any of `names`, which only work with `needs`
+    (so that e.g. --lora-rank without LoRA is not silently ignored)."""
+    given = [f"--{n.replace('_', '-')}" for n in names if n in flags]
+    if given:
+        raise ScratchLLMError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} {needs}")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

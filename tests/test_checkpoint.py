@@ -438,6 +438,41 @@ def test_info_cli_json_and_hub_name_without_download(capsys, tmp_path, monkeypat
     assert not (tmp_path / "models").exists()  # nothing was fetched
 
 
+def test_info_cli_lists_the_presets(capsys):
+    from scratchllm.model.gpt import PRESETS
+
+    assert main(["info", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:-1]}
+    assert list(rows) == list(PRESETS)
+    assert rows["gpt2-small"][1:6] == ["12", "12", "768", "1024", "124.4M"]
+    assert main(["info", "--list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gpt2-xl"]["parameters"] == 1_557_611_200
+
+
+def test_training_help_shows_the_defaults_that_apply(capsys):
+    """`demo --help` shows the demo preset's values; a help text that says what an empty default
+    means is not followed by a second, literal default."""
+    from scratchllm.config import load_config
+    from scratchllm.train.pretrain import PretrainConfig
+
+    demo = load_config(PretrainConfig, "demo")
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        f"--max-steps INT optimizer steps (0: the task decides, e.g. from epochs) (default: {demo.max_steps})"
+        in text
+    )
+    assert f"(default: {demo.out_dir!r})" in text and demo.out_dir != PretrainConfig().out_dir
+    assert "(default: the preset's) (default:" not in text
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "tokens per training sequence (default: the preset's) --emb-dim" in text
+    assert "(default: 'runs/run')" in text and "see `scratchllm info --list`" in text
+
+
 def test_info_cli_errors(capsys, tmp_path):
     assert main(["info", "--preset", "gpt5"]) == 2
     assert "unknown model preset 'gpt5'" in capsys.readouterr().err

@@ -642,10 +642,13 @@ def finetune_classify_command(
     config: str | None, overrides: dict[str, Any], resume: str | None = None
 ) -> ClassifyResult:
     """`scratchllm finetune classify`: resolve the settings, finetune, print the summary."""
-    from ..config import load_config
+    from ..config import load_config, reject_unused_flags
     from ..train.distributed import init_distributed
 
     cfg = load_config(ClassifyConfig, config, overrides)
+    if cfg.trainable != "lora":
+        names = tuple(n for n in overrides if n.startswith("lora_"))
+        reject_unused_flags(overrides, names, "--trainable lora")
     result = finetune_classify(cfg, resume)
     if init_distributed(cfg.device).is_main:
         print(summarize(result))

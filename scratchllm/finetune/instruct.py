@@ -532,10 +532,13 @@ def summarize(result: TrainResult) -> str:
 
 def instruct_command(config: str | None, overrides: dict[str, Any], resume: str | None = None) -> TrainResult:
     """`scratchllm finetune instruct`: resolve the settings, train, print the summary."""
-    from ..config import load_config
+    from ..config import load_config, reject_unused_flags
     from ..train.distributed import init_distributed
 
     cfg = load_config(InstructConfig, config, overrides)
+    if not cfg.lora:
+        names = tuple(n for n in overrides if n.startswith("lora_"))
+        reject_unused_flags(overrides, names, "--lora true")
     result = instruct_finetune(cfg, resume)
     if init_distributed(cfg.device).is_main:
         print(summarize(result))

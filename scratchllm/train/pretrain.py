@@ -356,11 +356,30 @@ def summarize(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
+def _check_flag_conflicts(cfg: PretrainConfig, flags: dict[str, Any]) -> None:
+    """Flags that the other settings would silently ignore are errors, not surprises."""
+    if cfg.data and "corpus" in flags:
+        raise ScratchLLMError(
+            f"--corpus and --data {cfg.data} both give the training text; give one (--data: prepared already)"
+        )
+    if cfg.init_from:
+        if "model" in flags:
+            raise ScratchLLMError(
+                f"--model {cfg.model} and --init-from {cfg.init_from}: the run takes the shape of the model it "
+                "starts from; leave out --model"
+            )
+        if flags.get("tokenizer") in ("train", "char") or "vocab_size" in flags:
+            raise ScratchLLMError(
+                f"--init-from {cfg.init_from} keeps its model's tokenizer; leave out --tokenizer/--vocab-size"
+            )
+
+
 def pretrain_command(config: str | None, overrides: dict[str, Any], resume: str | None = None) -> TrainResult:
     """`scratchllm pretrain`: resolve the settings, train, print the summary."""
     from ..config import load_config
 
     cfg = load_config(PretrainConfig, config, overrides)
+    _check_flag_conflicts(cfg, overrides)
     result = pretrain(cfg, resume)
     if init_distributed(cfg.device).is_main:
         print(summarize(result))

@@ -514,6 +514,12 @@ def test_cli_errors_exit_2_with_one_line(base_dir, small_file, tmp_path, capsys)
     assert "not a classifier" in capsys.readouterr().err
     assert cli.main(["finetune", "classify", "--model", str(base_dir), "--trainable", "some"]) == 2
     assert "trainable must be one of" in capsys.readouterr().err
+    # LoRA settings without LoRA would be ignored silently
+    assert (
+        cli.main(["finetune", "classify", "--model", str(base_dir), "--lora-rank", "4", "--lora-alpha", "8"])
+        == 2
+    )
+    assert "--lora-rank, --lora-alpha need --trainable lora" in capsys.readouterr().err
     assert (
         cli.main(["classify", "--model", str(base_dir), "--file", str(small_file), "--batch-size", "0"]) == 2
     )

@@ -350,6 +350,8 @@ def test_cli_bad_record_is_one_line_and_exit_2(toy, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and 'record [1]: "output" must be a string' in err
+    code = main(["finetune", "instruct", "--model", str(toy.base), "--data", str(bad), "--lora-rank", "4"])
+    assert code == 2 and capsys.readouterr().err.strip() == "scratchllm: error: --lora-rank needs --lora true"
 
 
 def test_mask_prompt_with_prompts_that_fill_the_context_is_an_error(toy, tmp_path):

@@ -104,8 +104,9 @@ def test_token_loss_counts_every_prediction_once_and_equals_the_logits_cross_ent
 
 def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
     out = tmp_path / "more"
+    fast = FAST[2:]  # the shape comes from the model: no --model
     assert main(["pretrain", "--init-from", str(trained / "model"), "--corpus", str(corpus), "--max-steps", "4",
-                 "--eval-every", "0", "--out-dir", str(out), *FAST]) == 0  # fmt: skip
+                 "--eval-every", "0", "--out-dir", str(out), *fast]) == 0  # fmt: skip
     a, b = load_model(trained / "model"), load_model(out / "model")
     assert a.tokenizer.fingerprint() == b.tokenizer.fingerprint()
     assert not torch.equal(a.model.tok_emb.weight, b.model.tok_emb.weight)
@@ -126,6 +127,11 @@ def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
             ["--data", "/nonexistent/prepared"],
             "--data /nonexistent/prepared is not a prepared data directory",
         ),
+        # flags that would be silently ignored
+        (["--data", "d", "--corpus", "a.txt"], "--corpus and --data d both give the training text; give one"),
+        (["--init-from", "gpt2", "--model", "mini"], "leave out --model"),
+        (["--init-from", "gpt2", "--tokenizer", "char"], "keeps its model's tokenizer"),
+        (["--out", "elsewhere"], "name two run directories; give one"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
