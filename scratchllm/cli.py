@@ -50,6 +50,10 @@ COMPILE_HELP = (
     "at start); slower on CPUs"
 )
 
+DTYPE_HELP = (
+    "weight precision; auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (see benchmarks/RESULTS.md)"
+)
+
 QUANTIZE_HELP = (
     "int4: 4-bit weights in groups of 128 (CPU only): about 2x faster decoding than fp32 on CPUs "
     "without native bf16, at a small loss of quality; long prompts take longer to start "
@@ -352,7 +356,7 @@ def _generate(args: argparse.Namespace) -> None:
         reasons = ", ".join(sorted({c.finish_reason for c in completions}))
         print(
             f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s, finish: {reasons}; "
-            f"{device.type}, {str(next(engine.model.parameters()).dtype).removeprefix('torch.')}]",
+            f"{device.type}, {args.quantize or str(next(engine.model.parameters()).dtype).removeprefix('torch.')}]",
             file=sys.stderr,
         )
 
@@ -380,7 +384,7 @@ def _add_generate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="no KV cache (slower; for comparison)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weight precision; auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (see benchmarks/RESULTS.md)")  # fmt: skip
+                   help=DTYPE_HELP)  # fmt: skip
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help=QUANTIZE_HELP)
     p.add_argument("--quiet", action="store_true", help="no summary line on stderr")
@@ -701,7 +705,7 @@ def _add_instruct_commands(sub: argparse._SubParsersAction) -> None:
     add_sampling_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weight precision; auto: bf16 on GPUs that support it, fp32 on CPUs")  # fmt: skip
+                   help=DTYPE_HELP)  # fmt: skip
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help=QUANTIZE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_respond)
@@ -755,7 +759,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
                        help="prompt template (default: the model's own, else alpaca)")  # fmt: skip
         p.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N, mps")
         p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="weight precision; auto: bf16 on GPUs that support it, fp32 on CPUs")  # fmt: skip
+                       help=DTYPE_HELP)  # fmt: skip
         p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
         p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help=QUANTIZE_HELP)
 

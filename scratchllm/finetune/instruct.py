@@ -489,7 +489,7 @@ def instruct_finetune(
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         too_long = sum(len(t) > context for t in train.encoded_texts)
         print(
-            f"model {cfg.model}: {count_parameters(model) / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained"
+            f"model {cfg.model}: {count_parameters(model) / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained"
             f"{' (LoRA)' if cfg.lora else ''}; data: {len(train)} train / {len(val)} val / {len(splits.test)} test "
             f"examples, template {template.name}, context {context}"
             + (f" ({too_long} training examples truncated)" if too_long else "")

@@ -234,7 +234,13 @@ def _resolve_tokenizer(
 
 def _resolve_data(cfg: PretrainConfig, tokenizer: Tokenizer, out_dir: Path, dist: DistInfo) -> PreparedData:
     if cfg.data:
-        return load_prepared(Path(cfg.data).expanduser(), expected_tokenizer=tokenizer)
+        prepared = load_prepared(Path(cfg.data).expanduser(), expected_tokenizer=tokenizer)
+        if len(prepared.val) < 2:
+            raise ScratchLLMError(
+                f"--data {cfg.data} has {len(prepared.val)} validation tokens; re-run `scratchllm prepare` "
+                "with --val-fraction 0.1 (or more text)"
+            )
+        return prepared
     data_dir = out_dir / "data"
     if dist.is_main:
         reuse = False

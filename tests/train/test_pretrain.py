@@ -214,3 +214,14 @@ def test_training_commands_share_out_resume_and_config_flags(command):
     assert getattr(args, "config", None) is None
     if command != ["demo"]:  # the demo is its preset; the others take a TOML file or preset name
         assert build_parser().parse_args([*command, "--config", "c.toml"]).config == "c.toml"
+
+
+def test_prepared_data_without_a_validation_split_says_how_to_prepare_it(trained, corpus, tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["prepare", "--corpus", str(corpus), "--tokenizer", str(trained / "model"), "--out", str(data),
+                 "--val-fraction", "0", "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(data), "--out-dir", str(tmp_path / "run"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has 0 validation tokens; re-run `scratchllm prepare` with --val-fraction 0.1" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run" / "model").exists()
