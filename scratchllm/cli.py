@@ -626,7 +626,7 @@ def _classify(args: argparse.Namespace) -> None:
     from .finetune.classify import classify_command
 
     classify_command(args.model, args.texts, file=args.file, out=args.out, text_column=args.text_column,
-                     batch_size=args.batch_size, device=args.device)  # fmt: skip
+                     header=args.header == "true", batch_size=args.batch_size, device=args.device)  # fmt: skip
 
 
 def _add_classify_commands(sub: argparse._SubParsersAction) -> None:
@@ -652,7 +652,10 @@ def _add_classify_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     p.add_argument("--file", help="a table of texts to classify")
     p.add_argument("--out", help="the JSONL file to write (default: print the records)")
-    p.add_argument("--text-column", default="text", help="column or JSON key of the text in --file")
+    p.add_argument("--text-column", default="text",
+                   help="column or JSON key of the text in --file (without a header: its 0-based position)")  # fmt: skip
+    p.add_argument("--header", choices=["true", "false"], default="true",
+                   help="whether a CSV/TSV --file starts with a row of column names")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=_classify)

@@ -742,6 +742,7 @@ def classify_command(
     text_column: str = "text",
     batch_size: int = 32,
     device: str = "auto",
+    header: bool = True,
 ) -> list[Prediction]:
     """`scratchllm classify`: texts from the command line (one line each: label, probability, text), or
     a table `file` into `out` (JSONL: each input record plus `label` and `probabilities`)."""
@@ -763,7 +764,7 @@ def classify_command(
         for text, p in zip(texts, preds):
             print(f"{p.label:<{width}}  {p.score:.4f}  {text}")
         return preds
-    rows = read_texts(file, text_column)  # type: ignore[arg-type]
+    rows = read_texts(file, text_column, header)  # type: ignore[arg-type]
     preds = clf.predict([t for t, _ in rows], batch_size)
     lines = []
     for (_, record), p in zip(rows, preds):

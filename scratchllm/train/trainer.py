@@ -44,6 +44,9 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "muon")
+# settings that shape the rest of a run: a resume that changes them warns (see _check_resume_settings)
+RESUME_SETTINGS = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "schedule",
+                   "weight_decay", "beta1", "beta2", "muon_momentum", "grad_clip", "precision", "seed")  # fmt: skip
 
 
 @dataclass
@@ -475,6 +478,32 @@ class Trainer:
         barrier(self.dist)
         return path
 
+    def _check_resume_settings(self, path: Path, saved: dict[str, Any]) -> None:
+        """A checkpoint of another model shape is a one-line error naming the differences (not a list
+        of tensor shapes); changed training settings are allowed (e.g. more steps) with a warning,
+        since the continuation then differs from the run that was stopped."""
+        from ..checkpoint import read_config
+
+        try:
+            theirs = read_config(path)[0].to_dict()
+        except ScratchLLMError:
+            theirs = {}  # a broken checkpoint: the weights' check below names the problem
+        ours = self.model.cfg.to_dict()
+        shape = [k for k in ours if k != "drop_rate" and k in theirs and theirs[k] != ours[k]]
+        if shape:
+            raise ScratchLLMError(
+                f"{path} holds a model with {', '.join(f'{k} {theirs[k]}' for k in shape)}; this run builds "
+                f"{', '.join(f'{k} {ours[k]}' for k in shape)}; resume with the run's settings (its config.toml)"
+            )
+        now = asdict(self.cfg)
+        changed = [k for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
+        if changed:
+            self._log(
+                "warning: resuming with changed settings ("
+                + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+                + "): training goes on, but not as the stopped run would have"
+            )
+
     def load_checkpoint(self, path: Path) -> None:
         """Restore a checkpoint written by `save_checkpoint`: weights, optimizer, step, tokens seen,
         RNG states and the metrics logged up to it, so that training continues exactly."""
@@ -495,6 +524,7 @@ class Trainer:
             raise ScratchLLMError(
                 f"{path} was written {'with' if state.get('fsdp') else 'without'} --fsdp; resume the same way"
             )
+        self._check_resume_settings(path, state.get("trainer_config", {}))
         written_with = state.get("trainer_config", {}).get("optimizer", "adamw")
         if written_with != self.cfg.optimizer:
             raise ScratchLLMError(

@@ -494,6 +494,13 @@ def test_cli_finetune_and_classify(base_dir, small_file, tmp_path, capsys):
     assert [r["id"] for r in recs] == [1, 2] and recs[1]["given_label"] == "neg"
     assert all(set(r["probabilities"]) == {"neg", "pos"} and r["label"] in ("neg", "pos") for r in recs)
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in recs)
+    # a headerless TSV (as the SMS Spam Collection comes): the text column by its position
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("neg\tgood2 w3\nneg\tbad1\n")
+    assert cli.main(["classify", "--model", str(out / "model"), "--file", str(tsv), "--header", "false",
+                     "--text-column", "1", "--out", str(tmp_path / "t.jsonl"), "--device", "cpu"]) == 0  # fmt: skip
+    from_tsv = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [r["probabilities"] for r in from_tsv] == [r["probabilities"] for r in recs]
     # the same through the Python API
     probs = Classifier.load(str(out / "model"), device="cpu").predict(["good2 w3", "bad1"])
     assert [p.probabilities for p in probs] == [r["probabilities"] for r in recs]

@@ -151,8 +151,16 @@ def test_corrupt_and_incompatible_checkpoints_are_clear_errors(tmp_path):
     Trainer(model, task, cfg).fit()
     ckpt = list_checkpoints(tmp_path / "run")[-1]
     other = GPTModel(preset_config("nano", vocab_size=VOCAB, context_length=32, emb_dim=32))
-    with pytest.raises(ScratchLLMError, match=r"shape"):
+    with pytest.raises(
+        ScratchLLMError, match=r"holds a model with emb_dim 64; this run builds emb_dim 32; resume"
+    ):
         Trainer(other, task, cfg).fit(resume=str(ckpt))
+    # changed settings: allowed (more steps, another lr), with a warning that names them
+    model1, task1, cfg1 = _setup(tmp_path / "more", max_steps=6, lr=1e-3, eval_every=0)
+    logged: list[str] = []
+    Trainer(model1, task1, cfg1, log=logged.append).fit(resume=str(ckpt))
+    [warning] = [line for line in logged if line.startswith("warning:")]
+    assert "max_steps 4 -> 6, lr 0.003 -> 0.001" in warning and "not as the stopped run would have" in warning
     state = ckpt / STATE_FILE
     state.write_bytes(state.read_bytes()[:100])
     model2, task2, cfg2 = _setup(tmp_path)
