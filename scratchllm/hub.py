@@ -35,7 +35,7 @@ from .checkpoint import (
     save_model,
 )
 from .errors import ScratchLLMError
-from .fileio import atomic_dir, atomic_write_json, check_replaceable
+from .fileio import atomic_dir, atomic_write_json, check_replaceable, directory_kind
 from .model.gpt import PRESET_ALIASES, GPTConfig, GPTModel, preset_config
 from .text.tokenizer import EOT, Tokenizer
 
@@ -233,6 +233,10 @@ def read_hf_config(src: str | os.PathLike) -> GPTConfig:
     src = Path(src).expanduser()
     if not src.is_dir():
         raise ScratchLLMError(f"{src} is not a directory; give a Hugging Face GPT-2 directory")
+    if directory_kind(src) in ("model directory", "checkpoint"):
+        raise ScratchLLMError(
+            f"{src} is a scratchllm model directory already, nothing to convert; use it as it is (--model {src})"
+        )
     return config_from_hf(_read_json(src / CONFIG_FILE), source=str(src / CONFIG_FILE))
 
 

@@ -561,3 +561,6 @@ def test_one_kind_of_output_never_replaces_another(tmp_path, capsys):
     assert "is a Hugging Face model directory, not a model directory" in capsys.readouterr().err
     assert main(["export-hf", str(model), str(model)]) == 2
     assert {p: sorted(q.name for q in p.iterdir()) for p in (model, hf, tmp_path / "data")} == before
+    capsys.readouterr()
+    assert main(["download", "gpt2", "--from", str(model), "--out", str(tmp_path / "new")]) == 2
+    assert "is a scratchllm model directory already, nothing to convert" in capsys.readouterr().err

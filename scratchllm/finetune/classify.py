@@ -178,6 +178,14 @@ def load_splits(cfg: ClassifyConfig) -> Splits:
 
     is_spam = cfg.data == "spam" or is_spam_file(cfg.data)
     if is_spam:
+        default = ClassifyConfig()
+        layout = [f"--{k.replace('_', '-')}" for k in ("text_column", "label_column", "header")
+                  if getattr(cfg, k) != getattr(default, k)]  # fmt: skip
+        if layout:
+            raise ScratchLLMError(
+                f"--data {cfg.data} is the SMS Spam Collection, whose layout is known (label, tab, text; no "
+                f"header); leave out {', '.join(layout)}"
+            )
         path = spam_file() if cfg.data == "spam" else Path(cfg.data)
         examples = read_spam(path)
     else:

@@ -521,6 +521,12 @@ def test_cli_errors_exit_2_with_one_line(base_dir, small_file, tmp_path, capsys)
     assert "not a classifier" in capsys.readouterr().err
     assert cli.main(["finetune", "classify", "--model", str(base_dir), "--trainable", "some"]) == 2
     assert "trainable must be one of" in capsys.readouterr().err
+    sms = tmp_path / "SMSSpamCollection.tsv"  # known by its name: its layout is fixed
+    sms.write_text("ham\thello there\nspam\twin a prize\n" * 20)
+    assert cli.main(["finetune", "classify", "--model", str(base_dir), "--data", str(sms), "--out",
+                     str(tmp_path / "s"), "--text-column", "body", "--header", "false"]) == 2  # fmt: skip
+    assert "is the SMS Spam Collection, whose layout is known (label, tab, text; no header); leave out " \
+        "--text-column, --header" in capsys.readouterr().err  # fmt: skip
     # LoRA settings without LoRA would be ignored silently
     assert (
         cli.main(["finetune", "classify", "--model", str(base_dir), "--lora-rank", "4", "--lora-alpha", "8"])
