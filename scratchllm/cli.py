@@ -426,10 +426,17 @@ def _add_training_command(
 
 
 def _run_training(run: str, args: argparse.Namespace) -> None:
-    from .config import overrides_from_args
 
     module, function = run.split(":")
     command = getattr(importlib.import_module(module, __package__), function)
+    command(getattr(args, "config", None), training_overrides(args), resume=args.resume)
+
+
+def training_overrides(args: argparse.Namespace) -> dict:
+    """The settings a training command's flags give (`--out` is `--out-dir`; both naming two
+    directories is an error)."""
+    from .config import overrides_from_args
+
     overrides = overrides_from_args(args)
     if args.out_alias is not None:
         if overrides.get("out_dir", args.out_alias) != args.out_alias:
@@ -437,7 +444,7 @@ def _run_training(run: str, args: argparse.Namespace) -> None:
                 f"--out {args.out_alias} and --out-dir {overrides['out_dir']} name two run directories; give one"
             )
         overrides["out_dir"] = args.out_alias
-    command(getattr(args, "config", None), overrides, resume=args.resume)
+    return overrides
 
 
 # ----------------------------------------------------------------------------------------------

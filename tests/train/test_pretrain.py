@@ -205,13 +205,14 @@ def test_prepared_data_with_another_tokenizer_is_refused(trained, tmp_path, caps
     "command", [["pretrain"], ["demo"], ["finetune", "classify"], ["finetune", "instruct"]]
 )
 def test_training_commands_share_out_resume_and_config_flags(command):
-    from scratchllm.cli import build_parser
-    from scratchllm.config import overrides_from_args
+    from scratchllm.cli import build_parser, training_overrides
 
     args = build_parser().parse_args([*command, "--out", "runs/x", "--resume", "--batch-size", "4"])
-    assert overrides_from_args(args) == {"out_dir": "runs/x", "batch_size": "4"}  # typed by load_config
+    assert training_overrides(args) == {"out_dir": "runs/x", "batch_size": "4"}  # typed by load_config
     assert args.resume == "latest"
     assert getattr(args, "config", None) is None
+    same = build_parser().parse_args([*command, "--out", "runs/x", "--out-dir", "runs/x"])
+    assert training_overrides(same) == {"out_dir": "runs/x"}  # the same directory twice is fine
     if command != ["demo"]:  # the demo is its preset; the others take a TOML file or preset name
         assert build_parser().parse_args([*command, "--config", "c.toml"]).config == "c.toml"
 
