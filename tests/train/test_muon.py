@@ -80,11 +80,23 @@ def test_muon_steps_equal_torchs_muon(monkeypatch, nesterov):
     )
     ours, theirs = _params(), _params()
     settings = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov)
-    _steps(Muon(ours, **settings), ours)
+    _steps(Muon(ours, ns_dtype=torch.float32, **settings), ours)
     _steps(torch.optim.Muon(theirs, adjust_lr_fn="match_rms_adamw", **settings), theirs)
     for a, b in zip(ours, theirs):
         assert torch.allclose(a, b, atol=1e-6)
     assert muon_scale(torch.Size([24, 8])) == pytest.approx(0.2 * 24**0.5)
+
+
+def test_muon_in_bfloat16_steps_like_torchs_own():
+    """With Newton-Schulz in bf16 (what it uses on GPUs and bf16 CPUs) the steps are torch's Muon's
+    as it ships (bf16 inside): bit for bit here, up to the rounding of batching the products elsewhere."""
+    _torch_muon()
+    ours, theirs = _params(), _params()
+    settings = dict(lr=0.02, weight_decay=0.1, momentum=0.95)
+    _steps(Muon(ours, ns_dtype=torch.bfloat16, **settings), ours)
+    _steps(torch.optim.Muon(theirs, adjust_lr_fn="match_rms_adamw", **settings), theirs)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0) and a.dtype == torch.float32  # fp32 inside: ~3e-4 off
 
 
 def test_adamw_groups_equal_torchs_adamw():
