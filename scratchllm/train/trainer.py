@@ -368,6 +368,9 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DDP(self.train_model, device_ids=ids)
         self.optimizer = make_optimizer(self.model, cfg, self.device)  # after sharding: it sees the shards
+        if cfg.optimizer == "muon" and not any(g.get("muon") for g in self.optimizer.param_groups):
+            self.log("note: --optimizer muon: no matrix of the transformer blocks is trained here (LoRA or "
+                      "frozen blocks), so every trained parameter gets AdamW's steps")  # fmt: skip
 
         self.step = 0
         self.tokens_seen = 0

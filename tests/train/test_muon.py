@@ -165,6 +165,17 @@ def test_trainer_with_muon_learns_and_resumes_exactly(tmp_path):
         Trainer(model3, task3, cfg3).fit(resume=str(first))
 
 
+def test_muon_says_when_nothing_is_left_for_it(tmp_path):
+    """LoRA (or frozen blocks) leave no block matrix to train: the run is AdamW's, and says so."""
+    model, task, cfg = _setup(tmp_path, optimizer="muon", max_steps=2, eval_every=0)
+    apply_lora(model, rank=2, alpha=4)
+    mark_only_lora_trainable(model)
+    logged: list[str] = []
+    trainer = Trainer(model, task, cfg, log=logged.append)
+    assert not any(g["muon"] for g in trainer.optimizer.param_groups)
+    assert any("no matrix of the transformer blocks is trained here" in line for line in logged)
+
+
 def test_muon_settings_are_checked():
     with pytest.raises(ScratchLLMError, match="optimizer must be one of adamw, muon, got 'sgd'"):
         TrainerConfig(optimizer="sgd").validate()
