@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import functools
 import importlib
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -439,7 +440,8 @@ def training_overrides(args: argparse.Namespace) -> dict:
 
     overrides = overrides_from_args(args)
     if args.out_alias is not None:
-        if overrides.get("out_dir", args.out_alias) != args.out_alias:
+        same = os.path.normpath(os.path.expanduser(overrides.get("out_dir", args.out_alias)))
+        if same != os.path.normpath(os.path.expanduser(args.out_alias)):
             raise ScratchLLMError(
                 f"--out {args.out_alias} and --out-dir {overrides['out_dir']} name two run directories; give one"
             )

@@ -181,7 +181,7 @@ def load_splits(cfg: ClassifyConfig) -> Splits:
         default = ClassifyConfig()
         layout = [f"--{k.replace('_', '-')}" for k in ("text_column", "label_column", "header")
                   if getattr(cfg, k) != getattr(default, k)]  # fmt: skip
-        if layout:
+        if layout and not (cfg.val_data or cfg.test_data):  # else they are for those files
             raise ScratchLLMError(
                 f"--data {cfg.data} is the SMS Spam Collection, whose layout is known (label, tab, text; no "
                 f"header); leave out {', '.join(layout)}"

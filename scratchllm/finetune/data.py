@@ -134,7 +134,8 @@ def read_texts(
     """(text, whole record) pairs of a table, for classifying unlabelled records."""
     columns, records = read_table(path, header)
     if text_column not in columns:
-        raise ScratchLLMError(f"{path}: no text column {text_column!r}; the columns are {columns}")
+        hint = "" if header else " (without a header, name the text column by its 0-based position)"
+        raise ScratchLLMError(f"{path}: no text column {text_column!r}; the columns are {columns}{hint}")
     out = []
     for source, rec in records:
         text = rec.get(text_column)

@@ -499,7 +499,8 @@ class Trainer:
                 f"{', '.join(f'{k} {ours[k]}' for k in shape)}; resume with the run's settings (its config.toml)"
             )
         now = asdict(self.cfg)
-        changed = [k for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
+        unused = () if self.cfg.optimizer == "muon" else ("muon_momentum",)
+        changed = [k for k in RESUME_SETTINGS if k in saved and saved[k] != now[k] and k not in unused]
         if changed:
             self._log(
                 "warning: resuming with changed settings ("
@@ -534,6 +535,9 @@ class Trainer:
                 f"{path} was written with --optimizer {written_with}, this run has --optimizer {self.cfg.optimizer}; "
                 "resume with the same optimizer"
             )
+        # the optimizer's moments come from the checkpoint, its settings (betas, weight decay, momentum)
+        # from this run: load_state_dict would bring back the stopped run's
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         try:
             if self.fsdp:
                 from torch.distributed.checkpoint.state_dict import (
@@ -557,6 +561,8 @@ class Trainer:
             raise ScratchLLMError(
                 f"{path}: optimizer state does not fit this model ({e}); was it another run?"
             ) from e
+        for group, ours in zip(self.optimizer.param_groups, settings):
+            group.update(ours)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])

@@ -527,6 +527,11 @@ def test_cli_errors_exit_2_with_one_line(base_dir, small_file, tmp_path, capsys)
                      str(tmp_path / "s"), "--text-column", "body", "--header", "false"]) == 2  # fmt: skip
     assert "is the SMS Spam Collection, whose layout is known (label, tab, text; no header); leave out " \
         "--text-column, --header" in capsys.readouterr().err  # fmt: skip
+    own_val = tmp_path / "val.csv"  # ... but with a validation file of one's own they describe that file
+    own_val.write_text("sms,kind\nhello again,ham\nwin big,spam\n")
+    assert cli.main(["finetune", "classify", "--model", str(base_dir), "--data", str(sms), "--val-data", str(own_val),
+                     "--text-column", "sms", "--label-column", "kind", "--out", str(tmp_path / "v"), "--max-steps",
+                     "1", "--eval-every", "0", "--progress", "false", "--device", "cpu"]) == 0  # fmt: skip
     # LoRA settings without LoRA would be ignored silently
     assert (
         cli.main(["finetune", "classify", "--model", str(base_dir), "--lora-rank", "4", "--lora-alpha", "8"])

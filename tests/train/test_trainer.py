@@ -156,11 +156,20 @@ def test_corrupt_and_incompatible_checkpoints_are_clear_errors(tmp_path):
     ):
         Trainer(other, task, cfg).fit(resume=str(ckpt))
     # changed settings: allowed (more steps, another lr), with a warning that names them
-    model1, task1, cfg1 = _setup(tmp_path / "more", max_steps=6, lr=1e-3, eval_every=0)
+    model1, task1, cfg1 = _setup(
+        tmp_path / "more", max_steps=6, lr=1e-3, eval_every=0, weight_decay=0.01, beta1=0.5
+    )
     logged: list[str] = []
-    Trainer(model1, task1, cfg1, log=logged.append).fit(resume=str(ckpt))
+    trainer = Trainer(model1, task1, cfg1, log=logged.append)
+    trainer.fit(resume=str(ckpt))
     [warning] = [line for line in logged if line.startswith("warning:")]
-    assert "max_steps 4 -> 6, lr 0.003 -> 0.001" in warning and "not as the stopped run would have" in warning
+    assert "max_steps 4 -> 6, lr 0.003 -> 0.001, weight_decay 0.1 -> 0.01, beta1 0.9 -> 0.5" in warning
+    assert "not as the stopped run would have" in warning and "muon" not in warning
+    # and the optimizer uses them (loading its state would bring back the stopped run's)
+    assert [(g["weight_decay"], g["betas"]) for g in trainer.optimizer.param_groups] == [
+        (0.01, (0.5, 0.95)),
+        (0.0, (0.5, 0.95)),
+    ]
     state = ckpt / STATE_FILE
     state.write_bytes(state.read_bytes()[:100])
     model2, task2, cfg2 = _setup(tmp_path)
