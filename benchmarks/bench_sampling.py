@@ -3,6 +3,11 @@
 The GPT-2 124M shape with random weights, a 32-token prompt, greedy decoding of 64 new tokens at batch 1
 (where per-token overhead shows most), in fp32 on the CPU; candidates in rotation, best of --repeats.
 
+Then scoring prompts (the server's `echo` + `logprobs`, lm-evaluation-harness's log-likelihood requests):
+--prompts texts of 20-200 tokens scored one forward pass each (`prompt_logprobs` in a loop, what the
+server did before) against `score_prompts` (padded into shared passes, only real positions through the
+output head), in tokens scored per second.
+
     .venv/bin/python benchmarks/bench_sampling.py
 """
 
@@ -22,6 +27,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=32, help="prompts to score (20-200 tokens each)")
     args = p.parse_args()
     print(
         f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d')}"
@@ -60,6 +66,25 @@ def main() -> None:
         for _ in range(1000):
             apply_penalties(logits, **kw)
         print(f"apply_penalties, {name}: {(time.perf_counter() - t0):.3f} ms per call (one 50257-token row)")
+
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(20, 201, (args.prompts,), generator=g).tolist()
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    tokens = sum(lengths)
+    scorers = {
+        "prompt_logprobs, one by one": lambda: [engine.prompt_logprobs(p, 1) for p in prompts],
+        "score_prompts, batched": lambda: engine.score_prompts(prompts, 1),
+    }
+    best = dict.fromkeys(scorers, float("inf"))
+    for _ in range(args.repeats):
+        for name, run in scorers.items():
+            t0 = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    one = best["prompt_logprobs, one by one"]
+    for name, seconds in best.items():
+        print(f"{name:30s} {tokens / seconds:8.0f} tokens/s  ({one / seconds:.2f}x the one-by-one rate; "
+              f"{args.prompts} prompts, {tokens} tokens)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -878,21 +878,52 @@ class Engine:
         """How likely the model finds each token of `prompt` after the ones before it (one forward
         pass; the first token has none, so None), with the `top` most likely tokens at each position.
         What scoring a text needs (the server's `echo` with `logprobs`)."""
-        ids = self.encode(prompt)
+        return self.score_prompts([prompt], top)[0]
+
+    def score_prompts(
+        self, prompts: Sequence[Prompt], top: int = 0, max_tokens: int = 2048
+    ) -> list[list[TokenLogprob | None]]:
+        """`prompt_logprobs` for several prompts, batched: prompts of similar length share a forward
+        pass (padded at the end, which causal attention never lets earlier positions see), up to
+        `max_tokens` padded tokens per pass to bound the logits' memory."""
         if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
             raise ScratchLLMError(
                 f"prompt_logprobs: top must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}"
             )
+        ids = [self.encode(p) for p in prompts]
         ctx = self.model.cfg.context_length
-        if len(ids) > ctx:
-            raise ScratchLLMError(
-                f"generation: scoring a prompt of {len(ids)} tokens needs them in one context window of {ctx}"
-            )
+        for one in ids:
+            if len(one) > ctx:
+                raise ScratchLLMError(
+                    f"generation: scoring a prompt of {len(one)} tokens needs them in one context window of {ctx}"
+                )
         device = self.model.tok_emb.weight.device
-        with _eval_mode(self.model), torch.inference_mode():
-            logits = self.model(torch.tensor([ids], device=device))[0, :-1]
-        tail = token_logprobs(logits, torch.tensor(ids[1:], device=device), top) if len(ids) > 1 else []
-        return [None, *tail]
+        out: list[list[TokenLogprob | None]] = [[] for _ in ids]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths pad little
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end - start + 1) * len(ids[order[end]]) <= max_tokens:
+                end += 1
+            rows = order[start:end]
+            width = len(ids[rows[-1]])
+            batch = torch.zeros(len(rows), width, dtype=torch.long)
+            for r, i in enumerate(rows):
+                batch[r, : len(ids[i])] = torch.tensor(ids[i])
+            # only the positions that predict a prompt token go through the output head
+            r_idx = torch.tensor(
+                [r for r, i in enumerate(rows) for _ in range(len(ids[i]) - 1)], dtype=torch.long
+            )
+            c_idx = torch.tensor([c for i in rows for c in range(len(ids[i]) - 1)], dtype=torch.long)
+            with _eval_mode(self.model), torch.inference_mode():
+                hidden = self.model(batch.to(device), return_hidden=True)[r_idx.to(device), c_idx.to(device)]
+                scored = token_logprobs(self.model.out_head(hidden), batch[r_idx, c_idx + 1].to(device), top)
+            at = 0
+            for i in rows:
+                n = len(ids[i]) - 1
+                out[i], at = [None, *scored[at : at + n]], at + n
+            start = end
+        return out
 
     def warm_up(self, max_batch_size: int = 1) -> list[int]:
         """With `compile`: compile (and on GPUs record) the decode step for every cache shape that

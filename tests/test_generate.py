@@ -454,6 +454,26 @@ def test_partial_character_at_the_length_limit_becomes_a_replacement_character(s
     assert "".join(stream) == "a\ufffd" == stream.completion.text
 
 
+def test_scoring_prompts_in_batches_equals_scoring_each_alone():
+    """`score_prompts` pads prompts of different lengths into shared forward passes (several when
+    `max_tokens` is small): every prompt's scores equal its own forward pass's, in the given order."""
+    engine = Engine(tiny_model(seed=3), ByteTokenizer())
+    prompts = prompts_of([7, 1, 12, 3, 12, 5], seed=3)
+    alone = [engine.prompt_logprobs(p, top=2) for p in prompts]
+    for max_tokens in (2048, 24, 1):  # one pass, a few, one prompt per pass
+        together = engine.score_prompts(prompts, top=2, max_tokens=max_tokens)
+        assert [len(s) for s in together] == [len(p) for p in prompts]
+        for a, b in zip(alone, together):
+            assert a[0] is None and b[0] is None
+            assert [x.token_id for x in a[1:]] == [x.token_id for x in b[1:]]
+            assert [x.logprob for x in b[1:]] == pytest.approx([x.logprob for x in a[1:]], abs=1e-5)
+            assert [[i for i, _ in x.top] for x in b[1:]] == [[i for i, _ in x.top] for x in a[1:]]
+    with torch.no_grad():  # and the scores are the model's own: log-softmax of a plain forward pass
+        ref = torch.log_softmax(engine.model(torch.tensor([prompts[2]]))[0, :-1], -1)
+    expected = ref.gather(-1, torch.tensor(prompts[2][1:])[:, None]).squeeze(-1).tolist()
+    assert [x.logprob for x in alone[2][1:]] == pytest.approx(expected, abs=1e-5)
+
+
 def test_streamed_logprobs_come_with_the_piece_their_token_begins_in(scripted):
     """`piece_logprobs` lists the tokens whose text begins in the piece just handed out (a character's
     bytes with the piece that shows it; tokens held back by a partial stop string wait); with

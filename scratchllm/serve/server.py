@@ -326,13 +326,21 @@ class Scheduler:
                     job.fail(e)
 
     def _run_batch(self, batch: list[_Job]) -> None:
-        for job in list(batch):
-            if job.score is not None:
-                try:
-                    job.scores = [self.model.engine.prompt_logprobs(p, job.score) for p in job.prompts]
-                except Exception as e:  # this request alone fails
-                    job.fail(e)
-                    batch.remove(job)
+        scored = [job for job in batch if job.score is not None]  # joined jobs share `score`
+        if scored:
+            engine = self.model.engine
+            try:  # every prompt of the batch in as few forward passes as fit
+                scores = engine.score_prompts([p for job in scored for p in job.prompts], scored[0].score)
+                start = 0
+                for job in scored:
+                    job.scores, start = scores[start : start + len(job.prompts)], start + len(job.prompts)
+            except Exception:
+                for job in scored:  # find whose request broke it: each alone
+                    try:
+                        job.scores = engine.score_prompts(job.prompts, job.score)
+                    except Exception as e:  # this request alone fails
+                        job.fail(e)
+                        batch.remove(job)
         if not batch:
             return
         prompts = [p for job in batch for p in job.prompts]

@@ -284,6 +284,17 @@ def test_logprobs_of_completions_chat_and_echoed_prompts(client, chat, server):
     assert lp["token_logprobs"][-1] == pytest.approx(generated.logprob, abs=1e-6)
     lp = _post(server, COMP, {**body, "max_tokens": 0}).json()["choices"][0]["logprobs"]
     assert len(lp["token_logprobs"]) == len(ids)  # the prompt alone
+    # several prompts in one request (as lm-eval batches them) are scored together, each as alone
+    many = [ids, ids[:3], engine.encode("The cat sat on the mat"), ids[:1]]
+    choices = _post(server, COMP, {**body, "prompt": many, "max_tokens": 0}).json()["choices"]
+    for prompt, choice in zip(many, choices, strict=True):
+        alone = engine.prompt_logprobs(prompt, 1)
+        assert choice["logprobs"]["token_logprobs"][0] is None and len(choice["logprobs"]["tokens"]) == len(
+            prompt
+        )
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(
+            [s.logprob for s in alone[1:]], abs=1e-5
+        )
 
     messages = [{"role": "user", "content": "Name a color."}]
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True,
