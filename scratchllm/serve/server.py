@@ -619,7 +619,7 @@ def create_app(
         message = {"role": "assistant", "content": c.text.strip()}
         logprobs = None
         if tokens is not None:
-            logprobs = {"content": tokens.feed(c.logprobs or []), "refusal": None}
+            logprobs = {"content": tokens.feed(c.logprobs or [], final=True), "refusal": None}
         choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason}
         return {**head, "choices": [choice], "usage": _usage([c])}
 
@@ -760,26 +760,43 @@ def _completion_logprobs(
 class _ChatTokens:
     """The chat API's `logprobs.content` entries for a reply that arrives in parts: per token its
     string, logprob, UTF-8 bytes and the top alternatives in the same shape. The reply is stripped of
-    surrounding whitespace, so tokens that are whitespace alone are left out at either end (held
-    back until a token with more than whitespace follows); a token with a letter too stays whole."""
+    surrounding whitespace, so tokens that spell whitespace alone are left out at either end (held
+    back until a token with more than whitespace follows); a token with a letter too stays whole.
+    Tokens that are pieces of one character (byte tokens) are judged together, by that character."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.started = False
         self.held: list[TokenLogprob] = []
+        self.partial: list[TokenLogprob] = []  # the tokens of a character not complete yet
+        self.partial_bytes = b""
 
-    def feed(self, logprobs: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
-        """The entries that are now sure to be in the reply."""
+    def feed(self, logprobs: Sequence[TokenLogprob], final: bool = False) -> list[dict[str, Any]]:
+        """The entries that are now sure to be in the reply (`final`: the reply ends here)."""
         out = []
         for lp in logprobs:
-            if not self.tokenizer.decode_bytes([lp.token_id]).decode("utf-8", "replace").strip():
-                if self.started:
-                    self.held.append(lp)
-                continue
-            self.started = True
-            out += [self._entry(t) for t in (*self.held, lp)]
-            self.held = []
+            self.partial.append(lp)
+            self.partial_bytes += self.tokenizer.decode_bytes([lp.token_id])
+            try:
+                text = self.partial_bytes.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if e.reason == "unexpected end of data":  # the character goes on in the next token
+                    continue
+                text = self.partial_bytes.decode("utf-8", "replace")
+            out += self._judge(text)
+        if final and self.partial:  # a character the reply broke off: U+FFFD in the text
+            out += self._judge(self.partial_bytes.decode("utf-8", "replace"))
         return out
+
+    def _judge(self, text: str) -> list[dict[str, Any]]:
+        group, self.partial, self.partial_bytes = self.partial, [], b""
+        if not text.strip():
+            if self.started:
+                self.held += group
+            return []
+        self.started = True
+        group, self.held = [*self.held, *group], []
+        return [self._entry(t) for t in group]
 
     def _entry(self, lp: TokenLogprob) -> dict[str, Any]:
         def one(token_id: int, logprob: float) -> dict[str, Any]:
@@ -791,7 +808,7 @@ class _ChatTokens:
 
 def _chat_logprobs(tokenizer: Any, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
     """The chat API's `logprobs` object for a whole reply (see `_ChatTokens`)."""
-    return {"content": _ChatTokens(tokenizer).feed(logprobs), "refusal": None}
+    return {"content": _ChatTokens(tokenizer).feed(logprobs, final=True), "refusal": None}
 
 
 def _usage(completions: Sequence[Completion]) -> dict[str, int]:
@@ -899,7 +916,7 @@ def _chat_chunks(
             else:
                 completion, rest = value
                 if tokens:
-                    ready += tokens.feed(rest)
+                    ready += tokens.feed(rest, final=True)
                     if ready:  # tokens whose text came with an earlier chunk or none
                         yield chunk({"content": ""}, None, ready)
                 yield chunk({}, completion.finish_reason)

@@ -382,20 +382,32 @@ def test_streamed_logprobs_equal_the_non_streamed_ones(server, chat):
 
 def test_chat_logprobs_in_parts_leave_out_the_whitespace_around_the_reply():
     """`_ChatTokens` fed a reply in parts gives what it gives fed the whole reply: whitespace-only
-    tokens at either end left out, held back in the middle until a token with text follows."""
+    tokens (or byte tokens of a whitespace character) at either end left out, held back in the
+    middle until a token with text follows: the kept tokens spell the stripped reply."""
     from scratchllm.generate import TokenLogprob
     from scratchllm.serve.server import _ChatTokens
     from scratchllm.text.bpe import BPETokenizer
 
     tok = BPETokenizer({bytes([b]): b for b in range(256)})
-    reply = [TokenLogprob(t, -0.5) for t in b"\n  a \n b  \n\n"]
-    whole = [e["token"] for e in _ChatTokens(tok).feed(reply)]
-    assert whole == list("a \n b")
+    # byte tokens: an ideographic space (U+3000, 3 bytes) and a no-break space (2 bytes) are
+    # whitespace that str.strip() removes from the reply, so their byte tokens go too; an "é" stays
+    text = "\n\u3000 a \u00a0é b \u3000\n\u00a0"
+    reply = [TokenLogprob(t, -0.5) for t in text.encode()]
+    whole = [e["bytes"] for e in _ChatTokens(tok).feed(reply, final=True)]
+    assert bytes(b for e in whole for b in e).decode() == text.strip() == "a \u00a0é b"
     for cut in range(len(reply) + 1):
         tokens = _ChatTokens(tok)
-        first = [e["token"] for e in tokens.feed(reply[:cut])]
-        assert first + [e["token"] for e in tokens.feed(reply[cut:])] == whole
+        first = [e["bytes"] for e in tokens.feed(reply[:cut])]
+        assert first + [e["bytes"] for e in tokens.feed(reply[cut:], final=True)] == whole
         assert first == whole[: len(first)]
+    broken = [TokenLogprob(t, -0.5) for t in b"ok \xe3\x80"]  # a reply that ends inside a character
+    assert [e["token"] for e in _ChatTokens(tok).feed(broken, final=True)] == [
+        "o",
+        "k",
+        " ",
+        "bytes:\\xe3",
+        "bytes:\\x80",
+    ]
 
 
 def test_a_default_max_tokens_below_1_is_refused_at_start(chat, capsys):
