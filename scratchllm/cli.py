@@ -478,7 +478,7 @@ def _add_stage2(sub: argparse._SubParsersAction) -> None:
         sub, "pretrain", PretrainConfig, ".train.pretrain:pretrain_command",
         help="train a GPT on a corpus by next-token prediction",
         description="Pretrain a GPT from scratch (or continue from GPT-2) on text. Settings come from the "
-        "defaults, then --config (a TOML file or a preset name: demo, shakespeare-char), then the flags below.",
+        "defaults, then --config (a TOML file or a preset name: demo, shakespeare-char, shakespeare-char-muon), then the flags below.",
         made="the trained model",
     )  # fmt: skip
     _add_training_command(

@@ -139,17 +139,28 @@ def preset_names() -> list[str]:
 
 
 def find_config(spec: str) -> tuple[dict[str, Any], str]:
-    """A TOML file path, or the name of a preset shipped in scratchllm/configs."""
+    """A TOML file path, or the name of a preset shipped in scratchllm/configs (a directory of that
+    name in the current directory does not hide the preset)."""
     path = Path(spec).expanduser()
-    if path.exists():
+    if path.is_file():
         return read_toml(path), str(path)
-    res = resources.files(PRESET_PACKAGE) / f"{spec}.toml"
-    if res.is_file():
-        with resources.as_file(res) as p:
-            return read_toml(p), f"preset {spec!r}"
+    preset = read_preset(spec)
+    if preset is not None:
+        return preset, f"preset {spec!r}"
+    if path.exists():
+        raise ScratchLLMError(f"config {spec} is a directory; give a TOML file or a preset name")
     raise ScratchLLMError(
         f"config {spec!r} is neither a file nor a preset; presets: {', '.join(preset_names())}{_suggest(spec, preset_names())}"
     )
+
+
+def read_preset(name: str) -> dict[str, Any] | None:
+    """A preset shipped in scratchllm/configs, or None if there is none of that name."""
+    res = resources.files(PRESET_PACKAGE) / f"{name}.toml"
+    if not res.is_file():
+        return None
+    with resources.as_file(res) as p:
+        return read_toml(p)
 
 
 def _flatten(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -196,7 +207,8 @@ def add_config_arguments(
     The help shows each default: the dataclass's, or with `preset` the preset's values."""
     types_ = _field_types(cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
-    preset_values = dataclasses.asdict(load_config(cls, preset)) if preset else {}
+    # the preset's own values, read from the package (never from a file of that name in the cwd)
+    preset_values = dataclasses.asdict(build_config(cls, read_preset(preset))) if preset else {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue

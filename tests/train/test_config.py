@@ -80,3 +80,21 @@ def test_every_field_is_a_flag_and_dump_round_trips():
     again = build_config(PretrainConfig, tomllib.loads(text))
     assert again == cfg
     assert "[data]" in text and "[train]" in text
+
+
+def test_a_directory_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch, capsys):
+    """`--config demo` (and `demo --help`, which shows the preset's values) read the shipped preset
+    even where the current directory holds a `demo/` directory, e.g. a run's output."""
+    from scratchllm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    assert load_config(PretrainConfig, "demo").out_dir == "runs/demo"
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--help"])
+    assert e.value.code == 0 and "(default: 'runs/demo')" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(ScratchLLMError, match="is a directory; give a TOML file or a preset name"):
+        load_config(PretrainConfig, str(tmp_path / "demo"))
+    (tmp_path / "mine.toml").write_text("[train]\nmax_steps = 7\n")
+    assert load_config(PretrainConfig, "mine.toml").max_steps == 7
+    assert load_config(PretrainConfig, "shakespeare-char-muon").optimizer == "muon"
