@@ -64,6 +64,10 @@ def read_table(
             f"{path}: unknown data format {suffix or '(no suffix)'!r}; use .csv, .tsv, .jsonl or .json"
         )
     if suffix in JSONL_SUFFIXES or suffix == ".json":
+        if not header:
+            raise ScratchLLMError(
+                f"{path}: --header false is for CSV/TSV files; JSON records name their fields (leave it out)"
+            )
         found = read_json_records(path)
         # sources as for CSV rows (file:line), or file[index] in a JSON list
         records = [

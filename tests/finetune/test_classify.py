@@ -273,6 +273,8 @@ def test_reads_csv_tsv_jsonl_and_json(tmp_path):
     (tmp_path / "nohead.tsv").write_text("ham\thello\nspam\tWIN now\n")
     ex = read_examples(tmp_path / "nohead.tsv", text_column="1", label_column="0", header=False)
     assert [(e.label, e.text) for e in ex] == [("ham", "hello"), ("spam", "WIN now")]
+    with pytest.raises(ScratchLLMError, match="--header false is for CSV/TSV files"):
+        read_examples(tmp_path / "d.jsonl", header=False)
     # Excel's "CSV UTF-8" starts with a byte-order mark, which is not part of the first column's name
     (tmp_path / "bom.csv").write_bytes("\ufefftext,label\nhello,a\n".encode())
     assert [(e.text, e.label) for e in read_examples(tmp_path / "bom.csv")] == [("hello", "a")]
