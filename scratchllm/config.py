@@ -143,7 +143,14 @@ def find_config(spec: str) -> tuple[dict[str, Any], str]:
     name in the current directory does not hide the preset)."""
     path = Path(spec).expanduser()
     if path.is_file():
-        return read_toml(path), str(path)
+        try:
+            return read_toml(path), str(path)
+        except ScratchLLMError as e:
+            if read_preset(spec) is None:
+                raise
+            raise ScratchLLMError(
+                f"{e} (the file {spec} here hides the preset {spec!r}: rename it, or run elsewhere)"
+            ) from None
     preset = read_preset(spec)
     if preset is not None:
         return preset, f"preset {spec!r}"
@@ -194,8 +201,16 @@ def build_config(cls: type[C], file_values: dict[str, Any] | None = None, overri
     return cls(**values)
 
 
-def load_config(cls: type[C], spec: str | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """`spec` is a TOML path or preset name (or None for the defaults); `overrides` win over it."""
+def load_config(
+    cls: type[C], spec: str | None = None, overrides: dict[str, Any] | None = None, *, preset: bool = False
+) -> C:
+    """`spec` is a TOML path or preset name (or None for the defaults); `overrides` win over it.
+    `preset`: `spec` is a shipped preset's name, never a file (a command's own preset)."""
+    if spec and preset:
+        values = read_preset(spec)
+        if values is None:
+            raise ScratchLLMError(f"no preset {spec!r}; presets: {', '.join(preset_names())}")
+        return build_config(cls, values, overrides, f"preset {spec!r}")
     file_values, where = find_config(spec) if spec else ({}, "defaults")
     return build_config(cls, file_values, overrides, where)
 

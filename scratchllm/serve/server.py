@@ -775,15 +775,19 @@ class _ChatTokens:
         """The entries that are now sure to be in the reply (`final`: the reply ends here)."""
         out = []
         for lp in logprobs:
+            raw = self.tokenizer.decode_bytes([lp.token_id])
             self.partial.append(lp)
-            self.partial_bytes += self.tokenizer.decode_bytes([lp.token_id])
-            try:
-                text = self.partial_bytes.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if e.reason == "unexpected end of data":  # the character goes on in the next token
-                    continue
-                text = self.partial_bytes.decode("utf-8", "replace")
-            out += self._judge(text)
+            self.partial_bytes += raw
+            state = _utf8_state(self.partial_bytes)
+            if state == "broken" and len(self.partial) > 1:
+                # the held character broke off before this token: judge it (a U+FFFD, so it stays),
+                # then this token on its own, which may begin a character of its own
+                self.partial.pop()
+                out += self._judge(self.partial_bytes[: -len(raw)].decode("utf-8", "replace"))
+                self.partial, self.partial_bytes = [lp], raw
+                state = _utf8_state(raw)
+            if state != "unfinished":
+                out += self._judge(self.partial_bytes.decode("utf-8", "replace"))
         if final and self.partial:  # a character the reply broke off: U+FFFD in the text
             out += self._judge(self.partial_bytes.decode("utf-8", "replace"))
         return out
@@ -804,6 +808,15 @@ class _ChatTokens:
             return {"token": _token_text(raw), "logprob": logprob, "bytes": list(raw)}
 
         return {**one(lp.token_id, lp.logprob), "top_logprobs": [one(i, v) for i, v in lp.top]}
+
+
+def _utf8_state(data: bytes) -> str:
+    """ "complete" (valid UTF-8), "unfinished" (valid but for a character that goes on) or "broken"."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return "unfinished" if e.reason == "unexpected end of data" else "broken"
+    return "complete"
 
 
 def _chat_logprobs(tokenizer: Any, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:

@@ -380,11 +380,14 @@ def _check_flag_conflicts(cfg: PretrainConfig, flags: dict[str, Any]) -> None:
             )
 
 
-def pretrain_command(config: str | None, overrides: dict[str, Any], resume: str | None = None) -> TrainResult:
-    """`scratchllm pretrain`: resolve the settings, train, print the summary."""
+def pretrain_command(
+    config: str | None, overrides: dict[str, Any], resume: str | None = None, preset: bool = False
+) -> TrainResult:
+    """`scratchllm pretrain`: resolve the settings, train, print the summary. `preset`: `config` names
+    a shipped preset (never a file of that name in the current directory)."""
     from ..config import load_config
 
-    cfg = load_config(PretrainConfig, config, overrides)
+    cfg = load_config(PretrainConfig, config, overrides, preset=preset)
     _check_flag_conflicts(cfg, overrides)
     result = pretrain(cfg, resume)
     if init_distributed(cfg.device).is_main:
@@ -396,7 +399,7 @@ def demo(
     config: str | None = None, overrides: dict[str, Any] | None = None, resume: str | None = None
 ) -> TrainResult:
     """The README's main job: the `demo` preset (or `config`; offline, built-in corpus), then three samples."""
-    result = pretrain_command(config or "demo", overrides or {}, resume)
+    result = pretrain_command(config or "demo", overrides or {}, resume, preset=config is None)
     evals = [r for r in result.history if r.get("kind") == "eval" and r.get("samples")]
     if evals and init_distributed("auto" if not overrides else overrides.get("device", "auto")).is_main:
         print("\nthree samples from the trained model:")

@@ -17,6 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from scratchllm.errors import ScratchLLMError
 from scratchllm.generate import GenerationConfig
@@ -408,6 +411,26 @@ def test_chat_logprobs_in_parts_leave_out_the_whitespace_around_the_reply():
         "bytes:\\xe3",
         "bytes:\\x80",
     ]
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(
+    data=st.lists(st.sampled_from([0x20, 0x0A, 0x61, 0xE3, 0x80, 0xC2, 0xA0, 0xF0, 0x9F, 0xFF]), max_size=12),
+    cut=st.integers(0, 12),
+)
+def test_chat_logprobs_spell_the_stripped_reply(data, cut):
+    """Whatever the bytes (broken characters, whitespace of 1-3 bytes, invalid bytes), the kept byte
+    tokens spell exactly the reply's content, fed whole or in two parts."""
+    from scratchllm.generate import TokenLogprob
+    from scratchllm.serve.server import _ChatTokens
+    from scratchllm.text.bpe import BPETokenizer
+
+    tok = BPETokenizer({bytes([b]): b for b in range(256)})
+    reply = [TokenLogprob(t, -0.5) for t in data]
+    content = bytes(data).decode("utf-8", "replace").strip()
+    tokens = _ChatTokens(tok)
+    kept = tokens.feed(reply[:cut]) + tokens.feed(reply[cut:], final=True)
+    assert bytes(b for e in kept for b in e["bytes"]).decode("utf-8", "replace") == content
 
 
 def test_a_default_max_tokens_below_1_is_refused_at_start(chat, capsys):

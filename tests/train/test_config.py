@@ -95,6 +95,17 @@ def test_a_directory_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch,
     assert e.value.code == 0 and "(default: 'runs/demo')" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(ScratchLLMError, match="is a directory; give a TOML file or a preset name"):
         load_config(PretrainConfig, str(tmp_path / "demo"))
+    # a file named like a preset: --config takes the file (a path first), and says what it hides when
+    # it is not TOML; the demo command, which has no --config, always runs its own preset
+    (tmp_path / "demo").rmdir()
+    (tmp_path / "demo").write_text("#!/bin/sh\necho hi\n")
+    with pytest.raises(ScratchLLMError, match=r"not valid TOML.*the file demo here hides the preset 'demo'"):
+        load_config(PretrainConfig, "demo")
+    assert load_config(PretrainConfig, "demo", preset=True).out_dir == "runs/demo"
+    assert (
+        main(["demo", "--max-steps", "0", "--out-dir", str(tmp_path / "run")]) == 2
+    )  # fails after the preset
+    assert "max_steps is 0" in capsys.readouterr().err
     (tmp_path / "mine.toml").write_text("[train]\nmax_steps = 7\n")
     assert load_config(PretrainConfig, "mine.toml").max_steps == 7
     assert load_config(PretrainConfig, "shakespeare-char-muon").optimizer == "muon"
