@@ -156,29 +156,18 @@ def _fast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Parameter groups for `Muon`: the weights of the linear layers inside the transformer blocks
-    (`model.trf_blocks`) with Muon; other matrices (embeddings, output or classifier head, LoRA
-    adapters) with AdamW and weight decay; biases and LayerNorm parameters with AdamW, no decay.
-    Frozen parameters are left out."""
+def muon_param_groups(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`Muon`'s parameter groups, made from AdamW's (`trainer.param_groups`: weight decay on matrices,
+    frozen parameters left out): the weights of the linear layers inside the transformer blocks
+    (`model.trf_blocks`) move to a group of their own (`muon: True`, their weight decay kept); the
+    rest (embeddings, output or classifier head, LoRA adapters, biases, LayerNorm) stays on AdamW."""
     blocks = getattr(model, "trf_blocks", None)
     if blocks is None:
         raise ValueError("Muon needs a GPT model: it orthogonalizes the matrices of `model.trf_blocks`")
     hidden = {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear)}
-    muon, decay, no_decay = [], [], []
-    for p in model.parameters():  # shared (tied) tensors come once
-        if not p.requires_grad:
-            continue
-        if id(p) in hidden:
-            muon.append(p)
-        else:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": muon, "weight_decay": weight_decay, "muon": True},
-        {"params": decay, "weight_decay": weight_decay, "muon": False},
-        {"params": no_decay, "weight_decay": 0.0, "muon": False},
-    ]
-    return [g for g in groups if g["params"]]
+    muon = [{**g, "params": [p for p in g["params"] if id(p) in hidden], "muon": True} for g in groups]
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden], "muon": False} for g in groups]
+    return [g for g in muon + rest if g["params"]]
 
 
 __all__ = ["NS_COEFFICIENTS", "Muon", "muon_param_groups", "muon_scale", "newton_schulz"]

@@ -212,7 +212,7 @@ def make_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device) -
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     if cfg.optimizer == "muon":
         try:
-            groups = muon_param_groups(model, cfg.weight_decay)
+            groups = muon_param_groups(model, groups)
         except ValueError as e:
             raise ScratchLLMError(f"--optimizer muon: {e}; use --optimizer adamw") from None
         return Muon(groups, momentum=cfg.muon_momentum, **kwargs)

@@ -13,7 +13,7 @@ from scratchllm.errors import ScratchLLMError
 from scratchllm.model.gpt import GPTModel, preset_config
 from scratchllm.model.lora import apply_lora, mark_only_lora_trainable
 from scratchllm.train.muon import Muon, muon_param_groups, muon_scale, newton_schulz
-from scratchllm.train.trainer import Trainer, TrainerConfig, list_checkpoints
+from scratchllm.train.trainer import Trainer, TrainerConfig, list_checkpoints, param_groups
 
 from .test_trainer import VOCAB, _setup
 
@@ -114,7 +114,7 @@ def test_adamw_groups_equal_torchs_adamw():
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = GPTModel(preset_config("nano", vocab_size=VOCAB))
-    groups = muon_param_groups(model, 0.1)
+    groups = muon_param_groups(model, param_groups(model, 0.1))
     hidden = {id(m.weight) for b in model.trf_blocks for m in b.modules() if isinstance(m, torch.nn.Linear)}
     assert [g["muon"] for g in groups] == [True, False, False]
     assert {id(p) for p in groups[0]["params"]} == hidden and len(hidden) == 4 * model.cfg.n_layers
@@ -127,10 +127,10 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     )
     apply_lora(model, rank=2, alpha=4)  # LoRA: the frozen base weights out, the adapters with AdamW
     mark_only_lora_trainable(model)
-    groups = muon_param_groups(model, 0.1)
+    groups = muon_param_groups(model, param_groups(model, 0.1))
     assert [g["muon"] for g in groups] == [False] and all(p.requires_grad for p in groups[0]["params"])
     with pytest.raises(ValueError, match="trf_blocks"):
-        muon_param_groups(torch.nn.Linear(3, 3), 0.0)
+        muon_param_groups(torch.nn.Linear(3, 3), param_groups(torch.nn.Linear(3, 3), 0.0))
 
 
 def _losses(run) -> list[float]:
