@@ -256,7 +256,7 @@ def check_run_start(out_dir: str | os.PathLike, resume: str | None, overwrite: b
     `overwrite`. Commands call it before their slow setup; `Trainer.fit` again at the start."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ScratchLLMError(f"--out-dir {out_dir} is a file; give a directory for the run")
-    kind = directory_kind(out_dir) if Path(out_dir).is_dir() else None
+    kind = directory_kind(out_dir)
     if kind not in (None, "run directory"):  # a run writes model/, tokenizer/, checkpoints/ into it
         raise ScratchLLMError(
             f"--out-dir {out_dir} is a {kind}, not a run directory; give a new directory for the run"
@@ -482,10 +482,17 @@ class Trainer:
         return path
 
     def _check_resume_settings(self, path: Path, saved: dict[str, Any]) -> None:
-        """A checkpoint of another model shape is a one-line error naming the differences (not a list
-        of tensor shapes); changed training settings are allowed (e.g. more steps) with a warning,
-        since the continuation then differs from the run that was stopped."""
+        """A checkpoint of another model shape or optimizer is a one-line error naming the differences
+        (not a list of tensor shapes); changed training settings are allowed (e.g. more steps) with a
+        warning, since the continuation then differs from the run that was stopped."""
         from ..checkpoint import read_config
+
+        written_with = saved.get("optimizer", "adamw")
+        if written_with != self.cfg.optimizer:
+            raise ScratchLLMError(
+                f"{path} was written with --optimizer {written_with}, this run has --optimizer {self.cfg.optimizer}; "
+                "resume with the same optimizer"
+            )
 
         try:
             theirs = read_config(path)[0].to_dict()
@@ -502,7 +509,7 @@ class Trainer:
         unused = () if self.cfg.optimizer == "muon" else ("muon_momentum",)
         changed = [k for k in RESUME_SETTINGS if k in saved and saved[k] != now[k] and k not in unused]
         if changed:
-            self._log(
+            self.log(
                 "warning: resuming with changed settings ("
                 + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
                 + "): training goes on, but not as the stopped run would have"
@@ -529,12 +536,6 @@ class Trainer:
                 f"{path} was written {'with' if state.get('fsdp') else 'without'} --fsdp; resume the same way"
             )
         self._check_resume_settings(path, state.get("trainer_config", {}))
-        written_with = state.get("trainer_config", {}).get("optimizer", "adamw")
-        if written_with != self.cfg.optimizer:
-            raise ScratchLLMError(
-                f"{path} was written with --optimizer {written_with}, this run has --optimizer {self.cfg.optimizer}; "
-                "resume with the same optimizer"
-            )
         # the optimizer's moments come from the checkpoint, its settings (betas, weight decay, momentum)
         # from this run: load_state_dict would bring back the stopped run's
         settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
