@@ -612,14 +612,12 @@ def create_app(
         )
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_id}  # fmt: skip
-        tokens = _ChatTokens(model.engine.tokenizer) if body.logprobs else None
         if prepared.stream:
+            tokens = _ChatTokens(model.engine.tokenizer) if body.logprobs else None
             return _sse(_chat_chunks(head, stream_events(prepared), tokens, prepared.include_usage))
         [c], _ = await run(prepared)
         message = {"role": "assistant", "content": c.text.strip()}
-        logprobs = None
-        if tokens is not None:
-            logprobs = {"content": tokens.feed(c.logprobs or [], final=True), "refusal": None}
+        logprobs = _chat_logprobs(model.engine.tokenizer, c.logprobs) if body.logprobs else None
         choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason}
         return {**head, "choices": [choice], "usage": _usage([c])}
 
@@ -745,18 +743,6 @@ def _merge_logprobs(*parts: dict[str, list] | None) -> dict[str, list]:
     return out
 
 
-def _completion_logprobs(
-    tokenizer: Any, tokens: Sequence[tuple[int, TokenLogprob | None]], echoed: int = 0
-) -> dict[str, Any]:
-    """The completions API's `logprobs` object for (token id, logprob or None) pairs, of which the
-    first `echoed` are the prompt's."""
-    offsets = _TextOffsets(tokenizer)
-    prompt = (
-        offsets.prompt([t for t, _ in tokens[:echoed]], [lp for _, lp in tokens[:echoed]]) if echoed else None
-    )
-    return _merge_logprobs(prompt, offsets._entries(tokens[echoed:]))
-
-
 class _ChatTokens:
     """The chat API's `logprobs.content` entries for a reply that arrives in parts: per token its
     string, logprob, UTF-8 bytes and the top alternatives in the same shape. The reply is stripped of
@@ -819,9 +805,9 @@ def _utf8_state(data: bytes) -> str:
     return "complete"
 
 
-def _chat_logprobs(tokenizer: Any, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
+def _chat_logprobs(tokenizer: Any, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
     """The chat API's `logprobs` object for a whole reply (see `_ChatTokens`)."""
-    return {"content": _ChatTokens(tokenizer).feed(logprobs, final=True), "refusal": None}
+    return {"content": _ChatTokens(tokenizer).feed(logprobs or [], final=True), "refusal": None}
 
 
 def _usage(completions: Sequence[Completion]) -> dict[str, int]:

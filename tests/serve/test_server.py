@@ -556,13 +556,13 @@ def test_logprobs_objects_name_byte_fragments_and_follow_the_text():
     """Pieces of a multi-byte character get distinct names ("bytes:\\xc3"), offsets point into the
     decoded text, and chat's tokens follow the stripped reply."""
     from scratchllm.generate import TokenLogprob
-    from scratchllm.serve.server import _chat_logprobs, _completion_logprobs
+    from scratchllm.serve.server import _chat_logprobs, _merge_logprobs, _TextOffsets
     from scratchllm.text.bpe import BPETokenizer
 
     tok = BPETokenizer({bytes([b]): b for b in range(256)})
     text = "café au lait"
     ids = list(text.encode())
-    lp = _completion_logprobs(tok, [(t, TokenLogprob(t, -1.0, ((0xC3, -1.0), (0xA9, -2.0)))) for t in ids])
+    lp = _TextOffsets(tok).add([TokenLogprob(t, -1.0, ((0xC3, -1.0), (0xA9, -2.0))) for t in ids])
     assert lp["tokens"][3:5] == ["bytes:\\xc3", "bytes:\\xa9"] and lp["tokens"][5] == " "
     assert lp["top_logprobs"][0] == {
         "bytes:\\xc3": -1.0,
@@ -573,12 +573,16 @@ def test_logprobs_objects_name_byte_fragments_and_follow_the_text():
     for token, offset in zip(lp["tokens"], lp["text_offset"]):
         assert token.startswith("bytes:") or text[offset:].startswith(token)
     broken = b"\xdcab"  # a character's first byte, then no continuation: "\ufffdab"
-    assert _completion_logprobs(tok, [(t, None) for t in broken])["text_offset"] == [0, 1, 2]
+    assert _TextOffsets(tok).add([TokenLogprob(t, -1.0) for t in broken])["text_offset"] == [0, 1, 2]
     # echo: the prompt's text and the completion's are decoded apart, so a character cut between them is
     # U+FFFD on each side: "ab\ufffd" + "\ufffd\ufffdxy"
     prompt, completion = b"ab\xe6", b"\x97\xa5xy"
     echoed = prompt.decode("utf-8", "replace") + completion.decode("utf-8", "replace")
-    lp = _completion_logprobs(tok, [(t, None) for t in prompt + completion], echoed=len(prompt))
+    offsets = _TextOffsets(tok)
+    lp = _merge_logprobs(
+        offsets.prompt(list(prompt), [None] * len(prompt)),
+        offsets.add([TokenLogprob(t, -1.0) for t in completion]),
+    )
     assert lp["text_offset"] == [0, 1, 2, 3, 4, 5, 6] and echoed[5:] == "xy"
     reply = [TokenLogprob(t, -0.5) for t in b"  hi\n\n"]
     content = _chat_logprobs(tok, reply)
