@@ -427,7 +427,6 @@ def _add_training_command(
 
 
 def _run_training(run: str, args: argparse.Namespace) -> None:
-
     module, function = run.split(":")
     command = getattr(importlib.import_module(module, __package__), function)
     command(getattr(args, "config", None), training_overrides(args), resume=args.resume)

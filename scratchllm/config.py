@@ -247,10 +247,10 @@ def add_config_arguments(
         group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
-def reject_unused_flags(flags: dict[str, Any], names: tuple[str, ...], needs: str) -> None:
-    """A one-line error when command-line `flags` set any of `names`, which only work with `needs`
-    (so that e.g. --lora-rank without LoRA is not silently ignored)."""
-    given = [f"--{n.replace('_', '-')}" for n in names if n in flags]
+def reject_unused_flags(flags: dict[str, Any], prefix: str, needs: str) -> None:
+    """A one-line error when command-line `flags` set any setting named `prefix...`, which only works
+    with `needs` (so that e.g. --lora-rank without LoRA is not silently ignored)."""
+    given = [f"--{n.replace('_', '-')}" for n in flags if n.startswith(prefix)]
     if given:
         raise ScratchLLMError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} {needs}")
 

@@ -655,8 +655,7 @@ def finetune_classify_command(
 
     cfg = load_config(ClassifyConfig, config, overrides)
     if cfg.trainable != "lora":
-        names = tuple(n for n in overrides if n.startswith("lora_"))
-        reject_unused_flags(overrides, names, "--trainable lora")
+        reject_unused_flags(overrides, "lora_", "--trainable lora")
     result = finetune_classify(cfg, resume)
     if init_distributed(cfg.device).is_main:
         print(summarize(result))

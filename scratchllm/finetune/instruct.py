@@ -537,8 +537,7 @@ def instruct_command(config: str | None, overrides: dict[str, Any], resume: str 
 
     cfg = load_config(InstructConfig, config, overrides)
     if not cfg.lora:
-        names = tuple(n for n in overrides if n.startswith("lora_"))
-        reject_unused_flags(overrides, names, "--lora true")
+        reject_unused_flags(overrides, "lora_", "--lora true")
     result = instruct_finetune(cfg, resume)
     if init_distributed(cfg.device).is_main:
         print(summarize(result))
