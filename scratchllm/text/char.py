@@ -8,9 +8,12 @@ map to `<|unk|>`, so unlike byte-level BPE it is not lossless on new text.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import ScratchLLMError
 from .tokenizer import EOT, AllowedSpecial, Tokenizer
@@ -30,6 +33,7 @@ class CharTokenizer(Tokenizer):
         n = len(self.chars)
         self.special_tokens = {EOT: n, UNK: n + 1}
         self._id_to_text = [*self.chars, EOT, UNK]
+        self._points = np.array([ord(c) for c in self.chars], dtype=np.uint32)
 
     @classmethod
     def from_corpus(cls, texts: str | Iterable[str], name: str = "char") -> CharTokenizer:
@@ -49,18 +53,31 @@ class CharTokenizer(Tokenizer):
 
     def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
-        unk = self.special_tokens[UNK]
+        unknown = sorted(allowed - set(self.special_tokens))
+        if unknown:
+            raise ScratchLLMError(
+                f"char tokenizer: unknown special tokens {unknown}; it has {sorted(self.special_tokens)}"
+            )
+        if not allowed:
+            return self._encode_plain(text).tolist()
+        # the allowed specials split the text; the pieces between them are plain characters
+        pattern = "(" + "|".join(re.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")"
         ids: list[int] = []
-        i = 0
-        while i < len(text):
-            special = next((s for s in allowed if text.startswith(s, i)), None)
-            if special is not None:
-                ids.append(self.special_tokens[special])
-                i += len(special)
-            else:
-                ids.append(self.char_to_id.get(text[i], unk))
-                i += 1
+        for i, piece in enumerate(re.split(pattern, text)):
+            if i % 2:
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids.extend(self._encode_plain(piece).tolist())
         return ids
+
+    def _encode_plain(self, text: str) -> np.ndarray:
+        """One id per character, `<|unk|>` for characters outside the vocabulary, looked up for the whole
+        text at once (a Python loop took 1.9 s for Tiny Shakespeare's 1.1M characters)."""
+        # code points as an array; "surrogatepass" keeps lone surrogates (surrogateescape'd bytes) as code points
+        points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        at = np.searchsorted(self._points, points)  # self.chars is in code point order: its index is the id
+        at[at == len(self._points)] = 0
+        return np.where(self._points[at] == points, at, self.special_tokens[UNK]).astype(np.int64)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.decode(ids).encode("utf-8")
