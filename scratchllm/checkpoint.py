@@ -519,6 +519,7 @@ def format_model_info(info: dict[str, Any]) -> str:
         ("attention heads", f"{cfg['n_heads']} (head size {info['head_dim']})"),
         ("embedding size", f"{cfg['emb_dim']}"),
         ("context length", f"{cfg['context_length']:,} tokens"),
+        ("activation", "GELU, " + ("tanh approximation" if cfg["gelu"] == "tanh" else "exact (erf)")),
         ("vocabulary", f"{cfg['vocab_size']:,} tokens"),
         ("output head", head),
         ("parameters", count(info["parameters"])),

@@ -89,8 +89,14 @@ HF_HEAD = "lm_head.weight"  # an nn.Linear in HF too: no transpose
 HF_PREFIX = "transformer."  # save_pretrained writes it; OpenAI's files on the hub have none
 # GPT-2's causal-mask buffers, saved by old transformers versions: not weights
 HF_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
-# HF GPT-2 activations that are GPT-2's tanh-approximated GELU, the one our model has
-HF_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# transformers' activation_function names -> our GPTConfig.gelu (tanh: gelu_new is GPT-2's; exact: erf)
+HF_GELUS = {
+    "gelu_new": "tanh",
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_fast": "tanh",
+    "gelu": "exact",
+    "gelu_python": "exact",
+}
 
 
 def name_table(n_layers: int) -> list[tuple[str, str, bool]]:
@@ -265,7 +271,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> GPTCon
         raise ScratchLLMError(f"{source}: missing or bad GPT-2 setting {e}") from e
     unsupported = []
     if hf.get("activation_function", "gelu_new") not in HF_GELUS:
-        unsupported.append(f"activation_function {hf['activation_function']!r} (ours: tanh GELU, gelu_new)")
+        unsupported.append(f"activation_function {hf['activation_function']!r} (ours: gelu_new or gelu)")
     if abs(float(hf.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
         unsupported.append(f"layer_norm_epsilon {hf['layer_norm_epsilon']} (ours: 1e-5)")
     if hf.get("n_inner") not in (None, 4 * d):
@@ -287,6 +293,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> GPTCon
         drop_rate=float(hf.get("resid_pdrop", 0.1)),
         qkv_bias=True,  # GPT-2's c_attn always has a bias
         tie_weights=bool(hf.get("tie_word_embeddings", True)),
+        gelu=HF_GELUS[hf.get("activation_function", "gelu_new")],
     )
 
 
@@ -432,7 +439,7 @@ def hf_config(cfg: GPTConfig, tokenizer: Tokenizer | None = None, dtype: torch.d
         "n_layer": cfg.n_layers,
         "n_head": cfg.n_heads,
         "n_inner": None,
-        "activation_function": "gelu_new",
+        "activation_function": "gelu_new" if cfg.gelu == "tanh" else "gelu",
         "layer_norm_epsilon": 1e-5,
         "resid_pdrop": cfg.drop_rate,
         "embd_pdrop": cfg.drop_rate,

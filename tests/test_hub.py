@@ -26,11 +26,13 @@ transformers = require_transformers()
 SHAPES = [(32, 2, 4, 100, 64), (48, 3, 6, 257, 32), (64, 1, 1, 50, 16)]
 
 
-def random_hf_model(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, tie=True):
+def random_hf_model(
+    n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, tie=True, activation="gelu_new"
+):
     """A GPT2LMHeadModel with every tensor random (norms and biases too), in eval mode."""
     cfg = transformers.GPT2Config(
         n_embd=n_embd, n_layer=n_layer, n_head=n_head, vocab_size=vocab_size, n_positions=n_positions,
-        tie_word_embeddings=tie,
+        tie_word_embeddings=tie, activation_function=activation,
     )  # fmt: skip
     model = transformers.GPT2LMHeadModel(cfg)
     with torch.no_grad():
@@ -79,13 +81,28 @@ def test_hf_to_ours_same_logits(tmp_path, shape, tie):
     torch.testing.assert_close(our_logits(loaded.model, x), hf_logits(hf, x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "gelu_python"])
+def test_hf_gelu_forms(tmp_path, activation):
+    """GPT-2's tanh GELU under each of its transformers names, and the exact (erf) GELU, convert to the
+    matching `gelu` setting: same logits."""
+    hf = random_hf_model(activation=activation)
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = load_model(hub.convert_hf_dir(tmp_path / "hf", tmp_path / "ours"))
+    assert loaded.config.gelu == ("exact" if activation in ("gelu", "gelu_python") else "tanh")
+    x = torch.randint(0, 100, (2, 64))
+    # tight: with these small weights the other GELU would be ~1e-6 off; the same one is within 4e-8
+    torch.testing.assert_close(our_logits(loaded.model, x), hf_logits(hf, x), atol=2e-7, rtol=0)
+
+
+@pytest.mark.parametrize("gelu", ["tanh", "exact"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("qkv_bias", [True, False], ids=["qkv-bias", "no-qkv-bias"])
-def test_ours_to_hf_same_logits(tmp_path, tie, qkv_bias):
-    model = random_model(tie_weights=tie, qkv_bias=qkv_bias, emb_dim=48, n_heads=3, n_layers=3)
+def test_ours_to_hf_same_logits(tmp_path, tie, qkv_bias, gelu):
+    model = random_model(tie_weights=tie, qkv_bias=qkv_bias, emb_dim=48, n_heads=3, n_layers=3, gelu=gelu)
     save_model(tmp_path / "ours", model)
     hub.export_hf(tmp_path / "ours", tmp_path / "hf")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.activation_function == {"tanh": "gelu_new", "exact": "gelu"}[gelu]
     assert (hf.lm_head.weight is hf.transformer.wte.weight) == tie
     x = torch.randint(0, 100, (3, 64))
     torch.testing.assert_close(hf_logits(hf, x), our_logits(model, x), atol=1e-4, rtol=0)

@@ -69,6 +69,9 @@ class PretrainConfig(TrainerConfig):
     tie_weights: bool | None = setting(
         None, "override: share the token embedding with the output head", "model"
     )
+    gelu: str | None = setting(
+        None, "override: GELU as tanh (GPT-2's approximation) or exact (with erf, as nanoGPT)", "model"
+    )
     sample_prompts: list[str] = setting(
         ["The", "A function", "In Python,"], "prompts sampled at each evaluation", "eval"
     )
@@ -265,7 +268,7 @@ def _resolve_data(cfg: PretrainConfig, tokenizer: Tokenizer, out_dir: Path, dist
 def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> tuple[GPTModel, Tokenizer | None]:
     """A fresh model from the preset (+ overrides), or the weights of `init_from`."""
     overrides = {k: getattr(cfg, k) for k in ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate",
-                                              "qkv_bias", "tie_weights") if getattr(cfg, k) is not None}  # fmt: skip
+                                              "qkv_bias", "tie_weights", "gelu") if getattr(cfg, k) is not None}  # fmt: skip
     if cfg.init_from:
         from ..checkpoint import load_model
 
@@ -273,10 +276,10 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> tuple[GPTModel, To
         model = loaded.model
         if loaded.config.n_classes:
             raise ScratchLLMError(f"--init-from {cfg.init_from} is a classifier, not a language model")
-        shape_keys = {"emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_weights"} & set(overrides)
+        shape_keys = {"emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_weights", "gelu"} & set(overrides)
         if shape_keys:
             raise ScratchLLMError(
-                f"--init-from fixes the model's shape; drop {', '.join('--' + k.replace('_', '-') for k in sorted(shape_keys))}"
+                f"--init-from fixes the model's architecture; drop {', '.join('--' + k.replace('_', '-') for k in sorted(shape_keys))}"
             )
         if "context_length" in overrides and overrides["context_length"] > model.cfg.context_length:
             raise ScratchLLMError(

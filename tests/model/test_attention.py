@@ -4,6 +4,8 @@ against the book's formulas, and its KV cache and padding paths against plain fo
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -227,6 +229,10 @@ def test_layer_norm_and_gelu_equal_the_books_formulas():
     book.load_state_dict(ours.state_dict())
     torch.testing.assert_close(ours(x), book(x), atol=ATOL, rtol=1e-5)
     torch.testing.assert_close(GELU()(x), book4.GELU()(x), atol=ATOL, rtol=1e-5)
+    # the exact form: x Phi(x), with the normal CDF from erf (nanoGPT's nn.GELU())
+    exact = x * 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    torch.testing.assert_close(GELU("exact")(x), exact, atol=ATOL, rtol=1e-5)
+    assert (GELU("exact")(x) - GELU()(x)).abs().max() > 1e-4  # the two forms differ
 
 
 def _book_cfg(cfg: GPTConfig) -> dict:

@@ -84,7 +84,8 @@ def test_presets_and_aliases():
 @pytest.mark.parametrize(
     "bad",
     [dict(emb_dim=30, n_heads=4), dict(n_layers=0), dict(drop_rate=1.0), dict(n_classes=-1),
-     dict(emb_dim="big"), dict(n_layers=2.5), dict(qkv_bias="yes"), dict(drop_rate="0.1"), dict(vocab_size=True)],
+     dict(emb_dim="big"), dict(n_layers=2.5), dict(qkv_bias="yes"), dict(drop_rate="0.1"), dict(vocab_size=True),
+     dict(gelu="none"), dict(gelu=None)],
 )  # fmt: skip
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ScratchLLMError, match="model config"):
@@ -106,6 +107,10 @@ def test_model_takes_the_books_config_dict():
 def test_config_dict_round_trip_and_unknown_key():
     cfg = GPTConfig(**TINY)
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    exact = cfg.replace(gelu="exact")
+    assert GPTConfig.from_dict(exact.to_dict()) == exact and exact != cfg
+    # config.json files written before the setting existed load as GPT-2's tanh GELU
+    assert GPTConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "gelu"}).gelu == "tanh"
     with pytest.raises(ScratchLLMError, match=r"unknown keys \['hidden'\]"):
         GPTConfig.from_dict({**cfg.to_dict(), "hidden": 3})
 
