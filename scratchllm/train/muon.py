@@ -36,24 +36,62 @@ from torch import nn
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz(
+    g: torch.Tensor, steps: int = 5, eps: float = 1e-7, gram: bool | None = None
+) -> torch.Tensor:
     """Approximately U V^T for g = U S V^T, for a matrix or a batch of matrices (..., m, n), in g's
     dtype. X <- a X + (b A + c A^2) X with A = X X^T maps each singular value s to
-    a s + b s^3 + c s^5 and keeps the singular vectors."""
-    a, b, c = NS_COEFFICIENTS
+    a s + b s^3 + c s^5 and keeps the singular vectors. `gram`: take the same steps on the Gram
+    matrix (`_gram_steps`); None: where that is cheaper and its rounding harmless (fp32 or fp64
+    matrices more than twice as wide as tall)."""
     x = g if g.dim() == 3 else g.reshape(-1, *g.shape[-2:])
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide side: A = X X^T is then the smaller square
         x = x.mT
     # spectral norm <= Frobenius norm <= 1: every singular value starts in [0, 1]
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    if gram is None:
+        gram = x.dtype in (torch.float32, torch.float64) and x.size(-1) > 2 * x.size(-2)
+    x = _gram_steps(x, steps) if gram else _steps(x, steps)
+    if tall:
+        x = x.mT
+    return x.reshape(g.shape)
+
+
+def _steps(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The quintic on X itself: 3 products per step, two of them m x n (m <= n): 5 (4 m^2 n + 2 m^3) flops."""
+    a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
         A = x @ x.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
         x = torch.baddbmm(x, B, x, beta=a)  # a X + B X
-    if tall:
-        x = x.mT
-    return x.reshape(g.shape)
+    return x
+
+
+def _gram_steps(x: torch.Tensor, steps: int, restart: int = 2) -> torch.Tensor:
+    """The same steps taken on the m x m Gram matrix R = X X^T ("Gram Newton-Schulz", Dao AI Lab, 2026).
+
+    Each step is X <- Z X with Z = a I + b R + c R^2, a polynomial in R, so Z commutes with R and the next
+    Gram matrix is Z R Z. The product Q of the Z's meets X only at the end (and at the restart): four
+    m x n products in all instead of two per step (8 m^2 n + 32 m^3 flops for five steps instead of
+    20 m^2 n + 10 m^3; 0.7x for the 128 x 512 feed-forward matrices). Equal to `_steps` in exact
+    arithmetic. The Gram matrix squares the condition number, so rounding grows (fp32: ~4e-4 off for a
+    momentum with a few strong directions); applying Q to X and recomputing R from it after `restart`
+    steps brings that back to `_steps`' own ~5e-6. Half precision would need more care, so bf16 keeps
+    `_steps`."""
+    a, b, c = NS_COEFFICIENTS
+    r = x @ x.mT
+    q = None  # the product of the Z's since the start or the restart
+    for k in range(steps):
+        if k == restart:
+            x = q @ x
+            r, q = x @ x.mT, None
+        z = torch.baddbmm(r, r, r, beta=b, alpha=c)  # b R + c R^2
+        z.diagonal(dim1=-2, dim2=-1).add_(a)  # + a I
+        q = z if q is None else z @ q
+        if k < steps - 1:
+            r = z @ r @ z
+    return q @ x
 
 
 def muon_scale(shape: torch.Size) -> float:
@@ -66,9 +104,9 @@ class Muon(torch.optim.Optimizer):
     """Muon for the parameter groups marked `muon: True` (2-D weight matrices), AdamW for the others.
 
     Muon groups: `momentum` (0.95), Nesterov momentum (`nesterov`), `ns_steps` Newton-Schulz steps;
-    AdamW groups: `betas`, `eps`. Both: `lr`, decoupled `weight_decay`. Matrices of one shape are
-    orthogonalized together as one batch of matrix products, in `ns_dtype` (None: bf16 where the
-    device multiplies bf16 matrices fast, else fp32).
+    AdamW groups: `betas`, `eps`. Both: `lr`, decoupled `weight_decay`. Matrices of one shape (or its
+    transpose) are orthogonalized together as one batch of matrix products, in `ns_dtype` (None: bf16
+    where the device multiplies bf16 matrices fast, else fp32).
     """
 
     def __init__(
@@ -109,7 +147,7 @@ class Muon(torch.optim.Optimizer):
 
     def _muon(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         mu = group["momentum"]
-        by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, bool]]] = defaultdict(list)
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
@@ -117,14 +155,18 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mu)  # buf = mu buf + (1 - mu) g
             update = p.grad.lerp(buf, mu) if group["nesterov"] else buf  # Nesterov: look one step ahead
-            by_shape[(update.shape, update.dtype, update.device)].append((p, update))
-        for (shape, dtype, device), pairs in by_shape.items():
-            stacked = torch.stack([u for _, u in pairs]).to(self.ns_dtype or _fast_dtype(device, dtype))
+            # a tall matrix joins the wide ones of its transposed shape: one batch of products for both
+            tall = update.size(0) > update.size(1)
+            by_shape[(update.mT.shape if tall else update.shape, update.dtype, update.device)].append(
+                (p, update.mT if tall else update, tall)
+            )
+        for (shape, dtype, device), entries in by_shape.items():
+            stacked = torch.stack([u for _, u, _ in entries]).to(self.ns_dtype or _fast_dtype(device, dtype))
             orth = newton_schulz(stacked, group["ns_steps"]).to(dtype)
             step_size = group["lr"] * muon_scale(shape)
-            for (p, _), o in zip(pairs, orth):
+            for (p, _, tall), o in zip(entries, orth):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(o, alpha=-step_size)
+                p.add_(o.mT if tall else o, alpha=-step_size)
 
     def _adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
