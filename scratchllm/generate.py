@@ -906,18 +906,12 @@ class Engine:
             while end < len(order) and (end - start + 1) * len(ids[order[end]]) <= max_tokens:
                 end += 1
             rows = order[start:end]
-            width = len(ids[rows[-1]])
-            batch = torch.zeros(len(rows), width, dtype=torch.long)
-            for r, i in enumerate(rows):
-                batch[r, : len(ids[i])] = torch.tensor(ids[i])
-            # only the positions that predict a prompt token go through the output head
-            r_idx = torch.tensor(
-                [r for r, i in enumerate(rows) for _ in range(len(ids[i]) - 1)], dtype=torch.long
-            )
-            c_idx = torch.tensor([c for i in rows for c in range(len(ids[i]) - 1)], dtype=torch.long)
+            seqs = [ids[i] for i in rows]
+            # every position but the last predicts a prompt token; only those go through the output head
+            targets = torch.tensor([t for one in seqs for t in one[1:]], dtype=torch.long, device=device)
             with _eval_mode(self.model), torch.inference_mode():
-                hidden = self.model(batch.to(device), return_hidden=True)[r_idx.to(device), c_idx.to(device)]
-                scored = token_logprobs(self.model.out_head(hidden), batch[r_idx, c_idx + 1].to(device), top)
+                hidden = self.model.hidden_at(seqs, [range(len(one) - 1) for one in seqs])
+                scored = token_logprobs(self.model.out_head(hidden), targets, top)
             at = 0
             for i in rows:
                 n = len(ids[i]) - 1

@@ -85,7 +85,6 @@ def loglikelihoods(
     if batch_size < 1:
         raise ScratchLLMError(f"batch size must be >= 1, got {batch_size}")
     window = model.cfg.context_length
-    device = model.tok_emb.weight.device
     inputs: dict[tuple[tuple[int, ...], int], int] = {}  # identical requests run once
     unique: list[tuple[list[int], list[int], int]] = []  # (input ids, continuation ids, tokens cut)
     which: list[int] = []
@@ -108,15 +107,11 @@ def loglikelihoods(
     try:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            longest = len(unique[batch[0]][0])
-            idx = torch.zeros((len(batch), longest), dtype=torch.long)
-            rows, cols = [], []
-            for r, u in enumerate(batch):
-                ids, cont, _ = unique[u]
-                idx[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                rows += [r] * len(cont)
-                cols += range(len(ids) - len(cont), len(ids))
-            hidden = model(idx.to(device), return_hidden=True)[torch.tensor(rows), torch.tensor(cols)]
+            seqs = [unique[u][0] for u in batch]
+            # the last len(continuation) positions predict the continuation
+            hidden = model.hidden_at(
+                seqs, [range(len(ids) - len(unique[u][1]), len(ids)) for u, ids in zip(batch, seqs)]
+            )
             for u, score in zip(batch, _scores(model, hidden, [unique[u][1] for u in batch])):
                 score.truncated = unique[u][2]
                 results[u] = score

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,6 +238,19 @@ class GPTModel(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def hidden_at(self, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The final-norm hidden states at `positions[i]` of each token sequence `seqs[i]`, concatenated in
+        order: shape (total positions, emb_dim). The sequences run as one batch padded at the end, which
+        causal attention never lets a real token see; gathering only the positions that matter lets a
+        scorer put just those through the output head (for GPT-2's vocabulary, much of the work)."""
+        device = self.tok_emb.weight.device
+        batch = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            batch[r, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        rows = torch.tensor([r for r, p in enumerate(positions) for _ in p], dtype=torch.long, device=device)
+        cols = torch.tensor([c for p in positions for c in p], dtype=torch.long, device=device)
+        return self(batch.to(device), return_hidden=True)[rows, cols]
 
     def new_kv_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
