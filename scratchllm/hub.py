@@ -214,11 +214,11 @@ def _one_line(e: BaseException) -> str:
 
 def convert_hf_dir(src: str | os.PathLike, out: str | os.PathLike, expect: str | None = None) -> Path:
     """Convert a Hugging Face GPT-2 directory (config.json, model.safetensors, optionally vocab.json
-    + merges.txt) into a model directory at `out`. With `expect` (a hub name), the shape must be
-    that model's, so the cache never holds a wrong model under a name."""
+    + merges.txt) into a model directory at `out`. With `expect` (a hub name), the shape (and tying
+    and GELU form) must be that model's, so the cache never holds a wrong model under a name."""
     if expect is not None:
         want, got = preset_config(canonical_name(expect)), read_hf_config(src)
-        fields = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+        fields = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "tie_weights", "gelu")
         diff = [
             f"{f} {getattr(got, f)} (expected {getattr(want, f)})"
             for f in fields
@@ -270,8 +270,9 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> GPTCon
     except (KeyError, TypeError, ValueError) as e:
         raise ScratchLLMError(f"{source}: missing or bad GPT-2 setting {e}") from e
     unsupported = []
-    if hf.get("activation_function", "gelu_new") not in HF_GELUS:
-        unsupported.append(f"activation_function {hf['activation_function']!r} (ours: gelu_new or gelu)")
+    activation = hf.get("activation_function", "gelu_new")
+    if not isinstance(activation, str) or activation not in HF_GELUS:
+        unsupported.append(f"activation_function {activation!r} (ours: gelu_new or gelu)")
     if abs(float(hf.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
         unsupported.append(f"layer_norm_epsilon {hf['layer_norm_epsilon']} (ours: 1e-5)")
     if hf.get("n_inner") not in (None, 4 * d):
@@ -293,7 +294,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> GPTCon
         drop_rate=float(hf.get("resid_pdrop", 0.1)),
         qkv_bias=True,  # GPT-2's c_attn always has a bias
         tie_weights=bool(hf.get("tie_word_embeddings", True)),
-        gelu=HF_GELUS[hf.get("activation_function", "gelu_new")],
+        gelu=HF_GELUS[activation],
     )
 
 

@@ -16,7 +16,7 @@ from scratchllm import hub
 from scratchllm.checkpoint import WEIGHTS_FILE, load_model, save_model
 from scratchllm.cli import main
 from scratchllm.errors import ScratchLLMError
-from scratchllm.model.gpt import GPTConfig, GPTModel
+from scratchllm.model.gpt import GPTConfig, GPTModel, preset_config
 
 from .conftest import require_transformers, shared_file
 
@@ -488,6 +488,12 @@ def test_download_from_local_dir(home, tmp_path, capsys):
     assert main(["download", "gpt2", "--from", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert "does not hold gpt2-small: vocab_size 100 (expected 50257)" in err and "--size" in err
+    # GPT-2's shape with the exact GELU is another model too (config only: the check comes first)
+    (tmp_path / "gpt2-exact").mkdir()
+    config = {**hub.hf_config(preset_config("gpt2-small")), "activation_function": "gelu"}
+    (tmp_path / "gpt2-exact" / "config.json").write_text(json.dumps(config))
+    assert main(["download", "gpt2", "--from", str(tmp_path / "gpt2-exact")]) == 2
+    assert "does not hold gpt2-small: gelu exact (expected tanh)" in capsys.readouterr().err
     assert not (home / "models").exists() or not any((home / "models").iterdir())
     assert main(["download", "gpt2", "--from", str(tmp_path / "nothing")]) == 2
 

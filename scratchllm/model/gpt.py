@@ -137,6 +137,8 @@ class GELU(nn.Module):
 
     def __init__(self, form: str = "tanh"):
         super().__init__()
+        if form not in GELU_FORMS:
+            raise ValueError(f"GELU form must be {' or '.join(GELU_FORMS)}, got {form!r}")
         self.form = form
         self._approximate = "tanh" if form == "tanh" else "none"  # F.gelu's names
 
@@ -244,6 +246,8 @@ class GPTModel(nn.Module):
         order: shape (total positions, emb_dim). The sequences run as one batch padded at the end, which
         causal attention never lets a real token see; gathering only the positions that matter lets a
         scorer put just those through the output head (for GPT-2's vocabulary, much of the work)."""
+        if not seqs or len(seqs) != len(positions) or not all(seqs):
+            raise ValueError("hidden_at needs one position list per sequence, and no empty sequence")
         device = self.tok_emb.weight.device
         batch = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
         for r, s in enumerate(seqs):

@@ -80,10 +80,12 @@ def _gram_steps(x: torch.Tensor, steps: int, restart: int = 2) -> torch.Tensor:
     steps brings that back to `_steps`' own ~5e-6. Half precision would need more care, so bf16 keeps
     `_steps`."""
     a, b, c = NS_COEFFICIENTS
+    if steps < 1:
+        return x
     r = x @ x.mT
     q = None  # the product of the Z's since the start or the restart
     for k in range(steps):
-        if k == restart:
+        if k == restart and q is not None:
             x = q @ x
             r, q = x @ x.mT, None
         z = torch.baddbmm(r, r, r, beta=b, alpha=c)  # b R + c R^2

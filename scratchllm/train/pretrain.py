@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..config import setting
 from ..errors import ScratchLLMError
-from ..model.gpt import GPTModel, preset_config
+from ..model.gpt import GELU_FORMS, GPTModel, preset_config
 from ..text.sampling import PreparedData, TokenWindows, load_prepared
 from ..text.tokenizer import META_FILE as TOKENIZER_META
 from ..text.tokenizer import Tokenizer
@@ -88,6 +88,10 @@ class PretrainConfig(TrainerConfig):
             )
         if not self.init_from:
             preset_config(self.model)  # an unknown preset fails now, before any tokenizer training
+        if self.gelu is not None and self.gelu not in GELU_FORMS:
+            raise ScratchLLMError(
+                f"training settings: gelu must be {' or '.join(GELU_FORMS)}, got {self.gelu!r}"
+            )
         if self.encoding_errors not in ("strict", "replace"):
             raise ScratchLLMError(
                 f"training settings: encoding_errors must be strict or replace, got {self.encoding_errors!r}"

@@ -233,6 +233,8 @@ def test_layer_norm_and_gelu_equal_the_books_formulas():
     exact = x * 0.5 * (1 + torch.erf(x / math.sqrt(2)))
     torch.testing.assert_close(GELU("exact")(x), exact, atol=ATOL, rtol=1e-5)
     assert (GELU("exact")(x) - GELU()(x)).abs().max() > 1e-4  # the two forms differ
+    with pytest.raises(ValueError, match="GELU form must be tanh or exact"):
+        GELU("none")
 
 
 def _book_cfg(cfg: GPTConfig) -> dict:

@@ -194,3 +194,20 @@ def test_book_converter_fuses_qkv_in_order():
     assert torch.equal(sd["trf_blocks.0.att.qkv.weight"][8:16], att.W_key.weight)
     assert torch.equal(sd["trf_blocks.0.att.qkv.bias"][16:], att.W_value.bias)
     assert not any(k.endswith(".mask") or "W_" in k for k in sd)
+
+
+def test_hidden_at_gathers_each_sequences_positions_from_one_padded_batch():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(**TINY)).eval()
+    seqs = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    positions = [range(2, 5), [], [0, 2]]
+    with torch.no_grad():
+        got = model.hidden_at(seqs, positions)
+        want = torch.cat(
+            [model(torch.tensor([s]), return_hidden=True)[0, list(p)] for s, p in zip(seqs, positions)]
+        )
+    assert got.shape == (5, TINY["emb_dim"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for bad in ([], [[1], []]):
+        with pytest.raises(ValueError, match="one position list per sequence"):
+            model.hidden_at(bad, [[0]] * len(bad))

@@ -71,6 +71,17 @@ def test_round_trip_on_known_characters(text):
     assert TOK.decode(TOK.encode(text)) == text
 
 
+def test_empty_vocabulary_is_refused(tmp_path):
+    with pytest.raises(ScratchLLMError, match="vocabulary is empty"):
+        CharTokenizer([])
+    with pytest.raises(ScratchLLMError, match="corpus is empty"):
+        CharTokenizer.from_corpus("")
+    TOK.save(tmp_path / "tok")
+    (tmp_path / "tok" / "chars.json").write_text("[]")
+    with pytest.raises(ScratchLLMError, match="vocabulary is empty"):
+        load_tokenizer(str(tmp_path / "tok"))
+
+
 def test_save_load(tmp_path):
     TOK.save(tmp_path / "tok")
     back = load_tokenizer(str(tmp_path / "tok"))

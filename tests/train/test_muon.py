@@ -65,6 +65,8 @@ def test_gram_steps_are_the_same_steps(shape):
     wide = max(shape[-2:]) > 2 * min(shape[-2:])
     assert torch.equal(newton_schulz(g32), newton_schulz(g32, gram=wide))
     assert torch.equal(newton_schulz(g32.bfloat16()), newton_schulz(g32.bfloat16(), gram=False))
+    # no steps: the normalized input, by either form
+    assert torch.equal(newton_schulz(g32, steps=0, gram=True), newton_schulz(g32, steps=0, gram=False))
 
 
 def test_newton_schulz_in_bfloat16_is_torchs():

@@ -123,6 +123,7 @@ def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
         (["--config", "nope"], "config 'nope' is neither a file nor a preset"),
         (["--lr", "nan"], "lr must be a finite number, got nan"),
         (["--grad-clip", "-1"], "grad_clip must be >= 0, got -1.0"),
+        (["--gelu", "erf"], "gelu must be tanh or exact, got 'erf'"),
         (
             ["--data", "/nonexistent/prepared"],
             "--data /nonexistent/prepared is not a prepared data directory",
