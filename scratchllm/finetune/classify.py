@@ -654,6 +654,7 @@ def finetune_classify_command(
     from ..train.distributed import init_distributed
 
     cfg = load_config(ClassifyConfig, config, overrides)
+    cfg.check_flags(overrides)
     if cfg.trainable != "lora":
         reject_unused_flags(overrides, "lora_", "--trainable lora")
     result = finetune_classify(cfg, resume)

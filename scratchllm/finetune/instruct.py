@@ -536,6 +536,7 @@ def instruct_command(config: str | None, overrides: dict[str, Any], resume: str 
     from ..train.distributed import init_distributed
 
     cfg = load_config(InstructConfig, config, overrides)
+    cfg.check_flags(overrides)
     if not cfg.lora:
         reject_unused_flags(overrides, "lora_", "--lora true")
     result = instruct_finetune(cfg, resume)

@@ -30,6 +30,9 @@ from .distributed import DistInfo, barrier, init_distributed
 from .evaluate import next_token_loss, perplexity, token_loss
 from .trainer import Task, Trainer, TrainerConfig, TrainResult, check_run_start
 
+# model settings that --init-from cannot change (context_length may shrink, drop_rate may change)
+ARCHITECTURE_KEYS = ("emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_weights", "gelu")
+
 
 @dataclass
 class PretrainConfig(TrainerConfig):
@@ -70,7 +73,9 @@ class PretrainConfig(TrainerConfig):
         None, "override: share the token embedding with the output head", "model"
     )
     gelu: str | None = setting(
-        None, "override: GELU as tanh (GPT-2's approximation) or exact (with erf, as nanoGPT)", "model"
+        None,
+        "override: GELU as tanh (GPT-2's approximation) or exact (with erf, as nanoGPT); none: the preset's",
+        "model",
     )
     sample_prompts: list[str] = setting(
         ["The", "A function", "In Python,"], "prompts sampled at each evaluation", "eval"
@@ -88,6 +93,14 @@ class PretrainConfig(TrainerConfig):
             )
         if not self.init_from:
             preset_config(self.model)  # an unknown preset fails now, before any tokenizer training
+        if self.init_from:  # checked now, before the model is loaded (or downloaded)
+            fixed = [k for k in ARCHITECTURE_KEYS if getattr(self, k) is not None]
+            if fixed:
+                raise ScratchLLMError(
+                    f"--init-from {self.init_from} fixes the model's architecture, which {', '.join(fixed)} would "
+                    f"change; leave {'it' if len(fixed) == 1 else 'them'} out of the flags and the config file "
+                    f"(or set to none: --{fixed[0].replace('_', '-')} none)"
+                )
         if self.gelu is not None and self.gelu not in GELU_FORMS:
             raise ScratchLLMError(
                 f"training settings: gelu must be {' or '.join(GELU_FORMS)}, got {self.gelu!r}"
@@ -280,11 +293,6 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> tuple[GPTModel, To
         model = loaded.model
         if loaded.config.n_classes:
             raise ScratchLLMError(f"--init-from {cfg.init_from} is a classifier, not a language model")
-        shape_keys = {"emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_weights", "gelu"} & set(overrides)
-        if shape_keys:
-            raise ScratchLLMError(
-                f"--init-from fixes the model's architecture; drop {', '.join('--' + k.replace('_', '-') for k in sorted(shape_keys))}"
-            )
         if "context_length" in overrides and overrides["context_length"] > model.cfg.context_length:
             raise ScratchLLMError(
                 f"--context-length {overrides['context_length']} exceeds {cfg.init_from}'s {model.cfg.context_length}"
@@ -371,6 +379,7 @@ def summarize(result: TrainResult) -> str:
 
 def _check_flag_conflicts(cfg: PretrainConfig, flags: dict[str, Any]) -> None:
     """Flags that the other settings would silently ignore are errors, not surprises."""
+    cfg.check_flags(flags)
     if cfg.data and "corpus" in flags:
         raise ScratchLLMError(
             f"--corpus and --data {cfg.data} both give the training text; give one (--data: prepared already)"
@@ -385,6 +394,11 @@ def _check_flag_conflicts(cfg: PretrainConfig, flags: dict[str, Any]) -> None:
             raise ScratchLLMError(
                 f"--init-from {cfg.init_from} keeps its model's tokenizer; leave out --tokenizer/--vocab-size"
             )
+    elif "vocab_size" in flags and (cfg.data or cfg.tokenizer != "train"):
+        uses = f"--data {cfg.data}'s tokenizer" if cfg.data else f"--tokenizer {cfg.tokenizer}"
+        raise ScratchLLMError(
+            f"--vocab-size sizes the BPE that --tokenizer train trains; {uses} has its own vocabulary"
+        )
 
 
 def pretrain_command(

@@ -135,6 +135,13 @@ class TrainerConfig:
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise bad(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
 
+    def check_flags(self, flags: dict[str, Any]) -> None:
+        """Command-line `flags` that these settings would silently ignore are a one-line error."""
+        from ..config import reject_unused_flags
+
+        if self.optimizer != "muon":
+            reject_unused_flags(flags, "muon_", "--optimizer muon")
+
 
 class Task(ABC):
     """What one kind of training supplies to the loop."""

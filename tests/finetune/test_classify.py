@@ -540,6 +540,8 @@ def test_cli_errors_exit_2_with_one_line(base_dir, small_file, tmp_path, capsys)
         == 2
     )
     assert "--lora-rank, --lora-alpha need --trainable lora" in capsys.readouterr().err
+    assert cli.main(["finetune", "classify", "--model", str(base_dir), "--muon-momentum", "0.9"]) == 2
+    assert "--muon-momentum needs --optimizer muon" in capsys.readouterr().err
     assert (
         cli.main(["classify", "--model", str(base_dir), "--file", str(small_file), "--batch-size", "0"]) == 2
     )

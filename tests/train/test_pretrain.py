@@ -132,6 +132,18 @@ def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
         (["--data", "d", "--corpus", "a.txt"], "--corpus and --data d both give the training text; give one"),
         (["--init-from", "gpt2", "--model", "mini"], "leave out --model"),
         (["--init-from", "gpt2", "--tokenizer", "char"], "keeps its model's tokenizer"),
+        # refused before the model is loaded (or downloaded: gpt2 is not in this test's cache)
+        (
+            ["--init-from", "gpt2", "--gelu", "exact"],
+            "fixes the model's architecture, which gelu would change",
+        ),
+        (
+            ["--config", "shakespeare-char", "--init-from", "gpt2"],
+            "which emb_dim, n_layers, n_heads, gelu would",
+        ),
+        (["--muon-momentum", "0.9"], "--muon-momentum needs --optimizer muon"),
+        (["--tokenizer", "char", "--vocab-size", "500"], "--tokenizer char has its own vocabulary"),
+        (["--data", "d", "--vocab-size", "500"], "--data d's tokenizer has its own vocabulary"),
         (["--out", "elsewhere"], "name two run directories; give one"),
     ],
 )
