@@ -91,6 +91,8 @@ class PretrainConfig(TrainerConfig):
             raise ScratchLLMError(
                 f"training settings: val_fraction must be in (0, 1), got {self.val_fraction}"
             )
+        if not self.corpus and not self.data:  # e.g. a preset made for one corpus, which it cannot ship
+            raise ScratchLLMError("no training text: give --corpus (files, a directory, builtin) or --data")
         if not self.init_from:
             preset_config(self.model)  # an unknown preset fails now, before any tokenizer training
         if self.init_from:  # checked now, before the model is loaded (or downloaded)

@@ -138,9 +138,11 @@ def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
             "fixes the model's architecture, which gelu would change",
         ),
         (
-            ["--config", "shakespeare-char", "--init-from", "gpt2"],
+            ["--config", "shakespeare-char", "--corpus", "builtin", "--init-from", "gpt2"],
             "which emb_dim, n_layers, n_heads, gelu would",
         ),
+        # a preset made for one corpus, which it cannot ship, says so instead of training on the built-in docs
+        (["--config", "shakespeare-char-muon"], "no training text: give --corpus"),
         (["--muon-momentum", "0.9"], "--muon-momentum needs --optimizer muon"),
         (["--tokenizer", "char", "--vocab-size", "500"], "--tokenizer char has its own vocabulary"),
         (["--data", "d", "--vocab-size", "500"], "--data d's tokenizer has its own vocabulary"),
