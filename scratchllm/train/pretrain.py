@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..config import setting
 from ..errors import ScratchLLMError
-from ..model.gpt import GELU_FORMS, GPTModel, preset_config
+from ..model.gpt import GPTModel, preset_config
 from ..text.sampling import PreparedData, TokenWindows, load_prepared
 from ..text.tokenizer import META_FILE as TOKENIZER_META
 from ..text.tokenizer import Tokenizer
@@ -84,6 +84,11 @@ class PretrainConfig(TrainerConfig):
     sample_temperature: float = setting(0.8, "sampling temperature (0: greedy)", "eval")
     sample_top_k: int = setting(40, "sample among the k most likely tokens", "eval")
 
+    def model_overrides(self) -> dict[str, Any]:
+        """The model settings given (not None), which change the preset's or `init_from`'s."""
+        return {k: getattr(self, k) for k in ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate",
+                                              "qkv_bias", "tie_weights", "gelu") if getattr(self, k) is not None}  # fmt: skip
+
     def validate(self) -> None:
         """The trainer's checks, then the data and model settings'."""
         super().validate()
@@ -93,8 +98,6 @@ class PretrainConfig(TrainerConfig):
             )
         if not self.corpus and not self.data:  # e.g. a preset made for one corpus, which it cannot ship
             raise ScratchLLMError("no training text: give --corpus (files, a directory, builtin) or --data")
-        if not self.init_from:
-            preset_config(self.model)  # an unknown preset fails now, before any tokenizer training
         if self.init_from:  # checked now, before the model is loaded (or downloaded)
             fixed = [k for k in ARCHITECTURE_KEYS if getattr(self, k) is not None]
             if fixed:
@@ -103,10 +106,8 @@ class PretrainConfig(TrainerConfig):
                     f"change; leave {'it' if len(fixed) == 1 else 'them'} out of the flags and the config file "
                     f"(or set to none: --{fixed[0].replace('_', '-')} none)"
                 )
-        if self.gelu is not None and self.gelu not in GELU_FORMS:
-            raise ScratchLLMError(
-                f"training settings: gelu must be {' or '.join(GELU_FORMS)}, got {self.gelu!r}"
-            )
+        else:  # an unknown preset or a bad model setting fails now, before any tokenizer training
+            preset_config(self.model, **self.model_overrides())
         if self.encoding_errors not in ("strict", "replace"):
             raise ScratchLLMError(
                 f"training settings: encoding_errors must be strict or replace, got {self.encoding_errors!r}"
@@ -286,8 +287,7 @@ def _resolve_data(cfg: PretrainConfig, tokenizer: Tokenizer, out_dir: Path, dist
 
 def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> tuple[GPTModel, Tokenizer | None]:
     """A fresh model from the preset (+ overrides), or the weights of `init_from`."""
-    overrides = {k: getattr(cfg, k) for k in ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate",
-                                              "qkv_bias", "tie_weights", "gelu") if getattr(cfg, k) is not None}  # fmt: skip
+    overrides = cfg.model_overrides()
     if cfg.init_from:
         from ..checkpoint import load_model
 
@@ -302,9 +302,7 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> tuple[GPTModel, To
         if "drop_rate" in overrides:
             _set_dropout(model, overrides["drop_rate"])
         return model, loaded.tokenizer
-    model_cfg = preset_config(
-        cfg.model, **{k: v for k, v in overrides.items()}, vocab_size=tokenizer.vocab_size
-    )
+    model_cfg = preset_config(cfg.model, **overrides, vocab_size=tokenizer.vocab_size)
     return GPTModel(model_cfg), None
 
 
