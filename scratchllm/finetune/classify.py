@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import setting
+from ..config import reject_unused_flags, setting
 from ..errors import ScratchLLMError
 from ..model.gpt import GPTModel
 from ..model.lora import DEFAULT_TARGETS
@@ -156,6 +156,11 @@ class ClassifyConfig(TrainerConfig):
             raise bad(f"split must be three fractions >= 0 summing to 1 (train val test), got {self.split}")
         if not 0 <= self.lora_dropout < 1:
             raise bad(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    def check_flags(self, flags: dict[str, Any]) -> None:
+        super().check_flags(flags)
+        if self.trainable != "lora":
+            reject_unused_flags(flags, "lora_", "--trainable lora")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,13 +655,11 @@ def finetune_classify_command(
     config: str | None, overrides: dict[str, Any], resume: str | None = None
 ) -> ClassifyResult:
     """`scratchllm finetune classify`: resolve the settings, finetune, print the summary."""
-    from ..config import load_config, reject_unused_flags
+    from ..config import load_config
     from ..train.distributed import init_distributed
 
     cfg = load_config(ClassifyConfig, config, overrides)
     cfg.check_flags(overrides)
-    if cfg.trainable != "lora":
-        reject_unused_flags(overrides, "lora_", "--trainable lora")
     result = finetune_classify(cfg, resume)
     if init_distributed(cfg.device).is_main:
         print(summarize(result))

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import setting
+from ..config import reject_unused_flags, setting
 from ..errors import ScratchLLMError
 from ..fileio import read_json_records
 from ..text.tokenizer import Tokenizer
@@ -381,6 +381,11 @@ class InstructConfig(TrainerConfig):
             raise bad(f"context_length must be >= 2, got {self.context_length}")
         get_template(self.template)
 
+    def check_flags(self, flags: dict[str, Any]) -> None:
+        super().check_flags(flags)
+        if not self.lora:
+            reject_unused_flags(flags, "lora_", "--lora true")
+
 
 @dataclass
 class InstructData:
@@ -532,13 +537,11 @@ def summarize(result: TrainResult) -> str:
 
 def instruct_command(config: str | None, overrides: dict[str, Any], resume: str | None = None) -> TrainResult:
     """`scratchllm finetune instruct`: resolve the settings, train, print the summary."""
-    from ..config import load_config, reject_unused_flags
+    from ..config import load_config
     from ..train.distributed import init_distributed
 
     cfg = load_config(InstructConfig, config, overrides)
     cfg.check_flags(overrides)
-    if not cfg.lora:
-        reject_unused_flags(overrides, "lora_", "--lora true")
     result = instruct_finetune(cfg, resume)
     if init_distributed(cfg.device).is_main:
         print(summarize(result))

@@ -113,6 +113,29 @@ class PretrainConfig(TrainerConfig):
                 f"training settings: encoding_errors must be strict or replace, got {self.encoding_errors!r}"
             )
 
+    def check_flags(self, flags: dict[str, Any]) -> None:
+        """Also: flags that the data and model settings would silently ignore."""
+        super().check_flags(flags)
+        if self.data and "corpus" in flags:
+            raise ScratchLLMError(
+                f"--corpus and --data {self.data} both give the training text; give one (--data: prepared already)"
+            )
+        if self.init_from:
+            if "model" in flags:
+                raise ScratchLLMError(
+                    f"--model {self.model} and --init-from {self.init_from}: the run takes the shape of the model it "
+                    "starts from; leave out --model"
+                )
+            if flags.get("tokenizer") in ("train", "char") or "vocab_size" in flags:
+                raise ScratchLLMError(
+                    f"--init-from {self.init_from} keeps its model's tokenizer; leave out --tokenizer/--vocab-size"
+                )
+        elif "vocab_size" in flags and (self.data or self.tokenizer != "train"):
+            uses = f"--data {self.data}'s tokenizer" if self.data else f"--tokenizer {self.tokenizer}"
+            raise ScratchLLMError(
+                f"--vocab-size sizes the BPE that --tokenizer train trains; {uses} has its own vocabulary"
+            )
+
 
 class LanguageModelTask(Task):
     """Next-token prediction on token windows: random windows for training (a pure function of the
@@ -377,30 +400,6 @@ def summarize(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
-def _check_flag_conflicts(cfg: PretrainConfig, flags: dict[str, Any]) -> None:
-    """Flags that the other settings would silently ignore are errors, not surprises."""
-    cfg.check_flags(flags)
-    if cfg.data and "corpus" in flags:
-        raise ScratchLLMError(
-            f"--corpus and --data {cfg.data} both give the training text; give one (--data: prepared already)"
-        )
-    if cfg.init_from:
-        if "model" in flags:
-            raise ScratchLLMError(
-                f"--model {cfg.model} and --init-from {cfg.init_from}: the run takes the shape of the model it "
-                "starts from; leave out --model"
-            )
-        if flags.get("tokenizer") in ("train", "char") or "vocab_size" in flags:
-            raise ScratchLLMError(
-                f"--init-from {cfg.init_from} keeps its model's tokenizer; leave out --tokenizer/--vocab-size"
-            )
-    elif "vocab_size" in flags and (cfg.data or cfg.tokenizer != "train"):
-        uses = f"--data {cfg.data}'s tokenizer" if cfg.data else f"--tokenizer {cfg.tokenizer}"
-        raise ScratchLLMError(
-            f"--vocab-size sizes the BPE that --tokenizer train trains; {uses} has its own vocabulary"
-        )
-
-
 def pretrain_command(
     config: str | None, overrides: dict[str, Any], resume: str | None = None, preset: bool = False
 ) -> TrainResult:
@@ -409,7 +408,7 @@ def pretrain_command(
     from ..config import load_config
 
     cfg = load_config(PretrainConfig, config, overrides, preset=preset)
-    _check_flag_conflicts(cfg, overrides)
+    cfg.check_flags(overrides)
     result = pretrain(cfg, resume)
     if init_distributed(cfg.device).is_main:
         print(summarize(result))
