@@ -31,7 +31,7 @@ import torch.nn as nn
 from . import __version__
 from .device import pick_device
 from .errors import ScratchLLMError
-from .fileio import atomic_dir, atomic_write_json
+from .fileio import CONFIG_FILE, atomic_dir, atomic_write_json
 from .model.gpt import GPTConfig, GPTModel, count_parameters
 from .model.lora import apply_lora_config, lora_config
 from .model.quantize import check_quantize, is_quantized, quantize_model
@@ -39,7 +39,6 @@ from .text.tokenizer import META_FILE, Tokenizer, load_tokenizer
 
 FORMAT = "scratchllm-model"
 VERSION = 1
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Top-level keys of config.json. A new section (say, LoRA adapters) is added here with its loader.
 CONFIG_KEYS = ("format", "version", "model", "extra", "info", "lora")

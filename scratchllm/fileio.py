@@ -17,6 +17,16 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+# The files (and folder) that tell the package's directories apart in `directory_kind`; the code that
+# writes each kind uses these names, so the two cannot drift apart.
+STATE_FILE = "trainer_state.pt"  # a checkpoint (checkpoints/step-N/ of a run directory)
+CHECKPOINTS_DIR = "checkpoints"  # a run directory
+METRICS_FILE = "metrics.jsonl"  # a run directory
+CONFIG_FILE = "config.json"  # a model directory, and a Hugging Face one
+DATA_META_FILE = "meta.json"  # a prepared data directory (with its tokenizer in DATA_TOKENIZER_DIR)
+DATA_TOKENIZER_DIR = "tokenizer"
+TOKENIZER_META_FILE = "tokenizer_meta.json"  # a tokenizer directory
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -99,11 +109,11 @@ def directory_kind(path: str | os.PathLike) -> str | None:
     anything else. Outputs check it so that one kind never silently replaces another (a model
     directory holds tokenizer files too, an exported Hugging Face directory a config.json too)."""
     path = Path(path)
-    if (path / "trainer_state.pt").is_file():
+    if (path / STATE_FILE).is_file():
         return "checkpoint"
-    if (path / "config.json").is_file():
+    if (path / CONFIG_FILE).is_file():
         try:
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             config = None
         if isinstance(config, dict) and config.get("format") == "scratchllm-model":
@@ -111,11 +121,11 @@ def directory_kind(path: str | os.PathLike) -> str | None:
         if isinstance(config, dict) and "model_type" in config:
             return "Hugging Face model directory"
         return None
-    if (path / "meta.json").is_file() and (path / "tokenizer").is_dir():
+    if (path / DATA_META_FILE).is_file() and (path / DATA_TOKENIZER_DIR).is_dir():
         return "prepared data directory"
-    if (path / "tokenizer_meta.json").is_file():
+    if (path / TOKENIZER_META_FILE).is_file():
         return "tokenizer directory"
-    if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+    if (path / CHECKPOINTS_DIR).is_dir() or (path / METRICS_FILE).is_file():
         return "run directory"
     return None
 

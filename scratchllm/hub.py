@@ -50,7 +50,7 @@ SIZES = {"124M": "gpt2-small", "355M": "gpt2-medium", "774M": "gpt2-large", "155
 HUB_NAMES = ("gpt2", *HF_REPOS, *SIZES)
 # What a download fetches: the weights (one file, or shards with an index), the config, the tokenizer.
 HF_DOWNLOAD_FILES = [
-    "config.json",
+    CONFIG_FILE,
     "model.safetensors",
     "model.safetensors.index.json",
     "model-*-of-*.safetensors",

@@ -30,11 +30,11 @@ import numpy as np
 
 from .. import __version__
 from ..errors import ScratchLLMError
-from ..fileio import atomic_dir, atomic_write_json
+from ..fileio import DATA_META_FILE as META
+from ..fileio import DATA_TOKENIZER_DIR, atomic_dir, atomic_write_json
 from .corpus import BUILTIN, builtin_documents, iter_documents, resolve_paths
 from .tokenizer import Tokenizer, load_tokenizer
 
-META = "meta.json"
 FORMAT = "scratchllm-tokens"
 CHUNK_CHARS = 1 << 20  # work unit for the workers
 # With `workers=0` each worker process gets at least this much text: starting one (spawn, imports,
@@ -180,17 +180,17 @@ def prepare(
             yield keys, texts
 
     with atomic_dir(out, marker=META, what="prepared data directory") as tmp:
-        tok.save(tmp / "tokenizer")
+        tok.save(tmp / DATA_TOKENIZER_DIR)
         files = {s: open(tmp / f"{s}.bin", "wb") for s in ("train", "val")}  # noqa: SIM115
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress)
         pool = None
         try:
             if workers == 1:
-                _init_worker(str(tmp / "tokenizer"), dtype.str)
+                _init_worker(str(tmp / DATA_TOKENIZER_DIR), dtype.str)
                 results: Iterator = map(_encode_task, tasks())
             else:
                 pool = mp.get_context("spawn").Pool(
-                    workers, _init_worker, (str(tmp / "tokenizer"), dtype.str)
+                    workers, _init_worker, (str(tmp / DATA_TOKENIZER_DIR), dtype.str)
                 )
                 results = pool.imap(_encode_task, tasks())
             for keys, arrays in results:

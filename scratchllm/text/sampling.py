@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ScratchLLMError
+from ..fileio import DATA_TOKENIZER_DIR
 from .prepare import FORMAT, META
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -215,7 +216,7 @@ def load_prepared(path: str | os.PathLike, expected_tokenizer: Tokenizer | None 
         raise ScratchLLMError(f"{meta_path}: unreadable ({e}); re-run `scratchllm prepare`") from e
     if meta.get("format") != FORMAT:
         raise ScratchLLMError(f"{meta_path}: not a scratchllm token file description")
-    tokenizer = load_tokenizer(path / "tokenizer")
+    tokenizer = load_tokenizer(path / DATA_TOKENIZER_DIR)
     if tokenizer.fingerprint() != meta["tokenizer"]["fingerprint"]:
         raise ScratchLLMError(
             f"{path}: the stored tokenizer does not match {META}; re-run `scratchllm prepare`"

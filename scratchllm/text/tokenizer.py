@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from ..errors import ScratchLLMError
+from ..fileio import TOKENIZER_META_FILE as META_FILE
 
-META_FILE = "tokenizer_meta.json"
 EOT = "<|endoftext|>"
 AllowedSpecial = Literal["all"] | Set[str]
 

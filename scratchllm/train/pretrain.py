@@ -22,9 +22,9 @@ import torch.nn as nn
 
 from ..config import setting
 from ..errors import ScratchLLMError
+from ..fileio import CHECKPOINTS_DIR, DATA_META_FILE, METRICS_FILE, TOKENIZER_META_FILE
 from ..model.gpt import GPTModel, preset_config
 from ..text.sampling import PreparedData, TokenWindows, load_prepared
-from ..text.tokenizer import META_FILE as TOKENIZER_META
 from ..text.tokenizer import Tokenizer
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluate import next_token_loss, perplexity, token_loss
@@ -243,7 +243,7 @@ def _resolve_tokenizer(
         return load_tokenizer(cfg.tokenizer)
     if cfg.data:  # prepared data is tokenized already: its tokenizer is the run's, nothing to train
         prepared_tok = Path(cfg.data).expanduser() / "tokenizer"
-        if not (prepared_tok / TOKENIZER_META).is_file():
+        if not (prepared_tok / TOKENIZER_META_FILE).is_file():
             raise ScratchLLMError(
                 f"--data {cfg.data} is not a prepared data directory (no tokenizer/ inside); "
                 "run `scratchllm prepare` first"
@@ -271,7 +271,7 @@ def _resolve_tokenizer(
             print(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on {len(docs)} documents")
             texts = (d.text for d in docs)
             tok = train_bpe(texts, cfg.vocab_size, progress=cfg.progress, name=f"bpe-{cfg.vocab_size}")
-        with atomic_dir(tok_dir, marker=TOKENIZER_META, what="tokenizer directory") as tmp:
+        with atomic_dir(tok_dir, marker=TOKENIZER_META_FILE, what="tokenizer directory") as tmp:
             tok.save(tmp)
             (tmp / "trained_on.json").write_text(json.dumps(recipe))
     barrier(dist)
@@ -290,7 +290,7 @@ def _resolve_data(cfg: PretrainConfig, tokenizer: Tokenizer, out_dir: Path, dist
     data_dir = out_dir / "data"
     if dist.is_main:
         reuse = False
-        meta_path = data_dir / "meta.json"
+        meta_path = data_dir / DATA_META_FILE
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             reuse = (
@@ -395,7 +395,7 @@ def summarize(result: TrainResult) -> str:
         )
     lines.append(f"model: {out / 'model'}   best: {out / 'best'}   loss plot: {out / 'loss.png'}")
     lines.append(
-        f"metrics: {out / 'metrics.jsonl'}   checkpoints: {out / 'checkpoints'}   settings: {out / 'config.toml'}"
+        f"metrics: {out / METRICS_FILE}   checkpoints: {out / CHECKPOINTS_DIR}   settings: {out / 'config.toml'}"
     )
     return "\n".join(lines)
 

@@ -34,13 +34,19 @@ import torch.nn as nn
 from ..config import setting
 from ..device import autocast, check_compile, peak_flops, resolve_precision
 from ..errors import ScratchLLMError
-from ..fileio import atomic_dir, atomic_path, atomic_write_text, directory_kind
+from ..fileio import (
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    STATE_FILE,
+    atomic_dir,
+    atomic_path,
+    atomic_write_text,
+    directory_kind,
+)
 from ..model.gpt import GPTModel, flops_per_token
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag, init_distributed
 from .muon import Muon, muon_param_groups
 
-STATE_FILE = "trainer_state.pt"
-METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "muon")
@@ -249,7 +255,7 @@ def lr_at(step: int, cfg: TrainerConfig, total_steps: int) -> float:
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     """Resumable checkpoints of a run, oldest first."""
-    ck = Path(out_dir) / "checkpoints"
+    ck = Path(out_dir) / CHECKPOINTS_DIR
     if not ck.is_dir():
         return []
     found = [p for p in ck.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).exists()]
@@ -285,7 +291,7 @@ def find_resume_checkpoint(resume: str, out_dir: str | os.PathLike) -> Path:
         found = list_checkpoints(out_dir)
         if not found:
             raise ScratchLLMError(
-                f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}; start without --resume"
+                f"--resume: no checkpoint in {Path(out_dir) / CHECKPOINTS_DIR}; start without --resume"
             )
         return found[-1]
     path = Path(resume)
@@ -465,7 +471,7 @@ class Trainer:
             rng_states = gathered
         else:
             rng_states = [rng]
-        path = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
+        path = self.out_dir / CHECKPOINTS_DIR / f"step-{self.step:06d}"
         if self.is_main:
             state = {
                 "step": self.step,

@@ -9,6 +9,7 @@ import torch
 
 from scratchllm.checkpoint import load_model
 from scratchllm.cli import main
+from scratchllm.fileio import directory_kind
 from scratchllm.train.evaluate import evaluate_text, token_loss
 
 FAST = ["--model", "nano", "--context-length", "32", "--batch-size", "4", "--eval-batches", "2", "--warmup-steps",
@@ -166,6 +167,12 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(corpus, tmp_pa
     argv = [*base, "--out-dir", str(out)]
     assert main([*argv, "--max-steps", "8"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
+    # the kinds that outputs check before replacing a directory, by the files the run wrote
+    kinds = {
+        p: directory_kind(out / p) for p in (".", "checkpoints/step-000008", "model", "data", "tokenizer")
+    }
+    assert kinds == {".": "run directory", "checkpoints/step-000008": "checkpoint", "model": "model directory",
+                     "data": "prepared data directory", "tokenizer": "tokenizer directory"}  # fmt: skip
     capsys.readouterr()
     assert main([*argv, "--max-steps", "4"]) == 2  # would leave step-8 as the newest for --resume
     err = capsys.readouterr().err.strip()
