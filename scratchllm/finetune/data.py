@@ -170,14 +170,15 @@ def _label_name(label: Any) -> str:
 class LabelSet:
     """Class names <-> ids 0..N-1, saved with the model so predictions come back as names."""
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], source: str = "--labels"):
+        """`source` says where the names come from, for the errors."""
         names = [str(n) for n in names]
         if len(set(names)) != len(names):
-            raise ScratchLLMError(f"labels must be distinct, got {names}")
+            raise ScratchLLMError(f"{source}: labels must be distinct, got {names}")
         if len(names) < 2:
+            fix = "add examples of the other classes" if source == "the training data" else "name every class"
             raise ScratchLLMError(
-                f"a classifier needs at least two classes, the training data has only {names}; "
-                "add examples of the other classes"
+                f"a classifier needs at least two classes, {source} has only {names}; {fix}"
             )
         self.names = names
         self.ids = {n: i for i, n in enumerate(names)}
@@ -188,7 +189,7 @@ class LabelSet:
         found = sorted(
             {e.label for e in examples}, key=lambda s: (0, int(s), "") if _is_int(s) else (1, 0, s)
         )
-        return cls(found)
+        return cls(found, "the training data")
 
     def __len__(self) -> int:
         return len(self.names)
@@ -218,15 +219,18 @@ def split_by_fractions(
     examples: Sequence[Example], fractions: Sequence[float], seed: int
 ) -> tuple[list[Example], list[Example], list[Example]]:
     """Shuffle with `seed`, then cut train/val/test by fractions, as the book does: the first
-    int(n * train) examples, the next int(n * val), the rest (so test takes the rounding)."""
+    int(n * train) examples, the next int(n * val), the rest as test. The rounding goes to the last
+    split whose fraction is not 0 (the book's test), so a split of fraction 0 stays empty."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ScratchLLMError(
             f"split fractions must be three numbers >= 0 summing to 1 (train, val, test), got {list(fractions)}"
         )
     order = np.random.RandomState(seed).permutation(len(examples))
     shuffled = [examples[i] for i in order]
-    n_train = int(len(shuffled) * fractions[0])
-    n_val = int(len(shuffled) * fractions[1])
+    last = max(i for i, f in enumerate(fractions) if f > 0)
+    sizes = [int(len(shuffled) * f) if i < last else 0 for i, f in enumerate(fractions)]
+    sizes[last] = len(shuffled) - sum(sizes)
+    n_train, n_val = sizes[0], sizes[1]
     return shuffled[:n_train], shuffled[n_train : n_train + n_val], shuffled[n_train + n_val :]
 
 

@@ -331,7 +331,9 @@ class InstructConfig(TrainerConfig):
         False, "train low-rank adapters instead of all weights (merged into the saved model)", "lora"
     )
     lora_rank: int = setting(16, "rank of the LoRA matrices", "lora")
-    lora_alpha: float = setting(16.0, "LoRA scaling numerator (the update is scaled by alpha / rank)", "lora")
+    lora_alpha: float = setting(
+        16.0, "LoRA scale alpha: the detour adds alpha * x A B (the book's form)", "lora"
+    )
     lora_targets: list[str] = setting(
         ["qkv", "out_proj", "ff.layers.0", "ff.layers.2"],
         "linear layers that get adapters (names or endings)",

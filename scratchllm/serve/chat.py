@@ -183,7 +183,9 @@ class ChatSession:
 
     `send(text)` adds a user message and returns the streamed reply; each turn keeps as much
     history as fits the context window with room for `min(max_new_tokens, context_length // 2)`
-    reply tokens, dropping the oldest user/assistant turns first (system messages stay).
+    reply tokens, dropping the oldest user/assistant turns first (system messages stay). With a
+    `seed`, turn n samples with seed + n: each reply draws its own numbers, and the same conversation
+    replays the same (the first reply is `generate`'s with that seed).
     """
 
     def __init__(self, model: ChatModel, config: GenerationConfig | None = None, system: str | None = None):
@@ -192,11 +194,13 @@ class ChatSession:
         self.config = self.config.replace(stop=model.stop_strings(self.config.stop))
         self.system = system
         self.messages: list[dict[str, str]] = []
+        self.turns = 0  # replies started since the start or the last reset
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.turns = 0
 
     def send(self, text: str) -> ChatReply:
         """Add the user's message and start the reply. A message that cannot fit the context
@@ -218,6 +222,10 @@ class ChatSession:
                 "write a shorter message"
             )
         cfg = self.config.replace(max_new_tokens=min(self.config.max_new_tokens, room))
+        if cfg.seed is not None:
+            seed = cfg.seed + self.turns
+            cfg = cfg.replace(seed=seed - 2**64 if seed >= 2**64 else seed)  # the range torch takes
+        self.turns += 1
         return ChatReply(self, self.model.engine.stream(ids, cfg), dropped, len(ids))
 
     def _drop_oldest_turn(self) -> bool:

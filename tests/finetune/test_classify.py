@@ -306,7 +306,7 @@ def test_data_errors_are_one_clear_line(tmp_path, base_dir):
     ):
         read_examples(tmp_path / "e.jsonl")
     one = write_jsonl(tmp_path / "one.jsonl", [{"text": f"w{i}", "label": "only"} for i in range(20)])
-    with pytest.raises(ScratchLLMError, match=r"at least two classes.*only"):
+    with pytest.raises(ScratchLLMError, match=r"at least two classes, the training data has only \['only'\]"):
         finetune_classify(quick_cfg(base_dir, one, tmp_path / "r1"), log=lambda s: None)
     train = write_jsonl(tmp_path / "train.jsonl", synthetic(40))
     val = write_jsonl(tmp_path / "val.jsonl", [*synthetic(5, 1), {"text": "w1 w2", "label": "maybe"}])
@@ -328,6 +328,23 @@ def test_separate_split_files_and_fractions(base_dir, tmp_path):
     assert (len(s.train), len(s.val), len(s.test)) == (38, 7, 12)
     s = load_splits(quick_cfg(base_dir, train, tmp_path, split=[0.8, 0.2, 0.0]))
     assert (len(s.train), len(s.val), len(s.test)) == (40, 10, 0)
+    # the rounding goes to the last split cut from --data: never to one of fraction 0 (a one-example
+    # test split), nor to one given as a file (which would drop that example)
+    odd = write_jsonl(tmp_path / "odd.jsonl", synthetic(101))
+    s = load_splits(quick_cfg(base_dir, odd, tmp_path, split=[0.7, 0.3, 0.0]))
+    assert (len(s.train), len(s.val), len(s.test)) == (70, 31, 0)
+    s = load_splits(quick_cfg(base_dir, odd, tmp_path, test_data=str(test)))  # train : val = 0.7 : 0.1
+    assert (len(s.train), len(s.val), len(s.test)) == (88, 13, 9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.lists(st.integers(0, 10), min_size=3, max_size=3).filter(any))
+def test_split_by_fractions_uses_every_example_once(n, weights):
+    fractions = [w / sum(weights) for w in weights]
+    ex = [Example(f"t{i}", "a") for i in range(n)]
+    parts = split_by_fractions(ex, fractions, 0)
+    assert sorted(e.text for p in parts for e in p) == sorted(e.text for e in ex)
+    assert all(not p for p, f in zip(parts, fractions) if f == 0)
 
 
 def test_split_and_balance_follow_the_books_procedure():
@@ -349,8 +366,10 @@ def test_split_and_balance_follow_the_books_procedure():
 def test_label_set_order_and_unknown_labels():
     assert LabelSet.from_examples([Example("a", n) for n in ["10", "2", "1"]]).names == ["1", "2", "10"]
     assert LabelSet.from_examples([Example("a", n) for n in ["spam", "ham"]]).names == ["ham", "spam"]
-    with pytest.raises(ScratchLLMError, match="distinct"):
+    with pytest.raises(ScratchLLMError, match="--labels: labels must be distinct"):
         LabelSet(["a", "a"])
+    with pytest.raises(ScratchLLMError, match=r"two classes, --labels has only \['a'\]; name every class"):
+        LabelSet(["a"])
 
 
 def test_reads_the_real_sms_spam_collection_and_makes_the_books_split():

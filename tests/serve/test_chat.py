@@ -94,6 +94,30 @@ def test_stop_strings_system_messages_and_closing_a_reply_early(chat):
     assert session.messages == [{"role": "system", "content": "You are terse."}]
 
 
+def test_a_seeded_session_samples_each_turn_with_its_own_seed_and_replays(chat):
+    """Turn n samples with seed + n: the same seed every turn would draw the same numbers for each
+    reply; the whole conversation still replays exactly, and after /reset starts over."""
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.5, seed=7)
+    session = ChatSession(chat, cfg)
+    questions = ["Name three primary colors.", "And three more?", "Why?"]
+    replies, expected = [], []
+    for i, q in enumerate(questions):
+        reply = "".join(session.send(q))
+        turn = cfg.replace(seed=7 + i, stop=session.config.stop)
+        expected.append(chat.engine.generate([chat.encode_chat(session.messages[:-1])], turn)[0].text.strip())
+        replies.append(reply)
+    assert replies == expected
+    again = ChatSession(chat, cfg)
+    assert ["".join(again.send(q)) for q in questions] == replies
+    again.reset()
+    assert "".join(again.send(questions[0])) == replies[0]
+    edge = ChatSession(chat, cfg.replace(seed=2**64 - 1))  # the largest seed: turn 1 wraps to 0
+    "".join(edge.send(questions[0]))
+    wrapped = chat.engine.generate([chat.encode_chat([*edge.messages, {"role": "user", "content": "Hi"}])],
+                                   cfg.replace(seed=0, stop=edge.config.stop))[0].text.strip()  # fmt: skip
+    assert "".join(edge.send("Hi")) == wrapped
+
+
 @given(st.lists(st.text(alphabet=" \n\tab", max_size=4), max_size=8))
 def test_strip_stream_equals_stripping_the_whole_text(pieces):
     out = list(strip_stream(pieces))
