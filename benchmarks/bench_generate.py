@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from scratchllm.generate import Engine, GenerationConfig, generate_text_simple
+from scratchllm.generation import Engine, GenerationConfig, generate_text_simple
 from scratchllm.model.gpt import GPTModel, preset_config
 from scratchllm.model.quantize import Int4Linear, int4_supported, quantize_model
 

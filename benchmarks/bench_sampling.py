@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from scratchllm.generate import Engine, GenerationConfig, apply_penalties
+from scratchllm.generation import Engine, GenerationConfig, apply_penalties
 from scratchllm.model.gpt import GPTModel, preset_config
 
 

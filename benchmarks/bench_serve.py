@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from scratchllm.generate import Engine, GenerationConfig
+from scratchllm.generation import Engine, GenerationConfig
 from scratchllm.model.gpt import GPTModel, preset_config
 from scratchllm.serve.chat import chat_model
 from scratchllm.serve.server import BackgroundServer, create_app

@@ -10,7 +10,7 @@ import torch
 
 from .checkpoint import LoadedModel, load_model, read_config, resolve_model
 from .errors import ScratchLLMError
-from .generate import Completion, Engine, GenerationConfig
+from .generation import Completion, Engine, GenerationConfig
 
 
 class LLM:
@@ -40,7 +40,7 @@ class LLM:
         fp32; fp32 for classifiers. `compile`: generate with `CompiledDecoding` (for GPUs).
         `quantize` "int4": int4 weights, for faster decoding on CPUs (model/quantize.py)."""
         from .device import pick_device
-        from .generate import resolve_dtype
+        from .generation import resolve_dtype
 
         if not isinstance(spec, (str, os.PathLike)):
             raise ScratchLLMError(
@@ -68,10 +68,14 @@ class LLM:
         """Completions with token counts and finish reasons (one per prompt; prompts run as a batch)."""
         return self.engine.generate(prompts, config, **settings)
 
-    def generate(self, prompt: str, config: GenerationConfig | None = None, **settings: Any) -> str:
-        """The text that continues `prompt` (settings: `GenerationConfig`'s, e.g. max_new_tokens, temperature,
-        top_k, top_p, seed, stop, repetition_penalty)."""
-        return self.complete(prompt, config, **settings)[0].text
+    def generate(
+        self, prompt: str | Sequence[str], config: GenerationConfig | None = None, **settings: Any
+    ) -> str | list[str]:
+        """The text that continues `prompt`, or a list of texts for a list of prompts (one batch).
+        Settings: `GenerationConfig`'s, e.g. max_new_tokens, temperature, top_k, top_p, seed, stop,
+        repetition_penalty."""
+        texts = [c.text for c in self.complete(prompt, config, **settings)]
+        return texts[0] if isinstance(prompt, str) else texts
 
     def stream(self, prompt: str, config: GenerationConfig | None = None, **settings: Any) -> Iterator[str]:
         """Text pieces as they are generated."""

@@ -76,6 +76,8 @@ def save_model(
 ) -> Path:
     """Write `model` (+ tokenizer, + `extra`) as a model directory, atomically: readers see either
     the old complete directory or the new one. Returns the directory."""
+    if isinstance(directory, nn.Module):
+        raise ScratchLLMError("save_model takes the directory first: save_model(directory, model, tokenizer)")
     directory = Path(directory)
     with atomic_dir(directory, marker=CONFIG_FILE, what="model directory") as tmp:
         write_model_files(tmp, model, tokenizer, extra)

@@ -45,6 +45,25 @@ Stage 3, finetuning
 Run `scratchllm COMMAND --help` for the flags of each command.
 """
 
+COMMANDS = {  # the commands and their one-line help, in the order `scratchllm --help` lists them
+    "tokenizer": "train, inspect and use tokenizers",
+    "prepare": "tokenize a corpus into a memory-mapped token file for training",
+    "info": "a model's shape, parameter count, size and FLOPs per token",
+    "download": "fetch OpenAI's GPT-2 weights from the Hugging Face hub and convert them into a model directory",
+    "export-hf": "write a model as a Hugging Face GPT-2 directory (GPT2LMHeadModel.from_pretrained)",
+    "generate": "continue a prompt with a model",
+    "pretrain": "train a GPT on a corpus by next-token prediction",
+    "demo": "the main job: tokenizer + small GPT on Python's bundled docs, offline, in minutes",
+    "evaluate": "loss, perplexity and bits per byte of a model on any text",
+    "eval": "zero-/few-shot accuracy of a model on a task file (multiple choice or generation)",
+    "finetune": "Stage 3: finetune a model into a classifier or an instruction follower",
+    "classify": "label texts with a finetuned classifier",
+    "respond": "answer every instruction of a file with an assistant model",
+    "chat": "talk with a model in the terminal (multi-turn, streamed)",
+    "serve": "an OpenAI-compatible HTTP API for a model (/v1/completions, /v1/chat/completions)",
+    "judge": "score model responses 0-100 with a judge LLM (Ollama, an OpenAI-compatible API, `scratchllm serve`)",
+}
+
 COMPILE_HELP = (
     "decode with torch.compile over a static KV cache (CUDA graphs on GPUs): much faster "
     "tokens on a GPU after a one-off compilation per batch shape (chat and serve compile theirs "
@@ -142,12 +161,17 @@ def _add_corpus_args(p: argparse.ArgumentParser, required: bool = False) -> None
 
 
 def _add_stage1(sub: argparse._SubParsersAction) -> None:
-    tok = sub.add_parser("tokenizer", help="train, inspect and use tokenizers")
+    tok = sub.add_parser("tokenizer", help=COMMANDS["tokenizer"])
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION", parser_class=_Parser)
 
     p = tsub.add_parser("train", help="train a byte-level BPE tokenizer from scratch")
     _add_corpus_args(p)
-    p.add_argument("--vocab-size", type=int, default=8192, help="target vocabulary size, specials included")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=8192,
+        help="target vocabulary size, specials included (default 8192)",
+    )
     p.add_argument("--out", required=True, help="directory to write the tokenizer to")
     p.add_argument(
         "--special-tokens",
@@ -178,12 +202,15 @@ def _add_stage1(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default="gpt2", help=tok_help)
     p.set_defaults(func=_tokenizer_info)
 
-    p = sub.add_parser("prepare", help="tokenize a corpus into a memory-mapped token file for training")
+    p = sub.add_parser("prepare", help=COMMANDS["prepare"])
     _add_corpus_args(p)
     p.add_argument("--tokenizer", default="gpt2", help=tok_help)
     p.add_argument("--out", required=True, help="output directory (train.bin, val.bin, meta.json)")
     p.add_argument(
-        "--val-fraction", type=float, default=0.1, help="share of documents held out for validation"
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of documents held out for validation (default 0.1)",
     )
     p.add_argument(
         "--workers", type=int, default=0, help="tokenizer processes (0: one per CPU core and 16 MB of text)"
@@ -248,7 +275,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     from .model.gpt import PRESETS
 
     hub_names = "gpt2, gpt2-medium, gpt2-large, gpt2-xl (or 124M, 355M, 774M, 1558M)"
-    p = sub.add_parser("info", help="a model's shape, parameter count, size and FLOPs per token")
+    p = sub.add_parser("info", help=COMMANDS["info"])
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--list", action="store_true", help="every model preset's shape and size")
     which.add_argument("--preset", help=f"a model preset: {', '.join(PRESETS)}")
@@ -261,7 +288,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "download",
-        help="fetch OpenAI's GPT-2 weights from the Hugging Face hub and convert them into a model directory",
+        help=COMMANDS["download"],
     )
     p.add_argument(
         "name",
@@ -286,9 +313,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_download)
 
-    p = sub.add_parser(
-        "export-hf", help="write a model as a Hugging Face GPT-2 directory (GPT2LMHeadModel.from_pretrained)"
-    )
+    p = sub.add_parser("export-hf", help=COMMANDS["export-hf"])
     p.add_argument("model", help=f"a model directory, or {hub_names}")
     p.add_argument("out", help="the directory to write")
     p.set_defaults(func=_export_hf)
@@ -320,7 +345,7 @@ def _generate(args: argparse.Namespace) -> None:
     import time
 
     from .device import pick_device
-    from .generate import Engine, resolve_dtype
+    from .generation import Engine, resolve_dtype
 
     cfg = _sampling_config(args).replace(ignore_eos=args.ignore_eos, use_cache=not args.no_cache)
     prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
@@ -368,7 +393,7 @@ def _add_generate_command(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "generate",
-        help="continue a prompt with a model",
+        help=COMMANDS["generate"],
         description="Continue one prompt (or several, as a batch) with a model directory or GPT-2. "
         "Greedy by default; --temperature > 0 samples. The text goes to stdout, a summary to stderr.",
     )
@@ -475,14 +500,14 @@ def _add_stage2(sub: argparse._SubParsersAction) -> None:
 
     _add_training_command(
         sub, "pretrain", PretrainConfig, ".train.pretrain:pretrain_command",
-        help="train a GPT on a corpus by next-token prediction",
+        help=COMMANDS["pretrain"],
         description="Pretrain a GPT from scratch (or continue from GPT-2) on text. Settings come from the "
         "defaults, then --config (a TOML file or a preset name: demo, shakespeare-char, shakespeare-char-muon), then the flags below.",
         made="the trained model",
     )  # fmt: skip
     _add_training_command(
         sub, "demo", PretrainConfig, ".train.pretrain:demo",
-        help="the main job: tokenizer + small GPT on Python's bundled docs, offline, in minutes",
+        help=COMMANDS["demo"],
         description="Train a BPE tokenizer and a small GPT on the built-in corpus (Python's reference "
         "documentation), then print validation loss, perplexity and three samples. The same flags as "
         "`pretrain` change it (e.g. --corpus my.txt, --max-minutes 2).",
@@ -491,14 +516,14 @@ def _add_stage2(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "evaluate",
-        help="loss, perplexity and bits per byte of a model on any text",
+        help=COMMANDS["evaluate"],
         description="Loss, perplexity and bits per byte of a model on any text. For zero-/few-shot "
         "accuracy on task files (HellaSwag, multiple choice, generation) see `scratchllm eval`.",
     )
     p.add_argument("--model", required=True, help="a model directory or gpt2, gpt2-medium, ...")
     _add_corpus_args(p)
     p.add_argument("--context-length", type=int, default=None, help="window length (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens (0: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="fp32", help="fp32 (default, exact), bf16, fp16 or auto")
@@ -547,7 +572,7 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     """eval."""
     p = sub.add_parser(
         "eval",
-        help="zero-/few-shot accuracy of a model on a task file (multiple choice or generation)",
+        help=COMMANDS["eval"],
         description="Score a model on a JSON Lines task file, zero-shot or with K solved examples in the "
         "prompt. Multiple choice (HellaSwag's ctx/endings/label, or context/choices/answer): the choice "
         "with the highest log-likelihood wins (acc), or per byte of the choice (acc_norm). Generation "
@@ -595,7 +620,7 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
         "--batch-size",
         type=int,
         default=16,
-        help="sequences per forward pass (multiple choice) or prompts per batch (generation)",
+        help="sequences per forward pass (multiple choice) or prompts per batch (generation); default 16",
     )
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation: tokens to generate at most")
     p.add_argument(
@@ -624,7 +649,7 @@ def _finetune_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParser
         return next(a for a in existing._actions if isinstance(a, argparse._SubParsersAction))
     p = sub.add_parser(
         "finetune",
-        help="Stage 3: finetune a model into a classifier or an instruction follower",
+        help=COMMANDS["finetune"],
         description="Finetune a pretrained model (a model directory or GPT-2) with the one trainer.",
     )
     return p.add_subparsers(dest="finetune_command", required=True, metavar="KIND", parser_class=_Parser)
@@ -652,7 +677,7 @@ def _add_classify_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "classify",
-        help="label texts with a finetuned classifier",
+        help=COMMANDS["classify"],
         description="Print the predicted label and its probability for each text, or classify the records "
         "of --file (.jsonl, .csv, .tsv, .json) into --out (JSONL: each record plus `label` and `probabilities`).",
     )
@@ -664,7 +689,7 @@ def _add_classify_commands(sub: argparse._SubParsersAction) -> None:
                    help="column or JSON key of the text in --file (without a header: its 0-based position)")  # fmt: skip
     p.add_argument("--header", choices=["true", "false"], default="true",
                    help="whether a CSV/TSV --file starts with a row of column names")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=_classify)
 
@@ -701,7 +726,7 @@ def _add_instruct_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "respond",
-        help="answer every instruction of a file with an assistant model",
+        help=COMMANDS["respond"],
         description="Run each {instruction, input} record of --data (JSON list or JSONL) through the model, "
         "batched and greedy by default, and write the records with a `model_response` field to --out "
         "(JSON, or JSONL for a .jsonl name). The prompt template is the one stored with the model.",
@@ -727,7 +752,7 @@ def _add_instruct_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _sampling_config(args: argparse.Namespace):
-    from .generate import GenerationConfig
+    from .generation import GenerationConfig
 
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop or (), **_penalties(args))  # fmt: skip
@@ -776,7 +801,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "chat",
-        help="talk with a model in the terminal (multi-turn, streamed)",
+        help=COMMANDS["chat"],
         description="An interactive chat: type a message, the reply streams back. The conversation is "
         "rendered with the model's prompt template and its oldest turns are dropped when it outgrows the "
         "context window. /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops a reply. Reads lines "
@@ -791,7 +816,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "serve",
-        help="an OpenAI-compatible HTTP API for a model (/v1/completions, /v1/chat/completions)",
+        help=COMMANDS["serve"],
         description="Serve a model over OpenAI's API: GET /v1/models, POST /v1/completions (raw text), POST "
         "/v1/chat/completions (rendered with the prompt template), streaming as server-sent events. Any "
         "OpenAI client works with base_url http://HOST:PORT/v1. Requests queue for the model; waiting "
@@ -812,7 +837,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "judge",
-        help="score model responses 0-100 with a judge LLM (Ollama, an OpenAI-compatible API, `scratchllm serve`)",
+        help=COMMANDS["judge"],
         description="Score each response of --responses (records with instruction, input, output and "
         "model_response, as written by `scratchllm respond`) against the reference output with a judge "
         "model, using the book's prompt. Writes per-item JSON plus the average; exits 1 if some items got "
@@ -840,7 +865,9 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: bool = True) -> argparse.ArgumentParser:
+    """The command line's parser. `commands=False` leaves out the commands' own flags (whose settings
+    classes import torch): enough for `scratchllm --help` and `--version`, which then answer at once."""
     parser = _Parser(
         prog="scratchllm",
         description="Build a GPT-style LLM from scratch and carry it through its whole life.",
@@ -851,6 +878,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"scratchllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    if not commands:
+        for name, help in COMMANDS.items():
+            sub.add_parser(name, help=help)
+        return parser
     _add_stage1(sub)
     _add_model_commands(sub)
     _add_generate_command(sub)
@@ -891,7 +922,8 @@ def _one_line_warnings() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(commands=bool(argv) and argv[0] not in ("-h", "--help", "--version"))
     args, extras = parser.parse_known_args(argv)
     if extras:
         import difflib

@@ -12,7 +12,7 @@ import torch
 
 from scratchllm.checkpoint import load_model, save_model
 from scratchllm.cli import main
-from scratchllm.generate import Engine, GenerationConfig
+from scratchllm.generation import Engine, GenerationConfig
 from scratchllm.model.gpt import GPTModel, preset_config
 from scratchllm.text.bpe import BPETokenizer
 from scratchllm.train.trainer import Trainer

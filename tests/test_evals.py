@@ -31,7 +31,7 @@ from scratchllm.evals import (
     read_task,
     score_choices,
 )
-from scratchllm.generate import Engine, GenerationConfig
+from scratchllm.generation import Engine, GenerationConfig
 from scratchllm.model.gpt import GPTConfig, GPTModel
 from scratchllm.text.tokenizer import load_tokenizer
 

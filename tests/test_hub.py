@@ -116,7 +116,7 @@ def test_ours_to_hf_same_logits(tmp_path, tie, qkv_bias, gelu):
 def test_repetition_penalty_gives_transformers_tokens(tmp_path, penalty):
     """Greedy decoding with `repetition_penalty` picks the tokens transformers' `generate` picks
     with the same weights (and differs from plain greedy decoding, so the penalty is at work)."""
-    from scratchllm.generate import Engine
+    from scratchllm.generation import Engine
 
     hf = random_hf_model(n_embd=48, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
     hf.save_pretrained(tmp_path / "hf")
@@ -141,7 +141,7 @@ def test_repetition_penalty_gives_transformers_tokens(tmp_path, penalty):
 def test_prompt_and_generation_logprobs_equal_transformers(tmp_path):
     """`prompt_logprobs` (the server's echo + logprobs) and the generated tokens' logprobs are
     transformers' log-softmax scores for the same weights and tokens."""
-    from scratchllm.generate import Engine
+    from scratchllm.generation import Engine
 
     hf = random_hf_model(n_embd=48, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
     hf.save_pretrained(tmp_path / "hf")

@@ -9,7 +9,7 @@ from its description alone (zero-shot) or from a handful of solved examples in t
     fewshot.py  K-shot prompts from an example pool, seeded, never showing an item its own answer
     scoring.py  log-likelihood of continuations (batched; the choices of an item share one pass
                 over their context), multiple-choice acc / acc_norm, greedy generation with exact
-                match through the one engine (generate.py)
+                match through the one engine (generation.py)
     run.py      the command: load, score, summarize, write the per-item JSON
 
     from scratchllm.checkpoint import load_model

@@ -74,7 +74,7 @@ def evaluate_task(
     start = time.perf_counter()
     try:
         if generation:
-            from ..generate import Engine
+            from ..generation import Engine
 
             per_item = score_generation(
                 Engine(model, tokenizer),

@@ -5,7 +5,7 @@ continuation of the same context; the model's answer is the choice with the high
 log-likelihood (`acc`), or the highest log-likelihood per UTF-8 byte of the choice (`acc_norm`, which
 stops long choices from losing just for having more tokens).
 
-Generation: greedy decoding through the one engine (generate.py) until a stop string; right when
+Generation: greedy decoding through the one engine (generation.py) until a stop string; right when
 the output equals an answer after `normalize_answer` (`exact_match`).
 
 How a (context, continuation) pair becomes tokens: whitespace at the end of the context moves to
@@ -330,7 +330,7 @@ def score_generation(
 
     Prompts are cut from the left to leave room for `max_new_tokens` in the context window, and
     run in batches of similar length."""
-    from ..generate import GenerationConfig
+    from ..generation import GenerationConfig
 
     window = engine.model.cfg.context_length
     if max_new_tokens >= window:

@@ -82,7 +82,7 @@ def read_task(path: str | os.PathLike, format: str = "auto") -> TaskFile:
     if format != "auto" and format not in FORMATS:
         raise ScratchLLMError(f"unknown task format {format!r}; use auto, {', '.join(FORMATS)}")
     items: list[Item] = []
-    for where, n, record in read_json_records(path, "task file", "one item per line (JSON Lines)"):
+    for where, n, record in read_json_records(path, "task file", "one item per line"):
         if format == "auto":
             format = detect_format(record, where)
         items.append(parse_record(record, format, where, n))

@@ -761,7 +761,12 @@ def classify_command(
     from .data import read_texts
 
     if bool(texts) == bool(file):
-        raise ScratchLLMError("give texts to classify, or --file IN.jsonl (not both)")
+        what = (
+            "texts and --file: give one of them"
+            if texts
+            else "nothing to classify: give texts, or --file IN.jsonl"
+        )
+        raise ScratchLLMError(what)
     if out and not file:
         raise ScratchLLMError("--out needs --file")
     if batch_size < 1:

@@ -279,7 +279,7 @@ class InstructionTask(Task):
         """The model's answers to the first few validation instructions."""
         if not (self.sample_count and self.sample_tokens and self.tokenizer is not None):
             return []
-        from ..generate import Engine, GenerationConfig
+        from ..generation import Engine, GenerationConfig
 
         entries = self.val.data[: self.sample_count]
         template = self.val.template
@@ -586,7 +586,7 @@ def respond(
     from ..checkpoint import load_model
     from ..device import pick_device
     from ..fileio import check_output_file
-    from ..generate import Engine, GenerationConfig, resolve_dtype
+    from ..generation import Engine, GenerationConfig, resolve_dtype
 
     if out is not None:
         check_output_file(out, inputs={"--data": data})

@@ -83,7 +83,13 @@ class GPTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ScratchLLMError(f"model config: unknown keys {unknown}; valid keys are {sorted(names)}")
+            import difflib
+
+            close = [m for k in unknown for m in difflib.get_close_matches(k, names, n=1)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ScratchLLMError(
+                f"model config: unknown keys {unknown}{hint}; valid keys are {sorted(names)}"
+            )
         return cls(**d)
 
     def replace(self, **changes) -> GPTConfig:
@@ -111,7 +117,7 @@ def preset_config(name: str, **overrides) -> GPTConfig:
     key = PRESET_ALIASES.get(name, name)
     if key not in PRESETS:
         raise ScratchLLMError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return GPTConfig(**{**PRESETS[key], **overrides})
+    return GPTConfig.from_dict({**PRESETS[key], **overrides})
 
 
 class LayerNorm(nn.Module):
@@ -197,7 +203,9 @@ class GPTModel(nn.Module):
     """Token + position embeddings, `n_layers` transformer blocks, final norm, output head."""
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any]):
-        """`cfg`: a `GPTConfig`, or a dict of its keys (the book's `GPT_CONFIG_124M` style)."""
+        """`cfg`: a `GPTConfig`, or a dict of its keys (the book's `GPT_CONFIG_124M` style). The head
+        shares the token embedding's weights unless `tie_weights` is False, as GPT-2 does: 124M
+        parameters for that config; the book's chapter 4 model, untied, has 163M."""
         super().__init__()
         if isinstance(cfg, Mapping):
             cfg = GPTConfig.from_dict(dict(cfg))
@@ -295,6 +303,14 @@ class GPTModel(nn.Module):
         A cache in static mode (`KVCache.freeze`) keeps the positions and the mask itself: a one-token
         step with fixed shapes, for torch.compile and CUDA graphs (`padding_mask` is not used).
         """
+        if not isinstance(in_idx, torch.Tensor) or in_idx.dim() != 2:
+            got = (
+                f"shape {tuple(in_idx.shape)}" if isinstance(in_idx, torch.Tensor) else type(in_idx).__name__
+            )
+            raise ScratchLLMError(
+                f"GPTModel takes a tensor of token ids of shape (batch, T), got {got}; "
+                "for one sequence use torch.tensor([ids]) or ids.unsqueeze(0)"
+            )
         _, t = in_idx.shape
         static = kv_cache is not None and kv_cache.static
         # (static: no Python-side position here, so a compiled step is not specialized on it)

@@ -32,7 +32,7 @@ from ..finetune.templates import (
     get_template,
     template_for_model,
 )
-from ..generate import Completion, Engine, GenerationConfig, TextStream
+from ..generation import Completion, Engine, GenerationConfig, TextStream
 
 Message = Mapping[str, str]
 
@@ -97,7 +97,7 @@ def load_chat_model(
     """Load a model directory (or a hub name such as `gpt2`) with its tokenizer and template."""
     from ..checkpoint import load_model
     from ..device import pick_device
-    from ..generate import resolve_dtype
+    from ..generation import resolve_dtype
 
     if template is not None:
         get_template(template)  # an unknown name fails before the (slow) model load

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import ScratchLLMError
-from ..generate import Completion, GenerationConfig, TokenLogprob, decode_piece
+from ..generation import Completion, GenerationConfig, TokenLogprob, decode_piece
 from .chat import ChatModel, WhitespaceStripper, load_chat_model
 
 try:

@@ -39,7 +39,7 @@ from typing import Any
 import regex
 
 from ..errors import ScratchLLMError
-from .tokenizer import EOT, AllowedSpecial, Tokenizer
+from .tokenizer import EOT, AllowedSpecial, Tokenizer, check_not_text
 
 # GPT-2's pre-tokenizer as tiktoken writes it (possessive quantifiers, same pieces as OpenAI's
 # original `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`, faster).
@@ -242,18 +242,8 @@ class BPETokenizer(Tokenizer):
 
     # -- encoding ------------------------------------------------------------------------------
 
-    def _allowed(self, allowed_special: AllowedSpecial) -> frozenset[str]:
-        if allowed_special == "all":
-            return frozenset(self.special_tokens)
-        allowed = frozenset(allowed_special)
-        unknown = allowed - self.special_tokens.keys()
-        if unknown:
-            raise ScratchLLMError(
-                f"tokenizer {self.name!r}: unknown special tokens {sorted(unknown)}; it has {sorted(self.special_tokens)}"
-            )
-        return allowed
-
     def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
+        self._check_text(text)
         if not allowed_special:
             return self._enc.encode_ordinary(text)
         # disallowed_special=(): special strings that are not allowed are plain text, never an error
@@ -268,6 +258,8 @@ class BPETokenizer(Tokenizer):
         submits one task per text, whose overhead costs more than encoding a short document.)
         """
         texts = list(texts)
+        for text in texts:
+            self._check_text(text)
         if allowed_special:
             allowed = self._allowed(allowed_special)
 
@@ -283,6 +275,7 @@ class BPETokenizer(Tokenizer):
             return [ids for share in shares for ids in share]
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        check_not_text(ids, self.name)
         ids = [int(i) for i in ids]
         try:
             return self._enc.decode_bytes(ids)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ScratchLLMError
-from .tokenizer import EOT, AllowedSpecial, Tokenizer
+from .tokenizer import EOT, AllowedSpecial, Tokenizer, check_not_text
 
 UNK = "<|unk|>"
 
@@ -54,12 +54,8 @@ class CharTokenizer(Tokenizer):
         return len(self._id_to_text)
 
     def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
-        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
-        unknown = sorted(allowed - set(self.special_tokens))
-        if unknown:
-            raise ScratchLLMError(
-                f"char tokenizer: unknown special tokens {unknown}; it has {sorted(self.special_tokens)}"
-            )
+        self._check_text(text)
+        allowed = self._allowed(allowed_special)
         if not allowed:
             return self._encode_plain(text).tolist()
         # the allowed specials split the text; the pieces between them are plain characters
@@ -86,10 +82,12 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         """The characters of `ids` (specials as their strings); an id outside the vocabulary is an error."""
-        try:
-            return "".join(self._id_to_text[i] if i >= 0 else "\ufffd" for i in ids)
-        except IndexError as e:
-            raise ScratchLLMError(f"char tokenizer: token id out of range 0..{self.vocab_size - 1}") from e
+        check_not_text(ids, self.name)
+        ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:  # checked, not caught: a negative index would silently read from the end
+            raise ScratchLLMError(f"char tokenizer: token id {bad} out of range 0..{self.vocab_size - 1}")
+        return "".join(self._id_to_text[i] for i in ids)
 
     def _files(self) -> dict[str, bytes]:
         return {"chars.json": json.dumps(self.chars, ensure_ascii=False).encode("utf-8")}

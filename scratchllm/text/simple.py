@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ScratchLLMError
-from .tokenizer import EOT, AllowedSpecial, Tokenizer
+from .tokenizer import EOT, AllowedSpecial, Tokenizer, check_not_text
 
 UNK = "<|unk|>"
 SPLIT_PATTERN = re.compile(r'([,.:;?_!"()\']|--|\s)')
@@ -28,7 +28,8 @@ def split_words(text: str) -> list[str]:
 
 
 class SimpleTokenizer(Tokenizer):
-    """Word-level tokenizer with `<|endoftext|>` and `<|unk|>` (the book's `SimpleTokenizerV2`)."""
+    """Word-level tokenizer with `<|endoftext|>` and `<|unk|>` (the book's `SimpleTokenizerV2`, except
+    that, like every tokenizer here, special strings in text are plain text unless `allowed_special`)."""
 
     kind = "simple"
 
@@ -59,10 +60,8 @@ class SimpleTokenizer(Tokenizer):
         return len(self.id_to_token)
 
     def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
-        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
-        unknown = allowed - set(self.special_tokens)
-        if unknown:
-            raise ScratchLLMError(f"simple tokenizer: unknown special tokens {sorted(unknown)}")
+        self._check_text(text)
+        allowed = self._allowed(allowed_special)
         parts = [text]
         if allowed:
             parts = re.split("(" + "|".join(re.escape(s) for s in sorted(allowed)) + ")", text)
@@ -84,7 +83,8 @@ class SimpleTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         """The words of `ids` joined by spaces, with the space before punctuation removed (the book's
         `decode`); an id outside the vocabulary is an error."""
-        ids = list(ids)
+        check_not_text(ids, self.name)
+        ids = [int(i) for i in ids]
         bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
         if bad is not None:  # checked, not caught: a negative index would silently read from the end
             raise ScratchLLMError(f"simple tokenizer: token id {bad} out of range 0..{self.vocab_size - 1}")
@@ -106,5 +106,8 @@ class SimpleTokenizer(Tokenizer):
         return cls(vocab, name=meta.get("name", "simple"))
 
 
-# the book's class names
-SimpleTokenizerV2 = SimpleTokenizer
+class SimpleTokenizerV2(SimpleTokenizer):
+    """The book's class: `<|endoftext|>` in text is the special token by default, as in chapter 2."""
+
+    def encode(self, text: str, allowed_special: AllowedSpecial = "all") -> list[int]:
+        return super().encode(text, allowed_special)

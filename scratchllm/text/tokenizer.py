@@ -58,6 +58,23 @@ class Tokenizer(ABC):
         """The text of `ids`; bytes that do not form valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def _check_text(self, text: object) -> None:
+        if not isinstance(text, str):
+            raise ScratchLLMError(f"tokenizer {self.name!r}: encode takes a str, got {type(text).__name__}")
+
+    def _allowed(self, allowed_special: AllowedSpecial) -> frozenset[str]:
+        """The special strings that `encode` treats as specials: "all" of them, the one a string
+        names, or those of a collection (an unknown one is an error)."""
+        if allowed_special == "all":
+            return frozenset(self.special_tokens)
+        allowed = frozenset([allowed_special] if isinstance(allowed_special, str) else allowed_special)
+        unknown = allowed - self.special_tokens.keys()
+        if unknown:
+            raise ScratchLLMError(
+                f"tokenizer {self.name!r}: unknown special tokens {sorted(unknown)}; it has {sorted(self.special_tokens)}"
+            )
+        return allowed
+
     @abstractmethod
     def _files(self) -> dict[str, bytes]:
         """The kind's own files: name -> content."""
@@ -110,6 +127,14 @@ class Tokenizer(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
+
+
+def check_not_text(ids: object, name: str) -> None:
+    """Decoding takes token ids; a string would otherwise be read digit by digit as ids."""
+    if isinstance(ids, (str, bytes)):
+        raise ScratchLLMError(
+            f"tokenizer {name!r}: decode takes token ids (a list of ints), got a {type(ids).__name__}"
+        )
 
 
 def _kinds() -> dict[str, type[Tokenizer]]:

@@ -208,7 +208,7 @@ class LanguageModelTask(Task):
     def samples(self, model: nn.Module) -> list[str]:
         if not (self.sample_tokens and self.sample_prompts and self.tokenizer is not None):
             return []
-        from ..generate import Engine, GenerationConfig
+        from ..generation import Engine, GenerationConfig
 
         gen = GenerationConfig(
             max_new_tokens=self.sample_tokens,

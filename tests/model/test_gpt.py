@@ -113,6 +113,21 @@ def test_config_dict_round_trip_and_unknown_key():
     assert GPTConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "gelu"}).gelu == "tanh"
     with pytest.raises(ScratchLLMError, match=r"unknown keys \['hidden'\]"):
         GPTConfig.from_dict({**cfg.to_dict(), "hidden": 3})
+    # the GPT-2/HF spellings are the usual slip: the error names the key meant, for presets too
+    with pytest.raises(ScratchLLMError, match=r"unknown keys \['n_head'\] \(did you mean n_heads\?\)"):
+        preset_config("nano", n_head=3)
+
+
+def test_the_model_takes_a_batch_of_ids_and_says_so_otherwise():
+    model = GPTModel(GPTConfig(**TINY)).eval()
+    for bad, got in [
+        (torch.tensor([1, 2, 3]), r"shape \(3,\)"),
+        ([[1, 2, 3]], "list"),
+        (torch.zeros(1, 2, 3), "shape"),
+    ]:
+        with pytest.raises(ScratchLLMError, match=f"token ids of shape \\(batch, T\\), got {got}"):
+            model(bad)
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 97)
 
 
 def test_output_shapes():

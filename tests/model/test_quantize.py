@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scratchllm.errors import ScratchLLMError
-from scratchllm.generate import Engine, GenerationConfig
+from scratchllm.generation import Engine, GenerationConfig
 from scratchllm.model.gpt import GPTConfig, GPTModel, count_parameters
 from scratchllm.model.lora import apply_lora
 from scratchllm.model.quantize import (
@@ -277,7 +277,7 @@ def test_cli_generate_and_evaluate_with_int4(tmp_path, capsys):
 
 
 def test_fixed_shape_decoding_of_an_int4_model_equals_the_default():
-    from tests.test_generate import static_engine
+    from tests.test_generation import static_engine
 
     model = quantize_model(model_of(vocab=257, bias=False, tie=False))  # static_engine's byte tokenizer
     prompts = [[1, 2, 3, 4], [7] * 11, [5, 9]]

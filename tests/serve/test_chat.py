@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from scratchllm.checkpoint import save_model
 from scratchllm.errors import ScratchLLMError
-from scratchllm.generate import Engine, GenerationConfig
+from scratchllm.generation import Engine, GenerationConfig
 from scratchllm.serve.chat import ChatSession, chat_loop, chat_model, load_chat_model, strip_stream
 
 from .conftest import tiny_gpt

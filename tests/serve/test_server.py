@@ -22,7 +22,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from scratchllm.errors import ScratchLLMError
-from scratchllm.generate import GenerationConfig
+from scratchllm.generation import GenerationConfig
 from scratchllm.serve.chat import load_chat_model
 from scratchllm.serve.server import BackgroundServer, Scheduler, _Job, create_app
 
@@ -387,7 +387,7 @@ def test_chat_logprobs_in_parts_leave_out_the_whitespace_around_the_reply():
     """`_ChatTokens` fed a reply in parts gives what it gives fed the whole reply: whitespace-only
     tokens (or byte tokens of a whitespace character) at either end left out, held back in the
     middle until a token with text follows: the kept tokens spell the stripped reply."""
-    from scratchllm.generate import TokenLogprob
+    from scratchllm.generation import TokenLogprob
     from scratchllm.serve.server import _ChatTokens
     from scratchllm.text.bpe import BPETokenizer
 
@@ -421,7 +421,7 @@ def test_chat_logprobs_in_parts_leave_out_the_whitespace_around_the_reply():
 def test_chat_logprobs_spell_the_stripped_reply(data, cut):
     """Whatever the bytes (broken characters, whitespace of 1-3 bytes, invalid bytes), the kept byte
     tokens spell exactly the reply's content, fed whole or in two parts."""
-    from scratchllm.generate import TokenLogprob
+    from scratchllm.generation import TokenLogprob
     from scratchllm.serve.server import _ChatTokens
     from scratchllm.text.bpe import BPETokenizer
 
@@ -538,7 +538,7 @@ def test_scheduler_batches_waiting_requests_with_equal_settings(chat):
 def test_an_end_of_text_token_is_listed_when_it_ends_an_echoed_completion(server, chat, monkeypatch):
     """lm-evaluation-harness takes the last entry of an echo + logprobs answer as the generated token:
     when the model ends the text there, that entry is the end-of-text token with its logprob."""
-    import scratchllm.generate as gen
+    import scratchllm.generation as gen
 
     eot = chat.engine.tokenizer.eot_id
     monkeypatch.setattr(gen, "sample_next_token", lambda logits, *a, **k: torch.full((logits.shape[0],), eot))
@@ -555,7 +555,7 @@ def test_an_end_of_text_token_is_listed_when_it_ends_an_echoed_completion(server
 def test_logprobs_objects_name_byte_fragments_and_follow_the_text():
     """Pieces of a multi-byte character get distinct names ("bytes:\\xc3"), offsets point into the
     decoded text, and chat's tokens follow the stripped reply."""
-    from scratchllm.generate import TokenLogprob
+    from scratchllm.generation import TokenLogprob
     from scratchllm.serve.server import _chat_logprobs, _merge_logprobs, _TextOffsets
     from scratchllm.text.bpe import BPETokenizer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scratchllm.errors import ScratchLLMError
-from scratchllm.text.simple import UNK, SimpleTokenizer, split_words
+from scratchllm.text.simple import UNK, SimpleTokenizer, SimpleTokenizerV2, split_words
 from scratchllm.text.tokenizer import EOT, load_tokenizer
 from tests.conftest import shared_file
 
@@ -49,6 +49,14 @@ def test_unknown_words_become_unk_and_allowed_endoftext_is_special(verdict_token
         == "<|unk|>, do you like tea? <|endoftext|> In the sunlit terraces of the <|unk|>."
     )
     assert verdict_tokenizer.encode(TEA, allowed_special="all") == ids
+
+
+def test_the_books_class_name_encodes_endoftext_as_the_book_does(verdict_tokenizer):
+    book = SimpleTokenizerV2(verdict_tokenizer.id_to_token)
+    assert book.encode(TEA) == verdict_tokenizer.encode(TEA, allowed_special={EOT})
+    assert book.encode(TEA)[7] == 1130 and book.encode(TEA, allowed_special=()) == verdict_tokenizer.encode(
+        TEA
+    )
 
 
 def test_endoftext_not_allowed_is_ordinary_unknown_text(verdict_tokenizer):

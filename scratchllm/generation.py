@@ -49,7 +49,7 @@ from .device import check_compile, cpu_supports_bf16
 from .errors import ScratchLLMError
 from .model.attention import KVCache
 from .model.gpt import GPTModel
-from .text.tokenizer import AllowedSpecial, Tokenizer
+from .text.tokenizer import AllowedSpecial, Tokenizer, load_tokenizer
 
 FinishReason = Literal["stop", "length"]
 Prompt = str | Sequence[int]
@@ -150,6 +150,10 @@ class GenerationConfig:
             )
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        for name in ("max_new_tokens", "top_k", "seed", "logprobs", "eos_id"):  # numpy integers too
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
+                setattr(self, name, int(value))
         self.validate()
 
     def validate(self) -> None:
@@ -774,19 +778,20 @@ class Engine:
     def __init__(
         self,
         model: GPTModel,
-        tokenizer: Tokenizer | None = None,
+        tokenizer: Tokenizer | str | None = None,
         *,
         allowed_special: AllowedSpecial = frozenset(),
         prepack: bool | None = None,
         compile: bool = False,
     ):
-        """`prepack`: decode with `PackedLinears` (None: wherever supported, i.e. on CPUs).
+        """`tokenizer`: a `Tokenizer`, or what `load_tokenizer` takes (a name such as "gpt2", a directory).
+        `prepack`: decode with `PackedLinears` (None: wherever supported, i.e. on CPUs).
         `compile`: decode with `CompiledDecoding` (torch.compile; CUDA graphs on GPUs), for GPUs and
         long generations: the first generation of each batch size pays the compilation."""
         if getattr(model.cfg, "n_classes", 0):
             raise ScratchLLMError("generation needs a language model; this model has a classifier head")
         self.model = model
-        self.tokenizer = tokenizer
+        self.tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
         self.allowed_special = allowed_special
         use_packed = (
             PackedLinears.supported(model) if prepack is None else prepack and PackedLinears.supported(model)
@@ -846,9 +851,7 @@ class Engine:
     ) -> list[Completion]:
         """Complete every prompt (one batch); keyword overrides change single settings of `config`."""
         cfg = _config(config, overrides)
-        if isinstance(prompts, str) or (
-            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
-        ):
+        if _is_one_prompt(prompts):
             prompts = [prompts]  # type: ignore[list-item]
         try:
             prompts = list(prompts)  # type: ignore[arg-type]
@@ -1067,7 +1070,26 @@ def _partial_stop(text: str, stops: tuple[str, ...], longest_stop: int) -> int:
     return 0
 
 
+def _is_one_prompt(prompts: object) -> bool:
+    """A text, or one sequence of token ids (a list, a 1-D array or tensor), rather than a batch."""
+    if isinstance(prompts, str):
+        return True
+    if hasattr(prompts, "ndim") and hasattr(prompts, "shape"):  # numpy arrays and tensors
+        return prompts.ndim == 1  # type: ignore[attr-defined]
+    return (
+        isinstance(prompts, (list, tuple))
+        and bool(prompts)
+        and isinstance(prompts[0], numbers.Integral)
+        and not isinstance(prompts[0], bool)
+    )
+
+
 def _config(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise ScratchLLMError(
+            f"generation: config must be a GenerationConfig, got {type(config).__name__}; "
+            "give settings as keywords (max_new_tokens=50) or GenerationConfig(**settings)"
+        )
     cfg = config or GenerationConfig()
     if overrides:
         names = {f.name for f in dataclasses.fields(GenerationConfig)}

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-import scratchllm.generate as gen
+import scratchllm.generation as gen
 from scratchllm.errors import ScratchLLMError
-from scratchllm.generate import (
+from scratchllm.generation import (
     Decoder,
     Engine,
     GenerationConfig,

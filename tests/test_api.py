@@ -1,0 +1,109 @@
+"""The package's Python API: every export is what its module defines, and `LLM`'s generation takes
+what users pass (a list of prompts, arrays of token ids, numpy integers) or says clearly what it wants."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import numpy as np
+import pytest
+import torch
+
+import scratchllm
+from scratchllm.errors import ScratchLLMError
+from scratchllm.generation import Engine, GenerationConfig
+from scratchllm.model.gpt import GPTModel, preset_config
+
+
+def test_every_export_is_its_modules_object_after_all_submodules_are_imported():
+    """A submodule named like an export (the package's old `generate.py` against the book's `generate`)
+    replaces the export once anything imports it."""
+    for info in pkgutil.walk_packages(scratchllm.__path__, "scratchllm."):
+        if not info.name.startswith("scratchllm.__"):
+            importlib.import_module(info.name)
+    for name, module in scratchllm._EXPORTS.items():
+        assert getattr(scratchllm, name) is getattr(importlib.import_module(module), name), name
+    assert callable(scratchllm.generate) and scratchllm.generate.__name__ == "generate"
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    from scratchllm.checkpoint import save_model
+    from scratchllm.text.char import CharTokenizer
+
+    tok = CharTokenizer.from_corpus("the cat sat on the mat. a dog ran.")
+    torch.manual_seed(0)
+    path = save_model(
+        tmp_path_factory.mktemp("m") / "model",
+        GPTModel(preset_config("nano", vocab_size=tok.vocab_size)),
+        tok,
+    )
+    return scratchllm.load(path, device="cpu")
+
+
+def test_llm_generate_takes_one_prompt_or_a_list(llm):
+    one = llm.generate("the cat", max_new_tokens=6)
+    assert isinstance(one, str) and one == llm.complete("the cat", max_new_tokens=6)[0].text
+    both = llm.generate(["the cat", "a dog"], max_new_tokens=6)
+    assert both == [c.text for c in llm.complete(["the cat", "a dog"], max_new_tokens=6)]
+    assert both[0] == one
+
+
+def test_token_ids_as_arrays_and_numpy_integers_in_settings(llm):
+    engine: Engine = llm.engine
+    ids = engine.encode("the cat")
+    want = engine.generate(ids, max_new_tokens=5)[0].token_ids
+    for prompt in (np.array(ids), torch.tensor(ids), tuple(np.array(ids))):  # one prompt, not a batch of ids
+        got = engine.generate(prompt, max_new_tokens=np.int64(5))
+        assert len(got) == 1 and got[0].token_ids == want
+    batch = engine.generate(torch.tensor([ids, ids]), GenerationConfig(max_new_tokens=np.int32(5)))
+    assert [c.token_ids for c in batch] == [want, want]
+    cfg = GenerationConfig(max_new_tokens=np.int64(3), top_k=np.int16(2), seed=np.uint64(2**64 - 1))
+    assert (type(cfg.max_new_tokens), type(cfg.top_k), cfg.seed) == (int, int, 2**64 - 1)
+
+
+def test_a_settings_dict_in_place_of_a_config_is_a_clear_error(llm):
+    with pytest.raises(
+        ScratchLLMError, match=r"config must be a GenerationConfig, got dict; give settings as keywords"
+    ):
+        llm.generate("the cat", {"max_new_tokens": 5})
+    with pytest.raises(ScratchLLMError, match="the prompt is empty"):
+        llm.engine.generate(torch.tensor([], dtype=torch.long))
+
+
+def test_top_level_help_lists_every_command_and_answers_without_importing_torch():
+    import subprocess
+    import sys
+
+    from scratchllm.cli import build_parser
+
+    def commands(parser):
+        sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+        return [(a.dest, a.help) for a in sub._choices_actions]
+
+    assert commands(build_parser(commands=False)) == commands(build_parser())
+    code = (
+        "import sys\nfrom scratchllm.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    for flag in ("--help", "--version"):
+        done = subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert ("pretrain" in done.stdout) if flag == "--help" else done.stdout.startswith("scratchllm ")
+
+
+def test_an_engine_takes_a_tokenizer_by_name_or_directory(llm, tmp_path):
+    llm.engine.tokenizer.save(tmp_path / "tok")
+    by_path = Engine(llm.model, str(tmp_path / "tok"))
+    assert by_path.generate("the cat", max_new_tokens=4)[0].text == llm.generate("the cat", max_new_tokens=4)
+    with pytest.raises(ScratchLLMError, match="not found"):
+        Engine(llm.model, str(tmp_path / "nothing"))
+
+
+def test_save_model_with_its_arguments_swapped_says_which_comes_first(llm, tmp_path):
+    from scratchllm.checkpoint import save_model
+
+    with pytest.raises(ScratchLLMError, match=r"the directory first: save_model\(directory, model"):
+        save_model(llm.model, tmp_path / "m")
