@@ -10,7 +10,7 @@ import torch
 
 from .checkpoint import LoadedModel, load_model, read_config, resolve_model
 from .errors import ScratchLLMError
-from .generation import Completion, Engine, GenerationConfig
+from .generation import Completion, Engine, GenerationConfig, Prompt, is_one_prompt
 
 
 class LLM:
@@ -63,21 +63,24 @@ class LLM:
         return self._engine
 
     def complete(
-        self, prompts: str | Sequence[str], config: GenerationConfig | None = None, **settings: Any
+        self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, **settings: Any
     ) -> list[Completion]:
         """Completions with token counts and finish reasons (one per prompt; prompts run as a batch)."""
         return self.engine.generate(prompts, config, **settings)
 
     def generate(
-        self, prompt: str | Sequence[str], config: GenerationConfig | None = None, **settings: Any
+        self, prompt: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, **settings: Any
     ) -> str | list[str]:
-        """The text that continues `prompt`, or a list of texts for a list of prompts (one batch).
+        """The text that continues `prompt` (text or token ids), or a list of texts for a list of
+        prompts (one batch).
         Settings: `GenerationConfig`'s, e.g. max_new_tokens, temperature, top_k, top_p, seed, stop,
         repetition_penalty."""
         texts = [c.text for c in self.complete(prompt, config, **settings)]
-        return texts[0] if isinstance(prompt, str) else texts
+        return texts[0] if is_one_prompt(prompt) else texts
 
-    def stream(self, prompt: str, config: GenerationConfig | None = None, **settings: Any) -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt, config: GenerationConfig | None = None, **settings: Any
+    ) -> Iterator[str]:
         """Text pieces as they are generated."""
         return self.engine.stream(prompt, config, **settings)
 

@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import os
 import secrets
 import warnings
 from collections import deque
@@ -778,7 +779,7 @@ class Engine:
     def __init__(
         self,
         model: GPTModel,
-        tokenizer: Tokenizer | str | None = None,
+        tokenizer: Tokenizer | str | os.PathLike | None = None,
         *,
         allowed_special: AllowedSpecial = frozenset(),
         prepack: bool | None = None,
@@ -791,7 +792,7 @@ class Engine:
         if getattr(model.cfg, "n_classes", 0):
             raise ScratchLLMError("generation needs a language model; this model has a classifier head")
         self.model = model
-        self.tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         self.allowed_special = allowed_special
         use_packed = (
             PackedLinears.supported(model) if prepack is None else prepack and PackedLinears.supported(model)
@@ -851,7 +852,7 @@ class Engine:
     ) -> list[Completion]:
         """Complete every prompt (one batch); keyword overrides change single settings of `config`."""
         cfg = _config(config, overrides)
-        if _is_one_prompt(prompts):
+        if is_one_prompt(prompts):
             prompts = [prompts]  # type: ignore[list-item]
         try:
             prompts = list(prompts)  # type: ignore[arg-type]
@@ -1070,12 +1071,14 @@ def _partial_stop(text: str, stops: tuple[str, ...], longest_stop: int) -> int:
     return 0
 
 
-def _is_one_prompt(prompts: object) -> bool:
+def is_one_prompt(prompts: object) -> bool:
     """A text, or one sequence of token ids (a list, a 1-D array or tensor), rather than a batch."""
     if isinstance(prompts, str):
         return True
-    if hasattr(prompts, "ndim") and hasattr(prompts, "shape"):  # numpy arrays and tensors
-        return prompts.ndim == 1  # type: ignore[attr-defined]
+    if getattr(prompts, "ndim", None) == 1:  # numpy arrays, tensors: of ids (not of texts)
+        first = next(iter(prompts), None)  # type: ignore[call-overload]
+        first = first.item() if hasattr(first, "item") else first
+        return first is None or (isinstance(first, numbers.Integral) and not isinstance(first, bool))
     return (
         isinstance(prompts, (list, tuple))
         and bool(prompts)

@@ -48,6 +48,9 @@ def test_llm_generate_takes_one_prompt_or_a_list(llm):
     both = llm.generate(["the cat", "a dog"], max_new_tokens=6)
     assert both == [c.text for c in llm.complete(["the cat", "a dog"], max_new_tokens=6)]
     assert both[0] == one
+    ids = llm.engine.encode("the cat")
+    assert llm.generate(ids, max_new_tokens=6) == one  # token ids are one prompt too
+    assert llm.generate([ids, "a dog"], max_new_tokens=6) == both
 
 
 def test_token_ids_as_arrays_and_numpy_integers_in_settings(llm):
@@ -59,6 +62,11 @@ def test_token_ids_as_arrays_and_numpy_integers_in_settings(llm):
         assert len(got) == 1 and got[0].token_ids == want
     batch = engine.generate(torch.tensor([ids, ids]), GenerationConfig(max_new_tokens=np.int32(5)))
     assert [c.token_ids for c in batch] == [want, want]
+    # an array of texts (numpy, pandas) is a batch of prompts, as a list of texts is
+    texts = engine.generate(np.array(["the cat", "a dog"]), max_new_tokens=5)
+    assert [c.text for c in texts] == [
+        c.text for c in engine.generate(["the cat", "a dog"], max_new_tokens=5)
+    ]
     cfg = GenerationConfig(max_new_tokens=np.int64(3), top_k=np.int16(2), seed=np.uint64(2**64 - 1))
     assert (type(cfg.max_new_tokens), type(cfg.top_k), cfg.seed) == (int, int, 2**64 - 1)
 
@@ -100,6 +108,16 @@ def test_an_engine_takes_a_tokenizer_by_name_or_directory(llm, tmp_path):
     assert by_path.generate("the cat", max_new_tokens=4)[0].text == llm.generate("the cat", max_new_tokens=4)
     with pytest.raises(ScratchLLMError, match="not found"):
         Engine(llm.model, str(tmp_path / "nothing"))
+
+    class Wrapped:  # any object with the Tokenizer methods the engine uses is taken as it is
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    duck = Engine(llm.model, Wrapped(llm.engine.tokenizer))
+    assert duck.generate("the cat", max_new_tokens=4)[0].text == llm.generate("the cat", max_new_tokens=4)
 
 
 def test_save_model_with_its_arguments_swapped_says_which_comes_first(llm, tmp_path):

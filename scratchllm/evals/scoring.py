@@ -317,7 +317,7 @@ def normalize_answer(text: str) -> str:
 
 
 def score_generation(
-    engine,  # generate.Engine (imported lazily by the caller)
+    engine,  # generation.Engine (imported lazily by the caller)
     items: Sequence[GenerationItem],
     fewshot: FewShot,
     max_new_tokens: int = 32,

@@ -85,7 +85,11 @@ class GPTConfig:
         if unknown:
             import difflib
 
-            close = [m for k in unknown for m in difflib.get_close_matches(k, names, n=1)]
+            close = [
+                _OTHER_NAMES.get(k) or next(iter(difflib.get_close_matches(k, names, n=1)), None)
+                for k in unknown
+            ]
+            close = [c for c in close if c]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ScratchLLMError(
                 f"model config: unknown keys {unknown}{hint}; valid keys are {sorted(names)}"
@@ -96,6 +100,11 @@ class GPTConfig:
         """A copy with `changes` applied (and checked), e.g. `cfg.replace(drop_rate=0.0)`."""
         return dataclasses.replace(self, **changes)
 
+
+# What GPT-2's config.json (transformers) and nanoGPT call these keys: the usual slips.
+_OTHER_NAMES = {"n_embd": "emb_dim", "n_head": "n_heads", "n_layer": "n_layers", "n_ctx": "context_length",
+                "n_positions": "context_length", "block_size": "context_length", "dropout": "drop_rate",
+                "bias": "qkv_bias"}  # fmt: skip
 
 # The four OpenAI GPT-2 sizes, and small shapes that train on a laptop CPU.
 PRESETS: dict[str, dict] = {

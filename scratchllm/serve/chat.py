@@ -195,7 +195,7 @@ class ChatSession:
         self.system = system
         self.messages: list[dict[str, str]] = []
         self.turns = 0  # replies started since the start or the last reset
-        self.reset()
+        self.reset()  # sets both
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""

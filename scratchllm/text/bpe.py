@@ -257,6 +257,7 @@ class BPETokenizer(Tokenizer):
         Each thread encodes one contiguous share of the texts. (tiktoken's own `encode_batch`
         submits one task per text, whose overhead costs more than encoding a short document.)
         """
+        self._check_texts(texts)
         texts = list(texts)
         for text in texts:
             self._check_text(text)

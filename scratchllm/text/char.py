@@ -83,11 +83,12 @@ class CharTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         """The characters of `ids` (specials as their strings); an id outside the vocabulary is an error."""
         check_not_text(ids, self.name)
-        ids = [int(i) for i in ids]
-        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
-        if bad is not None:  # checked, not caught: a negative index would silently read from the end
+        ids = list(map(int, ids))
+        # checked, not caught: a negative index would silently read from the end
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
             raise ScratchLLMError(f"char tokenizer: token id {bad} out of range 0..{self.vocab_size - 1}")
-        return "".join(self._id_to_text[i] for i in ids)
+        return "".join(map(self._id_to_text.__getitem__, ids))
 
     def _files(self) -> dict[str, bytes]:
         return {"chars.json": json.dumps(self.chars, ensure_ascii=False).encode("utf-8")}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,12 @@ class SimpleTokenizer(Tokenizer):
 
 
 class SimpleTokenizerV2(SimpleTokenizer):
-    """The book's class: `<|endoftext|>` in text is the special token by default, as in chapter 2."""
+    """The book's class: `<|endoftext|>` in text is the special token by default, as in chapter 2.
+    Only that default differs: saved and loaded again it is a `SimpleTokenizer` (same vocabulary and
+    fingerprint), which needs `allowed_special` for it."""
 
     def encode(self, text: str, allowed_special: AllowedSpecial = "all") -> list[int]:
         return super().encode(text, allowed_special)
+
+    def encode_batch(self, texts: Sequence[str], allowed_special: AllowedSpecial = "all") -> list[list[int]]:
+        return super().encode_batch(texts, allowed_special)

@@ -24,7 +24,7 @@ from ..errors import ScratchLLMError
 from ..fileio import TOKENIZER_META_FILE as META_FILE
 
 EOT = "<|endoftext|>"
-AllowedSpecial = Literal["all"] | Set[str]
+AllowedSpecial = Literal["all"] | str | Set[str]  # "all", one special, or a collection
 
 
 class Tokenizer(ABC):
@@ -48,6 +48,7 @@ class Tokenizer(ABC):
         self, texts: Sequence[str], allowed_special: AllowedSpecial = frozenset()
     ) -> list[list[int]]:
         """`encode` of each text (kinds with a faster batch path override this)."""
+        self._check_texts(texts)
         return [self.encode(t, allowed_special) for t in texts]
 
     @abstractmethod
@@ -57,6 +58,12 @@ class Tokenizer(ABC):
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; bytes that do not form valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def _check_texts(self, texts: object) -> None:
+        if isinstance(texts, (str, bytes, bytearray)):
+            raise ScratchLLMError(
+                f"tokenizer {self.name!r}: encode_batch takes a list of texts, got one {type(texts).__name__}"
+            )
 
     def _check_text(self, text: object) -> None:
         if not isinstance(text, str):
@@ -116,7 +123,7 @@ class Tokenizer(ABC):
 
     def fingerprint(self) -> str:
         """A hash of everything that decides the ids: two tokenizers with equal fingerprints encode
-        every text identically."""
+        every text identically (given the same `allowed_special`)."""
         h = hashlib.sha256()
         meta = {k: v for k, v in self.meta().items() if k != "name"}
         h.update(json.dumps(meta, sort_keys=True).encode())
@@ -131,7 +138,7 @@ class Tokenizer(ABC):
 
 def check_not_text(ids: object, name: str) -> None:
     """Decoding takes token ids; a string would otherwise be read digit by digit as ids."""
-    if isinstance(ids, (str, bytes)):
+    if isinstance(ids, (str, bytes, bytearray)):
         raise ScratchLLMError(
             f"tokenizer {name!r}: decode takes token ids (a list of ints), got a {type(ids).__name__}"
         )

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..config import setting
 from ..errors import ScratchLLMError
-from ..fileio import CHECKPOINTS_DIR, DATA_META_FILE, METRICS_FILE, TOKENIZER_META_FILE
+from ..fileio import CHECKPOINTS_DIR, DATA_META_FILE, DATA_TOKENIZER_DIR, METRICS_FILE, TOKENIZER_META_FILE
 from ..model.gpt import GPTModel, preset_config
 from ..text.sampling import PreparedData, TokenWindows, load_prepared
 from ..text.tokenizer import Tokenizer
@@ -242,7 +242,7 @@ def _resolve_tokenizer(
     if not trainable:
         return load_tokenizer(cfg.tokenizer)
     if cfg.data:  # prepared data is tokenized already: its tokenizer is the run's, nothing to train
-        prepared_tok = Path(cfg.data).expanduser() / "tokenizer"
+        prepared_tok = Path(cfg.data).expanduser() / DATA_TOKENIZER_DIR
         if not (prepared_tok / TOKENIZER_META_FILE).is_file():
             raise ScratchLLMError(
                 f"--data {cfg.data} is not a prepared data directory (no tokenizer/ inside); "

@@ -116,6 +116,10 @@ def test_config_dict_round_trip_and_unknown_key():
     # the GPT-2/HF spellings are the usual slip: the error names the key meant, for presets too
     with pytest.raises(ScratchLLMError, match=r"unknown keys \['n_head'\] \(did you mean n_heads\?\)"):
         preset_config("nano", n_head=3)
+    with pytest.raises(
+        ScratchLLMError, match=r"\['n_embd', 'n_positions'\] \(did you mean emb_dim, context_length\?\)"
+    ):
+        preset_config("nano", n_embd=64, n_positions=32)
 
 
 def test_the_model_takes_a_batch_of_ids_and_says_so_otherwise():

@@ -51,12 +51,17 @@ def test_unknown_words_become_unk_and_allowed_endoftext_is_special(verdict_token
     assert verdict_tokenizer.encode(TEA, allowed_special="all") == ids
 
 
-def test_the_books_class_name_encodes_endoftext_as_the_book_does(verdict_tokenizer):
-    book = SimpleTokenizerV2(verdict_tokenizer.id_to_token)
-    assert book.encode(TEA) == verdict_tokenizer.encode(TEA, allowed_special={EOT})
-    assert book.encode(TEA)[7] == 1130 and book.encode(TEA, allowed_special=()) == verdict_tokenizer.encode(
-        TEA
-    )
+def test_the_books_class_name_encodes_endoftext_as_the_book_does(tmp_path):
+    plain = SimpleTokenizer.from_corpus("Hello, do you like tea? In the sunlit terraces of the palace.")
+    book = SimpleTokenizerV2(plain.id_to_token)  # the book builds it from its vocabulary
+    eot = plain.special_tokens[EOT]
+    assert book.encode(TEA) == plain.encode(TEA, allowed_special={EOT}) and eot in book.encode(TEA)
+    assert book.encode_batch([TEA, "tea"]) == [book.encode(TEA), book.encode("tea")]
+    assert book.encode(TEA, allowed_special=()) == plain.encode(TEA) and eot not in plain.encode(TEA)
+    # only the default differs: saved, it loads as the plain kind, with the same fingerprint
+    loaded = load_tokenizer(book.save(tmp_path / "tok"))
+    assert type(loaded) is SimpleTokenizer and loaded.fingerprint() == book.fingerprint()
+    assert loaded.encode(TEA, allowed_special="all") == book.encode(TEA)
 
 
 def test_endoftext_not_allowed_is_ordinary_unknown_text(verdict_tokenizer):

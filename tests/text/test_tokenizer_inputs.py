@@ -42,10 +42,16 @@ def test_encode_takes_a_string(tok, text):
         tok.encode_batch(["the", text])
 
 
+def test_encode_batch_takes_a_list_of_texts(tok):
+    assert tok.encode_batch(["the cat", "a dog"]) == [tok.encode("the cat"), tok.encode("a dog")]
+    with pytest.raises(ScratchLLMError, match="encode_batch takes a list of texts, got one str"):
+        tok.encode_batch("the cat")
+
+
 def test_decode_takes_ids_in_the_vocabulary(tok):
     ids = tok.encode("the cat")
     assert tok.decode([int(i) for i in ids]) == tok.decode(tuple(ids))
-    for text in ("12", b"12"):
+    for text in ("12", b"12", bytearray(b"12")):
         with pytest.raises(ScratchLLMError, match="decode takes token ids"):
             tok.decode(text)
     for bad in (-1, tok.vocab_size):
