@@ -45,24 +45,8 @@ Stage 3, finetuning
 Run `scratchllm COMMAND --help` for the flags of each command.
 """
 
-COMMANDS = {  # the commands and their one-line help, in the order `scratchllm --help` lists them
-    "tokenizer": "train, inspect and use tokenizers",
-    "prepare": "tokenize a corpus into a memory-mapped token file for training",
-    "info": "a model's shape, parameter count, size and FLOPs per token",
-    "download": "fetch OpenAI's GPT-2 weights from the Hugging Face hub and convert them into a model directory",
-    "export-hf": "write a model as a Hugging Face GPT-2 directory (GPT2LMHeadModel.from_pretrained)",
-    "generate": "continue a prompt with a model",
-    "pretrain": "train a GPT on a corpus by next-token prediction",
-    "demo": "the main job: tokenizer + small GPT on Python's bundled docs, offline, in minutes",
-    "evaluate": "loss, perplexity and bits per byte of a model on any text",
-    "eval": "zero-/few-shot accuracy of a model on a task file (multiple choice or generation)",
-    "finetune": "Stage 3: finetune a model into a classifier or an instruction follower",
-    "classify": "label texts with a finetuned classifier",
-    "respond": "answer every instruction of a file with an assistant model",
-    "chat": "talk with a model in the terminal (multi-turn, streamed)",
-    "serve": "an OpenAI-compatible HTTP API for a model (/v1/completions, /v1/chat/completions)",
-    "judge": "score model responses 0-100 with a judge LLM (Ollama, an OpenAI-compatible API, `scratchllm serve`)",
-}
+COMMANDS = ("tokenizer", "prepare", "info", "download", "export-hf", "generate", "pretrain", "demo", "evaluate",
+            "eval", "finetune", "classify", "respond", "chat", "serve", "judge")  # fmt: skip
 
 COMPILE_HELP = (
     "decode with torch.compile over a static KV cache (CUDA graphs on GPUs): much faster "
@@ -161,7 +145,7 @@ def _add_corpus_args(p: argparse.ArgumentParser, required: bool = False) -> None
 
 
 def _add_stage1(sub: argparse._SubParsersAction) -> None:
-    tok = sub.add_parser("tokenizer", help=COMMANDS["tokenizer"])
+    tok = sub.add_parser("tokenizer")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION", parser_class=_Parser)
 
     p = tsub.add_parser("train", help="train a byte-level BPE tokenizer from scratch")
@@ -202,7 +186,7 @@ def _add_stage1(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default="gpt2", help=tok_help)
     p.set_defaults(func=_tokenizer_info)
 
-    p = sub.add_parser("prepare", help=COMMANDS["prepare"])
+    p = sub.add_parser("prepare")
     _add_corpus_args(p)
     p.add_argument("--tokenizer", default="gpt2", help=tok_help)
     p.add_argument("--out", required=True, help="output directory (train.bin, val.bin, meta.json)")
@@ -275,7 +259,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     from .model.gpt import PRESETS
 
     hub_names = "gpt2, gpt2-medium, gpt2-large, gpt2-xl (or 124M, 355M, 774M, 1558M)"
-    p = sub.add_parser("info", help=COMMANDS["info"])
+    p = sub.add_parser("info")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--list", action="store_true", help="every model preset's shape and size")
     which.add_argument("--preset", help=f"a model preset: {', '.join(PRESETS)}")
@@ -288,7 +272,6 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "download",
-        help=COMMANDS["download"],
     )
     p.add_argument(
         "name",
@@ -313,7 +296,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_download)
 
-    p = sub.add_parser("export-hf", help=COMMANDS["export-hf"])
+    p = sub.add_parser("export-hf")
     p.add_argument("model", help=f"a model directory, or {hub_names}")
     p.add_argument("out", help="the directory to write")
     p.set_defaults(func=_export_hf)
@@ -393,7 +376,6 @@ def _add_generate_command(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "generate",
-        help=COMMANDS["generate"],
         description="Continue one prompt (or several, as a batch) with a model directory or GPT-2. "
         "Greedy by default; --temperature > 0 samples. The text goes to stdout, a summary to stderr.",
     )
@@ -427,9 +409,9 @@ def _add_training_command(
     config_cls: type,
     run: str,
     *,
-    help: str,
     description: str,
     made: str,
+    help: str | None = None,
     config_flag: bool = True,
 ) -> None:
     """A command driven by a config dataclass: --config (TOML file or preset), --resume, --out (alias of
@@ -437,7 +419,8 @@ def _add_training_command(
     function(config, overrides, resume=...)."""
     from .config import add_config_arguments
 
-    p = sub.add_parser(name, help=help, description=description)
+    # a top-level command is listed by OVERVIEW; a finetune kind in `scratchllm finetune --help`
+    p = sub.add_parser(name, description=description, **({"help": help} if help else {}))
     if config_flag:
         p.add_argument("--config", help="a TOML file or a preset name (see `scratchllm/configs/`)")
     p.add_argument(
@@ -500,14 +483,12 @@ def _add_stage2(sub: argparse._SubParsersAction) -> None:
 
     _add_training_command(
         sub, "pretrain", PretrainConfig, ".train.pretrain:pretrain_command",
-        help=COMMANDS["pretrain"],
         description="Pretrain a GPT from scratch (or continue from GPT-2) on text. Settings come from the "
         "defaults, then --config (a TOML file or a preset name: demo, shakespeare-char, shakespeare-char-muon), then the flags below.",
         made="the trained model",
     )  # fmt: skip
     _add_training_command(
         sub, "demo", PretrainConfig, ".train.pretrain:demo",
-        help=COMMANDS["demo"],
         description="Train a BPE tokenizer and a small GPT on the built-in corpus (Python's reference "
         "documentation), then print validation loss, perplexity and three samples. The same flags as "
         "`pretrain` change it (e.g. --corpus my.txt, --max-minutes 2).",
@@ -516,7 +497,6 @@ def _add_stage2(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "evaluate",
-        help=COMMANDS["evaluate"],
         description="Loss, perplexity and bits per byte of a model on any text. For zero-/few-shot "
         "accuracy on task files (HellaSwag, multiple choice, generation) see `scratchllm eval`.",
     )
@@ -572,7 +552,6 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     """eval."""
     p = sub.add_parser(
         "eval",
-        help=COMMANDS["eval"],
         description="Score a model on a JSON Lines task file, zero-shot or with K solved examples in the "
         "prompt. Multiple choice (HellaSwag's ctx/endings/label, or context/choices/answer): the choice "
         "with the highest log-likelihood wins (acc), or per byte of the choice (acc_norm). Generation "
@@ -649,7 +628,6 @@ def _finetune_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParser
         return next(a for a in existing._actions if isinstance(a, argparse._SubParsersAction))
     p = sub.add_parser(
         "finetune",
-        help=COMMANDS["finetune"],
         description="Finetune a pretrained model (a model directory or GPT-2) with the one trainer.",
     )
     return p.add_subparsers(dest="finetune_command", required=True, metavar="KIND", parser_class=_Parser)
@@ -677,7 +655,6 @@ def _add_classify_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "classify",
-        help=COMMANDS["classify"],
         description="Print the predicted label and its probability for each text, or classify the records "
         "of --file (.jsonl, .csv, .tsv, .json) into --out (JSONL: each record plus `label` and `probabilities`).",
     )
@@ -726,7 +703,6 @@ def _add_instruct_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "respond",
-        help=COMMANDS["respond"],
         description="Run each {instruction, input} record of --data (JSON list or JSONL) through the model, "
         "batched and greedy by default, and write the records with a `model_response` field to --out "
         "(JSON, or JSONL for a .jsonl name). The prompt template is the one stored with the model.",
@@ -801,7 +777,6 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "chat",
-        help=COMMANDS["chat"],
         description="An interactive chat: type a message, the reply streams back. The conversation is "
         "rendered with the model's prompt template and its oldest turns are dropped when it outgrows the "
         "context window. /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops a reply. Reads lines "
@@ -816,7 +791,6 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "serve",
-        help=COMMANDS["serve"],
         description="Serve a model over OpenAI's API: GET /v1/models, POST /v1/completions (raw text), POST "
         "/v1/chat/completions (rendered with the prompt template), streaming as server-sent events. Any "
         "OpenAI client works with base_url http://HOST:PORT/v1. Requests queue for the model; waiting "
@@ -837,7 +811,6 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "judge",
-        help=COMMANDS["judge"],
         description="Score each response of --responses (records with instruction, input, output and "
         "model_response, as written by `scratchllm respond`) against the reference output with a judge "
         "model, using the book's prompt. Writes per-item JSON plus the average; exits 1 if some items got "
@@ -877,10 +850,16 @@ def build_parser(commands: bool = True) -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"scratchllm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=_Parser,
+        help="one of those listed below",
+    )
     if not commands:
-        for name, help in COMMANDS.items():
-            sub.add_parser(name, help=help)
+        for name in COMMANDS:
+            sub.add_parser(name)
         return parser
     _add_stage1(sub)
     _add_model_commands(sub)

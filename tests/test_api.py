@@ -84,13 +84,15 @@ def test_top_level_help_lists_every_command_and_answers_without_importing_torch(
     import subprocess
     import sys
 
-    from scratchllm.cli import build_parser
+    from scratchllm.cli import OVERVIEW, build_parser
 
     def commands(parser):
-        sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-        return [(a.dest, a.help) for a in sub._choices_actions]
+        return list(next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices)
 
-    assert commands(build_parser(commands=False)) == commands(build_parser())
+    names = commands(build_parser())
+    assert commands(build_parser(commands=False)) == names
+    listed = [line.split()[0] for line in OVERVIEW.splitlines() if line.startswith("  ")]
+    assert sorted(set(listed)) == sorted(names)  # the help's one list names every command
     code = (
         "import sys\nfrom scratchllm.cli import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
