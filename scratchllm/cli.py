@@ -434,10 +434,18 @@ def _add_training_command(
     p.set_defaults(func=functools.partial(_run_training, run))
 
 
-def _run_training(run: str, args: argparse.Namespace) -> None:
+def _run_training(run: str, args: argparse.Namespace) -> int:
+    """Run a training command; a run stopped by a signal (after saving its checkpoint) exits with
+    128 + the signal's number, as the shell reports it, so that scripts can tell it from a finished run."""
+    import signal
+
     module, function = run.split(":")
     command = getattr(importlib.import_module(module, __package__), function)
-    command(getattr(args, "config", None), training_overrides(args), resume=args.resume)
+    result = command(getattr(args, "config", None), training_overrides(args), resume=args.resume)
+    train = getattr(result, "train", result)  # a classifier's result holds the trainer's
+    if getattr(train, "stopped", None) != "interrupted":
+        return 0
+    return 128 + signal.Signals[train.signal or "SIGINT"].value
 
 
 def training_overrides(args: argparse.Namespace) -> dict:

@@ -28,6 +28,26 @@ DATA_TOKENIZER_DIR = "tokenizer"
 TOKENIZER_META_FILE = "tokenizer_meta.json"  # a tokenizer directory
 
 
+def check_parents(path: str | os.PathLike) -> None:
+    """A one-line error when a file stands where a directory above `path` would have to be."""
+    from .errors import ScratchLLMError
+
+    parent = Path(path).parent
+    for above in (parent, *parent.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise ScratchLLMError(
+                    f"cannot write {path}: {above} is a file, not a directory; give another path"
+                )
+            return
+
+
+def make_parents(path: str | os.PathLike) -> None:
+    """Create the directories above `path` (see `check_parents`)."""
+    check_parents(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -74,7 +94,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it."""
     check_output_file(path, "output")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -139,6 +159,7 @@ def check_replaceable(path: str | os.PathLike, marker: str, what: str, inside: I
     from .errors import ScratchLLMError
 
     path = Path(path).expanduser()
+    check_parents(path)
     here = path.resolve()
     for source in inside:
         source = Path(source).resolve()
@@ -177,7 +198,7 @@ def atomic_dir(
     """
     check_replaceable(path, marker, what, inside)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

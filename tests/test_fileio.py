@@ -21,6 +21,26 @@ def test_output_files_must_be_files(tmp_path):
     assert (tmp_path / "f.txt").read_text() == "x"
 
 
+def test_an_output_below_a_file_is_a_one_line_error_before_any_work(tmp_path, capsys):
+    """`--out afile/x`: every command that writes a directory says so before its work (no
+    NotADirectoryError traceback after training a tokenizer or a model)."""
+    (tmp_path / "afile").write_text("x")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. " * 200)
+    below = str(tmp_path / "afile" / "sub" / "out")
+    for argv in (
+        ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "270", "--out", below],
+        ["prepare", "--corpus", str(corpus), "--tokenizer", "no-such-tokenizer", "--out", below],
+        ["pretrain", "--corpus", str(corpus), "--tokenizer", "char", "--model", "nano", "--out-dir", below],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert f"{tmp_path / 'afile'} is a file, not a directory" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(ScratchLLMError, match="is a file, not a directory"):
+        atomic_write_text(tmp_path / "afile" / "x.txt", "never written")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 @pytest.mark.parametrize(
     "argv",
     [

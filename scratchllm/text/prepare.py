@@ -31,7 +31,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ScratchLLMError
 from ..fileio import DATA_META_FILE as META
-from ..fileio import DATA_TOKENIZER_DIR, atomic_dir, atomic_write_json
+from ..fileio import DATA_TOKENIZER_DIR, atomic_dir, atomic_write_json, check_replaceable
 from .corpus import BUILTIN, builtin_documents, iter_documents, resolve_paths
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -137,6 +137,7 @@ def prepare(
         raise ScratchLLMError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if workers < 0:
         raise ScratchLLMError(f"--workers must be >= 0, got {workers}")
+    check_replaceable(out, META, "prepared data directory")  # before loading or tokenizing anything
     tok = load_tokenizer(tokenizer)
     if tok.eot_id is None:
         raise ScratchLLMError(f"tokenizer {tok.name!r} has no <|endoftext|> token to separate documents")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,15 @@ class PretrainConfig(TrainerConfig):
             )
         if not self.corpus and not self.data:  # e.g. a preset made for one corpus, which it cannot ship
             raise ScratchLLMError("no training text: give --corpus (files, a directory, builtin) or --data")
+        if (
+            not self.max_steps
+        ):  # pretraining has no epochs to count steps from (the trainer would say so later)
+            raise ScratchLLMError(
+                "training settings: max_steps is 0; give --max-steps (the schedule's length)"
+            )
+        from ..device import pick_device, resolve_precision
+
+        resolve_precision(self.precision, pick_device(self.device))  # fp16 on a CPU, say, fails now
         if self.init_from:  # checked now, before the model is loaded (or downloaded)
             fixed = [k for k in ARCHITECTURE_KEYS if getattr(self, k) is not None]
             if fixed:
@@ -226,13 +236,43 @@ class LanguageModelTask(Task):
 
 
 def _resolve_tokenizer(
-    cfg: PretrainConfig, out_dir: Path, dist: DistInfo, init_tokenizer: Tokenizer | None
+    cfg: PretrainConfig,
+    out_dir: Path,
+    dist: DistInfo,
+    init_tokenizer: Tokenizer | None,
+    checkpoint: Path | None = None,
 ) -> Tokenizer:
     """The run's tokenizer: the `init_from` model's, a named/saved one, or one trained here on the corpus
-    (`train`: byte-level BPE of `vocab_size`; `char`: one id per character), kept in out_dir/tokenizer."""
+    (`train`: byte-level BPE of `vocab_size`; `char`: one id per character), kept in out_dir/tokenizer.
+    Resuming from `checkpoint`: the checkpoint's (never trained again), which a named one must equal."""
     from ..text.tokenizer import load_tokenizer
 
     trainable = cfg.tokenizer in ("train", "char")
+    if checkpoint is not None and (checkpoint / TOKENIZER_META_FILE).is_file():
+        theirs = load_tokenizer(checkpoint)
+
+        def differs(ours: str) -> ScratchLLMError:
+            return ScratchLLMError(
+                f"{checkpoint} was trained with the tokenizer {theirs.name!r} ({theirs.vocab_size} ids); this "
+                f"run's settings give {ours}: resume with the run's settings (its config.toml)"
+            )
+
+        if trainable and not cfg.data and init_tokenizer is None:
+            # trained at the start of the run: the same kind and size again, whatever the corpus now
+            marker = out_dir / "tokenizer" / "trained_on.json"
+            recipe = json.loads(marker.read_text()) if marker.is_file() else {}
+            wanted = {
+                "kind": cfg.tokenizer,
+                "vocab_size": cfg.vocab_size if cfg.tokenizer == "train" else None,
+            }
+            if recipe and {k: recipe.get(k) for k in wanted} != wanted:
+                size = f" of {cfg.vocab_size} ids" if cfg.tokenizer == "train" else ""
+                raise differs(f"--tokenizer {cfg.tokenizer}{size}")
+            return theirs
+        ours = _resolve_tokenizer(cfg, out_dir, dist, init_tokenizer)  # loads, never trains here
+        if ours.fingerprint() != theirs.fingerprint():
+            raise differs(f"{ours.name!r} ({ours.vocab_size} ids)")
+        return ours
     if init_tokenizer is not None:
         if not trainable and load_tokenizer(cfg.tokenizer).fingerprint() != init_tokenizer.fingerprint():
             raise ScratchLLMError(
@@ -278,7 +318,9 @@ def _resolve_tokenizer(
     return load_tokenizer(tok_dir)
 
 
-def _resolve_data(cfg: PretrainConfig, tokenizer: Tokenizer, out_dir: Path, dist: DistInfo) -> PreparedData:
+def _resolve_data(
+    cfg: PretrainConfig, tokenizer: Tokenizer, out_dir: Path, dist: DistInfo, resuming: bool = False
+) -> PreparedData:
     if cfg.data:
         prepared = load_prepared(Path(cfg.data).expanduser(), expected_tokenizer=tokenizer)
         if len(prepared.val) < 2:
@@ -291,6 +333,7 @@ def _resolve_data(cfg: PretrainConfig, tokenizer: Tokenizer, out_dir: Path, dist
     if dist.is_main:
         reuse = False
         meta_path = data_dir / DATA_META_FILE
+        other_data = resuming and meta_path.exists()
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             reuse = (
@@ -300,6 +343,10 @@ def _resolve_data(cfg: PretrainConfig, tokenizer: Tokenizer, out_dir: Path, dist
             )
         if not reuse:
             from ..text.prepare import prepare
+
+            if other_data:
+                print("warning: resuming on other data (--corpus or --val-fraction changed): training goes on, "
+                      "but not as the stopped run would have")  # fmt: skip
 
             prepare(cfg.corpus, tokenizer, data_dir, val_fraction=cfg.val_fraction, workers=cfg.workers,
                     encoding_errors=cfg.encoding_errors, seed=cfg.seed, progress=cfg.progress,
@@ -346,15 +393,15 @@ def pretrain(
 
     cfg.validate()
     out_dir = Path(cfg.out_dir)
-    check_run_start(out_dir, resume, cfg.overwrite)  # before the tokenizer and the data
+    checkpoint = check_run_start(out_dir, resume, cfg.overwrite)  # before the tokenizer and the data
     dist = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
 
     init_model, init_tok = (None, None)
     if cfg.init_from:
         init_model, init_tok = build_model(cfg, None)  # type: ignore[arg-type]
-    tokenizer = _resolve_tokenizer(cfg, out_dir, dist, init_tok)
-    data = _resolve_data(cfg, tokenizer, out_dir, dist)
+    tokenizer = _resolve_tokenizer(cfg, out_dir, dist, init_tok, checkpoint)
+    data = _resolve_data(cfg, tokenizer, out_dir, dist, resuming=checkpoint is not None)
     model = init_model if init_model is not None else build_model(cfg, tokenizer)[0]
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ScratchLLMError(
@@ -407,6 +454,13 @@ def pretrain_command(
     a shipped preset (never a file of that name in the current directory)."""
     from ..config import load_config
 
+    if resume is not None and config is None:
+        # continue the run as it was set up: its saved settings, changed only by the flags given
+        saved = Path(load_config(PretrainConfig, None, overrides).out_dir) / "config.toml"
+        if saved.is_file():
+            config, preset = str(saved), False
+            if os.environ.get("RANK", "0") == "0":  # before torch.distributed starts: torchrun's rank
+                print(f"resuming with the settings of {saved} (and the flags given)")
     cfg = load_config(PretrainConfig, config, overrides, preset=preset)
     cfg.check_flags(overrides)
     result = pretrain(cfg, resume)

@@ -41,6 +41,7 @@ from ..fileio import (
     atomic_dir,
     atomic_path,
     atomic_write_text,
+    check_parents,
     directory_kind,
 )
 from ..model.gpt import GPTModel, flops_per_token
@@ -198,6 +199,7 @@ class TrainResult:
     out_dir: Path
     best: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    signal: str | None = None  # what interrupted it ("SIGINT", "SIGTERM"; None under DDP on other ranks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,14 +271,22 @@ def check_run_start(out_dir: str | os.PathLike, resume: str | None, overwrite: b
     `overwrite`. Commands call it before their slow setup; `Trainer.fit` again at the start."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ScratchLLMError(f"--out-dir {out_dir} is a file; give a directory for the run")
+    check_parents(out_dir)
     kind = directory_kind(out_dir)
     if kind not in (None, "run directory"):  # a run writes model/, tokenizer/, checkpoints/ into it
         raise ScratchLLMError(
             f"--out-dir {out_dir} is a {kind}, not a run directory; give a new directory for the run"
         )
-    if resume is not None:
-        return find_resume_checkpoint(resume, out_dir)
     earlier = list_checkpoints(out_dir)
+    if resume is not None:
+        path = find_resume_checkpoint(resume, out_dir)
+        own = (Path(out_dir) / CHECKPOINTS_DIR).resolve()
+        if earlier and path.resolve().parent != own:  # continuing another run here would splice the two
+            raise ScratchLLMError(
+                f"--resume {resume} is not a checkpoint of {out_dir}, which holds another run (the last: "
+                f"{earlier[-1].name}); to continue from it, give a new --out-dir"
+            )
+        return path
     if earlier and not overwrite:
         raise ScratchLLMError(
             f"{out_dir} holds the checkpoints of an earlier run (the last: {earlier[-1].name}): continue it "
@@ -735,7 +745,7 @@ class Trainer:
             k: v for k, v in last_eval.items() if isinstance(v, (int, float)) and k not in ("step", "tokens")
         }
         return TrainResult(self.step, self.tokens_seen, self.train_seconds, metrics, stopped, self.out_dir,
-                           self.best, self.history)  # fmt: skip
+                           self.best, self.history, self._stop_signal)  # fmt: skip
 
     def _budget_used(self) -> bool:
         cfg = self.cfg

@@ -148,6 +148,9 @@ def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
         (["--tokenizer", "char", "--vocab-size", "500"], "--tokenizer char has its own vocabulary"),
         (["--data", "d", "--vocab-size", "500"], "--data d's tokenizer has its own vocabulary"),
         (["--out", "elsewhere"], "name two run directories; give one"),
+        # refused before the tokenizer and the data are made (nothing written)
+        (["--max-steps", "0"], "max_steps is 0; give --max-steps"),
+        (["--precision", "fp16", "--device", "cpu"], "precision fp16 is not supported on CPU"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
@@ -158,6 +161,8 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "x" / "model").exists()
+    if "--data" not in args and "--init-from" not in args:
+        assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
 def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(corpus, tmp_path, capsys):
@@ -248,3 +253,60 @@ def test_prepared_data_without_a_validation_split_says_how_to_prepare_it(trained
     err = capsys.readouterr().err.strip()
     assert "has 0 validation tokens; re-run `scratchllm prepare` with --val-fraction 0.1" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "run" / "model").exists()
+
+
+def test_resume_continues_the_run_as_it_was_set_up(corpus, tmp_path, capsys):
+    """A bare `--resume` takes the run's config.toml (the flags given change it); a tokenizer setting
+    that differs from the checkpoint's is refused before anything in the run is replaced; changed
+    data is said; another run's checkpoint is never continued inside an existing run."""
+    out = tmp_path / "run"
+    base = ["pretrain", "--corpus", str(corpus), "--tokenizer", "char", "--eval-every", "0",
+            "--checkpoint-every", "2", *FAST]  # fmt: skip
+    assert main([*base, "--max-steps", "4", "--out-dir", str(out)]) == 0
+    tok_files = {p.name: p.read_bytes() for p in (out / "tokenizer").iterdir()}
+    capsys.readouterr()
+    assert main(["pretrain", "--out-dir", str(out), "--resume", "--max-steps", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming with the settings of {out / 'config.toml'}" in printed and "resumed from" in printed
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 6 and load_model(out / "model").tokenizer.kind == "char"
+    # another tokenizer kind (or size) than the run's: refused, the run's tokenizer left alone
+    from scratchllm.text.bpe import train_bpe
+
+    saved = train_bpe(
+        [(corpus / "doc0.txt").read_text(encoding="utf-8")], vocab_size=270, progress=False
+    ).save(tmp_path / "bpe")
+    for flags in (["--tokenizer", "train", "--vocab-size", "300"], ["--tokenizer", str(saved)]):
+        assert main(["pretrain", "--out-dir", str(out), "--resume", "--max-steps", "8", *flags]) == 2
+        err = capsys.readouterr().err
+        assert "was trained with the tokenizer 'char'" in err and "resume with the run's settings" in err, err
+        assert {p.name: p.read_bytes() for p in (out / "tokenizer").iterdir()} == tok_files
+    # other text: goes on with the run's tokenizer, and says the continuation is not the stopped run's
+    other = tmp_path / "other.txt"
+    other.write_text((corpus / "doc0.txt").read_text(encoding="utf-8")[::-1] * 3, encoding="utf-8")
+    assert (
+        main(["pretrain", "--out-dir", str(out), "--resume", "--max-steps", "8", "--corpus", str(other)]) == 0
+    )
+    assert "warning: resuming on other data" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (out / "tokenizer").iterdir()} == tok_files
+    # a checkpoint of another run: a fork into a new directory, never spliced into this one
+    fork = tmp_path / "fork"
+    last = out / "checkpoints" / "step-000008"
+    assert main([*base, "--max-steps", "10", "--out-dir", str(fork), "--resume", str(last)]) == 0
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                *base,
+                "--max-steps",
+                "12",
+                "--out-dir",
+                str(out),
+                "--resume",
+                str(fork / "checkpoints" / "step-000010"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "is not a checkpoint of" in err and "give a new --out-dir" in err and err.count("\n") == 1
