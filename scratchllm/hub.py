@@ -511,6 +511,18 @@ def export_hf(spec: str | os.PathLike | LoadedModel, out: str | os.PathLike) -> 
         files = hf_tokenizer_files(tokenizer, model.cfg.context_length) if tokenizer is not None else None
         for fname, data in (files or {}).items():
             (tmp / fname).write_bytes(data)
+    if files is None:  # else transformers' AutoTokenizer would load an empty GPT-2 tokenizer from `out`
+        import warnings
+
+        why = (
+            "the model has no tokenizer"
+            if tokenizer is None
+            else f"its {tokenizer.kind} tokenizer has no GPT-2 form"
+        )
+        warnings.warn(
+            f"{out} holds the weights and config only ({why}); encode text for it with scratchllm's tokenizer",
+            stacklevel=2,
+        )
     return out
 
 

@@ -587,3 +587,15 @@ def test_one_kind_of_output_never_replaces_another(tmp_path, capsys):
     capsys.readouterr()
     assert main(["download", "gpt2", "--from", str(model), "--out", str(tmp_path / "new")]) == 2
     assert "is a scratchllm model directory already, nothing to convert" in capsys.readouterr().err
+
+
+def test_export_of_a_tokenizer_without_a_gpt2_form_says_what_is_missing(tmp_path):
+    """A char (or no) tokenizer cannot be written as GPT-2's: the export says so instead of leaving a
+    directory whose AutoTokenizer encodes every text to nothing."""
+    from scratchllm.text.char import CharTokenizer
+
+    tok = CharTokenizer.from_corpus("the cat sat on the mat")
+    save_model(tmp_path / "char", random_model(vocab_size=tok.vocab_size), tok)
+    with pytest.warns(UserWarning, match=r"weights and config only \(its char tokenizer has no GPT-2 form\)"):
+        assert main(["export-hf", str(tmp_path / "char"), str(tmp_path / "hf")]) == 0
+    assert not (tmp_path / "hf" / "vocab.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()

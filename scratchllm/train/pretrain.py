@@ -99,12 +99,10 @@ class PretrainConfig(TrainerConfig):
             )
         if not self.corpus and not self.data:  # e.g. a preset made for one corpus, which it cannot ship
             raise ScratchLLMError("no training text: give --corpus (files, a directory, builtin) or --data")
-        if (
-            not self.max_steps
-        ):  # pretraining has no epochs to count steps from (the trainer would say so later)
-            raise ScratchLLMError(
-                "training settings: max_steps is 0; give --max-steps (the schedule's length)"
-            )
+        if not (
+            self.max_steps or self.max_tokens
+        ):  # no epochs to count steps from: said now, not after the data
+            raise ScratchLLMError("training settings: max_steps is 0; give --max-steps or --max-tokens")
         from ..device import pick_device, resolve_precision
 
         resolve_precision(self.precision, pick_device(self.device))  # fp16 on a CPU, say, fails now
@@ -198,6 +196,9 @@ class LanguageModelTask(Task):
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return next_token_loss(model, *batch)
+
+    def tokens_per_step(self, cfg: TrainerConfig, world_size: int) -> int:
+        return self.batch_size * self.context_length * cfg.grad_accum * world_size
 
     def evaluate(
         self, model: nn.Module, amp: Callable[[], contextlib.AbstractContextManager]

@@ -120,10 +120,16 @@ def test_torch_compile_trains_like_eager_mode(tmp_path):
     assert losses[1] == pytest.approx(losses[0], abs=1e-4)
 
 
-def test_token_budget_stops_early(tmp_path):
-    model, task, cfg = _setup(tmp_path, max_steps=100, max_tokens=32 * 4 * 7)
-    result = Trainer(model, task, cfg).fit()
-    assert result.steps == 7 and result.stopped == "budget" and result.tokens == 32 * 4 * 7
+def test_token_budget_sizes_the_schedule(tmp_path):
+    """Fixed tokens per step: the token budget is the run's length, so warmup and decay end with it
+    (not at max_steps, which would leave the learning rate undecayed); without max_steps too."""
+    for max_steps in (100, 0):
+        model, task, cfg = _setup(tmp_path / str(max_steps), max_steps=max_steps, max_tokens=32 * 4 * 7 - 5)
+        trainer = Trainer(model, task, cfg)
+        result = trainer.fit()
+        assert trainer.total_steps == result.steps == 7 and result.tokens == 32 * 4 * 7
+        lrs = [r["lr"] for r in result.history if r["kind"] == "train"]
+        assert lrs[-1] == pytest.approx(lr_at(6, cfg, 7)) and lrs[-1] < cfg.lr / 2
 
 
 class _NaNAfter12Steps(LanguageModelTask):
