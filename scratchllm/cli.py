@@ -441,7 +441,12 @@ def _run_training(run: str, args: argparse.Namespace) -> int:
 
     module, function = run.split(":")
     command = getattr(importlib.import_module(module, __package__), function)
-    result = command(getattr(args, "config", None), training_overrides(args), resume=args.resume)
+    overrides = training_overrides(args)
+    if args.resume is not None and overrides.get("overwrite"):
+        raise ScratchLLMError(
+            "--resume continues the run and --overwrite true starts it over; give one of them"
+        )
+    result = command(getattr(args, "config", None), overrides, resume=args.resume)
     train = getattr(result, "train", result)  # a classifier's result holds the trainer's
     if getattr(train, "stopped", None) != "interrupted":
         return 0

@@ -99,6 +99,20 @@ class PretrainConfig(TrainerConfig):
             )
         if not self.corpus and not self.data:  # e.g. a preset made for one corpus, which it cannot ship
             raise ScratchLLMError("no training text: give --corpus (files, a directory, builtin) or --data")
+        if self.data and not Path(self.data).expanduser().exists():
+            raise ScratchLLMError(
+                f"--data {self.data} does not exist; make it with `scratchllm prepare --out {self.data}`"
+            )
+        spec = self.tokenizer
+        if (
+            spec not in ("train", "char", "gpt2")
+            and not spec.startswith("tiktoken:")
+            and not Path(spec).expanduser().exists()
+        ):
+            raise ScratchLLMError(
+                f"--tokenizer {spec}: no such tokenizer; give train (a BPE trained on the corpus), char, gpt2, "
+                "tiktoken:NAME, or a tokenizer or model directory"
+            )
         if not (
             self.max_steps or self.max_tokens
         ):  # no epochs to count steps from: said now, not after the data

@@ -127,7 +127,7 @@ def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
         (["--gelu", "erf"], "gelu must be tanh or exact, got 'erf'"),
         (
             ["--data", "/nonexistent/prepared"],
-            "--data /nonexistent/prepared is not a prepared data directory",
+            "--data /nonexistent/prepared does not exist; make it with `scratchllm prepare",
         ),
         # flags that would be silently ignored
         (["--data", "d", "--corpus", "a.txt"], "--corpus and --data d both give the training text; give one"),
@@ -150,6 +150,14 @@ def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
         (["--out", "elsewhere"], "name two run directories; give one"),
         # refused before the tokenizer and the data are made (nothing written)
         (["--max-steps", "0"], "max_steps is 0; give --max-steps"),
+        (
+            ["--tokenizer", "chr"],
+            "--tokenizer chr: no such tokenizer; give train (a BPE trained on the corpus), char",
+        ),
+        (
+            ["--resume", "--overwrite", "true"],
+            "--resume continues the run and --overwrite true starts it over",
+        ),
         (["--precision", "fp16", "--device", "cpu"], "precision fp16 is not supported on CPU"),
     ],
 )
