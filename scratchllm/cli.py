@@ -270,9 +270,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=_info)
 
-    p = sub.add_parser(
-        "download",
-    )
+    p = sub.add_parser("download")
     p.add_argument(
         "name",
         nargs="?",

@@ -28,7 +28,7 @@ DATA_TOKENIZER_DIR = "tokenizer"
 TOKENIZER_META_FILE = "tokenizer_meta.json"  # a tokenizer directory
 
 
-def check_parents(path: str | os.PathLike) -> None:
+def check_parents(path: str | os.PathLike, what: str = "cannot write") -> None:
     """A one-line error when a file stands where a directory above `path` would have to be."""
     from .errors import ScratchLLMError
 
@@ -36,16 +36,8 @@ def check_parents(path: str | os.PathLike) -> None:
     for above in (parent, *parent.parents):
         if above.exists():
             if not above.is_dir():
-                raise ScratchLLMError(
-                    f"cannot write {path}: {above} is a file, not a directory; give another path"
-                )
+                raise ScratchLLMError(f"{what} {path}: {above} is a file, not a directory; give another path")
             return
-
-
-def make_parents(path: str | os.PathLike) -> None:
-    """Create the directories above `path` (see `check_parents`)."""
-    check_parents(path)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _umask() -> int:
@@ -77,9 +69,7 @@ def check_output_file(
     path = Path(path).expanduser()
     if path.is_dir():
         raise ScratchLLMError(f"{what} {path} is a directory; give a file path such as {path / 'out.json'}")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ScratchLLMError(f"{what} {path}: {parent} is a file, not a directory")
+    check_parents(path, what)
     for flag, source in (inputs or {}).items():
         src = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else None
         if src is not None and src.is_file() and path.is_file() and os.path.samefile(path, src):
@@ -94,7 +84,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it."""
     check_output_file(path, "output")
     path = Path(path)
-    make_parents(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # its parents were checked above
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -198,7 +188,7 @@ def atomic_dir(
     """
     check_replaceable(path, marker, what, inside)
     path = Path(path)
-    make_parents(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # its parents were checked above
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

@@ -113,9 +113,8 @@ class PretrainConfig(TrainerConfig):
                 f"--tokenizer {spec}: no such tokenizer; give train (a BPE trained on the corpus), char, gpt2, "
                 "tiktoken:NAME, or a tokenizer or model directory"
             )
-        if not (
-            self.max_steps or self.max_tokens
-        ):  # no epochs to count steps from: said now, not after the data
+        # pretraining has no epochs to count steps from: said now, not after the data is made
+        if not (self.max_steps or self.max_tokens):
             raise ScratchLLMError("training settings: max_steps is 0; give --max-steps or --max-tokens")
         from ..device import pick_device, resolve_precision
 
@@ -250,6 +249,17 @@ class LanguageModelTask(Task):
 # wiring
 
 
+TRAINED_ON = "trained_on.json"  # in out_dir/tokenizer: what the run's tokenizer was trained as, and on
+
+
+def _tokenizer_recipe(cfg: PretrainConfig) -> dict[str, Any]:
+    return {
+        "kind": cfg.tokenizer,
+        "corpus": cfg.corpus,
+        "vocab_size": cfg.vocab_size if cfg.tokenizer == "train" else None,
+    }
+
+
 def _resolve_tokenizer(
     cfg: PretrainConfig,
     out_dir: Path,
@@ -274,13 +284,10 @@ def _resolve_tokenizer(
 
         if trainable and not cfg.data and init_tokenizer is None:
             # trained at the start of the run: the same kind and size again, whatever the corpus now
-            marker = out_dir / "tokenizer" / "trained_on.json"
+            marker = out_dir / "tokenizer" / TRAINED_ON
             recipe = json.loads(marker.read_text()) if marker.is_file() else {}
-            wanted = {
-                "kind": cfg.tokenizer,
-                "vocab_size": cfg.vocab_size if cfg.tokenizer == "train" else None,
-            }
-            if recipe and {k: recipe.get(k) for k in wanted} != wanted:
+            wanted = _tokenizer_recipe(cfg)
+            if recipe and any(recipe.get(k) != wanted[k] for k in ("kind", "vocab_size")):
                 size = f" of {cfg.vocab_size} ids" if cfg.tokenizer == "train" else ""
                 raise differs(f"--tokenizer {cfg.tokenizer}{size}")
             return theirs
@@ -305,12 +312,8 @@ def _resolve_tokenizer(
             )
         return load_tokenizer(prepared_tok)
     tok_dir = out_dir / "tokenizer"
-    recipe = {
-        "kind": cfg.tokenizer,
-        "corpus": cfg.corpus,
-        "vocab_size": cfg.vocab_size if cfg.tokenizer == "train" else None,
-    }
-    marker = tok_dir / "trained_on.json"
+    recipe = _tokenizer_recipe(cfg)
+    marker = tok_dir / TRAINED_ON
     if dist.is_main and not (marker.exists() and json.loads(marker.read_text()) == recipe):
         from ..fileio import atomic_dir
         from ..text.corpus import load_documents
@@ -328,7 +331,7 @@ def _resolve_tokenizer(
             tok = train_bpe(texts, cfg.vocab_size, progress=cfg.progress, name=f"bpe-{cfg.vocab_size}")
         with atomic_dir(tok_dir, marker=TOKENIZER_META_FILE, what="tokenizer directory") as tmp:
             tok.save(tmp)
-            (tmp / "trained_on.json").write_text(json.dumps(recipe))
+            (tmp / TRAINED_ON).write_text(json.dumps(recipe))
     barrier(dist)
     return load_tokenizer(tok_dir)
 
