@@ -34,7 +34,8 @@ class CharTokenizer(Tokenizer):
         self.char_to_id = {c: i for i, c in enumerate(self.chars)}
         n = len(self.chars)
         self.special_tokens = {EOT: n, UNK: n + 1}
-        self._id_to_text = [*self.chars, EOT, UNK]
+        # a dict, not a list: an id outside 0..vocab_size-1 (a negative one too) is a KeyError, not a wrap
+        self._id_to_text = dict(enumerate([*self.chars, EOT, UNK]))
         self._points = np.array([ord(c) for c in self.chars], dtype=np.uint32)
 
     @classmethod
@@ -83,10 +84,13 @@ class CharTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         """The characters of `ids` (specials as their strings); an id outside the vocabulary is an error."""
         check_not_text(ids, self.name)
-        ids = list(map(int, ids))
-        # checked, not caught: a negative index would silently read from the end
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+        ids = ids if isinstance(ids, (list, tuple)) else list(ids)
+        try:  # one pass: streaming decodes the whole text again for every token
+            return "".join(map(self._id_to_text.__getitem__, ids))
+        except (KeyError, TypeError):  # an id out of range, or not a Python int (a tensor's element)
+            ids = [int(i) for i in ids]
+        bad = next((i for i in ids if i not in self._id_to_text), None)
+        if bad is not None:
             raise ScratchLLMError(f"char tokenizer: token id {bad} out of range 0..{self.vocab_size - 1}")
         return "".join(map(self._id_to_text.__getitem__, ids))
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -69,6 +71,15 @@ def test_encode_matches_the_character_loop(text):
 @given(st.text(alphabet=st.sampled_from(TOK.chars), max_size=80))
 def test_round_trip_on_known_characters(text):
     assert TOK.decode(TOK.encode(text)) == text
+
+
+def test_decode_takes_ids_of_any_integer_kind_and_any_iterable():
+    ids = TOK.encode("hi there")
+    want = TOK.decode(ids)
+    assert TOK.decode(tuple(ids)) == TOK.decode(iter(ids)) == want
+    assert TOK.decode(np.array(ids)) == TOK.decode(torch.tensor(ids)) == want  # not Python ints: converted
+    with pytest.raises(ScratchLLMError, match="token id -1 out of range"):
+        TOK.decode(torch.tensor([ids[0], -1]))
 
 
 def test_empty_vocabulary_is_refused(tmp_path):
