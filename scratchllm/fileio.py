@@ -210,18 +210,22 @@ def atomic_dir(
 
 
 def read_json_records(
-    path: str | os.PathLike, what: str = "data file", hint: str = "one JSON object per line"
+    path: str | os.PathLike,
+    what: str = "data file",
+    hint: str = "one JSON object per line",
+    unwrap: str | None = None,
 ) -> list[tuple[str, int, dict[str, Any]]]:
     """`(where, number, object)` for the objects of a JSON Lines file (one per line; blank lines skipped) or of a JSON file holding
     a list (told apart by the `.jsonl` suffix or a leading `[`), each with where it came from
     (`path, line N` or `path, record [i]`, for error messages) and its 1-based line or list position. Every problem (missing, not UTF-8,
     bad JSON, not an object, no records) is a one-line `ScratchLLMError` naming the file and line;
-    `what` and `hint` say what the file should be."""
+    `what` and `hint` say what the file should be. `unwrap`: a JSON object whose `unwrap` key holds
+    the list (a file this package wrote with its records inside) stands for that list."""
     from .errors import ScratchLLMError
 
     path = Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8").removeprefix("\ufeff")  # a byte-order mark is not JSON
     except FileNotFoundError:
         raise ScratchLLMError(f"{what} {path} not found; give a JSON or JSONL file ({hint})") from None
     except IsADirectoryError:
@@ -230,6 +234,18 @@ def read_json_records(
         raise ScratchLLMError(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
     except OSError as e:
         raise ScratchLLMError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+    def listed(data: list[Any]) -> list[tuple[str, int, Any]]:
+        return [(f"{path}, record [{i}]", i + 1, obj) for i, obj in enumerate(data)]
+
+    def one_object(data: dict[str, Any]) -> list[tuple[str, int, Any]]:
+        if unwrap is not None and isinstance(data.get(unwrap), list):
+            return listed(data[unwrap])
+        raise ScratchLLMError(
+            f"{path}: one JSON object (keys {sorted(data)[:8]}), not a list of records; write a [...] list "
+            f"of objects or {hint}"
+        )
+
     items: list[tuple[str, int, Any]] = []
     if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
         for n, line in enumerate(text.splitlines(), 1):
@@ -238,10 +254,20 @@ def read_json_records(
             try:
                 items.append((f"{path}, line {n}", n, json.loads(line)))
             except json.JSONDecodeError as e:
+                try:  # a pretty-printed object is valid JSON, just not a list of records
+                    whole = json.loads(text)
+                except json.JSONDecodeError:
+                    whole = None
+                if isinstance(whole, dict):
+                    items = one_object(whole)
+                    break
                 raise ScratchLLMError(
                     f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}); a JSONL file has "
                     "one {...} object per line, a JSON file one [...] list"
                 ) from None
+        one = items[0][2] if len(items) == 1 else None
+        if unwrap is not None and isinstance(one, dict) and isinstance(one.get(unwrap), list):
+            items = listed(one[unwrap])  # the same, written on one line
     else:
         try:
             data = json.loads(text)
@@ -251,12 +277,12 @@ def read_json_records(
             ) from None
         if not isinstance(data, list):
             raise ScratchLLMError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-        items = [(f"{path}, record [{i}]", i + 1, obj) for i, obj in enumerate(data)]
+        items = listed(data)
     for where, _, obj in items:
         if not isinstance(obj, dict):
             raise ScratchLLMError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if not items:
-        listed = path.suffix.lower() != ".jsonl" and text.lstrip().startswith("[")
-        form = "a JSON list of objects" if listed else hint
+        listed_form = path.suffix.lower() != ".jsonl" and text.lstrip().startswith("[")
+        form = "a JSON list of objects" if listed_form else hint
         raise ScratchLLMError(f"{what} {path} has no records; write {form}")
     return items

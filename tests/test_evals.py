@@ -266,6 +266,9 @@ def test_the_three_formats(tmp_path):
     assert mc.format == "choice" and mc.items[0].label == 1
     gen = read_task(write_jsonl(tmp_path / "g.jsonl", [{"prompt": "Q", "answer": ["a", "b"]}]))
     assert gen.kind == "generation" and gen.items[0] == GenerationItem("Q", ("a", "b"), 1)
+    # a generation item with a context field of its own is still one (it was read as multiple choice)
+    gen = read_task(write_jsonl(tmp_path / "gc.jsonl", [{"prompt": "Q", "answer": "a", "context": "notes"}]))
+    assert gen.kind == "generation" and gen.items[0] == GenerationItem("Q", ("a",), 1)
 
 
 HS_OK = {"ctx": "c", "endings": ["a", "b"], "label": 0}
@@ -290,6 +293,7 @@ HS_OK = {"ctx": "c", "endings": ["a", "b"], "label": 0}
         ([{"context": 3, "choices": ["a", "b"], "answer": 0}], r"line 1: field 'context' must be a string"),
         ([{"context": "c", "choices": ["a", "b"], "answer": "z"}], r"'answer' is 'z', which is not one of"),
         ([{"prompt": "p", "answer": 5}], r"line 1: field 'answer' must be a string or a list"),
+        ([{"prompt": "p", "answer": ["a", " "]}], r"line 1: field 'answer' has an empty answer"),
         ([{"question": "q"}], r"line 1: cannot tell the task format"),
         (["", "  "], r"has no records"),
     ],

@@ -90,9 +90,12 @@ def read_task(path: str | os.PathLike, format: str = "auto") -> TaskFile:
 
 
 def detect_format(record: dict[str, Any], where: str = "record") -> str:
-    """The format whose distinctive field the record has."""
+    """The format whose distinctive field the record has (a prompt without choices is a generation
+    item, whatever other fields it carries, such as a `context` of its own)."""
     if "endings" in record or "ctx" in record:
         return "hellaswag"
+    if "prompt" in record and "choices" not in record:
+        return "generation"
     if "choices" in record or "context" in record:
         return "choice"
     if "prompt" in record:
@@ -119,6 +122,8 @@ def parse_record(record: dict[str, Any], format: str, where: str = "record", lin
             raise ScratchLLMError(
                 f"{where}: field 'answer' must be a string or a list of strings, got {answer!r}"
             )
+        if not all(a.strip() for a in answers):  # every output would contain it: a free point
+            raise ScratchLLMError(f"{where}: field 'answer' has an empty answer; give the expected text")
         return GenerationItem(prompt, tuple(answers), line)
     if format == "hellaswag":
         context = _string(record, "ctx", where)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +53,11 @@ def _read_text(path: Path) -> str:
 
 
 def read_table(
-    path: str | os.PathLike, header: bool = True
+    path: str | os.PathLike, header: bool = True, wanted: Sequence[tuple[str, str]] = ()
 ) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
-    """The column names and the records (`(source, {column: value})`) of a CSV/TSV/JSONL/JSON file."""
+    """The column names and the records (`(source, {column: value})`) of a CSV/TSV/JSONL/JSON file.
+    A name the header gives twice names its first column; the others read as NAME.1, NAME.2 (as in
+    pandas). Each `(name, what)` of `wanted` (the columns a command reads) must be named once."""
     path = Path(path)
     suffix = path.suffix.lower()
     if path.is_dir():
@@ -95,6 +98,14 @@ def read_table(
             raise ScratchLLMError(f"{path} has a header ({', '.join(columns)}) but no records below it")
     else:
         columns = [str(i) for i in range(max(len(r) for _, r in rows))]
+    for name, what in wanted:
+        if columns.count(name) > 1:  # which one was meant cannot be known
+            places = [str(i + 1) for i, c in enumerate(columns) if c == name]
+            raise ScratchLLMError(
+                f"{path}: the header names {len(places)} columns {name!r} (columns {', '.join(places)}); "
+                f"rename them, or pass --{what}-column {name}.1 for the second"
+            )
+    keys = [c if c not in columns[:i] else f"{c}.{columns[:i].count(c)}" for i, c in enumerate(columns)]
     records = []
     for n, row in rows:
         if len(row) > len(columns):
@@ -102,21 +113,18 @@ def read_table(
                 f"{path}:{n}: {len(row)} fields but the header names {len(columns)} columns"
                 + ("; a text with tabs needs a .csv or .jsonl file" if suffix in TSV_SUFFIXES else "")
             )
-        records.append((f"{path}:{n}", dict(zip(columns, row))))
-    return columns, records
+        records.append((f"{path}:{n}", dict(zip(keys, row))))
+    return keys, records
 
 
 def read_examples(
     path: str | os.PathLike, text_column: str = "text", label_column: str = "label", header: bool = True
 ) -> list[Example]:
     """Labelled examples from a table; errors name the file, line and column."""
-    columns, records = read_table(path, header)
-    for col, what in ((text_column, "text"), (label_column, "label")):
-        if col not in columns:
-            raise ScratchLLMError(
-                f"{path}: no {what} column {col!r}; the columns are {columns}; "
-                f"pass --{what}-column NAME" + ("" if header else " (a 0-based position without a header)")
-            )
+    wanted = ((text_column, "text"), (label_column, "label"))
+    columns, records = read_table(path, header, wanted)
+    for col, what in wanted:
+        _check_column(path, columns, col, what, header)
     out = []
     for source, rec in records:
         text, label = rec.get(text_column), rec.get(label_column)
@@ -132,14 +140,20 @@ def read_examples(
     return out
 
 
+def _check_column(path: str | os.PathLike, columns: list[str], name: str, what: str, header: bool) -> None:
+    if name not in columns:
+        raise ScratchLLMError(
+            f"{path}: no {what} column {name!r}; the columns are {columns}; "
+            f"pass --{what}-column NAME" + ("" if header else " (a 0-based position without a header)")
+        )
+
+
 def read_texts(
     path: str | os.PathLike, text_column: str = "text", header: bool = True
 ) -> list[tuple[str, dict[str, Any]]]:
     """(text, whole record) pairs of a table, for classifying unlabelled records."""
-    columns, records = read_table(path, header)
-    if text_column not in columns:
-        hint = "" if header else " (without a header, name the text column by its 0-based position)"
-        raise ScratchLLMError(f"{path}: no text column {text_column!r}; the columns are {columns}{hint}")
+    columns, records = read_table(path, header, [(text_column, "text")])
+    _check_column(path, columns, text_column, "text", header)
     out = []
     for source, rec in records:
         text = rec.get(text_column)
@@ -189,6 +203,12 @@ class LabelSet:
         found = sorted(
             {e.label for e in examples}, key=lambda s: (0, int(s), "") if _is_int(s) else (1, 0, s)
         )
+        by_case: dict[str, list[str]] = {}
+        for name in found:
+            by_case.setdefault(name.casefold(), []).append(name)
+        for same in (names for names in by_case.values() if len(names) > 1):
+            warnings.warn(f"the labels {' and '.join(map(repr, same))} differ only in case, so they are separate "
+                          "classes; make them one spelling in the data if they mean the same", stacklevel=2)  # fmt: skip
         return cls(found, "the training data")
 
     def __len__(self) -> int:

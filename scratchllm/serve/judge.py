@@ -67,23 +67,24 @@ def judge_prompt(
     )
 
 
-_NUMBER = r"(\d{1,3}(?:\.\d+)?)"
-# in order of trust: a bare number, "N/100" or "N out of 100", a number after a score word,
-# "N/10" (scaled by 10), then the first number from 0 to 100 anywhere
-_BARE = re.compile(rf"^\W*{_NUMBER}\W*$")
-_OF_100 = re.compile(rf"(?<![\d.]){_NUMBER}\s*(?:/|out of)\s*100(?!\d)", re.IGNORECASE)
+_NUMBER = r"(?<![\d.\-])(\d{1,3}(?:\.\d+)?)(?![\d])"  # not part of a longer or negative number
+# in order of trust: a bare number; "N/100", "N out of 10" or "N/5" (scaled to 100); a number after a
+# score word (not followed by a scale); the only number from 0 to 100 in the reply
+_BARE = re.compile(rf"^[^\w-]*{_NUMBER}\W*$")
+_SCALED = re.compile(rf"{_NUMBER}\s*(?:/|out of)\s*(100|10|5)(?!\.?\d)", re.IGNORECASE)
 _AFTER_WORD = re.compile(
-    rf"\b(?:score|scored|rating|rated|rate|grade|give it|i'd give|i would give)\b[^\d\n]{{0,25}}?(?<![\d.]){_NUMBER}(?![\d])(?!\s*(?:/|out of)\s*10\b)",
+    rf"\b(?:score|scored|rating|rated|rate|grade|overall|give it|i'd give|i would give)\b[^\d\n]{{0,25}}?"
+    rf"{_NUMBER}(?!\s*(?:/|out of)\s*\d)",
     re.IGNORECASE,
 )
-_OF_10 = re.compile(rf"(?<![\d.]){_NUMBER}\s*(?:/|out of)\s*10(?![\d])", re.IGNORECASE)
-_ANY = re.compile(rf"(?<![\d.]){_NUMBER}(?![\d])")
+_ANY = re.compile(_NUMBER)
 
 
 def parse_score(reply: str) -> int | None:
-    """The 0-100 score in a judge's reply, or None. A bare number wins, then "N/100" or
-    "N out of 100", then a number after "score"/"rating"/"rate" and similar, then "N/10" (times
-    10), then the first number from 0 to 100. Decimals are rounded."""
+    """The 0-100 score in a judge's reply, or None. A bare number wins, then "N/100", "N out of
+    10" or "N/5" (scaled to 0-100), then a number after "score"/"rating"/"overall" and similar,
+    then the reply's only number from 0 to 100. Decimals are rounded. None (so the judge is asked
+    again) rather than a guess: "3 of the 4 points, so 75" has no score that can be told apart."""
 
     def value(text: str, scale: float = 1.0) -> int | None:
         number = float(text) * scale
@@ -94,14 +95,14 @@ def parse_score(reply: str) -> int | None:
         return None
     if m := _BARE.match(text):
         return value(m.group(1))
-    for pattern, scale in ((_OF_100, 1.0), (_AFTER_WORD, 1.0), (_OF_10, 10.0)):
-        for m in pattern.finditer(text):
-            if (score := value(m.group(1), scale)) is not None:
-                return score
-    for m in _ANY.finditer(text):
+    for m in _SCALED.finditer(text):
+        if float(m.group(1)) <= float(m.group(2)):
+            return value(m.group(1), 100 / float(m.group(2)))
+    for m in _AFTER_WORD.finditer(text):
         if (score := value(m.group(1))) is not None:
             return score
-    return None
+    candidates = {score for m in _ANY.finditer(text) if (score := value(m.group(1))) is not None}
+    return candidates.pop() if len(candidates) == 1 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,41 +294,23 @@ def _describe(error: BaseException) -> str:
 
 
 def read_responses(path: str | os.PathLike, response_key: str = "model_response") -> list[dict[str, Any]]:
-    """The entries of a .json (a list) or .jsonl responses file, checked for the needed keys."""
-    path = Path(path)
-    if path.is_dir():
-        raise ScratchLLMError(f"responses file {path} is a directory; give the JSON file `respond` wrote")
-    if not path.is_file():
-        raise ScratchLLMError(f"responses file {path} not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ScratchLLMError(f"responses file {path} is not UTF-8 text (byte {e.start})") from None
-    try:
-        if path.suffix == ".jsonl":
-            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            entries = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ScratchLLMError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if isinstance(entries, dict) and isinstance(entries.get("items"), list):
-        entries = entries["items"]  # a judge result file: score it again
-    if not isinstance(entries, list) or not entries:
-        raise ScratchLLMError(f"{path}: expected a non-empty list of entries (or one JSON object per line)")
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise ScratchLLMError(f"{path}: entry {i} is not an object")
+    """The entries of a .json (a list) or .jsonl responses file, checked for the needed keys; a judge
+    result file (its entries under "items") is read as its entries, to score them again."""
+    from ..fileio import read_json_records
+
+    records = read_json_records(path, "responses file", "one entry per line", unwrap="items")
+    for where, _, entry in records:
         for key in ("instruction", "output", response_key):
             if not isinstance(entry.get(key), str):
                 raise ScratchLLMError(
-                    f"{path}: entry {i} has no string {key!r} (it has {sorted(entry)}); "
+                    f"{where}: no string {key!r} (it has {sorted(entry)}); "
                     + (
                         "pick the response field with --response-key"
                         if key == response_key
                         else "fix the file"
                     )
                 )
-    return entries
+    return [entry for _, _, entry in records]
 
 
 _RESULT_KEYS = ("score", "judge_reply", "attempts", "error")

@@ -13,10 +13,13 @@ Each file, section of a topic or dataset row is one `Document`; documents are la
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import os
 import re
+import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,19 +61,28 @@ def builtin_documents() -> list[Document]:
 
 
 def read_text_file(path: str | os.PathLike, encoding_errors: str = "strict") -> str:
-    """Read a UTF-8 file; with `strict`, bytes that are not UTF-8 raise an error naming the offset."""
+    """Read a UTF-8 text file (or UTF-16/32 with a byte-order mark); with `strict`, bytes that do not decode
+    raise an error naming the offset."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ScratchLLMError(f"cannot read {path}: {e.strerror or e}") from e
+    # a byte-order mark says the encoding (Windows tools write UTF-16 and UTF-8 with one); UTF-32's
+    # marks begin like UTF-16's, so they are tried first
+    codec = next((c for bom, c in _BOMS if data.startswith(bom)), "utf-8")
     try:
-        return data.decode("utf-8", errors=encoding_errors)
+        text = data.decode(codec, errors=encoding_errors)
     except UnicodeDecodeError as e:
         raise ScratchLLMError(
-            f"{path}: byte {e.start} (0x{data[e.start]:02x}) is not valid UTF-8; convert the file to UTF-8 "
-            "or pass --encoding-errors replace"
+            f"{path}: byte {e.start} (0x{data[e.start]:02x}) is not valid {codec.upper()}; convert the file to "
+            "UTF-8 or pass --encoding-errors replace"
         ) from e
+    return text.removeprefix("\ufeff")  # utf-16 and utf-32 remove the mark; a second one is not text either
+
+
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
 
 
 def resolve_paths(source: str) -> list[Path]:
@@ -79,16 +91,26 @@ def resolve_paths(source: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
+        found = [p for p in path.rglob("*") if p.is_file()]
         files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not _hidden(p.relative_to(path))
+            p for p in found if p.suffix.lower() in TEXT_SUFFIXES and not _hidden(p.relative_to(path))
         )
         if not files:
             raise ScratchLLMError(
                 f"directory {path} has no text files ({', '.join(TEXT_SUFFIXES)}); use a glob such as "
                 f"'{path}/**/*.py' for other kinds"
             )
+        if len(found) > len(files):  # said, so that a folder of .py or .html files is not half-read unnoticed
+            kinds = Counter(
+                p.suffix.lower() or "(none)" for p in found if p.suffix.lower() not in TEXT_SUFFIXES
+            )
+            hidden = len(found) - len(files) - kinds.total()
+            listed = [f"{n} {suffix}" for suffix, n in kinds.most_common(4)] + (
+                [f"{hidden} hidden"] if hidden else []
+            )
+            warnings.warn(f"directory {path}: read {len(files)} text files ({', '.join(TEXT_SUFFIXES)}), skipped "
+                          f"{len(found) - len(files)} others ({', '.join(listed)}{', ...' if len(kinds) > 4 else ''}); "
+                          f"a glob such as '{path}/**/*.py' reads other kinds", stacklevel=2)  # fmt: skip
         return files
     if glob.has_magic(source):
         files = sorted(
@@ -97,6 +119,8 @@ def resolve_paths(source: str) -> list[Path]:
         if not files:
             raise ScratchLLMError(f"glob {source!r} matches no files")
         return files
+    if path.is_symlink():
+        raise ScratchLLMError(f"corpus source {source!r} is a broken symbolic link (to {os.readlink(path)})")
     raise ScratchLLMError(
         f"corpus source {source!r} not found: give a file, a directory, a glob, `builtin` or hf:NAME"
     )
@@ -141,11 +165,19 @@ def iter_documents(
     if not sources:
         raise ScratchLLMError("no corpus given: pass --corpus PATH... or --corpus builtin")
     resolved: list[str | Path] = []
+    seen: set[str | Path] = set()
+    repeated = 0
     for source in sources:
-        if source == BUILTIN or source.startswith("hf:"):
-            resolved.append(source)
-        else:
-            resolved.extend(resolve_paths(source))
+        for item in [source] if source == BUILTIN or source.startswith("hf:") else resolve_paths(source):
+            key = item.resolve() if isinstance(item, Path) else item
+            if key in seen:  # `notes/ notes/*.md`: read once, or a file could be in train and val both
+                repeated += 1
+                continue
+            seen.add(key)
+            resolved.append(item)
+    if repeated:
+        warnings.warn(f"{repeated} corpus source{'s' if repeated > 1 else ''} given more than once (say, a "
+                      "directory and a glob inside it); each is read once", stacklevel=2)  # fmt: skip
     for item in resolved:
         if item == BUILTIN:
             yield from builtin_documents()

@@ -36,10 +36,12 @@ def token_loss(
     amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     max_windows: int | None = None,
     device: torch.device | None = None,
+    context_only: int | None = None,
 ) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and number of predicted tokens over `tokens`, cut into
     consecutive windows of `context_length` (the last one shorter). Every token after the first is
-    predicted exactly once."""
+    predicted exactly once; except the id `context_only` (say <|endoftext|> between documents), which
+    is context for the tokens after it but not predicted itself."""
     device = device or next(model.parameters()).device
     n = len(tokens)
     if n < 2:
@@ -59,11 +61,16 @@ def token_loss(
             length = min(context_length, n - 1 - part[0])
             rows = np.stack([np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in part])
             rows_t = torch.from_numpy(rows).to(device)
-            n_targets = rows_t[:, 1:].numel()
+            targets = rows_t[:, 1:]
+            if context_only is not None:
+                targets = targets.masked_fill(targets == context_only, -100)
+            n_targets = int((targets != -100).sum())
+            if n_targets == 0:
+                continue
             with amp():
                 # the loss the model trains on (fused with the head: no full logits tensor, which for
                 # GPT-2's vocabulary at 8 x 1024 tokens would take 1.6 GB), times its count for the sum
-                mean = next_token_loss(model, rows_t[:, :-1], rows_t[:, 1:])
+                mean = next_token_loss(model, rows_t[:, :-1], targets)
             total += float(mean) * n_targets
             count += n_targets
     return total, count
@@ -84,7 +91,8 @@ def evaluate_text(
     max_tokens: int = 0,
     quantize: str | None = None,
 ) -> dict[str, Any]:
-    """Loss, perplexity and bits per byte of a model on a corpus (documents separated by <|endoftext|>).
+    """Loss and perplexity per token of the text, and bits per byte, of a model on a corpus: each
+    document follows an <|endoftext|> that is context only, so every text token is predicted once.
     `quantize` "int4": of the model with int4 weights (what `generate --quantize int4` runs)."""
     from ..checkpoint import load_model
     from ..device import autocast, pick_device, resolve_precision
@@ -112,23 +120,38 @@ def evaluate_text(
             f"--context-length {ctx} exceeds the model's context length {loaded.config.context_length}"
         )
     docs = load_documents(corpus, encoding_errors)
-    ids: list[int] = []
-    n_bytes = 0
+    # Documents follow one another, each after an <|endoftext|> that is context only: so every token
+    # of the text is predicted exactly once, and bits per byte divides by the bytes of what was predicted.
+    eot = tok.eot_id
+    ids: list[int] = [] if eot is None else [eot]
+    n_bytes = n_text = 0
     for d in docs:
-        ids.extend(tok.encode(d.text))
-        if tok.eot_id is not None:
-            ids.append(tok.eot_id)
-        n_bytes += len(d.text.encode("utf-8"))
-        if max_tokens and len(ids) >= max_tokens:
+        doc = tok.encode(d.text)
+        if max_tokens and n_text + len(doc) >= max_tokens:
+            doc = doc[: max_tokens - n_text]
+            n_bytes += len(tok.decode_bytes(doc))  # the bytes of the evaluated beginning
+        else:
+            n_bytes += len(d.text.encode("utf-8"))
+        if eot is None and not ids and doc:  # no separator: the first token is context only
+            n_bytes -= len(tok.decode_bytes(doc[:1]))
+        ids.extend(doc)
+        n_text += len(doc)
+        if max_tokens and n_text >= max_tokens:
             break
-    if max_tokens:
-        ids = ids[:max_tokens]
+        if eot is not None:
+            ids.append(eot)
     total, count = token_loss(
-        loaded.model, np.asarray(ids), ctx, batch_size, lambda: autocast(dev, prec), device=dev
+        loaded.model,
+        np.asarray(ids),
+        ctx,
+        batch_size,
+        lambda: autocast(dev, prec),
+        device=dev,
+        context_only=eot,
     )
+    if count == 0:
+        raise ScratchLLMError("the corpus has no text to evaluate (need at least 1 token after the first)")
     loss = total / count
-    if max_tokens:  # bytes of the evaluated prefix only
-        n_bytes = len(tok.decode(ids).encode("utf-8"))
     return {
         "model": str(model_spec),
         "tokens": count,

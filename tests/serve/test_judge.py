@@ -60,6 +60,12 @@ ENTRIES = [
         ("85.5", 86),
         ("Rating: 60%", 60),
         ("150", None),
+        ("-10", None),
+        ("Rating: 4/5", 80),
+        ("I would rate this response 2 out of 5.", 40),
+        ("1. Accuracy: correct. 2. Clarity: good. Overall: 90", 90),
+        ("The response covers 3 of the 4 points, so 75.", None),  # ambiguous: the follow-up asks
+        ("Score: 85 (the 2 typos cost 15)", 85),
         ("The response is good.", None),
         ("", None),
     ],
@@ -307,11 +313,21 @@ def test_read_responses_checks_the_records(tmp_path):
     assert read_responses(path) == ENTRIES
     path = tmp_path / "r.json"
     path.write_text(json.dumps([{"instruction": "x", "output": "y", "response": "z"}]))
-    with pytest.raises(Exception, match=r"entry 0 has no string 'model_response'.*--response-key"):
+    with pytest.raises(Exception, match=r"r.json, record \[0\]: no string 'model_response'.*--response-key"):
         read_responses(path)
     assert read_responses(path, response_key="response")[0]["response"] == "z"
+    # a byte-order mark, a judge result file (scored again), .ndjson lines: read as finetune reads them
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ENTRIES).encode())
+    assert read_responses(path) == ENTRIES
+    path.write_text(json.dumps({"complete": True, "items": ENTRIES}, indent=2))
+    assert read_responses(path) == ENTRIES
+    (tmp_path / "r.ndjson").write_text("\n".join(json.dumps(e) for e in ENTRIES))
+    assert read_responses(tmp_path / "r.ndjson") == ENTRIES
+    path.write_text(json.dumps({"entries": ENTRIES}, indent=2))
+    with pytest.raises(ScratchLLMError, match=r"r.json: one JSON object \(keys \['entries'\]\), not a list"):
+        read_responses(path)
     path.write_bytes(b"\xff\xfe[]")
-    with pytest.raises(ScratchLLMError, match="is not UTF-8 text"):
+    with pytest.raises(ScratchLLMError, match="not UTF-8 text"):
         read_responses(path)
     with pytest.raises(ScratchLLMError, match="is a directory"):
         read_responses(tmp_path)

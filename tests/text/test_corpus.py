@@ -33,7 +33,10 @@ def test_files_directories_and_globs(tmp_path):
     (tmp_path / ".hidden").mkdir()
     (tmp_path / ".hidden" / "d.txt").write_text("delta", encoding="utf-8")
 
-    assert [d.text for d in iter_documents([str(tmp_path)])] == ["alpha", "beta"]
+    with pytest.warns(
+        UserWarning, match=r"read 2 text files .*, skipped 2 others \(1 \.py, 1 hidden\); a glob"
+    ):
+        assert [d.text for d in iter_documents([str(tmp_path)])] == ["alpha", "beta"]
     assert [d.text for d in iter_documents([str(tmp_path / "sub" / "c.py")])] == ["gamma"]
     assert [d.text for d in iter_documents([f"{tmp_path}/**/*.py"])] == ["gamma"]
     both = [d.text for d in iter_documents([str(tmp_path / "a.txt"), "builtin"])]
@@ -67,6 +70,37 @@ def test_non_utf8_names_file_and_offset(tmp_path):
         load_documents([str(bad)])
     docs = load_documents([str(bad)], encoding_errors="replace")
     assert docs[0].text == "caf\ufffd ok"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-8-sig"])
+def test_a_byte_order_mark_says_the_encoding(tmp_path, encoding):
+    """UTF-16 from Windows tools was an error whose advice (--encoding-errors replace) trained on
+    NUL-interleaved text; a UTF-8 mark became a character of the text."""
+    path = tmp_path / "marked.txt"
+    text = "Hello, wörld: ünïcode ✓\nline two\n"
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":  # Python writes no mark for an explicit byte order
+        data = b"\xfe\xff" + data
+    path.write_bytes(data)
+    assert [d.text for d in load_documents([str(path)])] == [text]
+
+
+def test_a_source_given_twice_is_read_once(tmp_path):
+    (tmp_path / "notes").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "notes" / f"{name}.txt").write_text(name, encoding="utf-8")
+    link = tmp_path / "link.txt"
+    link.symlink_to(tmp_path / "notes" / "a.txt")
+    sources = [str(tmp_path / "notes"), f"{tmp_path}/notes/*.txt", str(link), "builtin", "builtin"]
+    with pytest.warns(UserWarning, match="4 corpus sources given more than once"):
+        docs = load_documents(sources)
+    assert [d.text for d in docs[:2]] == ["a", "b"] and len(docs) == 2 + len(builtin_documents())
+
+
+def test_a_broken_symbolic_link_says_so(tmp_path):
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(ScratchLLMError, match=r"gone.txt' is a broken symbolic link \(to .*nowhere.txt\)"):
+        load_documents([str(tmp_path / "gone.txt")])
 
 
 def test_empty_corpus_is_an_error(tmp_path):
