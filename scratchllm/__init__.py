@@ -40,6 +40,9 @@ _EXPORTS = {
     # Stage 1: model and generation
     "GPTConfig": "scratchllm.model.gpt",
     "GPTModel": "scratchllm.model.gpt",
+    "MultiHeadAttention": "scratchllm.model.attention",
+    "TransformerBlock": "scratchllm.model.gpt",
+    "SimpleTokenizerV2": "scratchllm.text.simple",
     "preset_config": "scratchllm.model.gpt",
     "Engine": "scratchllm.generation",
     "GenerationConfig": "scratchllm.generation",

@@ -200,13 +200,23 @@ def load_model(
 def resolve_model(spec: str | os.PathLike) -> Path:
     """A model directory for `spec`: an existing directory as is, a hub name through hub.py
     (the cached conversion, or a download on first use)."""
+    check_model_spec(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
     from . import hub
 
-    if hub.is_hub_name(str(spec)):
-        return hub.fetch_model(str(spec))
+    return hub.fetch_model(str(spec))
+
+
+def check_model_spec(spec: str | os.PathLike) -> None:
+    """A one-line error unless `spec` is a directory or a hub name (nothing is read or fetched):
+    commands check their model this way before slower work such as loading or downloading data."""
+    path = Path(spec).expanduser()
+    from . import hub
+
+    if path.is_dir() or hub.is_hub_name(str(spec)):
+        return
     if path.exists():
         raise ScratchLLMError(
             f"{path} is a file; a model is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}"

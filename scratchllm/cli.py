@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -67,10 +68,45 @@ QUANTIZE_HELP = (
 Handler = Callable[[argparse.Namespace], int | None]
 
 
+# the name one command gives a setting that another command names otherwise: the unknown-flag error
+# suggests the active command's name for it (difflib would offer an unrelated flag, or nothing)
+_OTHER_NAMES = {
+    "--precision": ("--dtype",),
+    "--dtype": ("--precision",),
+    "--lora": ("--trainable lora",),
+    "--trainable": ("--lora true",),
+    "--lora-r": ("--lora-rank",),
+    "--rank": ("--lora-rank",),
+    "--max-tokens": ("--max-new-tokens",),
+    "--steps": ("--max-steps",),
+    "--out-dir": ("--out",),
+    "--out": ("--out-dir",),
+    "--output": ("--out", "--out-dir"),
+    "--model-dir": ("--model",),
+    "--text": ("--prompt",),
+    "--prompt": ("--text",),
+}
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, given: str, close_spellings: bool = True) -> str:
+    """ "; did you mean --flag?" for a flag `parser` does not know: its name for the same setting,
+    else (`close_spellings`) the closest spelling among its flags; "" when there is none."""
+    import difflib
+
+    flags = [o for a in parser._actions for o in a.option_strings]
+    close = [o for o in _OTHER_NAMES.get(given, ()) if o.split()[0] in flags]
+    if not close and close_spellings:
+        close = difflib.get_close_matches(given, flags, n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports errors as one line with exit code 2 (its default code), no usage dump."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        ambiguous = re.match(r"ambiguous option: (-[^\s=]+)", message)  # `--lora` for --lora-rank, ...
+        if ambiguous:
+            message += _did_you_mean(self, ambiguous.group(1), close_spellings=False)
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -194,10 +230,14 @@ def _add_stage1(sub: argparse._SubParsersAction) -> None:
         "--val-fraction",
         type=float,
         default=0.1,
-        help="share of documents held out for validation (default 0.1)",
+        help="chance of each document to be held out for validation (default 0.1; drawn per document, so "
+        "the share of tokens varies; when all land on one side, the last tokens)",
     )
     p.add_argument(
-        "--workers", type=int, default=0, help="tokenizer processes (0: one per CPU core and 16 MB of text)"
+        "--workers",
+        type=int,
+        default=0,
+        help="tokenizer processes (0: one per CPU core and 16 MB of text); at most one per core and per MB of text",
     )
     p.add_argument("--seed", type=int, default=1337, help="seed of the train/val document split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -439,8 +479,12 @@ def _run_training(run: str, args: argparse.Namespace) -> int:
 
     module, function = run.split(":")
     command = getattr(importlib.import_module(module, __package__), function)
+    from .config import coerce
+
     overrides = training_overrides(args)
-    if args.resume is not None and overrides.get("overwrite"):
+    if args.resume is not None and coerce(
+        "overwrite", overrides.get("overwrite", False), bool, "command line"
+    ):
         raise ScratchLLMError(
             "--resume continues the run and --overwrite true starts it over; give one of them"
         )
@@ -888,9 +932,10 @@ def _active_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     for dest in ("command", "tokenizer_command", "finetune_command"):
         name = getattr(args, dest, None)
         sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-        if name is None or sub is None or name not in sub.choices:
+        if sub is None:
             break
-        parser = sub.choices[name]
+        if name in sub.choices:
+            parser = sub.choices[name]
     return parser
 
 
@@ -912,27 +957,27 @@ def _one_line_warnings() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while torch imports, before a command runs
+        print("scratchllm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(commands=bool(argv) and argv[0] not in ("-h", "--help", "--version"))
     args, extras = parser.parse_known_args(argv)
     if extras:
-        import difflib
-
         active = _active_parser(parser, args)
-        flags = [o for a in active._actions for o in a.option_strings]
         bad = next((e for e in extras if e.startswith("-")), extras[0])
-        close = difflib.get_close_matches(bad.split("=")[0], flags, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        active.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        active.error(f"unrecognized arguments: {' '.join(extras)}{_did_you_mean(active, bad.split('=')[0])}")
     try:
         with _one_line_warnings():
             code = args.func(args)
     except ScratchLLMError as e:
         print(f"scratchllm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("scratchllm: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # e.g. `scratchllm tokenizer encode ... | head`
         return 0
     return int(code or 0)

@@ -13,6 +13,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -34,9 +35,12 @@ C = TypeVar("C", bound="DataclassInstance")
 PRESET_PACKAGE = "scratchllm.configs"
 
 
-def setting(default: Any, help: str, group: str = "settings") -> Any:
-    """A config field with its help text and the `[group]` it belongs to (mutable defaults are copied)."""
-    meta = {"help": help, "group": group}
+def setting(default: Any, help: str, group: str = "settings", *, path: bool | tuple[str, ...] = False) -> Any:
+    """A config field with its help text and the `[group]` it belongs to (mutable defaults are copied).
+    `path`: the value is a path, which the run's saved settings hold as an absolute one (`dump_toml`):
+    True, always a path; a tuple, a path where one exists, else a name (a model on the hub, `hf:...`)
+    or one of these names, which win over a path of the same name (`builtin`, `gpt2`)."""
+    meta = {"help": help, "group": group, "path": path}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -242,6 +246,8 @@ def add_config_arguments(
         kwargs: dict[str, Any] = {"dest": f"cfg__{f.name}", "default": None, "help": help_text}
         if typing.get_origin(inner) is list:
             kwargs.update(nargs="+", metavar="VALUE")
+        elif inner is bool:  # `--mask-prompt` alone is `--mask-prompt true`
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
         else:
             kwargs.update(metavar=_type_name(tp).split()[0].upper())
         group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
@@ -271,13 +277,40 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
+def _absolute(value: str, names: tuple[str, ...] | None) -> str:
+    """`value` as an absolute path: always (`names` None), or else where it is an existing path or a glob
+    and neither one of `names` nor a `scheme:name`."""
+    if not value:
+        return value
+    if names is not None:
+        if value in names or re.match(r"[A-Za-z][\w.+-]*:", value):
+            return value
+        if not (Path(value).expanduser().exists() or any(c in value for c in "*?[")):
+            return value  # a name, or a path that is not there: its error names it as given
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def saved_value(cfg: Any, name: str) -> Any:
+    """The setting `name` as the run's saved settings hold it: a path as an absolute one (`setting`'s
+    `path`), so that it means the same from any directory."""
+    value = getattr(cfg, name)
+    kind = next(f for f in dataclasses.fields(cfg) if f.name == name).metadata.get("path", False)
+    if kind is False or value is None:
+        return value
+    names = None if kind is True else kind
+    return [_absolute(v, names) for v in value] if isinstance(value, list) else _absolute(value, names)
+
+
 def dump_toml(cfg: Any) -> str:
-    """The resolved config as TOML, grouped in sections by the fields' `group` (None values omitted)."""
+    """The resolved config as TOML, grouped in sections by the fields' `group` (None values omitted).
+    Relative paths become absolute, so the saved settings (a run's config.toml, which `--resume`
+    reads) mean the same from any directory."""
     sections: dict[str, list[str]] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if value is None:
             continue
+        value = saved_value(cfg, f.name)
         sections.setdefault(f.metadata.get("group", "settings"), []).append(
             f"{f.name} = {_toml_value(value)}"
         )

@@ -127,3 +127,39 @@ def test_save_model_with_its_arguments_swapped_says_which_comes_first(llm, tmp_p
 
     with pytest.raises(ScratchLLMError, match=r"the directory first: save_model\(directory, model"):
         save_model(llm.model, tmp_path / "m")
+
+
+def test_ctrl_c_before_a_command_runs_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Building the command parser imports torch (seconds): Ctrl-C there printed a traceback."""
+    from scratchllm import cli
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["info", "--preset", "nano"]) == 130
+    assert capsys.readouterr().err == "scratchllm: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["generate", "--model", "m", "--prompt", "a", "--precision", "bf16"], "did you mean --dtype?"),
+        (["evaluate", "--model", "m", "--dtype", "bf16"], "did you mean --precision?"),
+        (["finetune", "instruct", "--trainable", "lora"], "did you mean --lora true?"),  # a nested command
+        (["finetune", "classify", "--lora", "true"], "could match --lora-rank, --lora-alpha"),
+        (["finetune", "classify", "--lora", "true"], "did you mean --trainable lora?"),
+        (["finetune", "classify", "--max-stesp", "3"], "did you mean --max-steps?"),
+        (
+            ["generate", "--model", "m", "--max-tokens", "4", "--prompt", "a"],
+            "did you mean --max-new-tokens?",
+        ),
+    ],
+)
+def test_a_flag_another_command_names_otherwise_suggests_this_commands_name(argv, hint, capsys):
+    from scratchllm import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and hint in err and err.count("\n") == 1

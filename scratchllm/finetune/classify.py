@@ -57,9 +57,12 @@ class ClassifyConfig(TrainerConfig):
         "spam",
         "spam (the SMS Spam Collection: downloaded and cached) or a .csv/.tsv/.jsonl/.json file",
         "data",
+        path=("spam",),
     )
-    val_data: str | None = setting(None, "a separate validation file (else cut from --data)", "data")
-    test_data: str | None = setting(None, "a separate test file (else cut from --data)", "data")
+    val_data: str | None = setting(
+        None, "a separate validation file (else cut from --data)", "data", path=True
+    )
+    test_data: str | None = setting(None, "a separate test file (else cut from --data)", "data", path=True)
     text_column: str = setting("text", "column (or JSON key) holding the text", "data")
     label_column: str = setting("label", "column (or JSON key) holding the class label", "data")
     header: bool = setting(
@@ -82,7 +85,7 @@ class ClassifyConfig(TrainerConfig):
     pad_id: int = setting(-1, "padding token id (-1: the tokenizer's <|endoftext|>)", "data")
     # -- model
     model: str = setting(
-        "gpt2", "the model to finetune: a model directory or gpt2, gpt2-medium, ...", "model"
+        "gpt2", "the model to finetune: a model directory or gpt2, gpt2-medium, ...", "model", path=()
     )
     pooling: str = setting(
         "last", "last (the last real token's state, the book's) or mean (over real tokens)", "model"
@@ -130,7 +133,10 @@ class ClassifyConfig(TrainerConfig):
         True, "the final model is the best one by select_metric (else the last)", "eval"
     )
     out_dir: str = setting(
-        "runs/classify", "run directory: checkpoints, metrics, plots, the classifier in model/", "run"
+        "runs/classify",
+        "run directory: checkpoints, metrics, plots, the classifier in model/",
+        "run",
+        path=True,
     )
 
     def validate(self) -> None:
@@ -156,6 +162,9 @@ class ClassifyConfig(TrainerConfig):
             raise bad(f"split must be three fractions >= 0 summing to 1 (train val test), got {self.split}")
         if not 0 <= self.lora_dropout < 1:
             raise bad(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        from ..checkpoint import check_model_spec
+
+        check_model_spec(self.model)  # before the data is read (or downloaded)
 
     def check_flags(self, flags: dict[str, Any]) -> None:
         super().check_flags(flags)
@@ -534,7 +543,8 @@ def finetune_classify(
     t_start = time.perf_counter()
     cfg.validate()
     out_dir = Path(cfg.out_dir)
-    check_run_start(out_dir, resume, cfg.overwrite)  # before loading the data and the model
+    # before loading the data and the model
+    check_run_start(out_dir, resume, cfg.overwrite, files=(REPORT_FILE, CONFUSION_PLOT, CURVES_PLOT))
     dist = init_distributed(cfg.device)
     splits = load_splits(cfg)
     labels = LabelSet(cfg.labels) if cfg.labels else LabelSet.from_examples(splits.train)
@@ -657,7 +667,9 @@ def finetune_classify_command(
     """`scratchllm finetune classify`: resolve the settings, finetune, print the summary."""
     from ..config import load_config
     from ..train.distributed import init_distributed
+    from ..train.trainer import settings_to_resume
 
+    config, _ = settings_to_resume(ClassifyConfig, config, overrides, resume)
     cfg = load_config(ClassifyConfig, config, overrides)
     cfg.check_flags(overrides)
     result = finetune_classify(cfg, resume)

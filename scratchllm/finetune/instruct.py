@@ -41,6 +41,7 @@ from ..train.evaluate import next_token_loss
 from ..train.trainer import Task, TrainerConfig, TrainResult
 from .templates import DEFAULT_TEMPLATE, TEMPLATE_KEY, PromptTemplate, get_template, template_for_model
 
+SPLIT_NAMES = ("train", "val", "test")  # written to out_dir/data/NAME.json
 IGNORE_INDEX = -100  # targets with this value do not count in the loss (PyTorch's cross_entropy default)
 RESPONSE_KEY = "model_response"  # the field `respond` adds, as in the book
 
@@ -303,13 +304,13 @@ class InstructConfig(TrainerConfig):
     [eval], [system], [run]. Training defaults follow the book's chapter 7 (AdamW, lr 5e-5, batch 8, 2 epochs)."""
 
     data: str = setting(
-        "", "instruction data: a JSON list or JSONL file of {instruction, input, output}", "data"
+        "", "instruction data: a JSON list or JSONL file of {instruction, input, output}", "data", path=True
     )
     val_data: str | None = setting(
-        None, "validation records in their own file (then --data is all training)", "data"
+        None, "validation records in their own file (then --data is all training)", "data", path=True
     )
     test_data: str | None = setting(
-        None, "test records in their own file (copied to OUT/data/test.json)", "data"
+        None, "test records in their own file (copied to OUT/data/test.json)", "data", path=True
     )
     val_fraction: float = setting(0.05, "share of --data held out for validation (no --val-data)", "data")
     test_fraction: float = setting(0.1, "share of --data held out for testing (no --val-data)", "data")
@@ -321,7 +322,7 @@ class InstructConfig(TrainerConfig):
         False, "learn only the response: prompt tokens are left out of the loss", "data"
     )
     model: str = setting(
-        "gpt2-medium", "the model to finetune: a model directory or gpt2, gpt2-medium, ...", "model"
+        "gpt2-medium", "the model to finetune: a model directory or gpt2, gpt2-medium, ...", "model", path=()
     )
     context_length: int | None = setting(
         None, "truncate examples to this many tokens (default: the model's)", "model"
@@ -354,7 +355,7 @@ class InstructConfig(TrainerConfig):
     sample_count: int = setting(3, "validation instructions answered at each evaluation", "eval")
     sample_tokens: int = setting(64, "tokens generated per sample answer (0: no samples)", "eval")
     out_dir: str = setting(
-        "runs/instruct", "directory for checkpoints, metrics, the data split and the model", "run"
+        "runs/instruct", "directory for checkpoints, metrics, the data split and the model", "run", path=True
     )
 
     def validate(self) -> None:
@@ -382,6 +383,9 @@ class InstructConfig(TrainerConfig):
         if self.context_length is not None and self.context_length < 2:
             raise bad(f"context_length must be >= 2, got {self.context_length}")
         get_template(self.template)
+        from ..checkpoint import check_model_spec
+
+        check_model_spec(self.model)  # before the data is read (or downloaded)
 
     def check_flags(self, flags: dict[str, Any]) -> None:
         super().check_flags(flags)
@@ -459,7 +463,8 @@ def instruct_finetune(
 
     cfg.validate()
     out_dir = Path(cfg.out_dir)
-    check_run_start(out_dir, resume, cfg.overwrite)  # before loading the data and the model
+    # before loading the data and the model
+    check_run_start(out_dir, resume, cfg.overwrite, files=[f"data/{n}.json" for n in SPLIT_NAMES])
     dist = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     template = get_template(cfg.template)
@@ -468,7 +473,7 @@ def instruct_finetune(
     tokenizer = loaded.tokenizer
     context = cfg.context_length or model.cfg.context_length
     if dist.is_main:
-        for name in ("train", "val", "test"):
+        for name in SPLIT_NAMES:
             atomic_write_json(out_dir / "data" / f"{name}.json", getattr(splits, name))
 
     train = InstructionDataset(splits.train, tokenizer, template)
@@ -541,7 +546,9 @@ def instruct_command(config: str | None, overrides: dict[str, Any], resume: str 
     """`scratchllm finetune instruct`: resolve the settings, train, print the summary."""
     from ..config import load_config
     from ..train.distributed import init_distributed
+    from ..train.trainer import settings_to_resume
 
+    config, _ = settings_to_resume(InstructConfig, config, overrides, resume)
     cfg = load_config(InstructConfig, config, overrides)
     cfg.check_flags(overrides)
     result = instruct_finetune(cfg, resume)

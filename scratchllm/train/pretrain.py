@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import setting
+from ..config import saved_value, setting
 from ..errors import ScratchLLMError
 from ..fileio import CHECKPOINTS_DIR, DATA_META_FILE, DATA_TOKENIZER_DIR, METRICS_FILE, TOKENIZER_META_FILE
 from ..model.gpt import GPTModel, preset_config
@@ -29,7 +28,7 @@ from ..text.sampling import PreparedData, TokenWindows, load_prepared
 from ..text.tokenizer import Tokenizer
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluate import next_token_loss, perplexity, token_loss
-from .trainer import Task, Trainer, TrainerConfig, TrainResult, check_run_start
+from .trainer import Task, Trainer, TrainerConfig, TrainResult, check_run_start, settings_to_resume
 
 # model settings that --init-from cannot change (context_length may shrink, drop_rate may change)
 ARCHITECTURE_KEYS = ("emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_weights", "gelu")
@@ -40,10 +39,13 @@ class PretrainConfig(TrainerConfig):
     """Everything `scratchllm pretrain` needs; TOML sections [data], [model], [train], [eval], [system], [run]."""
 
     corpus: list[str] = setting(
-        ["builtin"], "text sources: files, directories, globs, builtin, hf:NAME[:SPLIT]", "data"
+        ["builtin"],
+        "text sources: files, directories, globs, builtin, hf:NAME[:SPLIT]",
+        "data",
+        path=("builtin",),
     )
     data: str | None = setting(
-        None, "a directory written by `scratchllm prepare` (instead of --corpus)", "data"
+        None, "a directory written by `scratchllm prepare` (instead of --corpus)", "data", path=True
     )
     tokenizer: str = setting(
         "train",
@@ -51,16 +53,22 @@ class PretrainConfig(TrainerConfig):
         "with --data: the prepared data's own (train and char have nothing to train on), unless a "
         "tokenizer is named",
         "data",
+        path=("gpt2", "train", "char"),
     )
     vocab_size: int = setting(8192, "vocabulary of the BPE trained when tokenizer = train", "data")
-    val_fraction: float = setting(0.1, "share of the corpus held out for validation", "data")
+    val_fraction: float = setting(
+        0.1,
+        "chance of each document to be held out for validation (drawn per document, so the share of "
+        "tokens varies; when all land on one side, the last tokens)",
+        "data",
+    )
     encoding_errors: str = setting("strict", "non-UTF-8 bytes: strict (error) or replace", "data")
     workers: int = setting(
         0, "tokenizer processes for preparing the corpus (0: one per core and 16 MB of text)", "data"
     )
     model: str = setting("micro", "model preset (see `scratchllm info --list`)", "model")
     init_from: str | None = setting(
-        None, "continue from a model directory or GPT-2 (gpt2, gpt2-medium, ...)", "model"
+        None, "continue from a model directory or GPT-2 (gpt2, gpt2-medium, ...)", "model", path=()
     )
     context_length: int | None = setting(
         None, "tokens per training sequence (default: the preset's)", "model"
@@ -120,6 +128,9 @@ class PretrainConfig(TrainerConfig):
 
         resolve_precision(self.precision, pick_device(self.device))  # fp16 on a CPU, say, fails now
         if self.init_from:  # checked now, before the model is loaded (or downloaded)
+            from ..checkpoint import check_model_spec
+
+            check_model_spec(self.init_from)
             fixed = [k for k in ARCHITECTURE_KEYS if getattr(self, k) is not None]
             if fixed:
                 raise ScratchLLMError(
@@ -255,7 +266,7 @@ TRAINED_ON = "trained_on.json"  # in out_dir/tokenizer: what the run's tokenizer
 def _tokenizer_recipe(cfg: PretrainConfig) -> dict[str, Any]:
     return {
         "kind": cfg.tokenizer,
-        "corpus": cfg.corpus,
+        "corpus": saved_value(cfg, "corpus"),
         "vocab_size": cfg.vocab_size if cfg.tokenizer == "train" else None,
     }
 
@@ -342,9 +353,11 @@ def _resolve_data(
     if cfg.data:
         prepared = load_prepared(Path(cfg.data).expanduser(), expected_tokenizer=tokenizer)
         if len(prepared.val) < 2:
+            used = prepared.meta.get("split", {}).get("val_fraction") or 0
+            hint = "more text" if used >= 0.1 else "--val-fraction 0.1 (or more text)"
             raise ScratchLLMError(
-                f"--data {cfg.data} has {len(prepared.val)} validation tokens; re-run `scratchllm prepare` "
-                "with --val-fraction 0.1 (or more text)"
+                f"--data {cfg.data} has {len(prepared.val)} validation tokens (--val-fraction {used}); re-run "
+                f"`scratchllm prepare` with {hint}"
             )
         return prepared
     data_dir = out_dir / "data"
@@ -357,7 +370,7 @@ def _resolve_data(
             reuse = (
                 meta["tokenizer"]["fingerprint"] == tokenizer.fingerprint()
                 and meta["split"]["val_fraction"] == cfg.val_fraction
-                and meta.get("corpus") == cfg.corpus
+                and meta.get("corpus") == saved_value(cfg, "corpus")
             )
         if not reuse:
             from ..text.prepare import prepare
@@ -368,7 +381,7 @@ def _resolve_data(
 
             prepare(cfg.corpus, tokenizer, data_dir, val_fraction=cfg.val_fraction, workers=cfg.workers,
                     encoding_errors=cfg.encoding_errors, seed=cfg.seed, progress=cfg.progress,
-                    extra_meta={"corpus": cfg.corpus})  # fmt: skip
+                    extra_meta={"corpus": saved_value(cfg, "corpus")})  # fmt: skip
     barrier(dist)
     return load_prepared(data_dir, expected_tokenizer=tokenizer)
 
@@ -411,7 +424,10 @@ def pretrain(
 
     cfg.validate()
     out_dir = Path(cfg.out_dir)
-    checkpoint = check_run_start(out_dir, resume, cfg.overwrite)  # before the tokenizer and the data
+    outputs = {} if cfg.data else {"data": (DATA_META_FILE, "prepared data directory")}
+    if cfg.tokenizer in ("train", "char") and not cfg.data:
+        outputs["tokenizer"] = (TOKENIZER_META_FILE, "tokenizer directory")
+    checkpoint = check_run_start(out_dir, resume, cfg.overwrite, outputs)  # before the tokenizer and the data
     dist = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
 
@@ -472,13 +488,7 @@ def pretrain_command(
     a shipped preset (never a file of that name in the current directory)."""
     from ..config import load_config
 
-    if resume is not None and config is None:
-        # continue the run as it was set up: its saved settings, changed only by the flags given
-        saved = Path(load_config(PretrainConfig, None, overrides).out_dir) / "config.toml"
-        if saved.is_file():
-            config, preset = str(saved), False
-            if os.environ.get("RANK", "0") == "0":  # before torch.distributed starts: torchrun's rank
-                print(f"resuming with the settings of {saved} (and the flags given)")
+    config, preset = settings_to_resume(PretrainConfig, config, overrides, resume, preset)
     cfg = load_config(PretrainConfig, config, overrides, preset=preset)
     cfg.check_flags(overrides)
     result = pretrain(cfg, resume)

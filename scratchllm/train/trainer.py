@@ -23,7 +23,7 @@ import shutil
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +36,14 @@ from ..device import autocast, check_compile, peak_flops, resolve_precision
 from ..errors import ScratchLLMError
 from ..fileio import (
     CHECKPOINTS_DIR,
+    CONFIG_FILE,
     METRICS_FILE,
     STATE_FILE,
     atomic_dir,
     atomic_path,
     atomic_write_text,
     check_parents,
+    check_replaceable,
     directory_kind,
 )
 from ..model.gpt import GPTModel, flops_per_token
@@ -49,6 +51,10 @@ from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag, ini
 from .muon import Muon, muon_param_groups
 
 PLOT_FILE = "loss.png"
+RUN_CONFIG_FILE = "config.toml"
+# what every run writes into its directory, checked before any work (check_run_start)
+RUN_MODEL_DIRS = ("model", "best")
+RUN_FILES = (METRICS_FILE, PLOT_FILE, RUN_CONFIG_FILE)
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "muon")
 # settings that shape the rest of a run: a resume that changes them warns (see _check_resume_settings)
@@ -61,7 +67,10 @@ class TrainerConfig:
     """Settings of the loop itself (tasks add their own data and model settings)."""
 
     out_dir: str = setting(
-        "runs/run", "directory for checkpoints, metrics, the loss plot and the final model", "run"
+        "runs/run",
+        "directory for checkpoints, metrics, the loss plot and the final model",
+        "run",
+        path=True,
     )
     batch_size: int = setting(16, "sequences per micro-batch and process", "train")
     grad_accum: int = setting(
@@ -110,8 +119,20 @@ class TrainerConfig:
     )
     progress: bool = setting(True, "show a progress bar", "run")
 
+    def check_fsdp(self, world_size: int) -> None:
+        """`fsdp` needs several processes, and no Muon (Newton-Schulz needs whole matrices, FSDP holds shards)."""
+        if not self.fsdp:
+            return
+        if self.optimizer == "muon":
+            raise ScratchLLMError("--optimizer muon does not work with --fsdp; use DDP (leave out --fsdp)")
+        if world_size < 2:
+            raise ScratchLLMError(
+                "--fsdp shards a model over processes: start the run with torchrun --nproc_per_node=N"
+            )
+
     def validate(self) -> None:
         """Raise `ScratchLLMError` naming the first setting of the wrong type or out of range."""
+        self.check_fsdp(int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's; before any data work
 
         def bad(msg: str) -> ScratchLLMError:
             return ScratchLLMError(f"training settings: {msg}")
@@ -268,11 +289,20 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def check_run_start(out_dir: str | os.PathLike, resume: str | None, overwrite: bool = False) -> Path | None:
+def check_run_start(
+    out_dir: str | os.PathLike,
+    resume: str | None,
+    overwrite: bool = False,
+    dirs: Mapping[str, tuple[str, str]] | None = None,
+    files: Iterable[str] = (),
+) -> Path | None:
     """The checkpoint a run resumes from (None for a fresh run), or a one-line error: `--resume`
     without a checkpoint, or a fresh run in a directory holding an earlier run's checkpoints (it
     would mix with them: `--resume` would later pick up the earlier run's newer ones) unless
-    `overwrite`. Commands call it before their slow setup; `Trainer.fit` again at the start."""
+    `overwrite`, or an output of the run that cannot be written (a `model/` folder of something
+    else, a directory named `metrics.jsonl`): that would fail only at the first save, after the
+    training. `dirs` ({name: (marker, kind)}) and `files` name a command's outputs beyond the
+    trainer's own. Commands call it before their slow setup; `Trainer.fit` again at the start."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ScratchLLMError(f"--out-dir {out_dir} is a file; give a directory for the run")
     check_parents(out_dir)
@@ -281,6 +311,7 @@ def check_run_start(out_dir: str | os.PathLike, resume: str | None, overwrite: b
         raise ScratchLLMError(
             f"--out-dir {out_dir} is a {kind}, not a run directory; give a new directory for the run"
         )
+    _check_run_outputs(Path(out_dir), dirs or {}, files)
     earlier = list_checkpoints(out_dir)
     if resume is not None:
         path = find_resume_checkpoint(resume, out_dir)
@@ -297,6 +328,50 @@ def check_run_start(out_dir: str | os.PathLike, resume: str | None, overwrite: b
             "with --resume, start over with --overwrite true (deletes them), or give another --out-dir"
         )
     return None
+
+
+def _check_run_outputs(out_dir: Path, dirs: Mapping[str, tuple[str, str]], files: Iterable[str]) -> None:
+    def refuse(path: Path, why: str) -> None:
+        raise ScratchLLMError(
+            f"--out-dir {out_dir} cannot hold this run: {path} {why}; move it away or give another --out-dir"
+        )
+
+    if (out_dir / CHECKPOINTS_DIR).exists() and not (out_dir / CHECKPOINTS_DIR).is_dir():
+        refuse(out_dir / CHECKPOINTS_DIR, "is a file, where the run keeps its checkpoints")
+    for name, (marker, what) in {
+        **{d: (CONFIG_FILE, "model directory") for d in RUN_MODEL_DIRS},
+        **dirs,
+    }.items():
+        try:
+            check_replaceable(out_dir / name, marker, what)
+        except ScratchLLMError:
+            refuse(out_dir / name, f"is not a {what}, and the run would replace it as a whole")
+    for name in (*RUN_FILES, *files):
+        if (out_dir / name).is_dir():
+            refuse(out_dir / name, "is a directory, where the run writes a file")
+
+
+def settings_to_resume(
+    cls: type, config: str | None, overrides: dict[str, Any], resume: str | None, preset: bool = False
+) -> tuple[str | None, bool]:
+    """The settings a resumed run continues with, as `(config, preset)` for `load_config`: a
+    `--config` file given, else the run's own config.toml in its --out-dir, else the config.toml of
+    the run whose checkpoint `--resume PATH` names (a fork into a new --out-dir); the flags given
+    change them. A run without a saved config.toml keeps `config` (the defaults or the preset)."""
+    from ..config import load_config
+
+    if resume is None or (config is not None and not preset):
+        return config, preset
+    saved = Path(load_config(cls, config, overrides, preset=preset).out_dir).expanduser() / RUN_CONFIG_FILE
+    if not saved.is_file() and resume not in ("", "latest"):
+        checkpoint = Path(resume).expanduser()
+        if checkpoint.parent.name == CHECKPOINTS_DIR:
+            saved = checkpoint.parent.parent / RUN_CONFIG_FILE
+    if not saved.is_file():
+        return config, preset
+    if os.environ.get("RANK", "0") == "0":  # before torch.distributed starts: torchrun's rank
+        print(f"resuming with the settings of {saved} (and the flags given)")
+    return str(saved), False
 
 
 def find_resume_checkpoint(resume: str, out_dir: str | os.PathLike) -> Path:
@@ -379,15 +454,8 @@ class Trainer:
         self.total_steps = total
 
         self.fsdp = cfg.fsdp
+        cfg.check_fsdp(self.dist.world_size if self.dist.enabled else 1)
         if self.fsdp:
-            if cfg.optimizer == "muon":  # Newton-Schulz needs whole matrices, FSDP holds shards
-                raise ScratchLLMError(
-                    "--optimizer muon does not work with --fsdp; use DDP (leave out --fsdp)"
-                )
-            if not self.dist.enabled:
-                raise ScratchLLMError(
-                    "--fsdp shards a model over processes: start the run with torchrun --nproc_per_node=N"
-                )
             _shard(self.model, self.device, self.dist.world_size)
         if cfg.compile:
             check_compile(self.device)
@@ -691,7 +759,7 @@ class Trainer:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if self.run_config_toml is not None:
-                atomic_write_text(self.out_dir / "config.toml", self.run_config_toml)
+                atomic_write_text(self.out_dir / RUN_CONFIG_FILE, self.run_config_toml)
 
         from tqdm.auto import tqdm
 

@@ -305,6 +305,14 @@ def test_data_errors_are_one_clear_line(tmp_path, base_dir):
         ScratchLLMError, match=r"the label in 'label' is a JSON dict; it must be a string \(or a number\)"
     ):
         read_examples(tmp_path / "e.jsonl")
+    # a header naming one column twice: the chosen name is ambiguous (it read the last one, silently)
+    (tmp_path / "dup.csv").write_text("text,text,label,note,note\nhello,OTHER,ham,a,b\nwin,OTHER,spam,c,d\n")
+    with pytest.raises(ScratchLLMError, match=r"dup.csv: the header names 2 columns 'text' \(columns 1, 2\)"):
+        read_examples(tmp_path / "dup.csv")
+    examples = read_examples(tmp_path / "dup.csv", text_column="text.1")  # as pandas names them
+    assert [e.text for e in examples] == ["OTHER", "OTHER"] and [e.label for e in examples] == ["ham", "spam"]
+    (tmp_path / "dup2.csv").write_text("text,label,note,note\nhello,ham,a,b\n")  # an unused name twice: fine
+    assert [e.text for e in read_examples(tmp_path / "dup2.csv")] == ["hello"]
     one = write_jsonl(tmp_path / "one.jsonl", [{"text": f"w{i}", "label": "only"} for i in range(20)])
     with pytest.raises(ScratchLLMError, match=r"at least two classes, the training data has only \['only'\]"):
         finetune_classify(quick_cfg(base_dir, one, tmp_path / "r1"), log=lambda s: None)
@@ -370,6 +378,11 @@ def test_label_set_order_and_unknown_labels():
         LabelSet(["a", "a"])
     with pytest.raises(ScratchLLMError, match=r"two classes, --labels has only \['a'\]; name every class"):
         LabelSet(["a"])
+    with pytest.warns(
+        UserWarning, match=r"the labels 'POS' and 'pos' differ only in case, so they are separate"
+    ):
+        labels = LabelSet.from_examples([Example("a", n) for n in ["pos", "POS", "neg"]])
+    assert labels.names == ["POS", "neg", "pos"]
 
 
 def test_reads_the_real_sms_spam_collection_and_makes_the_books_split():
@@ -488,6 +501,10 @@ def test_cli_finetune_and_classify(base_dir, small_file, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "before" in printed and "after" in printed and str(out / "model") in printed
+    # a bare --resume continues with the run's settings (it took the defaults: --model gpt2, --data spam)
+    assert cli.main(["finetune", "classify", "--out", str(out), "--resume", "--max-steps", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming with the settings of {out / 'config.toml'}" in printed and "resumed from" in printed
     assert cli.main(["classify", "--model", str(out / "model"), "w1 good1", "bad3 w2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].split()[0] in ("neg", "pos") and lines[0].endswith("w1 good1")
@@ -553,6 +570,14 @@ def test_cli_errors_exit_2_with_one_line(base_dir, small_file, tmp_path, capsys)
     assert cli.main(["finetune", "classify", "--model", str(base_dir), "--data", str(sms), "--val-data", str(own_val),
                      "--text-column", "sms", "--label-column", "kind", "--out", str(tmp_path / "v"), "--max-steps",
                      "1", "--eval-every", "0", "--progress", "false", "--device", "cpu"]) == 0  # fmt: skip
+    # an output of the run that cannot be written is refused before the data and the model load
+    (tmp_path / "c" / "confusion.png").mkdir(parents=True)
+    assert cli.main(["finetune", "classify", "--model", str(base_dir), "--data", str(small_file), "--out",
+                     str(tmp_path / "c")]) == 2  # fmt: skip
+    assert (
+        f"{tmp_path / 'c' / 'confusion.png'} is a directory, where the run writes a file"
+        in capsys.readouterr().err
+    )
     # LoRA settings without LoRA would be ignored silently
     assert (
         cli.main(["finetune", "classify", "--model", str(base_dir), "--lora-rank", "4", "--lora-alpha", "8"])

@@ -121,6 +121,11 @@ def test_json_and_jsonl_give_the_same_records(tmp_path):
         ),
         ("x.jsonl", '{"instruction": "a", "output": "b"}\n{oops}\n', r"x\.jsonl, line 2: not valid JSON"),
         ("x.json", "[]", "no records"),
+        (  # a pretty-printed object: valid JSON, but not records (it said "line 1: not valid JSON")
+            "x.json",
+            '{\n  "data": [{"instruction": "a", "output": "b"}]\n}',
+            r"x\.json: one JSON object \(keys \['data'\]\), not a list of records; write a \[\.\.\.\] list",
+        ),
     ],
 )
 def test_malformed_records_are_errors_that_name_the_record(tmp_path, name, text, match):
@@ -327,6 +332,10 @@ def test_cli_finetune_instruct_then_respond(toy, tmp_path, capsys):
     assert code == 0
     assert "next: scratchllm respond" in capsys.readouterr().out
     test = json.loads((out / "data" / "test.json").read_text())
+    # a bare --resume continues with the run's settings (it took the defaults: gpt2-medium, no data)
+    assert main(["finetune", "instruct", "--out", str(out), "--resume", "--max-steps", "5"]) == 0
+    assert f"resuming with the settings of {out / 'config.toml'}" in capsys.readouterr().out
+    assert json.loads((out / "data" / "test.json").read_text()) == test  # the same split
     assert len(test) == 4 and all(r in RECORDS for r in test)
     code = main(["respond", "--model", str(out / "model"), "--data", str(out / "data" / "test.json"),
                  "--out", str(tmp_path / "r.json"), "--max-new-tokens", "5", "--quiet"])  # fmt: skip
@@ -352,6 +361,13 @@ def test_cli_bad_record_is_one_line_and_exit_2(toy, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and 'record [1]: "output" must be a string' in err
     code = main(["finetune", "instruct", "--model", str(toy.base), "--data", str(bad), "--lora-rank", "4"])
     assert code == 2 and capsys.readouterr().err.strip() == "scratchllm: error: --lora-rank needs --lora true"
+    (tmp_path / "m" / "data" / "val.json").mkdir(parents=True)  # refused before the data and the model load
+    code = main(
+        ["finetune", "instruct", "--model", str(toy.base), "--data", str(bad), "--out", str(tmp_path / "m")]
+    )
+    assert (
+        code == 2 and "m/data/val.json is a directory, where the run writes a file" in capsys.readouterr().err
+    )
 
 
 def test_mask_prompt_with_prompts_that_fill_the_context_is_an_error(toy, tmp_path):
@@ -359,3 +375,10 @@ def test_mask_prompt_with_prompts_that_fill_the_context_is_an_error(toy, tmp_pat
         ScratchLLMError, match="no training example has a response token within the context of 8"
     ):
         instruct_finetune(_cfg(toy, tmp_path / "x", mask_prompt=True, context_length=8))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_json(tmp_path):
+    records = [{"instruction": "a", "input": "", "output": "b"}]
+    for name, body in (("bom.json", json.dumps(records)), ("bom.jsonl", json.dumps(records[0]))):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body.encode())
+        assert load_instruction_data(tmp_path / name) == records

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -78,8 +80,41 @@ def test_every_field_is_a_flag_and_dump_round_trips():
     cfg = build_config(PretrainConfig, {}, over)
     text = dump_toml(cfg)
     again = build_config(PretrainConfig, tomllib.loads(text))
-    assert again == cfg
+    assert again == dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).absolute()))  # paths made absolute
     assert "[data]" in text and "[train]" in text
+
+
+def test_a_bool_flag_alone_means_true():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, PretrainConfig)
+    over = overrides_from_args(parser.parse_args(["--qkv-bias", "--progress", "false", "--overwrite"]))
+    cfg = build_config(PretrainConfig, {}, over)
+    assert (cfg.qkv_bias, cfg.progress, cfg.overwrite) == (True, False, True)
+
+
+def test_saved_settings_hold_absolute_paths_and_keep_names(tmp_path, monkeypatch):
+    """A run's config.toml is read back by `--resume` from any directory: relative paths are saved as
+    absolute ones; names (builtin, hf:..., gpt2, train) stay names, even beside a folder of that name."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "gpt2").mkdir()  # the tokenizer name wins over a folder of that name
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "micro").mkdir()  # the model preset is a name only, never a path
+    cfg = build_config(PretrainConfig, {}, {
+        "corpus": ["notes", "essays/*.md", "builtin", "hf:wikitext:train", "missing.txt"],
+        "tokenizer": "gpt2", "out_dir": "runs/new", "init_from": "gpt2-medium", "model": "micro",
+    })  # fmt: skip
+    saved = tomllib.loads(dump_toml(cfg))
+    flat = {k: v for section in saved.values() for k, v in section.items()}
+    assert flat["corpus"] == [str(tmp_path / "notes"), str(tmp_path / "essays/*.md"), "builtin",
+                              "hf:wikitext:train", "missing.txt"]  # fmt: skip
+    assert flat["tokenizer"] == "gpt2" and flat["init_from"] == "gpt2-medium" and flat["model"] == "micro"
+    assert flat["out_dir"] == str(tmp_path / "runs" / "new")  # always a path, made or not
+    cfg = build_config(PretrainConfig, {}, {"tokenizer": "tok", "init_from": "./tok/../tok", "data": "~/d"})
+    flat = {k: v for section in tomllib.loads(dump_toml(cfg)).values() for k, v in section.items()}
+    assert flat["tokenizer"] == flat["init_from"] == str(tmp_path / "tok")
+    assert flat["data"] == str(Path("~/d").expanduser())
+    assert cfg.tokenizer == "tok"  # the settings themselves are not changed
 
 
 def test_a_directory_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch, capsys):

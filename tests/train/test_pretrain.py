@@ -51,26 +51,48 @@ def test_pretrain_writes_a_usable_model_and_samples(trained, capsys):
 
 
 def test_evaluate_reports_loss_perplexity_and_bits_per_byte(trained, corpus, capsys):
-    result = evaluate_text(str(trained / "model"), [str(corpus / "doc0.txt")], batch_size=3)
-    text = (corpus / "doc0.txt").read_text(encoding="utf-8")
+    """Every token of every document is predicted once (after an <|endoftext|> that is context only),
+    so bits per byte is the text's own: its loss in bits over its UTF-8 bytes."""
     loaded = load_model(trained / "model")
-    ids = loaded.tokenizer.encode(text) + [loaded.tokenizer.eot_id]
-    # an independent computation: every token after the first predicted once, windows of 32
-    total = 0.0
-    with torch.no_grad():
-        for start in range(0, len(ids) - 1, 32):
-            chunk = torch.tensor(ids[start : start + 33])[None]
-            logits = loaded.model(chunk[:, :-1])
-            total += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
-    assert result["tokens"] == len(ids) - 1
-    assert result["loss"] == pytest.approx(total / (len(ids) - 1), rel=1e-5)
-    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
-    assert result["bits_per_byte"] == pytest.approx(total / math.log(2) / len(text.encode()), rel=1e-5)
+    tok = loaded.tokenizer
+    texts = [(corpus / f"doc{i}.txt").read_text(encoding="utf-8") for i in (0, 1)]
+    docs = [tok.encode(t) for t in texts]
+    stream = [tok.eot_id, *docs[0], tok.eot_id, *docs[1], tok.eot_id]
+
+    def independent(stream: list[int]) -> tuple[float, int]:  # windows of 32, overlapping by one token
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(stream) - 1, 32):
+                chunk = torch.tensor(stream[start : start + 33])[None]
+                losses = torch.nn.functional.cross_entropy(
+                    loaded.model(chunk[:, :-1])[0], chunk[0, 1:], reduction="none"
+                )
+                keep = chunk[0, 1:] != tok.eot_id
+                total, count = total + losses[keep].sum().item(), count + int(keep.sum())
+        return total, count
+
+    total, count = independent(stream)
+    assert count == len(docs[0]) + len(docs[1])
+    n_bytes = sum(len(t.encode()) for t in texts)
+    paths = [str(corpus / "doc0.txt"), str(corpus / "doc1.txt")]
+    for max_tokens in (0, count, 10**8):  # a limit past the end changes nothing
+        result = evaluate_text(str(trained / "model"), paths, batch_size=3, max_tokens=max_tokens)
+        assert result["tokens"] == count and result["bytes"] == n_bytes
+        assert result["loss"] == pytest.approx(total / count, rel=1e-5)
+        assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+        assert result["bits_per_byte"] == pytest.approx(total / math.log(2) / n_bytes, rel=1e-5)
+    # a limit inside the second document: that document's beginning, its bytes exactly
+    cut = len(docs[0]) + 7
+    part_total, part_count = independent([tok.eot_id, *docs[0], tok.eot_id, *docs[1][:7]])
+    result = evaluate_text(str(trained / "model"), paths, batch_size=3, max_tokens=cut)
+    part_bytes = len(texts[0].encode()) + len(tok.decode_bytes(docs[1][:7]))
+    assert result["tokens"] == part_count == cut and result["bytes"] == part_bytes
+    assert result["bits_per_byte"] == pytest.approx(part_total / math.log(2) / part_bytes, rel=1e-5)
     assert (
         main(["evaluate", "--model", str(trained / "model"), "--corpus", str(corpus / "doc0.txt"), "--json"])
         == 0
     )
-    assert json.loads(capsys.readouterr().out)["tokens"] == len(ids) - 1
+    assert json.loads(capsys.readouterr().out)["tokens"] == len(docs[0])
     for flags, message in (
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--context-length", "-5"], "--context-length must be >= 1"),
@@ -158,7 +180,10 @@ def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
             ["--resume", "--overwrite", "true"],
             "--resume continues the run and --overwrite true starts it over",
         ),
+        (["--resume", "--overwrite", "false"], "--resume: no checkpoint in"),  # false is not overwriting
+        (["--resume", "--overwrite"], "--resume continues the run and --overwrite true starts it over"),
         (["--precision", "fp16", "--device", "cpu"], "precision fp16 is not supported on CPU"),
+        (["--fsdp", "true"], "--fsdp shards a model over processes: start the run with torchrun"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
@@ -203,6 +228,45 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(corpus, tmp_pa
     other.write_text("a file")
     assert main([*base, "--out-dir", str(other)]) == 2
     assert "is a file; give a directory for the run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "make, culprit",
+    [
+        (
+            lambda out: (out / "best").mkdir(parents=True) or (out / "best" / "notes.txt").write_text("x"),
+            "best",
+        ),
+        (lambda out: (out / "data" / "raw").mkdir(parents=True), "data"),
+        (lambda out: (out / "tokenizer" / "x").mkdir(parents=True), "tokenizer"),
+        (lambda out: (out / "metrics.jsonl").mkdir(parents=True), "metrics.jsonl"),
+        (lambda out: (out / "loss.png").mkdir(parents=True), "loss.png"),
+        (lambda out: out.mkdir() or (out / "checkpoints").write_text("x"), "checkpoints"),
+    ],
+)
+def test_an_out_dir_whose_outputs_cannot_be_written_is_refused_before_any_work(
+    make, culprit, tmp_path, capsys
+):
+    """A folder of the user's own where the run writes model/, best/, data/... failed only at its
+    first save (best/: the first evaluation), after the tokenizer, the data and training."""
+    out = tmp_path / "mine"
+    make(out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["pretrain", "--corpus", "builtin", "--out-dir", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"--out-dir {out} cannot hold this run: {out / culprit} " in err and err.count("\n") == 1
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+    # the same folder is fine when the run does not write that output there
+    if culprit == "data":
+        prepared = tmp_path / "prepared"
+        tok = tmp_path / "tok"
+        assert (
+            main(["tokenizer", "train", "--corpus", "builtin", "--vocab-size", "260", "--out", str(tok)]) == 0
+        )
+        assert main(["prepare", "--corpus", "builtin", "--tokenizer", str(tok), "--out", str(prepared)]) == 0
+        assert (
+            main(["pretrain", "--data", str(prepared), "--out-dir", str(out), "--max-steps", "2", *FAST]) == 0
+        )
 
 
 def test_corpus_shorter_than_a_window(tmp_path, capsys):
@@ -259,8 +323,41 @@ def test_prepared_data_without_a_validation_split_says_how_to_prepare_it(trained
     capsys.readouterr()
     assert main(["pretrain", "--data", str(data), "--out-dir", str(tmp_path / "run"), *FAST]) == 2
     err = capsys.readouterr().err.strip()
-    assert "has 0 validation tokens; re-run `scratchllm prepare` with --val-fraction 0.1" in err
+    assert (
+        "has 0 validation tokens (--val-fraction 0); re-run `scratchllm prepare` with --val-fraction 0.1"
+        in err
+    )
     assert len(err.splitlines()) == 1 and not (tmp_path / "run" / "model").exists()
+    # a corpus too short for any validation tokens at 0.1 needs more text, not the same setting again
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("hi", encoding="utf-8")
+    assert main(["prepare", "--corpus", str(tiny), "--tokenizer", str(trained / "model"), "--out",
+                 str(tmp_path / "tiny"), "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert (
+        main(["pretrain", "--data", str(tmp_path / "tiny"), "--out-dir", str(tmp_path / "run"), *FAST]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "validation tokens (--val-fraction 0.1); re-run `scratchllm prepare` with more text" in err
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_directory(
+    corpus, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "text").symlink_to(corpus)
+    monkeypatch.chdir(tmp_path / "project")
+    argv = ["pretrain", "--corpus", "text", "--out-dir", "runs/a", "--tokenizer", "char", "--eval-every", "0",
+            "--checkpoint-every", "2", *FAST]  # fmt: skip
+    assert main([*argv, "--max-steps", "2"]) == 0
+    out = tmp_path / "project" / "runs" / "a"
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["pretrain", "--out-dir", str(out), "--resume", "--max-steps", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "resuming on other data" not in printed  # the same corpus, reused
+    assert not (tmp_path / "runs").exists()  # nothing written relative to the new directory
+    assert max(json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 def test_resume_continues_the_run_as_it_was_set_up(corpus, tmp_path, capsys):
@@ -302,6 +399,11 @@ def test_resume_continues_the_run_as_it_was_set_up(corpus, tmp_path, capsys):
     last = out / "checkpoints" / "step-000008"
     assert main([*base, "--max-steps", "10", "--out-dir", str(fork), "--resume", str(last)]) == 0
     capsys.readouterr()
+    # ... which takes the settings of the run it comes from (it took the defaults: another model)
+    bare = tmp_path / "bare-fork"
+    assert main(["pretrain", "--resume", str(last), "--out-dir", str(bare), "--max-steps", "10"]) == 0
+    assert f"resuming with the settings of {out / 'config.toml'}" in capsys.readouterr().out
+    assert load_model(bare / "model").config == load_model(fork / "model").config
     assert (
         main(
             [
