@@ -552,7 +552,9 @@ def _add_stage2(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "evaluate",
-        description="Loss, perplexity and bits per byte of a model on any text. For zero-/few-shot "
+        description="Loss, perplexity and bits per byte of a model on any text: every token of every "
+        "document is predicted once, after an <|endoftext|> that is context only (training's validation "
+        "loss also predicts the <|endoftext|> between documents, so it differs slightly). For zero-/few-shot "
         "accuracy on task files (HellaSwag, multiple choice, generation) see `scratchllm eval`.",
     )
     p.add_argument("--model", required=True, help="a model directory or gpt2, gpt2-medium, ...")

@@ -35,11 +35,14 @@ C = TypeVar("C", bound="DataclassInstance")
 PRESET_PACKAGE = "scratchllm.configs"
 
 
-def setting(default: Any, help: str, group: str = "settings", *, path: bool | tuple[str, ...] = False) -> Any:
+def setting(
+    default: Any, help: str, group: str = "settings", *, path: bool | str | tuple[str, ...] = False
+) -> Any:
     """A config field with its help text and the `[group]` it belongs to (mutable defaults are copied).
     `path`: the value is a path, which the run's saved settings hold as an absolute one (`dump_toml`):
-    True, always a path; a tuple, a path where one exists, else a name (a model on the hub, `hf:...`)
-    or one of these names, which win over a path of the same name (`builtin`, `gpt2`)."""
+    True, always a path; a tuple, a path where one exists (or a glob), else `hf:...`, `tiktoken:...` or
+    one of these names, which win over a path of the same name (`builtin`, `gpt2`); "dir", a
+    directory where one exists, else a name (a model: a directory wins over the hub name)."""
     meta = {"help": help, "group": group, "path": path}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
@@ -277,17 +280,19 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
-def _absolute(value: str, names: tuple[str, ...] | None) -> str:
-    """`value` as an absolute path: always (`names` None), or else where it is an existing path or a glob
-    and neither one of `names` nor a `scheme:name`."""
-    if not value:
+def _absolute(value: str, kind: bool | str | tuple[str, ...]) -> str:
+    """`value` as an absolute path where `kind` (`setting`'s `path`) says it is one; else as it is."""
+    if not value or kind is False:
         return value
-    if names is not None:
-        if value in names or re.match(r"[A-Za-z][\w.+-]*:", value):
+    path = Path(value).expanduser()
+    if kind == "dir" and not path.is_dir():
+        return value  # a hub name: a directory of that name would have won
+    if isinstance(kind, tuple):
+        if value in kind or value.startswith(("hf:", "tiktoken:")):
             return value
-        if not (Path(value).expanduser().exists() or any(c in value for c in "*?[")):
-            return value  # a name, or a path that is not there: its error names it as given
-    return os.path.abspath(os.path.expanduser(value))
+        if not (path.exists() or any(c in value for c in "*?[")):
+            return value  # a path that is not there: its error names it as given
+    return os.path.abspath(path)
 
 
 def saved_value(cfg: Any, name: str) -> Any:
@@ -295,10 +300,9 @@ def saved_value(cfg: Any, name: str) -> Any:
     `path`), so that it means the same from any directory."""
     value = getattr(cfg, name)
     kind = next(f for f in dataclasses.fields(cfg) if f.name == name).metadata.get("path", False)
-    if kind is False or value is None:
+    if value is None:
         return value
-    names = None if kind is True else kind
-    return [_absolute(v, names) for v in value] if isinstance(value, list) else _absolute(value, names)
+    return [_absolute(v, kind) for v in value] if isinstance(value, list) else _absolute(value, kind)
 
 
 def dump_toml(cfg: Any) -> str:

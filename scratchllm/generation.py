@@ -143,6 +143,8 @@ class GenerationConfig:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        if self.stop is None:  # as OpenAI-style callers pass it
+            self.stop = ()
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if not isinstance(self.stop, Iterable):
@@ -150,11 +152,20 @@ class GenerationConfig:
                 f"generation settings: stop must be a string or a list of strings, got {self.stop!r}"
             )
         self.stop = tuple(self.stop)
-        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        ids = () if self.stop_token_ids is None else self.stop_token_ids
+        if not isinstance(ids, Iterable) or isinstance(ids, (str, bytes)):
+            raise ScratchLLMError(
+                f"generation settings: stop_token_ids must be a list of token ids, got {ids!r}"
+            )
+        self.stop_token_ids = tuple(ids)
         for name in ("max_new_tokens", "top_k", "seed", "logprobs", "eos_id"):  # numpy integers too
             value = getattr(self, name)
             if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
                 setattr(self, name, int(value))
+        self.stop_token_ids = tuple(
+            int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t
+            for t in self.stop_token_ids
+        )
         self.validate()
 
     def validate(self) -> None:
@@ -191,6 +202,12 @@ class GenerationConfig:
             )
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+        for name, ids in (
+            ("eos_id", [] if self.eos_id is None else [self.eos_id]),
+            ("stop_token_ids", self.stop_token_ids),
+        ):
+            if any(not integer(t) or t < 0 for t in ids):
+                raise bad(f"{name} must be token ids (integers >= 0), got {getattr(self, name)!r}")
         # the range torch.Generator.manual_seed takes
         if self.seed is not None and (not integer(self.seed) or not -(2**63) <= self.seed < 2**64):
             raise bad(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
@@ -220,7 +237,11 @@ def sample_next_token(
     """
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    if not torch.isfinite(scaled.amax(dim=-1)).all():  # a tiny temperature overflowed: the same softmax,
+        shifted = logits.float() - logits.float().amax(dim=-1, keepdim=True)  # from logits that peak at 0
+        scaled = shifted / temperature
+    logits = scaled
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -torch.inf)
@@ -271,7 +292,8 @@ class PackedLinears:
     the memory bandwidth; oneDNN's kernel on prepacked weights (the one `torch.compile`'s freezing
     picks) comes closer (benchmarks/RESULTS.md). The packed copies take as much memory again as the
     linear weights. `refresh()` rebuilds them when a weight has changed (training between
-    generations); `installed()` routes the linear layers through them, for inference only.
+    generations; found by the version counter, the storage and eight sampled values of each weight, so
+    an edit in place that touches none of those is not seen: make a new Engine then); `installed()` routes the linear layers through them, for inference only.
     Subclasses of `nn.Linear` (LoRA layers) keep their own forward.
     """
 
@@ -305,7 +327,8 @@ class PackedLinears:
             return False
         linears = [m for m in self.model.modules() if type(m) is nn.Linear]
         key = tuple(
-            (id(m), m.weight.data_ptr(), _version(m.weight), m.weight.dtype, id(m.bias)) for m in linears
+            (id(m), m.weight.data_ptr(), _version(m.weight), m.weight.dtype, id(m.bias), _probe(m.weight))
+            for m in linears
         )
         if key != self._key:
             self._linears = linears
@@ -323,6 +346,13 @@ class PackedLinears:
         finally:
             for m in self._linears:
                 m.__dict__.pop("forward", None)
+
+
+def _probe(weight: torch.Tensor) -> tuple[float, ...]:
+    """Eight values spread over a weight: they tell a change that the version counter misses (a copy
+    through `.data`, a weight loaded under inference mode, where tensors keep no counter)."""
+    flat = weight.detach().reshape(-1)
+    return tuple(flat[torch.linspace(0, flat.numel() - 1, 8).long()].tolist())
 
 
 def _version(t: torch.Tensor) -> int | None:

@@ -147,7 +147,6 @@ def test_ctrl_c_before_a_command_runs_is_one_line_and_exit_130(monkeypatch, caps
         (["generate", "--model", "m", "--prompt", "a", "--precision", "bf16"], "did you mean --dtype?"),
         (["evaluate", "--model", "m", "--dtype", "bf16"], "did you mean --precision?"),
         (["finetune", "instruct", "--trainable", "lora"], "did you mean --lora true?"),  # a nested command
-        (["finetune", "classify", "--lora", "true"], "could match --lora-rank, --lora-alpha"),
         (["finetune", "classify", "--lora", "true"], "did you mean --trainable lora?"),
         (["finetune", "classify", "--max-stesp", "3"], "did you mean --max-steps?"),
         (

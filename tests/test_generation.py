@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -551,6 +552,11 @@ def test_token_id_prompts_and_text_prompts_agree():
         (dict(top_k=2.5), "top_k"),
         (dict(seed=2**64), "seed must be an integer from"),
         (dict(seed="1"), "seed"),
+        (dict(stop_token_ids=5), "stop_token_ids must be a list of token ids, got 5"),
+        (dict(stop_token_ids=["a"]), r"stop_token_ids must be token ids \(integers >= 0\), got \('a',\)"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids must be token ids"),
+        (dict(eos_id="x"), "eos_id must be token ids"),
+        (dict(eos_id=-5), "eos_id must be token ids"),
     ],
 )
 def test_out_of_range_settings_are_errors(settings, match):
@@ -559,6 +565,23 @@ def test_out_of_range_settings_are_errors(settings, match):
     engine = Engine(tiny_model(), ByteTokenizer())
     with pytest.raises(ScratchLLMError, match=match):
         engine.generate("abc", **settings)
+
+
+def test_none_for_stop_lists_means_none_and_numpy_ids_are_ids():
+    cfg = GenerationConfig(stop=None, stop_token_ids=None)
+    assert cfg.stop == () and cfg.stop_token_ids == ()
+    assert GenerationConfig(stop_token_ids=np.array([3, 4])).stop_token_ids == (3, 4)
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_failing():
+    """logits / 1e-45 overflowed to inf, and the softmax to NaN: torch.multinomial raised."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -7.0, -6.0]])
+    for temperature in (1e-45, 1e-30, 1e-3):
+        generator = torch.Generator().manual_seed(0)
+        assert sample_next_token(logits, temperature, generator=generator).tolist() == [1, 0]
+    engine = Engine(tiny_model(), ByteTokenizer())
+    greedy = engine.generate([[1, 2]], max_new_tokens=4, ignore_eos=True)
+    assert engine.generate([[1, 2]], max_new_tokens=4, ignore_eos=True, temperature=1e-45, seed=0) == greedy
 
 
 def test_empty_prompts_and_bad_ids_are_errors():
@@ -715,6 +738,18 @@ def test_prepacked_kernels_give_the_same_tokens_and_follow_weight_changes():
     assert [c.token_ids for c in packed.generate(prompts, cfg)] == [
         c.token_ids for c in plain.generate(prompts, cfg)
     ]
+    # weights copied in through .data (no version bump) or loaded under inference mode (no counter)
+    for other_seed in (7, 8):
+        other = tiny_model(seed=other_seed)
+        if other_seed == 7:
+            for p, q in zip(model.parameters(), other.parameters()):
+                p.data.copy_(q.data)
+        else:
+            with torch.inference_mode():
+                model.load_state_dict(other.state_dict())
+        assert [c.token_ids for c in packed.generate(prompts, cfg)] == [
+            c.token_ids for c in Engine(other, ByteTokenizer(), prepack=False).generate(prompts, cfg)
+        ]
 
 
 def test_linear_subclasses_keep_their_own_forward():

@@ -85,7 +85,7 @@ class ClassifyConfig(TrainerConfig):
     pad_id: int = setting(-1, "padding token id (-1: the tokenizer's <|endoftext|>)", "data")
     # -- model
     model: str = setting(
-        "gpt2", "the model to finetune: a model directory or gpt2, gpt2-medium, ...", "model", path=()
+        "gpt2", "the model to finetune: a model directory or gpt2, gpt2-medium, ...", "model", path="dir"
     )
     pooling: str = setting(
         "last", "last (the last real token's state, the book's) or mean (over real tokens)", "model"
@@ -669,7 +669,7 @@ def finetune_classify_command(
     from ..train.distributed import init_distributed
     from ..train.trainer import settings_to_resume
 
-    config, _ = settings_to_resume(ClassifyConfig, config, overrides, resume)
+    config, _, overrides = settings_to_resume(ClassifyConfig, config, overrides, resume)
     cfg = load_config(ClassifyConfig, config, overrides)
     cfg.check_flags(overrides)
     result = finetune_classify(cfg, resume)

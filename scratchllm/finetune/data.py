@@ -98,14 +98,21 @@ def read_table(
             raise ScratchLLMError(f"{path} has a header ({', '.join(columns)}) but no records below it")
     else:
         columns = [str(i) for i in range(max(len(r) for _, r in rows))]
+    keys: list[str] = []
+    for c in columns:  # a repeated name: NAME.1, NAME.2, ... (skipping names the header has itself)
+        key, k = c, 0
+        while key in keys or (k and key in columns):
+            k += 1
+            key = f"{c}.{k}"
+        keys.append(key)
     for name, what in wanted:
         if columns.count(name) > 1:  # which one was meant cannot be known
-            places = [str(i + 1) for i, c in enumerate(columns) if c == name]
+            places = [i for i, c in enumerate(columns) if c == name]
             raise ScratchLLMError(
-                f"{path}: the header names {len(places)} columns {name!r} (columns {', '.join(places)}); "
-                f"rename them, or pass --{what}-column {name}.1 for the second"
+                f"{path}: the header names {len(places)} columns {name!r} (columns "
+                f"{', '.join(str(i + 1) for i in places)}); rename them, or pass --{what}-column "
+                f"{keys[places[1]]} for the second"
             )
-    keys = [c if c not in columns[:i] else f"{c}.{columns[:i].count(c)}" for i, c in enumerate(columns)]
     records = []
     for n, row in rows:
         if len(row) > len(columns):

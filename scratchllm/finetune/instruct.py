@@ -322,7 +322,10 @@ class InstructConfig(TrainerConfig):
         False, "learn only the response: prompt tokens are left out of the loss", "data"
     )
     model: str = setting(
-        "gpt2-medium", "the model to finetune: a model directory or gpt2, gpt2-medium, ...", "model", path=()
+        "gpt2-medium",
+        "the model to finetune: a model directory or gpt2, gpt2-medium, ...",
+        "model",
+        path="dir",
     )
     context_length: int | None = setting(
         None, "truncate examples to this many tokens (default: the model's)", "model"
@@ -548,7 +551,7 @@ def instruct_command(config: str | None, overrides: dict[str, Any], resume: str 
     from ..train.distributed import init_distributed
     from ..train.trainer import settings_to_resume
 
-    config, _ = settings_to_resume(InstructConfig, config, overrides, resume)
+    config, _, overrides = settings_to_resume(InstructConfig, config, overrides, resume)
     cfg = load_config(InstructConfig, config, overrides)
     cfg.check_flags(overrides)
     result = instruct_finetune(cfg, resume)

@@ -68,41 +68,45 @@ def judge_prompt(
 
 
 _NUMBER = r"(?<![\d.\-])(\d{1,3}(?:\.\d+)?)(?![\d])"  # not part of a longer or negative number
-# in order of trust: a bare number; "N/100", "N out of 10" or "N/5" (scaled to 100); a number after a
-# score word (not followed by a scale); the only number from 0 to 100 in the reply
+_SCALE = r"(?:\s*(?:/|out of)\s*(100|10|5)(?!\.?\d))"  # "/100", "out of 10", "/5"
+# in order of trust: a bare number; a number after a score word ("Score: 85", "Overall score: 75/100",
+# "I'd give it 7 out of 10"), scaled to 0-100; the reply's only fraction ("8/10"); its only number
 _BARE = re.compile(rf"^[^\w-]*{_NUMBER}\W*$")
-_SCALED = re.compile(rf"{_NUMBER}\s*(?:/|out of)\s*(100|10|5)(?!\.?\d)", re.IGNORECASE)
 _AFTER_WORD = re.compile(
-    rf"\b(?:score|scored|rating|rated|rate|grade|overall|give it|i'd give|i would give)\b[^\d\n]{{0,25}}?"
-    rf"{_NUMBER}(?!\s*(?:/|out of)\s*\d)",
+    rf"(?:\b(?:score|scored|rating|rated|rate|grade|give it|i'd give|i would give)\b|\boverall(?=\s*:))"
+    rf"(?:\s*\([^)\n]*\))?[^\d\n]{{0,25}}?{_NUMBER}{_SCALE}?(?!\s*(?:/|out of)\s*\d)",
     re.IGNORECASE,
 )
+_SCALED = re.compile(rf"{_NUMBER}{_SCALE}", re.IGNORECASE)
 _ANY = re.compile(_NUMBER)
 
 
 def parse_score(reply: str) -> int | None:
-    """The 0-100 score in a judge's reply, or None. A bare number wins, then "N/100", "N out of
-    10" or "N/5" (scaled to 0-100), then a number after "score"/"rating"/"overall" and similar,
-    then the reply's only number from 0 to 100. Decimals are rounded. None (so the judge is asked
-    again) rather than a guess: "3 of the 4 points, so 75" has no score that can be told apart."""
+    """The 0-100 score in a judge's reply, or None. A bare number wins, then the first number after
+    "score"/"rating"/"overall:" and similar (with its scale: "4/5" is 80), then the reply's only
+    fraction ("8/10"), then its only number from 0 to 100. Decimals are rounded. None (so the judge is
+    asked again) rather than a guess: "3 of the 4 points, so 75" has no score that can be told apart,
+    nor has "accuracy 4/5, clarity 3/5"."""
 
-    def value(text: str, scale: float = 1.0) -> int | None:
-        number = float(text) * scale
-        return int(number + 0.5) if 0 <= number <= 100 else None
+    def value(number: str, scale: str | None = None) -> int | None:
+        score = float(number) * (100 / float(scale) if scale else 1.0)
+        if scale and float(number) > float(scale):
+            return None
+        return int(score + 0.5) if 0 <= score <= 100 else None
 
     text = reply.strip()
     if not text:
         return None
     if m := _BARE.match(text):
         return value(m.group(1))
-    for m in _SCALED.finditer(text):
-        if float(m.group(1)) <= float(m.group(2)):
-            return value(m.group(1), 100 / float(m.group(2)))
     for m in _AFTER_WORD.finditer(text):
-        if (score := value(m.group(1))) is not None:
+        if (score := value(m.group(1), m.group(2))) is not None:
             return score
-    candidates = {score for m in _ANY.finditer(text) if (score := value(m.group(1))) is not None}
-    return candidates.pop() if len(candidates) == 1 else None
+    for pattern in (_SCALED, _ANY):
+        found = {score for m in pattern.finditer(text) if (score := value(*m.groups())) is not None}
+        if found:
+            return found.pop() if len(found) == 1 else None
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -100,17 +100,18 @@ def resolve_paths(source: str) -> list[Path]:
                 f"directory {path} has no text files ({', '.join(TEXT_SUFFIXES)}); use a glob such as "
                 f"'{path}/**/*.py' for other kinds"
             )
-        if len(found) > len(files):  # said, so that a folder of .py or .html files is not half-read unnoticed
-            kinds = Counter(
-                p.suffix.lower() or "(none)" for p in found if p.suffix.lower() not in TEXT_SUFFIXES
-            )
-            hidden = len(found) - len(files) - kinds.total()
-            listed = [f"{n} {suffix}" for suffix, n in kinds.most_common(4)] + (
-                [f"{hidden} hidden"] if hidden else []
-            )
-            warnings.warn(f"directory {path}: read {len(files)} text files ({', '.join(TEXT_SUFFIXES)}), skipped "
-                          f"{len(found) - len(files)} others ({', '.join(listed)}{', ...' if len(kinds) > 4 else ''}); "
-                          f"a glob such as '{path}/**/*.py' reads other kinds", stacklevel=2)  # fmt: skip
+        # said, so that a folder of .py or .html files is not half-read unnoticed (hidden ones, such as
+        # .git/ or .DS_Store, are left out without a word)
+        kinds = Counter(
+            p.suffix.lower() or "(none)"
+            for p in found
+            if p.suffix.lower() not in TEXT_SUFFIXES and not _hidden(p.relative_to(path))
+        )
+        if kinds:
+            listed = ", ".join(f"{n} {suffix}" for suffix, n in kinds.most_common(4))
+            _warn_once(f"directory {path}: read {len(files)} text files ({', '.join(TEXT_SUFFIXES)}), skipped "
+                       f"{kinds.total()} other{'s' if kinds.total() > 1 else ''} ({listed}{', ...' if len(kinds) > 4 else ''}); a glob such as "
+                       f"'{path}/**/*.py' reads other kinds")  # fmt: skip
         return files
     if glob.has_magic(source):
         files = sorted(
@@ -124,6 +125,17 @@ def resolve_paths(source: str) -> list[Path]:
     raise ScratchLLMError(
         f"corpus source {source!r} not found: give a file, a directory, a glob, `builtin` or hf:NAME"
     )
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning about the corpus, once per process: commands read their sources more than once
+    (to size them, to train the tokenizer, to tokenize)."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _hidden(rel: Path) -> bool:
@@ -156,10 +168,10 @@ def _hf_documents(spec: str) -> Iterator[Document]:
         yield Document(f"hf:{name}:{split}#{i}", row["text"])
 
 
-def iter_documents(
-    sources: Sequence[str] | str = (BUILTIN,), encoding_errors: str = "strict"
-) -> Iterator[Document]:
-    """All documents of the given sources, in order. Paths are checked before any text is read."""
+def resolve_sources(sources: Sequence[str] | str = (BUILTIN,)) -> list[str | Path]:
+    """The files (and `builtin` / `hf:` names) that `sources` stand for, in order, each once: a file
+    given twice (`notes/ notes/*.md`) would be read twice, and could land in train and val both.
+    Every path is checked here, before any text is read."""
     if isinstance(sources, str):
         sources = [sources]
     if not sources:
@@ -170,15 +182,23 @@ def iter_documents(
     for source in sources:
         for item in [source] if source == BUILTIN or source.startswith("hf:") else resolve_paths(source):
             key = item.resolve() if isinstance(item, Path) else item
-            if key in seen:  # `notes/ notes/*.md`: read once, or a file could be in train and val both
+            if key in seen:
                 repeated += 1
                 continue
             seen.add(key)
             resolved.append(item)
     if repeated:
-        warnings.warn(f"{repeated} corpus source{'s' if repeated > 1 else ''} given more than once (say, a "
-                      "directory and a glob inside it); each is read once", stacklevel=2)  # fmt: skip
-    for item in resolved:
+        _warn_once(f"{repeated} corpus source{'s' if repeated > 1 else ''} given more than once (say, a directory "
+                   "and a glob inside it); each is read once")  # fmt: skip
+    return resolved
+
+
+def iter_documents(
+    sources: Sequence[str] | str = (BUILTIN,), encoding_errors: str = "strict"
+) -> Iterator[Document]:
+    """All documents of the given sources, in order (`resolve_sources`). Paths are checked before any
+    text is read."""
+    for item in resolve_sources(sources):
         if item == BUILTIN:
             yield from builtin_documents()
         elif isinstance(item, str):

@@ -32,7 +32,7 @@ from .. import __version__
 from ..errors import ScratchLLMError
 from ..fileio import DATA_META_FILE as META
 from ..fileio import DATA_TOKENIZER_DIR, atomic_dir, atomic_write_json, check_replaceable
-from .corpus import BUILTIN, builtin_documents, iter_documents, resolve_paths
+from .corpus import BUILTIN, builtin_documents, iter_documents, resolve_sources
 from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "scratchllm-tokens"
@@ -106,13 +106,13 @@ def _encode_task(task: tuple[list[Any], list[str]]) -> tuple[list[Any], list[np.
 def _corpus_bytes(sources: Sequence[str]) -> int | None:
     """Total size of the path sources, for the progress bar (None when a source has no known size)."""
     total = 0
-    for s in sources:
+    for s in resolve_sources(sources):
         if s == BUILTIN:
             total += sum(len(d.text.encode("utf-8")) for d in builtin_documents())
-        elif s.startswith("hf:"):
+        elif isinstance(s, str):  # hf:
             return None
         else:
-            total += sum(p.stat().st_size for p in resolve_paths(s))
+            total += s.stat().st_size
     return total
 
 

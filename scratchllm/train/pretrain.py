@@ -68,7 +68,7 @@ class PretrainConfig(TrainerConfig):
     )
     model: str = setting("micro", "model preset (see `scratchllm info --list`)", "model")
     init_from: str | None = setting(
-        None, "continue from a model directory or GPT-2 (gpt2, gpt2-medium, ...)", "model", path=()
+        None, "continue from a model directory or GPT-2 (gpt2, gpt2-medium, ...)", "model", path="dir"
     )
     context_length: int | None = setting(
         None, "tokens per training sequence (default: the preset's)", "model"
@@ -370,7 +370,7 @@ def _resolve_data(
             reuse = (
                 meta["tokenizer"]["fingerprint"] == tokenizer.fingerprint()
                 and meta["split"]["val_fraction"] == cfg.val_fraction
-                and meta.get("corpus") == saved_value(cfg, "corpus")
+                and meta.get("corpus") in (saved_value(cfg, "corpus"), cfg.corpus)  # older runs: as given
             )
         if not reuse:
             from ..text.prepare import prepare
@@ -425,7 +425,7 @@ def pretrain(
     cfg.validate()
     out_dir = Path(cfg.out_dir)
     outputs = {} if cfg.data else {"data": (DATA_META_FILE, "prepared data directory")}
-    if cfg.tokenizer in ("train", "char") and not cfg.data:
+    if cfg.tokenizer in ("train", "char") and not (cfg.data or cfg.init_from):
         outputs["tokenizer"] = (TOKENIZER_META_FILE, "tokenizer directory")
     checkpoint = check_run_start(out_dir, resume, cfg.overwrite, outputs)  # before the tokenizer and the data
     dist = init_distributed(cfg.device)
@@ -488,7 +488,7 @@ def pretrain_command(
     a shipped preset (never a file of that name in the current directory)."""
     from ..config import load_config
 
-    config, preset = settings_to_resume(PretrainConfig, config, overrides, resume, preset)
+    config, preset, overrides = settings_to_resume(PretrainConfig, config, overrides, resume, preset)
     cfg = load_config(PretrainConfig, config, overrides, preset=preset)
     cfg.check_flags(overrides)
     result = pretrain(cfg, resume)

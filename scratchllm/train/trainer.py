@@ -353,25 +353,28 @@ def _check_run_outputs(out_dir: Path, dirs: Mapping[str, tuple[str, str]], files
 
 def settings_to_resume(
     cls: type, config: str | None, overrides: dict[str, Any], resume: str | None, preset: bool = False
-) -> tuple[str | None, bool]:
-    """The settings a resumed run continues with, as `(config, preset)` for `load_config`: a
-    `--config` file given, else the run's own config.toml in its --out-dir, else the config.toml of
-    the run whose checkpoint `--resume PATH` names (a fork into a new --out-dir); the flags given
-    change them. A run without a saved config.toml keeps `config` (the defaults or the preset)."""
+) -> tuple[str | None, bool, dict[str, Any]]:
+    """The settings a resumed run continues with, as `(config, preset, overrides)` for `load_config`:
+    a `--config` file given; else, for `--resume PATH` to a checkpoint of another run (a fork), that
+    run's config.toml, with the --out-dir given (or the default: never the other run's directory,
+    which it would rewind); else the run's own config.toml in its --out-dir. The flags given change
+    them. A run without a saved config.toml keeps `config` (the defaults or the preset)."""
     from ..config import load_config
 
     if resume is None or (config is not None and not preset):
-        return config, preset
-    saved = Path(load_config(cls, config, overrides, preset=preset).out_dir).expanduser() / RUN_CONFIG_FILE
-    if not saved.is_file() and resume not in ("", "latest"):
-        checkpoint = Path(resume).expanduser()
-        if checkpoint.parent.name == CHECKPOINTS_DIR:
-            saved = checkpoint.parent.parent / RUN_CONFIG_FILE
+        return config, preset, overrides
+    out_dir = Path(load_config(cls, config, overrides, preset=preset).out_dir).expanduser()
+    saved = out_dir / RUN_CONFIG_FILE
+    checkpoint = Path(resume).expanduser()
+    if resume not in ("", "latest") and checkpoint.parent.name == CHECKPOINTS_DIR:
+        source = checkpoint.parent.parent
+        if source.resolve() != out_dir.resolve() and (source / RUN_CONFIG_FILE).is_file():
+            saved, overrides = source / RUN_CONFIG_FILE, {**overrides, "out_dir": str(out_dir)}
     if not saved.is_file():
-        return config, preset
+        return config, preset, overrides
     if os.environ.get("RANK", "0") == "0":  # before torch.distributed starts: torchrun's rank
         print(f"resuming with the settings of {saved} (and the flags given)")
-    return str(saved), False
+    return str(saved), False, overrides
 
 
 def find_resume_checkpoint(resume: str, out_dir: str | os.PathLike) -> Path:

@@ -311,6 +311,11 @@ def test_data_errors_are_one_clear_line(tmp_path, base_dir):
         read_examples(tmp_path / "dup.csv")
     examples = read_examples(tmp_path / "dup.csv", text_column="text.1")  # as pandas names them
     assert [e.text for e in examples] == ["OTHER", "OTHER"] and [e.label for e in examples] == ["ham", "spam"]
+    (tmp_path / "dup3.csv").write_text("text,text,text.1,label\nA,B,C,ham\n")  # NAME.1 taken by the header
+    with pytest.raises(ScratchLLMError, match=r"pass --text-column text.2 for the second"):
+        read_examples(tmp_path / "dup3.csv")
+    assert [e.text for e in read_examples(tmp_path / "dup3.csv", text_column="text.2")] == ["B"]
+    assert [e.text for e in read_examples(tmp_path / "dup3.csv", text_column="text.1")] == ["C"]
     (tmp_path / "dup2.csv").write_text("text,label,note,note\nhello,ham,a,b\n")  # an unused name twice: fine
     assert [e.text for e in read_examples(tmp_path / "dup2.csv")] == ["hello"]
     one = write_jsonl(tmp_path / "one.jsonl", [{"text": f"w{i}", "label": "only"} for i in range(20)])

@@ -66,6 +66,18 @@ ENTRIES = [
         ("1. Accuracy: correct. 2. Clarity: good. Overall: 90", 90),
         ("The response covers 3 of the 4 points, so 75.", None),  # ambiguous: the follow-up asks
         ("Score: 85 (the 2 typos cost 15)", 85),
+        # replies with a rubric: the score word's number wins over the parts' fractions
+        ("Accuracy: 4/5\nCompleteness: 3/5\nOverall score: 75/100", 75),
+        ("Accuracy: 9/10, clarity 6/10. Final score: 70/100", 70),
+        ("Score: 85\n(Accuracy 9/10, style 7/10)", 85),
+        ("The model got 4/5 facts right. Score: 70", 70),
+        ("Score: 90. (For reference, 2/5 would be poor.)", 90),
+        ("Overall it misses 2 key facts. Score: 60", 60),
+        ("Score (0-100): 85", 85),
+        ("**Score:** 90", 90),
+        ("Overall score: 75 out of 100", 75),
+        ("The answer is 100% correct. Score: 95", 95),
+        ("Accuracy 4/5, clarity 3/5.", None),  # two fractions, no score: the follow-up asks
         ("The response is good.", None),
         ("", None),
     ],

@@ -33,10 +33,11 @@ def test_files_directories_and_globs(tmp_path):
     (tmp_path / ".hidden").mkdir()
     (tmp_path / ".hidden" / "d.txt").write_text("delta", encoding="utf-8")
 
-    with pytest.warns(
-        UserWarning, match=r"read 2 text files .*, skipped 2 others \(1 \.py, 1 hidden\); a glob"
-    ):
+    (tmp_path / ".DS_Store").write_bytes(b"\0")  # hidden ones are left out without a word
+    with pytest.warns(UserWarning, match=r"read 2 text files .*, skipped 1 other \(1 \.py\); a glob") as seen:
         assert [d.text for d in iter_documents([str(tmp_path)])] == ["alpha", "beta"]
+        assert [d.text for d in iter_documents([str(tmp_path)])] == ["alpha", "beta"]  # said once
+    assert len(seen) == 1
     assert [d.text for d in iter_documents([str(tmp_path / "sub" / "c.py")])] == ["gamma"]
     assert [d.text for d in iter_documents([f"{tmp_path}/**/*.py"])] == ["gamma"]
     both = [d.text for d in iter_documents([str(tmp_path / "a.txt"), "builtin"])]

@@ -114,6 +114,12 @@ def test_saved_settings_hold_absolute_paths_and_keep_names(tmp_path, monkeypatch
     flat = {k: v for section in tomllib.loads(dump_toml(cfg)).values() for k, v in section.items()}
     assert flat["tokenizer"] == flat["init_from"] == str(tmp_path / "tok")
     assert flat["data"] == str(Path("~/d").expanduser())
+    # a colon in a path is not a scheme; a file named like a hub model is not the model's directory
+    (tmp_path / "ch:1").mkdir()
+    (tmp_path / "gpt2-medium").write_text("not a model")
+    other = build_config(PretrainConfig, {}, {"corpus": ["ch:1"], "init_from": "gpt2-medium"})
+    flat = {k: v for section in tomllib.loads(dump_toml(other)).values() for k, v in section.items()}
+    assert flat["corpus"] == [str(tmp_path / "ch:1")] and flat["init_from"] == "gpt2-medium"
     assert cfg.tokenizer == "tok"  # the settings themselves are not changed
 
 

@@ -360,7 +360,7 @@ def test_a_run_started_with_relative_paths_resumes_from_another_directory(
     assert max(json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()) == 4
 
 
-def test_resume_continues_the_run_as_it_was_set_up(corpus, tmp_path, capsys):
+def test_resume_continues_the_run_as_it_was_set_up(corpus, tmp_path, capsys, monkeypatch):
     """A bare `--resume` takes the run's config.toml (the flags given change it); a tokenizer setting
     that differs from the checkpoint's is refused before anything in the run is replaced; changed
     data is said; another run's checkpoint is never continued inside an existing run."""
@@ -404,6 +404,20 @@ def test_resume_continues_the_run_as_it_was_set_up(corpus, tmp_path, capsys):
     assert main(["pretrain", "--resume", str(last), "--out-dir", str(bare), "--max-steps", "10"]) == 0
     assert f"resuming with the settings of {out / 'config.toml'}" in capsys.readouterr().out
     assert load_model(bare / "model").config == load_model(fork / "model").config
+    # without --out-dir: the default directory, never the run it comes from (which it would rewind)
+    monkeypatch.chdir(tmp_path)
+    metrics = (out / "metrics.jsonl").read_bytes()
+    assert main(["pretrain", "--resume", str(out / "checkpoints" / "step-000006"), "--max-steps", "8"]) == 0
+    assert (tmp_path / "runs" / "run" / "model").is_dir() and (out / "metrics.jsonl").read_bytes() == metrics
+    # a new --out-dir that holds settings of its own (no checkpoints) still forks with the source's
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.toml").write_text('[model]\nmodel = "micro"\n')
+    capsys.readouterr()
+    assert (
+        main(["pretrain", "--resume", str(last), "--out-dir", str(tmp_path / "mine"), "--max-steps", "10"])
+        == 0
+    )
+    assert f"resuming with the settings of {out / 'config.toml'}" in capsys.readouterr().out
     assert (
         main(
             [
