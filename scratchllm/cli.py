@@ -982,6 +982,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     except BrokenPipeError:  # e.g. `scratchllm tokenizer encode ... | head`
         return 0
+    except OSError as e:  # the file system's, not the input's: a full or read-only disk, say
+        print(f"scratchllm: error: {e}", file=sys.stderr)
+        return 1
     return int(code or 0)
 
 

@@ -190,19 +190,23 @@ def atomic_dir(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)  # its parents were checked above
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
     try:
         yield tmp
         _publish_mode(tmp, directory=True)
-        old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "dir")
         os.replace(tmp, path)
+    except BaseException:
+        if old is not None and (old / "dir").exists() and not path.exists():
+            os.replace(old / "dir", path)  # the new one did not take its place: the old one goes back
+        shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from scratchllm.cli import main
@@ -96,3 +99,26 @@ def test_empty_record_files_say_what_to_write(tmp_path):
     (tmp_path / "b.jsonl").write_text("\n")
     with pytest.raises(ScratchLLMError, match=r"b\.jsonl has no records; write one JSON object per line"):
         read_json_records(tmp_path / "b.jsonl")
+
+
+def test_a_failed_replacement_puts_the_old_directory_back(tmp_path, monkeypatch):
+    """The old directory was moved aside, then lost when the new one could not take its place."""
+    from scratchllm import fileio
+
+    target = tmp_path / "best"
+    with fileio.atomic_dir(target, marker="m", what="thing") as tmp:
+        (tmp / "m").write_text("old")
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == target and str(src).endswith(".tmp"):  # the new directory taking its place
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", failing)
+    with (
+        pytest.raises(OSError, match="disk full"),
+        fileio.atomic_dir(target, marker="m", what="thing") as tmp,
+    ):
+        (tmp / "m").write_text("new")
+    assert (target / "m").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]

@@ -263,6 +263,15 @@ class LanguageModelTask(Task):
 TRAINED_ON = "trained_on.json"  # in out_dir/tokenizer: what the run's tokenizer was trained as, and on
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A run's own small JSON record, or {} when it is missing or cut short (it is made again then)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _tokenizer_recipe(cfg: PretrainConfig) -> dict[str, Any]:
     return {
         "kind": cfg.tokenizer,
@@ -296,7 +305,7 @@ def _resolve_tokenizer(
         if trainable and not cfg.data and init_tokenizer is None:
             # trained at the start of the run: the same kind and size again, whatever the corpus now
             marker = out_dir / "tokenizer" / TRAINED_ON
-            recipe = json.loads(marker.read_text()) if marker.is_file() else {}
+            recipe = _read_json(marker)
             wanted = _tokenizer_recipe(cfg)
             if recipe and any(recipe.get(k) != wanted[k] for k in ("kind", "vocab_size")):
                 size = f" of {cfg.vocab_size} ids" if cfg.tokenizer == "train" else ""
@@ -325,7 +334,7 @@ def _resolve_tokenizer(
     tok_dir = out_dir / "tokenizer"
     recipe = _tokenizer_recipe(cfg)
     marker = tok_dir / TRAINED_ON
-    if dist.is_main and not (marker.exists() and json.loads(marker.read_text()) == recipe):
+    if dist.is_main and _read_json(marker) != recipe:
         from ..fileio import atomic_dir
         from ..text.corpus import load_documents
 
@@ -366,10 +375,10 @@ def _resolve_data(
         meta_path = data_dir / DATA_META_FILE
         other_data = resuming and meta_path.exists()
         if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
+            meta = _read_json(meta_path)  # unreadable (a crash mid-write): prepared again
             reuse = (
-                meta["tokenizer"]["fingerprint"] == tokenizer.fingerprint()
-                and meta["split"]["val_fraction"] == cfg.val_fraction
+                meta.get("tokenizer", {}).get("fingerprint") == tokenizer.fingerprint()
+                and meta.get("split", {}).get("val_fraction") == cfg.val_fraction
                 and meta.get("corpus") in (saved_value(cfg, "corpus"), cfg.corpus)  # older runs: as given
             )
         if not reuse:

@@ -289,6 +289,20 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _remove_leftovers(out_dir: Path) -> None:
+    """The temporary files and directories of writes that a killed process left half done
+    (`fileio`'s `.NAME.*.tmp` / `.NAME.*.old`), in a run directory that no other process uses."""
+    for folder in (out_dir, out_dir / CHECKPOINTS_DIR):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(".") and p.name.endswith((".tmp", ".old")):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
+
 def check_run_start(
     out_dir: str | os.PathLike,
     resume: str | None,
@@ -574,9 +588,17 @@ class Trainer:
                 "rng": rng_states,
                 "trainer_config": asdict(self.cfg),
             }
-            with atomic_dir(path, marker=STATE_FILE, what="checkpoint") as tmp:
-                write_model_files(tmp, model, self.tokenizer, self.extra)
-                torch.save(state, tmp / STATE_FILE)
+            try:
+                with atomic_dir(path, marker=STATE_FILE, what="checkpoint") as tmp:
+                    write_model_files(tmp, model, self.tokenizer, self.extra)
+                    torch.save(state, tmp / STATE_FILE)
+            except (OSError, RuntimeError) as e:  # torch.save's writer reports a full disk as RuntimeError
+                found = list_checkpoints(self.out_dir)
+                keep = f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+                raise ScratchLLMError(
+                    f"cannot write the checkpoint {path} ({str(e).splitlines()[0]}; is the disk full or read-only?); "
+                    f"{keep}"
+                ) from e
             for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(self.dist)
@@ -623,10 +645,20 @@ class Trainer:
 
         try:
             state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        except Exception as e:  # corrupt or foreign file: torch raises many types
+        except Exception as e:  # corrupt or foreign file: torch raises many types, and its advice
+            # (weights_only=False) would unpickle an untrusted file: not given here
             raise ScratchLLMError(
-                f"cannot read {path / STATE_FILE}: {str(e).splitlines()[0]}; use another checkpoint"
+                f"cannot read {path / STATE_FILE}: truncated, or not a checkpoint state written by scratchllm "
+                f"({type(e).__name__}); resume from an earlier checkpoint"
             ) from e
+        missing = [k for k in ("step", "tokens_seen", "train_seconds", "optimizer", "rng") if k not in state] if (
+            isinstance(state, dict)
+        ) else ["a dict of training state"]  # fmt: skip
+        if missing:
+            raise ScratchLLMError(
+                f"{path / STATE_FILE} is not a checkpoint state written by scratchllm (no {', '.join(missing)}); "
+                "resume from an earlier checkpoint"
+            )
         if state.get("world_size", 1) != self.dist.world_size:
             raise ScratchLLMError(
                 f"{path} was written by {state.get('world_size')} processes, this run has {self.dist.world_size}; "
@@ -696,9 +728,33 @@ class Trainer:
 
         path = self.out_dir / name
         model = self._savable_model()
-        if self.is_main:
-            save_model(path, model, self.tokenizer, self.extra)
+        if self.is_main:  # the step tells, after a resume from an earlier checkpoint, which run wrote it
+            save_model(path, model, self.tokenizer, {**self.extra, "step": self.step})
         return path
+
+    def _set_aside_later_outputs(self) -> None:
+        """Resuming from a checkpoint before the run's newest: the checkpoints (and the best model) of
+        the continuation that is being replaced are renamed `*.abandoned-at-step-N`, not deleted, and
+        are no longer picked by `--resume` or pruned in place of the new ones."""
+        from ..checkpoint import read_config
+
+        later = [c for c in list_checkpoints(self.out_dir) if int(c.name.split("-")[1]) > self.step]
+        best = self.out_dir / "best"
+        try:
+            best_step = read_config(best)[1].get("step") if (best / CONFIG_FILE).is_file() else None
+        except ScratchLLMError:
+            best_step = None
+        if best_step is not None and best_step > self.step:
+            later.append(best)
+            self.best = None  # its model is gone from best/: the next evaluation writes one again
+        if not later or not self.is_main:
+            return
+        for c in later:
+            c.rename(c.with_name(f"{c.name}.abandoned-at-step-{self.step}"))
+        self.log(
+            f"resuming at step {self.step}, before the run's newest outputs: set aside {', '.join(c.name for c in later)} "
+            f"(renamed *.abandoned-at-step-{self.step}; delete them when not needed)"
+        )
 
     # -- evaluation ------------------------------------------------------------------------------
 
@@ -748,11 +804,46 @@ class Trainer:
 
     def fit(self, resume: str | None = None) -> TrainResult:
         """Train until the step, token or time budget is used up (or a signal arrives)."""
+        with self._run_lock():
+            return self._fit(resume)
+
+    @contextlib.contextmanager
+    def _run_lock(self) -> Iterator[None]:
+        """One run at a time in a run directory: two would interleave their metrics and prune each
+        other's checkpoints. An advisory lock on `.lock`, held while training (POSIX; the main process)."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock
+            yield
+            return
+        if not self.is_main or (
+            self.out_dir.exists() and not self.out_dir.is_dir()
+        ):  # check_run_start says so
+            yield
+            return
+        check_parents(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / ".lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ScratchLLMError(
+                    f"another process is training in {self.out_dir} (it holds {self.out_dir / '.lock'}); wait for "
+                    "it to end, or give another --out-dir"
+                ) from None
+            _remove_leftovers(self.out_dir)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _fit(self, resume: str | None) -> TrainResult:
         cfg = self.cfg
         path = check_run_start(self.out_dir, resume, cfg.overwrite)
         if path is not None:
             self.load_checkpoint(path)
             self.log(f"resumed from {path} at step {self.step}")
+            self._set_aside_later_outputs()
         else:
             torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per process, reproducibly
             if self.is_main:
@@ -805,20 +896,24 @@ class Trainer:
                             break
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not at_end:
                         self.save_checkpoint()
-                    if broadcast_flag(self._stop_signal is not None, self.dist):
+                    if not at_end and broadcast_flag(self._stop_signal is not None, self.dist):
                         stopped = "interrupted"
                         break
+                bar.close()
+                self._bar = None
+                # still under the handlers: a signal now waits for the saves (a second SIGINT aborts);
+                # evaluated first, so that the checkpoint holds the best loss that best/ holds
+                if not last_eval or last_eval["step"] != self.step:
+                    last_eval = self._eval_and_report()
+                path = self.save_checkpoint()
+                if stopped == "interrupted":
+                    self.log(
+                        f"stopped by {self._stop_signal} at step {self.step}; resume with --resume (checkpoint {path})"
+                    )
+                self._save_model_dir("model")
         finally:
             bar.close()
             self._bar = None
-        if not last_eval or last_eval["step"] != self.step:
-            last_eval = self._eval_and_report()
-        path = self.save_checkpoint()
-        if stopped == "interrupted":
-            self.log(
-                f"stopped by {self._stop_signal} at step {self.step}; resume with --resume (checkpoint {path})"
-            )
-        self._save_model_dir("model")
         metrics = {
             k: v for k, v in last_eval.items() if isinstance(v, (int, float)) and k not in ("step", "tokens")
         }

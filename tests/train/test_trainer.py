@@ -94,6 +94,46 @@ def test_training_learns_and_writes_the_run_directory(tmp_path):
         assert (run / name / "model.safetensors").exists() and not (run / name / STATE_FILE).exists()
 
 
+def test_resuming_before_the_newest_checkpoint_sets_the_later_outputs_aside(tmp_path):
+    """Pruning went by step number, so the abandoned continuation's step-20 outlived (and, with
+    keep_last 1, deleted) the checkpoint the resumed run had just written; best/ kept its model."""
+    from scratchllm.checkpoint import read_config
+
+    model, task, cfg = _setup(tmp_path, max_steps=20, checkpoint_every=10, eval_every=10)
+    Trainer(model, task, cfg).fit()
+    run = tmp_path / "run"
+    assert read_config(run / "best")[1]["step"] == 20
+    model, task, cfg = _setup(tmp_path, max_steps=20, checkpoint_every=5, eval_every=10, keep_last=1, lr=1e-2)
+    trainer = Trainer(model, task, cfg)
+    trainer.fit(resume=str(run / "checkpoints" / "step-000010"))
+    assert [p.name for p in list_checkpoints(run)] == ["step-000020"]  # the new run's own
+    aside = sorted(p.name for p in run.rglob("*.abandoned-at-step-10"))
+    assert aside == ["best.abandoned-at-step-10", "step-000020.abandoned-at-step-10"]
+    assert read_config(run / "best")[1]["step"] in (20,) and trainer.best is not None
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 21))  # one history
+
+
+def test_a_second_run_in_the_same_directory_at_once_is_refused(tmp_path):
+    """Two at once interleaved their metrics.jsonl and pruned each other's checkpoints."""
+    fcntl = pytest.importorskip("fcntl")
+    model, task, cfg = _setup(tmp_path, max_steps=2)
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "a") as held:  # as another process's run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(
+            ScratchLLMError,
+            match=r"another process is training in .*run \(it holds .*\.lock\); wait for it to end",
+        ):
+            Trainer(model, task, cfg).fit()
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    # what a killed run left half written goes, once no other process uses the directory
+    (tmp_path / "run" / ".loss.png.abc.tmp").write_bytes(b"x")
+    (tmp_path / "run" / "checkpoints" / ".step-000002.xyz.tmp").mkdir(parents=True)
+    assert Trainer(model, task, cfg).fit().steps == 2  # released: the next run goes ahead
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
 def test_grad_accumulation_equals_a_bigger_batch(tmp_path):
     losses = []
     for batch, accum in ((8, 1), (4, 2)):
@@ -179,8 +219,14 @@ def test_corrupt_and_incompatible_checkpoints_are_clear_errors(tmp_path):
     state = ckpt / STATE_FILE
     state.write_bytes(state.read_bytes()[:100])
     model2, task2, cfg2 = _setup(tmp_path)
-    with pytest.raises(ScratchLLMError, match=r"cannot read .*trainer_state\.pt"):
+    with pytest.raises(
+        ScratchLLMError, match=r"cannot read .*trainer_state\.pt: truncated, or not a checkpoint"
+    ):
         Trainer(model2, task2, cfg2).fit(resume=str(ckpt))
+    for foreign in ([1, 2], {"step": 3}):  # loads (no pickle needed), but is no state of ours
+        torch.save(foreign, state)
+        with pytest.raises(ScratchLLMError, match=r"trainer_state\.pt is not a checkpoint state written by"):
+            Trainer(model2, task2, cfg2).fit(resume=str(ckpt))
     with pytest.raises(ScratchLLMError, match=r"no checkpoint"):
         Trainer(model2, task2, _setup(tmp_path / "empty")[2]).fit(resume="latest")
 
