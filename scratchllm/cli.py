@@ -982,7 +982,12 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     except BrokenPipeError:  # e.g. `scratchllm tokenizer encode ... | head`
         return 0
-    except OSError as e:  # the file system's, not the input's: a full or read-only disk, say
+    except OSError as e:
+        import errno
+
+        # a full, read-only or failing disk, or no permission: the machine's state, not a bug to trace
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM):
+            raise
         print(f"scratchllm: error: {e}", file=sys.stderr)
         return 1
     return int(code or 0)

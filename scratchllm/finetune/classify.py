@@ -537,7 +537,7 @@ def finetune_classify(
     from ..model.gpt import count_parameters
     from ..model.lora import count_trainable, merge_lora
     from ..train.distributed import init_distributed
-    from ..train.trainer import Trainer, check_run_start
+    from ..train.trainer import Trainer, check_run_start, run_lock
     from .metrics import classification_metrics, format_report
 
     t_start = time.perf_counter()
@@ -546,73 +546,76 @@ def finetune_classify(
     # before loading the data and the model
     check_run_start(out_dir, resume, cfg.overwrite, files=(REPORT_FILE, CONFUSION_PLOT, CURVES_PLOT))
     dist = init_distributed(cfg.device)
-    splits = load_splits(cfg)
-    labels = LabelSet(cfg.labels) if cfg.labels else LabelSet.from_examples(splits.train)
-    y = {name: labels.encode(getattr(splits, name), name) for name in ("train", "val", "test")}
+    with run_lock(out_dir) if dist.is_main else contextlib.nullcontext():  # until every output is written
+        splits = load_splits(cfg)
+        labels = LabelSet(cfg.labels) if cfg.labels else LabelSet.from_examples(splits.train)
+        y = {name: labels.encode(getattr(splits, name), name) for name in ("train", "val", "test")}
 
-    model, tokenizer, pad_id, max_length = build_classifier_model(cfg, labels)
-    n_trainable, n_total = count_trainable(model), count_parameters(model)
+        model, tokenizer, pad_id, max_length = build_classifier_model(cfg, labels)
+        n_trainable, n_total = count_trainable(model), count_parameters(model)
 
-    enc = {name: EncodedSplit(encode_texts(tokenizer, [e.text for e in getattr(splits, name)], cfg.text_template,
-                                           max_length), y[name]) for name in ("train", "val", "test")}  # fmt: skip
-    weights = _class_weights(y["train"], len(labels)) if cfg.class_weights == "balanced" else None
-    task = ClassificationTask(enc["train"], enc["val"], len(labels), cfg.batch_size, cfg.seed, pad_id, cfg.pooling,
-                              cfg.eval_batches, weights, cfg.select_metric, cfg.patience, cfg.epochs)  # fmt: skip
-    extra = {
-        "task": "classification",
-        "labels": labels.names,
-        "pooling": cfg.pooling,
-        "pad_id": pad_id,
-        "max_length": max_length,
-        "text_template": cfg.text_template,
-        "trainable": cfg.trainable,
-        "base_model": str(cfg.model),
-        "trained_by": "scratchllm finetune classify",
-    }
-    log(splits.description)
-    log(f"model {cfg.model}: {n_total / 1e6:.2f}M parameters, {n_trainable:,} trainable ({cfg.trainable}"
-        + (f", {cfg.trainable_blocks} block(s)" if cfg.trainable == "last_blocks" else "")
-        + (f", rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}" if cfg.trainable == "lora" else "")
-        + f"); classes {labels.names}; pooling {cfg.pooling}; pad id {pad_id}; max length {max_length}")  # fmt: skip
+        enc = {name: EncodedSplit(encode_texts(tokenizer, [e.text for e in getattr(splits, name)], cfg.text_template,
+                                               max_length), y[name]) for name in ("train", "val", "test")}  # fmt: skip
+        weights = _class_weights(y["train"], len(labels)) if cfg.class_weights == "balanced" else None
+        task = ClassificationTask(enc["train"], enc["val"], len(labels), cfg.batch_size, cfg.seed, pad_id, cfg.pooling,
+                                  cfg.eval_batches, weights, cfg.select_metric, cfg.patience, cfg.epochs)  # fmt: skip
+        extra = {
+            "task": "classification",
+            "labels": labels.names,
+            "pooling": cfg.pooling,
+            "pad_id": pad_id,
+            "max_length": max_length,
+            "text_template": cfg.text_template,
+            "trainable": cfg.trainable,
+            "base_model": str(cfg.model),
+            "trained_by": "scratchllm finetune classify",
+        }
+        log(splits.description)
+        log(f"model {cfg.model}: {n_total / 1e6:.2f}M parameters, {n_trainable:,} trainable ({cfg.trainable}"
+            + (f", {cfg.trainable_blocks} block(s)" if cfg.trainable == "last_blocks" else "")
+            + (f", rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}" if cfg.trainable == "lora" else "")
+            + f"); classes {labels.names}; pooling {cfg.pooling}; pad id {pad_id}; max length {max_length}")  # fmt: skip
 
-    trainer = Trainer(model, task, cfg, tokenizer=tokenizer, extra=extra, dist=dist, log=log,
-                      run_config_toml=run_config_toml or dump_toml(cfg))  # fmt: skip
+        trainer = Trainer(model, task, cfg, tokenizer=tokenizer, extra=extra, dist=dist, log=log,
+                          run_config_toml=run_config_toml or dump_toml(cfg))  # fmt: skip
 
-    def report(stage: str) -> dict[str, dict[str, Any]]:
-        was = trainer.model.training
-        trainer.model.eval()
-        out = {}
-        for name, split in enc.items():
-            if len(split):
-                _, _, pred = task.split_metrics(trainer.model, split, trainer.amp)
-                out[name] = classification_metrics(split.labels, pred, labels.names)
-        trainer.model.train(was)
-        log(f"{stage}: " + ", ".join(f"{k} accuracy {m['accuracy'] * 100:.2f}%" for k, m in out.items()))
-        return out
+        def report(stage: str) -> dict[str, dict[str, Any]]:
+            was = trainer.model.training
+            trainer.model.eval()
+            out = {}
+            for name, split in enc.items():
+                if len(split):
+                    _, _, pred = task.split_metrics(trainer.model, split, trainer.amp)
+                    out[name] = classification_metrics(split.labels, pred, labels.names)
+            trainer.model.train(was)
+            log(f"{stage}: " + ", ".join(f"{k} accuracy {m['accuracy'] * 100:.2f}%" for k, m in out.items()))
+            return out
 
-    before = report("before finetuning")
-    result = trainer.fit(resume)
-    best_dir = out_dir / "best"
-    if cfg.restore_best and (best_dir / WEIGHTS_FILE).exists():
-        load_state_dict_strict(
-            trainer.model, read_weights(best_dir / WEIGHTS_FILE, trainer.model), source=str(best_dir)
+        before = report("before finetuning")
+        result = trainer.fit(resume)
+        best_dir = out_dir / "best"
+        if cfg.restore_best and (best_dir / WEIGHTS_FILE).exists():
+            load_state_dict_strict(
+                trainer.model, read_weights(best_dir / WEIGHTS_FILE, trainer.model), source=str(best_dir)
+            )
+        after = report(
+            f"after finetuning ({'best by ' + cfg.select_metric if cfg.restore_best else 'last step'})"
         )
-    after = report(
-        f"after finetuning ({'best by ' + cfg.select_metric if cfg.restore_best else 'last step'})"
-    )
 
-    model_dir = out_dir / "model"
-    if dist.is_main:
-        if cfg.trainable == "lora" and cfg.lora_merge:
-            merge_lora(trainer.model)
-        save_model(model_dir, trainer.model, tokenizer, extra)
-        final = after.get("test") or after["val"]
-        log(format_report(final, f"{'test' if 'test' in after else 'validation'} split after finetuning:"))
-        write_report(out_dir, before, after, result, labels.names, cfg.batch_size * cfg.grad_accum * dist.world_size,
-                     data=splits.description, trainable=cfg.trainable, trainable_params=n_trainable,
-                     total_params=n_total)  # fmt: skip
-    return ClassifyResult(out_dir, model_dir, labels.names, before, after, result, n_trainable, n_total,
-                          time.perf_counter() - t_start, splits.description, extra)  # fmt: skip
+        model_dir = out_dir / "model"
+        if dist.is_main:
+            if cfg.trainable == "lora" and cfg.lora_merge:
+                merge_lora(trainer.model)
+            save_model(model_dir, trainer.model, tokenizer, extra)
+            final = after.get("test") or after["val"]
+            log(
+                format_report(final, f"{'test' if 'test' in after else 'validation'} split after finetuning:")
+            )
+            write_report(out_dir, before, after, result, labels.names, cfg.batch_size * cfg.grad_accum * dist.world_size,
+                         data=splits.description, trainable=cfg.trainable, trainable_params=n_trainable,
+                         total_params=n_total)  # fmt: skip
+        return ClassifyResult(out_dir, model_dir, labels.names, before, after, result, n_trainable, n_total,
+                              time.perf_counter() - t_start, splits.description, extra)  # fmt: skip
 
 
 def write_report(

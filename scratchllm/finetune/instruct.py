@@ -462,60 +462,61 @@ def instruct_finetune(
     from ..config import dump_toml
     from ..fileio import atomic_write_json
     from ..train.distributed import init_distributed
-    from ..train.trainer import Trainer, check_run_start
+    from ..train.trainer import Trainer, check_run_start, run_lock
 
     cfg.validate()
     out_dir = Path(cfg.out_dir)
     # before loading the data and the model
     check_run_start(out_dir, resume, cfg.overwrite, files=[f"data/{n}.json" for n in SPLIT_NAMES])
     dist = init_distributed(cfg.device)
-    torch.manual_seed(cfg.seed)
-    template = get_template(cfg.template)
-    splits = resolve_splits(cfg)
-    model, loaded = _prepare_model(cfg)
-    tokenizer = loaded.tokenizer
-    context = cfg.context_length or model.cfg.context_length
-    if dist.is_main:
-        for name in SPLIT_NAMES:
-            atomic_write_json(out_dir / "data" / f"{name}.json", getattr(splits, name))
+    with run_lock(out_dir) if dist.is_main else contextlib.nullcontext():  # until every output is written
+        torch.manual_seed(cfg.seed)
+        template = get_template(cfg.template)
+        splits = resolve_splits(cfg)
+        model, loaded = _prepare_model(cfg)
+        tokenizer = loaded.tokenizer
+        context = cfg.context_length or model.cfg.context_length
+        if dist.is_main:
+            for name in SPLIT_NAMES:
+                atomic_write_json(out_dir / "data" / f"{name}.json", getattr(splits, name))
 
-    train = InstructionDataset(splits.train, tokenizer, template)
-    if cfg.mask_prompt:  # a prompt that fills the context leaves no response token to learn from
-        keep = [e for e, n in zip(train.data, train.prompt_lengths) if n < context]
-        if not keep:
-            raise ScratchLLMError(
-                f"with --mask-prompt no training example has a response token within the context of {context} "
-                "tokens; raise --context-length or leave out --mask-prompt"
-            )
-        if len(keep) < len(train):
-            if dist.is_main:
-                print(
-                    f"skipping {len(train) - len(keep)} training examples whose prompt fills the context ({context})"
+        train = InstructionDataset(splits.train, tokenizer, template)
+        if cfg.mask_prompt:  # a prompt that fills the context leaves no response token to learn from
+            keep = [e for e, n in zip(train.data, train.prompt_lengths) if n < context]
+            if not keep:
+                raise ScratchLLMError(
+                    f"with --mask-prompt no training example has a response token within the context of {context} "
+                    "tokens; raise --context-length or leave out --mask-prompt"
                 )
-            train = InstructionDataset(keep, tokenizer, template)
-    val = InstructionDataset(splits.val, tokenizer, template)
-    task = InstructionTask(train, val, batch_size=cfg.batch_size, eot_id=tokenizer.eot_id, seed=cfg.seed,
-                           epochs=cfg.epochs, context_length=context, mask_prompt=cfg.mask_prompt,
-                           eval_batches=cfg.eval_batches, tokenizer=tokenizer, sample_count=cfg.sample_count,
-                           sample_tokens=cfg.sample_tokens)  # fmt: skip
-    if dist.is_main:
-        from ..model.gpt import count_parameters
+            if len(keep) < len(train):
+                if dist.is_main:
+                    print(
+                        f"skipping {len(train) - len(keep)} training examples whose prompt fills the context ({context})"
+                    )
+                train = InstructionDataset(keep, tokenizer, template)
+        val = InstructionDataset(splits.val, tokenizer, template)
+        task = InstructionTask(train, val, batch_size=cfg.batch_size, eot_id=tokenizer.eot_id, seed=cfg.seed,
+                               epochs=cfg.epochs, context_length=context, mask_prompt=cfg.mask_prompt,
+                               eval_batches=cfg.eval_batches, tokenizer=tokenizer, sample_count=cfg.sample_count,
+                               sample_tokens=cfg.sample_tokens)  # fmt: skip
+        if dist.is_main:
+            from ..model.gpt import count_parameters
 
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        too_long = sum(len(t) > context for t in train.encoded_texts)
-        print(
-            f"model {cfg.model}: {count_parameters(model) / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained"
-            f"{' (LoRA)' if cfg.lora else ''}; data: {len(train)} train / {len(val)} val / {len(splits.test)} test "
-            f"examples, template {template.name}, context {context}"
-            + (f" ({too_long} training examples truncated)" if too_long else "")
-        )
-    extra = {**loaded.extra, "trained_by": "scratchllm finetune instruct", TEMPLATE_KEY: template.name}
-    trainer = Trainer(model, task, cfg, tokenizer=tokenizer, extra=extra, dist=dist,
-                      run_config_toml=run_config_toml or dump_toml(cfg))  # fmt: skip
-    result = trainer.fit(resume)
-    if cfg.lora and dist.is_main:
-        _merge_saved_adapters([out_dir / "model", out_dir / "best"])
-    return result
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            too_long = sum(len(t) > context for t in train.encoded_texts)
+            print(
+                f"model {cfg.model}: {count_parameters(model) / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained"
+                f"{' (LoRA)' if cfg.lora else ''}; data: {len(train)} train / {len(val)} val / {len(splits.test)} test "
+                f"examples, template {template.name}, context {context}"
+                + (f" ({too_long} training examples truncated)" if too_long else "")
+            )
+        extra = {**loaded.extra, "trained_by": "scratchllm finetune instruct", TEMPLATE_KEY: template.name}
+        trainer = Trainer(model, task, cfg, tokenizer=tokenizer, extra=extra, dist=dist,
+                          run_config_toml=run_config_toml or dump_toml(cfg))  # fmt: skip
+        result = trainer.fit(resume)
+        if cfg.lora and dist.is_main:
+            _merge_saved_adapters([out_dir / "model", out_dir / "best"])
+        return result
 
 
 def _merge_saved_adapters(directories: Sequence[Path]) -> None:

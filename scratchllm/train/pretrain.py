@@ -28,7 +28,7 @@ from ..text.sampling import PreparedData, TokenWindows, load_prepared
 from ..text.tokenizer import Tokenizer
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluate import next_token_loss, perplexity, token_loss
-from .trainer import Task, Trainer, TrainerConfig, TrainResult, check_run_start, settings_to_resume
+from .trainer import Task, Trainer, TrainerConfig, TrainResult, check_run_start, run_lock, settings_to_resume
 
 # model settings that --init-from cannot change (context_length may shrink, drop_rate may change)
 ARCHITECTURE_KEYS = ("emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_weights", "gelu")
@@ -438,35 +438,36 @@ def pretrain(
         outputs["tokenizer"] = (TOKENIZER_META_FILE, "tokenizer directory")
     checkpoint = check_run_start(out_dir, resume, cfg.overwrite, outputs)  # before the tokenizer and the data
     dist = init_distributed(cfg.device)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    with run_lock(out_dir) if dist.is_main else contextlib.nullcontext():  # until every output is written
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
 
-    init_model, init_tok = (None, None)
-    if cfg.init_from:
-        init_model, init_tok = build_model(cfg, None)  # type: ignore[arg-type]
-    tokenizer = _resolve_tokenizer(cfg, out_dir, dist, init_tok, checkpoint)
-    data = _resolve_data(cfg, tokenizer, out_dir, dist, resuming=checkpoint is not None)
-    model = init_model if init_model is not None else build_model(cfg, tokenizer)[0]
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise ScratchLLMError(
-            f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocab_size {model.cfg.vocab_size}"
-        )
-    context = cfg.context_length or model.cfg.context_length
-    task = LanguageModelTask(
-        data.train, data.val, context, cfg.batch_size, cfg.seed, cfg.eval_batches, dist.world_size, tokenizer,
-        cfg.sample_prompts, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k,
-    )  # fmt: skip
-    if dist.is_main:
-        from ..model.gpt import count_parameters
+        init_model, init_tok = (None, None)
+        if cfg.init_from:
+            init_model, init_tok = build_model(cfg, None)  # type: ignore[arg-type]
+        tokenizer = _resolve_tokenizer(cfg, out_dir, dist, init_tok, checkpoint)
+        data = _resolve_data(cfg, tokenizer, out_dir, dist, resuming=checkpoint is not None)
+        model = init_model if init_model is not None else build_model(cfg, tokenizer)[0]
+        if tokenizer.vocab_size > model.cfg.vocab_size:
+            raise ScratchLLMError(
+                f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocab_size {model.cfg.vocab_size}"
+            )
+        context = cfg.context_length or model.cfg.context_length
+        task = LanguageModelTask(
+            data.train, data.val, context, cfg.batch_size, cfg.seed, cfg.eval_batches, dist.world_size, tokenizer,
+            cfg.sample_prompts, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k,
+        )  # fmt: skip
+        if dist.is_main:
+            from ..model.gpt import count_parameters
 
-        print(
-            f"model: {count_parameters(model) / 1e6:.2f}M parameters ({model.cfg.n_layers} layers, {model.cfg.n_heads} "
-            f"heads, {model.cfg.emb_dim} dims, context {context}); data: {len(data.train):,} train / "
-            f"{len(data.val):,} val tokens; tokenizer {tokenizer.name} ({tokenizer.vocab_size} ids)"
-        )
-    extra = {"trained_by": "scratchllm pretrain"}
-    trainer = Trainer(model, task, cfg, tokenizer=tokenizer, extra=extra, dist=dist,
-                      run_config_toml=run_config_toml or dump_toml(cfg))  # fmt: skip
-    return trainer.fit(resume)
+            print(
+                f"model: {count_parameters(model) / 1e6:.2f}M parameters ({model.cfg.n_layers} layers, {model.cfg.n_heads} "
+                f"heads, {model.cfg.emb_dim} dims, context {context}); data: {len(data.train):,} train / "
+                f"{len(data.val):,} val tokens; tokenizer {tokenizer.name} ({tokenizer.vocab_size} ids)"
+            )
+        extra = {"trained_by": "scratchllm pretrain"}
+        trainer = Trainer(model, task, cfg, tokenizer=tokenizer, extra=extra, dist=dist,
+                          run_config_toml=run_config_toml or dump_toml(cfg))  # fmt: skip
+        return trainer.fit(resume)
 
 
 def summarize(result: TrainResult) -> str:

@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -289,18 +290,72 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+_held_locks: dict[Path, int] = {}  # run directories this process holds the lock of: how many times
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str | os.PathLike) -> Iterator[None]:
+    """One run at a time in a run directory: two would replace each other's tokenizer and data,
+    interleave their metrics and prune each other's checkpoints. An advisory lock on `.lock` (POSIX
+    `flock`; the main process only), re-entrant within a process: commands take it right after
+    `check_run_start`, and `Trainer.fit` again. Taking it also removes the leftovers of killed saves."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    out_dir = Path(out_dir)
+    check_parents(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = out_dir.resolve()
+    if key in _held_locks:
+        _held_locks[key] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key] -= 1
+        return
+    with open(out_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ScratchLLMError(
+                f"another process is training in {out_dir} (it holds {out_dir / '.lock'}); wait for it to end, "
+                "or give another --out-dir"
+            ) from None
+        except OSError as e:  # a file system without locks (some NFS and Lustre mounts)
+            warnings.warn(f"cannot lock {out_dir / '.lock'} ({e.strerror}): a second run started in {out_dir} "
+                          "meanwhile would not be refused", stacklevel=3)  # fmt: skip
+            yield
+            return
+        _held_locks[key] = 1
+        try:
+            _remove_leftovers(out_dir)
+            yield
+        finally:
+            del _held_locks[key]
+            fcntl.flock(f, fcntl.LOCK_UN)
+            if [p.name for p in out_dir.iterdir()] == [".lock"]:  # a run that failed before writing anything
+                (out_dir / ".lock").unlink(missing_ok=True)
+                if created:
+                    out_dir.rmdir()
+
+
 def _remove_leftovers(out_dir: Path) -> None:
-    """The temporary files and directories of writes that a killed process left half done
-    (`fileio`'s `.NAME.*.tmp` / `.NAME.*.old`), in a run directory that no other process uses."""
-    for folder in (out_dir, out_dir / CHECKPOINTS_DIR):
-        if not folder.is_dir():
+    """The temporary checkpoint directories that a killed save left half done (`fileio.atomic_dir`'s
+    `.step-N.XXXXXXXX.tmp` / `.old`): only the trainer writes in checkpoints/, and it holds the run's
+    lock. A `.old` whose checkpoint is missing (killed between the two renames) is put back."""
+    folder = out_dir / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        m = re.fullmatch(r"\.(step-\d+)\.[a-z0-9_]{8}\.(tmp|old)", p.name)
+        if not m or not p.is_dir() or p.is_symlink():
             continue
-        for p in folder.iterdir():
-            if p.name.startswith(".") and p.name.endswith((".tmp", ".old")):
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
+        if m.group(2) == "old" and (p / "dir").is_dir() and not (folder / m.group(1)).exists():
+            os.replace(p / "dir", folder / m.group(1))
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def check_run_start(
@@ -592,11 +647,14 @@ class Trainer:
                 with atomic_dir(path, marker=STATE_FILE, what="checkpoint") as tmp:
                     write_model_files(tmp, model, self.tokenizer, self.extra)
                     torch.save(state, tmp / STATE_FILE)
-            except (OSError, RuntimeError) as e:  # torch.save's writer reports a full disk as RuntimeError
+            except (OSError, RuntimeError) as e:
+                if isinstance(e, RuntimeError) and "inline_container" not in str(e):
+                    raise  # not torch.save's file writer, which reports a full disk this way
                 found = list_checkpoints(self.out_dir)
                 keep = f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
                 raise ScratchLLMError(
-                    f"cannot write the checkpoint {path} ({str(e).splitlines()[0]}; is the disk full or read-only?); "
+                    f"cannot write the checkpoint {path} ({(str(e).splitlines() or [type(e).__name__])[0]}; is the disk "
+                    "full or read-only?); "
                     f"{keep}"
                 ) from e
             for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_last]:
@@ -647,9 +705,11 @@ class Trainer:
             state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as e:  # corrupt or foreign file: torch raises many types, and its advice
             # (weights_only=False) would unpickle an untrusted file: not given here
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            if "weights only" in first.lower() or "weights_only" in first:
+                first = f"{type(e).__name__}: truncated, or not a checkpoint state written by scratchllm"
             raise ScratchLLMError(
-                f"cannot read {path / STATE_FILE}: truncated, or not a checkpoint state written by scratchllm "
-                f"({type(e).__name__}); resume from an earlier checkpoint"
+                f"cannot read {path / STATE_FILE} ({first}); resume from an earlier checkpoint"
             ) from e
         missing = [k for k in ("step", "tokens_seen", "train_seconds", "optimizer", "rng") if k not in state] if (
             isinstance(state, dict)
@@ -733,26 +793,37 @@ class Trainer:
         return path
 
     def _set_aside_later_outputs(self) -> None:
-        """Resuming from a checkpoint before the run's newest: the checkpoints (and the best model) of
-        the continuation that is being replaced are renamed `*.abandoned-at-step-N`, not deleted, and
-        are no longer picked by `--resume` or pruned in place of the new ones."""
+        """Resuming from a checkpoint before the run's newest (a rewind): the later checkpoints, and
+        the best model if one of them wrote it, belong to the continuation being replaced. They are
+        renamed `*.abandoned-at-step-N`, not deleted, and are no longer picked by `--resume` or pruned
+        in place of the new ones. (A resume after a crash has no later checkpoint: nothing is moved,
+        and the replay writes the same best/ again.)"""
         from ..checkpoint import read_config
 
-        later = [c for c in list_checkpoints(self.out_dir) if int(c.name.split("-")[1]) > self.step]
-        best = self.out_dir / "best"
-        try:
-            best_step = read_config(best)[1].get("step") if (best / CONFIG_FILE).is_file() else None
-        except ScratchLLMError:
-            best_step = None
-        if best_step is not None and best_step > self.step:
-            later.append(best)
+        best, aside = self.out_dir / "best", []
+        if self.is_main:
+            aside = [c for c in list_checkpoints(self.out_dir) if int(c.name.split("-")[1]) > self.step]
+            try:
+                best_step = (
+                    read_config(best)[1].get("step") if aside and (best / CONFIG_FILE).is_file() else None
+                )
+            except ScratchLLMError:
+                best_step = None
+            if isinstance(best_step, int) and best_step > self.step:
+                aside.append(best)
+        # decided on the main process, for all: they must agree on when best/ is written (FSDP gathers)
+        if broadcast_flag(best in aside, self.dist):
             self.best = None  # its model is gone from best/: the next evaluation writes one again
-        if not later or not self.is_main:
+        if not aside:
             return
-        for c in later:
-            c.rename(c.with_name(f"{c.name}.abandoned-at-step-{self.step}"))
+        for c in aside:
+            target, n = c.with_name(f"{c.name}.abandoned-at-step-{self.step}"), 1
+            while target.exists():  # rewound to this step before
+                n += 1
+                target = c.with_name(f"{c.name}.abandoned-at-step-{self.step}-{n}")
+            c.rename(target)
         self.log(
-            f"resuming at step {self.step}, before the run's newest outputs: set aside {', '.join(c.name for c in later)} "
+            f"resuming at step {self.step}, before the run's newest outputs: set aside {', '.join(c.name for c in aside)} "
             f"(renamed *.abandoned-at-step-{self.step}; delete them when not needed)"
         )
 
@@ -807,35 +878,12 @@ class Trainer:
         with self._run_lock():
             return self._fit(resume)
 
-    @contextlib.contextmanager
-    def _run_lock(self) -> Iterator[None]:
-        """One run at a time in a run directory: two would interleave their metrics and prune each
-        other's checkpoints. An advisory lock on `.lock`, held while training (POSIX; the main process)."""
-        try:
-            import fcntl
-        except ImportError:  # Windows: no lock
-            yield
-            return
+    def _run_lock(self) -> contextlib.AbstractContextManager:
         if not self.is_main or (
             self.out_dir.exists() and not self.out_dir.is_dir()
         ):  # check_run_start says so
-            yield
-            return
-        check_parents(self.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / ".lock", "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ScratchLLMError(
-                    f"another process is training in {self.out_dir} (it holds {self.out_dir / '.lock'}); wait for "
-                    "it to end, or give another --out-dir"
-                ) from None
-            _remove_leftovers(self.out_dir)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+            return contextlib.nullcontext()
+        return run_lock(self.out_dir)
 
     def _fit(self, resume: str | None) -> TrainResult:
         cfg = self.cfg

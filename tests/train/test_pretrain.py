@@ -269,6 +269,19 @@ def test_an_out_dir_whose_outputs_cannot_be_written_is_refused_before_any_work(
         )
 
 
+def test_a_run_directory_in_use_is_refused_before_the_tokenizer_and_data(tmp_path, capsys):
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:  # as a run training there holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert (
+            main(["pretrain", "--corpus", "builtin", "--out-dir", str(out), "--max-steps", "2", *FAST]) == 2
+        )
+        assert "another process is training in" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no tokenizer/, no data/
+
+
 def test_corpus_shorter_than_a_window(tmp_path, capsys):
     small = tmp_path / "small.txt"
     small.write_text("hi there\n", encoding="utf-8")

@@ -21,6 +21,7 @@ from scratchllm.train.trainer import (
     STATE_FILE,
     Trainer,
     TrainerConfig,
+    _remove_leftovers,
     list_checkpoints,
     lr_at,
     param_groups,
@@ -103,15 +104,29 @@ def test_resuming_before_the_newest_checkpoint_sets_the_later_outputs_aside(tmp_
     Trainer(model, task, cfg).fit()
     run = tmp_path / "run"
     assert read_config(run / "best")[1]["step"] == 20
-    model, task, cfg = _setup(tmp_path, max_steps=20, checkpoint_every=5, eval_every=10, keep_last=1, lr=1e-2)
-    trainer = Trainer(model, task, cfg)
-    trainer.fit(resume=str(run / "checkpoints" / "step-000010"))
-    assert [p.name for p in list_checkpoints(run)] == ["step-000020"]  # the new run's own
-    aside = sorted(p.name for p in run.rglob("*.abandoned-at-step-10"))
-    assert aside == ["best.abandoned-at-step-10", "step-000020.abandoned-at-step-10"]
-    assert read_config(run / "best")[1]["step"] in (20,) and trainer.best is not None
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 21))  # one history
+    for suffix in ("", "-2"):  # the same rewind twice: a second name, not an error
+        model, task, cfg = _setup(
+            tmp_path, max_steps=15, checkpoint_every=5, eval_every=10, keep_last=2, lr=1e-2
+        )
+        trainer = Trainer(model, task, cfg)
+        trainer.fit(resume=str(run / "checkpoints" / "step-000010"))
+        # the new run's own two; pruning by step number kept the old step-20 instead of step-10
+        assert [p.name for p in list_checkpoints(run)] == ["step-000010", "step-000015"]
+        assert (run / "checkpoints" / f"step-000020.abandoned-at-step-10{suffix}").is_dir()
+        assert (run / f"best.abandoned-at-step-10{suffix}").is_dir() and read_config(run / "best")[1][
+            "step"
+        ] == 15
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 16))  # one history
+        # make step-20 and a best/ written at step 20 again, for the second rewind
+        model, task, cfg = _setup(tmp_path, max_steps=20, checkpoint_every=10, eval_every=10, keep_last=4)
+        Trainer(model, task, cfg).fit(resume=str(run / "checkpoints" / "step-000015"))
+    # a resume after a crash (no later checkpoint): nothing is set aside, though best/ is newer
+    (run / "checkpoints" / "step-000020").rename(run / "gone")
+    before = sorted(p.name for p in run.rglob("*abandoned*"))
+    model, task, cfg = _setup(tmp_path, max_steps=20, checkpoint_every=10, eval_every=10)
+    Trainer(model, task, cfg).fit(resume="latest")
+    assert sorted(p.name for p in run.rglob("*abandoned*")) == before
 
 
 def test_a_second_run_in_the_same_directory_at_once_is_refused(tmp_path):
@@ -128,10 +143,17 @@ def test_a_second_run_in_the_same_directory_at_once_is_refused(tmp_path):
             Trainer(model, task, cfg).fit()
         assert not (tmp_path / "run" / "metrics.jsonl").exists()
     # what a killed run left half written goes, once no other process uses the directory
-    (tmp_path / "run" / ".loss.png.abc.tmp").write_bytes(b"x")
-    (tmp_path / "run" / "checkpoints" / ".step-000002.xyz.tmp").mkdir(parents=True)
+    ck = tmp_path / "run" / "checkpoints"
+    (ck / ".step-000002.ab12cd34.tmp").mkdir(parents=True)
+    (tmp_path / "run" / ".env.old").write_text("a user's own")  # not ours: left alone
     assert Trainer(model, task, cfg).fit().steps == 2  # released: the next run goes ahead
-    assert not list((tmp_path / "run").rglob("*.tmp"))
+    assert not list(ck.glob(".*")) and (tmp_path / "run" / ".env.old").read_text() == "a user's own"
+    # killed between atomic_dir's two renames: the only copy of the checkpoint is put back
+    (ck / "step-000002").rename(tmp_path / "moved")
+    (ck / ".step-000002.ef56gh78.old").mkdir()
+    (tmp_path / "moved").rename(ck / ".step-000002.ef56gh78.old" / "dir")
+    _remove_leftovers(tmp_path / "run")
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000002"] and not list(ck.glob(".*"))
 
 
 def test_grad_accumulation_equals_a_bigger_batch(tmp_path):
@@ -220,7 +242,7 @@ def test_corrupt_and_incompatible_checkpoints_are_clear_errors(tmp_path):
     state.write_bytes(state.read_bytes()[:100])
     model2, task2, cfg2 = _setup(tmp_path)
     with pytest.raises(
-        ScratchLLMError, match=r"cannot read .*trainer_state\.pt: truncated, or not a checkpoint"
+        ScratchLLMError, match=r"cannot read .*trainer_state\.pt \(.+\); resume from an earlier checkpoint"
     ):
         Trainer(model2, task2, cfg2).fit(resume=str(ckpt))
     for foreign in ([1, 2], {"step": 3}):  # loads (no pickle needed), but is no state of ours
