@@ -507,7 +507,8 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
-        self.extra = extra or {}
+        # a base model's own "step" (finetunes copy its extra) would mislabel this run's saves
+        self.extra = {k: v for k, v in (extra or {}).items() if k != "step"}
         self.run_config_toml = run_config_toml
         self.out_dir = Path(cfg.out_dir)
         self._log = log or print

@@ -101,9 +101,10 @@ def test_resuming_before_the_newest_checkpoint_sets_the_later_outputs_aside(tmp_
     from scratchllm.checkpoint import read_config
 
     model, task, cfg = _setup(tmp_path, max_steps=20, checkpoint_every=10, eval_every=10)
-    Trainer(model, task, cfg).fit()
+    Trainer(model, task, cfg, extra={"step": 999, "trained_by": "x"}).fit()  # a base model's step is not kept
     run = tmp_path / "run"
     assert read_config(run / "best")[1]["step"] == 20
+    assert "step" not in read_config(run / "checkpoints" / "step-000010")[1]
     for suffix in ("", "-2"):  # the same rewind twice: a second name, not an error
         model, task, cfg = _setup(
             tmp_path, max_steps=15, checkpoint_every=5, eval_every=10, keep_last=2, lr=1e-2
