@@ -157,14 +157,12 @@ class GenerationConfig:
             raise ScratchLLMError(
                 f"generation settings: stop_token_ids must be a list of token ids, got {ids!r}"
             )
-        self.stop_token_ids = tuple(ids)
         for name in ("max_new_tokens", "top_k", "seed", "logprobs", "eos_id"):  # numpy integers too
             value = getattr(self, name)
             if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
                 setattr(self, name, int(value))
         self.stop_token_ids = tuple(
-            int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t
-            for t in self.stop_token_ids
+            int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t for t in ids
         )
         self.validate()
 

@@ -546,7 +546,7 @@ def finetune_classify(
     # before loading the data and the model
     check_run_start(out_dir, resume, cfg.overwrite, files=(REPORT_FILE, CONFUSION_PLOT, CURVES_PLOT))
     dist = init_distributed(cfg.device)
-    with run_lock(out_dir) if dist.is_main else contextlib.nullcontext():  # until every output is written
+    with run_lock(out_dir, dist.is_main):  # until every output is written
         splits = load_splits(cfg)
         labels = LabelSet(cfg.labels) if cfg.labels else LabelSet.from_examples(splits.train)
         y = {name: labels.encode(getattr(splits, name), name) for name in ("train", "val", "test")}

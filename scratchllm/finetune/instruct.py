@@ -469,7 +469,7 @@ def instruct_finetune(
     # before loading the data and the model
     check_run_start(out_dir, resume, cfg.overwrite, files=[f"data/{n}.json" for n in SPLIT_NAMES])
     dist = init_distributed(cfg.device)
-    with run_lock(out_dir) if dist.is_main else contextlib.nullcontext():  # until every output is written
+    with run_lock(out_dir, dist.is_main):  # until every output is written
         torch.manual_seed(cfg.seed)
         template = get_template(cfg.template)
         splits = resolve_splits(cfg)

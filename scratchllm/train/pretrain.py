@@ -28,9 +28,20 @@ from ..text.sampling import PreparedData, TokenWindows, load_prepared
 from ..text.tokenizer import Tokenizer
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluate import next_token_loss, perplexity, token_loss
-from .trainer import Task, Trainer, TrainerConfig, TrainResult, check_run_start, run_lock, settings_to_resume
+from .trainer import (
+    PLOT_FILE,
+    RUN_CONFIG_FILE,
+    Task,
+    Trainer,
+    TrainerConfig,
+    TrainResult,
+    check_run_start,
+    run_lock,
+    settings_to_resume,
+)
 
 # model settings that --init-from cannot change (context_length may shrink, drop_rate may change)
+TRAINED_HERE = ("train", "char")  # --tokenizer values that make the run train its own tokenizer
 ARCHITECTURE_KEYS = ("emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_weights", "gelu")
 
 
@@ -53,7 +64,7 @@ class PretrainConfig(TrainerConfig):
         "with --data: the prepared data's own (train and char have nothing to train on), unless a "
         "tokenizer is named",
         "data",
-        path=("gpt2", "train", "char"),
+        path=(*TRAINED_HERE, "gpt2"),
     )
     vocab_size: int = setting(8192, "vocabulary of the BPE trained when tokenizer = train", "data")
     val_fraction: float = setting(
@@ -113,7 +124,7 @@ class PretrainConfig(TrainerConfig):
             )
         spec = self.tokenizer
         if (
-            spec not in ("train", "char", "gpt2")
+            spec not in (*TRAINED_HERE, "gpt2")
             and not spec.startswith("tiktoken:")
             and not Path(spec).expanduser().exists()
         ):
@@ -158,7 +169,7 @@ class PretrainConfig(TrainerConfig):
                     f"--model {self.model} and --init-from {self.init_from}: the run takes the shape of the model it "
                     "starts from; leave out --model"
                 )
-            if flags.get("tokenizer") in ("train", "char") or "vocab_size" in flags:
+            if flags.get("tokenizer") in TRAINED_HERE or "vocab_size" in flags:
                 raise ScratchLLMError(
                     f"--init-from {self.init_from} keeps its model's tokenizer; leave out --tokenizer/--vocab-size"
                 )
@@ -292,7 +303,7 @@ def _resolve_tokenizer(
     Resuming from `checkpoint`: the checkpoint's (never trained again), which a named one must equal."""
     from ..text.tokenizer import load_tokenizer
 
-    trainable = cfg.tokenizer in ("train", "char")
+    trainable = cfg.tokenizer in TRAINED_HERE
     if checkpoint is not None and (checkpoint / TOKENIZER_META_FILE).is_file():
         theirs = load_tokenizer(checkpoint)
 
@@ -434,11 +445,11 @@ def pretrain(
     cfg.validate()
     out_dir = Path(cfg.out_dir)
     outputs = {} if cfg.data else {"data": (DATA_META_FILE, "prepared data directory")}
-    if cfg.tokenizer in ("train", "char") and not (cfg.data or cfg.init_from):
+    if cfg.tokenizer in TRAINED_HERE and not (cfg.data or cfg.init_from):
         outputs["tokenizer"] = (TOKENIZER_META_FILE, "tokenizer directory")
     checkpoint = check_run_start(out_dir, resume, cfg.overwrite, outputs)  # before the tokenizer and the data
     dist = init_distributed(cfg.device)
-    with run_lock(out_dir) if dist.is_main else contextlib.nullcontext():  # until every output is written
+    with run_lock(out_dir, dist.is_main):  # until every output is written
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
 
         init_model, init_tok = (None, None)
@@ -484,9 +495,9 @@ def summarize(result: TrainResult) -> str:
             f"validation loss {m['val_loss']:.3f}, perplexity {m['val_ppl']:.1f} "
             f"(train loss {m.get('train_loss', float('nan')):.3f}; best validation loss {result.best:.3f})"
         )
-    lines.append(f"model: {out / 'model'}   best: {out / 'best'}   loss plot: {out / 'loss.png'}")
+    lines.append(f"model: {out / 'model'}   best: {out / 'best'}   loss plot: {out / PLOT_FILE}")
     lines.append(
-        f"metrics: {out / METRICS_FILE}   checkpoints: {out / CHECKPOINTS_DIR}   settings: {out / 'config.toml'}"
+        f"metrics: {out / METRICS_FILE}   checkpoints: {out / CHECKPOINTS_DIR}   settings: {out / RUN_CONFIG_FILE}"
     )
     return "\n".join(lines)
 

@@ -290,31 +290,29 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-_held_locks: dict[Path, int] = {}  # run directories this process holds the lock of: how many times
+_held_locks: set[Path] = set()  # the run directories whose lock this process holds
 
 
 @contextlib.contextmanager
-def run_lock(out_dir: str | os.PathLike) -> Iterator[None]:
+def run_lock(out_dir: str | os.PathLike, main: bool = True) -> Iterator[None]:
     """One run at a time in a run directory: two would replace each other's tokenizer and data,
     interleave their metrics and prune each other's checkpoints. An advisory lock on `.lock` (POSIX
-    `flock`; the main process only), re-entrant within a process: commands take it right after
-    `check_run_start`, and `Trainer.fit` again. Taking it also removes the leftovers of killed saves."""
+    `flock`), taken by the main process (`main`), re-entrant within a process: commands take it right
+    after `check_run_start`, and `Trainer.fit` again. Taking it also removes the leftovers of killed saves."""
+    out_dir = Path(out_dir)
     try:
         import fcntl
     except ImportError:  # Windows: no lock
+        fcntl = None
+    if fcntl is None or not main or (out_dir.exists() and not out_dir.is_dir()):  # check_run_start says so
         yield
         return
-    out_dir = Path(out_dir)
     check_parents(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     key = out_dir.resolve()
     if key in _held_locks:
-        _held_locks[key] += 1
-        try:
-            yield
-        finally:
-            _held_locks[key] -= 1
+        yield
         return
     with open(out_dir / ".lock", "a") as f:
         try:
@@ -329,17 +327,21 @@ def run_lock(out_dir: str | os.PathLike) -> Iterator[None]:
                           "meanwhile would not be refused", stacklevel=3)  # fmt: skip
             yield
             return
-        _held_locks[key] = 1
+        _held_locks.add(key)
         try:
             _remove_leftovers(out_dir)
             yield
         finally:
-            del _held_locks[key]
+            _held_locks.discard(key)
             fcntl.flock(f, fcntl.LOCK_UN)
             if [p.name for p in out_dir.iterdir()] == [".lock"]:  # a run that failed before writing anything
                 (out_dir / ".lock").unlink(missing_ok=True)
                 if created:
                     out_dir.rmdir()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def _remove_leftovers(out_dir: Path) -> None:
@@ -654,7 +656,7 @@ class Trainer:
                 found = list_checkpoints(self.out_dir)
                 keep = f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
                 raise ScratchLLMError(
-                    f"cannot write the checkpoint {path} ({(str(e).splitlines() or [type(e).__name__])[0]}; is the disk "
+                    f"cannot write the checkpoint {path} ({_first_line(e)}; is the disk "
                     "full or read-only?); "
                     f"{keep}"
                 ) from e
@@ -706,7 +708,7 @@ class Trainer:
             state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as e:  # corrupt or foreign file: torch raises many types, and its advice
             # (weights_only=False) would unpickle an untrusted file: not given here
-            first = (str(e).splitlines() or [type(e).__name__])[0]
+            first = _first_line(e)
             if "weights only" in first.lower() or "weights_only" in first:
                 first = f"{type(e).__name__}: truncated, or not a checkpoint state written by scratchllm"
             raise ScratchLLMError(
@@ -876,15 +878,8 @@ class Trainer:
 
     def fit(self, resume: str | None = None) -> TrainResult:
         """Train until the step, token or time budget is used up (or a signal arrives)."""
-        with self._run_lock():
+        with run_lock(self.out_dir, self.is_main):
             return self._fit(resume)
-
-    def _run_lock(self) -> contextlib.AbstractContextManager:
-        if not self.is_main or (
-            self.out_dir.exists() and not self.out_dir.is_dir()
-        ):  # check_run_start says so
-            return contextlib.nullcontext()
-        return run_lock(self.out_dir)
 
     def _fit(self, resume: str | None) -> TrainResult:
         cfg = self.cfg
