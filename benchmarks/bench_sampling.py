@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from scratchllm.generation import Engine, GenerationConfig, apply_penalties
+from scratchllm.generation import Engine, GenerationConfig, apply_penalties, sample_next_token
 from scratchllm.model.gpt import GPTModel, preset_config
 
 
@@ -66,6 +66,33 @@ def main() -> None:
         for _ in range(1000):
             apply_penalties(logits, **kw)
         print(f"apply_penalties, {name}: {(time.perf_counter() - t0):.3f} ms per call (one 50257-token row)")
+
+    # sampling itself: ours (with its guard against a temperature so small that the logits overflow)
+    # against the book's steps (divide, top-k, softmax, draw), one row
+    def book_sample(
+        row: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        row = row / temperature
+        kth = torch.topk(row, top_k, dim=-1).values[:, -1:]
+        row = row.masked_fill(row < kth, -torch.inf)
+        return torch.multinomial(torch.softmax(row, dim=-1), 1, generator=generator)
+
+    samplers = {
+        "book's steps": lambda gen: book_sample(logits, 0.8, 40, gen),
+        "sample_next_token": lambda gen: sample_next_token(logits, 0.8, 40, generator=gen),
+    }
+    per_call = {}
+    for name, run in samplers.items():
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(10):
+            run(gen)
+        t0 = time.perf_counter()
+        for _ in range(1000):
+            run(gen)
+        per_call[name] = time.perf_counter() - t0  # seconds per 1000 calls = ms per call
+    book = per_call["book's steps"]
+    for name, ms in per_call.items():
+        print(f"{name}, temperature 0.8, top_k 40: {ms:.3f} ms per call ({ms / book:.2f}x the book's)")
 
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(20, 201, (args.prompts,), generator=g).tolist()

@@ -350,7 +350,8 @@ def _probe(weight: torch.Tensor) -> tuple[float, ...]:
     """Eight values spread over a weight: they tell a change that the version counter misses (a copy
     through `.data`, a weight loaded under inference mode, where tensors keep no counter)."""
     flat = weight.detach().reshape(-1)
-    return tuple(flat[torch.linspace(0, flat.numel() - 1, 8).long()].tolist())
+    # integer positions: float32 linspace rounds numel - 1 past the end for big weights (GPT-2's head)
+    return tuple(flat[torch.arange(8) * (flat.numel() - 1) // 7].tolist())
 
 
 def _version(t: torch.Tensor) -> int | None:

@@ -720,6 +720,15 @@ def test_default_cache_equals_no_cache_on_a_gpt2_shaped_model():
 # The CPU decode kernels (prepacked weights)
 
 
+def test_the_weight_probe_reads_inside_big_weights():
+    """Float32 positions rounded past the end of a weight above 2**24 values (GPT-2's 38.6M-value
+    head): every generation with prepacked weights on the 124M model raised IndexError."""
+    weight = torch.zeros(768 * 50257, dtype=torch.uint8)
+    weight[-1] = 9
+    probe = gen._probe(weight)
+    assert len(probe) == 8 and probe[-1] == 9  # the last value, not one past it
+
+
 def test_prepacked_kernels_give_the_same_tokens_and_follow_weight_changes():
     if not gen.PackedLinears.supported(tiny_model()):
         pytest.skip("oneDNN's prepacked linear is not available here")
