@@ -162,3 +162,25 @@ def test_a_flag_another_command_names_otherwise_suggests_this_commands_name(argv
         cli.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and hint in err and err.count("\n") == 1
+
+
+def test_the_program_exits_with_the_commands_code_and_all_its_output():
+    """`scratchllm` (and `python -m scratchllm`) run `cli.entry`, which skips Python's last garbage
+    collection at exit (1-1.5 s after torch) but must keep the exit code and flush what was printed."""
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "scratchllm"]
+    assert script.value == "scratchllm.cli:entry"
+    ok = subprocess.run(
+        [sys.executable, "-m", "scratchllm", "info", "--preset", "nano"], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.splitlines()
+    assert lines[0] == "preset nano" and lines[-1].lstrip().startswith("forward FLOPs")  # the whole report
+    bad = subprocess.run(
+        [sys.executable, "-m", "scratchllm", "info", "--preset", "nope"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("scratchllm: error:") and len(bad.stderr.strip().splitlines()) == 1
