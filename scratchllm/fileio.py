@@ -3,7 +3,8 @@ reader for the JSON / JSON Lines record files that tasks, datasets and instructi
 
 Everything the project writes (tokenizers, model directories, checkpoints, metrics, plots)
 goes through these helpers: data is written to a temporary name in the destination's own
-directory (same filesystem, so `os.replace` is atomic) and renamed only once complete.
+directory (same filesystem, so `os.replace` is atomic), flushed to the disk, and renamed only
+once complete.
 """
 
 from __future__ import annotations
@@ -79,6 +80,33 @@ def check_output_file(
             )
 
 
+def _sync(path: Path) -> None:
+    """Flush a finished file, or every file and folder under a directory, to the disk.
+
+    A rename is atomic for running programs, but after a power cut or a kernel crash the file
+    system may hold the new name before the data it names (ext4 commits renames to new names
+    without the data), so a checkpoint could come back empty after the older ones were pruned."""
+    paths = [path]
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            paths += [Path(root, name) for name in files + dirs]
+    for p in reversed(paths):  # the files, then the folders that name them
+        _fsync(p)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on Windows; nothing to do there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (and platforms, for folders) do not sync this way
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it."""
@@ -92,7 +120,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         if tmp_path.exists():
             _publish_mode(tmp_path, directory=False)
+            _sync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent)  # the rename itself
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -101,8 +131,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -194,10 +222,12 @@ def atomic_dir(
     try:
         yield tmp
         _publish_mode(tmp, directory=True)
+        _sync(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "dir")
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         if old is not None and (old / "dir").exists() and not path.exists():
             os.replace(old / "dir", path)  # the new one did not take its place: the old one goes back

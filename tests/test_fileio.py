@@ -122,3 +122,32 @@ def test_a_failed_replacement_puts_the_old_directory_back(tmp_path, monkeypatch)
     ):
         (tmp / "m").write_text("new")
     assert (target / "m").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_outputs_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+    """Every file and folder of a new directory (and a new file) is fsynced before the rename that
+    publishes it, and the parent folder after it: a power cut cannot leave a named but empty output."""
+    import scratchllm.fileio as fileio
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = fileio._fsync, os.replace
+    monkeypatch.setattr(fileio, "_fsync", lambda p: (events.append(("sync", str(p))), real_fsync(p))[1])
+    monkeypatch.setattr(
+        fileio.os, "replace", lambda a, b: (events.append(("rename", str(b))), real_replace(a, b))[1]
+    )
+
+    out = tmp_path / "model"
+    with fileio.atomic_dir(out, marker="config.json", what="model directory") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "weights.bin").write_bytes(b"w" * 100)
+        (tmp / "config.json").write_text("{}")
+    rename = events.index(("rename", str(out)))
+    synced = {Path(p).relative_to(tmp) for kind, p in events[:rename] if kind == "sync" and Path(p) != tmp}
+    assert synced == {Path("sub"), Path("sub/weights.bin"), Path("config.json")}
+    assert ("sync", str(tmp)) in events[:rename] and events[rename + 1] == ("sync", str(tmp_path))
+    assert (out / "sub" / "weights.bin").read_bytes() == b"w" * 100
+
+    events.clear()
+    atomic_write_text(tmp_path / "notes.txt", "hello")
+    assert [kind for kind, _ in events] == ["sync", "rename", "sync"] and events[-1][1] == str(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "hello"
