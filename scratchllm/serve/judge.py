@@ -324,6 +324,9 @@ def _entry_key(entry: Mapping[str, Any]) -> str:
     return json.dumps({k: v for k, v in entry.items() if k not in _RESULT_KEYS}, sort_keys=True)
 
 
+SAME_FAILURES_FATAL = 5  # the first entries all failing with one error: the judge, not the entries
+
+
 def judge_entries(
     entries: Sequence[Mapping[str, Any]],
     client: JudgeClient,
@@ -334,6 +337,8 @@ def judge_entries(
     on_item: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Score every entry; returns the entries with `score`, `judge_reply`, `attempts`, `error`.
+    An entry's failure is its own (`error`), unless the first `SAME_FAILURES_FATAL` all fail with one
+    error before any gets a score: that is the judge's (JudgeFatalError).
     `done` maps `_entry_key`s to earlier results to reuse; after each new result `on_item` gets
     the results so far (in entry order)."""
     items: list[dict[str, Any] | None] = [None] * len(entries)
@@ -356,6 +361,7 @@ def judge_entries(
 
     lock = threading.Lock()
     stop = threading.Event()  # set by a fatal error: entries not yet started are skipped
+    early_errors: list[str] = []  # the errors of the entries done before any got a score
 
     def run(i: int) -> None:
         if stop.is_set():
@@ -369,6 +375,17 @@ def judge_entries(
             items[i] = item
             if on_item is not None:
                 on_item([it for it in items if it is not None])
+            if item["score"] is not None:
+                early_errors.append("")  # one scored: later failures are the entries' own
+            elif "" not in early_errors:
+                early_errors.append(item["error"])
+                if len(early_errors) >= SAME_FAILURES_FATAL and len(set(early_errors)) == 1:
+                    stop.set()
+                    raise JudgeFatalError(
+                        f"the judge failed the first {len(early_errors)} responses alike ({item['error']}); "
+                        "stopped instead of failing the rest the same way: check the judge and --judge-model, "
+                        "then run again (with --resume to keep any scores)"
+                    )
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(run, i) for i in todo]

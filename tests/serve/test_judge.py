@@ -410,3 +410,46 @@ def test_judge_end_to_end_against_scratchllm_serve(tmp_path, bpe, monkeypatch, c
         monkeypatch.setenv("SCRATCHLLM_JUDGE_API_KEY", "wrong")
         assert main(args) == 2
         assert "refused the API key" in capsys.readouterr().err
+
+
+def test_a_judge_that_fails_the_first_responses_alike_stops_the_run(fake, tmp_path, capsys):
+    """Five failures with one error before any score: the judge (a model that cannot take the
+    request, a server that always errs) is at fault, so the run stops rather than failing 1,000 entries."""
+    from scratchllm.cli import main
+    from scratchllm.serve.judge import SAME_FAILURES_FATAL
+
+    many = [
+        {**e, "instruction": f"{e['instruction']} ({i})"} for i in range(4) for e in ENTRIES
+    ]  # 12 entries
+    judge = fake([400])
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(many))
+    out = tmp_path / "scores.json"
+    argv = [
+        "judge",
+        "--responses",
+        str(path),
+        "--judge-url",
+        judge.url,
+        "--judge-model",
+        "m",
+        "--out",
+        str(out),
+    ]
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        len(err.splitlines()) == 1 and "the judge failed the first 5 responses alike (judge rejected" in err
+    )
+    assert len(judge.requests) == SAME_FAILURES_FATAL == 5
+    result = json.loads(out.read_text())
+    assert not result["complete"] and (result["count"], result["failed"]) == (5, 5)
+
+    judge = fake(["88", 400])  # once one scored, a failure is the entry's own: the run goes on
+    with client_for(judge) as client:
+        items = judge_entries(many, client)
+    assert [it["score"] for it in items] == [88] + [None] * 11
+
+    judge = fake([400, 400, "70", 400])  # fewer than five failures before the first score: it goes on too
+    with client_for(judge) as client:
+        assert len(judge_entries(many, client)) == 12
