@@ -294,14 +294,12 @@ def test_a_judge_that_goes_away_mid_run_is_still_retried(fake, monkeypatch):
     assert "failed 3 times" in item["error"] and "ConnectError" in item["error"]
 
 
-def test_a_run_stopped_by_a_fatal_error_keeps_what_it_scored(fake, tmp_path, capsys):
-    from scratchllm.cli import main
-
-    judge = fake(["85", 404])
+def judge_run(judge, entries, tmp_path):
+    """`scratchllm judge` arguments for `entries` against `judge`, and the result file's path."""
     path = tmp_path / "r.json"
-    path.write_text(json.dumps(ENTRIES))
+    path.write_text(json.dumps(entries))
     out = tmp_path / "scores.json"
-    argv = [
+    return [
         "judge",
         "--responses",
         str(path),
@@ -311,7 +309,14 @@ def test_a_run_stopped_by_a_fatal_error_keeps_what_it_scored(fake, tmp_path, cap
         "m",
         "--out",
         str(out),
-    ]
+    ], out
+
+
+def test_a_run_stopped_by_a_fatal_error_keeps_what_it_scored(fake, tmp_path, capsys):
+    from scratchllm.cli import main
+
+    judge = fake(["85", 404])
+    argv, out = judge_run(judge, ENTRIES, tmp_path)
     assert main([*argv, "--quiet"]) == 2
     assert "answered 404" in capsys.readouterr().err
     result = json.loads(out.read_text())
@@ -418,24 +423,9 @@ def test_a_judge_that_fails_the_first_responses_alike_stops_the_run(fake, tmp_pa
     from scratchllm.cli import main
     from scratchllm.serve.judge import SAME_FAILURES_FATAL
 
-    many = [
-        {**e, "instruction": f"{e['instruction']} ({i})"} for i in range(4) for e in ENTRIES
-    ]  # 12 entries
+    many = [{**e, "instruction": f"{e['instruction']} ({i})"} for i in range(4) for e in ENTRIES]  # 12
     judge = fake([400])
-    path = tmp_path / "r.json"
-    path.write_text(json.dumps(many))
-    out = tmp_path / "scores.json"
-    argv = [
-        "judge",
-        "--responses",
-        str(path),
-        "--judge-url",
-        judge.url,
-        "--judge-model",
-        "m",
-        "--out",
-        str(out),
-    ]
+    argv, out = judge_run(judge, many, tmp_path)
     assert main([*argv, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert (
