@@ -48,7 +48,14 @@ from ..fileio import (
     directory_kind,
 )
 from ..model.gpt import GPTModel, flops_per_token
-from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag, init_distributed
+from .distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    broadcast_flag,
+    init_distributed,
+    max_over_processes,
+)
 from .muon import Muon, muon_param_groups
 
 PLOT_FILE = "loss.png"
@@ -79,7 +86,12 @@ class TrainerConfig:
     )
     max_steps: int = setting(1000, "optimizer steps (0: the task decides, e.g. from epochs)", "train")
     max_tokens: int = setting(0, "stop after this many training tokens (0: no limit)", "train")
-    max_minutes: float = setting(0.0, "stop after this many minutes of training (0: no limit)", "train")
+    max_minutes: float = setting(
+        0.0,
+        "stop after this many minutes of training (0: no limit); the lr decay then ends by this time, "
+        "or at max_steps if that comes first",
+        "train",
+    )
     lr: float = setting(6e-4, "peak learning rate, reached after warmup", "train")
     min_lr: float = setting(6e-5, "learning rate at the end of the decay", "train")
     warmup_steps: int = setting(100, "steps of linear warmup from 0 to lr", "train")
@@ -263,13 +275,17 @@ def make_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device) -
         return torch.optim.AdamW(groups, foreach=device.type != "mps", **kwargs)
 
 
-def lr_at(step: int, cfg: TrainerConfig, total_steps: int) -> float:
-    """Linear warmup to `lr` over `warmup_steps`, then cosine/linear decay to `min_lr` at `total_steps`."""
+def lr_at(step: int, cfg: TrainerConfig, total_steps: int, elapsed_s: float = 0.0) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine/linear decay to `min_lr` at `total_steps`,
+    or sooner with a time budget (`max_minutes`): at whichever end comes first, by steps or by the
+    `elapsed_s` seconds of training so far, so that a run cut short by the clock still ends decayed."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     if cfg.schedule == "constant" or total_steps <= cfg.warmup_steps:
         return cfg.lr
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.max_minutes:
+        progress = max(progress, min(1.0, elapsed_s / (cfg.max_minutes * 60)))
     if cfg.schedule == "linear":
         factor = 1.0 - progress
     else:
@@ -548,6 +564,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
+        self._elapsed = 0.0  # train_seconds agreed on by all processes (for a time budget)
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
         self._flops_per_token: float | None = None
@@ -966,15 +983,17 @@ class Trainer:
 
     def _budget_used(self) -> bool:
         cfg = self.cfg
-        used = (cfg.max_tokens and self.tokens_seen >= cfg.max_tokens) or (
-            cfg.max_minutes and self.train_seconds >= cfg.max_minutes * 60
-        )
-        return broadcast_flag(bool(used), self.dist)
+        if cfg.max_minutes:  # the slowest process's time: all then decay the lr alike and stop together
+            self._elapsed = max_over_processes(self.train_seconds, self.dist)
+        # tokens_seen counts every process's tokens, so it is the same number on each
+        return bool((cfg.max_tokens and self.tokens_seen >= cfg.max_tokens) or (
+            cfg.max_minutes and self._elapsed >= cfg.max_minutes * 60
+        ))  # fmt: skip
 
     def _train_step(self) -> tuple[float, int]:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss and tokens used."""
         cfg = self.cfg
-        lr = lr_at(self.step, cfg, self.total_steps)
+        lr = lr_at(self.step, cfg, self.total_steps, self._elapsed)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)

@@ -62,6 +62,12 @@ def test_lr_warmup_then_cosine_to_min_lr():
     assert lr_at(25, lin, 100) == pytest.approx(0.75)
     const = TrainerConfig(lr=0.5, warmup_steps=0, schedule="constant")
     assert lr_at(99, const, 100) == 0.5
+    timed = TrainerConfig(lr=1.0, min_lr=0.0, warmup_steps=10, schedule="linear", max_minutes=1.0)
+    assert lr_at(5, timed, 110, elapsed_s=50) == pytest.approx(6 / 11)  # warmup goes by steps
+    assert lr_at(20, timed, 110, elapsed_s=3) == pytest.approx(0.9)  # the steps are further along
+    assert lr_at(20, timed, 110, elapsed_s=30) == pytest.approx(0.5)  # the clock is: half the minute
+    assert lr_at(20, timed, 110, elapsed_s=90) == 0.0
+    assert lr_at(20, lin, 100, elapsed_s=30) == pytest.approx(0.8)  # no time budget: steps alone
 
 
 def test_weight_decay_only_on_matrices_and_tied_weights_once():
@@ -193,6 +199,21 @@ def test_token_budget_sizes_the_schedule(tmp_path):
         assert trainer.total_steps == result.steps == 7 and result.tokens == 32 * 4 * 7
         lrs = [r["lr"] for r in result.history if r["kind"] == "train"]
         assert lrs[-1] == pytest.approx(lr_at(6, cfg, 7)) and lrs[-1] < cfg.lr / 2
+
+
+def test_a_time_budget_ends_with_the_learning_rate_decayed(tmp_path, monkeypatch):
+    """--max-minutes stops a run before max_steps: the decay follows the clock, so the last steps
+    train at min_lr, not at the lr a 1000-step schedule has at step 6. A fake clock: 1 s per step."""
+    import scratchllm.train.trainer as trainer_module
+
+    clock = iter(float(i) for i in range(10**6))  # each call 1 s later: a step = 2 calls, dt = 1 s
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: next(clock))
+    model, task, cfg = _setup(tmp_path, max_steps=1000, max_minutes=0.1, warmup_steps=0, eval_every=0)
+    result = Trainer(model, task, cfg).fit()
+    assert result.steps == 6 and result.stopped == "budget"
+    lrs = [r["lr"] for r in result.history if r["kind"] == "train"]
+    assert lrs == pytest.approx([lr_at(0, cfg, 1000, elapsed_s=t) for t in range(6)])
+    assert lrs[0] == cfg.lr and lrs[-1] < cfg.min_lr + 0.1 * (cfg.lr - cfg.min_lr) < lr_at(5, cfg, 1000)
 
 
 class _NaNAfter12Steps(LanguageModelTask):
