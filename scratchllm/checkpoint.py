@@ -191,6 +191,9 @@ def load_model(
     load_state_dict_strict(model, tensors, source=str(weights), assign=True)
     model.eval()
     if quantize:
+        from .model.lora import merge_lora
+
+        merge_lora(model)  # for inference, the adapters fold into the weights that are quantized
         quantize_model(model, quantize)
 
     tokenizer = load_tokenizer(directory) if (directory / META_FILE).exists() else None

@@ -16,6 +16,7 @@ projections are `Conv1D` layers whose weight is stored (in, out), the transpose 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import __version__
 from .checkpoint import (
     CONFIG_FILE,
     LoadedModel,
@@ -427,6 +429,9 @@ def to_hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     return out
 
 
+EXPORTED_BY = "exported_by"  # in config.json: the mark of a directory `export_hf` wrote, which it may replace
+
+
 def hf_config(cfg: GPTConfig, tokenizer: Tokenizer | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """A `GPT2Config` dict for our config."""
     eot = tokenizer.eot_id if tokenizer is not None else None
@@ -450,6 +455,7 @@ def hf_config(cfg: GPTConfig, tokenizer: Tokenizer | None = None, dtype: torch.d
         "bos_token_id": eot,
         "eos_token_id": eot,
         "torch_dtype": str(dtype).removeprefix("torch."),
+        EXPORTED_BY: f"scratchllm {__version__}",
     }
 
 
@@ -488,12 +494,27 @@ def hf_tokenizer_files(tokenizer: Tokenizer, context_length: int) -> dict[str, b
     }
 
 
+def _check_export_target(out: Path) -> None:
+    """An export replaces its output directory as a whole, so an existing Hugging Face model there must
+    be one that `export_hf` wrote: another (the user's download, a different architecture) has files
+    that would be lost."""
+    if directory_kind(out) != "Hugging Face model directory":
+        return  # new, empty, or another kind: atomic_dir's checks say what to do
+    config = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+    if EXPORTED_BY not in config:
+        raise ScratchLLMError(
+            f"{out} is a Hugging Face model directory that export-hf did not write (its config.json has no "
+            f"{EXPORTED_BY!r}); the export would replace it as a whole, so give a new or empty directory"
+        )
+
+
 def export_hf(spec: str | os.PathLike | LoadedModel, out: str | os.PathLike) -> Path:
     """Write a model (a directory, hub name or loaded model) as a Hugging Face GPT-2 directory:
     config.json, model.safetensors (+ vocab.json, merges.txt, tokenizer_config.json for a GPT-2-style
     BPE tokenizer). Atomic: `out` appears complete or not at all."""
     from safetensors.torch import save_file
 
+    from .model.lora import lora_layers, merge_lora
     from .model.quantize import is_quantized
 
     loaded = spec if isinstance(spec, LoadedModel) else load_model(spec)
@@ -502,8 +523,12 @@ def export_hf(spec: str | os.PathLike | LoadedModel, out: str | os.PathLike) -> 
         raise ScratchLLMError(
             "a quantized model cannot be exported (int4 is for inference); export the original"
         )
+    if lora_layers(model):  # GPT-2 has no place for adapters: they fold into the weights (of a copy)
+        model = copy.deepcopy(model)
+        merge_lora(model)
     tensors = to_hf_state_dict(model)
     out = Path(out)
+    _check_export_target(out)
     sources = [loaded.path] if loaded.path is not None else []
     with atomic_dir(out, marker=CONFIG_FILE, what="Hugging Face model directory", inside=sources) as tmp:
         save_file(tensors, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})

@@ -112,6 +112,27 @@ def test_ours_to_hf_same_logits(tmp_path, tie, qkv_bias, gelu):
         assert not tensors["transformer.h.0.attn.c_attn.bias"].any()
 
 
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_a_model_with_lora_adapters_exports_what_it_computes(tmp_path, tie):
+    """GPT-2 has no place for adapters: export folds them into the weights (of a copy), so
+    transformers computes what the adapted model does, and the loaded model keeps its adapters."""
+    from scratchllm.model.lora import apply_lora, lora_layers
+
+    model = random_model(tie_weights=tie, emb_dim=48, n_heads=3)
+    apply_lora(model, rank=4, alpha=2.0, targets=("qkv", "out_proj", "ff") + (() if tie else ("out_head",)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora.B"):
+                p.normal_(0.0, 0.1)  # adapters that change the function
+    save_model(tmp_path / "ours", model)
+    loaded = load_model(tmp_path / "ours")
+    hub.export_hf(loaded, tmp_path / "hf")
+    assert len(lora_layers(loaded.model)) == len(lora_layers(model)) > 0  # not merged in place
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 100, (2, 64))
+    torch.testing.assert_close(hf_logits(hf, x), our_logits(model, x), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("penalty", [1.2, 2.0])
 def test_repetition_penalty_gives_transformers_tokens(tmp_path, penalty):
     """Greedy decoding with `repetition_penalty` picks the tokens transformers' `generate` picks
@@ -282,6 +303,23 @@ def test_export_refuses_a_classifier(tmp_path):
     with pytest.raises(ScratchLLMError, match=r"classifier .* not a language model"):
         hub.export_hf(tmp_path / "clf", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_replaces_only_a_directory_it_wrote(tmp_path):
+    """Another Hugging Face model in the way (the user's own download, a Llama) is not replaced."""
+    save_model(tmp_path / "m", random_model())
+    hub.export_hf(tmp_path / "m", tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["exported_by"].startswith("scratchllm ")
+    hub.export_hf(tmp_path / "m", tmp_path / "hf")  # again: its own export is replaced
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (other / "README.md").write_text("my model")
+    with pytest.raises(
+        ScratchLLMError, match=r"llama is a Hugging Face model directory that export-hf did not"
+    ):
+        hub.export_hf(tmp_path / "m", other)
+    assert (other / "README.md").read_text() == "my model"
 
 
 def test_hf_config_fields(tmp_path):

@@ -7,8 +7,8 @@ A frozen linear layer `y = x W^T + b` gets a trainable detour through a rank-r b
 `A` starts random and `B` at zero, so a freshly adapted model computes exactly what it did before,
 and training moves only the r * (in + out) numbers of A and B per layer. `merge_lora` folds the
 detour into the weight (`W += alpha * (A B)^T`), leaving a plain model that runs as fast as the
-original. The scale is the book's `alpha` (the LoRA paper writes it as alpha / r; pick alpha = r
-times the paper's value to match).
+original. The scale is the book's `alpha` (the LoRA paper scales by alpha / r instead: its alpha 16 at
+rank 8 is alpha 2 here).
 
 `LinearWithLoRA` subclasses `nn.Linear` and keeps its `weight` and `bias`, so the wrapped model's
 state dict keeps every original name and only adds `<layer>.lora.A` / `<layer>.lora.B`; a model

@@ -163,6 +163,28 @@ def test_quantize_model_replaces_every_linear_and_keeps_the_embeddings():
     assert agree > 0.9
 
 
+def test_a_model_directory_with_lora_adapters_loads_quantized(tmp_path):
+    """`--quantize int4` on a LoRA-finetuned model directory: the adapters are merged into the weights
+    that are then quantized, the same numbers as merging and quantizing by hand."""
+    from scratchllm.checkpoint import load_model, save_model
+    from scratchllm.model.lora import merge_lora
+
+    model = model_of()
+    apply_lora(model, rank=4, alpha=2.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora.B"):
+                p.normal_(0.0, 0.05)
+    save_model(tmp_path / "lora", model)
+    loaded = load_model(tmp_path / "lora", quantize="int4").model
+    assert is_quantized(loaded)
+    merge_lora(model)
+    quantize_model(model)
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_a_quantized_model_counts_the_parameters_it_stands_for(tie):
     model = model_of(tie=tie)
