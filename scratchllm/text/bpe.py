@@ -61,9 +61,25 @@ ENCODER_FILE = "encoder.json"
 MERGES_FILE = "vocab.bpe"
 
 
+def pieces_pattern(pat_str: str) -> str:
+    """The regex that cuts text into pieces for encoding: a preset as it is (it matches everything);
+    a pattern of the user's own with one more alternative that takes any one character it leaves out.
+    Training refuses a pattern that skips characters of its corpus, but other text can hold what the
+    corpus did not (a zero-width space, a combining accent), and tiktoken would drop it silently."""
+    return pat_str if pat_str in PATTERNS.values() else f"{pat_str}|[\\s\\S]"
+
+
 def resolve_pattern(pattern: str) -> str:
-    """A preset name (`gpt2`, `gpt4`) or a regex string -> the regex string, checked to compile."""
+    """A preset name (`gpt2`, `gpt4`) or a regex string -> the regex string, checked to compile in
+    Python's `regex` (the reference encoder) and in tiktoken's engine (the fast one), so that a
+    pattern that cannot be used is refused before any training."""
+    if not isinstance(pattern, str):
+        raise ScratchLLMError(
+            f"pre-tokenization pattern must be gpt2, gpt4 or a regex string, not {pattern!r}"
+        )
     pat_str = PATTERNS.get(pattern, pattern)
+    if pat_str in PATTERNS.values():
+        return pat_str
     try:
         regex.compile(pat_str)
     except regex.error as e:
@@ -71,7 +87,20 @@ def resolve_pattern(pattern: str) -> str:
             f"pre-tokenization pattern {pattern!r} is not a valid regex ({e}); use gpt2, gpt4 or a regex "
             "for Python's `regex` module"
         ) from e
+    import tiktoken
+
+    try:
+        tiktoken.Encoding(
+            "check", pat_str=pieces_pattern(pat_str), mergeable_ranks=_BYTE_RANKS, special_tokens={}
+        )
+    except ValueError as e:  # it compiles in Python's `regex` but not in tiktoken's engine (fancy-regex)
+        raise ScratchLLMError(
+            f"pre-tokenization pattern {pattern!r}: tiktoken cannot use it ({e}); write it without that construct"
+        ) from e
     return pat_str
+
+
+_BYTE_RANKS = {bytes([b]): b for b in range(256)}
 
 
 def pattern_name(pat_str: str) -> str:
@@ -202,22 +231,27 @@ class BPETokenizer(Tokenizer):
             )
         if any(not s for s in self.special_tokens):
             raise ScratchLLMError(f"BPE tokenizer {name!r}: a special token is the empty string")
+        ordered = sorted(self.special_tokens)  # a string's extensions sort right after it
+        for short, long in itertools.pairwise(ordered):
+            if _encoding is None and long.startswith(short):
+                raise ScratchLLMError(
+                    f"BPE tokenizer {name!r}: special token {long!r} begins with special token {short!r}, so "
+                    "text holding it could be read as either; rename one"
+                )
         self._merges = list(merges) if merges is not None else None
         self._vocab_size = max([n_learned, *(i + 1 for i in self.special_tokens.values())])
         if _encoding is None:
             try:
                 _encoding = tiktoken.Encoding(
                     name,
-                    pat_str=self.pattern,
+                    pat_str=pieces_pattern(self.pattern),
                     mergeable_ranks=self.mergeable_ranks,
                     special_tokens=self.special_tokens,
                 )
-            except ValueError as e:  # the regex compiles in Python's `regex` but not in tiktoken's engine
-                raise ScratchLLMError(
-                    f"pre-tokenization pattern {self.pattern!r}: tiktoken cannot use it ({e})"
-                ) from e
+            except ValueError as e:
+                raise ScratchLLMError(f"BPE tokenizer {name!r}: tiktoken cannot use it ({e})") from e
         self._enc = _encoding
-        self._pat = regex.compile(self.pattern)
+        self._pat = regex.compile(_encoding._pat_str)  # the same pieces for `reference_encode`
         self._fingerprint: str | None = None
 
     @classmethod

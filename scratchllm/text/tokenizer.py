@@ -179,7 +179,9 @@ def load_tokenizer(spec: str | os.PathLike | Tokenizer) -> Tokenizer:
             "vocab.bpe directory, or a .tiktoken file"
         )
     if path.is_file():
-        if path.name in ("encoder.json", "vocab.bpe", META_FILE):
+        # a file of a saved tokenizer stands for its directory, whose settings (pattern, special
+        # tokens) it lacks; a lone .tiktoken file is GPT-2's ranks
+        if path.name in ("encoder.json", "vocab.bpe", META_FILE) or (path.parent / META_FILE).is_file():
             path = path.parent
         else:
             from .gpt2 import load_gpt2_files

@@ -173,6 +173,19 @@ def test_the_mixed_corpus_trainer_equals_naive_trainer(trained):
     assert trained.mergeable_ranks == naive_train(MIXED_CORPUS * 3, 499)
 
 
+def test_each_file_of_a_saved_tokenizer_names_the_whole_tokenizer(trained_gpt4, tmp_path):
+    """Its own tokenizer.tiktoken (or any of its files) loads the directory's tokenizer, with its
+    pattern and special tokens, not GPT-2's settings around its ranks."""
+    trained_gpt4.save(tmp_path / "tok")
+    text = "x <|endoftext|> y<|pad|>"
+    for name in ("tokenizer.tiktoken", "encoder.json", "vocab.bpe", "tokenizer_meta.json"):
+        tok = load_tokenizer(tmp_path / "tok" / name)
+        assert (tok.pattern, tok.special_tokens) == (GPT4_PATTERN, trained_gpt4.special_tokens), name
+        assert tok.encode(text, "all") == trained_gpt4.encode(text, "all")
+    shutil.copy(tmp_path / "tok" / "tokenizer.tiktoken", tmp_path / "ranks.tiktoken")
+    assert load_tokenizer(tmp_path / "ranks.tiktoken").pattern != GPT4_PATTERN  # alone: GPT-2's settings
+
+
 def test_specials_come_after_the_learned_tokens(trained_gpt4):
     assert trained_gpt4.special_tokens == {EOT: 598, "<|pad|>": 599}
     assert trained_gpt4.vocab_size == 600
@@ -208,10 +221,42 @@ def test_training_errors():
         train_bpe(["", ""], vocab_size=300, progress=False)
 
 
+def test_patterns_and_specials_that_cannot_work_are_refused_before_training(monkeypatch):
+    import scratchllm.text.bpe as bpe
+
+    monkeypatch.setattr(bpe, "count_pretokens", lambda *a: pytest.fail("trained before checking"))
+    with pytest.raises(ScratchLLMError, match=r"tiktoken cannot use it \(.*\\X"):
+        train_bpe(["abc"], vocab_size=300, pattern=r" ?\p{L}+|\X", progress=False)  # Python's regex can
+    with pytest.raises(ScratchLLMError, match="must be gpt2, gpt4 or a regex string, not None"):
+        bpe.resolve_pattern(None)
+    monkeypatch.undo()
+    ranks = {bytes([b]): b for b in range(256)}
+    with pytest.raises(ScratchLLMError, match=r"'<\|a\|>b' begins with special token '<\|a\|>'"):
+        BPETokenizer(ranks, special_tokens=("<|a|>", "<|c|>", "<|a|>b"))
+    BPETokenizer(ranks, special_tokens=("<|a|>", "<|b|>", "<|ab|>"))  # no one the start of another
+
+
 def test_a_custom_regex_pattern_is_used():
     tok = train_bpe(["ab ab ab"], vocab_size=257, special_tokens=(), pattern=r"\S+|\s+", progress=False)
     assert tok.pattern == r"\S+|\s+"
     assert b" ab" not in tok.mergeable_ranks and b"ab" in tok.mergeable_ranks
+
+
+def test_a_custom_pattern_loses_no_text_its_corpus_did_not_have(tmp_path):
+    """Training refuses a pattern that skips characters of the corpus; other text may still hold some
+    it skips (a combining accent, a zero-width space): they are encoded as pieces of their own, not
+    dropped as tiktoken would, and the saved tokenizer does the same."""
+    pattern = r"\p{L}+|\p{N}+|\p{P}+|\s+|\p{S}+"
+    tok = train_bpe(["plain words, 12 numbers."] * 3, vocab_size=300, pattern=pattern, progress=False)
+    text = "e\u0301 zero\u200bwidth\u0000 plain words"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and ids == tok.reference_encode(text)
+    assert tok.encode("plain words, 12") == tok.reference_encode("plain words, 12")
+    tok.save(tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert (
+        loaded.pattern == pattern and loaded.encode(text) == ids and loaded.fingerprint() == tok.fingerprint()
+    )
 
 
 # ----------------------------------------------------------------------------------------------
