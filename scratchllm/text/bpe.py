@@ -315,10 +315,11 @@ class BPETokenizer(Tokenizer):
         try:
             return self._enc.decode_bytes(ids)
         except (KeyError, OverflowError) as e:
-            bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+            known = set(self.mergeable_ranks.values()) | set(self.special_tokens.values())
+            bad = next((i for i in ids if i not in known), None)  # out of range, or a gap in the ranks
             raise ScratchLLMError(
                 f"tokenizer {self.name!r}: token id {bad if bad is not None else e} is not in the vocabulary "
-                f"(ids 0..{self.vocab_size - 1})"
+                f"(ids 0..{self.vocab_size - 1}{'' if len(known) == self.vocab_size else ', with gaps'})"
             ) from e
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -419,7 +420,8 @@ class BPETokenizer(Tokenizer):
             specials = {str(k): int(v) for k, v in meta["special_tokens"].items()}
         except (KeyError, AttributeError, TypeError, ValueError) as e:
             raise ScratchLLMError(
-                f"{directory}: tokenizer_meta.json lacks a valid {e}; re-save the tokenizer"
+                f"{directory}: tokenizer_meta.json needs a 'pattern' and a 'special_tokens' object of "
+                f"token -> id ({type(e).__name__}: {e}); save the tokenizer again"
             ) from e
         merges = None
         if (directory / TIKTOKEN_FILE).exists():
@@ -498,6 +500,8 @@ def read_tiktoken_file(path: Path) -> dict[bytes, int]:
         try:
             token_b64, rank = line.split()
             ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
+            if not 0 <= int(rank) < 2**32:  # tiktoken's ranks are 32-bit unsigned
+                raise ValueError("rank out of range")
         except (ValueError, binascii.Error) as e:
             raise ScratchLLMError(
                 f"{path}, line {lineno}: expected `base64-token rank`, got {line[:60]!r}; is it a .tiktoken file?"

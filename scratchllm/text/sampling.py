@@ -212,10 +212,15 @@ def load_prepared(path: str | os.PathLike, expected_tokenizer: Tokenizer | None 
         )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
         raise ScratchLLMError(f"{meta_path}: unreadable ({e}); re-run `scratchllm prepare`") from e
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ScratchLLMError(f"{meta_path}: not a scratchllm token file description")
+    missing = [k for k in ("tokenizer", "dtype", "train_tokens", "val_tokens") if k not in meta]
+    if missing or not isinstance(meta["tokenizer"], dict) or "fingerprint" not in meta["tokenizer"]:
+        raise ScratchLLMError(
+            f"{meta_path}: damaged (no {', '.join(missing) or 'tokenizer fingerprint'}); re-run `scratchllm prepare`"
+        )
     tokenizer = load_tokenizer(path / DATA_TOKENIZER_DIR)
     if tokenizer.fingerprint() != meta["tokenizer"]["fingerprint"]:
         raise ScratchLLMError(

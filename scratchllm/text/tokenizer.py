@@ -192,16 +192,21 @@ def load_tokenizer(spec: str | os.PathLike | Tokenizer) -> Tokenizer:
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             kind = meta["kind"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise ScratchLLMError(
-                f"{meta_path}: not a valid tokenizer description ({e}); re-save the tokenizer"
+                f"{meta_path}: not a valid tokenizer description ({type(e).__name__}: {e}); re-save the tokenizer"
             ) from e
         kinds = _kinds()
-        if kind not in kinds:
+        if not isinstance(kind, str) or kind not in kinds:
             raise ScratchLLMError(
                 f"{meta_path}: unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}"
             )
-        return kinds[kind]._load(path, meta)
+        try:
+            return kinds[kind]._load(path, meta)
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:  # a damaged file
+            raise ScratchLLMError(
+                f"{path}: the saved {kind} tokenizer is damaged ({type(e).__name__}: {e}); save or train it again"
+            ) from e
     from .gpt2 import load_gpt2_files
 
     return load_gpt2_files(path)

@@ -115,6 +115,18 @@ def test_a_prepared_directory_with_a_bad_token_dtype_is_refused(corpus, tokenize
     (out / prep.META).write_text(json.dumps({**meta, "dtype": "float99"}))
     with pytest.raises(ScratchLLMError, match="token dtype 'float99' is not uint16 or uint32"):
         load_prepared(out)
+    damaged = {  # file content -> the error
+        json.dumps(
+            {"format": meta["format"]}
+        ).encode(): "damaged .no tokenizer, dtype, train_tokens, val_tokens.",
+        json.dumps({**meta, "tokenizer": "gpt2"}).encode(): "damaged .no tokenizer fingerprint.",
+        b"\xff{}": "unreadable .'utf-8' codec",
+        b"[1, 2]": "not a scratchllm token file description",
+    }
+    for content, message in damaged.items():
+        (out / prep.META).write_bytes(content)
+        with pytest.raises(ScratchLLMError, match=message):
+            load_prepared(out)
 
 
 def test_one_file_takes_its_tail_as_validation(tokenizer, tmp_path):

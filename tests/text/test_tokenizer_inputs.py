@@ -57,3 +57,49 @@ def test_decode_takes_ids_in_the_vocabulary(tok):
     for bad in (-1, tok.vocab_size):
         with pytest.raises(ScratchLLMError, match=f"{bad}"):
             tok.decode([ids[0], bad])
+
+
+def _damage(tok, tmp_path, file, content):
+    tok.save(tmp_path / "tok")
+    (tmp_path / "tok" / file).write_bytes(content)
+    return tmp_path / "tok"
+
+
+@pytest.mark.parametrize(
+    "kind, file, content, message",
+    [
+        ("bpe", "tokenizer_meta.json", b"[1, 2]", "not a valid tokenizer description"),
+        ("bpe", "tokenizer_meta.json", b'{"kind": "bpe", "pattern": null, "special_tokens": {}}', "not None"),
+        ("bpe", "tokenizer_meta.json", b'{"kind": "bpe", "pattern": "gpt2", "special_tokens": ["x"]}',
+         "needs a 'pattern' and a 'special_tokens' object"),
+        ("bpe", "tokenizer.tiktoken", b"IGJl -7\n", r"line 1: expected `base64-token rank`"),
+        ("char", "chars.json", b"5", "the saved char tokenizer is damaged"),
+        ("char", "chars.json", b"\xff", "the saved char tokenizer is damaged .UnicodeDecodeError"),
+        ("simple", "vocab.json", b"\xff", "the saved simple tokenizer is damaged .UnicodeDecodeError"),
+    ],
+)  # fmt: skip
+def test_a_damaged_saved_tokenizer_is_a_one_line_error(tmp_path, kind, file, content, message, capsys):
+    from scratchllm.cli import main
+    from scratchllm.text.tokenizer import load_tokenizer
+
+    directory = _damage(KINDS[kind](), tmp_path, file, content)
+    with pytest.raises(ScratchLLMError, match=message):
+        load_tokenizer(directory)
+    assert main(["tokenizer", "info", "--tokenizer", str(directory)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_gap_in_the_ranks_is_named_when_decoding(tmp_path):
+    from scratchllm.text.tokenizer import load_tokenizer
+
+    tok = KINDS["bpe"]()
+    tok.save(tmp_path / "tok")
+    lines = (tmp_path / "tok" / "tokenizer.tiktoken").read_bytes().splitlines()
+    lines[-1] = lines[-1].split()[0] + b" 300"  # the last learned token moves to 300: 268 is a gap
+    (tmp_path / "gap").mkdir()
+    (tmp_path / "gap" / "tokenizer.tiktoken").write_bytes(b"\n".join(lines) + b"\n")
+    gap = load_tokenizer(tmp_path / "gap" / "tokenizer.tiktoken")
+    with pytest.raises(
+        ScratchLLMError, match=r"token id 268 is not in the vocabulary \(ids 0..301, with gaps\)"
+    ):
+        gap.decode([1, 268])
