@@ -131,7 +131,8 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
 def _tokenizer_encode(args: argparse.Namespace) -> None:
     from .text.commands import tokenizer_encode
 
-    tokenizer_encode(args.tokenizer, text=args.text, file=args.file, allow_special=args.allow_special)
+    tokenizer_encode(args.tokenizer, text=args.text, file=args.file, allow_special=args.allow_special,
+                     encoding_errors=args.encoding_errors)  # fmt: skip
 
 
 def _tokenizer_decode(args: argparse.Namespace) -> None:
@@ -171,6 +172,10 @@ def _add_corpus_args(p: argparse.ArgumentParser, required: bool = False) -> None
         help="text files, directories, globs, `builtin` (Python's bundled docs, the default) "
         "or `hf:NAME[:SPLIT]` (needs the `hf` extra and a network)",
     )
+    _add_encoding_errors(p)
+
+
+def _add_encoding_errors(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--encoding-errors",
         choices=["strict", "replace"],
@@ -211,6 +216,7 @@ def _add_stage1(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--text", help="the text to encode")
     src.add_argument("--file", help="a UTF-8 file to encode")
     p.add_argument("--allow-special", action="store_true", help="encode special-token strings as specials")
+    _add_encoding_errors(p)
     p.set_defaults(func=_tokenizer_encode)
 
     p = tsub.add_parser("decode", help="print the text of token ids")

@@ -55,13 +55,17 @@ def tokenizer_train(
 
 
 def tokenizer_encode(
-    tokenizer: str, text: str | None = None, file: str | None = None, allow_special: bool = False
+    tokenizer: str,
+    text: str | None = None,
+    file: str | None = None,
+    allow_special: bool = False,
+    encoding_errors: str = "strict",
 ) -> None:
     from .corpus import read_text_file
 
     tok = load_tokenizer(tokenizer)
     if file is not None:
-        text = read_text_file(file)
+        text = read_text_file(file, encoding_errors)
     ids = tok.encode(text or "", allowed_special="all" if allow_special else frozenset())
     print(" ".join(map(str, ids)))
 

@@ -9,7 +9,8 @@ Output directory:
 Documents go to train or val by a seeded hash of their index (stable for any number of workers); when that
 leaves one side empty (a corpus of one or two files) the last `val_fraction` of the tokens becomes val.
 Long documents are cut into chunks for the worker processes only where GPT-style pre-tokenizers always break
-(a newline between two non-space characters), so the ids equal encoding each document whole.
+(a newline between two non-space characters), so the ids equal encoding each document whole; with a BPE
+pattern of the user's own, which may not break there, documents are encoded whole.
 Everything is written into a temporary directory that replaces `out` only when complete.
 
 This module avoids importing torch: worker processes start fast.
@@ -32,6 +33,7 @@ from .. import __version__
 from ..errors import ScratchLLMError
 from ..fileio import DATA_META_FILE as META
 from ..fileio import DATA_TOKENIZER_DIR, atomic_dir, atomic_write_json, check_replaceable
+from .bpe import PATTERNS, BPETokenizer
 from .corpus import BUILTIN, builtin_documents, iter_documents, resolve_sources
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -143,6 +145,8 @@ def prepare(
         raise ScratchLLMError(f"tokenizer {tok.name!r} has no <|endoftext|> token to separate documents")
     dtype = token_dtype(tok.vocab_size)
     eot = np.asarray([tok.eot_id], dtype=dtype)
+    # a pattern of the user's own may join pieces across a newline (`\s*\S+`): its documents stay whole
+    cuttable = not isinstance(tok, BPETokenizer) or tok.pattern in PATTERNS.values()
     total_bytes = _corpus_bytes(corpus)  # also checks that every path exists before any work
     cores = os.cpu_count() or 1
     if total_bytes is None:  # a source of unknown size (hf:): one worker per core
@@ -169,7 +173,7 @@ def prepare(
             entry["bytes"] += len(data)
             entry["documents"] += 1
             split = "val" if _in_val(index, seed, val_fraction) else "train"
-            pieces = split_document(doc.text, chunk_chars)
+            pieces = split_document(doc.text, chunk_chars) if cuttable else [doc.text]
             for j, piece in enumerate(pieces):
                 keys.append((split, j == len(pieces) - 1, len(piece.encode("utf-8"))))
                 texts.append(piece)

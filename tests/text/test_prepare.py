@@ -76,6 +76,17 @@ def test_split_document_cuts_only_where_pre_tokenization_breaks():
     assert prep.split_document("no newline at all", max_chars=4) == ["no newline at all"]
 
 
+def test_a_pattern_of_ones_own_keeps_documents_whole(corpus, tmp_path):
+    """`\\s*\\S+` joins a newline to the word after it, so cutting at a newline would change the ids:
+    with such a pattern, documents are encoded whole (and still on several workers)."""
+    docs = load_documents([str(corpus)])
+    tok = train_bpe([d.text for d in docs], 300, pattern=r"\s*\S+|\s+", progress=False)
+    out = tmp_path / "p"
+    prep.prepare([str(corpus)], tok, out, val_fraction=0.0, workers=2, progress=False, chunk_chars=2000)
+    expected = [i for d in docs for i in [*tok.encode(d.text), tok.eot_id]]
+    assert _tokens(out, "train", "uint16") + _tokens(out, "val", "uint16") == expected
+
+
 def test_workers_auto_starts_no_process_for_a_small_corpus(corpus, tokenizer, tmp_path, capsys, monkeypatch):
     started = []
     monkeypatch.setattr(prep.mp, "get_context", lambda *a: started.append(a) or pytest.fail("spawned a pool"))

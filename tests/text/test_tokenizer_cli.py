@@ -94,6 +94,14 @@ def test_encode_a_file(tok_dir, corpus_file, capsys):
     assert main(["tokenizer", "encode", "--tokenizer", str(tok_dir), "--file", str(corpus_file)]) == 0
     ids = [int(i) for i in capsys.readouterr().out.split()]
     assert load_tokenizer(tok_dir).decode(ids) == corpus_file.read_bytes().decode("utf-8")  # CRLF kept
+    latin1 = corpus_file.with_name("latin1.txt")
+    latin1.write_bytes("café".encode("latin-1"))
+    argv = ["tokenizer", "encode", "--tokenizer", str(tok_dir), "--file", str(latin1)]
+    assert main(argv) == 2
+    assert "pass --encoding-errors replace" in capsys.readouterr().err  # the advice works:
+    assert main([*argv, "--encoding-errors", "replace"]) == 0
+    ids = [int(i) for i in capsys.readouterr().out.split()]
+    assert load_tokenizer(tok_dir).decode(ids) == "caf\ufffd"
 
 
 def test_info(tok_dir, capsys):
