@@ -184,8 +184,9 @@ def load_model(
     weights = directory / WEIGHTS_FILE
     target_dtype = _parse_dtype(dtype)
 
-    model = meta_model(cfg, read_lora_config(directory))
+    model = meta_model(cfg, read_lora_config(directory), source=str(directory / CONFIG_FILE))
     tensors = read_weights(weights, model, device=dev)
+    target_dtype = target_dtype or _common_dtype(tensors, weights)
     if target_dtype is not None:
         tensors = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     load_state_dict_strict(model, tensors, source=str(weights), assign=True)
@@ -198,6 +199,21 @@ def load_model(
 
     tokenizer = load_tokenizer(directory) if (directory / META_FILE).exists() else None
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, extra=extra, path=directory)
+
+
+def _common_dtype(tensors: Mapping[str, torch.Tensor], source: Path) -> torch.dtype | None:
+    """None when the weights share one floating-point dtype; for a file that mixes several (edited by
+    hand, or merged from two saves) the one most of the numbers have, which the rest are cast to:
+    a forward pass cannot mix them. Integer tensors are no model's weights: an error."""
+    counts: dict[torch.dtype, int] = {}
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise ScratchLLMError(
+                f"{source}: tensor {name!r} holds {str(t.dtype).removeprefix('torch.')} numbers, not floating "
+                "point; the file is not a model's weights, save the model again"
+            )
+        counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.__getitem__) if len(counts) > 1 else None
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:
@@ -404,14 +420,16 @@ def check_state_dict(
 # Helpers
 
 
-def meta_model(cfg: GPTConfig, lora: Mapping[str, Any] | None = None) -> GPTModel:
+def meta_model(
+    cfg: GPTConfig, lora: Mapping[str, Any] | None = None, source: str = "the LoRA settings"
+) -> GPTModel:
     """A GPTModel with shapes but no storage: instant even for gpt2-xl, and loading assigns the
     file's tensors instead of first filling random ones. `lora`: a config.json `lora` section whose
-    adapters are put in place (see model/lora.py)."""
+    adapters are put in place (see model/lora.py), named `source` in errors."""
     with torch.device("meta"):
         model = GPTModel(cfg)
         if lora:
-            apply_lora_config(model, lora, source="the LoRA settings")
+            apply_lora_config(model, lora, source=source)
     return model
 
 

@@ -155,7 +155,7 @@ def download_gpt2(name: str = "gpt2", out: str | os.PathLike | None = None, prog
     """Fetch OpenAI's GPT-2 (`gpt2`, `gpt2-medium`, ..., or `124M`, ...) from the Hugging Face
     hub and convert it into a model directory (default: the cache, see `cache_dir`)."""
     key = canonical_name(name)
-    snapshot = hf_snapshot(HF_REPOS[key], progress=progress)
+    snapshot = hf_snapshot(HF_REPOS[key], progress=progress, name="gpt2" if key == "gpt2-small" else key)
     return convert_hf_dir(snapshot, out if out is not None else cache_dir(key), expect=key)
 
 
@@ -182,10 +182,10 @@ def download_command(
     return convert_hf_dir(src, cache_dir(key), expect=key)
 
 
-def hf_snapshot(repo_id: str, progress: bool = True) -> Path:
+def hf_snapshot(repo_id: str, progress: bool = True, name: str = "gpt2") -> Path:
     """The local snapshot directory of `repo_id` with the files in `HF_DOWNLOAD_FILES`: what is
     already in huggingface_hub's cache, the rest downloaded (resumable). The only network call of
-    this module; with HF_HUB_OFFLINE set, the cache alone."""
+    this module; with HF_HUB_OFFLINE set, the cache alone. `name`: the hub name errors advise."""
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
@@ -193,16 +193,25 @@ def hf_snapshot(repo_id: str, progress: bool = True) -> Path:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+    retry = "unset HF_HUB_OFFLINE, connect to the network" if offline else "connect to the network"
     try:
-        path = snapshot_download(repo_id, allow_patterns=HF_DOWNLOAD_FILES, local_files_only=offline)
+        path = Path(snapshot_download(repo_id, allow_patterns=HF_DOWNLOAD_FILES, local_files_only=offline))
     except Exception as e:  # no network, offline mode, a proxy, an HTTP error: all "cannot get it now"
         reason = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" if offline else _one_line(e)
         raise ScratchLLMError(
-            f"cannot download {repo_id} from the Hugging Face hub ({reason}). Connect to the network and "
-            "try again, or convert a local copy (a directory with config.json, model.safetensors, vocab.json, "
-            "merges.txt) with `scratchllm download gpt2 --from DIR`"
+            f"cannot download {repo_id} from the Hugging Face hub ({reason}). To fix: {retry} and try again, "
+            "or convert a local copy (a directory with config.json, model.safetensors, vocab.json, merges.txt) "
+            f"with `scratchllm download {name} --from DIR`"
         ) from e
-    return Path(path)
+    # the cache can hold part of a repository (a config fetched alone): offline, that is all there is
+    if not (path / CONFIG_FILE).is_file() or not any(
+        (path / f).is_file() for f in (HF_WEIGHTS_FILE, HF_INDEX_FILE)
+    ):
+        raise ScratchLLMError(
+            f"the Hugging Face cache holds only part of {repo_id} ({path}); {retry} and run "
+            f"`scratchllm download {name}` again"
+        )
+    return path
 
 
 def _one_line(e: BaseException) -> str:
@@ -275,8 +284,9 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> GPTCon
     activation = hf.get("activation_function", "gelu_new")
     if not isinstance(activation, str) or activation not in HF_GELUS:
         unsupported.append(f"activation_function {activation!r} (ours: gelu_new or gelu)")
-    if abs(float(hf.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
-        unsupported.append(f"layer_norm_epsilon {hf['layer_norm_epsilon']} (ours: 1e-5)")
+    epsilon = hf.get("layer_norm_epsilon", 1e-5)
+    if not isinstance(epsilon, (int, float)) or abs(epsilon - 1e-5) > 1e-12:
+        unsupported.append(f"layer_norm_epsilon {epsilon!r} (ours: 1e-5)")
     if hf.get("n_inner") not in (None, 4 * d):
         unsupported.append(f"n_inner {hf['n_inner']} (ours: 4 * n_embd = {4 * d})")
     if not hf.get("scale_attn_weights", True):
@@ -287,17 +297,21 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> GPTCon
         unsupported.append("add_cross_attention true")
     if unsupported:
         raise ScratchLLMError(f"{source}: settings this GPT cannot represent: {'; '.join(unsupported)}")
-    return GPTConfig(
-        vocab_size=vocab,
-        context_length=context,
-        emb_dim=d,
-        n_heads=n_heads,
-        n_layers=n_layers,
-        drop_rate=float(hf.get("resid_pdrop", 0.1)),
-        qkv_bias=True,  # GPT-2's c_attn always has a bias
-        tie_weights=bool(hf.get("tie_word_embeddings", True)),
-        gelu=HF_GELUS[activation],
-    )
+    drop_rate = hf.get("resid_pdrop", 0.1)
+    try:
+        return GPTConfig(
+            vocab_size=vocab,
+            context_length=context,
+            emb_dim=d,
+            n_heads=n_heads,
+            n_layers=n_layers,
+            drop_rate=float(drop_rate if drop_rate is not None else 0.0),  # null: no dropout
+            qkv_bias=True,  # GPT-2's c_attn always has a bias
+            tie_weights=bool(hf.get("tie_word_embeddings", True)),
+            gelu=HF_GELUS[activation],
+        )
+    except (ScratchLLMError, TypeError, ValueError) as e:  # e.g. n_head does not divide n_embd
+        raise ScratchLLMError(f"{source}: {e}") from e
 
 
 def from_hf_state_dict(

@@ -128,6 +128,24 @@ def test_dtype_choices(tmp_path):
         load_model(path, dtype="int3")
 
 
+def test_weights_of_mixed_or_integer_dtypes(saved):
+    """A file that mixes float dtypes loads as the dtype most numbers have (a forward pass cannot mix
+    them); an integer tensor is no model's weights: a one-line error, also from the CLI."""
+    path, model = saved
+    weights = path / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({**tensors, "final_norm.scale": tensors["final_norm.scale"].half()}, str(weights))
+    loaded = load_model(path).model
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    x = torch.randint(0, 60, (2, 9))
+    torch.testing.assert_close(loaded(x), model(x), atol=1e-2, rtol=0)  # the norm's scale rounded to fp16
+    save_file({**tensors, "tok_emb.weight": tensors["tok_emb.weight"].long()}, str(weights))
+    with pytest.raises(
+        ScratchLLMError, match=r"tensor 'tok_emb.weight' holds int64 numbers, not floating point"
+    ):
+        load_model(path)
+
+
 def test_save_overwrites_atomically(tmp_path, monkeypatch):
     first = tiny_model()
     path = save_model(tmp_path / "m", first)

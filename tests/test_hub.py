@@ -253,6 +253,10 @@ def test_tied_head_that_differs_is_refused(tmp_path):
         (dict(layer_norm_epsilon=1e-6), "layer_norm_epsilon"),
         (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
         (dict(n_embd=None), "missing or bad GPT-2 setting"),
+        (dict(layer_norm_epsilon=None), "layer_norm_epsilon None"),
+        (dict(layer_norm_epsilon="x"), "layer_norm_epsilon 'x'"),
+        (dict(resid_pdrop="high"), r"hf/config.json: .*high"),
+        (dict(n_head=5), r"hf/config.json: .*5"),  # does not divide n_embd
     ],
 )
 def test_hf_configs_we_cannot_represent(tmp_path, change, message):
@@ -488,10 +492,26 @@ def test_offline_mode_is_passed_to_the_hub_client(home, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     with pytest.raises(
-        ScratchLLMError, match="HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+        ScratchLLMError,
+        match=r"HF_HUB_OFFLINE is set and it is not in the Hugging Face cache\). To fix: unset HF_HUB_OFFLINE, "
+        r"connect .* `scratchllm download gpt2-xl --from DIR`",
     ):
         hub.fetch_model("gpt2-xl")
     assert seen["local_files_only"] is True
+
+
+def test_a_cache_with_part_of_the_repository_says_so(home, tmp_path, monkeypatch):
+    """Offline, the hub client returns a snapshot that holds only what was fetched (say a config)."""
+    import huggingface_hub
+
+    part = tmp_path / "snapshot"
+    part.mkdir()
+    (part / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(part))
+    with pytest.raises(ScratchLLMError, match=r"holds only part of openai-community/gpt2-medium .*unset HF_HUB_"
+                       r"OFFLINE, connect to the network and run `scratchllm download gpt2-medium` again"):  # fmt: skip
+        hub.fetch_model("gpt2-medium")
 
 
 def test_offline_cli_without_cache_exits_2(tmp_path):

@@ -173,6 +173,8 @@ def apply_lora_config(model: nn.Module, config: Mapping[str, Any], source: str =
         rank, alpha = int(config["rank"]), float(config["alpha"])
         dropout = float(config.get("dropout", 0.0))
         layers = [str(n) for n in config["layers"]]
+        if rank < 1:
+            raise ValueError(f"rank {rank}")
     except (KeyError, TypeError, ValueError) as e:
         raise ScratchLLMError(
             f'{source}: the "lora" section needs rank, alpha and layers ({e}); save the model again'

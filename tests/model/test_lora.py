@@ -206,7 +206,11 @@ def test_model_directory_with_a_bad_lora_section_is_refused(tmp_path):
     doc = json.loads((path / "config.json").read_text())
     doc["lora"]["layers"] = ["trf_blocks.0.att.nope"]
     (path / "config.json").write_text(json.dumps(doc))
-    with pytest.raises(ScratchLLMError, match="not linear layers"):
+    with pytest.raises(ScratchLLMError, match=r"m/config.json: LoRA layers .* not linear layers"):
+        checkpoint.load_model(path)
+    doc["lora"] = {"rank": 0, "alpha": 2, "layers": ["trf_blocks.0.att.W_query"]}
+    (path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ScratchLLMError, match=r"m/config.json: the \"lora\" section needs .*rank 0"):
         checkpoint.load_model(path)
     doc["lora"] = {"rank": 2, "alpha": 2, "layers": ["trf_blocks.0.att.qkv"]}
     (path / "config.json").write_text(json.dumps(doc))
