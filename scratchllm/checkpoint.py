@@ -186,7 +186,8 @@ def load_model(
 
     model = meta_model(cfg, read_lora_config(directory), source=str(directory / CONFIG_FILE))
     tensors = read_weights(weights, model, device=dev)
-    target_dtype = target_dtype or _common_dtype(tensors, weights)
+    common = _common_dtype(tensors, weights)  # also refuses integer tensors, whatever `dtype` says
+    target_dtype = target_dtype or common
     if target_dtype is not None:
         tensors = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     load_state_dict_strict(model, tensors, source=str(weights), assign=True)

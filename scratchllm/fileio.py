@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -96,6 +97,8 @@ def _sync(path: Path) -> None:
 
 def _fsync(path: Path) -> None:
     try:
+        if not stat.S_ISREG(mode := os.lstat(path).st_mode) and not stat.S_ISDIR(mode):
+            return  # a link is synced with its folder; opening a FIFO would wait for a writer
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # a folder cannot be opened on Windows; nothing to do there
         return

@@ -517,8 +517,9 @@ def _check_export_target(out: Path) -> None:
     config = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
     if EXPORTED_BY not in config:
         raise ScratchLLMError(
-            f"{out} is a Hugging Face model directory that export-hf did not write (its config.json has no "
-            f"{EXPORTED_BY!r}); the export would replace it as a whole, so give a new or empty directory"
+            f"{out} is a Hugging Face model directory that this export-hf did not write (its config.json has no "
+            f"{EXPORTED_BY!r}: another program's, or an export by scratchllm before 2026-11-28); the export "
+            "would replace it as a whole, so give a new or empty directory (or delete it first)"
         )
 
 

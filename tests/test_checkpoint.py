@@ -140,10 +140,11 @@ def test_weights_of_mixed_or_integer_dtypes(saved):
     x = torch.randint(0, 60, (2, 9))
     torch.testing.assert_close(loaded(x), model(x), atol=1e-2, rtol=0)  # the norm's scale rounded to fp16
     save_file({**tensors, "tok_emb.weight": tensors["tok_emb.weight"].long()}, str(weights))
-    with pytest.raises(
-        ScratchLLMError, match=r"tensor 'tok_emb.weight' holds int64 numbers, not floating point"
-    ):
-        load_model(path)
+    for dtype in (None, "fp32"):  # the CLI always gives one
+        with pytest.raises(
+            ScratchLLMError, match=r"tensor 'tok_emb.weight' holds int64 numbers, not floating"
+        ):
+            load_model(path, dtype=dtype)
 
 
 def test_save_overwrites_atomically(tmp_path, monkeypatch):

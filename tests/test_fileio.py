@@ -151,3 +151,22 @@ def test_outputs_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
     atomic_write_text(tmp_path / "notes.txt", "hello")
     assert [kind for kind, _ in events] == ["sync", "rename", "sync"] and events[-1][1] == str(tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "hello"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX named pipes")
+def test_a_pipe_or_link_inside_an_output_does_not_stop_the_sync(tmp_path):
+    """Only files and folders are synced: opening a named pipe would wait for a writer forever."""
+    import signal
+
+    import scratchllm.fileio as fileio
+
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("the sync waited on the pipe"))
+    signal.alarm(10)
+    try:
+        with fileio.atomic_dir(tmp_path / "out", marker="config.json", what="model directory") as tmp:
+            os.mkfifo(tmp / "pipe")
+            (tmp / "link").symlink_to("nowhere")
+            (tmp / "config.json").write_text("{}")
+    finally:
+        signal.alarm(0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "link", "pipe"]

@@ -320,7 +320,7 @@ def test_export_replaces_only_a_directory_it_wrote(tmp_path):
     (other / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     (other / "README.md").write_text("my model")
     with pytest.raises(
-        ScratchLLMError, match=r"llama is a Hugging Face model directory that export-hf did not"
+        ScratchLLMError, match=r"llama is a Hugging Face model directory that this export-hf did not"
     ):
         hub.export_hf(tmp_path / "m", other)
     assert (other / "README.md").read_text() == "my model"

@@ -361,7 +361,9 @@ def judge_entries(
 
     lock = threading.Lock()
     stop = threading.Event()  # set by a fatal error: entries not yet started are skipped
-    early_errors: list[str] = []  # the errors of the entries done before any got a score
+    # the errors of the entries done before any got a score ("" once one did, a reused one included:
+    # the entries left on a resume are the failed ones, which may fail alike for reasons of their own)
+    early_errors: list[str] = [""] if any(it is not None for it in items) else []
 
     def run(i: int) -> None:
         if stop.is_set():

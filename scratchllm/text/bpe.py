@@ -66,7 +66,11 @@ def pieces_pattern(pat_str: str) -> str:
     a pattern of the user's own with one more alternative that takes any one character it leaves out.
     Training refuses a pattern that skips characters of its corpus, but other text can hold what the
     corpus did not (a zero-width space, a combining accent), and tiktoken would drop it silently."""
-    return pat_str if pat_str in PATTERNS.values() else f"{pat_str}|[\\s\\S]"
+    if pat_str in PATTERNS.values():
+        return pat_str
+    # a verbose pattern's trailing comment would swallow what follows it on the same line
+    end = "\n" if regex.compile(pat_str).flags & regex.VERBOSE else ""
+    return f"(?:{pat_str}{end})|[\\s\\S]"
 
 
 def resolve_pattern(pattern: str) -> str:
@@ -87,6 +91,11 @@ def resolve_pattern(pattern: str) -> str:
             f"pre-tokenization pattern {pattern!r} is not a valid regex ({e}); use gpt2, gpt4 or a regex "
             "for Python's `regex` module"
         ) from e
+    if any(not m.group() for m in regex.finditer(pat_str, _PROBE)):
+        raise ScratchLLMError(
+            f"pre-tokenization pattern {pattern!r} can match the empty string, and tiktoken then drops the "
+            "character there; make every alternative match at least one character (+ instead of *)"
+        )
     import tiktoken
 
     try:
@@ -101,6 +110,7 @@ def resolve_pattern(pattern: str) -> str:
 
 
 _BYTE_RANKS = {bytes([b]): b for b in range(256)}
+_PROBE = "The cat's 12 (x) \u00e9\u4e2d\U0001f600!\n\t  end."  # letters, digits, marks, spaces, symbols
 
 
 def pattern_name(pat_str: str) -> str:
@@ -231,13 +241,6 @@ class BPETokenizer(Tokenizer):
             )
         if any(not s for s in self.special_tokens):
             raise ScratchLLMError(f"BPE tokenizer {name!r}: a special token is the empty string")
-        ordered = sorted(self.special_tokens)  # a string's extensions sort right after it
-        for short, long in itertools.pairwise(ordered):
-            if _encoding is None and long.startswith(short):
-                raise ScratchLLMError(
-                    f"BPE tokenizer {name!r}: special token {long!r} begins with special token {short!r}, so "
-                    "text holding it could be read as either; rename one"
-                )
         self._merges = list(merges) if merges is not None else None
         self._vocab_size = max([n_learned, *(i + 1 for i in self.special_tokens.values())])
         if _encoding is None:
@@ -437,7 +440,10 @@ class BPETokenizer(Tokenizer):
                 f"{directory}: the BPE tokenizer needs {TIKTOKEN_FILE}, or {ENCODER_FILE} and {MERGES_FILE}; "
                 "re-save the tokenizer"
             )
-        return cls(ranks, pattern=pattern, special_tokens=specials, name=name, merges=merges)
+        try:
+            return cls(ranks, pattern=pattern, special_tokens=specials, name=name, merges=merges)
+        except ScratchLLMError as e:  # a damaged setting: say which directory holds it
+            raise ScratchLLMError(f"{directory}: {e}") from e
 
 
 def _split_evenly(texts: list[str], n: int) -> list[list[str]]:
@@ -591,6 +597,12 @@ def check_training_args(vocab_size: int, special_tokens: Sequence[str]) -> None:
     specials = list(special_tokens)
     if len(set(specials)) != len(specials) or not all(specials):
         raise ScratchLLMError(f"special tokens {specials} must be distinct, non-empty strings")
+    for short, long in itertools.pairwise(sorted(specials)):  # a string's extensions sort right after it
+        if long.startswith(short):
+            raise ScratchLLMError(
+                f"special token {long!r} begins with special token {short!r}, so text holding it could be "
+                "read as either (tiktoken picks one arbitrarily); rename one"
+            )
     if vocab_size - len(specials) < 256:
         raise ScratchLLMError(
             f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens + {len(specials)} "

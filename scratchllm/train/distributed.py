@@ -76,18 +76,18 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def max_over_processes(value: float, info: DistInfo) -> float:
-    """The largest of each process's `value`, on every process."""
+def max_over_processes(values: list[float], info: DistInfo) -> list[float]:
+    """Each of `values`, the largest any process has, on every process (one all-reduce)."""
     if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return t.tolist()
 
 
 def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     """True on every process if it is True on any (e.g. a stop signal that reached one process)."""
-    return bool(max_over_processes(1.0 if flag else 0.0, info)) if info.enabled else flag
+    return bool(max_over_processes([1.0 if flag else 0.0], info)[0]) if info.enabled else flag
 
 
 def shutdown(info: DistInfo) -> None:

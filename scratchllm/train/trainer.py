@@ -284,8 +284,11 @@ def lr_at(step: int, cfg: TrainerConfig, total_steps: int, elapsed_s: float = 0.
     if cfg.schedule == "constant" or total_steps <= cfg.warmup_steps:
         return cfg.lr
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    if cfg.max_minutes:
-        progress = max(progress, min(1.0, elapsed_s / (cfg.max_minutes * 60)))
+    if cfg.max_minutes and elapsed_s > 0:
+        # the decay's share of the time starts after warmup: its seconds, estimated by its share of the steps
+        warm = elapsed_s * cfg.warmup_steps / step if step else 0.0
+        budget = cfg.max_minutes * 60
+        progress = max(progress, min(1.0, (elapsed_s - warm) / max(budget - warm, 1e-9)))
     if cfg.schedule == "linear":
         factor = 1.0 - progress
     else:
@@ -982,13 +985,15 @@ class Trainer:
                            self.best, self.history, self._stop_signal)  # fmt: skip
 
     def _budget_used(self) -> bool:
+        """Whether the token or time budget is used up, agreed on by all processes (one all-reduce):
+        each counts tokens as its own batches times the processes, and padded or variable-length
+        batches differ between them; time is the slowest process's, so all decay the lr alike."""
         cfg = self.cfg
-        if cfg.max_minutes:  # the slowest process's time: all then decay the lr alike and stop together
-            self._elapsed = max_over_processes(self.train_seconds, self.dist)
-        # tokens_seen counts every process's tokens, so it is the same number on each
-        return bool((cfg.max_tokens and self.tokens_seen >= cfg.max_tokens) or (
-            cfg.max_minutes and self._elapsed >= cfg.max_minutes * 60
-        ))  # fmt: skip
+        if not (cfg.max_tokens or cfg.max_minutes):
+            return False
+        tokens_used = bool(cfg.max_tokens and self.tokens_seen >= cfg.max_tokens)
+        self._elapsed, any_used = max_over_processes([self.train_seconds, float(tokens_used)], self.dist)
+        return bool(any_used) or bool(cfg.max_minutes and self._elapsed >= cfg.max_minutes * 60)
 
     def _train_step(self) -> tuple[float, int]:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss and tokens used."""

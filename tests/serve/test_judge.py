@@ -435,6 +435,13 @@ def test_a_judge_that_fails_the_first_responses_alike_stops_the_run(fake, tmp_pa
     result = json.loads(out.read_text())
     assert not result["complete"] and (result["count"], result["failed"]) == (5, 5)
 
+    judge = fake(["70"] * 7 + [400])  # a resume of a run whose last 5 failed alike (say, too long)
+    with client_for(judge) as client:
+        first = judge_entries(many, client)
+        done = {judge_module._entry_key(it): it for it in first}
+        again = judge_entries(many, client, done=done)  # only the failed ones are asked again: all fail
+    assert [it["score"] for it in again] == [70] * 7 + [None] * 5 and len(judge.requests) == 17
+
     judge = fake(["88", 400])  # once one scored, a failure is the entry's own: the run goes on
     with client_for(judge) as client:
         items = judge_entries(many, client)

@@ -229,11 +229,22 @@ def test_patterns_and_specials_that_cannot_work_are_refused_before_training(monk
         train_bpe(["abc"], vocab_size=300, pattern=r" ?\p{L}+|\X", progress=False)  # Python's regex can
     with pytest.raises(ScratchLLMError, match="must be gpt2, gpt4 or a regex string, not None"):
         bpe.resolve_pattern(None)
-    monkeypatch.undo()
-    ranks = {bytes([b]): b for b in range(256)}
+    with pytest.raises(ScratchLLMError, match=r"can match the empty string"):
+        train_bpe(
+            ["abc"], vocab_size=300, pattern=r"\w*|\W", progress=False
+        )  # tiktoken would drop the spaces
     with pytest.raises(ScratchLLMError, match=r"'<\|a\|>b' begins with special token '<\|a\|>'"):
-        BPETokenizer(ranks, special_tokens=("<|a|>", "<|c|>", "<|a|>b"))
-    BPETokenizer(ranks, special_tokens=("<|a|>", "<|b|>", "<|ab|>"))  # no one the start of another
+        train_bpe(["abc"], vocab_size=300, special_tokens=("<|a|>", "<|c|>", "<|a|>b"), progress=False)
+    monkeypatch.undo()
+    train_bpe(["abc"], vocab_size=300, special_tokens=("<|a|>", "<|b|>", "<|ab|>"), progress=False)
+    ranks = {bytes([b]): b for b in range(256)}  # one saved before the check still loads
+    assert BPETokenizer(ranks, special_tokens=("<|a|>", "<|a|>b")).vocab_size == 258
+
+
+def test_a_verbose_pattern_with_a_comment_loses_no_text():
+    pattern = "(?x) \\p{L}+ | \\s+   # words and spaces; digits are left out"
+    tok = train_bpe(["ab cd ef"] * 3, vocab_size=260, pattern=pattern, progress=False)
+    assert tok.decode(tok.encode("ab 12 cd")) == "ab 12 cd" == tok.decode(tok.reference_encode("ab 12 cd"))
 
 
 def test_a_custom_regex_pattern_is_used():

@@ -109,3 +109,39 @@ def test_two_processes_match_one_with_the_same_global_batch(single, tmp_path, mo
     assert (resumed_dir / "model" / "model.safetensors").read_bytes() == (
         out / "model" / "model.safetensors"
     ).read_bytes()
+
+
+_VARIABLE_TOKENS = """
+import os, sys
+import numpy as np, torch
+from scratchllm.model.gpt import GPTModel, preset_config
+from scratchllm.train.pretrain import LanguageModelTask
+from scratchllm.train.trainer import Trainer, TrainerConfig
+
+class VariableTokens(LanguageModelTask):  # as classify (real lengths) and instruct (padded batches) count
+    def batch_tokens(self, batch):
+        return int(batch[0].numel()) + (40 if os.environ["RANK"] == "0" else 0)
+
+torch.manual_seed(0)
+tokens = (np.arange(20000) % 64).astype(np.uint16)
+model = GPTModel(preset_config("nano", vocab_size=64, context_length=32, drop_rate=0.0))
+cfg = TrainerConfig(out_dir=sys.argv[1], max_steps=50, max_tokens=2000, warmup_steps=2, eval_every=0,
+                    precision="fp32", device="cpu", progress=False, batch_size=4)
+task = VariableTokens(tokens[:18000], tokens[18000:], context_length=32, batch_size=4, seed=1, eval_batches=1)
+result = Trainer(model, task, cfg).fit()
+print("rank", os.environ["RANK"], "steps", result.steps, result.stopped, flush=True)
+"""
+
+
+def test_a_token_budget_stops_every_process_at_the_same_step(tmp_path):
+    """Processes count tokens as their own batches times the processes; when batches differ in tokens
+    (classify, instruct), the first to reach --max-tokens must not stop alone (the others would wait
+    for it in the next all-reduce forever)."""
+    script = tmp_path / "variable_tokens.py"
+    script.write_text(_VARIABLE_TOKENS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "run")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank"))
+    assert lines == ["rank 0 steps 6 budget", "rank 1 steps 6 budget"]

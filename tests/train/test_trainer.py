@@ -65,7 +65,9 @@ def test_lr_warmup_then_cosine_to_min_lr():
     timed = TrainerConfig(lr=1.0, min_lr=0.0, warmup_steps=10, schedule="linear", max_minutes=1.0)
     assert lr_at(5, timed, 110, elapsed_s=50) == pytest.approx(6 / 11)  # warmup goes by steps
     assert lr_at(20, timed, 110, elapsed_s=3) == pytest.approx(0.9)  # the steps are further along
-    assert lr_at(20, timed, 110, elapsed_s=30) == pytest.approx(0.5)  # the clock is: half the minute
+    assert lr_at(10, timed, 110, elapsed_s=40) == 1.0  # warmup's end: the decay starts from the peak
+    # the clock is: 15 of the 45 s left after warmup (its 10 of 20 steps took ~15 s)
+    assert lr_at(20, timed, 110, elapsed_s=30) == pytest.approx(2 / 3)
     assert lr_at(20, timed, 110, elapsed_s=90) == 0.0
     assert lr_at(20, lin, 100, elapsed_s=30) == pytest.approx(0.8)  # no time budget: steps alone
 
