@@ -79,7 +79,7 @@ def run_pretrain(args: argparse.Namespace, out: Path, corpus: list[str]) -> tupl
         batch_size=16, max_steps=args.pretrain_steps, max_minutes=args.pretrain_minutes,
         lr=2e-3, min_lr=2e-4, warmup_steps=100, beta2=0.99, weight_decay=0.1,
         eval_every=0, eval_batches=10, sample_tokens=0, log_every=50,
-        out_dir=str(out / "pretrain"), progress=False, device="cpu", seed=args.seed,
+        out_dir=str(out / "pretrain"), overwrite=True, progress=False, device="cpu", seed=args.seed,
     )  # fmt: skip
     t = time.perf_counter()
     result = pretrain(cfg)
@@ -99,7 +99,7 @@ def run_finetune(
         model=str(base), data=str(spam_path), trainable=args.trainable, trainable_blocks=args.trainable_blocks,
         epochs=args.epochs, batch_size=8, lr=args.lr, schedule="cosine", min_lr=args.lr / 10, warmup_steps=20,
         weight_decay=0.1, drop_rate=0.0, eval_every=65, select_metric="val_loss", pooling=args.pooling,
-        out_dir=str(out), progress=False, device="cpu", seed=args.seed, log_every=20,
+        out_dir=str(out), overwrite=True, progress=False, device="cpu", seed=args.seed, log_every=20,
     )  # fmt: skip
     settings.update(changes)
     t = time.perf_counter()

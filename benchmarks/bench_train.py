@@ -296,9 +296,9 @@ def _loss_tracking(loss_steps: int, device: str) -> None:
     b = _spawn("ours", "--steps", str(loss_steps), "--warmup", "0", "--precision", "fp32", "--real", "--device",
                device)  # fmt: skip
     diffs = [abs(x - y) for x, y in zip(a["losses"], b["losses"])]
-    tail = slice(-20, None)
+    last = min(20, len(a["losses"]))
     print(f"loss over {loss_steps} steps on Tiny Shakespeare (GPT-2 tokens), {a['precision']} vs fp32: first {a['losses'][0]:.4f} vs {b['losses'][0]:.4f}, "
-          f"last-20 mean {sum(a['losses'][tail]) / 20:.4f} vs {sum(b['losses'][tail]) / 20:.4f}, "
+          f"last-{last} mean {sum(a['losses'][-last:]) / last:.4f} vs {sum(b['losses'][-last:]) / last:.4f}, "
           f"max |diff| {max(diffs):.4f}, mean |diff| {sum(diffs) / len(diffs):.4f}")  # fmt: skip
 
 
