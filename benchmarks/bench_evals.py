@@ -123,8 +123,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
-        args.items, args.items_batch1 = 8, 2
+    if args.quick:  # smaller defaults; flags given explicitly stay
+        for name, value in dict(items=8, items_batch1=2).items():
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, value)
     import transformers
 
     torch.manual_seed(0)

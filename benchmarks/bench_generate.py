@@ -170,8 +170,10 @@ def main() -> None:
             raise SystemExit(f"error: --device {args.device}: this benchmark runs on cpu or cuda")
     gpu = dev.type == "cuda"
     has_book = importlib.util.find_spec("llms_from_scratch") is not None
-    if args.quick:
-        args.new_tokens, args.repeats, args.book_uncached_tokens = 32, 2, 32
+    if args.quick:  # smaller defaults; flags given explicitly stay
+        for name, value in dict(new_tokens=32, repeats=2, book_uncached_tokens=32).items():
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, value)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -339,7 +341,7 @@ def main() -> None:
     # -- batch 8
     bp = torch.randint(0, 50256, (args.batch, args.prompt_len), generator=g)
     bp_d = bp.to(dev)
-    lens = [args.prompt_len - 3 * i for i in range(args.batch)]
+    lens = [max(1, args.prompt_len - 3 * i) for i in range(args.batch)]
     mixed = [bp[i, : lens[i]].tolist() for i in range(args.batch)]
     print(
         f"\nbatch {args.batch}, {n_new} new tokens each, greedy (best of {args.repeats}; tokens/s over the batch):"

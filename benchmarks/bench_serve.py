@@ -54,8 +54,10 @@ def main() -> None:
     ap.add_argument("--preset", default="gpt2-small")
     ap.add_argument("--quick", action="store_true", help="8 requests x 16 tokens, 1 repeat")
     args = ap.parse_args()
-    if args.quick:
-        args.requests, args.max_tokens, args.repeats = 8, 16, 1
+    if args.quick:  # smaller defaults; flags given explicitly stay
+        for name, value in dict(requests=8, max_tokens=16, repeats=1).items():
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, value)
 
     tiktoken_file = DATA / "gpt2.tiktoken"
     if not tiktoken_file.exists():
