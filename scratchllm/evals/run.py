@@ -161,7 +161,7 @@ def eval_command(
     task_file = read_task(task, settings.format)
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)
-    loaded = load_model(model, device=str(dev))
+    loaded = load_model(model, device=str(dev), dtype="fp32")  # --precision says how it computes
     if loaded.tokenizer is None:
         raise ScratchLLMError(f"model {model!r} has no tokenizer files; it cannot read a task's text")
     with autocast(dev, prec):

@@ -417,7 +417,9 @@ def resolve_splits(cfg: InstructConfig) -> InstructData:
 def _prepare_model(cfg: InstructConfig):
     from ..checkpoint import load_model
 
-    loaded = load_model(cfg.model)
+    loaded = load_model(
+        cfg.model, dtype="fp32"
+    )  # fp32 weights to train, whatever was stored (bf16 rounds updates away)
     if loaded.config.n_classes:
         raise ScratchLLMError(
             f"--model {cfg.model} is a classifier; instruction finetuning needs a language model"

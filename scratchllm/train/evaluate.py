@@ -108,7 +108,8 @@ def evaluate_text(
         raise ScratchLLMError(f"--max-tokens must be >= 0 (0: all), got {max_tokens}")
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)
-    loaded = load_model(model_spec, device=str(dev), quantize=quantize)
+    # fp32 weights, whatever was stored: --precision says how it computes (bf16 by autocast)
+    loaded = load_model(model_spec, device=str(dev), dtype="fp32", quantize=quantize)
     if loaded.tokenizer is None:
         raise ScratchLLMError(f"model {model_spec!r} has no tokenizer; it cannot read text")
     if loaded.config.n_classes:

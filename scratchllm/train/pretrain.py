@@ -412,7 +412,7 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> tuple[GPTModel, To
     if cfg.init_from:
         from ..checkpoint import load_model
 
-        loaded = load_model(cfg.init_from)
+        loaded = load_model(cfg.init_from, dtype="fp32")  # fp32 weights to train, whatever was stored
         model = loaded.model
         if loaded.config.n_classes:
             raise ScratchLLMError(f"--init-from {cfg.init_from} is a classifier, not a language model")
@@ -455,6 +455,11 @@ def pretrain(
         init_model, init_tok = (None, None)
         if cfg.init_from:
             init_model, init_tok = build_model(cfg, None)  # type: ignore[arg-type]
+            if init_tok is None and cfg.tokenizer in TRAINED_HERE and not cfg.data:
+                raise ScratchLLMError(
+                    f"--init-from {cfg.init_from} has no tokenizer files, and one trained here would not match "
+                    "its embeddings; give the tokenizer it was trained with: --tokenizer DIR (or gpt2)"
+                )
         tokenizer = _resolve_tokenizer(cfg, out_dir, dist, init_tok, checkpoint)
         data = _resolve_data(cfg, tokenizer, out_dir, dist, resuming=checkpoint is not None)
         model = init_model if init_model is not None else build_model(cfg, tokenizer)[0]

@@ -135,6 +135,37 @@ def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
     assert not torch.equal(a.model.tok_emb.weight, b.model.tok_emb.weight)
 
 
+def test_continuing_a_bf16_model_trains_fp32_weights(trained, corpus, tmp_path):
+    """A model stored in bf16 (a converted bf16 download, say) is trained in fp32 weights: bf16 ones
+    would round most small updates away. Autocast still computes in bf16 where that is the setting."""
+    from scratchllm.checkpoint import save_model
+
+    base = load_model(trained / "model")
+    save_model(tmp_path / "bf16", base.model.to(torch.bfloat16), base.tokenizer)
+    out = tmp_path / "more"
+    assert main(["pretrain", "--init-from", str(tmp_path / "bf16"), "--corpus", str(corpus), "--max-steps", "3",
+                 "--eval-every", "0", "--lr", "1e-5", "--min-lr", "1e-6", "--out-dir", str(out), *FAST[2:]]) == 0  # fmt: skip
+    after = load_model(out / "model").model.tok_emb.weight
+    before = load_model(tmp_path / "bf16").model.tok_emb.weight
+    assert after.dtype == torch.float32
+    assert (after != before.float()).float().mean() > 0.9  # nearly every weight moved (bf16: a fraction)
+
+
+def test_init_from_a_model_without_a_tokenizer_asks_for_one(trained, corpus, tmp_path, capsys):
+    from scratchllm.checkpoint import save_model
+
+    save_model(tmp_path / "bare", load_model(trained / "model").model)  # weights and config only
+    argv = ["pretrain", "--init-from", str(tmp_path / "bare"), "--corpus", str(corpus), "--max-steps", "2",
+            "--out-dir", str(tmp_path / "more"), *FAST[2:]]  # fmt: skip
+    assert main(argv) == 2
+    assert (
+        "has no tokenizer files, and one trained here would not match its embeddings"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "more" / "tokenizer").exists()  # refused before training one
+    assert main([*argv, "--tokenizer", str(trained / "model")]) == 0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
