@@ -414,7 +414,10 @@ def load_hf_tokenizer(src: str | os.PathLike) -> Tokenizer | None:
     from .text.bpe import BPETokenizer, read_encoder_files
 
     ranks, specials, merge_list = read_encoder_files(vocab, merges)
-    return BPETokenizer(ranks, pattern="gpt2", special_tokens=specials, name="gpt2", merges=merge_list)
+    # GPT-2's own, or another BPE in its format (one exported from here): named by its size then
+    size = len(ranks) + len(specials)
+    name = "gpt2" if size == 50257 else f"bpe-{size}"
+    return BPETokenizer(ranks, pattern="gpt2", special_tokens=specials, name=name, merges=merge_list)
 
 
 # ----------------------------------------------------------------------------------------------

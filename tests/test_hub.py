@@ -382,6 +382,18 @@ def test_hf_tokenizer_files_load_as_gpt2(tmp_path):
     # and through a full conversion, into the model directory
     hub.convert_hf_dir(tmp_path / "hf", tmp_path / "back")
     assert load_model(tmp_path / "back").tokenizer.fingerprint() == tok.fingerprint()
+    assert back.name == "gpt2"
+
+
+def test_a_smaller_bpe_comes_back_from_hugging_face_under_its_size(tmp_path):
+    """Another GPT-2-style BPE (one trained here and exported) is not called gpt2 when it comes back."""
+    from scratchllm.text.bpe import train_bpe
+
+    tok = train_bpe([TEXT * 20], vocab_size=300, progress=False)
+    save_model(tmp_path / "m", random_model(vocab_size=300), tok)
+    hub.export_hf(tmp_path / "m", tmp_path / "hf")
+    back = hub.load_hf_tokenizer(tmp_path / "hf")
+    assert back.fingerprint() == tok.fingerprint() and back.name == f"bpe-{tok.vocab_size}"
 
 
 def test_non_gpt2_tokenizers_are_not_exported(tmp_path):
