@@ -478,6 +478,12 @@ def find_resume_checkpoint(resume: str, out_dir: str | os.PathLike) -> Path:
         return found[-1]
     path = Path(resume)
     if not (path / STATE_FILE).exists():
+        found = list_checkpoints(path)
+        if found:  # a run directory
+            raise ScratchLLMError(
+                f"--resume {resume}: a run directory, not a checkpoint; give one of its checkpoints (the newest: "
+                f"{found[-1]}), or continue it in place with --out-dir {resume} --resume"
+            )
         raise ScratchLLMError(
             f"--resume {resume}: not a resumable checkpoint (no {STATE_FILE}); give a step-N directory"
         )

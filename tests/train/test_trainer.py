@@ -22,6 +22,7 @@ from scratchllm.train.trainer import (
     Trainer,
     TrainerConfig,
     _remove_leftovers,
+    find_resume_checkpoint,
     list_checkpoints,
     lr_at,
     param_groups,
@@ -359,3 +360,16 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(corpus, refe
     assert (out / "model" / "model.safetensors").read_bytes() == (
         reference_run / "model" / "model.safetensors"
     ).read_bytes()
+
+
+def test_resume_from_a_run_directory_names_its_newest_checkpoint(tmp_path):
+    for step in (3, 5):
+        (tmp_path / "run" / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (tmp_path / "run" / "checkpoints" / f"step-{step}" / STATE_FILE).touch()
+    assert find_resume_checkpoint("latest", tmp_path / "run").name == "step-5"
+    with pytest.raises(
+        ScratchLLMError, match=r"a run directory, not a checkpoint; .*the newest: .*step-5\), or"
+    ):
+        find_resume_checkpoint(str(tmp_path / "run"), tmp_path / "other")
+    with pytest.raises(ScratchLLMError, match="not a resumable checkpoint"):
+        find_resume_checkpoint(str(tmp_path), tmp_path / "other")
