@@ -441,7 +441,7 @@ def set_trainable(
 
     head: the head only. last_blocks: the head, the final norm and the last `blocks` transformer blocks
     (the book's choice with 1). all: everything. lora: adapters on `lora_targets` plus the head."""
-    from ..model.lora import apply_lora, count_trainable, mark_only_lora_trainable
+    from ..model.lora import apply_lora, count_trainable, mark_only_lora_trainable, merge_lora
 
     if trainable not in TRAINABLE:
         raise ScratchLLMError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
@@ -450,6 +450,7 @@ def set_trainable(
         raise ScratchLLMError(f"trainable_blocks must be in 1..{n_layers} (the model's blocks), got {blocks}")
     model.requires_grad_(trainable == "all")
     if trainable == "lora":
+        merge_lora(model)  # a LoRA-finetuned model's own adapters fold into its weights: new ones train
         apply_lora(model, lora_rank, lora_alpha, lora_targets, lora_dropout)
         mark_only_lora_trainable(model, also=("out_head",))
     elif trainable == "last_blocks":

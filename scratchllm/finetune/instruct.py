@@ -442,8 +442,9 @@ def _prepare_model(cfg: InstructConfig):
 
         _set_dropout(model, cfg.drop_rate)
     if cfg.lora:
-        from ..model.lora import apply_lora, mark_only_lora_trainable
+        from ..model.lora import apply_lora, mark_only_lora_trainable, merge_lora
 
+        merge_lora(model)  # a LoRA-finetuned model's own adapters fold into its weights: new ones train
         apply_lora(
             model,
             rank=cfg.lora_rank,

@@ -164,6 +164,10 @@ def test_lora_finetune_merges_into_a_plain_model_that_predicts_the_same(base_dir
     merged = Classifier.load(str(result.model_dir), device="cpu").predict_proba(texts)
     direct = Classifier(unmerged.model, unmerged.tokenizer, unmerged.extra).predict_proba(texts)
     np.testing.assert_allclose(merged, direct, atol=1e-5)
+    # an unmerged LoRA classifier finetuned again with LoRA: its adapters fold in, new ones train
+    again = quick_cfg(tmp_path / "run" / "checkpoints" / "step-000006", small_file, tmp_path / "again",
+                      trainable="lora", lora_rank=4, lora_alpha=4.0, max_steps=2, restore_best=False)  # fmt: skip
+    assert finetune_classify(again, log=lambda s: None).train.steps == 2
 
 
 def test_lora_adds_the_expected_trainable_parameters(base_dir):

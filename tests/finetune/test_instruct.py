@@ -318,6 +318,10 @@ def test_lora_trains_only_adapters_and_saves_a_plain_model(toy, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(x), adapted(x), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(merged(x), load_model(toy.base).model(x), atol=1e-4)
+    # that checkpoint (adapters unmerged) finetuned again with LoRA: they fold in, new ones train
+    again = instruct_finetune(_cfg(toy, tmp_path / "again", model=str(ckpt), lora=True, lora_rank=4, max_steps=2,
+                                   eval_every=0, sample_tokens=0))  # fmt: skip
+    assert again.steps == 2
 
 
 # ----------------------------------------------------------------------------------------------
