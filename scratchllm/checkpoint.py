@@ -189,7 +189,7 @@ def load_model(
     common = _common_dtype(tensors, weights)  # also refuses integer tensors, whatever `dtype` says
     target_dtype = target_dtype or common
     if target_dtype is not None:
-        tensors = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        tensors = {k: v.to(target_dtype) for k, v in tensors.items()}
     load_state_dict_strict(model, tensors, source=str(weights), assign=True)
     model.eval()
     if quantize:

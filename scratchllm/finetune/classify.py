@@ -505,9 +505,8 @@ def build_classifier_model(cfg: ClassifyConfig, labels: LabelSet) -> tuple[GPTMo
     exactly these labels) and only the chosen parts trainable; also its tokenizer, pad id and max length."""
     from ..checkpoint import load_model
 
-    loaded = load_model(
-        cfg.model, dtype="fp32"
-    )  # fp32 weights to train, whatever was stored (bf16 rounds updates away)
+    # fp32 weights to train, whatever was stored (bf16 weights would round most updates away)
+    loaded = load_model(cfg.model, dtype="fp32")
     model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer is None:
         raise ScratchLLMError(f"{cfg.model} has no tokenizer files; save the model with its tokenizer")

@@ -417,9 +417,8 @@ def resolve_splits(cfg: InstructConfig) -> InstructData:
 def _prepare_model(cfg: InstructConfig):
     from ..checkpoint import load_model
 
-    loaded = load_model(
-        cfg.model, dtype="fp32"
-    )  # fp32 weights to train, whatever was stored (bf16 rounds updates away)
+    # fp32 weights to train, whatever was stored (bf16 weights would round most updates away)
+    loaded = load_model(cfg.model, dtype="fp32")
     if loaded.config.n_classes:
         raise ScratchLLMError(
             f"--model {cfg.model} is a classifier; instruction finetuning needs a language model"

@@ -361,11 +361,13 @@ def judge_entries(
 
     lock = threading.Lock()
     stop = threading.Event()  # set by a fatal error: entries not yet started are skipped
-    # the errors of the entries done before any got a score ("" once one did, a reused one included:
-    # the entries left on a resume are the failed ones, which may fail alike for reasons of their own)
-    early_errors: list[str] = [""] if any(it is not None for it in items) else []
+    # a score seen, a reused one included (the entries left on a resume are the failed ones, which may
+    # fail alike for reasons of their own), and the errors of the entries done before any score
+    scored = any(it is not None for it in items)
+    early_errors: list[str] = []
 
     def run(i: int) -> None:
+        nonlocal scored
         if stop.is_set():
             return
         try:
@@ -378,8 +380,8 @@ def judge_entries(
             if on_item is not None:
                 on_item([it for it in items if it is not None])
             if item["score"] is not None:
-                early_errors.append("")  # one scored: later failures are the entries' own
-            elif "" not in early_errors:
+                scored = True  # later failures are the entries' own
+            elif not scored:
                 early_errors.append(item["error"])
                 if len(early_errors) >= SAME_FAILURES_FATAL and len(set(early_errors)) == 1:
                     stop.set()

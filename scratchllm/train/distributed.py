@@ -87,7 +87,7 @@ def max_over_processes(values: list[float], info: DistInfo) -> list[float]:
 
 def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     """True on every process if it is True on any (e.g. a stop signal that reached one process)."""
-    return bool(max_over_processes([1.0 if flag else 0.0], info)[0]) if info.enabled else flag
+    return bool(max_over_processes([float(flag)], info)[0])
 
 
 def shutdown(info: DistInfo) -> None:
