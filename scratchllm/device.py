@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -30,8 +31,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+#: Overrides the CPU's bf16 detection behind every `auto` choice: 1 takes the bf16 paths, 0 the fp32 ones.
+CPU_BF16_ENV = "SCRATCHLLM_CPU_BF16"
+
+
 def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX), where bf16 pays off."""
+    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX), where bf16 pays off,
+    unless $SCRATCHLLM_CPU_BF16 says otherwise (0 or 1: the same choices on every machine)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ScratchLLMError(f"${CPU_BF16_ENV} must be 0 or 1 (or unset to detect), got {forced!r}")
     try:
         caps = torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # older torch
@@ -59,7 +70,6 @@ def check_compile(device: torch.device) -> None:
     generator compiles C++ on CPUs and Triton kernels on CUDA (Triton builds its launchers with a C
     compiler), and a missing compiler otherwise surfaces as a long traceback at the first step."""
     import importlib.util
-    import os
     import shutil
 
     if device.type == "cpu":

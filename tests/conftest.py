@@ -11,6 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from scratchllm.device import CPU_BF16_ENV
+
+# every `auto` precision takes the fp32 paths, whatever this CPU has (subprocesses inherit it);
+# tests of the bf16 paths force them with the `auto_picks_bf16` fixture
+os.environ[CPU_BF16_ENV] = "0"
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SCRATCHLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -79,3 +85,11 @@ def one_thread() -> Iterator[None]:
     """`single_thread` for a whole test module: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     with single_thread():
         yield
+
+
+@pytest.fixture(params=[False, True], ids=["auto-fp32", "auto-bf16"])
+def auto_picks_bf16(request, monkeypatch) -> bool:
+    """Runs a test down both paths of the `auto` precision choices (the CPU's bf16 detection), whatever
+    this machine's CPU would pick."""
+    monkeypatch.setenv(CPU_BF16_ENV, "1" if request.param else "0")
+    return request.param

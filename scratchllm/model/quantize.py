@@ -139,7 +139,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise ScratchLLMError(f"int4 layers run on CPUs only, got an input on {x.device.type}")
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        # a slice of a bf16 batch (the last position of each row) is a view the kernel refuses
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         if rows.shape[0] < DEQUANTIZE_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows, self._kernel_weight, self.group_size, self._kernel_scales

@@ -63,6 +63,9 @@ RUN_CONFIG_FILE = "config.toml"
 # what every run writes into its directory, checked before any work (check_run_start)
 RUN_MODEL_DIRS = ("model", "best")
 RUN_FILES = (METRICS_FILE, PLOT_FILE, RUN_CONFIG_FILE)
+LOCK_FILE = ".lock"  # run_lock's; left in place once a run wrote anything, it marks the directory as ours
+# folders written whole (fileio.atomic_dir) into a run directory: pretrain adds tokenizer/ and data/
+ATOMIC_DIRS = (*RUN_MODEL_DIRS, "tokenizer", "data")
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "muon")
 # settings that shape the rest of a run: a resume that changes them warns (see _check_resume_settings)
@@ -256,9 +259,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, cfg: TrainerConfig, device: torch.device, precision: str = "fp32"
+) -> torch.optim.Optimizer:
     """AdamW, with the fused kernel where this torch has one for the device, else the foreach one;
-    or `Muon` (train/muon.py) with AdamW inside it for what is not a transformer block's matrix."""
+    or `Muon` (train/muon.py) with AdamW inside it for what is not a transformer block's matrix.
+    `precision` (resolved, not `auto`): fp32 keeps Muon's Newton-Schulz products in fp32 too."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ScratchLLMError("no trainable parameters: everything is frozen")
@@ -268,7 +274,8 @@ def make_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device) -
             groups = muon_param_groups(model, groups)
         except ValueError as e:
             raise ScratchLLMError(f"--optimizer muon: {e}; use --optimizer adamw") from None
-        return Muon(groups, momentum=cfg.muon_momentum, **kwargs)
+        ns_dtype = torch.float32 if precision == "fp32" else None  # None: bf16 where the device is fast at it
+        return Muon(groups, momentum=cfg.muon_momentum, ns_dtype=ns_dtype, **kwargs)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
@@ -309,7 +316,7 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-_held_locks: set[Path] = set()  # the run directories whose lock this process holds
+_held_locks: dict[Path, bool] = {}  # the run directories whose lock this process holds: had they one before?
 
 
 @contextlib.contextmanager
@@ -317,7 +324,8 @@ def run_lock(out_dir: str | os.PathLike, main: bool = True) -> Iterator[None]:
     """One run at a time in a run directory: two would replace each other's tokenizer and data,
     interleave their metrics and prune each other's checkpoints. An advisory lock on `.lock` (POSIX
     `flock`), taken by the main process (`main`), re-entrant within a process: commands take it right
-    after `check_run_start`, and `Trainer.fit` again. Taking it also removes the leftovers of killed saves."""
+    after `check_run_start`, and `Trainer.fit` again. Taking it also removes the leftovers of killed saves.
+    The `.lock` file stays once the run wrote anything: it tells a later run that the directory is ours."""
     out_dir = Path(out_dir)
     try:
         import fcntl
@@ -333,28 +341,31 @@ def run_lock(out_dir: str | os.PathLike, main: bool = True) -> Iterator[None]:
     if key in _held_locks:
         yield
         return
-    with open(out_dir / ".lock", "a") as f:
+    had_lock = (out_dir / LOCK_FILE).is_file()
+    before = {p.name for p in out_dir.iterdir()}
+    with open(out_dir / LOCK_FILE, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ScratchLLMError(
-                f"another process is training in {out_dir} (it holds {out_dir / '.lock'}); wait for it to end, "
+                f"another process is training in {out_dir} (it holds {out_dir / LOCK_FILE}); wait for it to end, "
                 "or give another --out-dir"
             ) from None
         except OSError as e:  # a file system without locks (some NFS and Lustre mounts)
-            warnings.warn(f"cannot lock {out_dir / '.lock'} ({e.strerror}): a second run started in {out_dir} "
+            warnings.warn(f"cannot lock {out_dir / LOCK_FILE} ({e.strerror}): a second run started in {out_dir} "
                           "meanwhile would not be refused", stacklevel=3)  # fmt: skip
             yield
             return
-        _held_locks.add(key)
+        _held_locks[key] = had_lock
         try:
             _remove_leftovers(out_dir)
             yield
         finally:
-            _held_locks.discard(key)
+            del _held_locks[key]
             fcntl.flock(f, fcntl.LOCK_UN)
-            if [p.name for p in out_dir.iterdir()] == [".lock"]:  # a run that failed before writing anything
-                (out_dir / ".lock").unlink(missing_ok=True)
+            # a run that wrote nothing: no mark of ours is left (nor the directory, if it made it)
+            if not had_lock and {p.name for p in out_dir.iterdir()} - {LOCK_FILE} == before:
+                (out_dir / LOCK_FILE).unlink(missing_ok=True)
                 if created:
                     out_dir.rmdir()
 
@@ -364,19 +375,25 @@ def _first_line(e: BaseException) -> str:
 
 
 def _remove_leftovers(out_dir: Path) -> None:
-    """The temporary checkpoint directories that a killed save left half done (`fileio.atomic_dir`'s
-    `.step-N.XXXXXXXX.tmp` / `.old`): only the trainer writes in checkpoints/, and it holds the run's
-    lock. A `.old` whose checkpoint is missing (killed between the two renames) is put back."""
-    folder = out_dir / CHECKPOINTS_DIR
-    if not folder.is_dir():
-        return
-    for p in folder.iterdir():
-        m = re.fullmatch(r"\.(step-\d+)\.[a-z0-9_]{8}\.(tmp|old)", p.name)
-        if not m or not p.is_dir() or p.is_symlink():
+    """What a killed save left half done (`fileio.atomic_dir`'s `.NAME.XXXXXXXX.tmp` / `.old` folders, and
+    `atomic_path`'s `.NAME.XXXXXXXX.tmp` files), for the checkpoints and the run's other outputs: the
+    caller holds the run's lock. A `.old` whose folder is missing (killed between the two renames) is
+    put back."""
+    folders = {out_dir / CHECKPOINTS_DIR: r"step-\d+", out_dir: "|".join(map(re.escape, ATOMIC_DIRS))}
+    for folder, names in folders.items():
+        if not folder.is_dir():
             continue
-        if m.group(2) == "old" and (p / "dir").is_dir() and not (folder / m.group(1)).exists():
-            os.replace(p / "dir", folder / m.group(1))
-        shutil.rmtree(p, ignore_errors=True)
+        for p in folder.iterdir():
+            m = re.fullmatch(rf"\.({names})\.[a-z0-9_]{{8}}\.(tmp|old)", p.name)
+            if not m or not p.is_dir() or p.is_symlink():
+                continue
+            if m.group(2) == "old" and (p / "dir").is_dir() and not (folder / m.group(1)).exists():
+                os.replace(p / "dir", folder / m.group(1))
+            shutil.rmtree(p, ignore_errors=True)
+    files = "|".join(map(re.escape, RUN_FILES))
+    for p in out_dir.iterdir():
+        if re.fullmatch(rf"\.({files})\.[a-z0-9_]{{8}}\.tmp", p.name) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
 
 
 def check_run_start(
@@ -391,8 +408,10 @@ def check_run_start(
     would mix with them: `--resume` would later pick up the earlier run's newer ones) unless
     `overwrite`, or an output of the run that cannot be written (a `model/` folder of something
     else, a directory named `metrics.jsonl`): that would fail only at the first save, after the
-    training. `dirs` ({name: (marker, kind)}) and `files` name a command's outputs beyond the
-    trainer's own. Commands call it before their slow setup; `Trainer.fit` again at the start."""
+    training; or a file where the run writes one (config.toml, metrics.jsonl, ...) in a directory
+    that is not a run directory of ours (`is_own_run_directory`): it is the user's, never replaced.
+    `dirs` ({name: (marker, kind)}) and `files` name a command's outputs beyond the trainer's own.
+    Commands call it before their slow setup; `Trainer.fit` again at the start."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ScratchLLMError(f"--out-dir {out_dir} is a file; give a directory for the run")
     check_parents(out_dir)
@@ -439,6 +458,47 @@ def _check_run_outputs(out_dir: Path, dirs: Mapping[str, tuple[str, str]], files
     for name in (*RUN_FILES, *files):
         if (out_dir / name).is_dir():
             refuse(out_dir / name, "is a directory, where the run writes a file")
+    found = [out_dir / name for name in (*RUN_FILES, *files) if os.path.lexists(out_dir / name)]
+    if found and not is_own_run_directory(out_dir):
+        others = ", ".join(str(p.relative_to(out_dir)) for p in found[1:])
+        are, them = ("is", "it") if not others else (f"(and {others}) are", "them")
+        raise ScratchLLMError(
+            f"--out-dir {out_dir} cannot hold this run: {found[0]} {are} not an earlier run's (the directory "
+            f"holds no .lock, checkpoint or metrics of one), and the run would overwrite {them}; move {them} "
+            "away or give another --out-dir"
+        )
+
+
+def is_own_run_directory(out_dir: str | os.PathLike) -> bool:
+    """Whether a run of ours wrote into `out_dir`, so that its config.toml, metrics.jsonl, loss.png and
+    the commands' reports there are the run's own to replace: it holds the `.lock` that `run_lock`
+    leaves once a run wrote anything (not the one this process just made), a checkpoint, or a
+    metrics.jsonl of the trainer's records (a run directory copied without its hidden files)."""
+    out_dir = Path(out_dir)
+    held = _held_locks.get(out_dir.resolve())  # under this process's lock: was the .lock there before?
+    if (out_dir / LOCK_FILE).is_file() if held is None else held:
+        return True
+    return bool(list_checkpoints(out_dir)) or _holds_our_metrics(out_dir / METRICS_FILE)
+
+
+def _holds_our_metrics(path: Path) -> bool:
+    """Whether `path` holds `Trainer` records: JSON objects of kind train or eval with a step, every
+    line but the last (which a crash may have cut)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    records = []
+    for n, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines) - 1:
+                return False
+    return bool(records) and all(
+        isinstance(r, dict) and r.get("kind") in ("train", "eval") and isinstance(r.get("step"), int)
+        for r in records
+    )
 
 
 def settings_to_resume(
@@ -488,6 +548,15 @@ def find_resume_checkpoint(resume: str, out_dir: str | os.PathLike) -> Path:
             f"--resume {resume}: not a resumable checkpoint (no {STATE_FILE}); give a step-N directory"
         )
     return path
+
+
+class _UnreadableCheckpoint(ScratchLLMError):
+    """A checkpoint whose files cannot be read (truncated, corrupt, foreign): `--resume` (latest) takes
+    the one before it."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}; resume from an earlier checkpoint")
+        self.problem = problem
 
 
 def _rng_state() -> dict[str, Any]:
@@ -565,7 +634,8 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DDP(self.train_model, device_ids=ids)
-        self.optimizer = make_optimizer(self.model, cfg, self.device)  # after sharding: it sees the shards
+        # after sharding: it sees the shards
+        self.optimizer = make_optimizer(self.model, cfg, self.device, self.precision)
         if cfg.optimizer == "muon" and not any(g.get("muon") for g in self.optimizer.param_groups):
             self.log("note: --optimizer muon: no matrix of the transformer blocks is trained here (LoRA or "
                       "frozen blocks), so every trained parameter gets AdamW's steps")  # fmt: skip
@@ -728,7 +798,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Restore a checkpoint written by `save_checkpoint`: weights, optimizer, step, tokens seen,
         RNG states and the metrics logged up to it, so that training continues exactly."""
-        from ..checkpoint import WEIGHTS_FILE, load_state_dict_strict, read_weights
+        from ..checkpoint import load_state_dict_strict
 
         try:
             state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
@@ -737,16 +807,13 @@ class Trainer:
             first = _first_line(e)
             if "weights only" in first.lower() or "weights_only" in first:
                 first = f"{type(e).__name__}: truncated, or not a checkpoint state written by scratchllm"
-            raise ScratchLLMError(
-                f"cannot read {path / STATE_FILE} ({first}); resume from an earlier checkpoint"
-            ) from e
+            raise _UnreadableCheckpoint(f"cannot read {path / STATE_FILE} ({first})") from e
         missing = [k for k in ("step", "tokens_seen", "train_seconds", "optimizer", "rng") if k not in state] if (
             isinstance(state, dict)
         ) else ["a dict of training state"]  # fmt: skip
         if missing:
-            raise ScratchLLMError(
-                f"{path / STATE_FILE} is not a checkpoint state written by scratchllm (no {', '.join(missing)}); "
-                "resume from an earlier checkpoint"
+            raise _UnreadableCheckpoint(
+                f"{path / STATE_FILE} is not a checkpoint state written by scratchllm (no {', '.join(missing)})"
             )
         if state.get("world_size", 1) != self.dist.world_size:
             raise ScratchLLMError(
@@ -771,13 +838,13 @@ class Trainer:
 
                 from ..checkpoint import meta_model
 
-                weights = read_weights(path / WEIGHTS_FILE, meta_model(self.model.cfg))
+                weights = _read_checkpoint_weights(path, meta_model(self.model.cfg))
                 opts = StateDictOptions(full_state_dict=True)
                 set_model_state_dict(self.model, weights, options=opts)
                 set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
             else:
                 load_state_dict_strict(
-                    self.model, read_weights(path / WEIGHTS_FILE, self.model), source=str(path)
+                    self.model, _read_checkpoint_weights(path, self.model), source=str(path)
                 )
                 self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
@@ -911,9 +978,12 @@ class Trainer:
         cfg = self.cfg
         path = check_run_start(self.out_dir, resume, cfg.overwrite)
         if path is not None:
-            self.load_checkpoint(path)
+            path = self._load_resume_checkpoint(path, latest=resume in ("", "latest"))
             self.log(f"resumed from {path} at step {self.step}")
             self._set_aside_later_outputs()
+            ended = self._budget_used_before()
+            if ended:
+                self.log(f"the run already ended at step {self.step}: {ended}")
         else:
             torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per process, reproducibly
             if self.is_main:
@@ -930,7 +1000,9 @@ class Trainer:
         bar = self._bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                                dynamic_ncols=True, disable=not (cfg.progress and self.is_main))  # fmt: skip
         stopped = "done"
-        last_eval: dict[str, Any] = {}
+        # a resumed run with nothing left to train keeps its last evaluation (unless best/ must be written again)
+        evals = [r for r in self.history if r.get("kind") == "eval"] if self.best is not None else []
+        last_eval: dict[str, Any] = evals[-1] if evals else {}
         window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
         self.model.train()
         try:
@@ -973,7 +1045,7 @@ class Trainer:
                 self._bar = None
                 # still under the handlers: a signal now waits for the saves (a second SIGINT aborts);
                 # evaluated first, so that the checkpoint holds the best loss that best/ holds
-                if not last_eval or last_eval["step"] != self.step:
+                if broadcast_flag(not last_eval or last_eval["step"] != self.step, self.dist):
                     last_eval = self._eval_and_report()
                 path = self.save_checkpoint()
                 if stopped == "interrupted":
@@ -989,6 +1061,56 @@ class Trainer:
         }
         return TrainResult(self.step, self.tokens_seen, self.train_seconds, metrics, stopped, self.out_dir,
                            self.best, self.history, self._stop_signal)  # fmt: skip
+
+    def _load_resume_checkpoint(self, path: Path, latest: bool) -> Path:
+        """Load `path`, or for `--resume` (`latest`: `path` is the newest checkpoint) the newest one that
+        can be read, saying which were skipped; returns the one loaded."""
+        if not latest:
+            self.load_checkpoint(path)
+            return path
+        newest: _UnreadableCheckpoint | None = None
+        for candidate in reversed(list_checkpoints(self.out_dir)):
+            try:
+                self.load_checkpoint(candidate)
+                return candidate
+            except _UnreadableCheckpoint as e:
+                newest = newest or e
+                self.log(f"skipping the checkpoint {candidate.name}: {e.problem}; trying the one before it")
+        problem = newest.problem if newest else "none"
+        raise ScratchLLMError(
+            f"--resume: no readable checkpoint in {self.out_dir / CHECKPOINTS_DIR} (the newest: {problem}); "
+            "start over with --overwrite true (deletes them)"
+        )
+
+    def _budget_used_before(self) -> str | None:
+        """What a resumed run has used up before training a step (its steps, tokens or time), and how to
+        go on; None when it has steps to go."""
+        cfg = self.cfg
+        if self.step >= self.total_steps:
+            per_step = self.task.tokens_per_step(cfg, self.dist.world_size)
+            by_tokens = (
+                cfg.max_tokens and per_step and math.ceil(cfg.max_tokens / per_step) == self.total_steps
+            )
+            if by_tokens or (cfg.max_tokens and self.tokens_seen >= cfg.max_tokens):
+                used, flag = f"its token budget (--max-tokens {cfg.max_tokens})", "--max-tokens"
+            elif cfg.max_steps:
+                used, flag = f"its --max-steps {cfg.max_steps}", "--max-steps"
+            else:
+                used, flag = f"the {self.total_steps} steps of its epochs", "--max-steps (or --epochs)"
+        elif cfg.max_tokens and self.tokens_seen >= cfg.max_tokens:
+            used, flag = (
+                f"its token budget (--max-tokens {cfg.max_tokens}: {self.tokens_seen} seen)",
+                "--max-tokens",
+            )
+        elif cfg.max_minutes and self.train_seconds >= cfg.max_minutes * 60:
+            trained = f"{self.train_seconds / 60:.2f} minutes trained"
+            used, flag = (
+                f"its time budget (--max-minutes {cfg.max_minutes:g}: {trained})",
+                "--max-minutes (0: no limit)",
+            )
+        else:
+            return None
+        return f"it used {used}; nothing is left to train: to go on, resume with a larger {flag}"
 
     def _budget_used(self) -> bool:
         """Whether the token or time budget is used up, agreed on by all processes (one all-reduce):
@@ -1076,6 +1198,21 @@ class Trainer:
         for s in record.get("samples", []):
             self.log(f"  sample: {s!r}")
         return record
+
+
+def _read_checkpoint_weights(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of checkpoint `path`; a missing or unreadable file is an `_UnreadableCheckpoint`."""
+    from safetensors import SafetensorError
+
+    from ..checkpoint import WEIGHTS_FILE, read_weights
+
+    try:
+        return read_weights(path / WEIGHTS_FILE, model)
+    except ScratchLLMError as e:
+        if not isinstance(e.__cause__, SafetensorError) and (path / WEIGHTS_FILE).is_file():
+            raise  # readable, but not this model's: the shape check's message
+        why = f"truncated or corrupt: {_first_line(e.__cause__)}" if e.__cause__ is not None else "missing"
+        raise _UnreadableCheckpoint(f"cannot read {path / WEIGHTS_FILE} ({why})") from e
 
 
 def _shard(model: GPTModel, device: torch.device, world_size: int) -> None:

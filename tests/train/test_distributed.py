@@ -10,11 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import has_fully_shard
 
 pytestmark = pytest.mark.slow
+
+FP32_EPS = torch.finfo(torch.float32).eps
 
 
 def _args(corpus: Path, out: Path, batch: int) -> list[str]:
@@ -88,12 +91,15 @@ def test_two_processes_match_one_with_the_same_global_batch(single, tmp_path, mo
     out = tmp_path / mode
     done = _torchrun(_args(corpus, out, 4) + extra)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert _losses(out) == pytest.approx(_losses(reference), abs=1e-5)
+    # fp32 throughout (--precision fp32 keeps Muon's products in fp32 too): the runs differ only in the
+    # order gradients are summed (two halves all-reduced vs one batch), a few ulps that 12 steps carry on
+    assert _losses(out) == pytest.approx(_losses(reference), rel=32 * FP32_EPS)
     a, b = (
         load_file(out / "model" / "model.safetensors"),
         load_file(reference / "model" / "model.safetensors"),
     )
-    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=64 * FP32_EPS, atol=64 * FP32_EPS) for k in a)
     # only the main process writes: one summary, one metrics file with one line per step
     assert done.stdout.count("loss plot:") == 1
 
