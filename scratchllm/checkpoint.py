@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,9 +80,42 @@ def save_model(
     if isinstance(directory, nn.Module):
         raise ScratchLLMError("save_model takes the directory first: save_model(directory, model, tokenizer)")
     directory = Path(directory)
-    with atomic_dir(directory, marker=CONFIG_FILE, what="model directory") as tmp:
-        write_model_files(tmp, model, tokenizer, extra)
+    existed = (directory / CONFIG_FILE).is_file()
+    try:
+        with atomic_dir(directory, marker=CONFIG_FILE, what="model directory") as tmp:
+            write_model_files(tmp, model, tokenizer, extra)
+    except OSError as e:
+        raise write_error(directory, "model directory", e, existed) from e
     return directory
+
+
+def write_error(path: Path, what: str, error: OSError, existed: bool) -> ScratchLLMError:
+    """The one-line error for an atomic write of the `what` at `path` that failed (a full or read-only
+    disk): what the write left is the old complete output (`existed`) or nothing."""
+    left = f"the {what} there is unchanged" if existed else "nothing was written"
+    return ScratchLLMError(
+        f"cannot write the {what} {path} ({_first_line(error)}; is the disk full or read-only?); {left}"
+    )
+
+
+def write_weights(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """`tensors` as a safetensors file; a failed write (a full disk, an I/O error) is raised as the
+    OSError it is, which safetensors reports as a SafetensorError."""
+    import errno
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    try:
+        save_file(dict(tensors), str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        text = str(e)
+        if "I/O error" not in text:
+            raise
+        code = re.search(r"\(os error (\d+)\)", text)
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, os.strerror(number), path.name) from e
 
 
 def write_model_files(
@@ -91,9 +125,8 @@ def write_model_files(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """The files of a model directory, written into an existing directory: for callers that add
-    their own files (the trainer's state) inside one `fileio.atomic_dir`."""
-    from safetensors.torch import save_file
-
+    their own files (the trainer's state) inside one `fileio.atomic_dir`. A failed write (a full
+    disk) raises OSError."""
     model = unwrap_model(model)
     if not isinstance(model, GPTModel):
         raise TypeError(f"save_model expects a GPTModel, got {type(model).__name__}")
@@ -124,7 +157,7 @@ def write_model_files(
     directory = Path(directory)
     if tokenizer is not None:
         tokenizer.save(directory)  # first, so its files can never overwrite ours
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_weights(tensors, directory / WEIGHTS_FILE)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     doc = {
         "format": FORMAT,
@@ -189,7 +222,11 @@ def load_model(
     common = _common_dtype(tensors, weights)  # also refuses integer tensors, whatever `dtype` says
     target_dtype = target_dtype or common
     if target_dtype is not None:
-        tensors = {k: v.to(target_dtype) for k, v in tensors.items()}
+        narrower = target_dtype == torch.float16
+        for k, v in tensors.items():
+            tensors[k] = v.to(target_dtype)
+            if narrower and v.dtype != torch.float16:  # fp32 and bf16 reach beyond fp16's 65504
+                check_finite(k, tensors[k], weights, cast="float16")
     load_state_dict_strict(model, tensors, source=str(weights), assign=True)
     model.eval()
     if quantize:
@@ -323,12 +360,36 @@ def read_weights(
             if model is not None:
                 shapes = {name: tuple(f.get_slice(name).get_shape()) for name in names}
                 check_state_dict(model, shapes, source=str(path))
-            return {name: f.get_tensor(name) for name in names}
+            tensors = {}
+            for name in names:
+                tensors[name] = f.get_tensor(name)
+                check_finite(name, tensors[name], path)
+            return tensors
     except SafetensorError as e:
         raise ScratchLLMError(
             f"{path}: not a readable safetensors file, probably truncated or corrupt ({e}); "
             "save or download the model again"
         ) from e
+
+
+def check_finite(name: str, tensor: torch.Tensor, source: str | os.PathLike, cast: str = "") -> None:
+    """A one-line error naming the tensor when it holds NaN or infinity: such weights load, but
+    every output would be NaN (blank generations, a loss of nan). `cast`: the dtype the weights were
+    just converted to, whose range they overflowed."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return
+    bad = tensor.isnan().sum().item(), tensor.isinf().sum().item()
+    found = " and ".join(f"{n:,} {what}" for n, what in zip(bad, ("NaN", "infinite")) if n)
+    if cast:
+        raise ScratchLLMError(
+            f"{source}: tensor {name!r} overflows {cast}: {found} of its {tensor.numel():,} values after the "
+            "conversion; load the model in fp32 or bf16 (e.g. --dtype fp32)"
+        )
+    raise ScratchLLMError(
+        f"{source}: tensor {name!r} is not finite: {found} of its {tensor.numel():,} values, so every output "
+        "would be NaN; the model is broken (a diverged training run?): use an earlier checkpoint, or save or "
+        "download the model again"
+    )
 
 
 def load_state_dict_strict(
@@ -462,6 +523,10 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 def _shape(shape: Iterable[int]) -> str:
     return str(tuple(int(s) for s in shape))
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def _names(names: list[str]) -> str:

@@ -1,10 +1,11 @@
 """Run configs: dataclasses, read from TOML files or named presets, every key overridable on the command line.
 
 A config class is a dataclass whose fields carry `metadata={"help": ..., "group": ...}`. Files are TOML
-(`tomllib`); sections such as `[model]` or `[train]` only group keys for the reader and are merged.
-`add_config_arguments` turns each field into a `--kebab-case` flag; a flag given on the command line wins
-over the file, which wins over the defaults. An unknown key or a value of the wrong type is an error that
-names it (and the closest valid key). The resolved config is saved with every run (`dump_toml`).
+(`tomllib`); sections, the fields' groups such as `[model]` or `[train]`, only group keys for the reader
+and are merged. `add_config_arguments` turns each field into a `--kebab-case` flag; a flag given on the
+command line wins over the file, which wins over the defaults. An unknown key or section, or a value of
+the wrong type (in a file, a quoted number is a string), is an error that names it, the file and the
+closest valid name. The resolved config is saved with every run (`dump_toml`).
 """
 
 from __future__ import annotations
@@ -74,19 +75,30 @@ def _type_name(tp: Any) -> str:
     return f"{name} or none" if optional else name
 
 
-def coerce(key: str, value: Any, tp: Any, where: str) -> Any:
-    """Check/convert a TOML or command-line value to the field's type, or explain what is wrong."""
+def coerce(key: str, value: Any, tp: Any, where: str, *, toml: bool = False) -> Any:
+    """Check/convert a TOML or command-line value to the field's type, or explain what is wrong.
+    `toml`: the value comes typed from a TOML file, so a quoted number or `true` must not stand for
+    one (`lr = "0.001"`, `compile = 1`); command-line values are strings, parsed by the type."""
     inner, optional = _unwrap_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
         raise ScratchLLMError(f"{where}: {key} needs a value of type {_type_name(tp)}")
     origin = typing.get_origin(inner)
+    if origin is list:
+        (item,) = typing.get_args(inner)
+        items = value if isinstance(value, list) else [value]
+        return [coerce(key, v, item, where, toml=toml) for v in items]
+    if toml and isinstance(value, (dict, list)):
+        raise ScratchLLMError(
+            f"{where}: {key} is a TOML {'table' if isinstance(value, dict) else 'list'}, but it takes "
+            f"{_a(_type_name(tp))}; write {key} = {_example(inner)}"
+        )
+    if toml and not _toml_type_fits(value, inner):
+        raise ScratchLLMError(
+            f"{where}: {key} = {_shown(value)} is not a valid {_type_name(tp)}{_toml_hint(key, value, inner)}"
+        )
     try:
-        if origin is list:
-            (item,) = typing.get_args(inner)
-            items = value if isinstance(value, list) else [value]
-            return [coerce(key, v, item, where) for v in items]
         if inner is bool:
             if isinstance(value, bool):
                 return value
@@ -117,14 +129,59 @@ def coerce(key: str, value: Any, tp: Any, where: str) -> Any:
             if isinstance(value, (str, int, float)) and not isinstance(value, bool):
                 return str(value)
             raise ValueError
-    except (TypeError, ValueError):
-        raise ScratchLLMError(f"{where}: {key} = {value!r} is not a valid {_type_name(tp)}") from None
+    except (TypeError, ValueError, OverflowError):
+        shown = _shown(value) if toml else repr(value)
+        hint = "; it takes a whole number" if inner is int and isinstance(value, (float, str)) else ""
+        raise ScratchLLMError(f"{where}: {key} = {shown} is not a valid {_type_name(tp)}{hint}") from None
     return value
 
 
-def _suggest(key: str, valid: list[str]) -> str:
+def _toml_type_fits(value: Any, tp: Any) -> bool:
+    """Whether a TOML value has the kind of `tp`: a bool for a bool, a number for a number (an int for
+    a float setting; a float for an int one is checked for a fraction later), no bool for either."""
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    return True
+
+
+def _shown(value: Any) -> str:
+    """A TOML value as it is written in the file."""
+    try:
+        return _toml_value(value)
+    except TypeError:
+        return repr(value)
+
+
+def _example(tp: Any) -> str:
+    return {bool: "true", int: "1", float: "0.5", str: '"..."'}.get(tp, "...")
+
+
+def _toml_hint(key: str, value: Any, tp: Any) -> str:
+    """How to write `value` as `tp` in TOML, for the error."""
+    if isinstance(value, str):
+        try:
+            parsed = coerce(key, value, tp, "")
+        except ScratchLLMError:
+            parsed = None
+        if parsed is not None:
+            return f" (a quoted string); write it without quotes: {key} = {_toml_value(parsed)}"
+        return f" (a string); write {_a(_type_name(tp))}, e.g. {key} = {_example(tp)}"
+    if tp is bool:
+        return f"; write {key} = true or {key} = false"
+    return f"; write {_a(_type_name(tp))}, e.g. {key} = {_example(tp)}"
+
+
+def _a(name: str) -> str:
+    return f"an {name}" if name[:1] in "aeiou" else f"a {name}"
+
+
+def _suggest(key: str, valid: list[str], form: str = "{!r}") -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return f" (did you mean {form.format(close[0])}?)" if close else ""
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -177,34 +234,53 @@ def read_preset(name: str) -> dict[str, Any] | None:
         return read_toml(p)
 
 
-def _flatten(data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Merge `[section]` tables into one flat mapping (sections only group keys; no setting is a table)."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            for k, v in value.items():
-                if k in flat:
-                    raise ScratchLLMError(f"{where}: key {k!r} is set twice")
-                flat[k] = v
-        else:
-            if key in flat:
-                raise ScratchLLMError(f"{where}: key {key!r} is set twice")
-            flat[key] = value
+def _flatten(
+    data: dict[str, Any], where: str, sections: set[str], keys: set[str]
+) -> dict[str, tuple[Any, str]]:
+    """Merge `[section]` tables into one flat mapping of key -> (value, where it is set): sections only
+    group keys (any of `sections`, in any), no setting is a table, and a `[section.sub]` table is none."""
+    flat: dict[str, tuple[Any, str]] = {}
+    shown = ", ".join(f"[{s}]" for s in sorted(sections))
+
+    def put(key: str, value: Any, place: str) -> None:
+        if key in flat:
+            raise ScratchLLMError(f"{place}: key {key!r} is set twice")
+        flat[key] = (value, place)
+
+    for name, value in data.items():
+        if not isinstance(value, dict) or (name in keys and name not in sections):
+            put(name, value, where)  # a top-level setting (a table there is reported by `coerce`)
+            continue
+        if name not in sections:
+            raise ScratchLLMError(
+                f"{where}: unknown section [{name}]{_suggest(name, sorted(sections), '[{}]')}; the sections "
+                f"are {shown}"
+            )
+        for key, v in value.items():
+            if isinstance(v, dict) and key not in keys:
+                raise ScratchLLMError(
+                    f"{where}: unknown section [{name}.{key}]{_suggest(key, sorted(keys))}; sections are "
+                    f"one level ({shown}): put its keys under [{name}]"
+                )
+            put(key, v, f"{where} [{name}]")
     return flat
 
 
 def build_config(cls: type[C], file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
                  where: str = "config") -> C:  # fmt: skip
-    """Defaults <- file values <- overrides, each checked against the dataclass's fields and types."""
+    """Defaults <- file values (TOML: typed) <- overrides (the command line: strings parsed by type),
+    each checked against the dataclass's fields and types."""
     types_ = _field_types(cls)
     valid = sorted(types_)
+    sections = {f.metadata.get("group", "settings") for f in dataclasses.fields(cls)}
+    from_file = _flatten(file_values or {}, where, sections, set(types_))
+    from_flags = {k: (v, "command line") for k, v in (overrides or {}).items()}
     values: dict[str, Any] = {}
-    for source, data, label in ((file_values or {}, True, where), (overrides or {}, False, "command line")):
-        flat = _flatten(source, label) if data else source
-        for key, value in flat.items():
+    for flat, toml in ((from_file, True), (from_flags, False)):
+        for key, (value, place) in flat.items():
             if key not in types_:
-                raise ScratchLLMError(f"{label}: unknown key {key!r}{_suggest(key, valid)}")
-            values[key] = coerce(key, value, types_[key], label)
+                raise ScratchLLMError(f"{place}: unknown key {key!r}{_suggest(key, valid)}")
+            values[key] = coerce(key, value, types_[key], place, toml=toml)
     return cls(**values)
 
 

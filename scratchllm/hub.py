@@ -30,11 +30,14 @@ from . import __version__
 from .checkpoint import (
     CONFIG_FILE,
     LoadedModel,
+    check_finite,
     load_model,
     load_state_dict_strict,
     meta_model,
     model_tensors,
     save_model,
+    write_error,
+    write_weights,
 )
 from .errors import ScratchLLMError
 from .fileio import atomic_dir, atomic_write_json, check_replaceable, directory_kind
@@ -381,7 +384,10 @@ def _iter_hf_tensors(src: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, f.get_tensor(name)
+                    tensor = f.get_tensor(name)
+                    if not HF_BUFFER.fullmatch(name.removeprefix(HF_PREFIX)):  # masks, dropped anyway
+                        check_finite(name, tensor, path)
+                    yield name, tensor
         except SafetensorError as e:
             raise ScratchLLMError(
                 f"{path}: not a readable safetensors file, probably truncated or corrupt ({e})"
@@ -530,8 +536,6 @@ def export_hf(spec: str | os.PathLike | LoadedModel, out: str | os.PathLike) -> 
     """Write a model (a directory, hub name or loaded model) as a Hugging Face GPT-2 directory:
     config.json, model.safetensors (+ vocab.json, merges.txt, tokenizer_config.json for a GPT-2-style
     BPE tokenizer). Atomic: `out` appears complete or not at all."""
-    from safetensors.torch import save_file
-
     from .model.lora import lora_layers, merge_lora
     from .model.quantize import is_quantized
 
@@ -548,12 +552,17 @@ def export_hf(spec: str | os.PathLike | LoadedModel, out: str | os.PathLike) -> 
     out = Path(out)
     _check_export_target(out)
     sources = [loaded.path] if loaded.path is not None else []
-    with atomic_dir(out, marker=CONFIG_FILE, what="Hugging Face model directory", inside=sources) as tmp:
-        save_file(tensors, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
-        atomic_write_json(tmp / CONFIG_FILE, hf_config(model.cfg, tokenizer, model.tok_emb.weight.dtype))
-        files = hf_tokenizer_files(tokenizer, model.cfg.context_length) if tokenizer is not None else None
-        for fname, data in (files or {}).items():
-            (tmp / fname).write_bytes(data)
+    existed = (out / CONFIG_FILE).is_file()
+    what = "Hugging Face model directory"
+    try:
+        with atomic_dir(out, marker=CONFIG_FILE, what=what, inside=sources) as tmp:
+            write_weights(tensors, tmp / HF_WEIGHTS_FILE)
+            atomic_write_json(tmp / CONFIG_FILE, hf_config(model.cfg, tokenizer, model.tok_emb.weight.dtype))
+            files = hf_tokenizer_files(tokenizer, model.cfg.context_length) if tokenizer is not None else None
+            for fname, data in (files or {}).items():
+                (tmp / fname).write_bytes(data)
+    except OSError as e:
+        raise write_error(out, what, e, existed) from e
     if files is None:  # else transformers' AutoTokenizer would load an empty GPT-2 tokenizer from `out`
         import warnings
 

@@ -159,7 +159,9 @@ def test_save_overwrites_atomically(tmp_path, monkeypatch):
     import safetensors.torch
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(
+        ScratchLLMError, match=r"cannot write the model directory .*m \(disk full; is the disk"
+    ):
         save_model(path, tiny_model(n_layers=1))
     # the old directory is intact and nothing half-written is left beside it
     assert_same_model(load_model(path).model, first)
@@ -513,3 +515,134 @@ def test_info_cli_process_exit_code(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.startswith("scratchllm: error:") and r.stderr.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk while writing the weights
+
+
+ENOSPC_MESSAGE = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def fill_the_disk(monkeypatch, when=lambda path: True) -> None:
+    """safetensors' save_file writes part of the file, then fails as it does on a full disk, for the
+    paths `when` accepts."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def failing_save_file(tensors, filename, metadata=None):
+        if not when(str(filename)):
+            return save_file(tensors, filename, metadata=metadata)
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)  # what the disk took before it was full
+        raise SafetensorError(ENOSPC_MESSAGE)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
+
+
+def test_a_full_disk_while_writing_the_weights_keeps_the_old_directory(tmp_path, monkeypatch):
+    first = tiny_model()
+    path = save_model(tmp_path / "m", first, SimpleTokenizer.from_corpus("a b c"))
+    fill_the_disk(monkeypatch)
+    with pytest.raises(ScratchLLMError) as e:
+        save_model(path, tiny_model(n_layers=1))
+    message = str(e.value)
+    assert message == (
+        f"cannot write the model directory {path} ([Errno 28] No space left on device: 'model.safetensors'; "
+        "is the disk full or read-only?); the model directory there is unchanged"
+    )
+    assert isinstance(e.value.__cause__, OSError) and e.value.__cause__.errno == 28
+    assert_same_model(load_model(path).model, first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary directory left beside it
+    # a new directory is not created at all
+    with pytest.raises(ScratchLLMError, match=r"No space left on device.*; nothing was written$"):
+        save_model(tmp_path / "new", first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_write_weights_raises_only_failed_writes_as_os_errors(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def not_io(tensors, filename, metadata=None):
+        raise SafetensorError("You are trying to save a non contiguous tensor")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", not_io)
+    with pytest.raises(SafetensorError, match="non contiguous"):  # a bug, not the machine's state
+        checkpoint.write_weights({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
+    fill_the_disk(monkeypatch)
+    with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: 'w.safetensors'"):
+        checkpoint.write_weights({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
+
+
+def test_a_full_disk_during_training_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat and ran. " * 200, encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["pretrain", "--corpus", str(corpus), "--tokenizer", "char", "--model", "nano", "--context-length",
+            "16", "--batch-size", "2", "--max-steps", "2", "--checkpoint-every", "1", "--eval-every", "0",
+            "--eval-batches", "1", "--warmup-steps", "1", "--sample-tokens", "0", "--progress", "false",
+            "--workers", "1", "--device", "cpu", "--out-dir", str(out)]  # fmt: skip
+    # the second checkpoint's weights do not fit: the first one stays the run's last
+    fill_the_disk(monkeypatch, when=lambda path: ".step-000002." in path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    step1 = out / "checkpoints" / "step-000001"
+    assert err == (
+        f"scratchllm: error: cannot write the checkpoint {out / 'checkpoints' / 'step-000002'} ([Errno 28] No "
+        f"space left on device: 'model.safetensors'; is the disk full or read-only?); the last checkpoint is "
+        f"{step1}\n"
+    )
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+    assert load_model(step1).config.n_layers > 0
+    # the final model directory: the checkpoints fit, the model does not; nothing half-written is left
+    fill_the_disk(monkeypatch, when=lambda path: str(out / ".model.") in path)
+    assert main([*args, "--overwrite", "true"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"scratchllm: error: cannot write the model directory {out / 'model'} ([Errno 28]")
+    assert err.endswith("; nothing was written\n") and err.count("\n") == 1
+    assert not (out / "model").exists() and not [p for p in out.iterdir() if p.name.startswith(".model")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights that are not numbers
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_weights_with_nan_or_infinity_are_refused_naming_the_tensor(tmp_path, bad):
+    path = save_model(tmp_path / "m", tiny_model(), SimpleTokenizer.from_corpus("a b c"))
+    rewrite_weights(
+        path,
+        lambda t: t["trf_blocks.1.ff.layers.0.weight"].view(-1).index_fill_(0, torch.tensor([3, 7]), bad),
+    )
+    kind = "NaN" if bad != bad else "infinite"
+    with pytest.raises(ScratchLLMError) as e:
+        load_model(path)
+    assert str(e.value) == (
+        f"{path / WEIGHTS_FILE}: tensor 'trf_blocks.1.ff.layers.0.weight' is not finite: 2 {kind} of its 4,096 values, so "
+        "every output would be NaN; the model is broken (a diverged training run?): use an earlier checkpoint, "
+        "or save or download the model again"
+    )
+
+
+def test_non_finite_weights_exit_2_from_generate_and_evaluate(tmp_path, capsys):
+    path = save_model(tmp_path / "m", tiny_model(), SimpleTokenizer.from_corpus("a b c"))
+    rewrite_weights(path, lambda t: t["final_norm.scale"].fill_(float("nan")))
+    (tmp_path / "text.txt").write_text("a b c a b c a b c a b c a b c a b c a b c\n")
+    for argv in (["generate", "--model", str(path), "--prompt", "a", "--max-new-tokens", "2"],
+                 ["evaluate", "--model", str(path), "--corpus", str(tmp_path / "text.txt")]):  # fmt: skip
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert (
+            err.count("\n") == 1 and "tensor 'final_norm.scale' is not finite: 32 NaN of its 32 values" in err
+        ), argv
+
+
+def test_weights_beyond_float16_are_refused_when_loaded_as_fp16(tmp_path):
+    path = save_model(tmp_path / "m", tiny_model())
+    rewrite_weights(path, lambda t: t["pos_emb.weight"].view(-1)[0].fill_(1e6))
+    with pytest.raises(
+        ScratchLLMError, match=r"tensor 'pos_emb.weight' overflows float16: 1 infinite of its"
+    ):
+        load_model(path, dtype="fp16")
+    assert load_model(path, dtype="bf16").model.pos_emb.weight.isfinite().all()  # bf16 has fp32's range

@@ -669,3 +669,50 @@ def test_export_of_a_tokenizer_without_a_gpt2_form_says_what_is_missing(tmp_path
     with pytest.warns(UserWarning, match=r"weights and config only \(its char tokenizer has no GPT-2 form\)"):
         assert main(["export-hf", str(tmp_path / "char"), str(tmp_path / "hf")]) == 0
     assert not (tmp_path / "hf" / "vocab.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_hf_weights_with_nan_are_refused_at_conversion(home, tmp_path, capsys):
+    save_model(tmp_path / "m", random_model())
+    with pytest.warns(UserWarning, match="weights and config only"):
+        hub.export_hf(tmp_path / "m", tmp_path / "hf")
+    weights = tmp_path / "hf" / hub.HF_WEIGHTS_FILE
+    tensors = load_file(str(weights))
+    name = f"{hub.HF_PREFIX}h.1.mlp.c_proj.weight"
+    tensors[name].view(-1)[5] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(
+        ScratchLLMError, match=rf"^{weights}: tensor '{name}' is not finite: 1 NaN of its 4,096 values"
+    ):
+        hub.convert_hf_dir(tmp_path / "hf", tmp_path / "out")
+    assert main(["download", "gpt2", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and f"tensor '{name}' is not finite: 1 NaN of its" in err and str(weights) in err
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_during_export_is_one_line_and_keeps_the_old_export(tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    save_model(tmp_path / "m", random_model())
+    assert main(["export-hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 0
+    before = load_file(str(tmp_path / "hf" / hub.HF_WEIGHTS_FILE))
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 64)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == (
+        f"scratchllm: error: cannot write the Hugging Face model directory {tmp_path / 'hf'} ([Errno 28] No space "
+        "left on device: 'model.safetensors'; is the disk full or read-only?); the Hugging Face model directory "
+        "there is unchanged\n"
+    )
+    after = load_file(str(tmp_path / "hf" / hub.HF_WEIGHTS_FILE))
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m"]

@@ -264,6 +264,8 @@ def split_by_fractions(
 def balance_classes(examples: Sequence[Example], seed: int) -> list[Example]:
     """The book's balanced set: every example of the rarest class, and as many of each other class
     drawn at random (without replacement) with `seed`; ordered class by class, majority first."""
+    if not examples:
+        raise ScratchLLMError("no examples to balance; give a data file with labelled texts")
     by_label: dict[str, list[Example]] = {}
     for e in examples:
         by_label.setdefault(e.label, []).append(e)

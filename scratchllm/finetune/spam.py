@@ -104,13 +104,22 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+LABELS = ("ham", "spam")
+OTHER_DATA = (
+    "for data of your own, use a .csv/.tsv/.jsonl file not named SMSSpamCollection (text and label columns)"
+)
+
+
 def read_spam(path: str | os.PathLike) -> list[Example]:
-    """Every message of the collection, in file order (labels `ham` / `spam`)."""
+    """Every message of the collection, in file order (labels `ham` / `spam`). A line that is not
+    `ham<TAB>text` or `spam<TAB>text`, or a file without both classes, is an error naming it."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8").removeprefix("\ufeff")  # a byte-order mark is not a label
     except FileNotFoundError:
         raise ScratchLLMError(f"data file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ScratchLLMError(f"data file {path} is a directory; give the SMSSpamCollection file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ScratchLLMError(f"cannot read {path} as UTF-8 text: {e}") from e
     out = []
@@ -118,9 +127,23 @@ def read_spam(path: str | os.PathLike) -> list[Example]:
         if not line.strip():
             continue
         label, tab, message = line.partition("\t")
+        label = label.strip()
         if not tab or not message.strip():
             raise ScratchLLMError(f"{path}:{n}: expected `label<TAB>text`; is this the SMS Spam Collection?")
-        out.append(Example(message, label.strip(), f"{path}:{n}"))
+        if label not in LABELS:
+            found = f"label {label!r}" if label else "no label before the tab"
+            raise ScratchLLMError(
+                f"{path}:{n}: {found}; the SMS Spam Collection labels each message ham or spam: fix the line "
+                f"({OTHER_DATA})"
+            )
+        out.append(Example(message, label, f"{path}:{n}"))
+    missing = [name for name in LABELS if not any(e.label == name for e in out)]
+    if missing:
+        has = f"only {LABELS[1 - LABELS.index(missing[0])]} messages" if out else "no messages"
+        raise ScratchLLMError(
+            f"{path} has {has}; the SMS Spam Collection has ham and spam messages, one `label<TAB>text` per "
+            "line: pass the whole file, or --data spam to download it"
+        )
     return out
 
 

@@ -599,3 +599,41 @@ def test_cli_errors_exit_2_with_one_line(base_dir, small_file, tmp_path, capsys)
         cli.main(["classify", "--model", str(base_dir), "--file", str(small_file), "--batch-size", "0"]) == 2
     )
     assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_broken_sms_spam_file_is_one_line_naming_the_file_and_line(tmp_path):
+    sms = tmp_path / "SMSSpamCollection.tsv"
+    sms.write_text("")
+    with pytest.raises(ScratchLLMError, match=rf"^{sms} has no messages; .*--data spam to download it$"):
+        spam.read_spam(sms)
+    sms.write_text("ham\thello\n\tno label here\nspam\twin\n")
+    with pytest.raises(
+        ScratchLLMError, match=rf"^{sms}:2: no label before the tab; .* ham or spam: fix the line"
+    ):
+        spam.read_spam(sms)
+    sms.write_text("ham\thello\nspam\twin\neggs\ta third class\n")
+    with pytest.raises(ScratchLLMError, match=rf"^{sms}:3: label 'eggs'; .*not named SMSSpamCollection"):
+        spam.read_spam(sms)
+    sms.write_text("ham\thello\nham\tbye\n")
+    with pytest.raises(ScratchLLMError, match=rf"^{sms} has only ham messages; .*ham and spam"):
+        spam.read_spam(sms)
+    sms.write_text("\ufeffham\thello\r\nspam\twin\r\n")  # saved by a Windows editor
+    assert [(e.label, e.text) for e in spam.read_spam(sms)] == [("ham", "hello"), ("spam", "win")]
+    with pytest.raises(ScratchLLMError, match="no examples to balance"):
+        balance_classes([], 123)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("", "has no messages"), ("ham\thi\nspam\twin\n\tlost\n", ":3: no label before the tab"),
+     ("ham\thi\nspam\twin\nmaybe\thmm\n", ":3: label 'maybe'")],
+    ids=["empty", "empty-label", "third-label"],
+)  # fmt: skip
+def test_a_broken_sms_spam_file_exits_2_from_the_cli(base_dir, tmp_path, capsys, content, message):
+    sms = tmp_path / "SMSSpamCollection.tsv"
+    sms.write_text(content * (1 if not content else 20))
+    assert cli.main(["finetune", "classify", "--model", str(base_dir), "--data", str(sms), "--out",
+                     str(tmp_path / "run"), "--device", "cpu", "--progress", "false"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith(f"scratchllm: error: {sms}") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run" / "model").exists()

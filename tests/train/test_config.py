@@ -150,3 +150,67 @@ def test_a_directory_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch,
     (tmp_path / "mine.toml").write_text("[train]\nmax_steps = 7\n")
     assert load_config(PretrainConfig, "mine.toml").max_steps == 7
     assert load_config(PretrainConfig, "shakespeare-char-muon").optimizer == "muon"
+
+
+def _toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "run.toml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_unknown_sections_and_tables_are_named_with_the_file(tmp_path):
+    path = _toml(tmp_path, "[trian]\nlr = 0.1\n")
+    with pytest.raises(ScratchLLMError, match=r"unknown section \[trian\] \(did you mean \[train\]\?\)") as e:
+        load_config(PretrainConfig, path)
+    assert str(e.value).startswith(path) and "[data], [eval], [model]" in str(e.value)
+    with pytest.raises(ScratchLLMError, match=r"run.toml: unknown section \[train\.extra\].*under \[train\]"):
+        load_config(PretrainConfig, _toml(tmp_path, "[train]\nlr = 0.1\n[train.extra]\nx = 1\n"))
+    with pytest.raises(ScratchLLMError, match=r"run.toml \[train\]: unknown key 'learning_rate'"):
+        load_config(PretrainConfig, _toml(tmp_path, "[train]\nlearning_rate = 0.1\n"))
+    with pytest.raises(
+        ScratchLLMError, match=r"run.toml \[train\]: lr is a TOML table, but it takes a float"
+    ):
+        load_config(PretrainConfig, _toml(tmp_path, "[train.lr]\nvalue = 0.1\n"))
+    # sections only group keys: one in another known section, or at the top, still counts
+    cfg = load_config(PretrainConfig, _toml(tmp_path, 'batch_size = 3\n[model]\nlr = 0.1\nmodel = "nano"\n'))
+    assert (cfg.batch_size, cfg.lr, cfg.model) == (3, 0.1, "nano")
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('lr = "0.001"', r'\[train\]: lr = "0.001" is not a valid float \(a quoted string\); write it without quotes: lr = 0.001'),
+        ('max_steps = "100"', r'max_steps = "100" is not a valid int \(a quoted string\); write it without quotes: max_steps = 100'),
+        ('max_steps = "many"', r'max_steps = "many" is not a valid int \(a string\); write an int, e.g. max_steps = 1'),
+        ("max_steps = 1.5", r"max_steps = 1.5 is not a valid int; it takes a whole number"),
+        ("max_steps = true", r"max_steps = true is not a valid int"),
+        ("lr = false", r"lr = false is not a valid float"),
+        ("compile = 1", r"compile = 1 is not a valid bool; write compile = true or compile = false"),
+        ('compile = "yes"', r'compile = "yes" is not a valid bool \(a quoted string\); write it without quotes: compile = true'),
+        ("emb_dim = 1.5", r"emb_dim = 1.5 is not a valid int or none"),
+        ("lr = [0.1]", r"lr is a TOML list, but it takes a float"),
+    ],
+)  # fmt: skip
+def test_a_toml_value_of_the_wrong_type_is_refused(tmp_path, line, message):
+    path = _toml(tmp_path, f"[train]\n{line}\n")
+    with pytest.raises(ScratchLLMError, match=message) as e:
+        load_config(PretrainConfig, path)
+    assert str(e.value).startswith(f"{path} [train]: ") and "\n" not in str(e.value)
+
+
+def test_toml_numbers_that_fit_and_flags_parsed_from_strings(tmp_path):
+    cfg = load_config(
+        PretrainConfig, _toml(tmp_path, "[train]\nlr = 1\nmax_steps = 1e3\nwarmup_steps = 20.0\n")
+    )
+    assert (cfg.lr, cfg.max_steps, cfg.warmup_steps) == (1.0, 1000, 20)
+    assert isinstance(cfg.lr, float) and isinstance(cfg.max_steps, int)
+    cfg = load_config(PretrainConfig, _toml(tmp_path, '[model]\nemb_dim = "none"\n'))
+    assert cfg.emb_dim is None  # TOML has no null: "none" is how a file unsets an optional setting
+    # the command line gives strings, parsed by the setting's type, over the file
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, PretrainConfig)
+    args = parser.parse_args(["--lr", "0.001", "--max-steps", "1e3", "--compile", "--progress", "false"])
+    cfg = load_config(PretrainConfig, _toml(tmp_path, "[train]\nlr = 0.5\n"), overrides_from_args(args))
+    assert (cfg.lr, cfg.max_steps, cfg.compile, cfg.progress) == (0.001, 1000, True, False)
+    with pytest.raises(ScratchLLMError, match=r"command line: max_steps = '1.5' is not a valid int"):
+        build_config(PretrainConfig, {}, {"max_steps": "1.5"})
