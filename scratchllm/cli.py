@@ -864,7 +864,8 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` (default: $SCRATCHLLM_API_KEY, else no key)")  # fmt: skip
-    p.add_argument("--model-name", default=None, help="the model id clients send (default: directory name)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the directory's "
+                   "name, or its run's for a run's model/ or best/: runs/assistant/model is assistant)")  # fmt: skip
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together at most (8)")
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="cap for chat replies without max_tokens (default: the rest of the context window)")  # fmt: skip

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..config import reject_unused_flags, setting
 from ..errors import ScratchLLMError
+from ..hints import quote, scratchllm_command
 from ..model.gpt import GPTModel
 from ..model.lora import DEFAULT_TARGETS
 from ..train.trainer import Task, TrainerConfig, TrainResult
@@ -661,7 +662,8 @@ def summarize(result: ClassifyResult) -> str:
     return "\n".join([
         f"{t.stopped}: {t.steps} steps in {t.seconds:.0f} s of training ({result.seconds:.0f} s in all); accuracy:",
         *rows,
-        f"classifier: {result.model_dir}   try: scratchllm classify --model {result.model_dir} \"some text\"",
+        f"classifier: {result.model_dir}   try: {scratchllm_command()} classify --model {quote(result.model_dir)} "
+        "'some text'",
         f"report: {out / REPORT_FILE}   confusion matrix: {out / CONFUSION_PLOT}   curves: {out / CURVES_PLOT}",
     ])  # fmt: skip
 

@@ -535,6 +535,8 @@ def _merge_saved_adapters(directories: Sequence[Path]) -> None:
 
 
 def summarize(result: TrainResult) -> str:
+    from ..hints import next_hint, quote
+
     m = result.metrics
     out = result.out_dir
     tok_s = result.tokens / max(result.seconds, 1e-9)
@@ -543,8 +545,8 @@ def summarize(result: TrainResult) -> str:
         f"validation loss {m.get('val_loss', float('nan')):.3f} (train loss {m.get('train_loss', float('nan')):.3f}; "
         f"best validation loss {result.best if result.best is not None else float('nan'):.3f})",
         f"assistant: {out / 'model'}   best: {out / 'best'}   loss plot: {out / 'loss.png'}   split: {out / 'data'}",
-        f"next: scratchllm respond --model {out / 'model'} --data {out / 'data' / 'test.json'} "
-        f"--out {out / 'test-responses.json'}",
+        next_hint(f"respond --model {quote(out / 'model')} --data {quote(out / 'data' / 'test.json')} "
+                  f"--out {quote(out / 'test-responses.json')}"),
     ])  # fmt: skip
 
 
@@ -603,6 +605,7 @@ def respond(
 
     if out is not None:
         check_output_file(out, inputs={"--data": data})
+        _check_can_write(Path(out))
     records = (
         load_instruction_data(data, require_output=False) if isinstance(data, (str, Path)) else list(data)
     )
@@ -645,6 +648,26 @@ def respond(
             f"template {chosen.name})" + (f" -> {out}" if out is not None else "")
         )
     return results
+
+
+def _check_can_write(path: Path, what: str = "--out") -> None:
+    """A one-line error unless a file can be created where `path` goes (in its nearest existing folder;
+    missing folders are made when it is written), so that a read-only place fails before generation."""
+    import os
+    import tempfile
+
+    path = path.expanduser()
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.is_dir()), None)
+    if folder is None:
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise ScratchLLMError(
+            f"{what} {path}: cannot create a file in {folder} ({e.strerror or e}); choose a writable location"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _write_records(path: Path, records: list[Entry]) -> None:

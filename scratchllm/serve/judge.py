@@ -16,7 +16,8 @@ reply holds no score the judge is asked once more for the number alone.
 Transient failures (connection errors, timeouts, 408/429/5xx answers) are retried with
 exponential backoff once the judge has answered; a judge that cannot be reached at all (connection
 refused, unknown host, connect timeout before its first answer), a wrong URL, model name or API key
-stop the run at once. The result file has, per entry, the entry plus `score`, the judge's raw
+stop the run at once, and so does a judge whose context window is too short for the prompt: the
+first entry goes alone, and when it is too long, the shortest; if even that does not fit, no entry can. The result file has, per entry, the entry plus `score`, the judge's raw
 `judge_reply`, `attempts` and `error`, and the average over the scored entries; entries that still
 fail are listed, never dropped. It is written atomically while the run progresses (and when a run
 stops early, with what it scored), and `--resume` skips entries already scored.
@@ -123,6 +124,15 @@ class JudgeItemError(ScratchLLMError):
     def __init__(self, message: str, attempts: int):
         super().__init__(message)
         self.attempts = attempts
+
+
+class JudgeContextError(JudgeItemError):
+    """The judge refused a prompt as too long for its context window (`param`: the request field it
+    blamed, "max_tokens" when the prompt alone fits)."""
+
+    def __init__(self, message: str, attempts: int, detail: str, param: str | None = None):
+        super().__init__(message, attempts)
+        self.detail, self.param = detail, param
 
 
 class _Transient(Exception):
@@ -233,6 +243,14 @@ class JudgeClient:
                         f"judge at {self.endpoint} answered 404 ({_error_message(response)}); check --judge-url "
                         f"(e.g. http://localhost:11434/v1) and --judge-model {self.model!r}"
                     )
+                if response.status_code >= 400 and _is_context_error(response):
+                    detail = _error_message(response)
+                    raise JudgeContextError(
+                        f"judge rejected the request: HTTP {response.status_code}: {detail}",
+                        attempts,
+                        detail,
+                        _error_field(response, "param"),
+                    )
                 if response.status_code >= 400:
                     raise JudgeItemError(
                         f"judge rejected the request: HTTP {response.status_code}: {_error_message(response)}",
@@ -279,6 +297,32 @@ def _error_message(response: Any) -> str:
     except (ValueError, AttributeError):
         message = None
     return str(message or response.text[:200] or response.reason_phrase)
+
+
+def _error_field(response: Any, key: str) -> str | None:
+    try:
+        error = response.json().get("error")
+        value = error.get(key) if isinstance(error, dict) else None
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+# how OpenAI, vLLM, llama.cpp and scratchllm serve word a prompt too long for the context
+_CONTEXT_WORDS = re.compile(
+    r"context[ _](?:length|window|size)|maximum context|exceeds? the available context|too many tokens|"
+    r"prompt is too long",
+    re.IGNORECASE,
+)
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+
+
+def _is_context_error(response: Any) -> bool:
+    if response.status_code not in (400, 413, 422):
+        return False
+    if {_error_field(response, "code"), _error_field(response, "type")} & _CONTEXT_CODES:
+        return True
+    return bool(_CONTEXT_WORDS.search(_error_message(response)))
 
 
 def _retry_after(response: Any) -> float | None:
@@ -350,14 +394,20 @@ def judge_entries(
         else:
             todo.append(i)
 
-    def score(i: int) -> dict[str, Any]:
+    def prompt(i: int) -> str:
+        return judge_prompt(
+            {k: v for k, v in entries[i].items() if k not in _RESULT_KEYS}, response_key, template
+        )
+
+    def score(i: int) -> tuple[dict[str, Any], JudgeItemError | None]:
         entry = {k: v for k, v in entries[i].items() if k not in _RESULT_KEYS}
+        failure = None
         try:
-            value, reply, attempts = client.ask(judge_prompt(entry, response_key, template))
+            value, reply, attempts = client.ask(prompt(i))
             error = None if value is not None else "the judge's reply holds no score from 0 to 100"
         except JudgeItemError as e:
-            value, reply, attempts, error = None, "", e.attempts, str(e)
-        return {**entry, "score": value, "judge_reply": reply, "attempts": attempts, "error": error}
+            value, reply, attempts, error, failure = None, "", e.attempts, str(e), e
+        return {**entry, "score": value, "judge_reply": reply, "attempts": attempts, "error": error}, failure
 
     lock = threading.Lock()
     stop = threading.Event()  # set by a fatal error: entries not yet started are skipped
@@ -366,12 +416,12 @@ def judge_entries(
     scored = any(it is not None for it in items)
     early_errors: list[str] = []
 
-    def run(i: int) -> None:
+    def run(i: int) -> JudgeItemError | None:
         nonlocal scored
         if stop.is_set():
-            return
+            return None
         try:
-            item = score(i)
+            item, failure = score(i)
         except BaseException:
             stop.set()
             raise
@@ -390,6 +440,21 @@ def judge_entries(
                         "stopped instead of failing the rest the same way: check the judge and --judge-model, "
                         "then run again (with --resume to keep any scores)"
                     )
+        return failure
+
+    # the judge's context is checked on one entry before the rest are sent: the first, and when that is
+    # too long, the shortest; when even that cannot fit, no entry can
+    todo = list(todo)
+    if todo and not scored:
+        first = todo.pop(0)
+        failure = run(first)
+        if isinstance(failure, JudgeContextError) and todo:
+            shortest = min(todo, key=lambda i: len(prompt(i)))
+            if len(prompt(shortest)) < len(prompt(first)):
+                todo.remove(shortest)
+                failure = run(shortest)
+        if isinstance(failure, JudgeContextError):
+            raise _context_too_short(client, failure)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(run, i) for i in todo]
@@ -400,6 +465,23 @@ def judge_entries(
                     g.cancel()
                 raise f.exception()  # type: ignore[misc]
     return [item for item in items if item is not None]
+
+
+def _context_too_short(client: JudgeClient, error: JudgeContextError) -> JudgeFatalError:
+    """The one-line error for a judge whose context cannot take even the shortest judge prompt."""
+    if error.param == "max_tokens":
+        fix = (
+            f"lower --max-tokens (now {client.max_tokens}; the judge answers with a number, 16 is plenty) "
+            "or use a judge model with a longer context"
+        )
+    elif error.param in ("messages", "prompt"):
+        fix = "use a judge model with a longer context (--judge-model, --judge-url)"
+    else:
+        fix = "use a judge model with a longer context (or a lower --max-tokens, if the prompt alone fits)"
+    return JudgeFatalError(
+        f"the judge model {client.model!r} at {client.endpoint} has too short a context for the judge prompt, "
+        f"even with the shortest response ({' '.join(error.detail.split())}); {fix}"
+    )
 
 
 def summarize(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -510,6 +592,7 @@ def judge_command(
 __all__ = [
     "BOOK_PROMPT",
     "JudgeClient",
+    "JudgeContextError",
     "JudgeFatalError",
     "JudgeItemError",
     "chat_url",

@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP API for one model: `scratchllm serve --model DIR`.
 
-    GET  /v1/models             the one model served (its id: the directory name, or --model-name)
+    GET  /v1/models             the one model served (its id: see `served_model_name`; its context
+                                length in tokens as `max_model_len`, vLLM's field)
     POST /v1/completions        raw text continuation (no template), `prompt` a string, strings or token ids
     POST /v1/chat/completions   a conversation, rendered with the model's prompt template (chat.py)
     GET  /health                liveness, no API key needed
@@ -48,6 +49,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ScratchLLMError
@@ -519,7 +521,8 @@ def create_app(
     # -- routes ---------------------------------------------------------------------------------
 
     def model_card() -> dict[str, Any]:
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "scratchllm"}
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "scratchllm",
+                "max_model_len": ctx}  # fmt: skip
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -1009,6 +1012,21 @@ def _check_default_max_tokens(value: int | None) -> None:
         )
 
 
+GENERIC_DIR_NAMES = ("model", "best")  # the model directories every training run writes
+
+
+def served_model_name(spec: str) -> str:
+    """The id a model is served under by default: a hub name as given (`gpt2`); a directory's own
+    name, or its run's for a run's `model/` or `best/` (`runs/assistant/model` -> `assistant`)."""
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return str(spec)
+    path = path.resolve()
+    if path.name in GENERIC_DIR_NAMES and path.parent.name:
+        return path.parent.name
+    return path.name or str(spec)
+
+
 def serve(
     model: str,
     host: str = "127.0.0.1",
@@ -1041,8 +1059,8 @@ def serve(
             sizes = chat.engine.warm_up(max_batch_size)
             print(f"compiled the decode step for batches of {', '.join(map(str, sizes))} in "
                   f"{time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
-        app = create_app(chat, model_name=model_name, api_key=api_key, max_batch_size=max_batch_size,
-                         default_max_tokens=default_max_tokens)  # fmt: skip
+        app = create_app(chat, model_name=model_name or served_model_name(model), api_key=api_key,
+                         max_batch_size=max_batch_size, default_max_tokens=default_max_tokens)  # fmt: skip
         base = f"http://{_url_host(host)}:{sock.getsockname()[1]}/v1"
         print(f"serving {app.state.model_id!r} ({chat.describe_template()}) at {base}", flush=True)
         if api_key is None and not _is_loopback(host):
@@ -1056,4 +1074,12 @@ def serve(
         sock.close()
 
 
-__all__ = ["API_KEY_ENV", "APIError", "BackgroundServer", "Scheduler", "create_app", "serve"]
+__all__ = [
+    "API_KEY_ENV",
+    "APIError",
+    "BackgroundServer",
+    "Scheduler",
+    "create_app",
+    "serve",
+    "served_model_name",
+]

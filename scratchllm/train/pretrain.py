@@ -526,14 +526,12 @@ def pretrain_command(
 def demo(
     config: str | None = None, overrides: dict[str, Any] | None = None, resume: str | None = None
 ) -> TrainResult:
-    """The README's main job: the `demo` preset (or `config`; offline, built-in corpus), then three samples."""
+    """The README's main job: the `demo` preset (or `config`; offline, built-in corpus). The trained
+    model's samples are those the last evaluation printed, just above the summary."""
+    from ..hints import next_hint, quote
+
     result = pretrain_command(config or "demo", overrides or {}, resume, preset=config is None)
-    evals = [r for r in result.history if r.get("kind") == "eval" and r.get("samples")]
-    if evals and init_distributed("auto" if not overrides else overrides.get("device", "auto")).is_main:
-        print("\nthree samples from the trained model:")
-        for s in evals[-1]["samples"][:3]:
-            print(f"  > {s!r}")
-        print(
-            f"\nnext: scratchllm generate --model {result.out_dir / 'model'} --prompt 'The' --temperature 0.8 --top-k 40"
-        )
+    if init_distributed("auto" if not overrides else overrides.get("device", "auto")).is_main:
+        model = quote(result.out_dir / "model")
+        print("\n" + next_hint(f"generate --model {model} --prompt 'The' --temperature 0.8 --top-k 40"))
     return result

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from scratchllm.finetune.instruct import (
     split_data,
 )
 from scratchllm.finetune.templates import ALPACA, PHI3, TEMPLATE_KEY, template_for_model
+from scratchllm.hints import scratchllm_command
 from scratchllm.model.gpt import GPTModel, preset_config
 from scratchllm.model.quantize import int4_supported
 from scratchllm.text.bpe import train_bpe
@@ -334,7 +337,7 @@ def test_cli_finetune_instruct_then_respond(toy, tmp_path, capsys):
                  "--val-fraction", "0.25", "--test-fraction", "0.25", "--max-steps", "4", "--device", "cpu",
                  "--progress", "false", "--sample-tokens", "0", "--template", "phi3"])  # fmt: skip
     assert code == 0
-    assert "next: scratchllm respond" in capsys.readouterr().out
+    assert f"next: {scratchllm_command()} respond --model {out / 'model'}" in capsys.readouterr().out
     test = json.loads((out / "data" / "test.json").read_text())
     # a bare --resume continues with the run's settings (it took the defaults: gpt2-medium, no data)
     assert main(["finetune", "instruct", "--out", str(out), "--resume", "--max-steps", "5"]) == 0
@@ -386,3 +389,50 @@ def test_a_byte_order_mark_is_not_part_of_the_json(tmp_path):
     for name, body in (("bom.json", json.dumps(records)), ("bom.jsonl", json.dumps(records[0]))):
         (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body.encode())
         assert load_instruction_data(tmp_path / name) == records
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A directory this process cannot create files in: read-only for a user; for root, who writes
+    through file modes, a pseudo-filesystem."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        for place in (folder, Path("/sys")):
+            try:
+                with tempfile.TemporaryFile(dir=place):
+                    pass
+            except OSError:
+                yield place
+                return
+        pytest.skip("no directory here that this user cannot write")
+    finally:
+        folder.chmod(0o755)
+
+
+def test_respond_checks_its_output_file_before_loading_the_model(
+    toy, tmp_path, unwritable, monkeypatch, capsys
+):
+    import scratchllm.checkpoint
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before --out was checked")
+
+    monkeypatch.setattr(scratchllm.checkpoint, "load_model", no_load)
+    questions = _questions(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    for out, message in [
+        (
+            unwritable / "responses.json",
+            f"--out {unwritable / 'responses.json'}: cannot create a file in {unwritable}",
+        ),
+        (tmp_path, f"--out {tmp_path} is a directory"),
+        (tmp_path / "a-file" / "responses.json", "is a file, not a directory"),
+    ]:
+        with pytest.raises(ScratchLLMError, match=re.escape(message)):
+            respond(str(toy.base), questions, out, progress=False)
+    code = main(["respond", "--model", str(toy.base), "--data", str(questions), "--out",
+                 str(unwritable / "responses.json"), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "choose a writable location" in err

@@ -133,7 +133,8 @@ def test_bad_judge_settings_are_one_line_errors(flags, message, tmp_path, capsys
 
 class FakeJudge:
     """An OpenAI-style chat endpoint that follows a script: an int answers with that HTTP status,
-    "close" drops the connection, ("slow", seconds, text) answers late, a string answers it."""
+    {"status", "error"} with that status and error object, "close" drops the connection,
+    ("slow", seconds, text) answers late, a string answers it."""
 
     def __init__(self, script: list):
         self.script = list(script)
@@ -157,6 +158,8 @@ class FakeJudge:
                     step = step[2]
                 if isinstance(step, int):
                     self.reply(step, {"error": {"message": f"scripted {step}", "type": "x"}})
+                elif isinstance(step, dict):  # an error answer as given: {"status": ..., "error": {...}}
+                    self.reply(step["status"], {"error": step["error"]})
                 else:
                     self.reply(
                         200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": step}}]}
@@ -450,3 +453,81 @@ def test_a_judge_that_fails_the_first_responses_alike_stops_the_run(fake, tmp_pa
     judge = fake([400, 400, "70", 400])  # fewer than five failures before the first score: it goes on too
     with client_for(judge) as client:
         assert len(judge_entries(many, client)) == 12
+
+
+# ----------------------------------------------------------------------------------------------
+# a judge whose context is too short for the judge prompt
+
+
+def test_a_judge_with_too_short_a_context_stops_before_sending_the_entries(tmp_path, bpe, capsys):
+    """A 128-token judge (the size of the demo model) cannot take any judge prompt: one request tells,
+    and the run stops with one line naming the model and the fix, instead of failing every entry."""
+    from scratchllm.cli import main
+
+    judge_dir = save_model(tmp_path / "judge", scoring_model(bpe, context_length=128), bpe)
+    app = create_app(load_chat_model(str(judge_dir), device="cpu", dtype="fp32"), model_name="small")
+    many = [{**e, "instruction": f"{e['instruction']} ({i})"} for i in range(4) for e in ENTRIES]  # 12
+    with BackgroundServer(app) as server:
+        argv, out = judge_run(server, many, tmp_path)
+        argv[argv.index("m")] = "small"
+        assert main([*argv, "--workers", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"the judge model 'small' at {server.url}/v1/chat/completions has too short a context" in err
+    assert "maximum context length is 128 tokens" in err and "use a judge model with a longer context" in err
+    result = json.loads(out.read_text())
+    assert not result["complete"] and result["count"] == result["failed"] == 2  # the first, the shortest
+
+
+CONTEXT_ERRORS = {
+    "scratchllm": {"status": 400, "error": {
+        "message": "this model's maximum context length is 128 tokens, and the prompt takes 300, leaving no "
+        "room for a completion; shorten the prompt", "type": "invalid_request_error", "param": "messages",
+        "code": "context_length_exceeded"}},
+    "scratchllm max_tokens": {"status": 400, "error": {
+        "message": "this model's maximum context length is 512 tokens; you requested 556 (300 in the prompt, "
+        "256 in max_tokens); lower max_tokens to at most 212 or shorten the prompt",
+        "type": "invalid_request_error", "param": "max_tokens", "code": "context_length_exceeded"}},
+    "vllm": {"status": 400, "error": {
+        "message": "This model's maximum context length is 2048 tokens. However, you requested 2100 tokens "
+        "(1844 in the messages, 256 in the completion). Please reduce the length of the messages or completion.",
+        "type": "BadRequestError", "param": None, "code": 400}},
+    "llama.cpp": {"status": 400, "error": {
+        "code": 400, "message": "the request exceeds the available context size, try increasing it",
+        "type": "exceed_context_size_error"}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "server, fix",
+    [
+        ("scratchllm", "; use a judge model with a longer context (--judge-model, --judge-url)"),
+        ("scratchllm max_tokens", "; lower --max-tokens (now 256; the judge answers with a number"),
+        ("vllm", "; use a judge model with a longer context (or a lower --max-tokens, if the prompt"),
+        ("llama.cpp", "; use a judge model with a longer context (or a lower --max-tokens, if the prompt"),
+    ],
+)
+def test_context_errors_of_known_servers_stop_the_run_with_the_fix(fake, server, fix):
+    judge = fake([CONTEXT_ERRORS[server]])
+    with client_for(judge) as client, pytest.raises(JudgeFatalError) as info:
+        judge_entries(ENTRIES * 4, client, workers=2)
+    message = str(info.value)
+    assert "the judge model 'llama3'" in message and "too short a context" in message and fix in message
+    assert "\n" not in message and len(judge.requests) == 2  # the first entry, then the shortest
+
+
+def test_one_entry_too_long_for_the_judge_is_its_own_failure(fake):
+    """The first entry is too long, the shortest fits: the judge can do the job, the run goes on."""
+    long_first = {**ENTRIES[0], "model_response": "fast " * 600}
+    judge = fake([CONTEXT_ERRORS["scratchllm"], "80"])
+    with client_for(judge) as client:
+        items = judge_entries([long_first, *ENTRIES], client)
+    assert [it["score"] for it in items] == [None, 80, 80, 80]
+    assert "maximum context length" in items[0]["error"] and len(judge.requests) == 4
+    shortest = min(ENTRIES, key=lambda e: len(judge_prompt(e)))
+    assert judge.requests[1]["messages"][0]["content"] == judge_prompt(shortest)
+
+    judge = fake([CONTEXT_ERRORS["scratchllm"]])  # the first entry is the shortest: no other is sent
+    with client_for(judge) as client, pytest.raises(JudgeFatalError, match="too short a context"):
+        judge_entries([ENTRIES[2], long_first], client)
+    assert len(judge.requests) == 1

@@ -73,6 +73,7 @@ MESSAGES = [
 def test_models_and_completions_equal_the_engine(client, chat):
     [card] = client.models.list().data
     assert card.id == MODEL and card.owned_by == "scratchllm"
+    assert card.max_model_len == chat.context_length == 256  # vLLM's field: what a prompt may take
     assert client.models.retrieve(MODEL).id == MODEL
 
     r = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, temperature=0)
@@ -641,3 +642,58 @@ def test_a_client_that_disconnects_mid_stream_frees_the_model(server, client):
     r = client.completions.create(model=MODEL, prompt="The", max_tokens=2, temperature=0)
     assert r.usage.completion_tokens <= 2
     assert scheduler.batches_run == before + 1
+
+
+def test_served_model_name_is_the_run_for_a_runs_model_directory(model_dir, tmp_path):
+    from scratchllm.serve.server import served_model_name
+
+    for name in ("model", "best"):
+        (tmp_path / "runs" / "assistant" / name).mkdir(parents=True)
+        assert served_model_name(str(tmp_path / "runs" / "assistant" / name)) == "assistant"
+        assert served_model_name(str(tmp_path / "runs" / "assistant" / name) + "/") == "assistant"
+    assert served_model_name(str(model_dir)) == model_dir.name == "tiny"
+    assert served_model_name("gpt2") == "gpt2" and served_model_name("gpt2-medium") == "gpt2-medium"
+
+
+def test_serve_names_the_model_after_its_run_unless_told(model_dir, tmp_path, monkeypatch, capsys):
+    """`scratchllm serve --model runs/assistant/model` serves "assistant" (not "model", the name of
+    every run's final model); --model-name still wins. Asked with the openai client."""
+    import shutil
+    import threading
+    import time
+
+    import uvicorn
+
+    from scratchllm.cli import main
+
+    run_model = tmp_path / "assistant" / "model"
+    shutil.copytree(model_dir, run_model)
+    serve_forever = uvicorn.Server.run
+    seen: list[list[str]] = []
+
+    def serve_and_ask(self, sockets=None):
+        thread = threading.Thread(
+            target=serve_forever, args=(self,), kwargs={"sockets": sockets}, daemon=True
+        )
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not self.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        try:
+            port = sockets[0].getsockname()[1]
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+            ids = [m.id for m in client.models.list().data]
+            r = client.chat.completions.create(model=ids[0], messages=USER, max_tokens=2, temperature=0)
+            seen.append([*ids, r.model])
+        finally:
+            self.should_exit = True
+            thread.join(timeout=30)
+
+    monkeypatch.setattr(uvicorn.Server, "run", serve_and_ask)
+    monkeypatch.delenv("SCRATCHLLM_API_KEY", raising=False)
+    common = ["--port", "0", "--device", "cpu", "--dtype", "fp32", "--log-level", "warning"]
+    assert main(["serve", "--model", str(run_model), *common]) == 0
+    assert main(["serve", "--model", str(run_model), "--model-name", "mine", *common]) == 0
+    assert seen == [["assistant", "assistant"], ["mine", "mine"]]
+    out = capsys.readouterr().out
+    assert "serving 'assistant'" in out and "serving 'mine'" in out

@@ -453,14 +453,16 @@ def test_resume_continues_the_run_as_it_was_set_up(corpus, tmp_path, capsys, mon
     metrics = (out / "metrics.jsonl").read_bytes()
     assert main(["pretrain", "--resume", str(out / "checkpoints" / "step-000006"), "--max-steps", "8"]) == 0
     assert (tmp_path / "runs" / "run" / "model").is_dir() and (out / "metrics.jsonl").read_bytes() == metrics
-    # a new --out-dir that holds settings of its own (no checkpoints) still forks with the source's
+    # a new --out-dir that holds settings of its own (no checkpoints) still forks with the source's;
+    # a user's config.toml there is never overwritten, an earlier run's (stopped before a checkpoint) is
+    fork_argv = ["pretrain", "--resume", str(last), "--out-dir", str(tmp_path / "mine"), "--max-steps", "10"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "config.toml").write_text('[model]\nmodel = "micro"\n')
     capsys.readouterr()
-    assert (
-        main(["pretrain", "--resume", str(last), "--out-dir", str(tmp_path / "mine"), "--max-steps", "10"])
-        == 0
-    )
+    assert main(fork_argv) == 2
+    assert "config.toml is not an earlier run's" in capsys.readouterr().err
+    (tmp_path / "mine" / ".lock").touch()
+    assert main(fork_argv) == 0
     assert f"resuming with the settings of {out / 'config.toml'}" in capsys.readouterr().out
     assert (
         main(
@@ -478,3 +480,21 @@ def test_resume_continues_the_run_as_it_was_set_up(corpus, tmp_path, capsys, mon
     )
     err = capsys.readouterr().err
     assert "is not a checkpoint of" in err and "give a new --out-dir" in err and err.count("\n") == 1
+
+
+def test_the_demo_prints_the_trained_models_samples_once_and_a_runnable_next_command(
+    corpus, tmp_path, capsys
+):
+    from scratchllm.hints import scratchllm_command
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--corpus", str(corpus), "--vocab-size", "280", "--max-steps", "3", "--eval-every", "0",
+                 "--val-fraction", "0.2", "--out-dir", str(out), *FAST]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    [last] = [
+        r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"
+    ]
+    assert last["step"] == 3 and last["samples"]
+    for sample in last["samples"]:
+        assert printed.count(repr(sample)) == 1, printed
+    assert f"next: {scratchllm_command()} generate --model {out / 'model'} --prompt 'The'" in printed
