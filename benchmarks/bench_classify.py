@@ -94,6 +94,7 @@ def run_finetune(
 ) -> tuple[dict, float]:
     """`scratchllm finetune classify` on the book's spam split; returns the numbers of one run."""
     from scratchllm.finetune.classify import ClassifyConfig, finetune_classify
+    from scratchllm.train.setup import LORA_ALPHA, LORA_RANK
 
     settings = dict(
         model=str(base), data=str(spam_path), trainable=args.trainable, trainable_blocks=args.trainable_blocks,
@@ -106,10 +107,11 @@ def run_finetune(
     result = finetune_classify(ClassifyConfig(**settings), log=lambda s: None)
     seconds = time.perf_counter() - t
     trainable = settings["trainable"]
-    if trainable == "last_blocks":
+    if settings.get("lora"):
+        rank, alpha = settings.get("lora_rank", LORA_RANK), settings.get("lora_alpha", LORA_ALPHA)
+        trainable = f"lora r={rank} alpha={alpha:g}"
+    elif trainable == "last_blocks":
         trainable += f" k={settings['trainable_blocks']}"
-    if trainable == "lora":
-        trainable += f" r={settings.get('lora_rank', 8)} alpha={settings.get('lora_alpha', 16.0):g}"
     row = {
         "trainable": trainable,
         "pooling": settings["pooling"],
@@ -144,7 +146,7 @@ def main() -> None:
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--n-heads", type=int, default=6)
     p.add_argument("--context-length", type=int, default=128)
-    p.add_argument("--trainable", default="last_blocks", choices=["head", "last_blocks", "all", "lora"])
+    p.add_argument("--trainable", default="last_blocks", choices=["head", "last_blocks", "all"])
     p.add_argument("--trainable-blocks", type=int, default=2)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -197,7 +199,7 @@ def main() -> None:
             ("all parameters", dict(trainable="all", lr=3e-4)),
             ("last block (the book's k=1)", dict(trainable="last_blocks", trainable_blocks=1)),
             ("head only", dict(trainable="head", lr=3e-3)),
-            ("LoRA r=8 alpha=8 + head", dict(trainable="lora", lora_rank=8, lora_alpha=8.0, lr=3e-4)),
+            ("LoRA r=8 alpha=8 + head", dict(lora=True, lora_rank=8, lora_alpha=8.0, lr=3e-4)),
             ("last-token pooling (the book's)", dict(pooling="last")),
         ]
         from scratchllm.checkpoint import load_model, save_model

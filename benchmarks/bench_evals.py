@@ -1,11 +1,11 @@
-"""Multiple-choice scoring throughput (items/s): `scratchllm eval`'s scorer vs transformers, one process.
+"""Multiple-choice scoring throughput (items/s): `scratchllm eval-tasks`' scorer vs transformers, one process.
 
 A HellaSwag-format file is generated here (contexts and endings cut from the-verdict.txt, about as
 long as HellaSwag's: ~60-token contexts, four ~20-token endings). The GPT-2 124M shape gets random
 weights in a transformers GPT2LMHeadModel, which is saved and converted (scratchllm.hub) so both
 sides hold the same weights. Each side scores every item's four endings:
 
-- scratchllm `evaluate_task` (what `scratchllm eval` runs): tokenize, run each item's context once
+- scratchllm `evaluate_task` (what `scratchllm eval-tasks` runs): tokenize, run each item's context once
   and its four endings on copies of the context's KV cache (`score_choices`), and put only the
   positions that predict ending tokens through the output head;
 - scratchllm `loglikelihoods`: every (context, ending) as its own sequence, longest first, right
@@ -16,8 +16,9 @@ sides hold the same weights. Each side scores every item's four endings:
 
 Batch 1 (one sequence per forward pass; for `evaluate_task`, whose unit is an item, one item: its
 context and its four endings; on the first --items-batch1 items, as it is slow) and batched
-(--batch-size sequences, or endings, per forward pass). Candidates run in rotation so load changes hit them alike; each figure is the best
-of --repeats. The per-ending log-likelihoods of the sides are compared too.
+(--batch-size sequences, or endings, per forward pass). Candidates run in rotation so load changes
+hit them alike; each figure is the best of --repeats. The per-ending log-likelihoods of the sides are
+compared too.
 
     .venv/bin/python benchmarks/bench_evals.py            # several minutes on 2 cores
     .venv/bin/python benchmarks/bench_evals.py --quick
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 
 from scratchllm import hub
 from scratchllm.evals import EvalSettings, TaskFile, encode_context, evaluate_task, loglikelihoods, read_task
-from scratchllm.text.tokenizer import load_tokenizer
+from scratchllm.text.registry import load_tokenizer
 
 DATA = Path(os.environ.get("SCRATCHLLM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

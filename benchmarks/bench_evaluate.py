@@ -1,4 +1,4 @@
-"""Evaluation cost: `token_loss` (what `scratchllm evaluate` and pretraining's evaluations run) with the
+"""Evaluation cost: `token_loss` (what `scratchllm perplexity` and pretraining's evaluations run) with the
 model's fused head + cross-entropy, against the plain way (full logits, then `F.cross_entropy`).
 
 GPT-2 124M shape, random weights, batches of 8 windows of 1024 tokens, fp32 on the CPU. Each variant runs
@@ -53,11 +53,15 @@ def main() -> None:
         return
     results = {}
     for variant in ("plain", "fused"):
-        out = subprocess.run([sys.executable, __file__, "--child", variant, "--batches", str(args.batches)],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        cmd = [sys.executable, __file__, "--child", variant, "--batches", str(args.batches)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[variant] = r = json.loads(out.strip().splitlines()[-1])
-        print(f"{variant:6s} loss {r['loss']:.6f} over {r['tokens']} tokens: {r['seconds']:.1f} s "
-              f"({r['tokens'] / r['seconds']:.0f} tok/s), peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+        rate = r["tokens"] / r["seconds"]
+        print(
+            f"{variant:6s} loss {r['loss']:.6f} over {r['tokens']} tokens: {r['seconds']:.1f} s "
+            f"({rate:.0f} tok/s), peak RSS {r['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
     a, b = results["plain"], results["fused"]
     print(
         f"fused / plain: speed {a['seconds'] / b['seconds']:.2f}x, peak RSS {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x"

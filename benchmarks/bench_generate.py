@@ -92,8 +92,15 @@ def to_book(model: GPTModel):
     from llms_from_scratch.ch04 import GPTModel as BookGPT
 
     cfg = model.cfg
-    book_cfg = dict(vocab_size=cfg.vocab_size, context_length=cfg.context_length, emb_dim=cfg.emb_dim,
-                    n_heads=cfg.n_heads, n_layers=cfg.n_layers, drop_rate=0.0, qkv_bias=cfg.qkv_bias)  # fmt: skip
+    book_cfg = dict(
+        vocab_size=cfg.vocab_size,
+        context_length=cfg.context_length,
+        emb_dim=cfg.emb_dim,
+        n_heads=cfg.n_heads,
+        n_layers=cfg.n_layers,
+        drop_rate=0.0,
+        qkv_bias=cfg.qkv_bias,
+    )
     book = BookGPT(book_cfg).eval()
     book.load_state_dict(_book_state(model, book), strict=True)
     return book, book_cfg
@@ -153,8 +160,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="32 new tokens, 2 repeats")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time Engine(compile=True): torch.compile, CUDA graphs on GPUs")  # fmt: skip
+    compile_help = "also time Engine(compile=True): torch.compile, CUDA graphs on GPUs"
+    ap.add_argument("--compile", action="store_true", help=compile_help)
     args = ap.parse_args()
     if args.device == "cpu":
         dev = CPU
@@ -179,14 +186,19 @@ def main() -> None:
     torch.manual_seed(0)
     import transformers
 
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, python {platform.python_version()}")  # fmt: skip
+    cpu = platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
     print(
-        f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: libgomp spins)')}; load average at start: {load_average()}"
+        f"# machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({threads} threads), "
+        f"transformers {transformers.__version__}, python {platform.python_version()}"
     )
+    policy = os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp spins)")
+    print(f"# OMP_WAIT_POLICY={policy}; load average at start: {load_average()}")
     if gpu:
-        print(f"# device: {dev} ({torch.cuda.get_device_name(dev)}); every timing synchronizes the GPU "
-              f"before reading the clock; float32 matmul precision {torch.get_float32_matmul_precision()!r}")  # fmt: skip
+        print(
+            f"# device: {dev} ({torch.cuda.get_device_name(dev)}); every timing synchronizes the GPU before "
+            f"reading the clock; float32 matmul precision {torch.get_float32_matmul_precision()!r}"
+        )
     if not has_book:
         print("# llms_from_scratch is not installed: the book's contenders are skipped")
     bw = read_bandwidth(device=dev)
@@ -231,13 +243,12 @@ def main() -> None:
 
     def hf_generate(ids: torch.Tensor, n: int, lm: nn.Module = hf) -> torch.Tensor:
         with torch.inference_mode():
-            return lm.generate(ids, max_new_tokens=n, do_sample=False, use_cache=True,
-                               attention_mask=torch.ones_like(ids))[:, ids.shape[1]:]  # fmt: skip
+            mask = torch.ones_like(ids)
+            out = lm.generate(ids, max_new_tokens=n, do_sample=False, use_cache=True, attention_mask=mask)
+            return out[:, ids.shape[1] :]
 
     def book_kv_generate(ids: torch.Tensor, n: int) -> torch.Tensor:
-        # the book's cached loop (ch04/03_kv-cache), driven directly: the package's own
-        # kv_cache.generate.generate_text_simple expects model.cfg / reset_kv_cache, which its
-        # GPTModel lacks
+        # the book's cached loop, driven directly: the package's own one needs model.cfg / reset_kv_cache
         from llms_from_scratch.kv_cache.utils import KVCache
 
         with torch.no_grad():
@@ -289,8 +300,8 @@ def main() -> None:
     if gpu:
         print("  (bf16 runs, and fp32 ones with other GPU kernels, may part from fp32 after a near-tie)")
     else:
-        print("  (bf16 and int4 weights are rounded: with random weights, whose top logits nearly tie, they")
-        print("   part from fp32 after a few tokens; `scratchllm evaluate --quantize int4` measures quality)")
+        print("  (bf16 and int4 weights are rounded: random weights, whose top logits nearly tie, part")
+        print("   from fp32 after a few tokens; `scratchllm perplexity --quantize int4` measures quality)")
     if book_kv_error and has_book:
         print(f"  llms_from_scratch.kv_cache.gpt2.GPTModel is not usable: {book_kv_error}")
 
@@ -333,10 +344,13 @@ def main() -> None:
     for name, r in rates.items():
         best = max(r)
         nbytes = bytes32 // 2 if "bf16" in name else bytes4 if "int4" in name else bytes32
-        print(f"  {name:50s} {best:7.1f}  (median {statistics.median(r):6.1f})  {best / hf_best:5.2f}x transformers"
-              f"  {best * nbytes / 1e9 / bw:4.0%} of the bandwidth bound ({bw * 1e9 / nbytes:5.1f} tok/s)")  # fmt: skip
-    print(f"  weights read per token: {bytes32 / 1e6:.0f} MB fp32, {bytes32 / 2e6:.0f} MB bf16"
-          + (f", {bytes4 / 1e6:.0f} MB int4" if bytes4 else ""))  # fmt: skip
+        bound = bw * 1e9 / nbytes  # tokens/s if a step took only its weight reads
+        print(
+            f"  {name:50s} {best:7.1f}  (median {statistics.median(r):6.1f})  {best / hf_best:5.2f}x transformers"
+            f"  {best / bound:4.0%} of the bandwidth bound ({bound:5.1f} tok/s)"
+        )
+    int4 = f", {bytes4 / 1e6:.0f} MB int4" if bytes4 else ""
+    print(f"  weights read per token: {bytes32 / 1e6:.0f} MB fp32, {bytes32 / 2e6:.0f} MB bf16{int4}")
 
     # -- batch 8
     bp = torch.randint(0, 50256, (args.batch, args.prompt_len), generator=g)

@@ -13,7 +13,7 @@ Two measurements, both on ../shared/data/instruction-data.json in the book's spl
    Minutes per epoch = the padded tokens of one epoch / tokens per second.
 2. Validation loss after `--epochs` full epochs on a smaller shape (`--loss-shape`, default mini,
    because two epochs of gpt2-small take hours per side on a CPU): scratchllm through
-   `instruct_finetune` (the `finetune instruct` code path), the book through its ch07 script
+   `finetune_instruct` (the `finetune instruct` code path), the book through its ch07 script
    steps (DataLoader with shuffle, `train_model_simple` with eval_freq=5, eval_iter=5), from the
    same initial weights. Both final models are scored by both loss functions (ours: per target
    token over the whole validation set; the book's `calc_loss_loader`: mean of the batch means).
@@ -50,7 +50,7 @@ from scratchllm.finetune.instruct import (
     InstructConfig,
     InstructionDataset,
     InstructionTask,
-    instruct_finetune,
+    finetune_instruct,
     split_data,
 )
 from scratchllm.model.gpt import GPTModel, preset_config
@@ -206,7 +206,7 @@ def val_losses(shape: str, epochs: int, train, val, tokenizer, workdir: str) -> 
                          eval_every=0, sample_tokens=0, precision="fp32", device="cpu", progress=False, seed=123)  # fmt: skip
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        result = instruct_finetune(cfg)
+        result = finetune_instruct(cfg)
     ours_wall = time.perf_counter() - t0
     from scratchllm.checkpoint import load_model
 

@@ -1,10 +1,10 @@
 """Which way to compute the language-model loss is fastest on a device: the hand-fused head +
 cross-entropy (scratchllm/model/loss.py) at several chunk sizes, the plain `F.cross_entropy` of the full
 logits, and the model under torch.compile (which takes the plain loss). Each variant times the trainer's own
-steps (bench_train.py's "ours": default precision, fused AdamW, clipping) on the issue-4 throughput shape,
-in this one process, with the loss choice patched in.
+steps (bench_train.py's "ours": default precision, fused AdamW, clipping) on bench_train.py's throughput
+shape, in this one process, with the loss choice patched in.
 
-    python benchmarks/bench_loss.py --device cuda --batch 32      # what set GPU_CHUNK_ELEMENTS
+    python benchmarks/bench_loss.py --device cuda --batch 32      # the GPU chunk size (GPU_CHUNK_ELEMENTS)
     .venv/bin/python benchmarks/bench_loss.py --device cpu --batch 8 --steps 6 --warmup 3
 """
 
@@ -25,8 +25,16 @@ def _plain(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, ignore_index: int)
     return F.cross_entropy((x @ w.T).flatten(0, 1).float(), t.flatten(), ignore_index=ignore_index)
 
 
-def run(device: str, batch: int, steps: int, warmup: int, *, rows: int | None = None, plain: bool = False,
-        compile: bool = False) -> tuple[float, str, float | None]:  # fmt: skip
+def run(
+    device: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    *,
+    rows: int | None = None,
+    plain: bool = False,
+    compile: bool = False,
+) -> tuple[float, str, float | None]:
     """tokens/s, precision and peak GPU memory (MiB, None off CUDA) of `steps` timed trainer steps."""
     saved = loss_module.CHUNK_ELEMENTS, loss_module.GPU_CHUNK_ELEMENTS, gpt.linear_cross_entropy
     if rows is not None:
@@ -53,11 +61,15 @@ def main() -> None:
     args = p.parse_args()
     dev = pick_device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type.upper()
-    print(f"# {name}, torch {torch.__version__}, batch {args.batch} x {SHAPE['context_length']}, "
-          f"{args.steps} timed steps after {args.warmup}")  # fmt: skip
+    print(
+        f"# {name}, torch {torch.__version__}, batch {args.batch} x {SHAPE['context_length']}, "
+        f"{args.steps} timed steps after {args.warmup}"
+    )
     default_rows = loss_module.chunk_rows_for(dev.type, SHAPE["vocab_size"])
-    variants = [(f"fused, {r} rows per chunk" + (" (the default here)" if r == default_rows else ""), dict(rows=r))
-                for r in (128, 512, 2048, 8192)]  # fmt: skip
+    variants = []
+    for r in (128, 512, 2048, 8192):
+        default = " (the default here)" if r == default_rows else ""
+        variants.append((f"fused, {r} rows per chunk{default}", dict(rows=r)))
     # under torch.compile the model itself takes the plain loss (the compiler fuses it)
     variants += [
         ("plain F.cross_entropy", dict(plain=True)),

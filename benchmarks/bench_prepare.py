@@ -1,4 +1,4 @@
-"""`scratchllm prepare` throughput (MB/s of UTF-8 text) with 1 and 2 worker processes (issue: foundation, 4).
+"""`scratchllm prepare` throughput (MB/s of UTF-8 text) with 1 and 2 worker processes.
 
     python benchmarks/bench_prepare.py              # GPT-2 tokenizer (from ../shared/data) and the built-in corpus
     python benchmarks/bench_prepare.py --repeats 3
@@ -61,8 +61,10 @@ def main() -> None:
             tokens = meta["train_tokens"] + meta["val_tokens"]
             print(f"{name}: {mb / 1e6:.1f} MB, {tokens:,} tokens")
             for workers, (seconds, _) in sorted(best.items()):
-                print(f"  workers={workers}: {seconds:6.2f} s  {mb / 1e6 / seconds:6.2f} MB/s"
-                      f"  ({seconds1 / seconds:.2f}x workers=1)")  # fmt: skip
+                print(
+                    f"  workers={workers}: {seconds:6.2f} s  {mb / 1e6 / seconds:6.2f} MB/s"
+                    f"  ({seconds1 / seconds:.2f}x workers=1)"
+                )
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ The GPT-2 124M shape with random weights, a 32-token prompt, greedy decoding of 
 (where per-token overhead shows most), in fp32 on the CPU; candidates in rotation, best of --repeats.
 
 Then scoring prompts (the server's `echo` + `logprobs`, lm-evaluation-harness's log-likelihood requests):
---prompts texts of 20-200 tokens scored one forward pass each (`prompt_logprobs` in a loop, what the
-server did before) against `score_prompts` (padded into shared passes, only real positions through the
-output head), in tokens scored per second.
+--prompts texts of 20-200 tokens scored one forward pass each (`prompt_logprobs` in a loop) against
+`score_prompts` (padded into shared passes, only real positions through the output head), in tokens
+scored per second.
 
     .venv/bin/python benchmarks/bench_sampling.py
 """
@@ -58,8 +58,11 @@ def main() -> None:
     logits = torch.randn(1, model.cfg.vocab_size)
     seen = torch.rand(1, model.cfg.vocab_size) < 0.01
     counts = seen.float()
-    for name, kw in [("repetition", dict(seen=seen, repetition_penalty=1.2)),
-                     ("presence + frequency", dict(counts=counts, presence_penalty=0.5, frequency_penalty=0.5))]:  # fmt: skip
+    penalties = {
+        "repetition": dict(seen=seen, repetition_penalty=1.2),
+        "presence + frequency": dict(counts=counts, presence_penalty=0.5, frequency_penalty=0.5),
+    }
+    for name, kw in penalties.items():
         for _ in range(10):
             apply_penalties(logits, **kw)
         t0 = time.perf_counter()
@@ -67,8 +70,7 @@ def main() -> None:
             apply_penalties(logits, **kw)
         print(f"apply_penalties, {name}: {(time.perf_counter() - t0):.3f} ms per call (one 50257-token row)")
 
-    # sampling itself: ours (with its guard against a temperature so small that the logits overflow)
-    # against the book's steps (divide, top-k, softmax, draw), one row
+    # sampling itself, one row: ours (with its overflow guard) against the book's steps
     def book_sample(
         row: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator
     ) -> torch.Tensor:
@@ -110,8 +112,10 @@ def main() -> None:
             best[name] = min(best[name], time.perf_counter() - t0)
     one = best["prompt_logprobs, one by one"]
     for name, seconds in best.items():
-        print(f"{name:30s} {tokens / seconds:8.0f} tokens/s  ({one / seconds:.2f}x the one-by-one rate; "
-              f"{args.prompts} prompts, {tokens} tokens)")  # fmt: skip
+        print(
+            f"{name:30s} {tokens / seconds:8.0f} tokens/s  ({one / seconds:.2f}x the one-by-one rate; "
+            f"{args.prompts} prompts, {tokens} tokens)"
+        )
 
 
 if __name__ == "__main__":

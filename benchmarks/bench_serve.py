@@ -30,13 +30,16 @@ import torch
 
 from scratchllm.generation import Engine, GenerationConfig
 from scratchllm.model.gpt import GPTModel, preset_config
+from scratchllm.serve.app import create_app
 from scratchllm.serve.chat import chat_model
-from scratchllm.serve.server import BackgroundServer, create_app
-from scratchllm.text.tokenizer import load_tokenizer
+from scratchllm.text.registry import load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/ holds the server runner
+from tests.serve.helpers import BackgroundServer
 
 DATA = Path(os.environ.get("SCRATCHLLM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-SUBJECTS = ["the weather", "a cat", "the sea", "bread", "a train", "music", "the moon", "a garden", "chess",
-            "rivers", "winter", "a library", "coffee", "mountains", "a bridge", "the city"]  # fmt: skip
+SUBJECTS = ["the weather", "a cat", "the sea", "bread", "a train", "music", "the moon", "a garden", "chess"]
+SUBJECTS += ["rivers", "winter", "a library", "coffee", "mountains", "a bridge", "the city"]
 
 
 def load_average() -> str:
@@ -83,8 +86,7 @@ def main() -> None:
         return r.json()["usage"]["completion_tokens"]
 
     def engine_serial() -> int:
-        # on a worker thread, as in the server: under heavy CPU load, decoding on the main thread ran
-        # 5-10x slower than on a fresh thread with the same torch.get_num_threads() (OpenMP spin-waits?)
+        # on a worker thread, as in the server: under load the main thread decodes slowly (RESULTS.md)
         with ThreadPoolExecutor(max_workers=1) as worker:
             return worker.submit(
                 lambda: sum(engine.generate([p], cfg)[0].completion_tokens for p in prompts)
@@ -100,12 +102,14 @@ def main() -> None:
 
         return run
 
-    candidates = {"engine": engine_serial, "http-serial": http_serial, "queue-b1": concurrent(1),
-                  "queue-b8": concurrent(8), f"queue-b{n}": concurrent(n)}  # fmt: skip
+    candidates = {"engine": engine_serial, "http-serial": http_serial}
+    candidates |= {f"queue-b{b}": concurrent(b) for b in (1, 8, n)}
     best: dict[str, tuple[float, int]] = {}
-    print(f"# {args.preset} random weights, {n} requests x {args.max_tokens} tokens, greedy; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"load before: {load_average()}")  # fmt: skip
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"# {args.preset} random weights, {n} requests x {args.max_tokens} tokens, greedy; "
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; load before: {load_average()}"
+    )
     for _ in range(args.repeats):
         for name, fn in candidates.items():
             start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Pretraining benchmarks (issue: Stage 2, section 6), run peers side by side and print ratios.
+"""Pretraining benchmarks: run peers side by side and print ratios.
 
   python benchmarks/bench_train.py throughput    tokens/s of full training steps, ours vs the book vs transformers
   python benchmarks/bench_train.py shakespeare   val loss per wall-clock, character-level Tiny Shakespeare
@@ -10,7 +10,7 @@ batch size, default 8; --compile adds "ours compiled", our trainer under torch.c
 "transformers autocast" joins, transformers' model under bf16 autocast, as its GPU users train it).
 
 Every contender runs in a fresh subprocess (its own peak RSS, no shared allocator or thread state), one after
-the other, from this one command. Shapes and recipes are the issue's.
+the other, from this one command. The shape (SHAPE) and the recipes stay fixed so that runs compare.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -106,9 +107,20 @@ def run_ours(
     split = int(len(tokens) * 0.9)
     task = LanguageModelTask(tokens[:split], tokens[split:], ctx, batch, seed=0, eval_batches=1)
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-train-{os.getpid()}"
-    tcfg = TrainerConfig(out_dir=str(out), batch_size=batch, max_steps=steps + warmup, warmup_steps=10,
-                         eval_every=0, log_every=1, precision=precision, progress=False, device=device,
-                         checkpoint_every=0, lr=6e-4, compile=compile)  # fmt: skip
+    tcfg = TrainerConfig(
+        out_dir=str(out),
+        batch_size=batch,
+        max_steps=steps + warmup,
+        warmup_steps=10,
+        eval_every=0,
+        log_every=1,
+        precision=precision,
+        progress=False,
+        device=device,
+        checkpoint_every=0,
+        lr=6e-4,
+        compile=compile,
+    )
     trainer = Trainer(model, task, tcfg)
     # time the loop's own steps (the same code path as `scratchllm pretrain`), without the final eval/saves
     losses, t0 = [], None
@@ -134,8 +146,7 @@ def run_book(steps: int, warmup: int, batch: int = BATCH, device: str = "cpu") -
     from llms_from_scratch.ch04 import GPTModel
 
     torch.manual_seed(0)
-    cfg = {"vocab_size": SHAPE["vocab_size"], "context_length": SHAPE["context_length"], "emb_dim": SHAPE["emb_dim"],
-           "n_heads": SHAPE["n_heads"], "n_layers": SHAPE["n_layers"], "drop_rate": 0.0, "qkv_bias": False}  # fmt: skip
+    cfg = {**SHAPE, "qkv_bias": False}
     model = GPTModel(cfg)
     model.out_head.weight = model.tok_emb.weight  # tied, as the benchmark shape asks
     model.to(device)
@@ -167,9 +178,17 @@ def run_transformers(
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=SHAPE["vocab_size"], n_positions=SHAPE["context_length"], n_embd=SHAPE["emb_dim"],
-                     n_layer=SHAPE["n_layers"], n_head=SHAPE["n_heads"], resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, tie_word_embeddings=True)  # fmt: skip
+    cfg = GPT2Config(
+        vocab_size=SHAPE["vocab_size"],
+        n_positions=SHAPE["context_length"],
+        n_embd=SHAPE["emb_dim"],
+        n_layer=SHAPE["n_layers"],
+        n_head=SHAPE["n_heads"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+    )
     model = GPT2LMHeadModel(cfg).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
@@ -199,8 +218,8 @@ def run_transformers(
 
 def _child(args: argparse.Namespace) -> None:
     if args.child == "ours":
-        result = run_ours(args.steps, args.warmup, args.precision, args.preset, args.batch, args.real,
-                          args.device, args.compile)  # fmt: skip
+        settings = (args.steps, args.warmup, args.precision, args.preset, args.batch, args.real)
+        result = run_ours(*settings, args.device, args.compile)
     elif args.child == "book":
         result = run_book(args.steps, args.warmup, args.batch, args.device)
     else:
@@ -237,8 +256,10 @@ def throughput(
     steps: int, warmup: int, loss_steps: int, device: str = "cpu", batch: int = BATCH, compile: bool = False
 ) -> None:
     on = "" if device == "cpu" else f"; on {device}"
-    print(f"# training throughput: vocab 50257, context 256, 6 layers, 6 heads, 384 dims, batch {batch}, tied, "
-          f"dropout 0; {steps} timed steps after {warmup} warm-up steps{on}")  # fmt: skip
+    print(
+        f"# training throughput: vocab 50257, context 256, 6 layers, 6 heads, 384 dims, batch {batch}, tied, "
+        f"dropout 0; {steps} timed steps after {warmup} warm-up steps{on}"
+    )
     contenders: list[tuple[str, str, tuple[str, ...], bool]] = [  # name, child, flags, optional
         ("ours", "ours", (), False),
         ("ours fp32", "ours", ("--precision", "fp32"), False),
@@ -254,9 +275,9 @@ def throughput(
         contenders.append(("transformers autocast", "transformers", ("--autocast",), True))
     width = max(24, *(len(name) + 8 for name, *_ in contenders))
     rows = {}
+    common = ["--steps", str(steps), "--warmup", str(warmup), "--batch", str(batch), "--device", device]
     for name, child, extra, optional in contenders:
-        r = _spawn(child, "--steps", str(steps), "--warmup", str(warmup), "--batch", str(batch), "--device",
-                   device, *extra, optional=optional)  # fmt: skip
+        r = _spawn(child, *common, *extra, optional=optional)
         if r is None:
             continue
         rows[name] = r
@@ -270,36 +291,46 @@ def throughput(
     ours = rate["ours"]
     print(f"ours / best fp32 peer: {ours / best_peer:.2f}x (goal 2x = {2 * best_peer:.0f} tok/s)")
     if "ours compiled" in rate:
-        print(f"ours compiled / best fp32 peer: {rate['ours compiled'] / best_peer:.2f}x; "
-              f"ours compiled / ours: {rate['ours compiled'] / ours:.2f}x")  # fmt: skip
+        compiled = rate["ours compiled"]
+        print(
+            f"ours compiled / best fp32 peer: {compiled / best_peer:.2f}x; "
+            f"ours compiled / ours: {compiled / ours:.2f}x"
+        )
     if "transformers autocast" in rate:
         mixed = rate["transformers autocast"]
-        print(f"ours / transformers autocast (both bf16 mixed precision): {ours / mixed:.2f}x"
-              + (f"; ours compiled: {rate['ours compiled'] / mixed:.2f}x" if "ours compiled" in rate else ""))  # fmt: skip
+        also = f"; ours compiled: {rate['ours compiled'] / mixed:.2f}x" if "ours compiled" in rate else ""
+        print(f"ours / transformers autocast (both bf16 mixed precision): {ours / mixed:.2f}x{also}")
 
     # the loss over loss_steps steps on real text: our default precision against our fp32, same init and data
     missing = [f for f in ("tinyshakespeare.txt", "gpt2.tiktoken") if not (DATA / f).exists()]
     if missing:
-        print(f"loss tracking skipped: {', '.join(str(DATA / f) for f in missing)} not found "
-              "(set SCRATCHLLM_SHARED_DATA to the folder that holds them)")  # fmt: skip
+        print(
+            f"loss tracking skipped: {', '.join(str(DATA / f) for f in missing)} not found "
+            "(set SCRATCHLLM_SHARED_DATA to the folder that holds them)"
+        )
     else:
         _loss_tracking(loss_steps, device)
-    g = _spawn("ours", "--steps", str(max(3, steps // 4)), "--warmup", "2", "--preset", "gpt2-small", "--batch",
-               "4", "--device", device)  # fmt: skip
+    small = shlex.split("--warmup 2 --preset gpt2-small --batch 4")
+    g = _spawn("ours", "--steps", str(max(3, steps // 4)), *small, "--device", device)
     gpu = f", peak GPU memory {g['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in g else ""
-    print(f"gpt2-small preset, batch 4, context 256 ({g['precision']}): {g['tokens'] / g['seconds']:.0f} tok/s, "
-          f"peak RSS {g['peak_rss_mb']:.0f} MB{gpu}")  # fmt: skip
+    print(
+        f"gpt2-small preset, batch 4, context 256 ({g['precision']}): "
+        f"{g['tokens'] / g['seconds']:.0f} tok/s, peak RSS {g['peak_rss_mb']:.0f} MB{gpu}"
+    )
 
 
 def _loss_tracking(loss_steps: int, device: str) -> None:
-    a = _spawn("ours", "--steps", str(loss_steps), "--warmup", "0", "--real", "--device", device)
-    b = _spawn("ours", "--steps", str(loss_steps), "--warmup", "0", "--precision", "fp32", "--real", "--device",
-               device)  # fmt: skip
+    run = ["--steps", str(loss_steps), "--warmup", "0", "--real", "--device", device]
+    a = _spawn("ours", *run)
+    b = _spawn("ours", *run, "--precision", "fp32")
     diffs = [abs(x - y) for x, y in zip(a["losses"], b["losses"])]
     last = min(20, len(a["losses"]))
-    print(f"loss over {loss_steps} steps on Tiny Shakespeare (GPT-2 tokens), {a['precision']} vs fp32: first {a['losses'][0]:.4f} vs {b['losses'][0]:.4f}, "
-          f"last-{last} mean {sum(a['losses'][-last:]) / last:.4f} vs {sum(b['losses'][-last:]) / last:.4f}, "
-          f"max |diff| {max(diffs):.4f}, mean |diff| {sum(diffs) / len(diffs):.4f}")  # fmt: skip
+    print(
+        f"loss over {loss_steps} steps on Tiny Shakespeare (GPT-2 tokens), {a['precision']} vs fp32: "
+        f"first {a['losses'][0]:.4f} vs {b['losses'][0]:.4f}, "
+        f"last-{last} mean {sum(a['losses'][-last:]) / last:.4f} vs {sum(b['losses'][-last:]) / last:.4f}, "
+        f"max |diff| {max(diffs):.4f}, mean |diff| {sum(diffs) / len(diffs):.4f}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,8 +339,9 @@ def _loss_tracking(loss_steps: int, device: str) -> None:
 
 def _pretrain(out: Path, *flags: str) -> tuple[float, dict]:
     corpus = DATA / "tinyshakespeare.txt"
-    cmd = [sys.executable, "-m", "scratchllm", "pretrain", "--config", "shakespeare-char", "--corpus", str(corpus),
-           "--out-dir", str(out), "--progress", "false", "--sample-tokens", "0", "--device", "cpu", *flags]  # fmt: skip
+    quiet = shlex.split("--progress false --sample-tokens 0 --device cpu")
+    cmd = [sys.executable, "-m", "scratchllm", "pretrain", "--config", "shakespeare-char"]
+    cmd += ["--corpus", str(corpus), "--out-dir", str(out), *quiet, *flags]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -326,31 +358,38 @@ def shakespeare(seed: int | None = None) -> None:
     if not (DATA / "tinyshakespeare.txt").exists():
         print(f"skipped: {DATA / 'tinyshakespeare.txt'} not found")
         return
-    print("# quality per wall-clock: char-level Tiny Shakespeare, first 90% train / last 10% val, val loss on the "
-          "whole val split; wall = the whole `scratchllm pretrain` command (tokenizer, data, training, evals)")  # fmt: skip
+    print(
+        "# quality per wall-clock: char-level Tiny Shakespeare, first 90% train / last 10% val, val loss on "
+        "the whole val split; wall = the whole `scratchllm pretrain` command (tokenizer, data, training, evals)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [("the reference recipe, fp32", ["--precision", "fp32"]), ("the reference recipe, our defaults", []),
-                ("our best AdamW recipe", BEST_ADAMW), ("our best recipe (Muon)", BEST)]  # fmt: skip
-        for name, flags in runs:
+        runs = {
+            "the reference recipe, fp32": ["--precision", "fp32"],
+            "the reference recipe, our defaults": [],
+            "our best AdamW recipe": BEST_ADAMW,
+            "our best recipe (Muon)": BEST,
+        }
+        for name, flags in runs.items():
             flags = [*flags, "--seed", str(seed)] if seed is not None else flags
             wall, last = _pretrain(Path(tmp) / name.replace(" ", "_"), *flags)
-            print(f"{name:36s} val loss {last['val_loss']:.4f} at step {last['step']}, {wall:5.1f} s wall "
-                  f"({last['train_seconds']:.1f} s in training steps)  {' '.join(flags)}")  # fmt: skip
+            print(
+                f"{name:36s} val loss {last['val_loss']:.4f} at step {last['step']}, {wall:5.1f} s wall "
+                f"({last['train_seconds']:.1f} s in training steps)  {' '.join(flags)}"
+            )
     print("goal: val loss <= 1.886 in <= 50 s wall (the reference implementation: 1.886 in 99 s here)")
 
 
-# fp32 (this 0.8M-parameter model's matrices are too narrow for bf16 to pay off), a 6x larger learning rate
-# without weight decay, half the steps of batch 16: 1.02M tokens instead of 1.54M. (8e-3 reached 1.873 on an
-# AVX-512 CPU but 1.888 on an AVX2 one, whose fp32 rounding differs; 6e-3 reached 1.862 there, and 1.868 at worst
-# over seeds 0-2; shorter runs spread as widely over seeds as their gap to 1.886: see RESULTS.md.)
-BEST_ADAMW = ["--precision", "fp32", "--batch-size", "16", "--max-steps", "1000", "--lr", "6e-3", "--min-lr",
-              "6e-4", "--warmup-steps", "50", "--weight-decay", "0", "--eval-every", "0"]  # fmt: skip
-# Muon (train/muon.py) for the blocks' matrices reaches the loss in under half the steps: 380 x 16 windows
-# (0.39M tokens), lr 1e-2 without warmup (warmup 25 or 50 cost ~0.02 at 400-420 steps), momentum 0.9 (0.95:
-# ~0.01 higher): 1.858-1.870 over seeds 0-2 (RESULTS.md). Each step costs ~18 ms more for Newton-Schulz.
-BEST = ["--precision", "fp32", "--batch-size", "16", "--max-steps", "380", "--lr", "1e-2", "--min-lr", "1e-3",
-        "--warmup-steps", "0", "--weight-decay", "0", "--eval-every", "0", "--optimizer", "muon",
-        "--muon-momentum", "0.9"]  # fmt: skip
+# fp32 (the model is too narrow for bf16 to pay off), 6x the reference learning rate, fewer tokens; the
+# search and its seeds: see benchmarks/RESULTS.md
+BEST_ADAMW = shlex.split(
+    "--precision fp32 --batch-size 16 --max-steps 1000 --lr 6e-3 --min-lr 6e-4 --warmup-steps 50 "
+    "--weight-decay 0 --eval-every 0"
+)
+# Muon for the blocks' matrices reaches the loss in under half the steps (see benchmarks/RESULTS.md)
+BEST = shlex.split(
+    "--precision fp32 --batch-size 16 --max-steps 380 --lr 1e-2 --min-lr 1e-3 --warmup-steps 0 "
+    "--weight-decay 0 --eval-every 0 --optimizer muon --muon-momentum 0.9"
+)
 
 
 def main() -> None:

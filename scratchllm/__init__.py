@@ -28,7 +28,7 @@ _EXPORTS = {
     "LLM": "scratchllm.api",
     "load": "scratchllm.api",
     # Stage 1: text
-    "load_tokenizer": "scratchllm.text.tokenizer",
+    "load_tokenizer": "scratchllm.text.registry",
     "Tokenizer": "scratchllm.text.tokenizer",
     "SimpleTokenizer": "scratchllm.text.simple",
     "CharTokenizer": "scratchllm.text.char",
@@ -48,7 +48,7 @@ _EXPORTS = {
     "GenerationConfig": "scratchllm.generation",
     "generate": "scratchllm.generation",
     "generate_text_simple": "scratchllm.generation",
-    "load_model": "scratchllm.checkpoint",
+    "load_model": "scratchllm.hub",
     "save_model": "scratchllm.checkpoint",
     # Stage 2: training
     "Trainer": "scratchllm.train.trainer",

@@ -8,9 +8,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import LoadedModel, load_model, read_config, resolve_model
+from .checkpoint import LoadedModel, load_model, read_config
+from .device import pick_device
 from .errors import ScratchLLMError
-from .generation import Completion, Engine, GenerationConfig, Prompt, is_one_prompt
+from .finetune.classifier import predict
+from .generation import Completion, Engine, GenerationConfig, Prompt, is_one_prompt, resolve_dtype
+from .hub import resolve_model
+from .model.gpt import count_parameters
 
 
 class LLM:
@@ -39,9 +43,6 @@ class LLM:
         `dtype` "auto" is what the CLI uses: for generation bf16 where the hardware runs it fast, else
         fp32; fp32 for classifiers. `compile`: generate with `CompiledDecoding` (for GPUs).
         `quantize` "int4": int4 weights, for faster decoding on CPUs (model/quantize.py)."""
-        from .device import pick_device
-        from .generation import resolve_dtype
-
         if not isinstance(spec, (str, os.PathLike)):
             raise ScratchLLMError(
                 f"load: give a model directory or a GPT-2 name such as 'gpt2', got {type(spec).__name__}"
@@ -56,6 +57,7 @@ class LLM:
 
     @property
     def engine(self) -> Engine:
+        """The generation engine, made on first use (a classifier has none)."""
         if self._engine is None:
             if self.config.n_classes:
                 raise ScratchLLMError("this model is a classifier: use .classify(texts), not text generation")
@@ -86,8 +88,6 @@ class LLM:
 
     def classify(self, texts: str | Sequence[str]) -> list[dict[str, Any]]:
         """Labels and class probabilities of a finetuned classifier (see `scratchllm finetune classify`)."""
-        from .finetune.classify import predict
-
         if not self.config.n_classes:
             raise ScratchLLMError("this model is a language model, not a classifier; finetune one first")
         try:
@@ -100,8 +100,6 @@ class LLM:
 
     def __repr__(self) -> str:
         kind = f"classifier ({self.config.n_classes} classes)" if self.config.n_classes else "language model"
-        from .model.gpt import count_parameters
-
         return f"LLM({self.loaded.path}, {kind}, {count_parameters(self.model) / 1e6:.1f}M parameters)"
 
 

@@ -11,6 +11,7 @@ closest valid name. The resolved config is saved with every run (`dump_toml`).
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import copy
 import dataclasses
 import difflib
@@ -37,22 +38,105 @@ PRESET_PACKAGE = "scratchllm.configs"
 
 
 def setting(
-    default: Any, help: str, group: str = "settings", *, path: bool | str | tuple[str, ...] = False
+    default: Any,
+    help: str,
+    group: str = "settings",
+    *,
+    path: bool | str | tuple[str, ...] = False,
+    flags: tuple[str, ...] = (),
+    positional: bool | str = False,
+    choices: tuple[Any, ...] | None = None,
+    repeat: bool = False,
+    metavar: str | None = None,
+    required: bool = False,
+    exclusive: str = "",
+    only: tuple[str, ...] = (),
 ) -> Any:
     """A config field with its help text and the `[group]` it belongs to (mutable defaults are copied).
+
     `path`: the value is a path, which the run's saved settings hold as an absolute one (`dump_toml`):
     True, always a path; a tuple, a path where one exists (or a glob), else `hf:...`, `tiktoken:...` or
     one of these names, which win over a path of the same name (`builtin`, `gpt2`); "dir", a
-    directory where one exists, else a name (a model: a directory wins over the hub name)."""
-    meta = {"help": help, "group": group, "path": path}
-    if isinstance(default, (list, dict)):
+    directory where one exists, else a name (a model: a directory wins over the hub name).
+
+    How the command line spells it (`add_config_arguments`): `flags`, its spellings instead of
+    `--field-name`; `positional`, an argument without a flag (True, or argparse's nargs "?", "*", "+");
+    `choices`; `repeat`, a list given as a repeated flag (`--prompt A --prompt B`) instead of several
+    values after one; `metavar`; `required`; `exclusive`, the name of a group of settings of which one
+    at most may be given (required if any of them is). A field whose type is itself a settings
+    dataclass (`GenerationConfig`) lends its fields to the command as flags of their own: all of them, or
+    `only` these."""
+    cli = dict(
+        flags=flags,
+        positional=positional,
+        choices=choices,
+        repeat=repeat,
+        metavar=metavar,
+        required=required,
+        exclusive=exclusive,
+        only=only,
+    )
+    meta = {"help": help, "group": group, "path": path, "cli": cli}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """One setting of a config class as flags and files see it: a field, or a field of an embedded
+    settings dataclass (`owner` names the embedding field)."""
+
+    field: dataclasses.Field
+    type: Any
+    default: Any
+    owner: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.field.name
+
+    @property
+    def cli(self) -> dict[str, Any]:
+        return self.field.metadata.get("cli", {})
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _embedded(tp: Any) -> type | None:
+    inner, _ = _unwrap_optional(tp)
+    return inner if isinstance(inner, type) and dataclasses.is_dataclass(inner) else None
+
+
+def _leaves(cls: type) -> list[_Leaf]:
+    """The settings of `cls`: its fields, with an embedded settings dataclass's fields in its place."""
+    types_ = typing.get_type_hints(cls)
+    leaves = []
+    for f in dataclasses.fields(cls):
+        sub = _embedded(types_[f.name])
+        if sub is None:
+            leaves.append(_Leaf(f, types_[f.name], _default(f)))
+            continue
+        only = f.metadata.get("cli", {}).get("only") or ()
+        sub_default, sub_types = _default(f), typing.get_type_hints(sub)
+        for g in dataclasses.fields(sub):
+            if not only or g.name in only:
+                leaves.append(_Leaf(g, sub_types[g.name], getattr(sub_default, g.name), owner=f.name))
+    names = [leaf.name for leaf in leaves]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise TypeError(f"{cls.__name__}: settings named twice (an embedded dataclass's too): {twice}")
+    return leaves
+
+
 def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {leaf.name: leaf.type for leaf in _leaves(cls)}
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -64,14 +148,18 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _item_type(tp: Any) -> Any:
+    """The item type of a list setting (`list[str]`, `tuple[str, ...]`, `Sequence[str]`), else None."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list or (origin in (tuple, collections.abc.Sequence) and args and args[-1:] != ((),)):
+        return args[0]
+    return None
+
+
 def _type_name(tp: Any) -> str:
     inner, optional = _unwrap_optional(tp)
-    origin = typing.get_origin(inner)
-    name = (
-        f"list of {typing.get_args(inner)[0].__name__}"
-        if origin is list
-        else getattr(inner, "__name__", str(inner))
-    )
+    item = _item_type(inner)
+    name = f"list of {item.__name__}" if item is not None else getattr(inner, "__name__", str(inner))
     return f"{name} or none" if optional else name
 
 
@@ -84,11 +172,11 @@ def coerce(key: str, value: Any, tp: Any, where: str, *, toml: bool = False) -> 
         if optional:
             return None
         raise ScratchLLMError(f"{where}: {key} needs a value of type {_type_name(tp)}")
-    origin = typing.get_origin(inner)
-    if origin is list:
-        (item,) = typing.get_args(inner)
-        items = value if isinstance(value, list) else [value]
-        return [coerce(key, v, item, where, toml=toml) for v in items]
+    item = _item_type(inner)
+    if item is not None:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        values = [coerce(key, v, item, where, toml=toml) for v in items]
+        return values if typing.get_origin(inner) is list else tuple(values)
     if toml and isinstance(value, (dict, list)):
         raise ScratchLLMError(
             f"{where}: {key} is a TOML {'table' if isinstance(value, dict) else 'list'}, but it takes "
@@ -266,22 +354,31 @@ def _flatten(
     return flat
 
 
-def build_config(cls: type[C], file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-                 where: str = "config") -> C:  # fmt: skip
+def build_config(
+    cls: type[C],
+    file_values: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    where: str = "config",
+) -> C:
     """Defaults <- file values (TOML: typed) <- overrides (the command line: strings parsed by type),
-    each checked against the dataclass's fields and types."""
-    types_ = _field_types(cls)
-    valid = sorted(types_)
-    sections = {f.metadata.get("group", "settings") for f in dataclasses.fields(cls)}
-    from_file = _flatten(file_values or {}, where, sections, set(types_))
+    each checked against the dataclass's settings and types."""
+    leaves = {leaf.name: leaf for leaf in _leaves(cls)}
+    valid = sorted(leaves)
+    sections = {leaf.field.metadata.get("group", "settings") for leaf in leaves.values()}
+    from_file = _flatten(file_values or {}, where, sections, set(leaves))
     from_flags = {k: (v, "command line") for k, v in (overrides or {}).items()}
     values: dict[str, Any] = {}
     for flat, toml in ((from_file, True), (from_flags, False)):
         for key, (value, place) in flat.items():
-            if key not in types_:
+            if key not in leaves:
                 raise ScratchLLMError(f"{place}: unknown key {key!r}{_suggest(key, valid)}")
-            values[key] = coerce(key, value, types_[key], place, toml=toml)
-    return cls(**values)
+            values[key] = coerce(key, value, leaves[key].type, place, toml=toml)
+    own = {k: v for k, v in values.items() if not leaves[k].owner}
+    for f in dataclasses.fields(cls):
+        given = {k: v for k, v in values.items() if leaves[k].owner == f.name}
+        if given:
+            own[f.name] = dataclasses.replace(_default(f), **given)
+    return cls(**own)
 
 
 def load_config(
@@ -295,41 +392,112 @@ def load_config(
             raise ScratchLLMError(f"no preset {spec!r}; presets: {', '.join(preset_names())}")
         return build_config(cls, values, overrides, f"preset {spec!r}")
     file_values, where = find_config(spec) if spec else ({}, "defaults")
-    return build_config(cls, file_values, overrides, where)
+    cfg = build_config(cls, file_values, overrides, where)
+    check_required(cfg)
+    return cfg
 
 
 def add_config_arguments(
     parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), preset: str | None = None
 ) -> None:
-    """One `--kebab-case` flag per field, default None (= not given), grouped by the fields' `group`.
-    The help shows each default: the dataclass's, or with `preset` the preset's values."""
-    types_ = _field_types(cls)
+    """One `--kebab-case` flag per setting (or as `setting` spells it), default None (= not given),
+    grouped by the settings' `group`. The help shows each default: the dataclass's, or with `preset`
+    the preset's values."""
     groups: dict[str, argparse._ArgumentGroup] = {}
+    exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
     # the preset's own values, read from the package (never from a file of that name in the cwd)
-    preset_values = dataclasses.asdict(build_config(cls, read_preset(preset))) if preset else {}
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        group_name = f.metadata.get("group", "settings")
+    preset_values = _flat_values(build_config(cls, read_preset(preset))) if preset else {}
+    leaves = [leaf for leaf in _leaves(cls) if leaf.name not in skip]
+    for leaf in leaves:
+        group_name = leaf.field.metadata.get("group", "settings")
         group = groups.get(group_name) or groups.setdefault(
             group_name, parser.add_argument_group(f"{group_name} settings")
         )
-        tp = types_[f.name]
-        inner, _ = _unwrap_optional(tp)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        default = preset_values.get(f.name, default)
-        help_text = f.metadata.get("help", "")
-        if default not in (None, [], "") or "(default:" not in help_text:  # the help may say what empty means
-            help_text = re.sub(r"\s*\(default: [^)]*\)", "", help_text)
-            help_text = f"{help_text} (default: {default!r})".strip()
-        kwargs: dict[str, Any] = {"dest": f"cfg__{f.name}", "default": None, "help": help_text}
-        if typing.get_origin(inner) is list:
-            kwargs.update(nargs="+", metavar="VALUE")
-        elif inner is bool:  # `--mask-prompt` alone is `--mask-prompt true`
-            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        cli = leaf.cli
+        if cli.get("exclusive"):
+            name = cli["exclusive"]
+            if name not in exclusive:  # a required one is checked with the file's values (`check_required`)
+                exclusive[name] = group.add_mutually_exclusive_group()
+            group = exclusive[name]
+        names, kwargs = _argument(leaf, preset_values.get(leaf.name, leaf.default))
+        group.add_argument(*names, **kwargs)
+
+
+def _argument(leaf: _Leaf, default: Any) -> tuple[list[str], dict[str, Any]]:
+    """argparse's names and keywords for one setting: a flag (or positional) whose value, None when
+    not given, becomes the `cfg__NAME` override."""
+    cli = leaf.cli
+    help_text = leaf.field.metadata.get("help", "")
+    unset = default in (None, [], "")
+    must_give = cli.get("required") or (cli.get("positional") and unset)
+    if not must_give and (not unset or "(default:" not in help_text):  # the help may say what empty means
+        help_text = re.sub(r"\s*\(default: [^)]*\)", "", help_text)
+        help_text = f"{help_text} (default: {default!r})".strip()
+    inner, _ = _unwrap_optional(leaf.type)
+    is_list = _item_type(inner) is not None
+    kwargs: dict[str, Any] = {"default": None, "help": help_text}
+    if cli.get("choices") is not None:
+        kwargs["choices"] = [str(c) for c in cli["choices"]] if inner is not str else list(cli["choices"])
+    metavar = cli.get("metavar") or ("VALUE" if is_list else _type_name(leaf.type).split()[0].upper())
+    positional = cli.get("positional")
+    if positional:
+        nargs = positional if isinstance(positional, str) else ("+" if is_list else None)
+        kwargs.update(metavar=cli.get("metavar") or leaf.name.upper())
+        if nargs:
+            kwargs["nargs"] = nargs
+        if nargs == "*":
+            kwargs["default"] = argparse.SUPPRESS  # left out: not given (argparse would give [])
+        return [f"cfg__{leaf.name}"], kwargs
+    kwargs["dest"] = f"cfg__{leaf.name}"
+    if is_list:
+        # a flag alone empties a list whose default is not empty (`--special-tokens`: none)
+        nargs = "*" if default else "+"
+        kwargs.update(action="append") if cli.get("repeat") else kwargs.update(nargs=nargs)
+        kwargs["metavar"] = metavar
+    elif inner is bool:  # `--mask-prompt` alone is `--mask-prompt true`
+        kwargs.update(nargs="?", const="true", metavar="BOOL")
+    elif "choices" not in kwargs:
+        kwargs["metavar"] = metavar
+    names = list(cli.get("flags") or ()) or ["--" + leaf.name.replace("_", "-")]
+    return names, kwargs
+
+
+def _flat_values(cfg: Any) -> dict[str, Any]:
+    """Every setting of a config object by its flat name (an embedded dataclass's fields too)."""
+    values = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if _embedded(type(value)) is not None and dataclasses.is_dataclass(value):
+            values.update({g.name: getattr(value, g.name) for g in dataclasses.fields(value)})
         else:
-            kwargs.update(metavar=_type_name(tp).split()[0].upper())
-        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+            values[f.name] = value
+    return values
+
+
+def check_required(cfg: Any) -> None:
+    """A one-line error naming the required settings (`setting(..., required=True)`) that neither the
+    flags nor the settings file gave; of a one-of group (`exclusive`), one must be given."""
+    missing: list[str] = []
+    groups: dict[str, list[tuple[str, bool]]] = {}
+    for leaf in _leaves(type(cfg)):
+        if not leaf.cli.get("required"):
+            continue
+        flag = (leaf.cli.get("flags") or ("--" + leaf.name.replace("_", "-"),))[0]
+        if leaf.cli.get("positional"):
+            flag = leaf.cli.get("metavar") or leaf.name.upper()
+        value = _leaf_value(cfg, leaf)
+        given = value is not None and value is not False and value not in ("", [], ())
+        if leaf.cli.get("exclusive"):
+            groups.setdefault(leaf.cli["exclusive"], []).append((flag, given))
+        elif not given:
+            missing.append(flag)
+    missing += [
+        " or ".join(f for f, _ in members) for members in groups.values() if not any(g for _, g in members)
+    ]
+    if missing:
+        raise ScratchLLMError(
+            f"the following arguments are required: {', '.join(missing)} (on the command line, or in a --config file)"
+        )
 
 
 def reject_unused_flags(flags: dict[str, Any], prefix: str, needs: str) -> None:
@@ -341,6 +509,7 @@ def reject_unused_flags(flags: dict[str, Any], prefix: str, needs: str) -> None:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line."""
     return {k[len("cfg__") :]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
 
 
@@ -371,11 +540,15 @@ def _absolute(value: str, kind: bool | str | tuple[str, ...]) -> str:
     return os.path.abspath(path)
 
 
+def _leaf_value(cfg: Any, leaf: _Leaf) -> Any:
+    return getattr(getattr(cfg, leaf.owner), leaf.name) if leaf.owner else getattr(cfg, leaf.name)
+
+
 def saved_value(cfg: Any, name: str) -> Any:
     """The setting `name` as the run's saved settings hold it: a path as an absolute one (`setting`'s
     `path`), so that it means the same from any directory."""
-    value = getattr(cfg, name)
-    kind = next(f for f in dataclasses.fields(cfg) if f.name == name).metadata.get("path", False)
+    leaf = next(leaf for leaf in _leaves(type(cfg)) if leaf.name == name)
+    value, kind = _leaf_value(cfg, leaf), leaf.field.metadata.get("path", False)
     if value is None:
         return value
     return [_absolute(v, kind) for v in value] if isinstance(value, list) else _absolute(value, kind)
@@ -386,12 +559,10 @@ def dump_toml(cfg: Any) -> str:
     Relative paths become absolute, so the saved settings (a run's config.toml, which `--resume`
     reads) mean the same from any directory."""
     sections: dict[str, list[str]] = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value is None:
+    for leaf in _leaves(type(cfg)):
+        if _leaf_value(cfg, leaf) is None:
             continue
-        value = saved_value(cfg, f.name)
-        sections.setdefault(f.metadata.get("group", "settings"), []).append(
-            f"{f.name} = {_toml_value(value)}"
+        sections.setdefault(leaf.field.metadata.get("group", "settings"), []).append(
+            f"{leaf.name} = {_toml_value(saved_value(cfg, leaf.name))}"
         )
     return "\n".join(f"[{name}]\n" + "\n".join(lines) + "\n" for name, lines in sections.items())

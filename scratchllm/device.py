@@ -98,8 +98,18 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, for the MFU estimate.
-_GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-              "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # fmt: skip
+_GPU_PEAKS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "4090": 165e12,
+    "3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
 _measured_peaks: dict[tuple[str, str], float] = {}
 
 

@@ -252,12 +252,13 @@ def read_json_records(
     hint: str = "one JSON object per line",
     unwrap: str | None = None,
 ) -> list[tuple[str, int, dict[str, Any]]]:
-    """`(where, number, object)` for the objects of a JSON Lines file (one per line; blank lines skipped) or of a JSON file holding
-    a list (told apart by the `.jsonl` suffix or a leading `[`), each with where it came from
-    (`path, line N` or `path, record [i]`, for error messages) and its 1-based line or list position. Every problem (missing, not UTF-8,
-    bad JSON, not an object, no records) is a one-line `ScratchLLMError` naming the file and line;
-    `what` and `hint` say what the file should be. `unwrap`: a JSON object whose `unwrap` key holds
-    the list (a file this package wrote with its records inside) stands for that list."""
+    """`(where, number, object)` for the objects of a JSON Lines file (one per line; blank lines
+    skipped) or of a JSON file holding a list (told apart by the `.jsonl` suffix or a leading `[`), each
+    with where it came from (`path, line N` or `path, record [i]`, for error messages) and its 1-based
+    line or list position. Every problem (missing, not UTF-8, bad JSON, not an object, no records) is a
+    one-line `ScratchLLMError` naming the file and line; `what` and `hint` say what the file should be.
+    `unwrap`: a JSON object whose `unwrap` key holds the list (a file this package wrote with its
+    records inside) stands for that list."""
     from .errors import ScratchLLMError
 
     path = Path(path).expanduser()

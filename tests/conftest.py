@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -93,3 +93,11 @@ def auto_picks_bf16(request, monkeypatch) -> bool:
     this machine's CPU would pick."""
     monkeypatch.setenv(CPU_BF16_ENV, "1" if request.param else "0")
     return request.param
+
+
+def exit_code(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """The exit code of a command line that is refused: argparse's (it exits) or ours (returned)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)

@@ -4,11 +4,13 @@ both ways (`auto_picks_bf16`), so an AVX2 machine runs the bf16 paths an AVX-512
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 import torch
 
 import scratchllm.train.muon as muon
+import scratchllm.train.optim as optim
 import scratchllm.train.trainer as trainer
 from scratchllm.cli import main
 from scratchllm.device import resolve_precision
@@ -27,8 +29,15 @@ def byte_model(tmp_path_factory):
     from scratchllm.checkpoint import save_model
 
     tok = BPETokenizer({bytes([b]): b for b in range(256)})
-    cfg = GPTConfig(vocab_size=tok.vocab_size, context_length=256, emb_dim=64, n_heads=4, n_layers=2,
-                    drop_rate=0.0, qkv_bias=True)  # fmt: skip
+    cfg = GPTConfig(
+        vocab_size=tok.vocab_size,
+        context_length=256,
+        emb_dim=64,
+        n_heads=4,
+        n_layers=2,
+        drop_rate=0.0,
+        qkv_bias=True,
+    )
     torch.manual_seed(0)
     model = GPTModel(cfg).eval()
     with torch.no_grad():
@@ -64,8 +73,8 @@ def test_a_bad_override_is_one_line(monkeypatch):
 def test_generate_a_batch_down_every_auto_path(byte_model, auto_picks_bf16, quantize, capsys):
     """A batch of prompts of different lengths (left-padded, the last position sliced per row) with the
     `auto` dtype, as `generate`, `respond` and the server run it: the same text as the dtype named."""
-    args = ["generate", "--model", str(byte_model), "--device", "cpu", "--prompt", "The", "--prompt",
-            "A list of", "--max-new-tokens", "8", "--quiet", *quantize]  # fmt: skip
+    settings = shlex.split("--device cpu --prompt The --prompt 'A list of' --max-new-tokens 8 --quiet")
+    args = ["generate", "--model", str(byte_model), *settings, *quantize]
     assert main([*args, "--dtype", "auto"]) == 0
     auto = capsys.readouterr().out
     assert main([*args, "--dtype", "bf16" if auto_picks_bf16 else "fp32"]) == 0
@@ -77,12 +86,14 @@ def test_respond_with_int4_down_every_auto_path(byte_model, auto_picks_bf16, tmp
     if not int4_supported():
         pytest.skip("this PyTorch lacks the int4 CPU kernel")
     data = tmp_path / "test.json"
-    records = [{"instruction": "Name a color.", "input": "", "output": "Red."},
-               {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]  # fmt: skip
+    records = [
+        {"instruction": "Name a color.", "input": "", "output": "Red."},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    ]
     data.write_text(json.dumps(records))
     out = tmp_path / "r.json"
-    code = main(["respond", "--model", str(byte_model), "--data", str(data), "--out", str(out),
-                 "--max-new-tokens", "4", "--quiet", "--device", "cpu", "--quantize", "int4"])  # fmt: skip
+    settings = shlex.split("--max-new-tokens 4 --quiet --device cpu --quantize int4")
+    code = main(["respond", "--model", str(byte_model), "--data", str(data), "--out", str(out), *settings])
     assert code == 0
     assert [r["instruction"] for r in json.loads(out.read_text())] == [r["instruction"] for r in records]
 
@@ -92,8 +103,8 @@ def test_evaluate_down_every_auto_path(byte_model, auto_picks_bf16, tmp_path, ca
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 10)
     losses = {}
     for precision in ("auto", "bf16" if auto_picks_bf16 else "fp32"):
-        assert main(["evaluate", "--model", str(byte_model), "--corpus", str(corpus), "--device", "cpu",
-                     "--precision", precision, "--json"]) == 0  # fmt: skip
+        args = ["perplexity", "--model", str(byte_model), "--corpus", str(corpus), "--device", "cpu"]
+        assert main([*args, "--precision", precision, "--json"]) == 0
         losses[precision] = json.loads(capsys.readouterr().out)["loss"]
     assert len(set(losses.values())) == 1
 
@@ -108,12 +119,14 @@ def test_pretrain_down_every_auto_path(auto_picks_bf16, optimizer, tmp_path, mon
     monkeypatch.setattr(muon, "newton_schulz", lambda g, *a: ns_dtypes.add(g.dtype) or newton_schulz(g, *a))
     corpus = tmp_path / "c.txt"
     corpus.write_text("one two three four five six seven eight " * 300)
+    settings = shlex.split(
+        "--vocab-size 300 --model nano --context-length 16 --max-steps 2 --eval-every 0 --batch-size 2 "
+        "--progress false --sample-tokens 0 --device cpu --workers 1"
+    )
     for precision in ("auto", "fp32"):
         out = tmp_path / precision
-        code = main(["pretrain", "--corpus", str(corpus), "--vocab-size", "300", "--model", "nano",
-                     "--context-length", "16", "--max-steps", "2", "--eval-every", "0", "--batch-size", "2",
-                     "--progress", "false", "--sample-tokens", "0", "--device", "cpu", "--workers", "1",
-                     "--precision", precision, "--optimizer", optimizer, "--out-dir", str(out)])  # fmt: skip
+        choices = ["--precision", precision, "--optimizer", optimizer, "--out-dir", str(out)]
+        code = main(["pretrain", "--corpus", str(corpus), *settings, *choices])
         assert code == 0
         records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["kind"] == "train")
@@ -129,5 +142,5 @@ def test_make_optimizer_keeps_muon_in_fp32_for_fp32_training(monkeypatch):
     monkeypatch.setenv("SCRATCHLLM_CPU_BF16", "1")
     model = GPTModel(preset_config("nano", vocab_size=64, context_length=16))
     cfg = trainer.TrainerConfig(optimizer="muon")
-    assert trainer.make_optimizer(model, cfg, CPU, "fp32").ns_dtype == torch.float32
-    assert trainer.make_optimizer(model, cfg, CPU, "bf16").ns_dtype is None  # bf16 where fast
+    assert optim.make_optimizer(model, cfg, CPU, "fp32").ns_dtype == torch.float32
+    assert optim.make_optimizer(model, cfg, CPU, "bf16").ns_dtype is None  # bf16 where fast

@@ -7,24 +7,30 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from scratchllm import checkpoint
 from scratchllm.checkpoint import (
-    CONFIG_FILE,
     WEIGHTS_FILE,
     load_model,
     load_state_dict_strict,
-    model_info,
     read_config,
     save_model,
 )
 from scratchllm.cli import main
+from scratchllm.cli import main as table_main
+from scratchllm.config import load_config
 from scratchllm.errors import ScratchLLMError
-from scratchllm.model.gpt import GPTConfig, GPTModel
+from scratchllm.fileio import CONFIG_FILE
+from scratchllm.hub import info as hub_info
+from scratchllm.hub import model_info
+from scratchllm.model.gpt import PRESETS, GPTConfig, GPTModel
 from scratchllm.text.simple import SimpleTokenizer
+from scratchllm.train.pretrain import PretrainConfig
+from tests.conftest import exit_code
 
 TINY = dict(vocab_size=60, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 
@@ -155,8 +161,6 @@ def test_save_overwrites_atomically(tmp_path, monkeypatch):
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
-
-    import safetensors.torch
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(
@@ -460,8 +464,6 @@ def test_info_cli_json_and_hub_name_without_download(capsys, tmp_path, monkeypat
 
 
 def test_info_cli_lists_the_presets(capsys):
-    from scratchllm.model.gpt import PRESETS
-
     assert main(["info", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split() for line in lines[1:-1]}
@@ -474,8 +476,6 @@ def test_info_cli_lists_the_presets(capsys):
 def test_training_help_shows_the_defaults_that_apply(capsys):
     """`demo --help` shows the demo preset's values; a help text that says what an empty default
     means is not followed by a second, literal default."""
-    from scratchllm.config import load_config
-    from scratchllm.train.pretrain import PretrainConfig
 
     demo = load_config(PretrainConfig, "demo")
     with pytest.raises(SystemExit):
@@ -502,9 +502,39 @@ def test_info_cli_errors(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["info", "--model", str(tmp_path / "empty")]) == 2
     assert "config.json is missing" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["info"])  # neither --preset nor --model
-    assert e.value.code == 2
+    assert exit_code(main, ["info"]) == 2  # neither --preset nor --model
+
+
+def test_info_flags_become_settings(monkeypatch):
+    seen = []
+    monkeypatch.setattr(hub_info, "info_command", seen.append)
+    for argv in (["--list"], ["--list", "--json"], ["--preset", "nano"], ["--model", "runs/m", "--json"]):
+        assert table_main(["info", *argv]) == 0
+    assert seen == [
+        hub_info.InfoSettings(list_presets=True),
+        hub_info.InfoSettings(list_presets=True, json=True),
+        hub_info.InfoSettings(preset="nano"),
+        hub_info.InfoSettings(model="runs/m", json=True),
+    ]
+    for argv in ([], ["--preset", "nano", "--model", "m"], ["--list", "--preset", "nano"]):
+        assert exit_code(table_main, ["info", *argv]) == 2  # one of --list, --preset, --model
+
+
+def test_info_through_the_table(capsys, saved):
+    assert table_main(["info", "--preset", "gpt2-small"]) == 0
+    assert "parameters       124,439,808" in capsys.readouterr().out
+    assert table_main(["info", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:-1]] == list(PRESETS)
+    assert table_main(["info", "--list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gpt2-xl"]["parameters"] == 1_557_611_200
+    path, model = saved
+    assert table_main(["info", "--model", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == sum(p.numel() for p in model.parameters())
+    assert table_main(["info", "--preset", "gpt5"]) == 2
+    assert "unknown model preset 'gpt5'" in capsys.readouterr().err
+    assert table_main(["info", "--list", "false"]) == 2  # given, yet nothing asked
+    assert "required: --list or --preset or --model" in capsys.readouterr().err
 
 
 def test_info_cli_process_exit_code(tmp_path):
@@ -527,8 +557,6 @@ ENOSPC_MESSAGE = "Error while serializing: I/O error: No space left on device (o
 def fill_the_disk(monkeypatch, when=lambda path: True) -> None:
     """safetensors' save_file writes part of the file, then fails as it does on a full disk, for the
     paths `when` accepts."""
-    import safetensors.torch
-    from safetensors import SafetensorError
 
     def failing_save_file(tensors, filename, metadata=None):
         if not when(str(filename)):
@@ -561,9 +589,6 @@ def test_a_full_disk_while_writing_the_weights_keeps_the_old_directory(tmp_path,
 
 
 def test_write_weights_raises_only_failed_writes_as_os_errors(tmp_path, monkeypatch):
-    import safetensors.torch
-    from safetensors import SafetensorError
-
     def not_io(tensors, filename, metadata=None):
         raise SafetensorError("You are trying to save a non contiguous tensor")
 
@@ -579,10 +604,39 @@ def test_a_full_disk_during_training_is_one_line_from_the_cli(tmp_path, monkeypa
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat on the mat and ran. " * 200, encoding="utf-8")
     out = tmp_path / "run"
-    args = ["pretrain", "--corpus", str(corpus), "--tokenizer", "char", "--model", "nano", "--context-length",
-            "16", "--batch-size", "2", "--max-steps", "2", "--checkpoint-every", "1", "--eval-every", "0",
-            "--eval-batches", "1", "--warmup-steps", "1", "--sample-tokens", "0", "--progress", "false",
-            "--workers", "1", "--device", "cpu", "--out-dir", str(out)]  # fmt: skip
+    args = [
+        "pretrain",
+        "--corpus",
+        str(corpus),
+        "--tokenizer",
+        "char",
+        "--model",
+        "nano",
+        "--context-length",
+        "16",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--progress",
+        "false",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out),
+    ]
     # the second checkpoint's weights do not fit: the first one stays the run's last
     fill_the_disk(monkeypatch, when=lambda path: ".step-000002." in path)
     assert main(args) == 2
@@ -629,8 +683,10 @@ def test_non_finite_weights_exit_2_from_generate_and_evaluate(tmp_path, capsys):
     path = save_model(tmp_path / "m", tiny_model(), SimpleTokenizer.from_corpus("a b c"))
     rewrite_weights(path, lambda t: t["final_norm.scale"].fill_(float("nan")))
     (tmp_path / "text.txt").write_text("a b c a b c a b c a b c a b c a b c a b c\n")
-    for argv in (["generate", "--model", str(path), "--prompt", "a", "--max-new-tokens", "2"],
-                 ["evaluate", "--model", str(path), "--corpus", str(tmp_path / "text.txt")]):  # fmt: skip
+    for argv in (
+        ["generate", "--model", str(path), "--prompt", "a", "--max-new-tokens", "2"],
+        ["perplexity", "--model", str(path), "--corpus", str(tmp_path / "text.txt")],
+    ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert (

@@ -5,6 +5,7 @@ where `--device auto` picks the GPU."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -129,17 +130,19 @@ def test_cli_pretrain_generate_and_evaluate_on_cuda(tmp_path, capsys):
             " ".join(words[j] for j in rng.integers(0, 9, 800)), encoding="utf-8"
         )
     out = tmp_path / "run"
-    assert main(["pretrain", "--corpus", str(corpus), "--vocab-size", "280", "--model", "nano", "--context-length",
-                 "32", "--batch-size", "8", "--max-steps", "30", "--eval-every", "15", "--progress", "false",
-                 "--sample-tokens", "8", "--workers", "1", "--out-dir", str(out)]) == 0  # fmt: skip
+    settings = shlex.split(
+        "--vocab-size 280 --model nano --context-length 32 --batch-size 8 --max-steps 30 --eval-every 15 "
+        "--progress false --sample-tokens 8 --workers 1"
+    )
+    assert main(["pretrain", "--corpus", str(corpus), *settings, "--out-dir", str(out)]) == 0
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["kind"] == "eval" and np.isfinite(record["val_loss"])
     capsys.readouterr()
-    assert main(["generate", "--model", str(out / "model"), "--prompt", "the cat", "--max-new-tokens", "10",
-                 "--device", "cuda", "--quiet"]) == 0  # fmt: skip
+    generate = shlex.split("generate --prompt 'the cat' --max-new-tokens 10 --device cuda --quiet")
+    assert main([*generate, "--model", str(out / "model")]) == 0
     assert capsys.readouterr().out.endswith("\n")
-    assert main(["evaluate", "--model", str(out / "model"), "--corpus", str(corpus / "d0.txt"), "--device", "cuda",
-                 "--json"]) == 0  # fmt: skip
+    perplexity = ["perplexity", "--model", str(out / "model"), "--corpus", str(corpus / "d0.txt")]
+    assert main([*perplexity, "--device", "cuda", "--json"]) == 0
     assert np.isfinite(json.loads(capsys.readouterr().out)["loss"])
 
 
@@ -173,21 +176,25 @@ def test_torchrun_on_cuda(tmp_path, mode):
     rng = np.random.default_rng(1)
     corpus.write_text(" ".join(words[i] for i in rng.integers(0, len(words), 20_000)), encoding="utf-8")
 
+    settings = shlex.split(
+        "--vocab-size 270 --model nano --context-length 32 --max-steps 12 --eval-every 6 --eval-batches 2 "
+        "--drop-rate 0 --progress false --sample-tokens 0 --warmup-steps 2 --workers 1 --device cuda "
+        "--precision fp32"
+    )
+
     def args(out, batch):
-        return ["pretrain", "--corpus", str(corpus), "--vocab-size", "270", "--model", "nano", "--context-length",
-                "32", "--max-steps", "12", "--eval-every", "6", "--eval-batches", "2", "--drop-rate", "0",
-                "--progress", "false", "--sample-tokens", "0", "--warmup-steps", "2", "--workers", "1",
-                "--device", "cuda", "--precision", "fp32", "--batch-size", str(batch), "--out-dir", str(out)]  # fmt: skip
+        paths = ["--corpus", str(corpus), "--out-dir", str(out)]
+        return ["pretrain", *paths, *settings, "--batch-size", str(batch)]
 
     extra = ["--fsdp", "true"] if mode == "fsdp" else []
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "-m", "scratchllm", *args(tmp_path / mode, 4), *extra], capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*torchrun, "-m", "scratchllm", *args(tmp_path / mode, 4), *extra]
+    launched = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if torch.cuda.device_count() < 2:
         assert launched.returncode != 0 and "local rank 1 has no GPU" in launched.stderr
         return
     assert launched.returncode == 0, launched.stderr[-3000:]
-    plain = subprocess.run([sys.executable, "-m", "scratchllm", *args(tmp_path / "plain", 8)], capture_output=True,
-                           text=True, timeout=300)  # fmt: skip
+    command = [sys.executable, "-m", "scratchllm", *args(tmp_path / "plain", 8)]
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0, plain.stderr[-3000:]
     np.testing.assert_allclose(_losses(tmp_path / mode), _losses(tmp_path / "plain"), rtol=1e-4, atol=1e-4)

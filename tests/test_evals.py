@@ -1,10 +1,12 @@
 """Zero-/few-shot evaluation: log-likelihoods against transformers, a trained model that solves a
-copy task, K-shot prompts, task-file errors and the `scratchllm eval` command."""
+copy task, K-shot prompts, task-file errors and the `scratchllm eval-tasks` command."""
 
 from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +16,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchllm import hub
+from scratchllm import cli, hub
+from scratchllm.checkpoint import save_model
 from scratchllm.cli import main
+from scratchllm.config import load_config, overrides_from_args
 from scratchllm.errors import ScratchLLMError
 from scratchllm.evals import (
     EvalSettings,
+    EvalTasksSettings,
     FewShot,
     GenerationItem,
     MultipleChoiceItem,
@@ -33,7 +38,9 @@ from scratchllm.evals import (
 )
 from scratchllm.generation import Engine, GenerationConfig
 from scratchllm.model.gpt import GPTConfig, GPTModel
-from scratchllm.text.tokenizer import load_tokenizer
+from scratchllm.text.bpe import BPETokenizer
+from scratchllm.text.registry import load_tokenizer
+from tests.generation.helpers import tiny_model
 
 from .conftest import require_transformers, shared_file, single_thread
 
@@ -306,7 +313,7 @@ def test_malformed_task_files_name_the_line_and_field(tmp_path, lines, message):
 
 def test_cli_reports_a_malformed_task_in_one_line_before_loading_the_model(tmp_path, capsys):
     path = write_jsonl(tmp_path / "bad.jsonl", [HS_OK, {"ctx": "c", "label": 0}])
-    code = main(["eval", "--model", str(tmp_path / "no-such-model"), "--task", str(path), "--quiet"])
+    code = main(["eval-tasks", "--model", str(tmp_path / "no-such-model"), "--task", str(path), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "bad.jsonl, line 2: missing field 'endings'" in err
@@ -328,10 +335,116 @@ def test_bad_settings_are_errors(gpt2_pair, settings_, message):
 
 
 def test_eval_and_evaluate_point_at_each_other(capsys):
-    for command, other in (("eval", "scratchllm evaluate"), ("evaluate", "scratchllm eval`")):
+    for command, other in (("eval-tasks", "scratchllm perplexity"), ("perplexity", "scratchllm eval-tasks")):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert other in " ".join(capsys.readouterr().out.split())
+
+
+def _eval_tasks_settings(argv: list[str]) -> EvalTasksSettings:
+    args = cli.build_parser(cli.COMMANDS["eval-tasks"]).parse_args(["eval-tasks", *argv])
+    return load_config(EvalTasksSettings, None, overrides_from_args(args))
+
+
+def test_eval_tasks_flags_become_settings():
+    s = _eval_tasks_settings(["--model", "m", "--task", "t.jsonl"])
+    assert s == EvalTasksSettings(model="m", task="t.jsonl") and s.eval == EvalSettings()
+    assert (s.device, s.precision, s.out, s.json, s.quiet) == ("auto", "fp32", None, False, False)
+    flags = ["--model", "m", "--task", "t.jsonl", "--shots", "3", "--fewshot-file", "pool.jsonl"]
+    flags += [
+        "--seed",
+        "7",
+        "--separator",
+        "\\n",
+        "--target-delimiter",
+        ":",
+        "--limit",
+        "5",
+        "--batch-size",
+        "4",
+    ]
+    flags += [
+        "--max-new-tokens",
+        "9",
+        "--stop",
+        "A",
+        "--stop",
+        "\\n\\n",
+        "--format",
+        "choice",
+        "--device",
+        "cpu",
+    ]
+    flags += ["--precision", "bf16", "--out", "o.json", "--json", "--quiet", "--holdout", "2"]
+    s = _eval_tasks_settings(flags)
+    assert s.eval == EvalSettings(
+        shots=3,
+        fewshot_file="pool.jsonl",
+        holdout=2,
+        seed=7,
+        separator="\\n",  # as typed: the command unescapes it
+        target_delimiter=":",
+        limit=5,
+        batch_size=4,
+        max_new_tokens=9,
+        stop=("A", "\\n\\n"),
+        format="choice",
+    )
+    assert (s.device, s.precision, s.out, s.json, s.quiet) == ("cpu", "bf16", "o.json", True, True)
+    with pytest.raises(ScratchLLMError, match="required: --task"):
+        _eval_tasks_settings(["--model", "m"])
+
+
+@pytest.fixture
+def byte_model_dir(tmp_path):
+    tok = BPETokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|endoftext|>": 256})
+    save_model(tmp_path / "m", tiny_model(vocab=tok.vocab_size, ctx=64), tok)
+    return str(tmp_path / "m")
+
+
+def test_eval_tasks_runs_through_the_command_table_and_unescapes_its_texts(byte_model_dir, tmp_path, capsys):
+    task = write_jsonl(tmp_path / "choice.jsonl", copy_task_records(6, seed=4))
+    out = tmp_path / "r.json"
+    args = ["eval-tasks", "--model", byte_model_dir, "--task", str(task), "--shots", "1", "--device", "cpu"]
+    args += ["--separator", "\\n\\t", "--target-delimiter", "\\t", "--out", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert (result["settings"]["separator"], result["settings"]["target_delimiter"]) == ("\n\t", "\t")
+    summary = result["summary"]
+    assert summary["n"] == 6 and summary["model"] == byte_model_dir and "n=6, 1-shot" in printed
+    assert cli.main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["acc"] == summary["acc"]
+    gen = write_jsonl(tmp_path / "gen.jsonl", copy_task_records(3, seed=5, generation=True))
+    args = ["eval", "--model", byte_model_dir, "--task", str(gen), "--device", "cpu", "--stop", "x\\n"]
+    assert cli.main([*args, "--max-new-tokens", "3", "--out", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["settings"]["stop"] == ["x\n"]
+    assert "`eval` is now `eval-tasks`" in capsys.readouterr().err  # the old name, with a notice
+
+
+def test_eval_tasks_reports_a_malformed_task_in_one_line_before_loading_the_model(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "bad.jsonl", [HS_OK, {"ctx": "c", "label": 0}])
+    code = cli.main(["eval-tasks", "--model", str(tmp_path / "no-model"), "--task", str(path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "bad.jsonl, line 2: missing field 'endings'" in err
+    code = cli.main(
+        ["eval-tasks", "--model", "m", "--task", str(path), "--holdout", "1", "--fewshot-file", "p"]
+    )
+    assert code == 2 and "either --fewshot-file or --holdout" in capsys.readouterr().err
+
+
+def test_perplexity_and_eval_tasks_point_at_each_other():
+    from scratchllm.train.evaluate import PerplexitySettings
+
+    assert "`scratchllm perplexity`" in " ".join(EvalTasksSettings.__doc__.split())
+    assert "`scratchllm eval-tasks`" in " ".join(PerplexitySettings.__doc__.split())
+
+
+def test_the_judge_imports_without_torch():
+    code = "import sys, scratchllm.evals.judge; assert 'torch' not in sys.modules, 'torch imported'"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
 
 
 def test_normalize_answer():
@@ -443,7 +556,7 @@ def test_cli_eval_writes_json_and_prints_the_summary(copy_model, tmp_path, capsy
     task = write_jsonl(tmp_path / "copy.jsonl", copy_task_records(12, seed=3))
     out = tmp_path / "results" / "copy.json"
     args = [
-        "eval",
+        "eval-tasks",
         "--model",
         str(model_dir),
         "--task",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from scratchllm.cli import main
 from scratchllm.errors import ScratchLLMError
 from scratchllm.fileio import atomic_write_text, check_output_file
+
+JUDGE = shlex.split("--judge-url http://127.0.0.1:9/v1 --judge-model m")  # a judge that is never reached
 
 
 def test_output_files_must_be_files(tmp_path):
@@ -47,18 +50,10 @@ def test_an_output_below_a_file_is_a_one_line_error_before_any_work(tmp_path, ca
 @pytest.mark.parametrize(
     "argv",
     [
-        ["respond", "--model", "no-model", "--data", "no-data.json"],
-        ["eval", "--model", "no-model", "--task", "no-task.jsonl"],
-        ["classify", "--model", "no-model", "--file", "no-file.tsv"],
-        [
-            "judge",
-            "--responses",
-            "no-responses.json",
-            "--judge-url",
-            "http://127.0.0.1:9/v1",
-            "--judge-model",
-            "m",
-        ],
+        shlex.split("respond --model no-model --data no-data.json"),
+        shlex.split("eval-tasks --model no-model --task no-task.jsonl"),
+        shlex.split("classify --model no-model --file no-file.tsv"),
+        ["judge", "--responses", "no-responses.json", *JUDGE],
     ],
 )
 def test_commands_check_out_before_their_work(argv, tmp_path, capsys):
@@ -70,14 +65,16 @@ def test_commands_check_out_before_their_work(argv, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, flag",
     [
-        (["respond", "--model", "no-model", "--data", "{input}"], "--data"),
-        (["eval", "--model", "no-model", "--task", "{input}"], "--task"),
-        (["eval", "--model", "no-model", "--task", "hellaswag", "--fewshot-file", "{input}"], "--fewshot-file"),
-        (["classify", "--model", "no-model", "--file", "{input}"], "--file"),
-        (["judge", "--responses", "{input}", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m"],
-         "--responses"),
+        (shlex.split("respond --model no-model --data {input}"), "--data"),
+        (shlex.split("eval-tasks --model no-model --task {input}"), "--task"),
+        (
+            shlex.split("eval-tasks --model no-model --task hellaswag --fewshot-file {input}"),
+            "--fewshot-file",
+        ),
+        (shlex.split("classify --model no-model --file {input}"), "--file"),
+        (["judge", "--responses", "{input}", *JUDGE], "--responses"),
     ],
-)  # fmt: skip
+)
 def test_an_output_that_is_the_input_file_is_refused(argv, flag, tmp_path, capsys, monkeypatch):
     data = tmp_path / "data.json"
     data.write_text('[{"instruction": "keep me"}]')

@@ -8,15 +8,31 @@ import os
 import subprocess
 import sys
 
+import huggingface_hub
 import pytest
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from scratchllm import hub
-from scratchllm.checkpoint import WEIGHTS_FILE, load_model, save_model
+from scratchllm.checkpoint import WEIGHTS_FILE, save_model
 from scratchllm.cli import main
+from scratchllm.cli import main as table_main
 from scratchllm.errors import ScratchLLMError
+from scratchllm.fileio import directory_kind
+from scratchllm.generation import Engine
+from scratchllm.hub import convert as hub_convert
+from scratchllm.hub import export as hub_export
+from scratchllm.hub import fetch as hub_fetch
+from scratchllm.hub import load_model
 from scratchllm.model.gpt import GPTConfig, GPTModel, preset_config
+from scratchllm.model.gpt2_hf import HF_PREFIX
+from scratchllm.model.lora import apply_lora, lora_layers
+from scratchllm.text.bpe import train_bpe
+from scratchllm.text.char import CharTokenizer
+from scratchllm.text.gpt2 import load_gpt2_files
+from scratchllm.text.simple import SimpleTokenizer
 
 from .conftest import require_transformers, shared_file
 
@@ -31,9 +47,14 @@ def random_hf_model(
 ):
     """A GPT2LMHeadModel with every tensor random (norms and biases too), in eval mode."""
     cfg = transformers.GPT2Config(
-        n_embd=n_embd, n_layer=n_layer, n_head=n_head, vocab_size=vocab_size, n_positions=n_positions,
-        tie_word_embeddings=tie, activation_function=activation,
-    )  # fmt: skip
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        tie_word_embeddings=tie,
+        activation_function=activation,
+    )
     model = transformers.GPT2LMHeadModel(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -116,7 +137,6 @@ def test_ours_to_hf_same_logits(tmp_path, tie, qkv_bias, gelu):
 def test_a_model_with_lora_adapters_exports_what_it_computes(tmp_path, tie):
     """GPT-2 has no place for adapters: export folds them into the weights (of a copy), so
     transformers computes what the adapted model does, and the loaded model keeps its adapters."""
-    from scratchllm.model.lora import apply_lora, lora_layers
 
     model = random_model(tie_weights=tie, emb_dim=48, n_heads=3)
     apply_lora(model, rank=4, alpha=2.0, targets=("qkv", "out_proj", "ff") + (() if tie else ("out_head",)))
@@ -137,7 +157,6 @@ def test_a_model_with_lora_adapters_exports_what_it_computes(tmp_path, tie):
 def test_repetition_penalty_gives_transformers_tokens(tmp_path, penalty):
     """Greedy decoding with `repetition_penalty` picks the tokens transformers' `generate` picks
     with the same weights (and differs from plain greedy decoding, so the penalty is at work)."""
-    from scratchllm.generation import Engine
 
     hf = random_hf_model(n_embd=48, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
     hf.save_pretrained(tmp_path / "hf")
@@ -147,8 +166,15 @@ def test_repetition_penalty_gives_transformers_tokens(tmp_path, penalty):
     for seed in range(3):
         prompt = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
-            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
-                              repetition_penalty=penalty, pad_token_id=0, eos_token_id=None)  # fmt: skip
+            out = hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=30,
+                do_sample=False,
+                repetition_penalty=penalty,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
         expected = out[0, prompt.shape[1] :].tolist()
         [ours] = engine.generate(
             prompt[0].tolist(), max_new_tokens=30, repetition_penalty=penalty, ignore_eos=True
@@ -162,7 +188,6 @@ def test_repetition_penalty_gives_transformers_tokens(tmp_path, penalty):
 def test_prompt_and_generation_logprobs_equal_transformers(tmp_path):
     """`prompt_logprobs` (the server's echo + logprobs) and the generated tokens' logprobs are
     transformers' log-softmax scores for the same weights and tokens."""
-    from scratchllm.generation import Engine
 
     hf = random_hf_model(n_embd=48, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
     hf.save_pretrained(tmp_path / "hf")
@@ -177,8 +202,16 @@ def test_prompt_and_generation_logprobs_equal_transformers(tmp_path):
     assert [[i for i, _ in s.top] for s in scored[1:]] == expected.topk(5).indices.tolist()
 
     with torch.no_grad():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                          output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)  # fmt: skip
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
     [c] = engine.generate(ids[0].tolist(), max_new_tokens=8, ignore_eos=True, logprobs=1)
     assert c.token_ids == out.sequences[0, 20:].tolist()
     hf_logprobs = [torch.log_softmax(score[0], -1)[t].item() for score, t in zip(out.scores, c.token_ids)]
@@ -339,8 +372,9 @@ def test_hf_config_fields(tmp_path):
         100,
     )
     assert cfg["layer_norm_epsilon"] == 1e-5 and cfg["tie_word_embeddings"] is True
-    assert hub.config_from_hf(cfg) == GPTConfig(vocab_size=100, context_length=64, emb_dim=32, n_heads=4, n_layers=2,
-                                                drop_rate=0.0)  # fmt: skip
+    assert hub.config_from_hf(cfg) == GPTConfig(
+        vocab_size=100, context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,8 +382,6 @@ def test_hf_config_fields(tmp_path):
 
 
 def gpt2_tokenizer():
-    from scratchllm.text.gpt2 import load_gpt2_files
-
     shared_file("encoder.json")
     return load_gpt2_files(shared_file("encoder.json").parent)
 
@@ -387,7 +419,6 @@ def test_hf_tokenizer_files_load_as_gpt2(tmp_path):
 
 def test_a_smaller_bpe_comes_back_from_hugging_face_under_its_size(tmp_path):
     """Another GPT-2-style BPE (one trained here and exported) is not called gpt2 when it comes back."""
-    from scratchllm.text.bpe import train_bpe
 
     tok = train_bpe([TEXT * 20], vocab_size=300, progress=False)
     save_model(tmp_path / "m", random_model(vocab_size=300), tok)
@@ -397,8 +428,6 @@ def test_a_smaller_bpe_comes_back_from_hugging_face_under_its_size(tmp_path):
 
 
 def test_non_gpt2_tokenizers_are_not_exported(tmp_path):
-    from scratchllm.text.simple import SimpleTokenizer
-
     tok = SimpleTokenizer.from_corpus("a b c")
     save_model(tmp_path / "m", random_model(), tok)
     hub.export_hf(tmp_path / "m", tmp_path / "hf")
@@ -419,7 +448,6 @@ def home(tmp_path, monkeypatch):
 def fake_hub(tmp_path, monkeypatch):
     """snapshot_download replaced by a local HF directory holding a small model; gpt2-small's
     preset shrunk to its shape so the shape check passes. Records the calls."""
-    import huggingface_hub
 
     src = tmp_path / "snapshot"
     hf = random_hf_model()
@@ -431,9 +459,9 @@ def fake_hub(tmp_path, monkeypatch):
         return str(src)
 
     small = dict(vocab_size=100, context_length=64, emb_dim=32, n_heads=4, n_layers=2)
-    real_preset = hub.preset_config
+    real_preset = hub_convert.preset_config
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(hub, "preset_config", lambda name, **kw: real_preset(name, **{**small, **kw}))
+    monkeypatch.setattr(hub_convert, "preset_config", lambda name, **kw: real_preset(name, **{**small, **kw}))
     return hf, calls
 
 
@@ -478,8 +506,6 @@ def test_download_cli(home, fake_hub, tmp_path, capsys):
 
 
 def test_download_failure_is_a_clear_error(home, monkeypatch):
-    import huggingface_hub
-
     def no_network(repo_id, **kwargs):
         raise ConnectionError("Failed to resolve 'huggingface.co'")
 
@@ -493,8 +519,6 @@ def test_download_failure_is_a_clear_error(home, monkeypatch):
 
 
 def test_offline_mode_is_passed_to_the_hub_client(home, monkeypatch):
-    import huggingface_hub
-
     seen = {}
 
     def snapshot_download(repo_id, **kwargs):
@@ -514,15 +538,17 @@ def test_offline_mode_is_passed_to_the_hub_client(home, monkeypatch):
 
 def test_a_cache_with_part_of_the_repository_says_so(home, tmp_path, monkeypatch):
     """Offline, the hub client returns a snapshot that holds only what was fetched (say a config)."""
-    import huggingface_hub
 
     part = tmp_path / "snapshot"
     part.mkdir()
     (part / "config.json").write_text("{}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(part))
-    with pytest.raises(ScratchLLMError, match=r"holds only part of openai-community/gpt2-medium .*unset HF_HUB_"
-                       r"OFFLINE, connect to the network and run `scratchllm download gpt2-medium` again"):  # fmt: skip
+    with pytest.raises(
+        ScratchLLMError,
+        match=r"holds only part of openai-community/gpt2-medium .*unset HF_HUB_"
+        r"OFFLINE, connect to the network and run `scratchllm download gpt2-medium` again",
+    ):
         hub.fetch_model("gpt2-medium")
 
 
@@ -614,8 +640,6 @@ def test_one_kind_of_output_never_replaces_another(tmp_path, capsys):
     """A model directory holds tokenizer files, an exported Hugging Face directory a config.json: the
     markers alone would let a tokenizer replace a model, an export replace a model (and back), and a
     run spread over a model or prepared data. Each is refused with one line, and nothing changes."""
-    from scratchllm.fileio import directory_kind
-    from scratchllm.text.bpe import train_bpe
 
     tok = train_bpe(["the cat sat on the mat " * 20], vocab_size=260, progress=False)
     model = save_model(tmp_path / "model", random_model(vocab_size=tok.vocab_size), tok)
@@ -630,21 +654,38 @@ def test_one_kind_of_output_never_replaces_another(tmp_path, capsys):
     kinds = {
         p.name: directory_kind(p) for p in (model, hf, tmp_path / "data", tmp_path / "data" / "tokenizer")
     }
-    assert kinds == {"model": "model directory", "hf": "Hugging Face model directory",
-                     "data": "prepared data directory", "tokenizer": "tokenizer directory"}  # fmt: skip
+    assert kinds == {
+        "model": "model directory",
+        "hf": "Hugging Face model directory",
+        "data": "prepared data directory",
+        "tokenizer": "tokenizer directory",
+    }
     before = {p: sorted(q.name for q in p.iterdir()) for p in (model, hf, tmp_path / "data")}
     capsys.readouterr()
     for argv, message in [
-        (["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "260", "--out", str(model)],
-         "is a model directory, not a tokenizer directory"),
+        (
+            ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "260", "--out", str(model)],
+            "is a model directory, not a tokenizer directory",
+        ),
         (["export-hf", str(model), str(model)], "which this writes from"),
-        (["export-hf", str(tmp_path / "model"), str(tmp_path / "data")], "is a prepared data directory, not a Hugging"),
+        (
+            ["export-hf", str(tmp_path / "model"), str(tmp_path / "data")],
+            "is a prepared data directory, not a Hugging",
+        ),
         (["download", "gpt2", "--from", str(hf), "--out", str(model)], None),  # a model directory: replaced
-        (["download", "gpt2", "--from", str(hf), "--out", str(tmp_path / "data")], "is a prepared data directory"),
-        (["pretrain", "--corpus", str(corpus), "--out-dir", str(tmp_path / "data")],
-         "--out-dir " + str(tmp_path / "data") + " is a prepared data directory, not a run directory"),
-        (["pretrain", "--corpus", str(corpus), "--out-dir", str(hf)], "is a Hugging Face model directory, not a run"),
-    ]:  # fmt: skip
+        (
+            ["download", "gpt2", "--from", str(hf), "--out", str(tmp_path / "data")],
+            "is a prepared data directory",
+        ),
+        (
+            ["pretrain", "--corpus", str(corpus), "--out-dir", str(tmp_path / "data")],
+            "--out-dir " + str(tmp_path / "data") + " is a prepared data directory, not a run directory",
+        ),
+        (
+            ["pretrain", "--corpus", str(corpus), "--out-dir", str(hf)],
+            "is a Hugging Face model directory, not a run",
+        ),
+    ]:
         assert main(argv) == (0 if message is None else 2), argv
         err = capsys.readouterr().err.strip()
         assert message is None or (message in err and len(err.splitlines()) == 1), err
@@ -662,7 +703,6 @@ def test_one_kind_of_output_never_replaces_another(tmp_path, capsys):
 def test_export_of_a_tokenizer_without_a_gpt2_form_says_what_is_missing(tmp_path):
     """A char (or no) tokenizer cannot be written as GPT-2's: the export says so instead of leaving a
     directory whose AutoTokenizer encodes every text to nothing."""
-    from scratchllm.text.char import CharTokenizer
 
     tok = CharTokenizer.from_corpus("the cat sat on the mat")
     save_model(tmp_path / "char", random_model(vocab_size=tok.vocab_size), tok)
@@ -677,7 +717,7 @@ def test_hf_weights_with_nan_are_refused_at_conversion(home, tmp_path, capsys):
         hub.export_hf(tmp_path / "m", tmp_path / "hf")
     weights = tmp_path / "hf" / hub.HF_WEIGHTS_FILE
     tensors = load_file(str(weights))
-    name = f"{hub.HF_PREFIX}h.1.mlp.c_proj.weight"
+    name = f"{HF_PREFIX}h.1.mlp.c_proj.weight"
     tensors[name].view(-1)[5] = float("nan")
     save_file(tensors, str(weights), metadata={"format": "pt"})
     with pytest.raises(
@@ -693,9 +733,6 @@ def test_hf_weights_with_nan_are_refused_at_conversion(home, tmp_path, capsys):
 
 
 def test_a_full_disk_during_export_is_one_line_and_keeps_the_old_export(tmp_path, monkeypatch, capsys):
-    import safetensors.torch
-    from safetensors import SafetensorError
-
     save_model(tmp_path / "m", random_model())
     assert main(["export-hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 0
     before = load_file(str(tmp_path / "hf" / hub.HF_WEIGHTS_FILE))
@@ -716,3 +753,52 @@ def test_a_full_disk_during_export_is_one_line_and_keeps_the_old_export(tmp_path
     after = load_file(str(tmp_path / "hf" / hub.HF_WEIGHTS_FILE))
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m"]
+
+
+# ----------------------------------------------------------------------------------------------
+# download and export-hf through the command table: flags -> settings, then the commands
+
+
+def test_download_and_export_flags_become_settings(monkeypatch):
+    seen = []
+    monkeypatch.setattr(hub_fetch, "download_command", seen.append)
+    monkeypatch.setattr(hub_export, "export_hf_command", seen.append)
+    assert table_main(["download"]) == 0
+    assert table_main(["download", "gpt2-medium", "--out", "o", "--from", "hf", "--quiet"]) == 0
+    assert table_main(["download", "--size", "774M"]) == 0
+    assert table_main(["export-hf", "runs/m", "out"]) == 0
+    assert seen == [
+        hub_fetch.DownloadSettings(),
+        hub_fetch.DownloadSettings("gpt2-medium", None, "o", "hf", True),
+        hub_fetch.DownloadSettings(size="774M"),
+        hub_export.ExportHFSettings("runs/m", "out"),
+    ]
+    assert seen[0].name == "gpt2" and seen[0].quiet is False
+    for argv in (["download", "gpt5"], ["download", "--size", "7B"], ["export-hf", "runs/m"]):
+        with pytest.raises(SystemExit) as e:
+            table_main(argv)
+        assert e.value.code == 2
+
+
+def test_download_and_export_through_the_table(home, fake_hub, tmp_path, capsys):
+    _, calls = fake_hub
+    assert table_main(["download", "gpt2", "--size", "355M", "--out", str(tmp_path / "med"), "--quiet"]) == 0
+    assert calls[-1][0] == "openai-community/gpt2-medium"
+    assert f"saved the model directory {tmp_path / 'med'}" in capsys.readouterr().out
+    assert table_main(["download", "gpt2-medium", "--size", "124M"]) == 2
+    assert "gpt2-medium is not the 124M model" in capsys.readouterr().err
+
+    assert table_main(["export-hf", str(tmp_path / "med"), str(tmp_path / "hf")]) == 0
+    assert f"wrote a Hugging Face GPT-2 directory to {tmp_path / 'hf'}" in capsys.readouterr().out
+    assert (
+        table_main(["download", "gpt2", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    )
+    x = torch.randint(0, 100, (1, 8))
+    torch.testing.assert_close(
+        our_logits(load_model(tmp_path / "back").model, x),
+        our_logits(load_model(tmp_path / "med").model, x),
+        atol=1e-5,
+        rtol=0,
+    )
+    assert table_main(["export-hf", str(tmp_path / "missing"), str(tmp_path / "hf2")]) == 2
+    assert "not found" in capsys.readouterr().err and not (tmp_path / "hf2").exists()

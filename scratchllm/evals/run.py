@@ -1,16 +1,23 @@
-"""`scratchllm eval`: a model on a task file, zero-shot or K-shot, with per-item results as JSON."""
+"""`scratchllm eval-tasks`: a model on a task file, zero-shot or K-shot, with per-item results as JSON."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
+from tqdm.auto import tqdm
+
+from ..config import setting
+from ..device import autocast, pick_device, resolve_precision
 from ..errors import ScratchLLMError
-from ..fileio import check_output_file
+from ..fileio import atomic_write_json, check_output_file
+from ..generation import Engine
+from ..hub import load_model
 from ..model.gpt import GPTModel
 from ..text.tokenizer import Tokenizer
 from .fewshot import FewShot
@@ -23,17 +30,37 @@ class EvalSettings:
     """How to run a task. `holdout`: the first N items are the few-shot pool and are not scored;
     without it (and without `fewshot_file`) the pool is the task's other items."""
 
-    shots: int = 0
-    fewshot_file: str | None = None
-    holdout: int = 0
-    seed: int = 1234
-    separator: str = "\n\n"
-    target_delimiter: str = " "
-    limit: int | None = None
-    batch_size: int = 16
-    max_new_tokens: int = 32
-    stop: tuple[str, ...] = ("\n",)
-    format: str = "auto"
+    shots: int = setting(0, "solved examples before each item", "fewshot", metavar="K")
+    fewshot_file: str | None = setting(
+        None,
+        "draw examples from this file (same format) instead of the task's other items",
+        "fewshot",
+        metavar="FILE.jsonl",
+    )
+    holdout: int = setting(
+        0, "use the task's first N items as the example pool and score the rest", "fewshot", metavar="N"
+    )
+    seed: int = setting(1234, "seed for drawing the examples", "fewshot")
+    separator: str = setting(
+        "\n\n",
+        "text between examples; \\n and \\t, here, in --target-delimiter and in --stop, are a newline and a tab",
+        "fewshot",
+    )
+    target_delimiter: str = setting(" ", "text between a context and its answer", "fewshot")
+    limit: int | None = setting(None, "score only the first N items (quick runs)", "task", metavar="N")
+    batch_size: int = setting(
+        16, "sequences per forward pass (multiple choice) or prompts per batch (generation)", "task"
+    )
+    max_new_tokens: int = setting(32, "generation: tokens to generate at most", "generation")
+    stop: tuple[str, ...] = setting(
+        ("\n",), "generation: stop at this text (repeatable)", "generation", repeat=True, metavar="TEXT"
+    )
+    format: str = setting(
+        "auto",
+        "the task format (auto: from the first line's fields)",
+        "task",
+        choices=("auto", "hellaswag", "choice", "generation"),
+    )
 
     def validate(self) -> None:
         for name in ("shots", "holdout"):
@@ -74,8 +101,6 @@ def evaluate_task(
     start = time.perf_counter()
     try:
         if generation:
-            from ..generation import Engine
-
             per_item = score_generation(
                 Engine(model, tokenizer),
                 cast(list[GenerationItem], items),
@@ -141,44 +166,68 @@ def split_pool(task: TaskFile, settings: EvalSettings) -> tuple[list[Item], list
     return items, items, f"the other items of {task.path}" if settings.shots else "none"
 
 
-def eval_command(
-    model: str,
-    task: str,
-    settings: EvalSettings,
-    out: str | None = None,
-    device: str = "auto",
-    precision: str = "fp32",
-    as_json: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """`scratchllm eval`: load the model, run the task, write the JSON, print the summary."""
-    from ..checkpoint import load_model
-    from ..device import autocast, pick_device, resolve_precision
+@dataclass
+class EvalTasksSettings:
+    """Score a model on a JSON Lines task file, zero-shot or with K solved examples in the prompt.
+    Multiple choice (HellaSwag's ctx/endings/label, or context/choices/answer): the choice with the
+    highest log-likelihood wins (acc), or per byte of the choice (acc_norm). Generation (prompt/answer):
+    greedy output up to a stop string, exact match after normalising case and whitespace. For loss and
+    perplexity on plain text see `scratchllm perplexity`."""
 
-    settings.validate()  # bad settings, a malformed file and a bad --out fail before the model loads
+    model: str = setting(
+        "", "a model directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl", "model", required=True
+    )
+    task: str = setting(
+        "", "the task file, one JSON object per line", "task", required=True, metavar="FILE.jsonl"
+    )
+    eval: EvalSettings = setting(EvalSettings(), "how the task is run")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps", "model")
+    precision: str = setting("fp32", "fp32 (exact), bf16, fp16 or auto", "model")
+    out: str | None = setting(
+        None, "write the summary and per-item scores as JSON", "output", metavar="FILE.json"
+    )
+    json: bool = setting(False, "print the summary as JSON", "output")
+    quiet: bool = setting(False, "no progress bar", "output")
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def eval_tasks_command(settings: EvalTasksSettings) -> None:
+    """Load the model, run the task, write the JSON, print the summary. `\\n` and `\\t` in the
+    separator, the target delimiter and the stop strings are a newline and a tab (`--separator '\\n\\n'`)."""
+
+    if not settings.model or not settings.task:  # a TOML file can leave them out, which the flags cannot
+        raise ScratchLLMError("give a model and a task file: --model MODEL --task FILE.jsonl")
+    run = replace(
+        settings.eval,
+        separator=_unescape(settings.eval.separator),
+        target_delimiter=_unescape(settings.eval.target_delimiter),
+        stop=tuple(_unescape(s) for s in settings.eval.stop),
+    )
+    run.validate()  # bad settings, a malformed file and a bad --out fail before the model loads
+    out, task = settings.out, settings.task
     if out is not None:
-        check_output_file(out, inputs={"--task": task, "--fewshot-file": settings.fewshot_file})
-    task_file = read_task(task, settings.format)
-    dev = pick_device(device)
-    prec = resolve_precision(precision, dev)
-    loaded = load_model(model, device=str(dev), dtype="fp32")  # --precision says how it computes
+        check_output_file(out, inputs={"--task": task, "--fewshot-file": run.fewshot_file})
+    task_file = read_task(task, run.format)
+    dev = pick_device(settings.device)
+    prec = resolve_precision(settings.precision, dev)
+    loaded = load_model(settings.model, device=str(dev), dtype="fp32")  # --precision says how it computes
     if loaded.tokenizer is None:
-        raise ScratchLLMError(f"model {model!r} has no tokenizer files; it cannot read a task's text")
+        raise ScratchLLMError(
+            f"model {settings.model!r} has no tokenizer files; it cannot read a task's text"
+        )
     with autocast(dev, prec):
-        result = evaluate_task(loaded.model, loaded.tokenizer, task_file, settings, progress)
-    result["summary"]["model"] = str(model)
+        result = evaluate_task(loaded.model, loaded.tokenizer, task_file, run, not settings.quiet)
+    result["summary"]["model"] = str(settings.model)
     result["settings"].update(device=str(dev), precision=prec)
     if out:
-        from ..fileio import atomic_write_json
-
         atomic_write_json(out, result)
-    if as_json:
-        import json
-
+    if settings.json:
         print(json.dumps(result["summary"], indent=2))
     else:
         print(format_summary(result["summary"]) + (f"; per-item results in {out}" if out else ""))
-    return result
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -201,6 +250,5 @@ def _stderr(values: list[float]) -> float:
 
 
 def _progress_bar(total: int, enabled: bool, unit: str):
-    from tqdm.auto import tqdm
 
     return tqdm(total=total, unit=unit, disable=not enabled, file=sys.stderr, desc="eval", dynamic_ncols=True)

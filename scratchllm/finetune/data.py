@@ -77,18 +77,9 @@ def read_table(
             (f"{path}[{n - 1}]" if "record [" in where else f"{path}:{n}", obj) for where, n, obj in found
         ]
         return list(dict.fromkeys(k for _, obj in records for k in obj)), records
-    text = _read_text(path).removeprefix("\ufeff")  # a byte-order mark (Excel's UTF-8 CSV) is not text
-    if suffix == ".csv":
-        reader = csv.reader(io.StringIO(text, newline=""))
-        rows = []
-        try:
-            for row in reader:
-                rows.append((reader.line_num, row))
-        except csv.Error as e:
-            raise ScratchLLMError(f"{path}:{reader.line_num}: bad CSV ({e})") from e
-    else:  # TSV: split on tabs, quotes are text
-        rows = [(i, line.split("\t")) for i, line in enumerate(text.splitlines(), 1)]
-    rows = [(n, r) for n, r in rows if r and any(field.strip() for field in r)]  # blank lines
+    rows = [
+        (n, r) for n, r in _delimited_rows(path) if r and any(field.strip() for field in r)
+    ]  # blank lines
     if not rows:
         raise ScratchLLMError(f"{path} has no records")
     if header:
@@ -98,13 +89,7 @@ def read_table(
             raise ScratchLLMError(f"{path} has a header ({', '.join(columns)}) but no records below it")
     else:
         columns = [str(i) for i in range(max(len(r) for _, r in rows))]
-    keys: list[str] = []
-    for c in columns:  # a repeated name: NAME.1, NAME.2, ... (skipping names the header has itself)
-        key, k = c, 0
-        while key in keys or (k and key in columns):
-            k += 1
-            key = f"{c}.{k}"
-        keys.append(key)
+    keys = _unique_keys(columns)
     for name, what in wanted:
         if columns.count(name) > 1:  # which one was meant cannot be known
             places = [i for i, c in enumerate(columns) if c == name]
@@ -122,6 +107,33 @@ def read_table(
             )
         records.append((f"{path}:{n}", dict(zip(keys, row))))
     return keys, records
+
+
+def _delimited_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """The (line number, fields) of a CSV file (standard quoting) or a TSV file (tabs; quotes are text)."""
+    text = _read_text(path).removeprefix("\ufeff")  # a byte-order mark (Excel's UTF-8 CSV) is not text
+    if path.suffix.lower() != ".csv":
+        return [(i, line.split("\t")) for i, line in enumerate(text.splitlines(), 1)]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for row in reader:
+            rows.append((reader.line_num, row))
+    except csv.Error as e:
+        raise ScratchLLMError(f"{path}:{reader.line_num}: bad CSV ({e})") from e
+    return rows
+
+
+def _unique_keys(columns: list[str]) -> list[str]:
+    """The header's names, a repeated one as NAME.1, NAME.2, ... (skipping names the header has itself)."""
+    keys: list[str] = []
+    for c in columns:
+        key, k = c, 0
+        while key in keys or (k and key in columns):
+            k += 1
+            key = f"{c}.{k}"
+        keys.append(key)
+    return keys
 
 
 def read_examples(
@@ -214,8 +226,11 @@ class LabelSet:
         for name in found:
             by_case.setdefault(name.casefold(), []).append(name)
         for same in (names for names in by_case.values() if len(names) > 1):
-            warnings.warn(f"the labels {' and '.join(map(repr, same))} differ only in case, so they are separate "
-                          "classes; make them one spelling in the data if they mean the same", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"the labels {' and '.join(map(repr, same))} differ only in case, so they are separate "
+                "classes; make them one spelling in the data if they mean the same",
+                stacklevel=2,
+            )
         return cls(found, "the training data")
 
     def __len__(self) -> int:

@@ -20,10 +20,9 @@ trained assistant is a normal model directory whose `extra` names its prompt tem
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,17 +32,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import reject_unused_flags, setting
+from ..checkpoint import LoadedModel, save_model
+from ..config import dump_toml, load_config, reject_unused_flags, setting
 from ..errors import ScratchLLMError
-from ..fileio import read_json_records
+from ..fileio import atomic_write_json, read_json_records
+from ..generation import Engine, GenerationConfig
+from ..hints import next_hint, quote
+from ..hub import check_model_spec, load_model
+from ..model.gpt import count_parameters
+from ..model.lora import merge_lora
 from ..text.tokenizer import Tokenizer
+from ..train.distributed import init_distributed
 from ..train.evaluate import next_token_loss
-from ..train.trainer import Task, TrainerConfig, TrainResult
-from .templates import DEFAULT_TEMPLATE, TEMPLATE_KEY, PromptTemplate, get_template, template_for_model
+from ..train.rundir import check_run_start, run_lock, settings_to_resume
+from ..train.setup import LoRASettings, setup_model
+from ..train.trainer import Task, Trainer, TrainerConfig, TrainResult
+from .templates import DEFAULT_TEMPLATE, TEMPLATE_KEY, PromptTemplate, get_template
 
 SPLIT_NAMES = ("train", "val", "test")  # written to out_dir/data/NAME.json
 IGNORE_INDEX = -100  # targets with this value do not count in the loss (PyTorch's cross_entropy default)
-RESPONSE_KEY = "model_response"  # the field `respond` adds, as in the book
 
 Entry = dict[str, Any]
 
@@ -217,8 +224,10 @@ class InstructionTask(Task):
         self, dataset: InstructionDataset, indices: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = [dataset.prompt_lengths[i] for i in indices] if self.mask_prompt else None
-        return custom_collate_fn([dataset[i] for i in indices], self.eot_id, IGNORE_INDEX, self.context_length,
-                                 prompt_lengths=lengths)  # fmt: skip
+        batch = [dataset[i] for i in indices]
+        return custom_collate_fn(
+            batch, self.eot_id, IGNORE_INDEX, self.context_length, prompt_lengths=lengths
+        )
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The training examples' order in `epoch` (a fresh seeded permutation per epoch)."""
@@ -271,8 +280,10 @@ class InstructionTask(Task):
             inputs, targets = inputs.to(device), targets.to(device)
             with amp():
                 logits = model(inputs)
-            total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                           ignore_index=IGNORE_INDEX, reduction="sum"))  # fmt: skip
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            total += float(loss)
             count += int((targets != IGNORE_INDEX).sum())
         return total / max(count, 1)
 
@@ -280,15 +291,12 @@ class InstructionTask(Task):
         """The model's answers to the first few validation instructions."""
         if not (self.sample_count and self.sample_tokens and self.tokenizer is not None):
             return []
-        from ..generation import Engine, GenerationConfig
-
         entries = self.val.data[: self.sample_count]
         template = self.val.template
         prompts = [template.format_example(e)[0] for e in entries]
         gen = GenerationConfig(max_new_tokens=self.sample_tokens, stop=template.stop_strings)
-        outs = Engine(model, self.tokenizer, prepack=False).generate(
-            prompts, gen
-        )  # weights change: no packed copy
+        # no prepacked copy of the weights: they change between evaluations
+        outs = Engine(model, self.tokenizer, prepack=False).generate(prompts, gen)
         return [
             f"{e['instruction'][:60]} -> {template.extract_response(o.text)}" for e, o in zip(entries, outs)
         ]
@@ -299,7 +307,7 @@ class InstructionTask(Task):
 
 
 @dataclass
-class InstructConfig(TrainerConfig):
+class InstructConfig(LoRASettings, TrainerConfig):
     """Everything `scratchllm finetune instruct` needs; TOML sections [data], [model], [lora], [train],
     [eval], [system], [run]. Training defaults follow the book's chapter 7 (AdamW, lr 5e-5, batch 8, 2 epochs)."""
 
@@ -331,19 +339,6 @@ class InstructConfig(TrainerConfig):
         None, "truncate examples to this many tokens (default: the model's)", "model"
     )
     drop_rate: float | None = setting(None, "override the model's dropout rate", "model")
-    lora: bool = setting(
-        False, "train low-rank adapters instead of all weights (merged into the saved model)", "lora"
-    )
-    lora_rank: int = setting(16, "rank of the LoRA matrices", "lora")
-    lora_alpha: float = setting(
-        16.0, "LoRA scale alpha: the detour adds alpha * x A B (the book's form)", "lora"
-    )
-    lora_targets: list[str] = setting(
-        ["qkv", "out_proj", "ff.layers.0", "ff.layers.2"],
-        "linear layers that get adapters (names or endings)",
-        "lora",
-    )
-    lora_dropout: float = setting(0.0, "dropout on the LoRA input", "lora")
     epochs: float = setting(2.0, "passes over the training examples (used when max_steps = 0)", "train")
     batch_size: int = setting(8, "examples per micro-batch and process", "train")
     max_steps: int = setting(0, "optimizer steps (0: from --epochs)", "train")
@@ -381,13 +376,10 @@ class InstructConfig(TrainerConfig):
             )
         if self.epochs <= 0:
             raise bad(f"epochs must be > 0, got {self.epochs}")
-        if self.lora and (self.lora_rank < 1 or self.lora_alpha <= 0):
-            raise bad(f"lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
+        self.check_lora("finetune settings")
         if self.context_length is not None and self.context_length < 2:
             raise bad(f"context_length must be >= 2, got {self.context_length}")
         get_template(self.template)
-        from ..checkpoint import check_model_spec
-
         check_model_spec(self.model)  # before the data is read (or downloaded)
 
     def check_flags(self, flags: dict[str, Any]) -> None:
@@ -409,63 +401,29 @@ def resolve_splits(cfg: InstructConfig) -> InstructData:
     test = load_instruction_data(cfg.test_data) if cfg.test_data else []
     if cfg.val_data:
         return InstructData(records, load_instruction_data(cfg.val_data), test)
-    train, val, split_test = split_data(records, cfg.val_fraction, 0.0 if cfg.test_data else cfg.test_fraction,
-                                        cfg.split_seed)  # fmt: skip
+    test_fraction = 0.0 if cfg.test_data else cfg.test_fraction
+    train, val, split_test = split_data(records, cfg.val_fraction, test_fraction, cfg.split_seed)
     return InstructData(train, val, test or split_test)
 
 
-def _prepare_model(cfg: InstructConfig):
-    from ..checkpoint import load_model
-
-    # fp32 weights to train, whatever was stored (bf16 weights would round most updates away)
-    loaded = load_model(cfg.model, dtype="fp32")
-    if loaded.config.n_classes:
-        raise ScratchLLMError(
-            f"--model {cfg.model} is a classifier; instruction finetuning needs a language model"
-        )
-    if loaded.tokenizer is None:
-        raise ScratchLLMError(
-            f"--model {cfg.model} has no tokenizer files; save the model with its tokenizer"
-        )
+def _prepare_model(cfg: InstructConfig) -> LoadedModel:
+    """`cfg.model` set up to learn (all its weights, or LoRA adapters), with a tokenizer that can end responses."""
+    loaded = setup_model(
+        cfg.model, drop_rate=cfg.drop_rate, lora=cfg.lora_spec(), context_length=cfg.context_length
+    )
     if loaded.tokenizer.eot_id is None:
         raise ScratchLLMError(
             f"the tokenizer of {cfg.model} has no <|endoftext|> token to end responses with"
         )
-    model = loaded.model
-    if cfg.context_length and cfg.context_length > model.cfg.context_length:
-        raise ScratchLLMError(
-            f"--context-length {cfg.context_length} exceeds the model's context window of {model.cfg.context_length}"
-        )
-    if cfg.drop_rate is not None:
-        from ..train.pretrain import _set_dropout
-
-        _set_dropout(model, cfg.drop_rate)
-    if cfg.lora:
-        from ..model.lora import apply_lora, mark_only_lora_trainable, merge_lora
-
-        merge_lora(model)  # a LoRA-finetuned model's own adapters fold into its weights: new ones train
-        apply_lora(
-            model,
-            rank=cfg.lora_rank,
-            alpha=cfg.lora_alpha,
-            targets=cfg.lora_targets,
-            dropout=cfg.lora_dropout,
-        )
-        mark_only_lora_trainable(model)
-    return model, loaded
+    return loaded
 
 
-def instruct_finetune(
+def finetune_instruct(
     cfg: InstructConfig, resume: str | None = None, run_config_toml: str | None = None
 ) -> TrainResult:
     """Finetune `cfg.model` on instruction data (see the module docstring); returns the trainer's
     result. The run directory gets `model/` and `best/` (model directories with the template in
     `extra`) and `data/{train,val,test}.json` (the split, for `respond` and evaluation)."""
-    from ..config import dump_toml
-    from ..fileio import atomic_write_json
-    from ..train.distributed import init_distributed
-    from ..train.trainer import Trainer, check_run_start, run_lock
-
     cfg.validate()
     out_dir = Path(cfg.out_dir)
     # before loading the data and the model
@@ -475,58 +433,90 @@ def instruct_finetune(
         torch.manual_seed(cfg.seed)
         template = get_template(cfg.template)
         splits = resolve_splits(cfg)
-        model, loaded = _prepare_model(cfg)
-        tokenizer = loaded.tokenizer
+        loaded = _prepare_model(cfg)
+        model, tokenizer = loaded.model, loaded.tokenizer
         context = cfg.context_length or model.cfg.context_length
         if dist.is_main:
             for name in SPLIT_NAMES:
                 atomic_write_json(out_dir / "data" / f"{name}.json", getattr(splits, name))
 
-        train = InstructionDataset(splits.train, tokenizer, template)
-        if cfg.mask_prompt:  # a prompt that fills the context leaves no response token to learn from
-            keep = [e for e, n in zip(train.data, train.prompt_lengths) if n < context]
-            if not keep:
-                raise ScratchLLMError(
-                    f"with --mask-prompt no training example has a response token within the context of {context} "
-                    "tokens; raise --context-length or leave out --mask-prompt"
-                )
-            if len(keep) < len(train):
-                if dist.is_main:
-                    print(
-                        f"skipping {len(train) - len(keep)} training examples whose prompt fills the context ({context})"
-                    )
-                train = InstructionDataset(keep, tokenizer, template)
+        train = _training_examples(splits.train, tokenizer, template, context, cfg.mask_prompt, dist.is_main)
         val = InstructionDataset(splits.val, tokenizer, template)
-        task = InstructionTask(train, val, batch_size=cfg.batch_size, eot_id=tokenizer.eot_id, seed=cfg.seed,
-                               epochs=cfg.epochs, context_length=context, mask_prompt=cfg.mask_prompt,
-                               eval_batches=cfg.eval_batches, tokenizer=tokenizer, sample_count=cfg.sample_count,
-                               sample_tokens=cfg.sample_tokens)  # fmt: skip
+        task = InstructionTask(
+            train,
+            val,
+            batch_size=cfg.batch_size,
+            eot_id=tokenizer.eot_id,
+            seed=cfg.seed,
+            epochs=cfg.epochs,
+            context_length=context,
+            mask_prompt=cfg.mask_prompt,
+            eval_batches=cfg.eval_batches,
+            tokenizer=tokenizer,
+            sample_count=cfg.sample_count,
+            sample_tokens=cfg.sample_tokens,
+        )
         if dist.is_main:
-            from ..model.gpt import count_parameters
-
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             too_long = sum(len(t) > context for t in train.encoded_texts)
             print(
-                f"model {cfg.model}: {count_parameters(model) / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained"
-                f"{' (LoRA)' if cfg.lora else ''}; data: {len(train)} train / {len(val)} val / {len(splits.test)} test "
-                f"examples, template {template.name}, context {context}"
+                f"model {cfg.model}: {count_parameters(model) / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M "
+                f"trained{' (LoRA)' if cfg.lora else ''}; data: {len(train)} train / {len(val)} val / "
+                f"{len(splits.test)} test examples, template {template.name}, context {context}"
                 + (f" ({too_long} training examples truncated)" if too_long else "")
             )
         extra = {**loaded.extra, "trained_by": "scratchllm finetune instruct", TEMPLATE_KEY: template.name}
-        trainer = Trainer(model, task, cfg, tokenizer=tokenizer, extra=extra, dist=dist,
-                          run_config_toml=run_config_toml or dump_toml(cfg))  # fmt: skip
+        toml = run_config_toml or dump_toml(cfg)
+        trainer = Trainer(model, task, cfg, tokenizer=tokenizer, extra=extra, dist=dist, run_config_toml=toml)
         result = trainer.fit(resume)
         if cfg.lora and dist.is_main:
             _merge_saved_adapters([out_dir / "model", out_dir / "best"])
         return result
 
 
+def instruct_finetune(
+    cfg: InstructConfig, resume: str | None = None, run_config_toml: str | None = None
+) -> TrainResult:
+    """Deprecated: `finetune_instruct` (named like `finetune_classify`); this name goes in the next release."""
+    warnings.warn(
+        "instruct_finetune is now finetune_instruct; the old name goes in the next release",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return finetune_instruct(cfg, resume, run_config_toml)
+
+
+def _training_examples(
+    records: list[Entry],
+    tokenizer: Tokenizer,
+    template: PromptTemplate,
+    context: int,
+    mask_prompt: bool,
+    is_main: bool,
+) -> InstructionDataset:
+    """The training records, tokenized; with `mask_prompt`, only those with a response token in the context."""
+    train = InstructionDataset(records, tokenizer, template)
+    if not mask_prompt:
+        return train
+    # a prompt that fills the context leaves no response token to learn from
+    keep = [e for e, n in zip(train.data, train.prompt_lengths) if n < context]
+    if not keep:
+        raise ScratchLLMError(
+            f"with --mask-prompt no training example has a response token within the context of {context} "
+            "tokens; raise --context-length or leave out --mask-prompt"
+        )
+    if len(keep) == len(train):
+        return train
+    if is_main:
+        print(
+            f"skipping {len(train) - len(keep)} training examples whose prompt fills the context ({context})"
+        )
+    return InstructionDataset(keep, tokenizer, template)
+
+
 def _merge_saved_adapters(directories: Sequence[Path]) -> None:
     """Rewrite LoRA model directories as plain ones (adapters folded into the weights), so the
     assistant loads and runs like any model; resumable checkpoints keep their adapters."""
-    from ..checkpoint import load_model, save_model
-    from ..model.lora import merge_lora
-
     for directory in directories:
         if directory.is_dir():
             loaded = load_model(directory)
@@ -535,146 +525,35 @@ def _merge_saved_adapters(directories: Sequence[Path]) -> None:
 
 
 def summarize(result: TrainResult) -> str:
-    from ..hints import next_hint, quote
-
+    """The run's numbers, where the assistant went, and the command that tries it."""
     m = result.metrics
     out = result.out_dir
     tok_s = result.tokens / max(result.seconds, 1e-9)
-    return "\n".join([
-        f"{result.stopped}: {result.steps:,} steps, {result.tokens:,} tokens in {result.seconds:.0f} s ({tok_s:,.0f} tokens/s)",
-        f"validation loss {m.get('val_loss', float('nan')):.3f} (train loss {m.get('train_loss', float('nan')):.3f}; "
-        f"best validation loss {result.best if result.best is not None else float('nan'):.3f})",
+    nan = float("nan")
+    best = result.best if result.best is not None else nan
+    respond = (
+        f"respond --model {quote(out / 'model')} --data {quote(out / 'data' / 'test.json')} "
+        f"--out {quote(out / 'test-responses.json')}"
+    )
+    lines = [
+        f"{result.stopped}: {result.steps:,} steps, {result.tokens:,} tokens in {result.seconds:.0f} s "
+        f"({tok_s:,.0f} tokens/s)",
+        f"validation loss {m.get('val_loss', nan):.3f} (train loss {m.get('train_loss', nan):.3f}; "
+        f"best validation loss {best:.3f})",
         f"assistant: {out / 'model'}   best: {out / 'best'}   loss plot: {out / 'loss.png'}   split: {out / 'data'}",
-        next_hint(f"respond --model {quote(out / 'model')} --data {quote(out / 'data' / 'test.json')} "
-                  f"--out {quote(out / 'test-responses.json')}"),
-    ])  # fmt: skip
+        next_hint(respond),
+    ]
+    return "\n".join(lines)
 
 
-def instruct_command(config: str | None, overrides: dict[str, Any], resume: str | None = None) -> TrainResult:
+def finetune_instruct_command(
+    config: str | None, overrides: dict[str, Any], resume: str | None = None
+) -> TrainResult:
     """`scratchllm finetune instruct`: resolve the settings, train, print the summary."""
-    from ..config import load_config
-    from ..train.distributed import init_distributed
-    from ..train.trainer import settings_to_resume
-
     config, _, overrides = settings_to_resume(InstructConfig, config, overrides, resume)
     cfg = load_config(InstructConfig, config, overrides)
     cfg.check_flags(overrides)
-    result = instruct_finetune(cfg, resume)
+    result = finetune_instruct(cfg, resume)
     if init_distributed(cfg.device).is_main:
         print(summarize(result))
     return result
-
-
-# ----------------------------------------------------------------------------------------------
-# `scratchllm respond`
-
-
-def respond(
-    model: str,
-    data: str | Path | Sequence[Mapping[str, Any]],
-    out: str | Path | None = None,
-    *,
-    template: str | None = None,
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    progress: bool = True,
-    key: str = RESPONSE_KEY,
-    quantize: str | None = None,
-    repetition_penalty: float = 1.0,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-) -> list[Entry]:
-    """Answer every instruction of `data` (a file or records) with `model` (a model directory, or an
-    `Engine`-ready hub name), adding `key` ("model_response") to a copy of each record. Prompts use
-    the model's own template (`extra["prompt_template"]`) unless `template` names one; they run in
-    batches of similar length through the generation engine. Written atomically to `out` (a JSON
-    list, or JSONL when it ends in .jsonl) when given. `quantize` "int4": int4 weights (CPU only).
-    The sampling settings and penalties are `GenerationConfig`'s."""
-    from tqdm.auto import tqdm
-
-    from ..checkpoint import load_model
-    from ..device import pick_device
-    from ..fileio import check_output_file
-    from ..generation import Engine, GenerationConfig, resolve_dtype
-
-    if out is not None:
-        check_output_file(out, inputs={"--data": data})
-        _check_can_write(Path(out))
-    records = (
-        load_instruction_data(data, require_output=False) if isinstance(data, (str, Path)) else list(data)
-    )
-    if batch_size < 1:
-        raise ScratchLLMError(f"--batch-size must be >= 1, got {batch_size}")
-    # checked before the model loads; the stop strings come with its template
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                           frequency_penalty=frequency_penalty)  # fmt: skip
-    dev = pick_device(device)
-    loaded = load_model(model, device=str(dev), dtype=resolve_dtype(dtype, dev), quantize=quantize)
-    if loaded.tokenizer is None:
-        raise ScratchLLMError(f"model {model!r} has no tokenizer files; save the model with its tokenizer")
-    chosen = get_template(template) if template else template_for_model(loaded.extra)
-    engine = Engine(loaded.model, loaded.tokenizer)
-    gen = gen.replace(stop=chosen.stop_strings)
-    prompts = [chosen.format_example(r)[0] for r in records]
-    lengths = [len(ids) for ids in loaded.tokenizer.encode_batch(prompts)]
-    # similar lengths together: less left padding per batch (the results do not depend on it)
-    order = sorted(range(len(records)), key=lambda i: lengths[i])
-    answers: list[str] = [""] * len(records)
-    start = time.perf_counter()
-    generated = 0
-    with tqdm(
-        total=len(records), desc="respond", unit="entry", dynamic_ncols=True, disable=not progress
-    ) as bar:
-        for b in range(0, len(order), batch_size):
-            rows = order[b : b + batch_size]
-            for i, completion in zip(rows, engine.generate([prompts[i] for i in rows], gen)):
-                answers[i] = chosen.extract_response(completion.text)
-                generated += completion.completion_tokens
-            bar.update(len(rows))
-    results = [{**r, key: a} for r, a in zip(records, answers)]
-    if out is not None:
-        _write_records(Path(out), results)
-    if progress:
-        seconds = time.perf_counter() - start
-        print(
-            f"{len(results)} responses ({generated:,} tokens, {generated / max(seconds, 1e-9):,.1f} tokens/s, "
-            f"template {chosen.name})" + (f" -> {out}" if out is not None else "")
-        )
-    return results
-
-
-def _check_can_write(path: Path, what: str = "--out") -> None:
-    """A one-line error unless a file can be created where `path` goes (in its nearest existing folder;
-    missing folders are made when it is written), so that a read-only place fails before generation."""
-    import os
-    import tempfile
-
-    path = path.expanduser()
-    folder = next((p for p in (path.parent, *path.parent.parents) if p.is_dir()), None)
-    if folder is None:
-        return
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise ScratchLLMError(
-            f"{what} {path}: cannot create a file in {folder} ({e.strerror or e}); choose a writable location"
-        ) from None
-    os.close(fd)
-    os.unlink(probe)
-
-
-def _write_records(path: Path, records: list[Entry]) -> None:
-    from ..fileio import atomic_write_text
-
-    if path.suffix.lower() == ".jsonl":
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    else:
-        text = json.dumps(records, indent=4, ensure_ascii=False) + "\n"  # the book's layout
-    atomic_write_text(path, text)

@@ -76,7 +76,7 @@ def plot_confusion(
     matrices: Mapping[str, Sequence[Sequence[int]]], labels: Sequence[str], path: str | os.PathLike
 ) -> None:
     """One heat map per entry of `matrices` (e.g. before / after finetuning), side by side, as a PNG."""
-    import matplotlib
+    import matplotlib  # a heavy import, made only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -89,8 +89,15 @@ def plot_confusion(
         ax.imshow(m, cmap="Blues", vmin=0, vmax=max(1, int(m.max())))
         for t in range(k):
             for p in range(k):
-                ax.text(p, t, str(m[t, p]), ha="center", va="center",
-                        color="white" if m[t, p] > m.max() / 2 else "black", fontsize=9)  # fmt: skip
+                ax.text(
+                    p,
+                    t,
+                    str(m[t, p]),
+                    ha="center",
+                    va="center",
+                    color="white" if m[t, p] > m.max() / 2 else "black",
+                    fontsize=9,
+                )
         ax.set_xticks(range(k), labels, rotation=45 if k > 4 else 0)
         ax.set_yticks(range(k), labels)
         ax.set_xlabel("predicted")
@@ -107,7 +114,7 @@ def plot_curves(
 ) -> None:
     """The book's two figures in one PNG: training and validation loss, and accuracy, against steps
     (with examples seen on a top axis) from the trainer's metrics records."""
-    import matplotlib
+    import matplotlib  # a heavy import, made only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

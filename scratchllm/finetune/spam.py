@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..errors import ScratchLLMError
 from ..fileio import atomic_write_bytes
+from ..hub import home_dir
 from .data import Example, balance_classes, split_by_fractions
 
 URLS = (
@@ -40,8 +41,6 @@ BOOK_FRACTIONS = (0.7, 0.1, 0.2)
 
 
 def cache_path() -> Path:
-    from ..hub import home_dir
-
     return home_dir() / "data" / "sms_spam" / MEMBER
 
 
@@ -148,9 +147,11 @@ def read_spam(path: str | os.PathLike) -> list[Example]:
 
 
 def book_splits(
-    examples: list[Example], seed: int = BOOK_SEED, fractions: tuple[float, float, float] = BOOK_FRACTIONS,
+    examples: list[Example],
+    seed: int = BOOK_SEED,
+    fractions: tuple[float, float, float] = BOOK_FRACTIONS,
     balance: bool = True,
-) -> tuple[list[Example], list[Example], list[Example]]:  # fmt: skip
+) -> tuple[list[Example], list[Example], list[Example]]:
     """The book's procedure: balance the classes (all spam, as many random ham), shuffle, cut 70/10/20.
 
     Both random steps draw from a fresh `RandomState(seed)`, as pandas' `sample(random_state=123)`

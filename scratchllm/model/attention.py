@@ -229,9 +229,11 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
+        """The rows the cache holds."""
         return self.k[0].shape[0]
 
     def reset(self) -> None:
+        """Empty the cache for reuse (the tensors are kept) and leave static mode."""
         self.pos = 0
         self.static = False
 
@@ -259,8 +261,16 @@ class KVCache:
         return self.positions, self.valid[:, None, None, :]
 
     def static_step_done(self) -> None:
+        """Static mode: move the write slot and the positions one step on."""
         self.slot.add_(1)
         self.positions.add_(1)
+
+    def advance(self, t: int) -> None:
+        """Count the `t` new positions a forward step wrote (static mode: move the slot on)."""
+        if self.static:
+            self.static_step_done()
+        else:
+            self.pos += t
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values at `pos` and return all keys/values so far for `layer`
@@ -284,6 +294,51 @@ class KVCache:
             raise RuntimeError("a cache with static-mode buffers keeps its batch size")
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
+
+
+def causal_mask(start: int, t: int, device: torch.device) -> torch.Tensor:
+    """(t, start + t) bool: query i (at absolute position start + i) may see keys 0..start + i."""
+    q = torch.arange(start, start + t, device=device)[:, None]
+    k = torch.arange(start + t, device=device)[None, :]
+    return k <= q
+
+
+def step_inputs(
+    t: int,
+    device: torch.device,
+    context_length: int,
+    kv_cache: KVCache | None = None,
+    padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The positions of a forward step's `t` new tokens, and their attention mask (None: plain causal).
+
+    Positions continue from `kv_cache.pos`; a multi-token step on a non-empty cache gets an explicit
+    causal mask. `padding_mask`: bool (batch, S) with S = cached + new positions, False at left
+    padding; padded positions are skipped as keys, and positions count from each row's first real
+    token. A cache in static mode (`KVCache.freeze`) keeps the positions and the mask itself.
+    """
+    static = kv_cache is not None and kv_cache.static
+    # static: no Python-side position here, so a compiled step is not specialized on it
+    start = kv_cache.pos if kv_cache is not None and not static else 0
+    if start + t > context_length:
+        raise ValueError(f"sequence of {start + t} tokens exceeds the context length {context_length}")
+    if static:
+        if t != 1:
+            raise ValueError(f"a static-mode cache takes one token per row and step, got {t}")
+        return kv_cache.static_step_inputs()
+    if padding_mask is None:
+        pos = torch.arange(start, start + t, device=device)
+        if kv_cache is not None and start > 0 and t > 1:
+            return pos, causal_mask(start, t, device)[None, None]
+        return pos, None
+    # positions count real tokens only: the first real token of each row is position 0
+    pos = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start : start + t]
+    key_ok = padding_mask[:, None, None, :]  # (b, 1, 1, S)
+    causal = causal_mask(start, t, device)[None, None]  # (1, 1, t, S)
+    # a padded query sees itself, so no row of the mask is empty (an empty row gives NaN)
+    own = torch.zeros_like(causal)
+    own[..., torch.arange(t), start + torch.arange(t)] = True
+    return pos, (causal & key_ok) | own
 
 
 class CausalSelfAttention(nn.Module):
@@ -324,8 +379,7 @@ class CausalSelfAttention(nn.Module):
             q = q.to(k.dtype)
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:
-            # Without a cache the square causal mask applies; with a cache, a multi-token step on
-            # a non-empty cache needs an explicit mask (GPTModel builds one).
+            # a multi-token step on a non-empty cache needs an explicit mask (`step_inputs` builds one)
             if kv_cache is not None and not kv_cache.static and kv_cache.pos > 0 and t > 1:
                 raise ValueError("a multi-token step on a non-empty cache needs an explicit mask")
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=t > 1)

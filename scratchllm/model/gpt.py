@@ -1,30 +1,32 @@
-"""The GPT architecture: config and presets, LayerNorm, GELU, feed-forward, transformer block, GPTModel.
+"""GPT-2: its config and presets, the transformer block, and `GPTModel`.
 
 Names follow the book (`emb_dim`, `n_heads`, `n_layers`, `drop_rate`, `qkv_bias`; `tok_emb`,
-`pos_emb`, `trf_blocks`, `final_norm`, `out_head`) so its readers feel at home. The layers are
-written out for reading and run on PyTorch's fused kernels (`F.layer_norm`, `F.gelu`,
-`F.scaled_dot_product_attention`); tests check them against the book's formulas.
+`pos_emb`, `trf_blocks`, `final_norm`, `out_head`) so its readers feel at home. The shared layers
+(LayerNorm, GELU) are in parts.py, attention and the KV cache in attention.py; how GPT-2's weights
+map to Hugging Face's is in gpt2_hf.py, and registry.py registers the family.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import ScratchLLMError
-from .attention import CausalSelfAttention, KVCache
-from .loss import linear_cross_entropy
+from .attention import CausalSelfAttention, KVCache, step_inputs
+from .loss import head_loss
+from .parts import GELU, GELU_FORMS, LayerNorm
 from .quantize import Int4Linear
 
-GELU_FORMS = ("tanh", "exact")
+ARCHITECTURE = "gpt2"
 
 
 @dataclass
@@ -40,11 +42,14 @@ class GPTConfig:
     qkv_bias: bool = True
     tie_weights: bool = True  # output head shares the token-embedding matrix (GPT-2 does)
     n_classes: int = 0  # 0: language-model head over the vocabulary; N: a classifier head with N outputs
-    # "tanh": GPT-2's tanh approximation of GELU; "exact": x Phi(x) with erf, as nanoGPT (and about 2x
-    # cheaper forward and backward on CPUs, where PyTorch's tanh kernel is slow)
+    # "tanh": GPT-2's tanh approximation of GELU; "exact": x Phi(x) with erf, as nanoGPT (cheaper on CPUs,
+    # where PyTorch's tanh kernel is slow)
     gelu: str = "tanh"
+    architecture: str = ARCHITECTURE  # the model family (model/registry.py); `to_dict` puts it first
 
     def __post_init__(self) -> None:
+        if not isinstance(self.architecture, str):
+            raise ScratchLLMError(f"model config: architecture must be a string, got {self.architecture!r}")
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "n_classes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -72,19 +77,20 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
+        """The width of one attention head."""
         return self.emb_dim // self.n_heads
 
     def to_dict(self) -> dict:
         """The settings as a plain dict (what config.json holds; `from_dict` reads it back)."""
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        return {"architecture": d.pop("architecture"), **d}
 
     @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
+    def from_dict(cls, d: Mapping[str, Any]) -> GPTConfig:
+        """A config from `to_dict`'s keys (those left out keep their defaults); unknown keys are an error."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            import difflib
-
             close = [
                 _OTHER_NAMES.get(k) or next(iter(difflib.get_close_matches(k, names, n=1)), None)
                 for k in unknown
@@ -102,9 +108,16 @@ class GPTConfig:
 
 
 # What GPT-2's config.json (transformers) and nanoGPT call these keys: the usual slips.
-_OTHER_NAMES = {"n_embd": "emb_dim", "n_head": "n_heads", "n_layer": "n_layers", "n_ctx": "context_length",
-                "n_positions": "context_length", "block_size": "context_length", "dropout": "drop_rate",
-                "bias": "qkv_bias"}  # fmt: skip
+_OTHER_NAMES = {
+    "n_embd": "emb_dim",
+    "n_head": "n_heads",
+    "n_layer": "n_layers",
+    "n_ctx": "context_length",
+    "n_positions": "context_length",
+    "block_size": "context_length",
+    "dropout": "drop_rate",
+    "bias": "qkv_bias",
+}
 
 # The four OpenAI GPT-2 sizes, and small shapes that train on a laptop CPU.
 PRESETS: dict[str, dict] = {
@@ -117,8 +130,14 @@ PRESETS: dict[str, dict] = {
     "mini": dict(emb_dim=256, n_layers=6, n_heads=8, context_length=256, drop_rate=0.0),
     "small-cpu": dict(emb_dim=384, n_layers=6, n_heads=6, context_length=256, drop_rate=0.0),
 }
-PRESET_ALIASES = {"gpt2": "gpt2-small", "124M": "gpt2-small", "355M": "gpt2-medium", "774M": "gpt2-large",
-                  "1558M": "gpt2-xl"}  # fmt: skip
+# Other names of presets: the family's own name, and the sizes
+PRESET_ALIASES = {
+    "gpt2": "gpt2-small",
+    "124M": "gpt2-small",
+    "355M": "gpt2-medium",
+    "774M": "gpt2-large",
+    "1558M": "gpt2-xl",
+}
 
 
 def preset_config(name: str, **overrides) -> GPTConfig:
@@ -127,41 +146,6 @@ def preset_config(name: str, **overrides) -> GPTConfig:
     if key not in PRESETS:
         raise ScratchLLMError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return GPTConfig.from_dict({**PRESETS[key], **overrides})
-
-
-class LayerNorm(nn.Module):
-    """Normalize each token's vector to zero mean and unit variance, then scale and shift.
-
-    The book's formula is `scale * (x - mean) / sqrt(var + eps) + shift` with the biased variance;
-    `F.layer_norm` computes exactly that in one fused kernel.
-    """
-
-    def __init__(self, emb_dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.scale = nn.Parameter(torch.ones(emb_dim))
-        self.shift = nn.Parameter(torch.zeros(emb_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
-
-
-class GELU(nn.Module):
-    """GELU, by default in GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)));
-    `form="exact"`: x Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))."""
-
-    def __init__(self, form: str = "tanh"):
-        super().__init__()
-        if form not in GELU_FORMS:
-            raise ValueError(f"GELU form must be {' or '.join(GELU_FORMS)}, got {form!r}")
-        self.form = form
-        self._approximate = "tanh" if form == "tanh" else "none"  # F.gelu's names
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate=self._approximate)
-
-    def extra_repr(self) -> str:
-        return f"form={self.form!r}"
 
 
 class FeedForward(nn.Module):
@@ -242,7 +226,7 @@ class GPTModel(nn.Module):
 
     @property
     def weights_tied(self) -> bool:
-        # (a quantized head has no `weight`: it is then not tied)
+        """The head shares the token-embedding matrix (a quantized head has no `weight`: never tied)."""
         return getattr(self.out_head, "weight", None) is self.tok_emb.weight
 
     def reset_parameters(self) -> None:
@@ -303,8 +287,8 @@ class GPTModel(nn.Module):
         """Logits of shape (batch, T, vocab_size or n_classes), or the final-norm hidden states.
 
         `targets` (batch, T): return instead the mean next-token cross-entropy against them (targets
-        equal to `ignore_index` do not count), computed with the head by `linear_cross_entropy`,
-        which never materializes the fp32 logits (model/loss.py).
+        equal to `ignore_index` do not count), computed with the head by `head_loss`, which in eager
+        mode never materializes the fp32 logits (model/loss.py).
 
         `kv_cache`: positions continue from `kv_cache.pos`; the new keys/values are appended.
         `padding_mask`: bool (batch, S) with S = cached + new positions, False at left padding; padded
@@ -312,78 +296,40 @@ class GPTModel(nn.Module):
         A cache in static mode (`KVCache.freeze`) keeps the positions and the mask itself: a one-token
         step with fixed shapes, for torch.compile and CUDA graphs (`padding_mask` is not used).
         """
-        if not isinstance(in_idx, torch.Tensor) or in_idx.dim() != 2:
-            got = (
-                f"shape {tuple(in_idx.shape)}" if isinstance(in_idx, torch.Tensor) else type(in_idx).__name__
-            )
-            raise ScratchLLMError(
-                f"GPTModel takes a tensor of token ids of shape (batch, T), got {got}; "
-                "for one sequence use torch.tensor([ids]) or ids.unsqueeze(0)"
-            )
-        _, t = in_idx.shape
-        static = kv_cache is not None and kv_cache.static
-        # (static: no Python-side position here, so a compiled step is not specialized on it)
-        start = kv_cache.pos if kv_cache is not None and not static else 0
-        if start + t > self.cfg.context_length:
-            raise ValueError(
-                f"sequence of {start + t} tokens exceeds the context length {self.cfg.context_length}"
-            )
-        mask = None
-        if static:
-            if t != 1:
-                raise ValueError(f"a static-mode cache takes one token per row and step, got {t}")
-            pos, mask = kv_cache.static_step_inputs()
-        elif padding_mask is None:
-            pos = torch.arange(start, start + t, device=in_idx.device)
-            if kv_cache is not None and start > 0 and t > 1:
-                mask = _causal_mask(start, t, in_idx.device)[None, None]
-        else:
-            # positions count real tokens only: the first real token of each row is position 0
-            pos = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start : start + t]
-            key_ok = padding_mask[:, None, None, :]  # (b, 1, 1, S)
-            causal = _causal_mask(start, t, in_idx.device)[None, None]  # (1, 1, t, S)
-            # a padded query sees itself, so no row of the mask is empty (an empty row gives NaN)
-            own = torch.zeros_like(causal)
-            own[..., torch.arange(t), start + torch.arange(t)] = True
-            mask = (causal & key_ok) | own
+        _check_token_ids(in_idx)
+        t = in_idx.shape[1]
+        pos, mask = step_inputs(t, in_idx.device, self.cfg.context_length, kv_cache, padding_mask)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
         for i, block in enumerate(self.trf_blocks):
             x = block(x, mask=mask, kv_cache=kv_cache, layer=i)
-        if static:
-            kv_cache.static_step_done()
-        elif kv_cache is not None:
-            kv_cache.pos += t
+        if kv_cache is not None:
+            kv_cache.advance(t)
         x = self.final_norm(x)
         if return_hidden:
             return x
         if targets is not None:
-            head = self.out_head
-            # the hand-fused loss in eager mode; under torch.compile the plain way, which the compiler
-            # fuses better than it compiles the chunk loop (on an H200 671k vs 546k tokens/s; RESULTS.md).
-            # A LoRA or biased head also takes the plain way.
-            if type(head) is nn.Linear and head.bias is None and not torch.compiler.is_compiling():
-                return linear_cross_entropy(x, head.weight, targets, ignore_index)
-            if isinstance(head, Int4Linear) and head.bias is None:  # its weights, as the kernel sees x
-                return linear_cross_entropy(x.bfloat16().float(), head.weight_fp32(), targets, ignore_index)
-            logits = head(x).flatten(0, 1).float()
-            return F.cross_entropy(logits, targets.flatten(), ignore_index=ignore_index)
+            return head_loss(self.out_head, x, targets, ignore_index)
         return self.out_head(x)
 
 
-def _causal_mask(start: int, t: int, device: torch.device) -> torch.Tensor:
-    """(t, start + t) bool: query i (at absolute position start + i) may see keys 0..start + i."""
-    q = torch.arange(start, start + t, device=device)[:, None]
-    k = torch.arange(start + t, device=device)[None, :]
-    return k <= q
+def _check_token_ids(in_idx: object) -> None:
+    if not isinstance(in_idx, torch.Tensor) or in_idx.dim() != 2:
+        got = f"shape {tuple(in_idx.shape)}" if isinstance(in_idx, torch.Tensor) else type(in_idx).__name__
+        raise ScratchLLMError(
+            f"GPTModel takes a tensor of token ids of shape (batch, T), got {got}; "
+            "for one sequence use torch.tensor([ids]) or ids.unsqueeze(0)"
+        )
 
 
 def count_parameters(model: nn.Module, count_tied_twice: bool = False) -> int:
-    """Number of parameters; a tied head counts once unless `count_tied_twice` (the book's 163M figure)."""
+    """Number of parameters; a tied head counts once unless `count_tied_twice` (the book's 163M figure).
+    Works for any registered architecture (model/registry.py)."""
     n = sum(p.numel() for p in model.parameters())  # .parameters() yields shared tensors once
     # int4 layers keep their weights in buffers; a quantized tied head is a copy of the embedding
     quantized = [m for m in model.modules() if isinstance(m, Int4Linear)]
     n += sum(m.in_features * m.out_features for m in quantized)
-    if isinstance(model, GPTModel) and model.cfg.tie_weights and not model.cfg.n_classes:
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.tie_weights and not cfg.n_classes:
         if model.out_head in quantized and not count_tied_twice:
             n -= model.out_head.in_features * model.out_head.out_features
         elif count_tied_twice and model.weights_tied:
@@ -404,19 +350,41 @@ def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> int:
 
 
 def model_size_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """The bytes of the model's parameters stored in `dtype`."""
     return count_parameters(model) * torch.tensor([], dtype=dtype).element_size()
 
 
+def from_book_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The book's state dict (llms_from_scratch.ch04: separate W_query/W_key/W_value, causal-mask
+    buffers, an untied out_head) -> ours: q/k/v fused into att.qkv, the masks dropped. Load it into a
+    GPTModel built from the same settings with tie_weights=False."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state_dict.items():
+        m = re.fullmatch(r"(trf_blocks\.\d+\.att)\.(W_query|W_key|W_value|mask)(?:\.(weight|bias))?", name)
+        if m is None:
+            out[name] = tensor
+        elif m.group(2) != "mask":
+            qkv.setdefault(f"{m.group(1)}.qkv.{m.group(3)}", {})[m.group(2)] = tensor
+    for name, parts in qkv.items():
+        try:
+            out[name] = torch.cat([parts["W_query"], parts["W_key"], parts["W_value"]], dim=0)
+        except KeyError as e:
+            raise ScratchLLMError(f"book state dict: {name} lacks {e.args[0]}") from e
+    return out
+
+
 __all__ = [
-    "GELU",
+    "ARCHITECTURE",
     "PRESETS",
+    "PRESET_ALIASES",
     "FeedForward",
     "GPTConfig",
     "GPTModel",
-    "LayerNorm",
     "TransformerBlock",
     "count_parameters",
     "flops_per_token",
+    "from_book_state_dict",
     "model_size_bytes",
     "preset_config",
 ]

@@ -13,7 +13,7 @@ rank 8 is alpha 2 here).
 `LinearWithLoRA` subclasses `nn.Linear` and keeps its `weight` and `bias`, so the wrapped model's
 state dict keeps every original name and only adds `<layer>.lora.A` / `<layer>.lora.B`; a model
 directory stores the adapters beside the weights and a `lora` section in config.json says where
-they go (see checkpoint.py).
+they go (see checkpoint/). Training stages add adapters through `train.setup.setup_model`.
 
     n_added = apply_lora(model, rank=8, alpha=16)       # attention + MLP projections of every block
     mark_only_lora_trainable(model, also=("out_head",)) # freeze the rest (a new head stays trainable)
@@ -149,6 +149,7 @@ def merge_lora(model: nn.Module) -> int:
 
 
 def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
+    """The adapted layers of `model`, by full module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
 
 
@@ -206,6 +207,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def count_trainable(model: nn.Module) -> int:
+    """How many parameters of `model` learn (`requires_grad`)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -3,7 +3,7 @@
 The plain way, `F.cross_entropy(out_head(x).float(), targets)`, materializes the logits of every
 position: for GPT-2's 50,257-word vocabulary, a batch of 8 x 256 tokens makes a 412 MB fp32 tensor,
 which is then read and written again by the softmax, its backward, the bf16/fp32 casts and the zero
-fill of its gradient. On a CPU those passes over memory cost about a third of a training step.
+fill of its gradient. On a CPU those passes over memory are a large share of a training step.
 
 `linear_cross_entropy` gives the same loss and gradients with one pass over the logits: for each
 chunk of rows it computes the logits in the compute dtype, upcasts that chunk (small enough to stay
@@ -17,14 +17,14 @@ autograd would run; what goes away is the fp32 logits, the separate softmax pass
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-# Logits per chunk. On a CPU, 128 rows x 50,257 fp32 values are 26 MB, about what its caches hold. On a
-# GPU small chunks starve the matrix units and cost kernel launches: measured on an H200 (the issue-4
-# training shape at batch 32, bf16), 128 rows ran at 207k tok/s, 2048 rows at 327k (peak memory 3.0 GB),
-# one chunk of all 8192 rows at 337k (4.3 GB); benchmarks/RESULTS.md. Without gradients (evaluation)
-# nothing full-size is kept, and the large chunks serve CPUs too: each chunk's matrix multiply re-packs the
-# whole head weight, so on an AVX2 CPU in fp32 the head + loss of 8192 x 768 rows over GPT-2's vocabulary
-# took 12.6 s in 128-row chunks, 8.9 s in 2048-row ones, 10.9 s as plain logits + cross-entropy.
+from .quantize import Int4Linear
+
+# Logits per chunk: on a CPU with gradients, a chunk about the size of its caches (128 rows x 50,257 fp32
+# values are 26 MB); on GPUs, and without gradients anywhere, larger chunks, since small ones starve the
+# matrix units and each chunk re-packs the whole head weight (benchmarks/RESULTS.md, "On a GPU").
 CHUNK_ELEMENTS = 128 * 50257
 GPU_CHUNK_ELEMENTS = 2048 * 50257
 
@@ -60,6 +60,20 @@ def linear_cross_entropy(
         )
 
 
+def head_loss(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of `head(hidden)` against `targets`: fused by
+    `linear_cross_entropy` in eager mode, the plain way under torch.compile (which fuses that
+    better than it compiles the chunk loop) and for heads with a bias or LoRA adapters."""
+    if type(head) is nn.Linear and head.bias is None and not torch.compiler.is_compiling():
+        return linear_cross_entropy(hidden, head.weight, targets, ignore_index)
+    if isinstance(head, Int4Linear) and head.bias is None:  # its weights, as the kernel sees x
+        return linear_cross_entropy(hidden.bfloat16().float(), head.weight_fp32(), targets, ignore_index)
+    logits = head(hidden).flatten(0, 1).float()
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=ignore_index)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index: int, rows: int):  # type: ignore[override]
@@ -93,6 +107,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_logits, h, weight = ctx.saved_tensors
         g = grad_loss.to(h.dtype)
         grad_h = (grad_logits @ weight) * g if ctx.needs_input_grad[0] else None
-        # (h.T @ G).T, not G.T @ h: the same numbers, and oneDNN runs this layout about 20% faster on CPU
+        # (h.T @ G).T, not G.T @ h: the same numbers, in the layout oneDNN runs faster on CPUs
         grad_w = (h.T @ grad_logits).T * g if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None

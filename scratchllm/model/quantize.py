@@ -18,10 +18,10 @@ slightly different weights.
 
 `Int4Linear` keeps the codes readable (two per byte, `qweight`) and hands the multiplication to
 PyTorch's CPU kernel for int4 weights (`aten._weight_int4pack_mm_for_cpu`, the kernel torchao's
-int4 CPU layout uses), which reads the packed codes and takes bf16 activations. On a 2-core AVX2 CPU it
-multiplies one row by GPT-2 124M's weights in ~10 ms against ~33 ms for fp32 (benchmarks/RESULTS.md),
-but its cost grows with every row: from `DEQUANTIZE_ROWS` rows on (long prompts, evaluations) the
-layer instead dequantizes its weights block by block and runs one fp32 matrix product.
+int4 CPU layout uses), which reads the packed codes and takes bf16 activations. For one row it beats
+fp32 by reading an eighth of the bytes (benchmarks/RESULTS.md, "Generation"), but its cost grows with
+every row: from `DEQUANTIZE_ROWS` rows on (long prompts, evaluations) the layer instead dequantizes
+its weights block by block and runs one fp32 matrix product.
 
     quantize_model(model)                # every nn.Linear (and the tied head) -> Int4Linear, in place
     Engine(model, tokenizer).generate(...)
@@ -97,6 +97,7 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The codes `pack_nibbles` packed, one per byte again."""
     return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
 
 
@@ -128,7 +129,7 @@ class Int4Linear(nn.Module):
 
     def weight_fp32(self) -> torch.Tensor:
         """The weights this layer stands for, in fp32. Dequantized in blocks of rows whose
-        temporaries stay in the CPU's caches (the whole matrix at once is ~4x slower)."""
+        temporaries stay in the CPU's caches (faster than the whole matrix at once)."""
         out = torch.empty(self.out_features, self.in_features)
         for start in range(0, self.out_features, DEQUANTIZE_BLOCK):
             end = min(start + DEQUANTIZE_BLOCK, self.out_features)
@@ -195,4 +196,5 @@ def quantize_model(model: nn.Module, mode: str = "int4", group_size: int = DEFAU
 
 
 def is_quantized(model: nn.Module) -> bool:
+    """The model has int4 layers."""
     return any(isinstance(m, Int4Linear) for m in model.modules())

@@ -12,7 +12,7 @@ the default template; `template_is_default` says so, and the REPL prints it.
 A `ChatSession` keeps the conversation and, before each reply, drops its oldest turns until the
 prompt leaves room for an answer inside the context window. `chat_loop` is the REPL behind
 `scratchllm chat`: it reads lines (from a terminal or a pipe), streams the replies, and knows
-/reset and /exit. The OpenAI-compatible server (server.py) renders chats the same way.
+/reset and /exit. The OpenAI-compatible server (app.py) renders chats the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..config import setting
+from ..device import pick_device
 from ..errors import ScratchLLMError
 from ..finetune.templates import (
     DEFAULT_TEMPLATE,
@@ -31,8 +33,19 @@ from ..finetune.templates import (
     PromptTemplate,
     get_template,
     template_for_model,
+    template_names,
 )
-from ..generation import Completion, Engine, GenerationConfig, TextStream
+from ..generation import (
+    SAMPLING_FLAGS,
+    Completion,
+    Engine,
+    GenerationConfig,
+    RuntimeSettings,
+    TextStream,
+    resolve_dtype,
+)
+from ..hub import load_model
+from ..text.tokenizer import Tokenizer
 
 Message = Mapping[str, str]
 
@@ -48,7 +61,16 @@ class ChatModel:
 
     @property
     def context_length(self) -> int:
+        """The most tokens a prompt and its reply may take together."""
         return self.engine.model.cfg.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model.cfg.vocab_size
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
 
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt text of a conversation, ending where the assistant speaks next."""
@@ -95,10 +117,6 @@ def load_chat_model(
     quantize: str | None = None,
 ) -> ChatModel:
     """Load a model directory (or a hub name such as `gpt2`) with its tokenizer and template."""
-    from ..checkpoint import load_model
-    from ..device import pick_device
-    from ..generation import resolve_dtype
-
     if template is not None:
         get_template(template)  # an unknown name fails before the (slow) model load
     dev = pick_device(device)
@@ -278,46 +296,59 @@ def chat_loop(
         if not text:
             continue
         if text.startswith("/"):
-            command = text.split()[0].lower()
-            if command in ("/exit", "/quit"):
+            if not _run_command(text, session, stderr):
                 break
-            if command == "/reset":
-                session.reset()
-                stderr.write("(conversation reset)\n")
-            elif command == "/help":
-                stderr.write(HELP + "\n")
-            else:
-                stderr.write(f"unknown command {command}; {HELP}\n")
-            stderr.flush()
             continue
-        try:
-            reply = session.send(text)
-        except ScratchLLMError as e:
-            stderr.write(f"error: {e}\n")
-            stderr.flush()
-            continue
-        if reply.dropped_turns:
-            stderr.write(
-                f"(dropped the {reply.dropped_turns} oldest turn{'s' if reply.dropped_turns > 1 else ''} "
-                f"to fit the context window of {session.model.context_length} tokens)\n"
-            )
-            stderr.flush()
-        try:
-            for piece in reply:
-                stdout.write(piece)
-                stdout.flush()
-        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
-            reply.close()
-            stderr.write("\n(interrupted)")
-        stdout.write("\n")
-        stdout.flush()
-        replies += 1
+        if _reply(text, session, stdout, stderr):
+            replies += 1
     return replies
+
+
+def _run_command(text: str, session: ChatSession, stderr: TextIO) -> bool:
+    """Carry out a /command; False for /exit."""
+    command = text.split()[0].lower()
+    if command in ("/exit", "/quit"):
+        return False
+    if command == "/reset":
+        session.reset()
+        stderr.write("(conversation reset)\n")
+    elif command == "/help":
+        stderr.write(HELP + "\n")
+    else:
+        stderr.write(f"unknown command {command}; {HELP}\n")
+    stderr.flush()
+    return True
+
+
+def _reply(text: str, session: ChatSession, stdout: TextIO, stderr: TextIO) -> bool:
+    """Send one message and stream the reply to `stdout`; False if the message was refused."""
+    try:
+        reply = session.send(text)
+    except ScratchLLMError as e:
+        stderr.write(f"error: {e}\n")
+        stderr.flush()
+        return False
+    if reply.dropped_turns:
+        stderr.write(
+            f"(dropped the {reply.dropped_turns} oldest turn{'s' if reply.dropped_turns > 1 else ''} "
+            f"to fit the context window of {session.model.context_length} tokens)\n"
+        )
+        stderr.flush()
+    try:
+        for piece in reply:
+            stdout.write(piece)
+            stdout.flush()
+    except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+        reply.close()
+        stderr.write("\n(interrupted)")
+    stdout.write("\n")
+    stdout.flush()
+    return True
 
 
 def _terminal_reader(prompt: str) -> Callable[[], str | None]:
     with contextlib.suppress(ImportError):  # not on Windows
-        import readline  # noqa: F401  (line editing and history for input())
+        import readline  # noqa: F401  (only on a terminal: it changes how input() reads lines)
 
     def read() -> str | None:
         try:
@@ -340,25 +371,43 @@ def _stream_reader(stdin: TextIO, stdout: TextIO, prompt: str) -> Callable[[], s
     return read
 
 
-def chat_command(
-    model: str,
-    config: GenerationConfig,
-    template: str | None = None,
-    system: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    compile: bool = False,
-    quantize: str | None = None,
-) -> None:
-    """`scratchllm chat`: load the model and run the REPL on stdin/stdout."""
-    loaded = load_chat_model(
-        model, device=device, dtype=dtype, template=template, compile=compile, quantize=quantize
+MODEL_HELP = "a model directory (an assistant from `finetune instruct`), or gpt2, gpt2-medium, ..."
+TEMPLATE_HELP = "prompt template (default: the model's own, else alpaca)"
+SAMPLING = (*SAMPLING_FLAGS, "stop")
+
+
+@dataclass
+class ChatSettings:
+    """`scratchllm chat`: an interactive chat: type a message, the reply streams back. The conversation
+    is rendered with the model's prompt template and its oldest turns are dropped when it outgrows the
+    context window. /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops a reply. Reads lines from
+    stdin, so it also works piped."""
+
+    model: str = setting("", MODEL_HELP, "model", required=True)
+    template: str | None = setting(None, TEMPLATE_HELP, "model", choices=tuple(template_names()))
+    system: str = setting("", "a system message (default: the template's own, if any)", "chat")
+    sampling: GenerationConfig = setting(
+        GenerationConfig(max_new_tokens=256), "how the replies' tokens are chosen", only=SAMPLING
     )
-    if compile:
+    runtime: RuntimeSettings = setting(RuntimeSettings(), "where and how the model runs")
+
+
+def chat_command(settings: ChatSettings) -> None:
+    """`scratchllm chat`: load the model and run the REPL on stdin/stdout."""
+    runtime = settings.runtime
+    loaded = load_chat_model(
+        settings.model,
+        device=runtime.device,
+        dtype=runtime.dtype,
+        template=settings.template,
+        compile=runtime.compile,
+        quantize=runtime.quantize,
+    )
+    if runtime.compile:
         print("compiling the decode step...", end=" ", flush=True)
         loaded.engine.warm_up(1)
         print("done", flush=True)
-    session = ChatSession(loaded, config, system)
+    session = ChatSession(loaded, settings.sampling, settings.system or None)
     chat_loop(session)
 
 
@@ -367,6 +416,7 @@ __all__ = [
     "ChatModel",
     "ChatReply",
     "ChatSession",
+    "ChatSettings",
     "WhitespaceStripper",
     "chat_command",
     "chat_loop",

@@ -22,6 +22,8 @@ UNK = "<|unk|>"
 
 
 class CharTokenizer(Tokenizer):
+    """One id per character of a fixed set, then `<|endoftext|>` and `<|unk|>` (for the rest)."""
+
     kind = "char"
 
     def __init__(self, chars: Iterable[str], name: str = "char"):

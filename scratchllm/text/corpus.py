@@ -24,14 +24,46 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import setting
 from ..errors import ScratchLLMError
 
 BUILTIN = "builtin"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+ENCODING_ERRORS = ("strict", "replace")
+
+
+@dataclass
+class CorpusSettings:
+    """Where a command's text comes from (`--corpus`, `--encoding-errors`): the settings `tokenizer
+    train`, `prepare` and `perplexity` share (each embeds them: `setting(CorpusSettings(), ...)`)."""
+
+    corpus: list[str] = setting(
+        [BUILTIN],
+        "text files, directories, globs, `builtin` (Python's bundled docs, the default) "
+        "or `hf:NAME[:SPLIT]` (needs the `hf` extra and a network)",
+        "data",
+        path=(BUILTIN,),
+        metavar="SOURCE",
+    )
+    encoding_errors: str = setting(
+        "strict",
+        "what to do with bytes that are not UTF-8: stop with an error naming the file and "
+        "offset (strict, default) or replace them with U+FFFD",
+        "data",
+        choices=ENCODING_ERRORS,
+    )
+
+    def __post_init__(self) -> None:
+        if self.encoding_errors not in ENCODING_ERRORS:  # a TOML file is not checked by argparse's choices
+            raise ScratchLLMError(
+                f"encoding_errors must be {' or '.join(ENCODING_ERRORS)}, got {self.encoding_errors!r}"
+            )
 
 
 @dataclass(frozen=True)
 class Document:
+    """One document of a corpus and where it came from."""
+
     source: str  # a file path, `builtin:TOPIC` or `hf:NAME:SPLIT#ROW`
     text: str
 
@@ -46,8 +78,8 @@ def builtin_documents() -> list[Document]:
     that a validation split drawn by document holds ~10% of the text and a mix of subjects, not
     three arbitrary topics of very different sizes."""
     try:
-        from pydoc_data.topics import topics
-    except ImportError as e:  # some distributions strip it
+        from pydoc_data.topics import topics  # here: 465 KB of text, and some distributions strip it
+    except ImportError as e:
         raise ScratchLLMError(
             "the built-in corpus needs Python's pydoc_data module, which this Python lacks; "
             "pass --corpus PATH with your own text instead"
@@ -81,8 +113,35 @@ def read_text_file(path: str | os.PathLike, encoding_errors: str = "strict") -> 
     return text.removeprefix("\ufeff")  # utf-16 and utf-32 remove the mark; a second one is not text either
 
 
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8"),
-         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _text_files_in(path: Path) -> list[Path]:
+    """The text files under a directory, sorted; the other kinds skipped are named in a warning, so that
+    a folder of .py or .html files is not half-read unnoticed (hidden ones, such as .git/ or .DS_Store,
+    are left out without a word)."""
+    found = [p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))]
+    files = sorted(p for p in found if p.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise ScratchLLMError(
+            f"directory {path} has no text files ({', '.join(TEXT_SUFFIXES)}); use a glob such as "
+            f"'{path}/**/*.py' for other kinds"
+        )
+    kinds = Counter(p.suffix.lower() or "(none)" for p in found if p.suffix.lower() not in TEXT_SUFFIXES)
+    if kinds:
+        listed = ", ".join(f"{n} {suffix}" for suffix, n in kinds.most_common(4))
+        others = f"{kinds.total()} other{'s' if kinds.total() > 1 else ''}"
+        _warn_once(
+            f"directory {path}: read {len(files)} text files ({', '.join(TEXT_SUFFIXES)}), skipped {others} "
+            f"({listed}{', ...' if len(kinds) > 4 else ''}); a glob such as '{path}/**/*.py' reads other kinds"
+        )
+    return files
 
 
 def resolve_paths(source: str) -> list[Path]:
@@ -91,28 +150,7 @@ def resolve_paths(source: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = [p for p in path.rglob("*") if p.is_file()]
-        files = sorted(
-            p for p in found if p.suffix.lower() in TEXT_SUFFIXES and not _hidden(p.relative_to(path))
-        )
-        if not files:
-            raise ScratchLLMError(
-                f"directory {path} has no text files ({', '.join(TEXT_SUFFIXES)}); use a glob such as "
-                f"'{path}/**/*.py' for other kinds"
-            )
-        # said, so that a folder of .py or .html files is not half-read unnoticed (hidden ones, such as
-        # .git/ or .DS_Store, are left out without a word)
-        kinds = Counter(
-            p.suffix.lower() or "(none)"
-            for p in found
-            if p.suffix.lower() not in TEXT_SUFFIXES and not _hidden(p.relative_to(path))
-        )
-        if kinds:
-            listed = ", ".join(f"{n} {suffix}" for suffix, n in kinds.most_common(4))
-            _warn_once(f"directory {path}: read {len(files)} text files ({', '.join(TEXT_SUFFIXES)}), skipped "
-                       f"{kinds.total()} other{'s' if kinds.total() > 1 else ''} ({listed}{', ...' if len(kinds) > 4 else ''}); a glob such as "
-                       f"'{path}/**/*.py' reads other kinds")  # fmt: skip
-        return files
+        return _text_files_in(path)
     if glob.has_magic(source):
         files = sorted(
             Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file()
@@ -151,7 +189,7 @@ def _hf_documents(spec: str) -> Iterator[Document]:
             f"corpus source {spec!r}: expected hf:NAME[:SPLIT], e.g. hf:roneneldan/TinyStories"
         )
     try:
-        import datasets
+        import datasets  # optional and slow to import: only for hf: sources
     except ImportError as e:
         raise ScratchLLMError(
             f"corpus source {spec!r} needs the Hugging Face datasets package: pip install 'scratchllm[hf]'"
@@ -188,8 +226,10 @@ def resolve_sources(sources: Sequence[str] | str = (BUILTIN,)) -> list[str | Pat
             seen.add(key)
             resolved.append(item)
     if repeated:
-        _warn_once(f"{repeated} corpus source{'s' if repeated > 1 else ''} given more than once (say, a directory "
-                   "and a glob inside it); each is read once")  # fmt: skip
+        _warn_once(
+            f"{repeated} corpus source{'s' if repeated > 1 else ''} given more than once (say, a directory "
+            "and a glob inside it); each is read once"
+        )
     return resolved
 
 

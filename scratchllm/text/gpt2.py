@@ -14,7 +14,10 @@ import contextlib
 import os
 from pathlib import Path
 
+import tiktoken
+
 from ..errors import ScratchLLMError
+from ..fileio import atomic_write_bytes
 from .bpe import (
     ENCODER_FILE,
     MERGES_FILE,
@@ -30,6 +33,7 @@ GPT2_TIKTOKEN_FILE = "gpt2.tiktoken"
 
 
 def gpt2_cache_dir() -> Path:
+    """Where a downloaded GPT-2 vocabulary is kept for offline use."""
     return Path.home() / ".cache" / "scratchllm" / "gpt2-tokenizer"
 
 
@@ -63,8 +67,6 @@ def load_gpt2_files(path: str | os.PathLike) -> BPETokenizer:
 def load_tiktoken_encoding(name: str) -> BPETokenizer:
     """Any encoding tiktoken knows (`gpt2`, `cl100k_base`, `o200k_base`, ...); the first use needs
     a network, later ones tiktoken's cache."""
-    import tiktoken
-
     known = tiktoken.list_encoding_names()  # offline: the names its plugins define
     if name not in known:
         raise ScratchLLMError(f"tiktoken has no encoding {name!r}; it knows {', '.join(known)}")
@@ -98,7 +100,5 @@ def load_gpt2_tokenizer() -> BPETokenizer:
 
 def _fill_cache(tok: BPETokenizer, cache: Path) -> None:
     """Keep a copy of a downloaded GPT-2 vocabulary, so later runs work offline."""
-    from ..fileio import atomic_write_bytes
-
     with contextlib.suppress(OSError):  # a read-only home is no reason to fail; tiktoken keeps its own cache
         atomic_write_bytes(cache / GPT2_TIKTOKEN_FILE, dump_tiktoken_ranks(tok.mergeable_ranks))

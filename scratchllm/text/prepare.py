@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import ScratchLLMError
@@ -35,12 +36,13 @@ from ..fileio import DATA_META_FILE as META
 from ..fileio import DATA_TOKENIZER_DIR, atomic_dir, atomic_write_json, check_replaceable
 from .bpe import PATTERNS, BPETokenizer
 from .corpus import BUILTIN, builtin_documents, iter_documents, resolve_sources
-from .tokenizer import Tokenizer, load_tokenizer
+from .registry import load_tokenizer
+from .tokenizer import Tokenizer
 
 FORMAT = "scratchllm-tokens"
 CHUNK_CHARS = 1 << 20  # work unit for the workers
 # With `workers=0` each worker process gets at least this much text: starting one (spawn, imports,
-# loading the tokenizer) takes 0.5-2 s, about what one encodes of 16 MB (benchmarks/RESULTS.md).
+# loading the tokenizer) costs about what encoding it takes (benchmarks/RESULTS.md).
 BYTES_PER_WORKER = 16 << 20
 _SAFE_CUT = re.compile(r"\S\n(?=\S)")
 
@@ -131,8 +133,6 @@ def prepare(
     extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tokenize `corpus` into `out` (see the module docstring); returns the written meta.json content."""
-    from tqdm.auto import tqdm
-
     if isinstance(corpus, str):
         corpus = [corpus]
     if not 0.0 <= val_fraction < 1.0:
@@ -144,76 +144,20 @@ def prepare(
     if tok.eot_id is None:
         raise ScratchLLMError(f"tokenizer {tok.name!r} has no <|endoftext|> token to separate documents")
     dtype = token_dtype(tok.vocab_size)
-    eot = np.asarray([tok.eot_id], dtype=dtype)
+    total_bytes = _corpus_bytes(corpus)  # also checks that every path exists before any work
+    workers = _worker_count(workers, total_bytes, chunk_chars)
+    t0 = time.perf_counter()
     # a pattern of the user's own may join pieces across a newline (`\s*\S+`): its documents stay whole
     cuttable = not isinstance(tok, BPETokenizer) or tok.pattern in PATTERNS.values()
-    total_bytes = _corpus_bytes(corpus)  # also checks that every path exists before any work
-    cores = os.cpu_count() or 1
-    if total_bytes is None:  # a source of unknown size (hf:): one worker per core
-        workers = min(workers or cores, cores)
-    else:
-        if not workers:  # one per core, but no more than the text keeps busy
-            workers = max(1, min(cores, total_bytes // BYTES_PER_WORKER))
-        # never more processes than cores or pieces of work: the rest would only start and sit idle
-        workers = max(1, min(workers, cores, -(-total_bytes // chunk_chars)))
-    t0 = time.perf_counter()
-
-    source_hashes: dict[str, Any] = {}
-    counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
-
-    def tasks() -> Iterator[tuple[list[Any], list[str]]]:
-        keys: list[Any] = []
-        texts: list[str] = []
-        size = 0
-        for index, doc in enumerate(iter_documents(corpus, encoding_errors)):
-            src = BUILTIN if doc.source.startswith(f"{BUILTIN}:") else doc.source.split("#", 1)[0]
-            entry = source_hashes.setdefault(src, {"sha256": hashlib.sha256(), "bytes": 0, "documents": 0})
-            data = doc.text.encode("utf-8")
-            entry["sha256"].update(data)
-            entry["bytes"] += len(data)
-            entry["documents"] += 1
-            split = "val" if _in_val(index, seed, val_fraction) else "train"
-            pieces = split_document(doc.text, chunk_chars) if cuttable else [doc.text]
-            for j, piece in enumerate(pieces):
-                keys.append((split, j == len(pieces) - 1, len(piece.encode("utf-8"))))
-                texts.append(piece)
-                size += len(piece)
-                if size >= chunk_chars:
-                    yield keys, texts
-                    keys, texts, size = [], [], 0
-        if texts:
-            yield keys, texts
+    tasks = _Tasks(corpus, encoding_errors, seed, val_fraction, chunk_chars, cut=cuttable)
 
     with atomic_dir(out, marker=META, what="prepared data directory") as tmp:
         tok.save(tmp / DATA_TOKENIZER_DIR)
-        files = {s: open(tmp / f"{s}.bin", "wb") for s in ("train", "val")}  # noqa: SIM115
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress)
-        pool = None
         try:
-            if workers == 1:
-                _init_worker(str(tmp / DATA_TOKENIZER_DIR), dtype.str)
-                results: Iterator = map(_encode_task, tasks())
-            else:
-                pool = mp.get_context("spawn").Pool(
-                    workers, _init_worker, (str(tmp / DATA_TOKENIZER_DIR), dtype.str)
-                )
-                results = pool.imap(_encode_task, tasks())
-            for keys, arrays in results:
-                for (split, last, nbytes), ids in zip(keys, arrays):
-                    files[split].write(ids.tobytes())
-                    counts[split][0] += len(ids)
-                    if last:
-                        files[split].write(eot.tobytes())
-                        counts[split][0] += 1
-                        counts[split][1] += 1
-                    bar.update(nbytes)
+            counts = _write_tokens(tmp, tasks, workers, tok.eot_id, dtype, bar)
         finally:
             bar.close()
-            for f in files.values():
-                f.close()
-            if pool is not None:
-                pool.terminate()
-
         n_docs = counts["train"][1] + counts["val"][1]
         if n_docs == 0 or counts["train"][0] + counts["val"][0] == n_docs:
             raise ScratchLLMError(f"the corpus ({' '.join(corpus)}) is empty: it has no text to tokenize")
@@ -221,36 +165,8 @@ def prepare(
         if val_fraction > 0 and (counts["val"][0] == 0 or counts["train"][0] == 0):
             method = "tail"
             _tail_split(tmp, counts, val_fraction, dtype)
-
-        meta = {
-            "format": FORMAT,
-            "version": 1,
-            "dtype": dtype.name,
-            "train_tokens": counts["train"][0],
-            "val_tokens": counts["val"][0],
-            "documents": n_docs,
-            "train_documents": counts["train"][1],
-            "val_documents": counts["val"][1],
-            "tokenizer": {
-                "name": tok.name,
-                "kind": tok.kind,
-                "vocab_size": tok.vocab_size,
-                "eot_id": tok.eot_id,
-                "fingerprint": tok.fingerprint(),
-            },
-            "split": {"method": method, "val_fraction": val_fraction, "seed": seed},
-            "sources": [
-                {
-                    "source": k,
-                    "bytes": v["bytes"],
-                    "documents": v["documents"],
-                    "sha256": v["sha256"].hexdigest(),
-                }
-                for k, v in source_hashes.items()
-            ],
-            "scratchllm_version": __version__,
-            **(extra_meta or {}),
-        }
+        split = {"method": method, "val_fraction": val_fraction, "seed": seed}
+        meta = _meta(tok, dtype, counts, split, tasks.sources, extra_meta)
         atomic_write_json(tmp / META, meta)
     seconds = time.perf_counter() - t0
     n_bytes = sum(s["bytes"] for s in meta["sources"])
@@ -261,6 +177,137 @@ def prepare(
             f"({n_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s, {workers} worker{'s' if workers > 1 else ''}) -> {out}"
         )
     return meta
+
+
+def _worker_count(workers: int, total_bytes: int | None, chunk_chars: int) -> int:
+    """The worker processes to start: `workers` (0: one per core, as many as the text keeps busy)."""
+    cores = os.cpu_count() or 1
+    if total_bytes is None:  # a source of unknown size (hf:): one worker per core
+        return min(workers or cores, cores)
+    if not workers:
+        workers = max(1, min(cores, total_bytes // BYTES_PER_WORKER))
+    # never more processes than cores or pieces of work: the rest would only start and sit idle
+    return max(1, min(workers, cores, -(-total_bytes // chunk_chars)))
+
+
+class _Tasks:
+    """The corpus as work for the workers: (keys, texts) of about `chunk_chars` characters each, a key
+    being (split, last piece of its document, bytes). Reading it also hashes every source."""
+
+    def __init__(
+        self,
+        corpus: Sequence[str],
+        encoding_errors: str,
+        seed: int,
+        val_fraction: float,
+        chunk_chars: int,
+        cut: bool = True,
+    ):
+        """`cut` False: documents stay whole (for a pattern that may join pieces across newlines)."""
+        self.corpus, self.encoding_errors = corpus, encoding_errors
+        self.seed, self.val_fraction = seed, val_fraction
+        self.chunk_chars, self.cut = chunk_chars, cut
+        self.hashes: dict[str, Any] = {}
+
+    def __iter__(self) -> Iterator[tuple[list[Any], list[str]]]:
+        keys: list[Any] = []
+        texts: list[str] = []
+        size = 0
+        for index, doc in enumerate(iter_documents(self.corpus, self.encoding_errors)):
+            self._hash(doc.source, doc.text)
+            split = "val" if _in_val(index, self.seed, self.val_fraction) else "train"
+            pieces = split_document(doc.text, self.chunk_chars) if self.cut else [doc.text]
+            for j, piece in enumerate(pieces):
+                keys.append((split, j == len(pieces) - 1, len(piece.encode("utf-8"))))
+                texts.append(piece)
+                size += len(piece)
+                if size >= self.chunk_chars:
+                    yield keys, texts
+                    keys, texts, size = [], [], 0
+        if texts:
+            yield keys, texts
+
+    def _hash(self, source: str, text: str) -> None:
+        src = BUILTIN if source.startswith(f"{BUILTIN}:") else source.split("#", 1)[0]
+        entry = self.hashes.setdefault(src, {"sha256": hashlib.sha256(), "bytes": 0, "documents": 0})
+        data = text.encode("utf-8")
+        entry["sha256"].update(data)
+        entry["bytes"] += len(data)
+        entry["documents"] += 1
+
+    @property
+    def sources(self) -> list[dict[str, Any]]:
+        """Each source's bytes, documents and SHA-256, once the corpus has been read."""
+        return [
+            {"source": k, "bytes": v["bytes"], "documents": v["documents"], "sha256": v["sha256"].hexdigest()}
+            for k, v in self.hashes.items()
+        ]
+
+
+def _write_tokens(
+    directory: Path, tasks: _Tasks, workers: int, eot_id: int, dtype: np.dtype, bar: Any
+) -> dict[str, list[int]]:
+    """Encode the tasks (in `workers` processes) into train.bin and val.bin, each document followed
+    by `<|endoftext|>`; returns {split: [tokens, documents]}."""
+    counts = {"train": [0, 0], "val": [0, 0]}
+    eot = np.asarray([eot_id], dtype=dtype).tobytes()
+    tokenizer_dir = str(directory / DATA_TOKENIZER_DIR)
+    files = {s: open(directory / f"{s}.bin", "wb") for s in ("train", "val")}  # noqa: SIM115
+    pool = None
+    try:
+        if workers == 1:
+            _init_worker(tokenizer_dir, dtype.str)
+            results: Iterator = map(_encode_task, tasks)
+        else:
+            pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir, dtype.str))
+            results = pool.imap(_encode_task, tasks)
+        for keys, arrays in results:
+            for (split, last, nbytes), ids in zip(keys, arrays):
+                files[split].write(ids.tobytes())
+                counts[split][0] += len(ids)
+                if last:
+                    files[split].write(eot)
+                    counts[split][0] += 1
+                    counts[split][1] += 1
+                bar.update(nbytes)
+    finally:
+        for f in files.values():
+            f.close()
+        if pool is not None:
+            pool.terminate()
+    return counts
+
+
+def _meta(
+    tok: Tokenizer,
+    dtype: np.dtype,
+    counts: dict[str, list[int]],
+    split: dict[str, Any],
+    sources: list[dict[str, Any]],
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What meta.json holds."""
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "dtype": dtype.name,
+        "train_tokens": counts["train"][0],
+        "val_tokens": counts["val"][0],
+        "documents": counts["train"][1] + counts["val"][1],
+        "train_documents": counts["train"][1],
+        "val_documents": counts["val"][1],
+        "tokenizer": {
+            "name": tok.name,
+            "kind": tok.kind,
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "fingerprint": tok.fingerprint(),
+        },
+        "split": split,
+        "sources": sources,
+        "scratchllm_version": __version__,
+        **(extra or {}),
+    }
 
 
 def _tail_split(directory: Path, counts: dict[str, list[int]], val_fraction: float, dtype: np.dtype) -> None:

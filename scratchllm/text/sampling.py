@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import ScratchLLMError
 from ..fileio import DATA_TOKENIZER_DIR
 from .prepare import FORMAT, META
-from .tokenizer import Tokenizer, load_tokenizer
+from .registry import load_tokenizer
+from .tokenizer import Tokenizer
 
 
 def _too_short(n_tokens: int, max_length: int, what: str = "the text") -> ScratchLLMError:
@@ -157,6 +158,7 @@ class TokenWindows:
         return starts.astype(np.int64)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets (batch, context_length) of this process at `step`."""
         rows = np.stack(
             [np.asarray(self.tokens[s : s + self.context_length + 1]) for s in self.offsets(step)]
         )
@@ -164,6 +166,7 @@ class TokenWindows:
         return rows[:, :-1], rows[:, 1:]
 
     def steps_per_epoch(self) -> int:
+        """Steps that see about every window once (at least 1)."""
         return max(1, self.n_windows // (self.batch_size * self.world_size))
 
 

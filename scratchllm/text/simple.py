@@ -2,7 +2,7 @@
 distinct pieces of a corpus, and map anything unseen to `<|unk|>`.
 
 It is not lossless (whitespace is dropped and rebuilt on decode) and cannot spell unseen words;
-those two limits are why GPT models use byte-level BPE (text/bpe.py).
+those two limits are why GPT models use byte-level BPE (text/bpe/).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The one tokenizer interface, and `load_tokenizer` that finds any tokenizer by name or path.
+"""The one tokenizer interface; `load_tokenizer` (text/registry.py) finds any tokenizer by name or path.
 
-Three implementations share it:
+The kinds that implement it:
 - `SimpleTokenizer` (text/simple.py): the book's first step, a regex word vocabulary;
-- `BPETokenizer` (text/bpe.py): byte-level BPE, trained from scratch here or loaded from GPT-2's
+- `CharTokenizer` (text/char.py): one id per character;
+- `BPETokenizer` (text/bpe/): byte-level BPE, trained from scratch here or loaded from GPT-2's
   files, encoding through tiktoken's engine;
 - GPT-2's tokenizer is a `BPETokenizer` with OpenAI's ranks (text/gpt2.py).
 
@@ -22,6 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from ..errors import ScratchLLMError
 from ..fileio import TOKENIZER_META_FILE as META_FILE
+from ..fileio import atomic_write_bytes, atomic_write_json
 
 EOT = "<|endoftext|>"
 AllowedSpecial = Literal["all"] | str | Set[str]  # "all", one special, or a collection
@@ -112,8 +114,6 @@ class Tokenizer(ABC):
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the tokenizer files into `directory` (created if needed; each file atomically)."""
-        from ..fileio import atomic_write_bytes, atomic_write_json
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for fname, data in self._files().items():
@@ -142,71 +142,3 @@ def check_not_text(ids: object, name: str) -> None:
         raise ScratchLLMError(
             f"tokenizer {name!r}: decode takes token ids (a list of ints), got a {type(ids).__name__}"
         )
-
-
-def _kinds() -> dict[str, type[Tokenizer]]:
-    from .bpe import BPETokenizer
-    from .char import CharTokenizer
-    from .simple import SimpleTokenizer
-
-    return {k.kind: k for k in (SimpleTokenizer, BPETokenizer, CharTokenizer)}
-
-
-def load_tokenizer(spec: str | os.PathLike | Tokenizer) -> Tokenizer:
-    """Find a tokenizer by name or path.
-
-    - `gpt2`: OpenAI's GPT-2 BPE (local files first, then tiktoken's download; see text/gpt2.py);
-    - `tiktoken:NAME`: any encoding tiktoken knows (e.g. `tiktoken:cl100k_base`; needs a network
-      the first time);
-    - a directory written by `Tokenizer.save` or a model directory;
-    - GPT-2-format files: a directory with `encoder.json` + `vocab.bpe`, or a `.tiktoken` ranks file.
-    """
-    if isinstance(spec, Tokenizer):
-        return spec
-    s = str(spec)
-    if s == "gpt2":
-        from .gpt2 import load_gpt2_tokenizer
-
-        return load_gpt2_tokenizer()
-    if s.startswith("tiktoken:"):
-        from .gpt2 import load_tiktoken_encoding
-
-        return load_tiktoken_encoding(s.split(":", 1)[1])
-    path = Path(s).expanduser()
-    if not path.exists():
-        raise ScratchLLMError(
-            f"tokenizer {s!r} not found: give `gpt2`, a tokenizer or model directory, an encoder.json + "
-            "vocab.bpe directory, or a .tiktoken file"
-        )
-    if path.is_file():
-        # a file of a saved tokenizer stands for its directory, whose settings (pattern, special
-        # tokens) it lacks; a lone .tiktoken file is GPT-2's ranks
-        if path.name in ("encoder.json", "vocab.bpe", META_FILE) or (path.parent / META_FILE).is_file():
-            path = path.parent
-        else:
-            from .gpt2 import load_gpt2_files
-
-            return load_gpt2_files(path)
-    meta_path = path / META_FILE
-    if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            kind = meta["kind"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise ScratchLLMError(
-                f"{meta_path}: not a valid tokenizer description ({type(e).__name__}: {e}); re-save the tokenizer"
-            ) from e
-        kinds = _kinds()
-        if not isinstance(kind, str) or kind not in kinds:
-            raise ScratchLLMError(
-                f"{meta_path}: unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}"
-            )
-        try:
-            return kinds[kind]._load(path, meta)
-        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:  # a damaged file
-            raise ScratchLLMError(
-                f"{path}: the saved {kind} tokenizer is damaged ({type(e).__name__}: {e}); save or train it again"
-            ) from e
-    from .gpt2 import load_gpt2_files
-
-    return load_gpt2_files(path)

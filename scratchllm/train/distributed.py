@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel
 
 from ..device import pick_device
 from ..errors import ScratchLLMError
+from ..model.gpt import GPTModel
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,12 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
+        """Whether several processes train together."""
         return self.world_size > 1
 
 
 def launched_by_torchrun() -> bool:
+    """Whether torchrun started this process (it sets RANK and WORLD_SIZE)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
@@ -72,6 +79,7 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait until every process gets here (a no-op in a single process)."""
     if info.enabled:
         dist.barrier()
 
@@ -90,6 +98,36 @@ def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     return bool(max_over_processes([float(flag)], info)[0])
 
 
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every process's `obj`, in rank order, on every process."""
+    if not info.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """`model` under DistributedDataParallel: gradients averaged over the processes at each backward."""
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def shard_model(model: GPTModel, device: torch.device, world_size: int) -> None:
+    """FSDP2: each transformer block, then the rest, becomes a unit whose parameters, gradients and
+    optimizer state are split over the processes and gathered only while the unit computes."""
+    try:
+        # most of a second to import: only --fsdp runs pay it
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:
+        raise ScratchLLMError("--fsdp needs PyTorch 2.6 or newer (torch.distributed.fsdp.fully_shard)") from e
+    mesh = init_device_mesh(device.type, (world_size,))
+    for block in model.trf_blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group (a no-op in a single process)."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -7,15 +7,23 @@ token array in non-overlapping windows (all of them, or the first `max_windows`)
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ..config import setting
+from ..device import autocast, pick_device, resolve_precision
 from ..errors import ScratchLLMError
+from ..hub import load_model
+from ..model.quantize import QUANTIZE_MODES
+from ..text.corpus import CorpusSettings, Document, load_documents
+from ..text.tokenizer import Tokenizer
 
 
 def next_token_loss(
@@ -68,8 +76,7 @@ def token_loss(
             if n_targets == 0:
                 continue
             with amp():
-                # the loss the model trains on (fused with the head: no full logits tensor, which for
-                # GPT-2's vocabulary at 8 x 1024 tokens would take 1.6 GB), times its count for the sum
+                # the loss the model trains on (fused with the head: no full logits tensor), times its count
                 mean = next_token_loss(model, rows_t[:, :-1], targets)
             total += float(mean) * n_targets
             count += n_targets
@@ -77,6 +84,7 @@ def token_loss(
 
 
 def perplexity(loss: float) -> float:
+    """exp(loss), or inf where that overflows."""
     return math.exp(loss) if loss < 700 else math.inf
 
 
@@ -94,10 +102,6 @@ def evaluate_text(
     """Loss and perplexity per token of the text, and bits per byte, of a model on a corpus: each
     document follows an <|endoftext|> that is context only, so every text token is predicted once.
     `quantize` "int4": of the model with int4 weights (what `generate --quantize int4` runs)."""
-    from ..checkpoint import load_model
-    from ..device import autocast, pick_device, resolve_precision
-    from ..text.corpus import load_documents
-
     if batch_size < 1:
         raise ScratchLLMError(f"--batch-size must be >= 1, got {batch_size}")
     if context_length is not None and context_length < 1:
@@ -120,9 +124,33 @@ def evaluate_text(
         raise ScratchLLMError(
             f"--context-length {ctx} exceeds the model's context length {loaded.config.context_length}"
         )
-    docs = load_documents(corpus, encoding_errors)
-    # Documents follow one another, each after an <|endoftext|> that is context only: so every token
-    # of the text is predicted exactly once, and bits per byte divides by the bytes of what was predicted.
+    ids, n_bytes = _join_documents(tok, load_documents(corpus, encoding_errors), max_tokens)
+    total, count = token_loss(
+        loaded.model,
+        np.asarray(ids),
+        ctx,
+        batch_size,
+        lambda: autocast(dev, prec),
+        device=dev,
+        context_only=tok.eot_id,
+    )
+    if count == 0:
+        raise ScratchLLMError("the corpus has no text to evaluate (need at least 1 token after the first)")
+    loss = total / count
+    return {
+        "model": str(model_spec),
+        "tokens": count,
+        "bytes": n_bytes,
+        "loss": loss,
+        "perplexity": perplexity(loss),
+        "bits_per_byte": total / (math.log(2) * n_bytes),
+        "context_length": ctx,
+    }
+
+
+def _join_documents(tok: Tokenizer, docs: Sequence[Document], max_tokens: int) -> tuple[list[int], int]:
+    """The token ids of `docs` (the first `max_tokens` text tokens; 0: all), each after an <|endoftext|>
+    that is context only, and the bytes of the text they predict (bits per byte divides by those)."""
     eot = tok.eot_id
     ids: list[int] = [] if eot is None else [eot]
     n_bytes = n_text = 0
@@ -141,37 +169,48 @@ def evaluate_text(
             break
         if eot is not None:
             ids.append(eot)
-    total, count = token_loss(
-        loaded.model,
-        np.asarray(ids),
-        ctx,
-        batch_size,
-        lambda: autocast(dev, prec),
-        device=dev,
-        context_only=eot,
+    return ids, n_bytes
+
+
+@dataclass
+class PerplexitySettings:
+    """Loss, perplexity and bits per byte of a model on any text: every token of every document is
+    predicted once, after an <|endoftext|> that is context only (training's validation loss also
+    predicts the <|endoftext|> between documents, so it differs slightly). For zero-/few-shot accuracy
+    on task files (HellaSwag, multiple choice, generation) see `scratchllm eval-tasks`."""
+
+    model: str = setting("", "a model directory or gpt2, gpt2-medium, ...", "model", required=True)
+    text: CorpusSettings = setting(CorpusSettings(), "the text to evaluate on", "data")
+    context_length: int | None = setting(None, "window length (none: the model's)", "evaluation")
+    batch_size: int = setting(8, "windows per forward pass", "evaluation")
+    max_tokens: int = setting(0, "evaluate only the first N tokens (0: all)", "evaluation")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps", "model")
+    precision: str = setting("fp32", "fp32 (exact), bf16, fp16 or auto", "model")
+    quantize: str | None = setting(
+        None,
+        "evaluate the model with int4 weights, as `generate --quantize int4` runs it (CPU only)",
+        "model",
+        choices=QUANTIZE_MODES,
     )
-    if count == 0:
-        raise ScratchLLMError("the corpus has no text to evaluate (need at least 1 token after the first)")
-    loss = total / count
-    return {
-        "model": str(model_spec),
-        "tokens": count,
-        "bytes": n_bytes,
-        "loss": loss,
-        "perplexity": perplexity(loss),
-        "bits_per_byte": total / (math.log(2) * n_bytes),
-        "context_length": ctx,
-    }
+    json: bool = setting(False, "print the result as JSON", "output")
 
 
-def evaluate_command(
-    model: str, corpus: Sequence[str], as_json: bool = False, **kwargs: Any
-) -> dict[str, Any]:
-    """`scratchllm evaluate`: print loss, perplexity and bits per byte."""
-    result = evaluate_text(model, corpus, **kwargs)
-    if as_json:
-        import json
-
+def perplexity_command(settings: PerplexitySettings) -> None:
+    """`scratchllm perplexity`: print loss, perplexity and bits per byte."""
+    if not settings.model:  # a TOML file can leave it out, which the flag cannot
+        raise ScratchLLMError("give a model: --model MODEL (a model directory or gpt2, gpt2-medium, ...)")
+    result = evaluate_text(
+        settings.model,
+        settings.text.corpus,
+        context_length=settings.context_length,
+        batch_size=settings.batch_size,
+        device=settings.device,
+        precision=settings.precision,
+        encoding_errors=settings.text.encoding_errors,
+        max_tokens=settings.max_tokens,
+        quantize=settings.quantize,
+    )
+    if settings.json:
         print(json.dumps(result, indent=2))
     else:
         print(
@@ -179,4 +218,3 @@ def evaluate_command(
             f"{result['bits_per_byte']:.4f} bits/byte over {result['tokens']:,} tokens ({result['bytes']:,} bytes, "
             f"context {result['context_length']})"
         )
-    return result

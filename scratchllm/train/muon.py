@@ -15,10 +15,9 @@ checkpoints and exact resume see one optimizer. A Muon step is scaled by 0.2 sqr
 rate and decoupled weight decay serve both kinds.
 
 Why not `torch.optim.Muon`: it exists from torch 2.9 on (this package supports 2.4), and it always
-runs Newton-Schulz in bfloat16, which CPUs without bf16 instructions emulate slowly (one step for the
-16 matrices of a 4-layer, 128-wide model took 5.3 s on an AVX2 Zen 3, against ~30 ms here in fp32).
-Here it runs in bf16 where the hardware does bf16 products fast (GPUs, CPUs with AVX-512 BF16 or AMX)
-and in fp32 elsewhere. A test checks the two give the same steps.
+runs Newton-Schulz in bfloat16, which CPUs without bf16 instructions emulate slowly (see
+benchmarks/RESULTS.md). Here it runs in bf16 where the hardware does bf16 products fast (GPUs, CPUs
+with AVX-512 BF16 or AMX) and in fp32 elsewhere. A test checks the two give the same steps.
 """
 
 from __future__ import annotations
@@ -74,11 +73,9 @@ def _gram_steps(x: torch.Tensor, steps: int, restart: int = 2) -> torch.Tensor:
     Each step is X <- Z X with Z = a I + b R + c R^2, a polynomial in R, so Z commutes with R and the next
     Gram matrix is Z R Z. The product Q of the Z's meets X only at the end (and at the restart): four
     m x n products in all instead of two per step (8 m^2 n + 32 m^3 flops for five steps instead of
-    20 m^2 n + 10 m^3; 0.7x for the 128 x 512 feed-forward matrices). Equal to `_steps` in exact
-    arithmetic. The Gram matrix squares the condition number, so rounding grows (fp32: ~4e-4 off for a
-    momentum with a few strong directions); applying Q to X and recomputing R from it after `restart`
-    steps brings that back to `_steps`' own ~5e-6. Half precision would need more care, so bf16 keeps
-    `_steps`."""
+    20 m^2 n + 10 m^3). Equal to `_steps` in exact arithmetic, but the Gram matrix squares the condition
+    number, so rounding grows; applying Q to X and recomputing R from it after `restart` steps brings it
+    back to `_steps`' level. Half precision would need more care, so bf16 keeps `_steps`."""
     a, b, c = NS_COEFFICIENTS
     if steps < 1:
         return x
@@ -125,8 +122,16 @@ class Muon(torch.optim.Optimizer):
     ):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Muon momentum must be in [0, 1), got {momentum}")
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_steps=ns_steps, betas=betas, eps=eps, muon=True)  # fmt: skip
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            betas=betas,
+            eps=eps,
+            muon=True,
+        )
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
@@ -201,7 +206,7 @@ def _fast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 def muon_param_groups(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`Muon`'s parameter groups, made from AdamW's (`trainer.param_groups`: weight decay on matrices,
+    """`Muon`'s parameter groups, made from AdamW's (`optim.param_groups`: weight decay on matrices,
     frozen parameters left out): the weights of the linear layers inside the transformer blocks
     (`model.trf_blocks`) move to a group of their own (`muon: True`, their weight decay kept); the
     rest (embeddings, output or classifier head, LoRA adapters, biases, LayerNorm) stays on AdamW."""

@@ -11,6 +11,7 @@ from typing import Any
 def plot_losses(records: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
     """Write a PNG of train (`kind == "train"`, key `loss`) and validation (`kind == "eval"`, key `val_loss`)
     losses to `path`."""
+    # matplotlib takes a while to import: only runs that plot pay it
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -27,8 +28,14 @@ def plot_losses(records: Sequence[dict[str, Any]], path: str | os.PathLike, titl
     if train:
         ax.plot([s for s, _, _ in train], [v for _, _, v in train], label="training loss")
     if val:
-        ax.plot([s for s, _, _ in val], [v for _, _, v in val], linestyle="-.", marker="o", markersize=3,
-                label="validation loss")  # fmt: skip
+        ax.plot(
+            [s for s, _, _ in val],
+            [v for _, _, v in val],
+            linestyle="-.",
+            marker="o",
+            markersize=3,
+            label="validation loss",
+        )
     ax.set_xlabel("steps")
     ax.set_ylabel("loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

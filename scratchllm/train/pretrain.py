@@ -11,7 +11,6 @@ The flow of one run directory (`out_dir`):
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,29 +19,35 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import saved_value, setting
+from ..config import dump_toml, load_config, setting
+from ..device import pick_device, resolve_precision
 from ..errors import ScratchLLMError
-from ..fileio import CHECKPOINTS_DIR, DATA_META_FILE, DATA_TOKENIZER_DIR, METRICS_FILE, TOKENIZER_META_FILE
-from ..model.gpt import GPTModel, preset_config
-from ..text.sampling import PreparedData, TokenWindows, load_prepared
+from ..fileio import CHECKPOINTS_DIR, DATA_META_FILE, METRICS_FILE, TOKENIZER_META_FILE
+from ..generation import Engine, GenerationConfig
+from ..hints import next_hint, quote
+from ..hub import check_model_spec
+from ..model.gpt import GPTModel, count_parameters, preset_config
+from ..text.sampling import TokenWindows
 from ..text.tokenizer import Tokenizer
-from .distributed import DistInfo, barrier, init_distributed
+from .distributed import init_distributed
 from .evaluate import next_token_loss, perplexity, token_loss
-from .trainer import (
-    PLOT_FILE,
-    RUN_CONFIG_FILE,
-    Task,
-    Trainer,
-    TrainerConfig,
-    TrainResult,
-    check_run_start,
-    run_lock,
-    settings_to_resume,
-)
+from .pretrain_data import TRAINED_HERE, resolve_data, resolve_tokenizer
+from .rundir import PLOT_FILE, RUN_CONFIG_FILE, check_run_start, run_lock, settings_to_resume
+from .setup import setup_model
+from .trainer import Task, Trainer, TrainerConfig, TrainResult
 
 # model settings that --init-from cannot change (context_length may shrink, drop_rate may change)
-TRAINED_HERE = ("train", "char")  # --tokenizer values that make the run train its own tokenizer
 ARCHITECTURE_KEYS = ("emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_weights", "gelu")
+MODEL_KEYS = (
+    "context_length",
+    "emb_dim",
+    "n_layers",
+    "n_heads",
+    "drop_rate",
+    "qkv_bias",
+    "tie_weights",
+    "gelu",
+)
 
 
 @dataclass
@@ -106,8 +111,7 @@ class PretrainConfig(TrainerConfig):
 
     def model_overrides(self) -> dict[str, Any]:
         """The model settings given (not None), which change the preset's or `init_from`'s."""
-        return {k: getattr(self, k) for k in ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate",
-                                              "qkv_bias", "tie_weights", "gelu") if getattr(self, k) is not None}  # fmt: skip
+        return {k: getattr(self, k) for k in MODEL_KEYS if getattr(self, k) is not None}
 
     def validate(self) -> None:
         """The trainer's checks, then the data and model settings'."""
@@ -135,12 +139,8 @@ class PretrainConfig(TrainerConfig):
         # pretraining has no epochs to count steps from: said now, not after the data is made
         if not (self.max_steps or self.max_tokens):
             raise ScratchLLMError("training settings: max_steps is 0; give --max-steps or --max-tokens")
-        from ..device import pick_device, resolve_precision
-
         resolve_precision(self.precision, pick_device(self.device))  # fp16 on a CPU, say, fails now
         if self.init_from:  # checked now, before the model is loaded (or downloaded)
-            from ..checkpoint import check_model_spec
-
             check_model_spec(self.init_from)
             fixed = [k for k in ARCHITECTURE_KEYS if getattr(self, k) is not None]
             if fixed:
@@ -246,16 +246,21 @@ class LanguageModelTask(Task):
             model, self.val_tokens, self.context_length, self.batch_size, amp, windows, device
         )
         n_val_windows = -(-(len(self.val_tokens) - 1) // self.context_length)
-        train_sum, train_n = token_loss(model, self.train_tokens, self.context_length, self.batch_size, amp,
-                                        windows or n_val_windows, device)  # fmt: skip
+        train_sum, train_n = token_loss(
+            model,
+            self.train_tokens,
+            self.context_length,
+            self.batch_size,
+            amp,
+            windows or n_val_windows,
+            device,
+        )
         val = val_sum / val_n
         return {"train_loss": train_sum / train_n, "val_loss": val, "val_ppl": perplexity(val)}
 
     def samples(self, model: nn.Module) -> list[str]:
         if not (self.sample_tokens and self.sample_prompts and self.tokenizer is not None):
             return []
-        from ..generation import Engine, GenerationConfig
-
         gen = GenerationConfig(
             max_new_tokens=self.sample_tokens,
             temperature=self.sample_temperature,
@@ -271,177 +276,28 @@ class LanguageModelTask(Task):
 # wiring
 
 
-TRAINED_ON = "trained_on.json"  # in out_dir/tokenizer: what the run's tokenizer was trained as, and on
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A run's own small JSON record, or {} when it is missing or cut short (it is made again then)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _tokenizer_recipe(cfg: PretrainConfig) -> dict[str, Any]:
-    return {
-        "kind": cfg.tokenizer,
-        "corpus": saved_value(cfg, "corpus"),
-        "vocab_size": cfg.vocab_size if cfg.tokenizer == "train" else None,
-    }
-
-
-def _resolve_tokenizer(
-    cfg: PretrainConfig,
-    out_dir: Path,
-    dist: DistInfo,
-    init_tokenizer: Tokenizer | None,
-    checkpoint: Path | None = None,
-) -> Tokenizer:
-    """The run's tokenizer: the `init_from` model's, a named/saved one, or one trained here on the corpus
-    (`train`: byte-level BPE of `vocab_size`; `char`: one id per character), kept in out_dir/tokenizer.
-    Resuming from `checkpoint`: the checkpoint's (never trained again), which a named one must equal."""
-    from ..text.tokenizer import load_tokenizer
-
-    trainable = cfg.tokenizer in TRAINED_HERE
-    if checkpoint is not None and (checkpoint / TOKENIZER_META_FILE).is_file():
-        theirs = load_tokenizer(checkpoint)
-
-        def differs(ours: str) -> ScratchLLMError:
-            return ScratchLLMError(
-                f"{checkpoint} was trained with the tokenizer {theirs.name!r} ({theirs.vocab_size} ids); this "
-                f"run's settings give {ours}: resume with the run's settings (its config.toml)"
-            )
-
-        if trainable and not cfg.data and init_tokenizer is None:
-            # trained at the start of the run: the same kind and size again, whatever the corpus now
-            marker = out_dir / "tokenizer" / TRAINED_ON
-            recipe = _read_json(marker)
-            wanted = _tokenizer_recipe(cfg)
-            if recipe and any(recipe.get(k) != wanted[k] for k in ("kind", "vocab_size")):
-                size = f" of {cfg.vocab_size} ids" if cfg.tokenizer == "train" else ""
-                raise differs(f"--tokenizer {cfg.tokenizer}{size}")
-            return theirs
-        ours = _resolve_tokenizer(cfg, out_dir, dist, init_tokenizer)  # loads, never trains here
-        if ours.fingerprint() != theirs.fingerprint():
-            raise differs(f"{ours.name!r} ({ours.vocab_size} ids)")
-        return ours
-    if init_tokenizer is not None:
-        if not trainable and load_tokenizer(cfg.tokenizer).fingerprint() != init_tokenizer.fingerprint():
-            raise ScratchLLMError(
-                f"--tokenizer {cfg.tokenizer} differs from the tokenizer of --init-from {cfg.init_from}"
-            )
-        return init_tokenizer
-    if not trainable:
-        return load_tokenizer(cfg.tokenizer)
-    if cfg.data:  # prepared data is tokenized already: its tokenizer is the run's, nothing to train
-        prepared_tok = Path(cfg.data).expanduser() / DATA_TOKENIZER_DIR
-        if not (prepared_tok / TOKENIZER_META_FILE).is_file():
-            raise ScratchLLMError(
-                f"--data {cfg.data} is not a prepared data directory (no tokenizer/ inside); "
-                "run `scratchllm prepare` first"
-            )
-        return load_tokenizer(prepared_tok)
-    tok_dir = out_dir / "tokenizer"
-    recipe = _tokenizer_recipe(cfg)
-    marker = tok_dir / TRAINED_ON
-    if dist.is_main and _read_json(marker) != recipe:
-        from ..fileio import atomic_dir
-        from ..text.corpus import load_documents
-
-        docs = load_documents(cfg.corpus, cfg.encoding_errors)
-        if cfg.tokenizer == "char":
-            from ..text.char import CharTokenizer
-
-            tok: Tokenizer = CharTokenizer.from_corpus(d.text for d in docs)
-        else:
-            from ..text.bpe import train_bpe
-
-            print(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on {len(docs)} documents")
-            texts = (d.text for d in docs)
-            tok = train_bpe(texts, cfg.vocab_size, progress=cfg.progress, name=f"bpe-{cfg.vocab_size}")
-        with atomic_dir(tok_dir, marker=TOKENIZER_META_FILE, what="tokenizer directory") as tmp:
-            tok.save(tmp)
-            (tmp / TRAINED_ON).write_text(json.dumps(recipe))
-    barrier(dist)
-    return load_tokenizer(tok_dir)
-
-
-def _resolve_data(
-    cfg: PretrainConfig, tokenizer: Tokenizer, out_dir: Path, dist: DistInfo, resuming: bool = False
-) -> PreparedData:
-    if cfg.data:
-        prepared = load_prepared(Path(cfg.data).expanduser(), expected_tokenizer=tokenizer)
-        if len(prepared.val) < 2:
-            used = prepared.meta.get("split", {}).get("val_fraction") or 0
-            hint = "more text" if used >= 0.1 else "--val-fraction 0.1 (or more text)"
-            raise ScratchLLMError(
-                f"--data {cfg.data} has {len(prepared.val)} validation tokens (--val-fraction {used}); re-run "
-                f"`scratchllm prepare` with {hint}"
-            )
-        return prepared
-    data_dir = out_dir / "data"
-    if dist.is_main:
-        reuse = False
-        meta_path = data_dir / DATA_META_FILE
-        other_data = resuming and meta_path.exists()
-        if meta_path.exists():
-            meta = _read_json(meta_path)  # unreadable (a crash mid-write): prepared again
-            reuse = (
-                meta.get("tokenizer", {}).get("fingerprint") == tokenizer.fingerprint()
-                and meta.get("split", {}).get("val_fraction") == cfg.val_fraction
-                and meta.get("corpus") in (saved_value(cfg, "corpus"), cfg.corpus)  # older runs: as given
-            )
-        if not reuse:
-            from ..text.prepare import prepare
-
-            if other_data:
-                print("warning: resuming on other data (--corpus or --val-fraction changed): training goes on, "
-                      "but not as the stopped run would have")  # fmt: skip
-
-            prepare(cfg.corpus, tokenizer, data_dir, val_fraction=cfg.val_fraction, workers=cfg.workers,
-                    encoding_errors=cfg.encoding_errors, seed=cfg.seed, progress=cfg.progress,
-                    extra_meta={"corpus": saved_value(cfg, "corpus")})  # fmt: skip
-    barrier(dist)
-    return load_prepared(data_dir, expected_tokenizer=tokenizer)
-
-
-def build_model(cfg: PretrainConfig, tokenizer: Tokenizer) -> tuple[GPTModel, Tokenizer | None]:
-    """A fresh model from the preset (+ overrides), or the weights of `init_from`."""
-    overrides = cfg.model_overrides()
+def build_model(cfg: PretrainConfig, tokenizer: Tokenizer | None) -> tuple[GPTModel, Tokenizer | None]:
+    """A fresh model from the preset (+ overrides) for `tokenizer`, or the weights of `init_from` with
+    their tokenizer (None when they have no tokenizer files)."""
     if cfg.init_from:
-        from ..checkpoint import load_model
-
-        loaded = load_model(cfg.init_from, dtype="fp32")  # fp32 weights to train, whatever was stored
-        model = loaded.model
-        if loaded.config.n_classes:
-            raise ScratchLLMError(f"--init-from {cfg.init_from} is a classifier, not a language model")
-        if "context_length" in overrides and overrides["context_length"] > model.cfg.context_length:
-            raise ScratchLLMError(
-                f"--context-length {overrides['context_length']} exceeds {cfg.init_from}'s {model.cfg.context_length}"
-            )
-        if "drop_rate" in overrides:
-            _set_dropout(model, overrides["drop_rate"])
-        return model, loaded.tokenizer
-    model_cfg = preset_config(cfg.model, **overrides, vocab_size=tokenizer.vocab_size)
+        loaded = setup_model(
+            cfg.init_from,
+            drop_rate=cfg.drop_rate,
+            context_length=cfg.context_length,
+            require_tokenizer=False,
+            flag="--init-from",
+        )
+        return loaded.model, loaded.tokenizer
+    if tokenizer is None:
+        raise ValueError("a model made from a preset needs the run's tokenizer (its vocabulary size)")
+    model_cfg = preset_config(cfg.model, **cfg.model_overrides(), vocab_size=tokenizer.vocab_size)
     return GPTModel(model_cfg), None
-
-
-def _set_dropout(model: GPTModel, rate: float) -> None:
-    model.cfg = model.cfg.replace(drop_rate=rate)
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = rate
-        if hasattr(m, "dropout") and isinstance(m.dropout, float):
-            m.dropout = rate
 
 
 def pretrain(
     cfg: PretrainConfig, resume: str | None = None, run_config_toml: str | None = None
 ) -> TrainResult:
     """Run a pretraining job end to end (see the module docstring); returns the trainer's result."""
-    from ..config import dump_toml
-
     cfg.validate()
     out_dir = Path(cfg.out_dir)
     outputs = {} if cfg.data else {"data": (DATA_META_FILE, "prepared data directory")}
@@ -454,14 +310,14 @@ def pretrain(
 
         init_model, init_tok = (None, None)
         if cfg.init_from:
-            init_model, init_tok = build_model(cfg, None)  # type: ignore[arg-type]
+            init_model, init_tok = build_model(cfg, None)
             if init_tok is None and cfg.tokenizer in TRAINED_HERE and not cfg.data:
                 raise ScratchLLMError(
                     f"--init-from {cfg.init_from} has no tokenizer files, and one trained here would not match "
                     "its embeddings; give the tokenizer it was trained with: --tokenizer DIR (or gpt2)"
                 )
-        tokenizer = _resolve_tokenizer(cfg, out_dir, dist, init_tok, checkpoint)
-        data = _resolve_data(cfg, tokenizer, out_dir, dist, resuming=checkpoint is not None)
+        tokenizer = resolve_tokenizer(cfg, out_dir, dist, init_tok, checkpoint)
+        data = resolve_data(cfg, tokenizer, out_dir, dist, resuming=checkpoint is not None)
         model = init_model if init_model is not None else build_model(cfg, tokenizer)[0]
         if tokenizer.vocab_size > model.cfg.vocab_size:
             raise ScratchLLMError(
@@ -469,20 +325,29 @@ def pretrain(
             )
         context = cfg.context_length or model.cfg.context_length
         task = LanguageModelTask(
-            data.train, data.val, context, cfg.batch_size, cfg.seed, cfg.eval_batches, dist.world_size, tokenizer,
-            cfg.sample_prompts, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k,
-        )  # fmt: skip
+            data.train,
+            data.val,
+            context,
+            cfg.batch_size,
+            cfg.seed,
+            cfg.eval_batches,
+            dist.world_size,
+            tokenizer,
+            cfg.sample_prompts,
+            cfg.sample_tokens,
+            cfg.sample_temperature,
+            cfg.sample_top_k,
+        )
         if dist.is_main:
-            from ..model.gpt import count_parameters
-
             print(
-                f"model: {count_parameters(model) / 1e6:.2f}M parameters ({model.cfg.n_layers} layers, {model.cfg.n_heads} "
-                f"heads, {model.cfg.emb_dim} dims, context {context}); data: {len(data.train):,} train / "
-                f"{len(data.val):,} val tokens; tokenizer {tokenizer.name} ({tokenizer.vocab_size} ids)"
+                f"model: {count_parameters(model) / 1e6:.2f}M parameters ({model.cfg.n_layers} layers, "
+                f"{model.cfg.n_heads} heads, {model.cfg.emb_dim} dims, context {context}); data: "
+                f"{len(data.train):,} train / {len(data.val):,} val tokens; tokenizer {tokenizer.name} "
+                f"({tokenizer.vocab_size} ids)"
             )
         extra = {"trained_by": "scratchllm pretrain"}
-        trainer = Trainer(model, task, cfg, tokenizer=tokenizer, extra=extra, dist=dist,
-                          run_config_toml=run_config_toml or dump_toml(cfg))  # fmt: skip
+        toml = run_config_toml or dump_toml(cfg)
+        trainer = Trainer(model, task, cfg, tokenizer=tokenizer, extra=extra, dist=dist, run_config_toml=toml)
         return trainer.fit(resume)
 
 
@@ -512,8 +377,6 @@ def pretrain_command(
 ) -> TrainResult:
     """`scratchllm pretrain`: resolve the settings, train, print the summary. `preset`: `config` names
     a shipped preset (never a file of that name in the current directory)."""
-    from ..config import load_config
-
     config, preset, overrides = settings_to_resume(PretrainConfig, config, overrides, resume, preset)
     cfg = load_config(PretrainConfig, config, overrides, preset=preset)
     cfg.check_flags(overrides)
@@ -523,13 +386,11 @@ def pretrain_command(
     return result
 
 
-def demo(
+def demo_command(
     config: str | None = None, overrides: dict[str, Any] | None = None, resume: str | None = None
 ) -> TrainResult:
     """The README's main job: the `demo` preset (or `config`; offline, built-in corpus). The trained
     model's samples are those the last evaluation printed, just above the summary."""
-    from ..hints import next_hint, quote
-
     result = pretrain_command(config or "demo", overrides or {}, resume, preset=config is None)
     if init_distributed("auto" if not overrides else overrides.get("device", "auto")).is_main:
         model = quote(result.out_dir / "model")

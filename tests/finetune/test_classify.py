@@ -16,24 +16,36 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scratchllm import checkpoint, cli
+from scratchllm import cli as table
+from scratchllm.config import load_config, overrides_from_args
 from scratchllm.errors import ScratchLLMError
 from scratchllm.finetune import spam
+from scratchllm.finetune.classifier import Classifier, ClassifyTextsSettings, collate, pooled_logits
 from scratchllm.finetune.classify import (
-    ClassificationTask,
-    Classifier,
     ClassifyConfig,
-    EncodedSplit,
     add_classifier_head,
-    collate,
+    build_classifier_model,
     finetune_classify,
-    pooled_logits,
-    set_trainable,
+)
+from scratchllm.finetune.classify_task import (
+    ClassificationTask,
+    EncodedSplit,
+    balanced_class_weights,
+    load_splits,
 )
 from scratchllm.finetune.data import Example, LabelSet, balance_classes, read_examples, split_by_fractions
 from scratchllm.finetune.metrics import classification_metrics, confusion_matrix, format_report
 from scratchllm.model.gpt import GPTModel, preset_config
-from scratchllm.model.lora import lora_layers
+from scratchllm.model.lora import (
+    DEFAULT_TARGETS,
+    apply_lora,
+    count_trainable,
+    lora_layers,
+    mark_only_lora_trainable,
+    merge_lora,
+)
 from scratchllm.text.simple import SimpleTokenizer
+from scratchllm.train.setup import LoRASpec, setup_model
 from tests.conftest import shared_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,8 +96,19 @@ def small_file(tmp_path_factory) -> Path:
 
 
 def quick_cfg(base_dir: Path, data: Path, out: Path, **changes) -> ClassifyConfig:
-    settings_ = dict(model=str(base_dir), data=str(data), out_dir=str(out), trainable="all", lr=3e-3, epochs=1,
-                     batch_size=16, eval_every=0, progress=False, device="cpu", log_every=5)  # fmt: skip
+    settings_ = dict(
+        model=str(base_dir),
+        data=str(data),
+        out_dir=str(out),
+        trainable="all",
+        lr=3e-3,
+        epochs=1,
+        batch_size=16,
+        eval_every=0,
+        progress=False,
+        device="cpu",
+        log_every=5,
+    )
     return ClassifyConfig(**{**settings_, **changes})
 
 
@@ -123,13 +146,25 @@ def test_learns_a_synthetic_task_and_the_saved_classifier_predicts_identically(b
 
 @pytest.mark.parametrize(
     "trainable, changes",
-    [("head", {}), ("last_blocks", {"trainable_blocks": 1}), ("lora", {"lora_rank": 2, "lora_alpha": 2.0})],
+    [
+        ("head", {"trainable": "head"}),
+        ("last_blocks", {"trainable": "last_blocks", "trainable_blocks": 1}),
+        ("lora", {"lora": True, "lora_rank": 2, "lora_alpha": 2.0}),
+    ],
 )
 def test_parameters_outside_the_trainable_parts_stay_bit_identical(
     base_dir, small_file, tmp_path, trainable, changes
 ):
-    cfg = quick_cfg(base_dir, small_file, tmp_path / "run", trainable=trainable, max_steps=4, lr=1e-2,
-                    lora_merge=False, restore_best=False, **changes)  # fmt: skip
+    cfg = quick_cfg(
+        base_dir,
+        small_file,
+        tmp_path / "run",
+        max_steps=4,
+        lr=1e-2,
+        lora_merge=False,
+        restore_best=False,
+        **changes,
+    )
     result = finetune_classify(cfg, log=lambda s: None)
     base = checkpoint.load_model(base_dir).model.state_dict()
     after = checkpoint.load_model(result.model_dir).model.state_dict()
@@ -153,8 +188,17 @@ def test_parameters_outside_the_trainable_parts_stay_bit_identical(
 
 
 def test_lora_finetune_merges_into_a_plain_model_that_predicts_the_same(base_dir, small_file, tmp_path):
-    cfg = quick_cfg(base_dir, small_file, tmp_path / "run", trainable="lora", lora_rank=4, lora_alpha=4.0,
-                    max_steps=6, lr=1e-2, restore_best=False)  # fmt: skip
+    cfg = quick_cfg(
+        base_dir,
+        small_file,
+        tmp_path / "run",
+        lora=True,
+        lora_rank=4,
+        lora_alpha=4.0,
+        max_steps=6,
+        lr=1e-2,
+        restore_best=False,
+    )
     result = finetune_classify(cfg, log=lambda s: None)
     doc = json.loads((result.model_dir / "config.json").read_text())
     assert "lora" not in doc  # merged
@@ -165,23 +209,120 @@ def test_lora_finetune_merges_into_a_plain_model_that_predicts_the_same(base_dir
     direct = Classifier(unmerged.model, unmerged.tokenizer, unmerged.extra).predict_proba(texts)
     np.testing.assert_allclose(merged, direct, atol=1e-5)
     # an unmerged LoRA classifier finetuned again with LoRA: its adapters fold in, new ones train
-    again = quick_cfg(tmp_path / "run" / "checkpoints" / "step-000006", small_file, tmp_path / "again",
-                      trainable="lora", lora_rank=4, lora_alpha=4.0, max_steps=2, restore_best=False)  # fmt: skip
+    again = quick_cfg(
+        tmp_path / "run" / "checkpoints" / "step-000006",
+        small_file,
+        tmp_path / "again",
+        lora=True,
+        lora_rank=4,
+        lora_alpha=4.0,
+        max_steps=2,
+        restore_best=False,
+    )
     assert finetune_classify(again, log=lambda s: None).train.steps == 2
 
 
 def test_lora_adds_the_expected_trainable_parameters(base_dir):
-    model = checkpoint.load_model(base_dir).model
-    add_classifier_head(model, 3)
-    d, r, n_layers = model.cfg.emb_dim, 4, model.cfg.n_layers
-    n = set_trainable(model, "lora", lora_rank=r, lora_alpha=8, lora_targets=["qkv", "ff.layers.2"])
+    r = 4
+    lora = LoRASpec(rank=r, alpha=8, targets=("qkv", "ff.layers.2"))
+    loaded = setup_model(
+        str(base_dir),
+        lora=lora,
+        also_trained=("out_head",),
+        prepare=lambda m: add_classifier_head(m.model, 3),
+    )
+    model = loaded.model
+    d, n_layers = model.cfg.emb_dim, model.cfg.n_layers
+    n = count_trainable(model)
     assert n == n_layers * r * ((d + 3 * d) + (4 * d + d)) + (d * 3 + 3)  # adapters + the new head
+
+
+def _old_lora_setup(base_dir: Path, n_classes: int, seed: int, rank: int, alpha: float) -> torch.nn.Module:
+    """The model that `--trainable lora` set up before `setup_model`, step by step."""
+    model = checkpoint.load_model(base_dir, dtype="fp32").model
+    torch.manual_seed(seed)
+    add_classifier_head(model, n_classes)
+    model.requires_grad_(False)
+    merge_lora(model)
+    apply_lora(model, rank, alpha, DEFAULT_TARGETS, 0.0)
+    mark_only_lora_trainable(model, also=("out_head",))
+    model.out_head.requires_grad_(True)
+    return model
+
+
+def test_the_old_trainable_lora_sets_up_the_model_as_before(base_dir, small_file, tmp_path):
+    with pytest.warns(FutureWarning, match=r"--trainable lora .*is deprecated: use --lora true"):
+        cfg = quick_cfg(base_dir, small_file, tmp_path / "run", trainable="lora", lora_rank=8)
+    assert cfg.lora and cfg.trained_parts == "lora" and (cfg.lora_rank, cfg.lora_alpha) == (8, 16.0)
+    model, *_ = build_classifier_model(cfg, LabelSet(["neg", "pos"]))
+    old = _old_lora_setup(base_dir, 2, cfg.seed, rank=8, alpha=16.0)
+    new_state, old_state = model.state_dict(), old.state_dict()
+    assert new_state.keys() == old_state.keys()
+    assert all(torch.equal(new_state[k], old_state[k]) for k in old_state)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {n for n, p in old.named_parameters() if p.requires_grad}
+    # without a rank, the note says how to keep the old default of 8
+    with pytest.warns(FutureWarning, match=r"default rank is now 16 .* give --lora-rank 8"):
+        assert ClassifyConfig(trainable="lora").lora_rank == 16
+
+
+def test_the_old_and_new_lora_flags_train_the_same_classifier(base_dir, small_file, tmp_path):
+    def run(out: Path, *flags: str) -> dict[str, torch.Tensor]:
+        argv = [
+            "finetune",
+            "classify",
+            "--model",
+            str(base_dir),
+            "--data",
+            str(small_file),
+            "--out",
+            str(out),
+            "--lora-rank",
+            "8",
+            "--max-steps",
+            "3",
+            "--lr",
+            "1e-2",
+            "--progress",
+            "false",
+            "--device",
+            "cpu",
+        ]
+        assert cli.main([*argv, *flags]) == 0
+        loaded = checkpoint.load_model(out / "model")
+        assert loaded.extra["trainable"] == "lora"
+        assert json.loads((out / "classification.json").read_text())["trainable"] == "lora"
+        return loaded.model.state_dict()
+
+    with pytest.warns(FutureWarning, match="--trainable lora"):  # with --trainable-blocks, ignored as before
+        old = run(tmp_path / "old", "--trainable", "lora", "--trainable-blocks", "2")
+    new = run(tmp_path / "new", "--lora")
+    assert all(torch.equal(old[k], new[k]) for k in old)
+    config = tmp_path / "old.toml"  # a config file with the old spelling
+    config.write_text('[model]\ntrainable = "lora"\nlora_rank = 8\n')
+    with pytest.warns(FutureWarning, match="--trainable lora"):
+        cfg = load_config(ClassifyConfig, str(config))
+    assert cfg.lora and cfg.lora_rank == 8
+
+
+def test_lora_leaves_no_room_for_trainable_flags(base_dir, capsys):
+    assert cli.main(["finetune", "classify", "--model", str(base_dir), "--lora", "--trainable", "head"]) == 2
+    err = capsys.readouterr().err
+    assert "--trainable: with --lora true the adapters and the head learn; leave it out" in err
 
 
 def test_early_stopping_ends_training(base_dir, small_file, tmp_path):
     # lr so small nothing improves: after `patience` evaluations without gain, training stops
-    cfg = quick_cfg(base_dir, small_file, tmp_path / "run", lr=1e-12, epochs=3, eval_every=2, patience=2,
-                    select_metric="val_accuracy")  # fmt: skip
+    cfg = quick_cfg(
+        base_dir,
+        small_file,
+        tmp_path / "run",
+        lr=1e-12,
+        epochs=3,
+        eval_every=2,
+        patience=2,
+        select_metric="val_accuracy",
+    )
     result = finetune_classify(cfg, log=lambda s: None)
     assert result.train.stopped == "early"
     assert result.train.steps == 6  # evaluations at 2 (best), 4 and 6 (no gain twice)
@@ -189,8 +330,10 @@ def test_early_stopping_ends_training(base_dir, small_file, tmp_path):
 
 def test_resume_continues_a_classifier_run(base_dir, small_file, tmp_path):
     out = tmp_path / "run"
-    full = finetune_classify(quick_cfg(base_dir, small_file, tmp_path / "full", max_steps=6, restore_best=False),
-                             log=lambda s: None)  # fmt: skip
+    full = finetune_classify(
+        quick_cfg(base_dir, small_file, tmp_path / "full", max_steps=6, restore_best=False),
+        log=lambda s: None,
+    )
     finetune_classify(
         quick_cfg(base_dir, small_file, out, max_steps=3, restore_best=False), log=lambda s: None
     )
@@ -246,9 +389,7 @@ def test_train_batches_are_a_pure_function_of_the_index_and_cover_each_epoch():
 def test_balanced_class_weights(base_dir, tmp_path):
     rows = [{"text": "good1 w1", "label": "pos"}] * 30 + [{"text": "bad1 w2", "label": "neg"}] * 90
     data = write_jsonl(tmp_path / "skewed.jsonl", rows)
-    from scratchllm.finetune.classify import _class_weights
-
-    w = _class_weights(np.array([0] * 90 + [1] * 30), 2)
+    w = balanced_class_weights(np.array([0] * 90 + [1] * 30), 2)
     torch.testing.assert_close(w, torch.tensor([120 / (2 * 90), 120 / (2 * 30)]))
     cfg = quick_cfg(base_dir, data, tmp_path / "run", class_weights="balanced", max_steps=2)
     assert finetune_classify(cfg, log=lambda s: None).train.steps == 2
@@ -337,8 +478,6 @@ def test_separate_split_files_and_fractions(base_dir, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", synthetic(50))
     val = write_jsonl(tmp_path / "val.jsonl", synthetic(7, 1))
     test = write_jsonl(tmp_path / "test.jsonl", synthetic(9, 2))
-    from scratchllm.finetune.classify import load_splits
-
     s = load_splits(quick_cfg(base_dir, train, tmp_path, val_data=str(val), test_data=str(test)))
     assert (len(s.train), len(s.val), len(s.test)) == (50, 7, 9)
     s = load_splits(quick_cfg(base_dir, train, tmp_path, val_data=str(val)))  # test cut from data: 0.7 : 0.2
@@ -505,8 +644,26 @@ def test_metric_identities(pairs):
 
 def test_cli_finetune_and_classify(base_dir, small_file, tmp_path, capsys):
     out = tmp_path / "run"
-    code = cli.main(["finetune", "classify", "--model", str(base_dir), "--data", str(small_file), "--out", str(out),
-                     "--trainable", "head", "--max-steps", "3", "--progress", "false", "--device", "cpu"])  # fmt: skip
+    code = cli.main(
+        [
+            "finetune",
+            "classify",
+            "--model",
+            str(base_dir),
+            "--data",
+            str(small_file),
+            "--out",
+            str(out),
+            "--trainable",
+            "head",
+            "--max-steps",
+            "3",
+            "--progress",
+            "false",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "before" in printed and "after" in printed and str(out / "model") in printed
@@ -544,8 +701,26 @@ def test_cli_finetune_and_classify(base_dir, small_file, tmp_path, capsys):
     # a headerless TSV (as the SMS Spam Collection comes): the text column by its position
     tsv = tmp_path / "in.tsv"
     tsv.write_text("neg\tgood2 w3\nneg\tbad1\n")
-    assert cli.main(["classify", "--model", str(out / "model"), "--file", str(tsv), "--header", "false",
-                     "--text-column", "1", "--out", str(tmp_path / "t.jsonl"), "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "classify",
+                "--model",
+                str(out / "model"),
+                "--file",
+                str(tsv),
+                "--header",
+                "false",
+                "--text-column",
+                "1",
+                "--out",
+                str(tmp_path / "t.jsonl"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     from_tsv = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert [r["probabilities"] for r in from_tsv] == [r["probabilities"] for r in recs]
     # the same through the Python API
@@ -560,8 +735,23 @@ def test_cli_finetune_and_classify(base_dir, small_file, tmp_path, capsys):
 
 
 def test_cli_errors_exit_2_with_one_line(base_dir, small_file, tmp_path, capsys):
-    assert cli.main(["finetune", "classify", "--model", str(base_dir), "--data", str(small_file),
-                     "--out", str(tmp_path / "r"), "--text-column", "body"]) == 2  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "classify",
+                "--model",
+                str(base_dir),
+                "--data",
+                str(small_file),
+                "--out",
+                str(tmp_path / "r"),
+                "--text-column",
+                "body",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no text column 'body'" in err
     assert cli.main(["classify", "--model", str(base_dir), "hello"]) == 2
@@ -570,19 +760,77 @@ def test_cli_errors_exit_2_with_one_line(base_dir, small_file, tmp_path, capsys)
     assert "trainable must be one of" in capsys.readouterr().err
     sms = tmp_path / "SMSSpamCollection.tsv"  # known by its name: its layout is fixed
     sms.write_text("ham\thello there\nspam\twin a prize\n" * 20)
-    assert cli.main(["finetune", "classify", "--model", str(base_dir), "--data", str(sms), "--out",
-                     str(tmp_path / "s"), "--text-column", "body", "--header", "false"]) == 2  # fmt: skip
-    assert "is the SMS Spam Collection, whose layout is known (label, tab, text; no header); leave out " \
-        "--text-column, --header" in capsys.readouterr().err  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "classify",
+                "--model",
+                str(base_dir),
+                "--data",
+                str(sms),
+                "--out",
+                str(tmp_path / "s"),
+                "--text-column",
+                "body",
+                "--header",
+                "false",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "is the SMS Spam Collection, whose layout is known (label, tab, text; no header); leave out "
+        "--text-column, --header" in capsys.readouterr().err
+    )
     own_val = tmp_path / "val.csv"  # ... but with a validation file of one's own they describe that file
     own_val.write_text("sms,kind\nhello again,ham\nwin big,spam\n")
-    assert cli.main(["finetune", "classify", "--model", str(base_dir), "--data", str(sms), "--val-data", str(own_val),
-                     "--text-column", "sms", "--label-column", "kind", "--out", str(tmp_path / "v"), "--max-steps",
-                     "1", "--eval-every", "0", "--progress", "false", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "classify",
+                "--model",
+                str(base_dir),
+                "--data",
+                str(sms),
+                "--val-data",
+                str(own_val),
+                "--text-column",
+                "sms",
+                "--label-column",
+                "kind",
+                "--out",
+                str(tmp_path / "v"),
+                "--max-steps",
+                "1",
+                "--eval-every",
+                "0",
+                "--progress",
+                "false",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     # an output of the run that cannot be written is refused before the data and the model load
     (tmp_path / "c" / "confusion.png").mkdir(parents=True)
-    assert cli.main(["finetune", "classify", "--model", str(base_dir), "--data", str(small_file), "--out",
-                     str(tmp_path / "c")]) == 2  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "classify",
+                "--model",
+                str(base_dir),
+                "--data",
+                str(small_file),
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     assert (
         f"{tmp_path / 'c' / 'confusion.png'} is a directory, where the run writes a file"
         in capsys.readouterr().err
@@ -592,7 +840,7 @@ def test_cli_errors_exit_2_with_one_line(base_dir, small_file, tmp_path, capsys)
         cli.main(["finetune", "classify", "--model", str(base_dir), "--lora-rank", "4", "--lora-alpha", "8"])
         == 2
     )
-    assert "--lora-rank, --lora-alpha need --trainable lora" in capsys.readouterr().err
+    assert "--lora-rank, --lora-alpha need --lora true" in capsys.readouterr().err
     assert cli.main(["finetune", "classify", "--model", str(base_dir), "--muon-momentum", "0.9"]) == 2
     assert "--muon-momentum needs --optimizer muon" in capsys.readouterr().err
     assert (
@@ -625,15 +873,111 @@ def test_a_broken_sms_spam_file_is_one_line_naming_the_file_and_line(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [("", "has no messages"), ("ham\thi\nspam\twin\n\tlost\n", ":3: no label before the tab"),
-     ("ham\thi\nspam\twin\nmaybe\thmm\n", ":3: label 'maybe'")],
+    [
+        ("", "has no messages"),
+        ("ham\thi\nspam\twin\n\tlost\n", ":3: no label before the tab"),
+        ("ham\thi\nspam\twin\nmaybe\thmm\n", ":3: label 'maybe'"),
+    ],
     ids=["empty", "empty-label", "third-label"],
-)  # fmt: skip
+)
 def test_a_broken_sms_spam_file_exits_2_from_the_cli(base_dir, tmp_path, capsys, content, message):
     sms = tmp_path / "SMSSpamCollection.tsv"
     sms.write_text(content * (1 if not content else 20))
-    assert cli.main(["finetune", "classify", "--model", str(base_dir), "--data", str(sms), "--out",
-                     str(tmp_path / "run"), "--device", "cpu", "--progress", "false"]) == 2  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "classify",
+                "--model",
+                str(base_dir),
+                "--data",
+                str(sms),
+                "--out",
+                str(tmp_path / "run"),
+                "--device",
+                "cpu",
+                "--progress",
+                "false",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith(f"scratchllm: error: {sms}") and message in err and err.count("\n") == 1
     assert not (tmp_path / "run" / "model").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the command table (scratchllm/cli.py): classify's settings
+
+
+def classify_settings_of(argv: list[str], config: str | None = None) -> ClassifyTextsSettings:
+    args = table.build_parser(table.COMMANDS["classify"]).parse_args(["classify", *argv])
+    return load_config(ClassifyTextsSettings, config, overrides_from_args(args))
+
+
+def test_classify_flags_become_settings(tmp_path):
+    s = classify_settings_of(["--model", "m", "one text", "another"])
+    assert s == ClassifyTextsSettings(model="m", texts=["one text", "another"])
+    assert (s.file, s.out, s.text_column, s.header, s.batch_size, s.device) == (
+        None,
+        None,
+        "text",
+        "true",
+        32,
+        "auto",
+    )
+    s = classify_settings_of(
+        [
+            "--model",
+            "m",
+            "--file",
+            "in.tsv",
+            "--out",
+            "o.jsonl",
+            "--text-column",
+            "1",
+            "--header",
+            "false",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert s == ClassifyTextsSettings("m", [], "in.tsv", "o.jsonl", "1", "false", 4, "cpu")
+    with pytest.raises(SystemExit):  # --header takes true or false, as it always has
+        classify_settings_of(["--model", "m", "--header", "no"])
+    toml = tmp_path / "c.toml"
+    toml.write_text('[data]\nfile = "in.csv"\nheader = "false"\n[model]\nbatch_size = 2\n')
+    s = classify_settings_of(["--model", "m", "--batch-size", "5"], str(toml))
+    assert (s.file, s.header, s.batch_size) == ("in.csv", "false", 5)  # the flag wins over the file
+
+
+def test_classify_through_the_command_table(base_dir, small_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["finetune", "classify", "--model", str(base_dir), "--data", str(small_file), "--out", str(out)]
+    assert (
+        table.main(
+            [*argv, "--trainable", "head", "--max-steps", "2", "--progress", "false", "--device", "cpu"]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    model = str(out / "model")
+    expected = Classifier.load(model, device="cpu").predict(["w1 good1", "bad3 w2"])
+    assert table.main(["classify", "--model", model, "--device", "cpu", "w1 good1", "bad3 w2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[:2] for line in lines] == [[p.label, f"{p.score:.4f}"] for p in expected]
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("neg\tw1 good1\npos\tbad3 w2\n")
+    written = tmp_path / "o.jsonl"
+    flags = ["--file", str(tsv), "--header", "false", "--text-column", "1", "--out", str(written)]
+    assert table.main(["classify", "--model", model, "--device", "cpu", *flags]) == 0
+    records = [json.loads(line) for line in written.read_text().splitlines()]
+    assert [r["probabilities"] for r in records] == [p.probabilities for p in expected]
+    assert "classified 2 texts into" in capsys.readouterr().out
+    assert table.main(["classify", "--model", model]) == 2
+    assert "nothing to classify: give texts, or --file IN.jsonl" in capsys.readouterr().err
+    assert table.main(["classify", "--model", model, "--out", str(written), "a text"]) == 2
+    assert capsys.readouterr().err.strip() == "scratchllm: error: --out needs --file"

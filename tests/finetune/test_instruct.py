@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 from llms_from_scratch.ch07 import InstructionDataset as BookInstructionDataset
 from llms_from_scratch.ch07 import custom_collate_fn as book_collate
 
+from scratchllm import cli as table
 from scratchllm.checkpoint import load_model, read_config, save_model
 from scratchllm.cli import main
+from scratchllm.config import load_config, overrides_from_args
 from scratchllm.errors import ScratchLLMError
 from scratchllm.finetune.instruct import (
     IGNORE_INDEX,
@@ -23,17 +25,18 @@ from scratchllm.finetune.instruct import (
     InstructionDataset,
     InstructionTask,
     custom_collate_fn,
-    instruct_finetune,
+    finetune_instruct,
     load_instruction_data,
-    respond,
     split_data,
 )
+from scratchllm.finetune.respond import RespondSettings, respond
 from scratchllm.finetune.templates import ALPACA, PHI3, TEMPLATE_KEY, template_for_model
+from scratchllm.generation import GenerationConfig, RuntimeSettings
 from scratchllm.hints import scratchllm_command
 from scratchllm.model.gpt import GPTModel, preset_config
 from scratchllm.model.quantize import int4_supported
 from scratchllm.text.bpe import train_bpe
-from scratchllm.train.trainer import list_checkpoints
+from scratchllm.train.rundir import list_checkpoints
 from tests.conftest import shared_file
 
 COLORS = ["red", "green", "blue", "black", "white", "pink", "gray", "gold"]
@@ -69,9 +72,23 @@ def toy(tmp_path_factory) -> Toy:
 
 
 def _cfg(toy: Toy, out: Path, **kw) -> InstructConfig:
-    settings_ = dict(data=str(toy.data), val_data=str(toy.data), model=str(toy.base), out_dir=str(out), batch_size=8,
-                     epochs=60, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=60, device="cpu", precision="fp32",
-                     progress=False, sample_count=2, sample_tokens=16)  # fmt: skip
+    settings_ = dict(
+        data=str(toy.data),
+        val_data=str(toy.data),
+        model=str(toy.base),
+        out_dir=str(out),
+        batch_size=8,
+        epochs=60,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=5,
+        eval_every=60,
+        device="cpu",
+        precision="fp32",
+        progress=False,
+        sample_count=2,
+        sample_tokens=16,
+    )
     settings_.update(kw)
     return InstructConfig(**settings_)
 
@@ -248,7 +265,7 @@ def trained(toy, tmp_path_factory):
     task = InstructionTask(val, val, batch_size=8, eot_id=loaded.tokenizer.eot_id, mask_prompt=True)
     before = task.dataset_loss(loaded.model, val, len(val), contextlib.nullcontext)
     torch.manual_seed(0)
-    result = instruct_finetune(
+    result = finetune_instruct(
         _cfg(toy, tmp_path_factory.mktemp("run") / "run", template="phi3", mask_prompt=True)
     )
     return result, before
@@ -277,8 +294,7 @@ def test_the_assistant_is_a_model_directory_that_remembers_its_template(trained)
 def test_respond_answers_with_the_models_template_in_batches(trained, tmp_path):
     result, _ = trained
     out = tmp_path / "responses.json"
-    answered = respond(str(result.out_dir / "model"), _questions(tmp_path), out,
-                       batch_size=5, progress=False)  # fmt: skip
+    answered = respond(str(result.out_dir / "model"), _questions(tmp_path), out, batch_size=5, progress=False)
     assert json.loads(out.read_text()) == answered
     assert [a["id"] for a in answered] == list(range(len(RECORDS)))  # file order kept, extra fields kept
     right = sum(a["model_response"] == r["output"] for a, r in zip(answered, RECORDS))
@@ -288,22 +304,31 @@ def test_respond_answers_with_the_models_template_in_batches(trained, tmp_path):
         str(result.out_dir / "model"), _questions(tmp_path), None, batch_size=1, progress=False
     )
     assert [a["model_response"] for a in one_by_one] == [a["model_response"] for a in answered]
-    wrong = respond(str(result.out_dir / "model"), _questions(tmp_path), tmp_path / "r.jsonl", template="alpaca",
-                    progress=False)  # fmt: skip
+    wrong = respond(
+        str(result.out_dir / "model"),
+        _questions(tmp_path),
+        tmp_path / "r.jsonl",
+        template="alpaca",
+        progress=False,
+    )
     assert sum(a["model_response"] == r["output"] for a, r in zip(wrong, RECORDS)) < right
     assert [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()] == wrong
 
 
 def _questions(tmp_path: Path) -> Path:
     path = tmp_path / "questions.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "instruction": r["instruction"], "input": r["input"]}) + "\n"
-                            for i, r in enumerate(RECORDS)))  # fmt: skip
+    path.write_text(
+        "".join(
+            json.dumps({"id": i, "instruction": r["instruction"], "input": r["input"]}) + "\n"
+            for i, r in enumerate(RECORDS)
+        )
+    )
     return path
 
 
 def test_lora_trains_only_adapters_and_saves_a_plain_model(toy, tmp_path):
     out = tmp_path / "lora"
-    result = instruct_finetune(
+    result = finetune_instruct(
         _cfg(toy, out, lora=True, lora_rank=4, lora_alpha=8, epochs=5, lr=1e-2, eval_every=0, sample_tokens=0)
     )
     doc = json.loads((out / "model" / "config.json").read_text())
@@ -322,8 +347,18 @@ def test_lora_trains_only_adapters_and_saves_a_plain_model(toy, tmp_path):
         torch.testing.assert_close(merged(x), adapted(x), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(merged(x), load_model(toy.base).model(x), atol=1e-4)
     # that checkpoint (adapters unmerged) finetuned again with LoRA: they fold in, new ones train
-    again = instruct_finetune(_cfg(toy, tmp_path / "again", model=str(ckpt), lora=True, lora_rank=4, max_steps=2,
-                                   eval_every=0, sample_tokens=0))  # fmt: skip
+    again = finetune_instruct(
+        _cfg(
+            toy,
+            tmp_path / "again",
+            model=str(ckpt),
+            lora=True,
+            lora_rank=4,
+            max_steps=2,
+            eval_every=0,
+            sample_tokens=0,
+        )
+    )
     assert again.steps == 2
 
 
@@ -333,9 +368,32 @@ def test_lora_trains_only_adapters_and_saves_a_plain_model(toy, tmp_path):
 
 def test_cli_finetune_instruct_then_respond(toy, tmp_path, capsys):
     out = tmp_path / "cli"
-    code = main(["finetune", "instruct", "--model", str(toy.base), "--data", str(toy.data), "--out", str(out),
-                 "--val-fraction", "0.25", "--test-fraction", "0.25", "--max-steps", "4", "--device", "cpu",
-                 "--progress", "false", "--sample-tokens", "0", "--template", "phi3"])  # fmt: skip
+    code = main(
+        [
+            "finetune",
+            "instruct",
+            "--model",
+            str(toy.base),
+            "--data",
+            str(toy.data),
+            "--out",
+            str(out),
+            "--val-fraction",
+            "0.25",
+            "--test-fraction",
+            "0.25",
+            "--max-steps",
+            "4",
+            "--device",
+            "cpu",
+            "--progress",
+            "false",
+            "--sample-tokens",
+            "0",
+            "--template",
+            "phi3",
+        ]
+    )
     assert code == 0
     assert f"next: {scratchllm_command()} respond --model {out / 'model'}" in capsys.readouterr().out
     test = json.loads((out / "data" / "test.json").read_text())
@@ -344,17 +402,44 @@ def test_cli_finetune_instruct_then_respond(toy, tmp_path, capsys):
     assert f"resuming with the settings of {out / 'config.toml'}" in capsys.readouterr().out
     assert json.loads((out / "data" / "test.json").read_text()) == test  # the same split
     assert len(test) == 4 and all(r in RECORDS for r in test)
-    code = main(["respond", "--model", str(out / "model"), "--data", str(out / "data" / "test.json"),
-                 "--out", str(tmp_path / "r.json"), "--max-new-tokens", "5", "--quiet"])  # fmt: skip
+    code = main(
+        [
+            "respond",
+            "--model",
+            str(out / "model"),
+            "--data",
+            str(out / "data" / "test.json"),
+            "--out",
+            str(tmp_path / "r.json"),
+            "--max-new-tokens",
+            "5",
+            "--quiet",
+        ]
+    )
     assert code == 0
     answered = json.loads((tmp_path / "r.json").read_text())
     assert [{k: v for k, v in a.items() if k != "model_response"} for a in answered] == test
     assert all(isinstance(a["model_response"], str) for a in answered)
     if not int4_supported():  # torch < 2.6: the one-line error instead
         return
-    code = main(["respond", "--model", str(out / "model"), "--data", str(out / "data" / "test.json"),
-                 "--out", str(tmp_path / "q.json"), "--max-new-tokens", "5", "--quiet", "--device", "cpu",
-                 "--quantize", "int4"])  # fmt: skip
+    code = main(
+        [
+            "respond",
+            "--model",
+            str(out / "model"),
+            "--data",
+            str(out / "data" / "test.json"),
+            "--out",
+            str(tmp_path / "q.json"),
+            "--max-new-tokens",
+            "5",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--quantize",
+            "int4",
+        ]
+    )
     assert code == 0 and len(json.loads((tmp_path / "q.json").read_text())) == 4
 
 
@@ -381,7 +466,7 @@ def test_mask_prompt_with_prompts_that_fill_the_context_is_an_error(toy, tmp_pat
     with pytest.raises(
         ScratchLLMError, match="no training example has a response token within the context of 8"
     ):
-        instruct_finetune(_cfg(toy, tmp_path / "x", mask_prompt=True, context_length=8))
+        finetune_instruct(_cfg(toy, tmp_path / "x", mask_prompt=True, context_length=8))
 
 
 def test_a_byte_order_mark_is_not_part_of_the_json(tmp_path):
@@ -414,12 +499,12 @@ def unwritable(tmp_path):
 def test_respond_checks_its_output_file_before_loading_the_model(
     toy, tmp_path, unwritable, monkeypatch, capsys
 ):
-    import scratchllm.checkpoint
+    import scratchllm.finetune.respond
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model loaded before --out was checked")
 
-    monkeypatch.setattr(scratchllm.checkpoint, "load_model", no_load)
+    monkeypatch.setattr(scratchllm.finetune.respond, "load_model", no_load)
     questions = _questions(tmp_path)
     (tmp_path / "a-file").write_text("x")
     for out, message in [
@@ -432,7 +517,146 @@ def test_respond_checks_its_output_file_before_loading_the_model(
     ]:
         with pytest.raises(ScratchLLMError, match=re.escape(message)):
             respond(str(toy.base), questions, out, progress=False)
-    code = main(["respond", "--model", str(toy.base), "--data", str(questions), "--out",
-                 str(unwritable / "responses.json"), "--quiet"])  # fmt: skip
+    code = main(
+        [
+            "respond",
+            "--model",
+            str(toy.base),
+            "--data",
+            str(questions),
+            "--out",
+            str(unwritable / "responses.json"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "choose a writable location" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# the command table (scratchllm/cli.py): respond's settings, finetune instruct's new names
+
+
+def respond_settings_of(argv: list[str], config: str | None = None) -> RespondSettings:
+    args = table.build_parser(table.COMMANDS["respond"]).parse_args(["respond", *argv])
+    return load_config(RespondSettings, config, overrides_from_args(args))
+
+
+def test_respond_flags_become_settings(tmp_path):
+    required = ["--model", "m", "--data", "d.json", "--out", "o.json"]
+    s = respond_settings_of(required)
+    assert (s.model, s.data, s.out, s.template, s.batch_size, s.quiet) == (
+        "m",
+        "d.json",
+        "o.json",
+        None,
+        8,
+        False,
+    )
+    assert s.sampling == GenerationConfig(max_new_tokens=256) and s.runtime == RuntimeSettings()
+    s = respond_settings_of(
+        [
+            *required,
+            "--template",
+            "phi3",
+            "--max-new-tokens",
+            "7",
+            "--batch-size",
+            "3",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "5",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "2",
+            "--repetition-penalty",
+            "1.2",
+            "--presence-penalty",
+            "0.5",
+            "--frequency-penalty",
+            "0.25",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--quantize",
+            "int4",
+            "--quiet",
+        ]
+    )
+    assert s.sampling == GenerationConfig(
+        max_new_tokens=7,
+        temperature=0.8,
+        top_k=5,
+        top_p=0.9,
+        seed=2,
+        repetition_penalty=1.2,
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+    )
+    assert s.runtime == RuntimeSettings(device="cpu", dtype="fp32", quantize="int4")
+    assert (s.template, s.batch_size, s.quiet) == ("phi3", 3, True)
+    parser = table.build_parser(table.COMMANDS["respond"])
+    for flag in ("--stop", "--compile", "--ignore-eos"):  # respond never took these
+        with pytest.raises(SystemExit):
+            parser.parse_args(["respond", *required, flag, "x"])
+    toml = tmp_path / "respond.toml"
+    toml.write_text("[sampling]\ntemperature = 0.5\n[generation]\nbatch_size = 2\n")
+    s = respond_settings_of([*required, "--batch-size", "4"], str(toml))
+    assert (s.sampling.temperature, s.batch_size) == (0.5, 4)  # the flag wins over the file
+
+
+def test_respond_through_the_command_table_answers_as_the_api_does(trained, tmp_path, capsys, monkeypatch):
+    result, _ = trained
+    model, questions = str(result.out_dir / "model"), _questions(tmp_path)
+    expected = respond(model, questions, None, batch_size=5, progress=False)
+    out = tmp_path / "r.jsonl"
+    argv = ["respond", "--model", model, "--data", str(questions), "--out", str(out), "--device", "cpu"]
+    assert table.main([*argv, "--batch-size", "5", "--dtype", "fp32"]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == expected
+    assert f"{len(RECORDS)} responses" in capsys.readouterr().out  # the summary, without --quiet
+    sampled = respond(
+        model, questions, None, config=GenerationConfig(temperature=1.0, seed=3), progress=False
+    )
+    assert table.main([*argv, "--temperature", "1", "--seed", "3", "--quiet"]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == sampled
+    assert capsys.readouterr().out == ""
+    import scratchllm.finetune.respond as module
+
+    monkeypatch.setattr(module, "load_model", lambda *a, **kw: pytest.fail("the model loaded"))
+    assert table.main([*argv, "--repetition-penalty", "0"]) == 2  # checked before the model loads
+    assert "repetition_penalty must be a number > 0" in capsys.readouterr().err
+
+
+def test_finetune_instruct_through_the_command_table(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["finetune", "instruct", "--model", str(toy.base), "--data", str(toy.data), "--out", str(out)]
+    fast = [
+        "--val-fraction",
+        "0.25",
+        "--max-steps",
+        "2",
+        "--device",
+        "cpu",
+        "--progress",
+        "false",
+        "--sample-tokens",
+        "0",
+    ]
+    assert table.main([*argv, *fast]) == 0
+    assert f"next: {scratchllm_command()} respond --model {out / 'model'}" in capsys.readouterr().out
+    assert table.main(["finetune", "instruct", "--out", str(out), "--resume", "--max-steps", "3"]) == 0
+    assert f"resuming with the settings of {out / 'config.toml'}" in capsys.readouterr().out
+
+
+def test_the_old_name_instruct_finetune_warns_and_runs_finetune_instruct(monkeypatch):
+    import scratchllm.finetune.instruct as module
+
+    seen = []
+    monkeypatch.setattr(module, "finetune_instruct", lambda *a: seen.append(a) or "result")
+    cfg = InstructConfig()
+    with pytest.warns(FutureWarning, match="instruct_finetune is now finetune_instruct"):
+        assert module.instruct_finetune(cfg, "latest") == "result"
+    assert seen == [(cfg, "latest", None)]

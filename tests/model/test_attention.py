@@ -20,7 +20,8 @@ from scratchllm.model.attention import (
     SelfAttention_v2,
     simple_self_attention,
 )
-from scratchllm.model.gpt import GELU, GPTConfig, GPTModel, LayerNorm
+from scratchllm.model.gpt import GPTConfig, GPTModel
+from scratchllm.model.parts import GELU, LayerNorm
 
 book3 = pytest.importorskip("llms_from_scratch.ch03")
 book4 = pytest.importorskip("llms_from_scratch.ch04")

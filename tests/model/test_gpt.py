@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from scratchllm.checkpoint import load_state_dict_strict, meta_model
 from scratchllm.errors import ScratchLLMError
-from scratchllm.hub import from_book_state_dict
 from scratchllm.model.gpt import (
     PRESETS,
     GPTConfig,
     GPTModel,
     count_parameters,
     flops_per_token,
+    from_book_state_dict,
     model_size_bytes,
     preset_config,
 )
@@ -62,8 +63,13 @@ def test_gpt2_small_flops_value():
 
 
 def test_presets_and_aliases():
-    for alias, name in [("gpt2", "gpt2-small"), ("124M", "gpt2-small"), ("355M", "gpt2-medium"),
-                        ("774M", "gpt2-large"), ("1558M", "gpt2-xl")]:  # fmt: skip
+    for alias, name in [
+        ("gpt2", "gpt2-small"),
+        ("124M", "gpt2-small"),
+        ("355M", "gpt2-medium"),
+        ("774M", "gpt2-large"),
+        ("1558M", "gpt2-xl"),
+    ]:
         assert preset_config(alias) == preset_config(name)
     for name in ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"):
         cfg = preset_config(name)
@@ -83,21 +89,37 @@ def test_presets_and_aliases():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(emb_dim=30, n_heads=4), dict(n_layers=0), dict(drop_rate=1.0), dict(n_classes=-1),
-     dict(emb_dim="big"), dict(n_layers=2.5), dict(qkv_bias="yes"), dict(drop_rate="0.1"), dict(vocab_size=True),
-     dict(gelu="none"), dict(gelu=None)],
-)  # fmt: skip
+    [
+        dict(emb_dim=30, n_heads=4),
+        dict(n_layers=0),
+        dict(drop_rate=1.0),
+        dict(n_classes=-1),
+        dict(emb_dim="big"),
+        dict(n_layers=2.5),
+        dict(qkv_bias="yes"),
+        dict(drop_rate="0.1"),
+        dict(vocab_size=True),
+        dict(gelu="none"),
+        dict(gelu=None),
+    ],
+)
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ScratchLLMError, match="model config"):
         GPTConfig(**{**TINY, **bad})
 
 
 def test_model_takes_the_books_config_dict():
-    book_style = {"vocab_size": 100, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
-                  "drop_rate": 0.0, "qkv_bias": False}  # fmt: skip
+    book_style = {
+        "vocab_size": 100,
+        "context_length": 16,
+        "emb_dim": 32,
+        "n_heads": 4,
+        "n_layers": 2,
+        "drop_rate": 0.0,
+        "qkv_bias": False,
+    }
     model = GPTModel(book_style)
     assert model.cfg == GPTConfig(**book_style)
-    import numpy as np
 
     assert GPTConfig(**{**TINY, "qkv_bias": np.bool_(True), "tie_weights": 0}).qkv_bias is True
     with pytest.raises(ScratchLLMError, match="GPTConfig or a dict"):
@@ -182,8 +204,15 @@ def test_qkv_bias_flag():
 @pytest.mark.parametrize(("emb_dim", "n_heads", "n_layers"), [(32, 4, 2), (48, 3, 3)])
 def test_same_logits_as_the_book(qkv_bias, emb_dim, n_heads, n_layers):
     ch04 = pytest.importorskip("llms_from_scratch.ch04")
-    book_cfg = dict(vocab_size=101, context_length=24, emb_dim=emb_dim, n_heads=n_heads, n_layers=n_layers,
-                    drop_rate=0.0, qkv_bias=qkv_bias)  # fmt: skip
+    book_cfg = dict(
+        vocab_size=101,
+        context_length=24,
+        emb_dim=emb_dim,
+        n_heads=n_heads,
+        n_layers=n_layers,
+        drop_rate=0.0,
+        qkv_bias=qkv_bias,
+    )
     book = ch04.GPTModel(book_cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a mix-up of any of them shows
         for name, p in book.named_parameters():

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scratchllm.model import loss as loss_module
 from scratchllm.model.gpt import GPTConfig, GPTModel
-from scratchllm.model.loss import linear_cross_entropy
+from scratchllm.model.loss import chunk_rows_for, linear_cross_entropy
 
 
 def _reference(h, w, t, ignore_index=-100):
@@ -58,8 +59,17 @@ def test_all_targets_ignored_is_nan_like_cross_entropy_and_no_grad_skips_gradien
 def test_model_targets_give_the_loss_of_its_logits_tied_or_not():
     for tie in (True, False):
         torch.manual_seed(2)
-        model = GPTModel(GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_layers=2, n_heads=4,
-                                   drop_rate=0.0, tie_weights=tie))  # fmt: skip
+        model = GPTModel(
+            GPTConfig(
+                vocab_size=61,
+                context_length=16,
+                emb_dim=32,
+                n_layers=2,
+                n_heads=4,
+                drop_rate=0.0,
+                tie_weights=tie,
+            )
+        )
         x, y = torch.randint(0, 61, (2, 16)), torch.randint(0, 61, (2, 16))
         ref = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         ref_grads = torch.autograd.grad(ref, list(model.parameters()))
@@ -71,8 +81,6 @@ def test_model_targets_give_the_loss_of_its_logits_tied_or_not():
 
 
 def test_chunk_sizes_fit_a_cpu_cache_and_fill_a_gpu():
-    from scratchllm.model.loss import chunk_rows_for
-
     assert chunk_rows_for("cpu", 50257) == 128
     assert chunk_rows_for("cpu", 50257, grad=False) == 2048  # evaluation: no gradient buffer to bound
     assert chunk_rows_for("cuda", 50257) == 2048
@@ -85,7 +93,6 @@ def test_chunk_sizes_fit_a_cpu_cache_and_fill_a_gpu():
 def test_under_torch_compile_the_model_takes_the_plain_loss(monkeypatch):
     """The compiler fuses the plain head + cross-entropy itself, better than it compiles the hand-fused
     loss's chunk loop; the model must pick the plain path while compiling, with the same loss."""
-    import scratchllm.model.gpt as gpt
 
     torch.manual_seed(3)
     model = GPTModel(
@@ -97,6 +104,6 @@ def test_under_torch_compile_the_model_takes_the_plain_loss(monkeypatch):
     def fused_not_allowed(*args, **kwargs):
         raise AssertionError("the hand-fused loss ran while compiling")
 
-    monkeypatch.setattr(gpt, "linear_cross_entropy", fused_not_allowed)
+    monkeypatch.setattr(loss_module, "linear_cross_entropy", fused_not_allowed)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert model(x, targets=y).item() == pytest.approx(eager.item(), rel=1e-6)

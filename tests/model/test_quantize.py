@@ -13,10 +13,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import scratchllm.model.quantize as quantize_module
+from scratchllm.checkpoint import LoadedModel, load_model, save_model
+from scratchllm.cli import main
 from scratchllm.errors import ScratchLLMError
 from scratchllm.generation import Engine, GenerationConfig
+from scratchllm.hub import export_hf
 from scratchllm.model.gpt import GPTConfig, GPTModel, count_parameters
-from scratchllm.model.lora import apply_lora
+from scratchllm.model.lora import apply_lora, merge_lora
 from scratchllm.model.quantize import (
     Int4Linear,
     dequantize_int4,
@@ -28,13 +32,22 @@ from scratchllm.model.quantize import (
     quantize_model,
     unpack_nibbles,
 )
+from scratchllm.text.bpe import BPETokenizer
 
 pytestmark = pytest.mark.skipif(not int4_supported(), reason="this PyTorch lacks the int4 CPU kernel")
 
 
 def model_of(emb_dim: int = 64, vocab: int = 300, bias: bool = True, tie: bool = True) -> GPTModel:
-    cfg = GPTConfig(vocab_size=vocab, context_length=32, emb_dim=emb_dim, n_heads=4, n_layers=2,
-                    drop_rate=0.0, qkv_bias=bias, tie_weights=tie)  # fmt: skip
+    cfg = GPTConfig(
+        vocab_size=vocab,
+        context_length=32,
+        emb_dim=emb_dim,
+        n_heads=4,
+        n_layers=2,
+        drop_rate=0.0,
+        qkv_bias=bias,
+        tie_weights=tie,
+    )
     model = GPTModel(cfg).eval()
     with torch.no_grad():  # sharper next-token distributions than the tiny initial weights give
         model.tok_emb.weight.mul_(10)
@@ -124,17 +137,15 @@ def test_the_kernel_uses_exactly_the_dequantized_weights(offset):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("offset", [0.0, 3.0])
 def test_many_rows_take_the_dequantized_path_with_the_same_numbers(monkeypatch, bias, offset):
-    import scratchllm.model.quantize as quantize
-
     linear = nn.Linear(256, 300, bias=bias)
     with torch.no_grad():
         linear.weight.add_(offset)
     layer = Int4Linear(linear, group_size=128)
     x = torch.randn(2, 40, 256)
     with torch.no_grad():
-        monkeypatch.setattr(quantize, "DEQUANTIZE_ROWS", 10**9)
+        monkeypatch.setattr(quantize_module, "DEQUANTIZE_ROWS", 10**9)
         kernel = layer(x)
-        monkeypatch.setattr(quantize, "DEQUANTIZE_ROWS", 80)  # 80 rows: dequantize
+        monkeypatch.setattr(quantize_module, "DEQUANTIZE_ROWS", 80)  # 80 rows: dequantize
         dequantized = layer(x)
     assert dequantized.shape == kernel.shape == (2, 40, 300)
     # both round the activations and the product to bf16; only the summation order differs
@@ -166,8 +177,6 @@ def test_quantize_model_replaces_every_linear_and_keeps_the_embeddings():
 def test_a_model_directory_with_lora_adapters_loads_quantized(tmp_path):
     """`--quantize int4` on a LoRA-finetuned model directory: the adapters are merged into the weights
     that are then quantized, the same numbers as merging and quantizing by hand."""
-    from scratchllm.checkpoint import load_model, save_model
-    from scratchllm.model.lora import merge_lora
 
     model = model_of()
     apply_lora(model, rank=4, alpha=2.0)
@@ -233,12 +242,9 @@ def test_refusals():
     apply_lora(lora, rank=2, alpha=4)
     with pytest.raises(ScratchLLMError, match="merge"):
         quantize_model(lora)
-    from scratchllm.checkpoint import save_model
 
     with pytest.raises(ScratchLLMError, match="cannot be saved"):
         save_model("unused", quantize_model(model_of()))
-    from scratchllm.checkpoint import LoadedModel, load_model
-    from scratchllm.hub import export_hf
 
     with pytest.raises(ScratchLLMError, match="cannot be exported"):
         export_hf(
@@ -258,10 +264,6 @@ def test_cuda_models_are_refused():
 
 
 def test_cli_generate_and_evaluate_with_int4(tmp_path, capsys):
-    from scratchllm.checkpoint import load_model, save_model
-    from scratchllm.cli import main
-    from scratchllm.text.bpe import BPETokenizer
-
     tok = BPETokenizer({bytes([b]): b for b in range(256)})
     save_model(tmp_path / "m", model_of(vocab=tok.vocab_size), tok)
     loaded = load_model(tmp_path / "m", quantize="int4")
@@ -289,8 +291,22 @@ def test_cli_generate_and_evaluate_with_int4(tmp_path, capsys):
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     losses = {}
     for extra in ([], ["--quantize", "int4"]):
-        assert main(["evaluate", "--model", str(tmp_path / "m"), "--corpus", str(corpus), "--device", "cpu",
-                     "--json", *extra]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "perplexity",
+                    "--model",
+                    str(tmp_path / "m"),
+                    "--corpus",
+                    str(corpus),
+                    "--device",
+                    "cpu",
+                    "--json",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         losses[bool(extra)] = json.loads(capsys.readouterr().out)["loss"]
     assert losses[True] != losses[False] and abs(losses[True] - losses[False]) < 0.05 * losses[False]
     with pytest.raises(SystemExit) as e:
@@ -299,7 +315,7 @@ def test_cli_generate_and_evaluate_with_int4(tmp_path, capsys):
 
 
 def test_fixed_shape_decoding_of_an_int4_model_equals_the_default():
-    from tests.test_generation import static_engine
+    from tests.generation.helpers import static_engine
 
     model = quantize_model(model_of(vocab=257, bias=False, tie=False))  # static_engine's byte tokenizer
     prompts = [[1, 2, 3, 4], [7] * 11, [5, 9]]

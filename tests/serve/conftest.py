@@ -28,8 +28,15 @@ def bpe() -> BPETokenizer:
 def tiny_gpt(vocab: int, ctx: int = 256, seed: int = 0) -> GPTModel:
     torch.manual_seed(seed)
     # untied output head: a random tied model mostly repeats its last token, so replies would be empty or dull
-    cfg = GPTConfig(vocab_size=vocab, context_length=ctx, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
-                    tie_weights=False)  # fmt: skip
+    cfg = GPTConfig(
+        vocab_size=vocab,
+        context_length=ctx,
+        emb_dim=32,
+        n_heads=4,
+        n_layers=2,
+        drop_rate=0.0,
+        tie_weights=False,
+    )
     model = GPTModel(cfg).eval()
     with torch.no_grad():  # sharper next-token distributions than the tiny initial weights give
         model.tok_emb.weight.mul_(10)

@@ -10,9 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import scratchllm
+import scratchllm.serve.chat as chat_module
+import scratchllm.serve.server as server_module
 from scratchllm.checkpoint import save_model
+from scratchllm.cli import main
 from scratchllm.errors import ScratchLLMError
 from scratchllm.generation import Engine, GenerationConfig
+from scratchllm.model.quantize import int4_supported, is_quantized
 from scratchllm.serve.chat import ChatSession, chat_loop, chat_model, load_chat_model, strip_stream
 
 from .conftest import tiny_gpt
@@ -42,8 +47,15 @@ def test_multi_turn_replies_equal_the_engine_and_reset_and_exit_work(chat):
     replies, err, n = run_loop(session, lines)
 
     a1 = expected_reply(chat, [{"role": "user", "content": q1}], 12)
-    a2 = expected_reply(chat, [{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
-                               {"role": "user", "content": q2}], 12)  # fmt: skip
+    a2 = expected_reply(
+        chat,
+        [
+            {"role": "user", "content": q1},
+            {"role": "assistant", "content": a1},
+            {"role": "user", "content": q2},
+        ],
+        12,
+    )
     assert a1 and a2 and a1 != a2
     assert n == 3 and replies == [a1, a2, a1]  # after /reset the first question gets the first answer again
     assert session.messages == [{"role": "user", "content": q1}, {"role": "assistant", "content": a1}]
@@ -113,8 +125,10 @@ def test_a_seeded_session_samples_each_turn_with_its_own_seed_and_replays(chat):
     assert "".join(again.send(questions[0])) == replies[0]
     edge = ChatSession(chat, cfg.replace(seed=2**64 - 1))  # the largest seed: turn 1 wraps to 0
     "".join(edge.send(questions[0]))
-    wrapped = chat.engine.generate([chat.encode_chat([*edge.messages, {"role": "user", "content": "Hi"}])],
-                                   cfg.replace(seed=0, stop=edge.config.stop))[0].text.strip()  # fmt: skip
+    wrapped = chat.engine.generate(
+        [chat.encode_chat([*edge.messages, {"role": "user", "content": "Hi"}])],
+        cfg.replace(seed=0, stop=edge.config.stop),
+    )[0].text.strip()
     assert "".join(edge.send("Hi")) == wrapped
 
 
@@ -138,7 +152,6 @@ def test_a_stored_template_is_used_and_can_be_overridden(tmp_path, bpe):
 
 
 def test_cli_chat_reads_piped_stdin(model_dir, monkeypatch, capsys, chat):
-    from scratchllm.cli import main
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Name three primary colors.\n/exit\n"))
     assert (
@@ -174,7 +187,6 @@ def test_compile_reaches_the_engine_from_chat_and_serve(model_dir, monkeypatch):
     loaded = load_chat_model(str(model_dir), device="cpu", dtype="fp32", compile=True)
     assert loaded.engine.compiled is not None and loaded.engine.kernels is None
     assert load_chat_model(str(model_dir), device="cpu", dtype="fp32").engine.compiled is None
-    import scratchllm
 
     assert scratchllm.load(model_dir, device="cpu", compile=True).engine.compiled is not None
     assert scratchllm.load(model_dir, device="cpu").engine.compiled is None
@@ -183,9 +195,6 @@ def test_compile_reaches_the_engine_from_chat_and_serve(model_dir, monkeypatch):
 
 def passed_to_load_chat_model(monkeypatch, model_dir, key: str, flags: list[str]) -> list:
     """What `chat FLAGS`, `serve FLAGS` and a plain `chat` pass as `key` to load_chat_model."""
-    import scratchllm.serve.chat as chat_module
-    import scratchllm.serve.server as server_module
-    from scratchllm.cli import main
 
     seen = []
 
@@ -203,8 +212,6 @@ def passed_to_load_chat_model(monkeypatch, model_dir, key: str, flags: list[str]
 
 def test_quantize_reaches_the_model_from_chat_serve_and_the_api(model_dir, monkeypatch):
     """`--quantize int4` on chat and serve (and `scratchllm.load(quantize=)`) give int4 layers."""
-    import scratchllm
-    from scratchllm.model.quantize import int4_supported, is_quantized
 
     if not int4_supported():
         pytest.skip("this PyTorch lacks the int4 CPU kernel")

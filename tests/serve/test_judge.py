@@ -15,32 +15,38 @@ import pytest
 import torch
 
 from scratchllm.checkpoint import save_model
+from scratchllm.cli import main
 from scratchllm.errors import ScratchLLMError
+from scratchllm.evals import judge as judge_module
+from scratchllm.evals import judge_client
+from scratchllm.evals.judge import SAME_FAILURES_FATAL, judge_entries, judge_prompt, read_responses
+from scratchllm.evals.judge_client import FOLLOW_UP, JudgeClient, JudgeFatalError, chat_url, parse_score
 from scratchllm.finetune.templates import get_template
 from scratchllm.model.gpt import GPTConfig, GPTModel
-from scratchllm.serve import judge as judge_module
+from scratchllm.serve.app import create_app
 from scratchllm.serve.chat import load_chat_model
-from scratchllm.serve.judge import (
-    FOLLOW_UP,
-    JudgeClient,
-    JudgeFatalError,
-    chat_url,
-    judge_entries,
-    judge_prompt,
-    parse_score,
-    read_responses,
-)
-from scratchllm.serve.server import BackgroundServer, create_app
+from tests.serve.helpers import BackgroundServer
 
 ENTRIES = [
-    {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
-     "output": "The car is as fast as lightning.", "model_response": "The car is as fast as a bullet."},
-    {"instruction": "What type of cloud is typically associated with thunderstorms?", "input": "",
-     "output": "The type of cloud typically associated with thunderstorms is cumulonimbus.",
-     "model_response": "The type of cloud associated with thunderstorms is a cumulus cloud."},
-    {"instruction": "Name the author of 'Pride and Prejudice'.", "input": "",
-     "output": "Jane Austen wrote 'Pride and Prejudice'.", "model_response": "The author is Jane Austen."},
-]  # fmt: skip
+    {
+        "instruction": "Rewrite the sentence using a simile.",
+        "input": "The car is very fast.",
+        "output": "The car is as fast as lightning.",
+        "model_response": "The car is as fast as a bullet.",
+    },
+    {
+        "instruction": "What type of cloud is typically associated with thunderstorms?",
+        "input": "",
+        "output": "The type of cloud typically associated with thunderstorms is cumulonimbus.",
+        "model_response": "The type of cloud associated with thunderstorms is a cumulus cloud.",
+    },
+    {
+        "instruction": "Name the author of 'Pride and Prejudice'.",
+        "input": "",
+        "output": "Jane Austen wrote 'Pride and Prejudice'.",
+        "model_response": "The author is Jane Austen.",
+    },
+]
 
 
 @pytest.mark.parametrize(
@@ -117,7 +123,6 @@ def test_chat_url_accepts_base_urls():
     ],
 )
 def test_bad_judge_settings_are_one_line_errors(flags, message, tmp_path, capsys):
-    from scratchllm.cli import main
 
     path = tmp_path / "r.json"
     path.write_text(json.dumps(ENTRIES))
@@ -268,10 +273,9 @@ def unused_port() -> int:
 
 
 def test_an_unreachable_judge_stops_at_once_with_one_line(tmp_path, monkeypatch, capsys):
-    from scratchllm.cli import main
 
     sleeps: list[float] = []
-    monkeypatch.setattr(judge_module.time, "sleep", sleeps.append)
+    monkeypatch.setattr(judge_client.time, "sleep", sleeps.append)
     path = tmp_path / "r.json"
     path.write_text(json.dumps(ENTRIES))
     out = tmp_path / "scores.json"
@@ -287,7 +291,7 @@ def test_an_unreachable_judge_stops_at_once_with_one_line(tmp_path, monkeypatch,
 
 def test_a_judge_that_goes_away_mid_run_is_still_retried(fake, monkeypatch):
     sleeps: list[float] = []
-    monkeypatch.setattr(judge_module.time, "sleep", sleeps.append)
+    monkeypatch.setattr(judge_client.time, "sleep", sleeps.append)
     judge = fake(["85"])
     with client_for(judge, retries=2) as client:
         assert client.ask("p") == (85, "85", 1)
@@ -316,7 +320,6 @@ def judge_run(judge, entries, tmp_path):
 
 
 def test_a_run_stopped_by_a_fatal_error_keeps_what_it_scored(fake, tmp_path, capsys):
-    from scratchllm.cli import main
 
     judge = fake(["85", 404])
     argv, out = judge_run(judge, ENTRIES, tmp_path)
@@ -361,8 +364,15 @@ def scoring_model(tokenizer, reply: str = "Score: 85", context_length: int = 512
     """A GPT whose greedy answer to any alpaca-style prompt is `reply`: the blocks are zeroed so
     each position sees only its own token, and the embedding and output head form a chain
     (last prompt token -> first reply token -> ... -> end of text)."""
-    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, context_length=context_length, emb_dim=32, n_heads=4,
-                    n_layers=1, drop_rate=0.0, tie_weights=False)  # fmt: skip
+    cfg = GPTConfig(
+        vocab_size=tokenizer.vocab_size,
+        context_length=context_length,
+        emb_dim=32,
+        n_heads=4,
+        n_layers=1,
+        drop_rate=0.0,
+        tie_weights=False,
+    )
     model = GPTModel(cfg)
     start = tokenizer.encode(get_template("alpaca").assistant_header)[-1]
     chain = [start, *tokenizer.encode(reply), tokenizer.eot_id]
@@ -378,7 +388,6 @@ def scoring_model(tokenizer, reply: str = "Score: 85", context_length: int = 512
 
 
 def test_judge_end_to_end_against_scratchllm_serve(tmp_path, bpe, monkeypatch, capsys):
-    from scratchllm.cli import main
 
     judge_dir = save_model(tmp_path / "judge", scoring_model(bpe), bpe)
     app = create_app(load_chat_model(str(judge_dir), device="cpu", dtype="fp32"), api_key="judge-key")
@@ -389,8 +398,22 @@ def test_judge_end_to_end_against_scratchllm_serve(tmp_path, bpe, monkeypatch, c
     monkeypatch.setenv("SCRATCHLLM_JUDGE_API_KEY", "judge-key")
 
     with BackgroundServer(app) as server:
-        args = ["judge", "--responses", str(responses), "--judge-url", server.url + "/v1", "--judge-model", "judge",
-                "--out", str(out), "--max-tokens", "16", "--workers", "2", "--quiet"]  # fmt: skip
+        args = [
+            "judge",
+            "--responses",
+            str(responses),
+            "--judge-url",
+            server.url + "/v1",
+            "--judge-model",
+            "judge",
+            "--out",
+            str(out),
+            "--max-tokens",
+            "16",
+            "--workers",
+            "2",
+            "--quiet",
+        ]
         assert main(args) == 1  # one item failed
         captured = capsys.readouterr()
         assert "average score 85.00 over 3/4 responses" in captured.out
@@ -423,9 +446,6 @@ def test_judge_end_to_end_against_scratchllm_serve(tmp_path, bpe, monkeypatch, c
 def test_a_judge_that_fails_the_first_responses_alike_stops_the_run(fake, tmp_path, capsys):
     """Five failures with one error before any score: the judge (a model that cannot take the
     request, a server that always errs) is at fault, so the run stops rather than failing 1,000 entries."""
-    from scratchllm.cli import main
-    from scratchllm.serve.judge import SAME_FAILURES_FATAL
-
     many = [{**e, "instruction": f"{e['instruction']} ({i})"} for i in range(4) for e in ENTRIES]  # 12
     judge = fake([400])
     argv, out = judge_run(judge, many, tmp_path)
@@ -462,7 +482,6 @@ def test_a_judge_that_fails_the_first_responses_alike_stops_the_run(fake, tmp_pa
 def test_a_judge_with_too_short_a_context_stops_before_sending_the_entries(tmp_path, bpe, capsys):
     """A 128-token judge (the size of the demo model) cannot take any judge prompt: one request tells,
     and the run stops with one line naming the model and the fix, instead of failing every entry."""
-    from scratchllm.cli import main
 
     judge_dir = save_model(tmp_path / "judge", scoring_model(bpe, context_length=128), bpe)
     app = create_app(load_chat_model(str(judge_dir), device="cpu", dtype="fp32"), model_name="small")
@@ -480,22 +499,45 @@ def test_a_judge_with_too_short_a_context_stops_before_sending_the_entries(tmp_p
 
 
 CONTEXT_ERRORS = {
-    "scratchllm": {"status": 400, "error": {
-        "message": "this model's maximum context length is 128 tokens, and the prompt takes 300, leaving no "
-        "room for a completion; shorten the prompt", "type": "invalid_request_error", "param": "messages",
-        "code": "context_length_exceeded"}},
-    "scratchllm max_tokens": {"status": 400, "error": {
-        "message": "this model's maximum context length is 512 tokens; you requested 556 (300 in the prompt, "
-        "256 in max_tokens); lower max_tokens to at most 212 or shorten the prompt",
-        "type": "invalid_request_error", "param": "max_tokens", "code": "context_length_exceeded"}},
-    "vllm": {"status": 400, "error": {
-        "message": "This model's maximum context length is 2048 tokens. However, you requested 2100 tokens "
-        "(1844 in the messages, 256 in the completion). Please reduce the length of the messages or completion.",
-        "type": "BadRequestError", "param": None, "code": 400}},
-    "llama.cpp": {"status": 400, "error": {
-        "code": 400, "message": "the request exceeds the available context size, try increasing it",
-        "type": "exceed_context_size_error"}},
-}  # fmt: skip
+    "scratchllm": {
+        "status": 400,
+        "error": {
+            "message": "this model's maximum context length is 128 tokens, and the prompt takes 300, leaving no "
+            "room for a completion; shorten the prompt",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        },
+    },
+    "scratchllm max_tokens": {
+        "status": 400,
+        "error": {
+            "message": "this model's maximum context length is 512 tokens; you requested 556 (300 in the prompt, "
+            "256 in max_tokens); lower max_tokens to at most 212 or shorten the prompt",
+            "type": "invalid_request_error",
+            "param": "max_tokens",
+            "code": "context_length_exceeded",
+        },
+    },
+    "vllm": {
+        "status": 400,
+        "error": {
+            "message": "This model's maximum context length is 2048 tokens. However, you requested 2100 tokens "
+            "(1844 in the messages, 256 in the completion). Please reduce the length of the messages or completion.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
+    },
+    "llama.cpp": {
+        "status": 400,
+        "error": {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error",
+        },
+    },
+}
 
 
 @pytest.mark.parametrize(

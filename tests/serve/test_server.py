@@ -7,24 +7,35 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+import uvicorn
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+import scratchllm.generation as gen
+from scratchllm.cli import main
 from scratchllm.errors import ScratchLLMError
-from scratchllm.generation import GenerationConfig
+from scratchllm.generation import GenerationConfig, TokenLogprob
+from scratchllm.serve.app import create_app
 from scratchllm.serve.chat import load_chat_model
-from scratchllm.serve.server import BackgroundServer, Scheduler, _Job, create_app
+from scratchllm.serve.openai_format import ChatTokens, TextOffsets, chat_logprobs, merge_logprobs, token_text
+from scratchllm.serve.scheduler import Job, Scheduler
+from scratchllm.serve.server import bind_socket, served_model_name
+from scratchllm.text.bpe import BPETokenizer
+from tests.serve.helpers import BackgroundServer
 
 openai = pytest.importorskip("openai")
 
@@ -105,8 +116,14 @@ def test_models_and_completions_equal_the_engine(client, chat):
 
 def test_completion_stream_equals_the_non_streamed_text(client, server, chat):
     expected = reference(chat, "Write a response", max_new_tokens=20)
-    stream = client.completions.create(model=MODEL, prompt="Write a response", max_tokens=20, temperature=0,
-                                       stream=True, stream_options={"include_usage": True})  # fmt: skip
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="Write a response",
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
@@ -130,8 +147,16 @@ def test_chat_renders_the_template_and_streams_the_same_text(client, chat):
     assert r.choices[0].finish_reason == expected.finish_reason
     assert r.usage.prompt_tokens == len(chat.encode_chat(MESSAGES))
 
-    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert (
@@ -141,8 +166,13 @@ def test_chat_renders_the_template_and_streams_the_same_text(client, chat):
     assert chunks[-1].usage.total_tokens == r.usage.total_tokens
 
     # content parts and the `developer` role (OpenAI's newer name for system) are understood
-    parts = [{"role": "developer", "content": "You are terse."},
-             {"role": "user", "content": [{"type": "text", "text": "Name three "}, {"type": "text", "text": "primary colors."}]}]  # fmt: skip
+    parts = [
+        {"role": "developer", "content": "You are terse."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Name three "}, {"type": "text", "text": "primary colors."}],
+        },
+    ]
     r2 = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=8, temperature=0)
     assert r2.choices[0].message.content == chat_reference(chat, MESSAGES[:2], 8).text.strip()
 
@@ -180,43 +210,136 @@ COMP = "/v1/completions"
 USER = [{"role": "user", "content": "hi"}]
 
 
-# fmt: off
 BAD_REQUESTS = [
     (CHAT, {"model": MODEL}, 400, "messages", "missing required parameter 'messages'"),
     (CHAT, {"model": MODEL, "messages": []}, 400, "messages", "at least 1"),
-    (CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", "role"),
+    (
+        CHAT,
+        {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "messages.0.role",
+        "role",
+    ),
     (CHAT, {"model": MODEL, "messages": [{"role": "user"}]}, 400, "messages.0.content", "content is missing"),
     (CHAT, {"model": MODEL, "messages": "hello"}, 400, "messages", "valid list"),
-    (CHAT, {"model": MODEL, "messages": [{"role": "system", "content": "x"}]}, 400, "messages", "user message"),
-    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
-     "messages.0.content", "only text"),
-    (CHAT, {"model": MODEL, "messages": USER, "temperature": 2.5}, 400, "temperature", "less than or equal to 2"),
-    (CHAT, {"model": MODEL, "messages": USER, "temperature": -1}, 400, "temperature", "greater than or equal"),
+    (
+        CHAT,
+        {"model": MODEL, "messages": [{"role": "system", "content": "x"}]},
+        400,
+        "messages",
+        "user message",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "messages.0.content",
+        "only text",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": USER, "temperature": 2.5},
+        400,
+        "temperature",
+        "less than or equal to 2",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": USER, "temperature": -1},
+        400,
+        "temperature",
+        "greater than or equal",
+    ),
     (CHAT, {"model": MODEL, "messages": USER, "top_p": 0}, 400, "top_p", "greater than 0"),
     (CHAT, {"model": MODEL, "messages": USER, "top_p": 1.5}, 400, "top_p", "less than or equal to 1"),
     (CHAT, {"model": MODEL, "messages": USER, "n": 2}, 400, "n", "n > 1 is not supported"),
-    (CHAT, {"model": MODEL, "messages": USER, "max_tokens": 10_000}, 400, "max_tokens", "maximum context length is 256"),
-    (CHAT, {"model": MODEL, "messages": USER, "max_tokens": -3}, 400, "max_tokens", "greater than or equal to 0"),
+    (
+        CHAT,
+        {"model": MODEL, "messages": USER, "max_tokens": 10_000},
+        400,
+        "max_tokens",
+        "maximum context length is 256",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": USER, "max_tokens": -3},
+        400,
+        "max_tokens",
+        "greater than or equal to 0",
+    ),
     (CHAT, {"model": MODEL, "messages": USER, "max_tokens": "many"}, 400, "max_tokens", "valid integer"),
     (CHAT, {"model": MODEL, "messages": USER, "stop": [""]}, 400, "stop", "non-empty"),
-    (CHAT, {"model": MODEL, "messages": USER, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
-    (CHAT, {"model": MODEL, "messages": USER, "presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal to 2"),
-    (COMP, {"model": MODEL, "prompt": "hi", "frequency_penalty": -3}, 400, "frequency_penalty", "greater than or equal to -2"),
-    (COMP, {"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty", "greater than 0"),
+    (
+        CHAT,
+        {"model": MODEL, "messages": USER, "tools": [{"type": "function"}]},
+        400,
+        "tools",
+        "not supported",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": USER, "presence_penalty": 2.5},
+        400,
+        "presence_penalty",
+        "less than or equal to 2",
+    ),
+    (
+        COMP,
+        {"model": MODEL, "prompt": "hi", "frequency_penalty": -3},
+        400,
+        "frequency_penalty",
+        "greater than or equal to -2",
+    ),
+    (
+        COMP,
+        {"model": MODEL, "prompt": "hi", "repetition_penalty": 0},
+        400,
+        "repetition_penalty",
+        "greater than 0",
+    ),
     (CHAT, {"model": "gpt-4o", "messages": USER}, 404, "model", "serves 'tiny'"),
     (COMP, {"model": MODEL, "prompt": ""}, 400, "prompt", "empty"),
     (COMP, {"model": MODEL, "prompt": [5, 99999]}, 400, "prompt", "outside the vocabulary"),
     (COMP, {"model": MODEL, "prompt": "x" * 2000}, 400, "prompt", "leaving no room"),
     (COMP, {"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "logprobs", "less than or equal to 5"),
-    (CHAT, {"model": MODEL, "messages": USER, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs: true"),
-    (CHAT, {"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "less than or equal to 20"),
+    (
+        CHAT,
+        {"model": MODEL, "messages": USER, "top_logprobs": 2},
+        400,
+        "top_logprobs",
+        "needs logprobs: true",
+    ),
+    (
+        CHAT,
+        {"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs",
+        "less than or equal to 20",
+    ),
     (COMP, {"model": MODEL, "prompt": ["a", "b"], "stream": True}, 400, "stream", "one by one"),
     (COMP, {"prompt": "hi"}, 400, "model", "missing required parameter 'model'"),
-    (COMP, {"model": MODEL, "prompt": "hi", "temperature": 1, "seed": 10**23}, 400, None, "seed must be an integer"),
-    (COMP, {"model": MODEL, "prompt": "hi", "seed": 10**23, "stream": True}, 400, None, "seed must be an integer"),
-    (COMP, {"model": MODEL, "prompt": "hi", "temperature": 0, "seed": 10**23}, 400, None, "seed must be an integer"),
+    (
+        COMP,
+        {"model": MODEL, "prompt": "hi", "temperature": 1, "seed": 10**23},
+        400,
+        None,
+        "seed must be an integer",
+    ),
+    (
+        COMP,
+        {"model": MODEL, "prompt": "hi", "seed": 10**23, "stream": True},
+        400,
+        None,
+        "seed must be an integer",
+    ),
+    (
+        COMP,
+        {"model": MODEL, "prompt": "hi", "temperature": 0, "seed": 10**23},
+        400,
+        None,
+        "seed must be an integer",
+    ),
 ]
-# fmt: on
 
 
 @pytest.mark.parametrize("path, body, status, param, words", BAD_REQUESTS)
@@ -239,8 +362,9 @@ def test_penalties_reach_the_engine(client, chat):
         (dict(repetition_penalty=0.3), {"repetition_penalty": 0.3}),
     ]:
         openai_settings = {k: v for k, v in settings.items() if k != "repetition_penalty"}
-        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0,
-                                      extra_body=extra, **openai_settings)  # fmt: skip
+        r = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=20, temperature=0, extra_body=extra, **openai_settings
+        )
         expected = reference(chat, prompt, max_new_tokens=20, **settings)
         assert r.choices[0].text == expected.text
         assert expected.token_ids != reference(chat, prompt, max_new_tokens=20).token_ids
@@ -249,12 +373,11 @@ def test_penalties_reach_the_engine(client, chat):
 def test_logprobs_of_completions_chat_and_echoed_prompts(client, chat, server):
     """The logprobs objects of both APIs carry the engine's numbers, and lm-evaluation-harness's
     log-likelihood request (token ids, echo, logprobs 1, max_tokens 1) scores the prompt's tokens."""
-    from scratchllm.serve.server import _token_text
 
     engine, tok = chat.engine, chat.engine.tokenizer
 
     def text(t):
-        return _token_text(tok.decode_bytes([t]))
+        return token_text(tok.decode_bytes([t]))
 
     r = client.completions.create(
         model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0, logprobs=2
@@ -301,8 +424,9 @@ def test_logprobs_of_completions_chat_and_echoed_prompts(client, chat, server):
         )
 
     messages = [{"role": "user", "content": "Name a color."}]
-    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True,
-                                       top_logprobs=3)  # fmt: skip
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
     expected = reference(
         chat, chat.encode_chat(messages), max_new_tokens=5, stop=chat.stop_strings(()), logprobs=3
     )
@@ -369,8 +493,14 @@ def test_streamed_logprobs_equal_the_non_streamed_ones(server, chat):
             assert chunks[-1]["finish_reason"] == "stop" and stop not in whole["text"]
 
     messages = [{"role": "user", "content": "Name three primary colors."}]
-    body = {"model": MODEL, "messages": messages, "max_tokens": 12, "temperature": 0, "logprobs": True,
-            "top_logprobs": 3}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": 12,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
     whole = _post(server, CHAT, body).json()["choices"][0]
     chunks = [e["choices"][0] for e in _stream(server, CHAT, body)]
     assert "".join(c["delta"].get("content") or "" for c in chunks) == whole["message"]["content"]
@@ -384,28 +514,25 @@ def test_streamed_logprobs_equal_the_non_streamed_ones(server, chat):
     assert all(e["choices"][0]["logprobs"] is None for e in plain)
 
 
-def test_chat_logprobs_in_parts_leave_out_the_whitespace_around_the_reply():
-    """`_ChatTokens` fed a reply in parts gives what it gives fed the whole reply: whitespace-only
+def testchat_logprobs_in_parts_leave_out_the_whitespace_around_the_reply():
+    """`ChatTokens` fed a reply in parts gives what it gives fed the whole reply: whitespace-only
     tokens (or byte tokens of a whitespace character) at either end left out, held back in the
     middle until a token with text follows: the kept tokens spell the stripped reply."""
-    from scratchllm.generation import TokenLogprob
-    from scratchllm.serve.server import _ChatTokens
-    from scratchllm.text.bpe import BPETokenizer
 
     tok = BPETokenizer({bytes([b]): b for b in range(256)})
     # byte tokens: an ideographic space (U+3000, 3 bytes) and a no-break space (2 bytes) are
     # whitespace that str.strip() removes from the reply, so their byte tokens go too; an "é" stays
     text = "\n\u3000 a \u00a0é b \u3000\n\u00a0"
     reply = [TokenLogprob(t, -0.5) for t in text.encode()]
-    whole = [e["bytes"] for e in _ChatTokens(tok).feed(reply, final=True)]
+    whole = [e["bytes"] for e in ChatTokens(tok).feed(reply, final=True)]
     assert bytes(b for e in whole for b in e).decode() == text.strip() == "a \u00a0é b"
     for cut in range(len(reply) + 1):
-        tokens = _ChatTokens(tok)
+        tokens = ChatTokens(tok)
         first = [e["bytes"] for e in tokens.feed(reply[:cut])]
         assert first + [e["bytes"] for e in tokens.feed(reply[cut:], final=True)] == whole
         assert first == whole[: len(first)]
     broken = [TokenLogprob(t, -0.5) for t in b"ok \xe3\x80"]  # a reply that ends inside a character
-    assert [e["token"] for e in _ChatTokens(tok).feed(broken, final=True)] == [
+    assert [e["token"] for e in ChatTokens(tok).feed(broken, final=True)] == [
         "o",
         "k",
         " ",
@@ -419,17 +546,14 @@ def test_chat_logprobs_in_parts_leave_out_the_whitespace_around_the_reply():
     data=st.lists(st.sampled_from([0x20, 0x0A, 0x61, 0xE3, 0x80, 0xC2, 0xA0, 0xF0, 0x9F, 0xFF]), max_size=12),
     cut=st.integers(0, 12),
 )
-def test_chat_logprobs_spell_the_stripped_reply(data, cut):
+def testchat_logprobs_spell_the_stripped_reply(data, cut):
     """Whatever the bytes (broken characters, whitespace of 1-3 bytes, invalid bytes), the kept byte
     tokens spell exactly the reply's content, fed whole or in two parts."""
-    from scratchllm.generation import TokenLogprob
-    from scratchllm.serve.server import _ChatTokens
-    from scratchllm.text.bpe import BPETokenizer
 
     tok = BPETokenizer({bytes([b]): b for b in range(256)})
     reply = [TokenLogprob(t, -0.5) for t in data]
     content = bytes(data).decode("utf-8", "replace").strip()
-    tokens = _ChatTokens(tok)
+    tokens = ChatTokens(tok)
     kept = tokens.feed(reply[:cut]) + tokens.feed(reply[cut:], final=True)
     assert bytes(b for e in kept for b in e["bytes"]).decode("utf-8", "replace") == content
 
@@ -437,7 +561,6 @@ def test_chat_logprobs_spell_the_stripped_reply(data, cut):
 def test_a_default_max_tokens_below_1_is_refused_at_start(chat, capsys):
     with pytest.raises(ScratchLLMError, match="--default-max-tokens must be >= 1"):
         create_app(chat, default_max_tokens=0)
-    from scratchllm.cli import main
 
     assert main(["serve", "--model", "unused", "--default-max-tokens", "-1", "--port", "0"]) == 2
     assert (
@@ -469,9 +592,11 @@ def test_malformed_bodies_unknown_paths_and_the_openai_client_errors(server, cli
 def test_the_api_key_is_required(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # health needs no key
     for key in (None, "wrong"):  # the key is checked before the body: a bad body still gets 401
-        for r in (httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {}),
-                  _post(server, CHAT, {"model": MODEL, "messages": USER}, key=key),
-                  _post(server, CHAT, {"model": MODEL}, key=key)):  # fmt: skip
+        for r in (
+            httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {}),
+            _post(server, CHAT, {"model": MODEL, "messages": USER}, key=key),
+            _post(server, CHAT, {"model": MODEL}, key=key),
+        ):
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -483,8 +608,13 @@ def test_50_concurrent_requests_are_all_answered(server, client, chat):
 
     def call(i: int) -> str:
         if i % 5 == 0:  # some streamed chats among them
-            stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[i]}],
-                                                    max_tokens=4, temperature=0, stream=True)  # fmt: skip
+            stream = client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": prompts[i]}],
+                max_tokens=4,
+                temperature=0,
+                stream=True,
+            )
             return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         return (
             client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=4, temperature=0)
@@ -514,8 +644,13 @@ def test_scheduler_batches_waiting_requests_with_equal_settings(chat):
     async def main():
         loop = asyncio.get_running_loop()
         scheduler = Scheduler(chat, max_batch_size=8)
-        jobs = [_Job([ids[0]], greedy, loop), _Job([ids[1], ids[2]], greedy, loop), _Job([ids[0]], seeded, loop),
-                _Job([ids[1]], greedy, loop, stream=True), _Job([ids[2]], greedy_seeded, loop)]  # fmt: skip
+        jobs = [
+            Job([ids[0]], greedy, loop),
+            Job([ids[1], ids[2]], greedy, loop),
+            Job([ids[0]], seeded, loop),
+            Job([ids[1]], greedy, loop, stream=True),
+            Job([ids[2]], greedy_seeded, loop),
+        ]
         for job in jobs:  # all queued before the worker starts
             scheduler._jobs.append(job)
         scheduler.start()
@@ -539,10 +674,15 @@ def test_scheduler_batches_waiting_requests_with_equal_settings(chat):
 def test_an_end_of_text_token_is_listed_when_it_ends_an_echoed_completion(server, chat, monkeypatch):
     """lm-evaluation-harness takes the last entry of an echo + logprobs answer as the generated token:
     when the model ends the text there, that entry is the end-of-text token with its logprob."""
-    import scratchllm.generation as gen
-
     eot = chat.engine.tokenizer.eot_id
-    monkeypatch.setattr(gen, "sample_next_token", lambda logits, *a, **k: torch.full((logits.shape[0],), eot))
+
+    def always_eot(logits, *args, **kwargs):
+        return torch.full((logits.shape[0],), eot)
+
+    sampler = gen.sample_next_token
+    for name, module in list(sys.modules.items()):  # wherever the generation package binds the sampler
+        if name.startswith(gen.__name__) and getattr(module, "sample_next_token", None) is sampler:
+            monkeypatch.setattr(module, "sample_next_token", always_eot)
     ids = chat.engine.encode("Hello world")
     body = {"model": MODEL, "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
     choice = _post(server, COMP, body).json()["choices"][0]
@@ -556,14 +696,11 @@ def test_an_end_of_text_token_is_listed_when_it_ends_an_echoed_completion(server
 def test_logprobs_objects_name_byte_fragments_and_follow_the_text():
     """Pieces of a multi-byte character get distinct names ("bytes:\\xc3"), offsets point into the
     decoded text, and chat's tokens follow the stripped reply."""
-    from scratchllm.generation import TokenLogprob
-    from scratchllm.serve.server import _chat_logprobs, _merge_logprobs, _TextOffsets
-    from scratchllm.text.bpe import BPETokenizer
 
     tok = BPETokenizer({bytes([b]): b for b in range(256)})
     text = "café au lait"
     ids = list(text.encode())
-    lp = _TextOffsets(tok).add([TokenLogprob(t, -1.0, ((0xC3, -1.0), (0xA9, -2.0))) for t in ids])
+    lp = TextOffsets(tok).add([TokenLogprob(t, -1.0, ((0xC3, -1.0), (0xA9, -2.0))) for t in ids])
     assert lp["tokens"][3:5] == ["bytes:\\xc3", "bytes:\\xa9"] and lp["tokens"][5] == " "
     assert lp["top_logprobs"][0] == {
         "bytes:\\xc3": -1.0,
@@ -574,19 +711,19 @@ def test_logprobs_objects_name_byte_fragments_and_follow_the_text():
     for token, offset in zip(lp["tokens"], lp["text_offset"]):
         assert token.startswith("bytes:") or text[offset:].startswith(token)
     broken = b"\xdcab"  # a character's first byte, then no continuation: "\ufffdab"
-    assert _TextOffsets(tok).add([TokenLogprob(t, -1.0) for t in broken])["text_offset"] == [0, 1, 2]
+    assert TextOffsets(tok).add([TokenLogprob(t, -1.0) for t in broken])["text_offset"] == [0, 1, 2]
     # echo: the prompt's text and the completion's are decoded apart, so a character cut between them is
     # U+FFFD on each side: "ab\ufffd" + "\ufffd\ufffdxy"
     prompt, completion = b"ab\xe6", b"\x97\xa5xy"
     echoed = prompt.decode("utf-8", "replace") + completion.decode("utf-8", "replace")
-    offsets = _TextOffsets(tok)
-    lp = _merge_logprobs(
+    offsets = TextOffsets(tok)
+    lp = merge_logprobs(
         offsets.prompt(list(prompt), [None] * len(prompt)),
         offsets.add([TokenLogprob(t, -1.0) for t in completion]),
     )
     assert lp["text_offset"] == [0, 1, 2, 3, 4, 5, 6] and echoed[5:] == "xy"
     reply = [TokenLogprob(t, -0.5) for t in b"  hi\n\n"]
-    content = _chat_logprobs(tok, reply)
+    content = chat_logprobs(tok, reply)
     assert [c["token"] for c in content["content"]] == ["h", "i"] and content["refusal"] is None
     assert content["content"][0]["bytes"] == [ord("h")]
 
@@ -594,9 +731,8 @@ def test_logprobs_objects_name_byte_fragments_and_follow_the_text():
 def test_the_port_accepts_connections_before_the_server_starts():
     """`serve` prints its URL once the socket listens: a client connecting right away waits in the
     backlog for the server to start instead of being refused."""
-    from scratchllm.serve.server import _bind
 
-    sock = _bind("127.0.0.1", 0)
+    sock = bind_socket("127.0.0.1", 0)
     try:
         socket.create_connection(sock.getsockname(), timeout=5).close()
     finally:
@@ -605,7 +741,6 @@ def test_the_port_accepts_connections_before_the_server_starts():
 
 @pytest.mark.slow  # a fresh Python process imports torch and loads the model
 def test_cli_serve_starts_answers_and_reports_a_busy_port(model_dir, tmp_path, capsys):
-    from scratchllm.cli import main
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -617,9 +752,28 @@ def test_cli_serve_starts_answers_and_reports_a_busy_port(model_dir, tmp_path, c
     assert "--port 99999 is out of range" in capsys.readouterr().err
 
     env = {**os.environ, "SCRATCHLLM_API_KEY": "env-key"}
-    proc = subprocess.Popen([sys.executable, "-m", "scratchllm", "serve", "--model", str(model_dir), "--port", "0",
-                             "--dtype", "fp32", "--device", "cpu", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scratchllm",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            "0",
+            "--dtype",
+            "fp32",
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         assert "serving 'tiny'" in line and "no prompt template" in line, line + proc.stderr.read()
@@ -645,7 +799,6 @@ def test_a_client_that_disconnects_mid_stream_frees_the_model(server, client):
 
 
 def test_served_model_name_is_the_run_for_a_runs_model_directory(model_dir, tmp_path):
-    from scratchllm.serve.server import served_model_name
 
     for name in ("model", "best"):
         (tmp_path / "runs" / "assistant" / name).mkdir(parents=True)
@@ -658,13 +811,6 @@ def test_served_model_name_is_the_run_for_a_runs_model_directory(model_dir, tmp_
 def test_serve_names_the_model_after_its_run_unless_told(model_dir, tmp_path, monkeypatch, capsys):
     """`scratchllm serve --model runs/assistant/model` serves "assistant" (not "model", the name of
     every run's final model); --model-name still wins. Asked with the openai client."""
-    import shutil
-    import threading
-    import time
-
-    import uvicorn
-
-    from scratchllm.cli import main
 
     run_model = tmp_path / "assistant" / "model"
     shutil.copytree(model_dir, run_model)

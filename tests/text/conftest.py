@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import tiktoken
+
+from scratchllm.text import gpt2
 
 
 @pytest.fixture
 def no_gpt2_download(monkeypatch, tmp_path):
     """GPT-2's tokenizer as on an offline machine with no files: tiktoken.get_encoding fails,
     $SCRATCHLLM_GPT2_TOKENIZER is unset and the home (~/.cache/scratchllm) is an empty temp dir."""
-    import tiktoken
-
-    from scratchllm.text import gpt2
 
     def no_network(name):
         raise ConnectionError(f"test: no network for {name}")

@@ -25,8 +25,11 @@ from scratchllm.text.bpe import (
     read_tiktoken_file,
     train_bpe,
 )
+from scratchllm.text.bpe import encode as bpe_encode
+from scratchllm.text.bpe import train as bpe_train
 from scratchllm.text.gpt2 import load_gpt2_files
-from scratchllm.text.tokenizer import EOT, load_tokenizer
+from scratchllm.text.registry import load_tokenizer
+from scratchllm.text.tokenizer import EOT
 
 # A little of everything a tokenizer meets: prose, code, numbers, accents, CJK, emoji (with ZWJ
 # sequences and skin tones), right-to-left text, control characters, CRLF, runs of spaces and
@@ -222,9 +225,7 @@ def test_training_errors():
 
 
 def test_patterns_and_specials_that_cannot_work_are_refused_before_training(monkeypatch):
-    import scratchllm.text.bpe as bpe
-
-    monkeypatch.setattr(bpe, "count_pretokens", lambda *a: pytest.fail("trained before checking"))
+    monkeypatch.setattr(bpe_train, "count_pretokens", lambda *a: pytest.fail("trained before checking"))
     with pytest.raises(ScratchLLMError, match=r"tiktoken cannot use it \(.*\\X"):
         train_bpe(["abc"], vocab_size=300, pattern=r" ?\p{L}+|\X", progress=False)  # Python's regex can
     with pytest.raises(ScratchLLMError, match="must be gpt2, gpt4 or a regex string, not None"):
@@ -317,8 +318,8 @@ def test_special_tokens_only_when_allowed(trained):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_encode_batch_matches_encode(trained, monkeypatch, threads):
-    monkeypatch.setattr(bpe, "BATCH_THREADS", threads)
-    monkeypatch.setattr(bpe, "BATCH_MIN_CHARS", 0)  # take the threaded path even for this little text
+    monkeypatch.setattr(bpe_encode, "BATCH_THREADS", threads)
+    monkeypatch.setattr(bpe_encode, "BATCH_MIN_CHARS", 0)  # take the threaded path even for this little text
     texts = [*MIXED_CORPUS, "", *MIXED_CORPUS[:5]]
     assert trained.encode_batch(texts) == [trained.encode(t) for t in texts]
     assert trained.encode_batch(texts, "all") == [trained.encode(t, "all") for t in texts]
@@ -327,10 +328,10 @@ def test_encode_batch_matches_encode(trained, monkeypatch, threads):
 
 def test_split_evenly_keeps_order_and_balances():
     texts = ["a" * n for n in (5, 1, 1, 1, 1, 1, 5, 5)]
-    runs = bpe._split_evenly(texts, 3)
+    runs = bpe_encode._split_evenly(texts, 3)
     assert [t for run in runs for t in run] == texts
     assert len(runs) == 3 and [sum(map(len, r)) for r in runs] == [7, 8, 5]
-    assert bpe._split_evenly(["x"], 4) == [["x"]]
+    assert bpe_encode._split_evenly(["x"], 4) == [["x"]]
 
 
 def test_whole_piece_shortcut_matters():

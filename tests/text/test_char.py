@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from scratchllm.errors import ScratchLLMError
 from scratchllm.text.char import UNK, CharTokenizer
-from scratchllm.text.tokenizer import EOT, load_tokenizer
+from scratchllm.text.registry import load_tokenizer
+from scratchllm.text.tokenizer import EOT
 
 TOK = CharTokenizer.from_corpus("hello world, ça va? 🙂\n")
 

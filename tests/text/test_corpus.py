@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import builtins
+from pydoc_data.topics import topics
+
 import pytest
 
 from scratchllm.errors import ScratchLLMError
@@ -12,7 +15,6 @@ def test_builtin_corpus_is_python_docs():
     assert sum(len(d.text) for d in docs) > 300_000
     assert all(d.source.startswith("builtin:") for d in docs)
     # each topic is cut into its sections (`builtin:TOPIC#N`), topics in sorted order, sections in order
-    from pydoc_data.topics import topics
 
     names = [d.source.split(":", 1)[1].split("#")[0] for d in docs]
     assert list(dict.fromkeys(names)) == sorted(topics)
@@ -111,8 +113,6 @@ def test_empty_corpus_is_an_error(tmp_path):
 
 
 def test_hf_source_without_datasets_package(monkeypatch):
-    import builtins
-
     real_import = builtins.__import__
 
     def no_datasets(name, *args, **kwargs):

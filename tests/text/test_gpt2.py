@@ -15,7 +15,8 @@ from tiktoken_ext.openai_public import r50k_pat_str
 from scratchllm.errors import ScratchLLMError
 from scratchllm.text import gpt2
 from scratchllm.text.bpe import GPT2_PATTERN, BPETokenizer
-from scratchllm.text.tokenizer import EOT, load_tokenizer
+from scratchllm.text.registry import load_tokenizer
+from scratchllm.text.tokenizer import EOT
 from tests.conftest import shared_file
 from tests.text.test_bpe import MIXED_CORPUS, texts_with_specials
 
@@ -61,7 +62,28 @@ def test_the_verdict_is_5145_tokens(gpt2_tok):
 
 def test_books_example_ids(gpt2_tok):
     text = "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."
-    expected = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114, 286, 617, 34680, 27271, 13]  # fmt: skip
+    expected = [
+        15496,
+        11,
+        466,
+        345,
+        588,
+        8887,
+        30,
+        220,
+        50256,
+        554,
+        262,
+        4252,
+        18250,
+        8812,
+        2114,
+        286,
+        617,
+        34680,
+        27271,
+        13,
+    ]
     assert gpt2_tok.encode(text, allowed_special={EOT}) == expected
     assert gpt2_tok.reference_encode(text, allowed_special={EOT}) == expected
 

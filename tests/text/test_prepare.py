@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import random
 
@@ -9,9 +10,11 @@ import numpy as np
 import pytest
 
 from scratchllm.cli import main
+from scratchllm.errors import ScratchLLMError
 from scratchllm.text import prepare as prep
 from scratchllm.text.bpe import train_bpe
 from scratchllm.text.corpus import load_documents
+from scratchllm.text.sampling import load_prepared
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "sang", "to", "moon", "café", "naïve", "über"]
 
@@ -43,8 +46,15 @@ def test_one_and_two_workers_write_the_same_tokens_as_encoding_each_document(cor
     metas = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        metas[workers] = prep.prepare([str(corpus)], tokenizer, out, val_fraction=0.25, workers=workers,
-                                      progress=False, chunk_chars=2000)  # fmt: skip
+        metas[workers] = prep.prepare(
+            [str(corpus)],
+            tokenizer,
+            out,
+            val_fraction=0.25,
+            workers=workers,
+            progress=False,
+            chunk_chars=2000,
+        )
     a, b = tmp_path / "w1", tmp_path / "w2"
     assert metas[1] == metas[2] == json.loads((a / prep.META).read_text())
     meta = metas[1]
@@ -99,10 +109,6 @@ def test_workers_auto_starts_no_process_for_a_small_corpus(corpus, tokenizer, tm
 
 
 def test_a_source_of_unknown_size_reaches_its_own_error(tokenizer, tmp_path, monkeypatch):
-    import builtins
-
-    from scratchllm.errors import ScratchLLMError
-
     real_import = builtins.__import__
 
     def no_datasets(name, *args, **kwargs):  # offline either way: the datasets package is "missing"
@@ -117,9 +123,6 @@ def test_a_source_of_unknown_size_reaches_its_own_error(tokenizer, tmp_path, mon
 
 
 def test_a_prepared_directory_with_a_bad_token_dtype_is_refused(corpus, tokenizer, tmp_path):
-    from scratchllm.errors import ScratchLLMError
-    from scratchllm.text.sampling import load_prepared
-
     out = tmp_path / "p"
     prep.prepare([str(corpus)], tokenizer, out, workers=1, progress=False)
     meta = json.loads((out / prep.META).read_text())
@@ -143,8 +146,9 @@ def test_a_prepared_directory_with_a_bad_token_dtype_is_refused(corpus, tokenize
 def test_one_file_takes_its_tail_as_validation(tokenizer, tmp_path):
     text = "\n".join(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(8)) for i in range(300))
     (tmp_path / "one.txt").write_text(text, encoding="utf-8")
-    meta = prep.prepare([str(tmp_path / "one.txt")], tokenizer, tmp_path / "out", val_fraction=0.1, workers=1,
-                        progress=False)  # fmt: skip
+    meta = prep.prepare(
+        [str(tmp_path / "one.txt")], tokenizer, tmp_path / "out", val_fraction=0.1, workers=1, progress=False
+    )
     ids = tokenizer.encode(text) + [tokenizer.eot_id]
     n_val = int(len(ids) * 0.1)
     assert meta["split"]["method"] == "tail" and meta["val_tokens"] == n_val

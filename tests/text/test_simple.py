@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from scratchllm.errors import ScratchLLMError
+from scratchllm.text.registry import load_tokenizer
 from scratchllm.text.simple import UNK, SimpleTokenizer, SimpleTokenizerV2, split_words
-from scratchllm.text.tokenizer import EOT, load_tokenizer
+from scratchllm.text.tokenizer import EOT
 from tests.conftest import shared_file
 
 BOOK_TEXT = '"It\'s the last he painted, you know," Mrs. Gisburn said with pardonable pride.'

@@ -8,7 +8,7 @@ from scratchllm.cli import main
 from scratchllm.text import gpt2
 from scratchllm.text.bpe import BPETokenizer
 from scratchllm.text.corpus import builtin_documents
-from scratchllm.text.tokenizer import load_tokenizer
+from scratchllm.text.registry import load_tokenizer
 from tests.conftest import shared_file
 from tests.text.test_bpe import MIXED_CORPUS
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from scratchllm.cli import main
 from scratchllm.errors import ScratchLLMError
 from scratchllm.text.bpe import train_bpe
 from scratchllm.text.char import CharTokenizer
+from scratchllm.text.registry import load_tokenizer
 from scratchllm.text.simple import SimpleTokenizer
 from scratchllm.text.tokenizer import EOT
 
@@ -70,18 +72,19 @@ def _damage(tok, tmp_path, file, content):
     [
         ("bpe", "tokenizer_meta.json", b"[1, 2]", "not a valid tokenizer description"),
         ("bpe", "tokenizer_meta.json", b'{"kind": "bpe", "pattern": null, "special_tokens": {}}', "not None"),
-        ("bpe", "tokenizer_meta.json", b'{"kind": "bpe", "pattern": "gpt2", "special_tokens": ["x"]}',
-         "needs a 'pattern' and a 'special_tokens' object"),
+        (
+            "bpe",
+            "tokenizer_meta.json",
+            b'{"kind": "bpe", "pattern": "gpt2", "special_tokens": ["x"]}',
+            "needs a 'pattern' and a 'special_tokens' object",
+        ),
         ("bpe", "tokenizer.tiktoken", b"IGJl -7\n", r"line 1: expected `base64-token rank`"),
         ("char", "chars.json", b"5", "the saved char tokenizer is damaged"),
         ("char", "chars.json", b"\xff", "the saved char tokenizer is damaged .UnicodeDecodeError"),
         ("simple", "vocab.json", b"\xff", "the saved simple tokenizer is damaged .UnicodeDecodeError"),
     ],
-)  # fmt: skip
+)
 def test_a_damaged_saved_tokenizer_is_a_one_line_error(tmp_path, kind, file, content, message, capsys):
-    from scratchllm.cli import main
-    from scratchllm.text.tokenizer import load_tokenizer
-
     directory = _damage(KINDS[kind](), tmp_path, file, content)
     with pytest.raises(ScratchLLMError, match=message):
         load_tokenizer(directory)
@@ -90,8 +93,6 @@ def test_a_damaged_saved_tokenizer_is_a_one_line_error(tmp_path, kind, file, con
 
 
 def test_a_gap_in_the_ranks_is_named_when_decoding(tmp_path):
-    from scratchllm.text.tokenizer import load_tokenizer
-
     tok = KINDS["bpe"]()
     tok.save(tmp_path / "tok")
     lines = (tmp_path / "tok" / "tokenizer.tiktoken").read_bytes().splitlines()

@@ -100,14 +100,12 @@ def test_saved_settings_hold_absolute_paths_and_keep_names(tmp_path, monkeypatch
     (tmp_path / "gpt2").mkdir()  # the tokenizer name wins over a folder of that name
     (tmp_path / "tok").mkdir()
     (tmp_path / "micro").mkdir()  # the model preset is a name only, never a path
-    cfg = build_config(PretrainConfig, {}, {
-        "corpus": ["notes", "essays/*.md", "builtin", "hf:wikitext:train", "missing.txt"],
-        "tokenizer": "gpt2", "out_dir": "runs/new", "init_from": "gpt2-medium", "model": "micro",
-    })  # fmt: skip
+    corpus = ["notes", "essays/*.md", "builtin", "hf:wikitext:train", "missing.txt"]
+    settings = {"tokenizer": "gpt2", "out_dir": "runs/new", "init_from": "gpt2-medium", "model": "micro"}
+    cfg = build_config(PretrainConfig, {}, {"corpus": corpus, **settings})
     saved = tomllib.loads(dump_toml(cfg))
     flat = {k: v for section in saved.values() for k, v in section.items()}
-    assert flat["corpus"] == [str(tmp_path / "notes"), str(tmp_path / "essays/*.md"), "builtin",
-                              "hf:wikitext:train", "missing.txt"]  # fmt: skip
+    assert flat["corpus"] == [str(tmp_path / "notes"), str(tmp_path / "essays/*.md"), *corpus[2:]]
     assert flat["tokenizer"] == "gpt2" and flat["init_from"] == "gpt2-medium" and flat["model"] == "micro"
     assert flat["out_dir"] == str(tmp_path / "runs" / "new")  # always a path, made or not
     cfg = build_config(PretrainConfig, {}, {"tokenizer": "tok", "init_from": "./tok/../tok", "data": "~/d"})
@@ -176,21 +174,27 @@ def test_unknown_sections_and_tables_are_named_with_the_file(tmp_path):
     assert (cfg.batch_size, cfg.lr, cfg.model) == (3, 0.1, "nano")
 
 
+QUOTED = r" \(a quoted string\); write it without quotes: "
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
-        ('lr = "0.001"', r'\[train\]: lr = "0.001" is not a valid float \(a quoted string\); write it without quotes: lr = 0.001'),
-        ('max_steps = "100"', r'max_steps = "100" is not a valid int \(a quoted string\); write it without quotes: max_steps = 100'),
-        ('max_steps = "many"', r'max_steps = "many" is not a valid int \(a string\); write an int, e.g. max_steps = 1'),
+        ('lr = "0.001"', r'\[train\]: lr = "0.001" is not a valid float' + QUOTED + "lr = 0.001"),
+        ('max_steps = "100"', r'max_steps = "100" is not a valid int' + QUOTED + "max_steps = 100"),
+        (
+            'max_steps = "many"',
+            r'max_steps = "many" is not a valid int \(a string\); write an int, e.g. max_steps = 1',
+        ),
         ("max_steps = 1.5", r"max_steps = 1.5 is not a valid int; it takes a whole number"),
         ("max_steps = true", r"max_steps = true is not a valid int"),
         ("lr = false", r"lr = false is not a valid float"),
         ("compile = 1", r"compile = 1 is not a valid bool; write compile = true or compile = false"),
-        ('compile = "yes"', r'compile = "yes" is not a valid bool \(a quoted string\); write it without quotes: compile = true'),
+        ('compile = "yes"', r'compile = "yes" is not a valid bool' + QUOTED + "compile = true"),
         ("emb_dim = 1.5", r"emb_dim = 1.5 is not a valid int or none"),
         ("lr = [0.1]", r"lr is a TOML list, but it takes a float"),
     ],
-)  # fmt: skip
+)
 def test_a_toml_value_of_the_wrong_type_is_refused(tmp_path, line, message):
     path = _toml(tmp_path, f"[train]\n{line}\n")
     with pytest.raises(ScratchLLMError, match=message) as e:

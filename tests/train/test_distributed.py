@@ -4,6 +4,7 @@ global batch, with DDP (AdamW or Muon) and with FSDP2 sharding."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +22,12 @@ FP32_EPS = torch.finfo(torch.float32).eps
 
 
 def _args(corpus: Path, out: Path, batch: int) -> list[str]:
-    return ["pretrain", "--corpus", str(corpus), "--vocab-size", "300", "--model", "nano", "--context-length", "32",
-            "--max-steps", "12", "--eval-every", "6", "--eval-batches", "2", "--log-every", "1", "--drop-rate", "0",
-            "--progress", "false", "--sample-tokens", "0", "--warmup-steps", "2", "--workers", "1", "--device", "cpu",
-            "--precision", "fp32", "--checkpoint-every", "6", "--batch-size", str(batch), "--out-dir", str(out)]  # fmt: skip
+    settings = shlex.split(
+        "--vocab-size 300 --model nano --context-length 32 --max-steps 12 --eval-every 6 --eval-batches 2 "
+        "--log-every 1 --drop-rate 0 --progress false --sample-tokens 0 --warmup-steps 2 --workers 1 "
+        "--device cpu --precision fp32 --checkpoint-every 6"
+    )
+    return ["pretrain", "--corpus", str(corpus), *settings, "--batch-size", str(batch), "--out-dir", str(out)]
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
@@ -65,8 +68,8 @@ def single(tmp_path_factory):
     def run(extra: list[str]) -> Path:
         if tuple(extra) not in runs:
             out = root / f"single-{len(runs)}"
-            done = subprocess.run([sys.executable, "-m", "scratchllm", *_args(corpus, out, 8), *extra],
-                                  capture_output=True, text=True)  # fmt: skip
+            command = [sys.executable, "-m", "scratchllm", *_args(corpus, out, 8), *extra]
+            done = subprocess.run(command, capture_output=True, text=True)
             assert done.returncode == 0, done.stderr
             runs[tuple(extra)] = out
         return runs[tuple(extra)]
@@ -145,8 +148,8 @@ def test_a_token_budget_stops_every_process_at_the_same_step(tmp_path):
     for it in the next all-reduce forever)."""
     script = tmp_path / "variable_tokens.py"
     script.write_text(_VARIABLE_TOKENS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path / "run")]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(script), str(tmp_path / "run")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank"))

@@ -12,9 +12,28 @@ from scratchllm.cli import main
 from scratchllm.fileio import directory_kind
 from scratchllm.train.evaluate import evaluate_text, token_loss
 
-FAST = ["--model", "nano", "--context-length", "32", "--batch-size", "4", "--eval-batches", "2", "--warmup-steps",
-        "2", "--progress", "false", "--sample-tokens", "8", "--sample-prompts", "the", "--workers", "1",
-        "--device", "cpu"]  # fmt: skip
+FAST = [
+    "--model",
+    "nano",
+    "--context-length",
+    "32",
+    "--batch-size",
+    "4",
+    "--eval-batches",
+    "2",
+    "--warmup-steps",
+    "2",
+    "--progress",
+    "false",
+    "--sample-tokens",
+    "8",
+    "--sample-prompts",
+    "the",
+    "--workers",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +50,27 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    assert main(["pretrain", "--corpus", str(corpus), "--vocab-size", "280", "--max-steps", "30", "--eval-every",
-                 "15", "--val-fraction", "0.2", "--out-dir", str(out), *FAST]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "pretrain",
+                "--corpus",
+                str(corpus),
+                "--vocab-size",
+                "280",
+                "--max-steps",
+                "30",
+                "--eval-every",
+                "15",
+                "--val-fraction",
+                "0.2",
+                "--out-dir",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -89,7 +127,9 @@ def test_evaluate_reports_loss_perplexity_and_bits_per_byte(trained, corpus, cap
     assert result["tokens"] == part_count == cut and result["bytes"] == part_bytes
     assert result["bits_per_byte"] == pytest.approx(part_total / math.log(2) / part_bytes, rel=1e-5)
     assert (
-        main(["evaluate", "--model", str(trained / "model"), "--corpus", str(corpus / "doc0.txt"), "--json"])
+        main(
+            ["perplexity", "--model", str(trained / "model"), "--corpus", str(corpus / "doc0.txt"), "--json"]
+        )
         == 0
     )
     assert json.loads(capsys.readouterr().out)["tokens"] == len(docs[0])
@@ -100,7 +140,14 @@ def test_evaluate_reports_loss_perplexity_and_bits_per_byte(trained, corpus, cap
     ):
         assert (
             main(
-                ["evaluate", "--model", str(trained / "model"), "--corpus", str(corpus / "doc0.txt"), *flags]
+                [
+                    "perplexity",
+                    "--model",
+                    str(trained / "model"),
+                    "--corpus",
+                    str(corpus / "doc0.txt"),
+                    *flags,
+                ]
             )
             == 2
         )
@@ -128,8 +175,25 @@ def test_token_loss_counts_every_prediction_once_and_equals_the_logits_cross_ent
 def test_continue_pretraining_from_a_model_directory(trained, corpus, tmp_path):
     out = tmp_path / "more"
     fast = FAST[2:]  # the shape comes from the model: no --model
-    assert main(["pretrain", "--init-from", str(trained / "model"), "--corpus", str(corpus), "--max-steps", "4",
-                 "--eval-every", "0", "--out-dir", str(out), *fast]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "pretrain",
+                "--init-from",
+                str(trained / "model"),
+                "--corpus",
+                str(corpus),
+                "--max-steps",
+                "4",
+                "--eval-every",
+                "0",
+                "--out-dir",
+                str(out),
+                *fast,
+            ]
+        )
+        == 0
+    )
     a, b = load_model(trained / "model"), load_model(out / "model")
     assert a.tokenizer.fingerprint() == b.tokenizer.fingerprint()
     assert not torch.equal(a.model.tok_emb.weight, b.model.tok_emb.weight)
@@ -143,8 +207,29 @@ def test_continuing_a_bf16_model_trains_fp32_weights(trained, corpus, tmp_path):
     base = load_model(trained / "model")
     save_model(tmp_path / "bf16", base.model.to(torch.bfloat16), base.tokenizer)
     out = tmp_path / "more"
-    assert main(["pretrain", "--init-from", str(tmp_path / "bf16"), "--corpus", str(corpus), "--max-steps", "3",
-                 "--eval-every", "0", "--lr", "1e-5", "--min-lr", "1e-6", "--out-dir", str(out), *FAST[2:]]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "pretrain",
+                "--init-from",
+                str(tmp_path / "bf16"),
+                "--corpus",
+                str(corpus),
+                "--max-steps",
+                "3",
+                "--eval-every",
+                "0",
+                "--lr",
+                "1e-5",
+                "--min-lr",
+                "1e-6",
+                "--out-dir",
+                str(out),
+                *FAST[2:],
+            ]
+        )
+        == 0
+    )
     after = load_model(out / "model").model.tok_emb.weight
     before = load_model(tmp_path / "bf16").model.tok_emb.weight
     assert after.dtype == torch.float32
@@ -155,8 +240,18 @@ def test_init_from_a_model_without_a_tokenizer_asks_for_one(trained, corpus, tmp
     from scratchllm.checkpoint import save_model
 
     save_model(tmp_path / "bare", load_model(trained / "model").model)  # weights and config only
-    argv = ["pretrain", "--init-from", str(tmp_path / "bare"), "--corpus", str(corpus), "--max-steps", "2",
-            "--out-dir", str(tmp_path / "more"), *FAST[2:]]  # fmt: skip
+    argv = [
+        "pretrain",
+        "--init-from",
+        str(tmp_path / "bare"),
+        "--corpus",
+        str(corpus),
+        "--max-steps",
+        "2",
+        "--out-dir",
+        str(tmp_path / "more"),
+        *FAST[2:],
+    ]
     assert main(argv) == 2
     assert (
         "has no tokenizer files, and one trained here would not match its embeddings"
@@ -231,8 +326,18 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
 
 def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    base = ["pretrain", "--corpus", str(corpus), "--vocab-size", "280", "--eval-every", "0",
-            "--checkpoint-every", "4", *FAST]  # fmt: skip
+    base = [
+        "pretrain",
+        "--corpus",
+        str(corpus),
+        "--vocab-size",
+        "280",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "4",
+        *FAST,
+    ]
     argv = [*base, "--out-dir", str(out)]
     assert main([*argv, "--max-steps", "8"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
@@ -240,8 +345,13 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(corpus, tmp_pa
     kinds = {
         p: directory_kind(out / p) for p in (".", "checkpoints/step-000008", "model", "data", "tokenizer")
     }
-    assert kinds == {".": "run directory", "checkpoints/step-000008": "checkpoint", "model": "model directory",
-                     "data": "prepared data directory", "tokenizer": "tokenizer directory"}  # fmt: skip
+    assert kinds == {
+        ".": "run directory",
+        "checkpoints/step-000008": "checkpoint",
+        "model": "model directory",
+        "data": "prepared data directory",
+        "tokenizer": "tokenizer directory",
+    }
     capsys.readouterr()
     assert main([*argv, "--max-steps", "4"]) == 2  # would leave step-8 as the newest for --resume
     err = capsys.readouterr().err.strip()
@@ -325,8 +435,10 @@ def test_corpus_shorter_than_a_window(tmp_path, capsys):
 
 def test_prepared_data_brings_its_own_tokenizer(trained, tmp_path, capsys):
     out = tmp_path / "r"
-    assert main(["pretrain", "--data", str(trained / "data"), "--out-dir", str(out), "--eval-every", "0",
-                 *FAST]) == 0  # fmt: skip
+    assert (
+        main(["pretrain", "--data", str(trained / "data"), "--out-dir", str(out), "--eval-every", "0", *FAST])
+        == 0
+    )
     assert "training a byte-level BPE" not in capsys.readouterr().out  # nothing to train: the data's is used
     assert (
         load_model(out / "model").tokenizer.fingerprint()
@@ -338,8 +450,18 @@ def test_prepared_data_with_another_tokenizer_is_refused(trained, tmp_path, caps
     from tests.conftest import shared_file
 
     monkeypatch.setenv("SCRATCHLLM_GPT2_TOKENIZER", str(shared_file("gpt2.tiktoken")))
-    code = main(["pretrain", "--data", str(trained / "data"), "--tokenizer", "gpt2", "--out-dir", str(tmp_path / "r"),
-                 *FAST])  # fmt: skip
+    code = main(
+        [
+            "pretrain",
+            "--data",
+            str(trained / "data"),
+            "--tokenizer",
+            "gpt2",
+            "--out-dir",
+            str(tmp_path / "r"),
+            *FAST,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "was prepared with tokenizer" in err
 
@@ -348,22 +470,38 @@ def test_prepared_data_with_another_tokenizer_is_refused(trained, tmp_path, caps
     "command", [["pretrain"], ["demo"], ["finetune", "classify"], ["finetune", "instruct"]]
 )
 def test_training_commands_share_out_resume_and_config_flags(command):
-    from scratchllm.cli import build_parser, training_overrides
+    from scratchllm.cli import COMMANDS, build_parser, training_overrides
 
-    args = build_parser().parse_args([*command, "--out", "runs/x", "--resume", "--batch-size", "4"])
+    parser = build_parser(COMMANDS[" ".join(command)])
+    args = parser.parse_args([*command, "--out", "runs/x", "--resume", "--batch-size", "4"])
     assert training_overrides(args) == {"out_dir": "runs/x", "batch_size": "4"}  # typed by load_config
     assert args.resume == "latest"
     assert getattr(args, "config", None) is None
-    same = build_parser().parse_args([*command, "--out", "runs/x", "--out-dir", "./runs/x/"])
+    same = parser.parse_args([*command, "--out", "runs/x", "--out-dir", "./runs/x/"])
     assert training_overrides(same) == {"out_dir": "runs/x"}  # the same directory twice is fine
     if command != ["demo"]:  # the demo is its preset; the others take a TOML file or preset name
-        assert build_parser().parse_args([*command, "--config", "c.toml"]).config == "c.toml"
+        assert parser.parse_args([*command, "--config", "c.toml"]).config == "c.toml"
 
 
 def test_prepared_data_without_a_validation_split_says_how_to_prepare_it(trained, corpus, tmp_path, capsys):
     data = tmp_path / "data"
-    assert main(["prepare", "--corpus", str(corpus), "--tokenizer", str(trained / "model"), "--out", str(data),
-                 "--val-fraction", "0", "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare",
+                "--corpus",
+                str(corpus),
+                "--tokenizer",
+                str(trained / "model"),
+                "--out",
+                str(data),
+                "--val-fraction",
+                "0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["pretrain", "--data", str(data), "--out-dir", str(tmp_path / "run"), *FAST]) == 2
     err = capsys.readouterr().err.strip()
@@ -375,8 +513,21 @@ def test_prepared_data_without_a_validation_split_says_how_to_prepare_it(trained
     # a corpus too short for any validation tokens at 0.1 needs more text, not the same setting again
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("hi", encoding="utf-8")
-    assert main(["prepare", "--corpus", str(tiny), "--tokenizer", str(trained / "model"), "--out",
-                 str(tmp_path / "tiny"), "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare",
+                "--corpus",
+                str(tiny),
+                "--tokenizer",
+                str(trained / "model"),
+                "--out",
+                str(tmp_path / "tiny"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert (
         main(["pretrain", "--data", str(tmp_path / "tiny"), "--out-dir", str(tmp_path / "run"), *FAST]) == 2
@@ -391,8 +542,20 @@ def test_a_run_started_with_relative_paths_resumes_from_another_directory(
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "text").symlink_to(corpus)
     monkeypatch.chdir(tmp_path / "project")
-    argv = ["pretrain", "--corpus", "text", "--out-dir", "runs/a", "--tokenizer", "char", "--eval-every", "0",
-            "--checkpoint-every", "2", *FAST]  # fmt: skip
+    argv = [
+        "pretrain",
+        "--corpus",
+        "text",
+        "--out-dir",
+        "runs/a",
+        "--tokenizer",
+        "char",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "2",
+        *FAST,
+    ]
     assert main([*argv, "--max-steps", "2"]) == 0
     out = tmp_path / "project" / "runs" / "a"
     monkeypatch.chdir(tmp_path)
@@ -409,8 +572,18 @@ def test_resume_continues_the_run_as_it_was_set_up(corpus, tmp_path, capsys, mon
     that differs from the checkpoint's is refused before anything in the run is replaced; changed
     data is said; another run's checkpoint is never continued inside an existing run."""
     out = tmp_path / "run"
-    base = ["pretrain", "--corpus", str(corpus), "--tokenizer", "char", "--eval-every", "0",
-            "--checkpoint-every", "2", *FAST]  # fmt: skip
+    base = [
+        "pretrain",
+        "--corpus",
+        str(corpus),
+        "--tokenizer",
+        "char",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "2",
+        *FAST,
+    ]
     assert main([*base, "--max-steps", "4", "--out-dir", str(out)]) == 0
     tok_files = {p.name: p.read_bytes() for p in (out / "tokenizer").iterdir()}
     capsys.readouterr()
@@ -482,14 +655,36 @@ def test_resume_continues_the_run_as_it_was_set_up(corpus, tmp_path, capsys, mon
     assert "is not a checkpoint of" in err and "give a new --out-dir" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("entry", ["scratchllm.cli"])
 def test_the_demo_prints_the_trained_models_samples_once_and_a_runnable_next_command(
-    corpus, tmp_path, capsys
+    corpus, tmp_path, capsys, entry
 ):
+    import importlib
+
     from scratchllm.hints import scratchllm_command
 
     out = tmp_path / "demo"
-    assert main(["demo", "--corpus", str(corpus), "--vocab-size", "280", "--max-steps", "3", "--eval-every", "0",
-                 "--val-fraction", "0.2", "--out-dir", str(out), *FAST]) == 0  # fmt: skip
+    assert (
+        importlib.import_module(entry).main(
+            [
+                "demo",
+                "--corpus",
+                str(corpus),
+                "--vocab-size",
+                "280",
+                "--max-steps",
+                "3",
+                "--eval-every",
+                "0",
+                "--val-fraction",
+                "0.2",
+                "--out-dir",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     [last] = [
         r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"

@@ -5,6 +5,7 @@ to the one before it, leftovers of killed writes go, and a finished run says how
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -13,22 +14,19 @@ import pytest
 from scratchllm import checkpoint
 from scratchllm.cli import main
 from scratchllm.errors import ScratchLLMError
+from scratchllm.fileio import STATE_FILE
 from scratchllm.model.gpt import GPTModel, preset_config
 from scratchllm.text.simple import SimpleTokenizer
-from scratchllm.train.trainer import (
-    STATE_FILE,
-    Trainer,
-    is_own_run_directory,
-    list_checkpoints,
-    run_lock,
-)
+from scratchllm.train.rundir import is_own_run_directory, list_checkpoints, run_lock
+from scratchllm.train.trainer import Trainer
 from tests.train.test_trainer import _setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = ["--model", "nano", "--context-length", "32", "--batch-size", "4", "--eval-batches", "2", "--warmup-steps",
-        "2", "--progress", "false", "--sample-tokens", "0", "--workers", "1", "--device", "cpu", "--precision",
-        "fp32", "--tokenizer", "char"]  # fmt: skip
+FAST = shlex.split(
+    "--model nano --context-length 32 --batch-size 4 --eval-batches 2 --warmup-steps 2 --progress false "
+    "--sample-tokens 0 --workers 1 --device cpu --precision fp32 --tokenizer char"
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +81,8 @@ def test_finetune_commands_refuse_a_users_report_and_split_files(tmp_path, capsy
     out.mkdir()
     (out / "classification.json").write_text('{"mine": true}')
     before = _tree(out)
-    argv = ["finetune", "classify", "--model", str(base), "--data", str(data), "--out-dir", str(out),
-            "--max-steps", "1", "--progress", "false", "--device", "cpu"]  # fmt: skip
+    argv = ["finetune", "classify", "--model", str(base), "--data", str(data), "--out-dir", str(out)]
+    argv += shlex.split("--max-steps 1 --progress false --device cpu")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"{out / 'classification.json'} is not an earlier run's" in err and err.count("\n") == 1
@@ -189,10 +187,11 @@ def test_resume_latest_skips_an_unreadable_newest_checkpoint(broken, tmp_path, c
         ScratchLLMError, match=r"cannot read .*step-000010.*resume from an earlier checkpoint"
     ):
         Trainer(model, task, cfg).fit(resume=str(run / "checkpoints" / "step-000010"))
-    with pytest.raises(
-        ScratchLLMError, match=r"--resume: no readable checkpoint in .*checkpoints \(the newest: cannot read .*"
-        r"step-000010.*\); start over with --overwrite true"
-    ):  # fmt: skip
+    none_readable = (
+        r"--resume: no readable checkpoint in .*checkpoints \(the newest: cannot read .*step-000010.*\); "
+        r"start over with --overwrite true"
+    )
+    with pytest.raises(ScratchLLMError, match=none_readable):
         Trainer(model, task, cfg).fit(resume="latest")
 
 
@@ -216,8 +215,8 @@ def test_taking_the_run_lock_removes_the_leftovers_of_killed_writes(tmp_path):
 def test_resuming_a_run_that_used_its_budget_says_how_to_extend_it(corpus, tmp_path, capsys):
     """A bare --resume of a finished run evaluated again and re-reported the last step, silently."""
     out = tmp_path / "run"
-    argv = ["pretrain", "--corpus", str(corpus), "--out-dir", str(out), "--eval-every", "0", "--log-every", "1",
-            "--max-steps", "100000", "--max-minutes", "0.002", *FAST]  # fmt: skip
+    argv = ["pretrain", "--corpus", str(corpus), "--out-dir", str(out), *FAST]
+    argv += shlex.split("--eval-every 0 --log-every 1 --max-steps 100000 --max-minutes 0.002")
     assert main(argv) == 0
     steps = max(_losses(out))
     assert 0 < steps < 100000

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -14,19 +15,15 @@ import numpy as np
 import pytest
 import torch
 
+from scratchllm.checkpoint import read_config
 from scratchllm.errors import ScratchLLMError
+from scratchllm.fileio import STATE_FILE
 from scratchllm.model.gpt import GPTModel, preset_config
+from scratchllm.train.optim import param_groups
 from scratchllm.train.pretrain import LanguageModelTask
-from scratchllm.train.trainer import (
-    STATE_FILE,
-    Trainer,
-    TrainerConfig,
-    _remove_leftovers,
-    find_resume_checkpoint,
-    list_checkpoints,
-    lr_at,
-    param_groups,
-)
+from scratchllm.train.rundir import _remove_leftovers, find_resume_checkpoint, list_checkpoints
+from scratchllm.train.schedule import lr_at
+from scratchllm.train.trainer import Trainer, TrainerConfig
 
 VOCAB = 64
 
@@ -43,12 +40,14 @@ def _tokens(n: int = 20_000, seed: int = 0) -> np.ndarray:
 def _setup(tmp_path: Path, drop_rate: float = 0.1, task_class: type = LanguageModelTask, **cfg_overrides):
     torch.manual_seed(0)
     model = GPTModel(preset_config("nano", vocab_size=VOCAB, context_length=32, drop_rate=drop_rate))
-    settings = dict(out_dir=str(tmp_path / "run"), max_steps=20, warmup_steps=2, lr=3e-3, min_lr=3e-4,
-                    eval_every=10, log_every=1, precision="fp32", device="cpu", progress=False, batch_size=4)  # fmt: skip
+    settings = dict(out_dir=str(tmp_path / "run"), max_steps=20, warmup_steps=2, lr=3e-3, min_lr=3e-4)
+    settings.update(eval_every=10, log_every=1, precision="fp32", device="cpu", progress=False, batch_size=4)
     settings.update(cfg_overrides)
     tokens = _tokens()
-    task = task_class(tokens[:18_000], tokens[18_000:], context_length=32, batch_size=settings["batch_size"],
-                      seed=1, eval_batches=2)  # fmt: skip
+    batch_size = settings["batch_size"]
+    task = task_class(
+        tokens[:18_000], tokens[18_000:], context_length=32, batch_size=batch_size, seed=1, eval_batches=2
+    )
     return model, task, TrainerConfig(**settings)
 
 
@@ -107,8 +106,6 @@ def test_training_learns_and_writes_the_run_directory(tmp_path):
 def test_resuming_before_the_newest_checkpoint_sets_the_later_outputs_aside(tmp_path):
     """Pruning went by step number, so the abandoned continuation's step-20 outlived (and, with
     keep_last 1, deleted) the checkpoint the resumed run had just written; best/ kept its model."""
-    from scratchllm.checkpoint import read_config
-
     model, task, cfg = _setup(tmp_path, max_steps=20, checkpoint_every=10, eval_every=10)
     Trainer(model, task, cfg, extra={"step": 999, "trained_by": "x"}).fit()  # a base model's step is not kept
     run = tmp_path / "run"
@@ -169,8 +166,10 @@ def test_a_second_run_in_the_same_directory_at_once_is_refused(tmp_path):
 def test_grad_accumulation_equals_a_bigger_batch(tmp_path):
     losses = []
     for batch, accum in ((8, 1), (4, 2)):
-        model, task, cfg = _setup(tmp_path / f"b{batch}", drop_rate=0.0, max_steps=5, batch_size=batch,
-                                  grad_accum=accum, eval_every=0)  # fmt: skip
+        run = tmp_path / f"b{batch}"
+        model, task, cfg = _setup(
+            run, drop_rate=0.0, max_steps=5, batch_size=batch, grad_accum=accum, eval_every=0
+        )
         Trainer(model, task, cfg).fit()
         lines = (tmp_path / f"b{batch}" / "run" / "metrics.jsonl").read_text().splitlines()
         losses.append([json.loads(x)["loss"] for x in lines if '"train"' in x])
@@ -207,10 +206,8 @@ def test_token_budget_sizes_the_schedule(tmp_path):
 def test_a_time_budget_ends_with_the_learning_rate_decayed(tmp_path, monkeypatch):
     """--max-minutes stops a run before max_steps: the decay follows the clock, so the last steps
     train at min_lr, not at the lr a 1000-step schedule has at step 6. A fake clock: 1 s per step."""
-    import scratchllm.train.trainer as trainer_module
-
     clock = iter(float(i) for i in range(10**6))  # each call 1 s later: a step = 2 calls, dt = 1 s
-    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
     model, task, cfg = _setup(tmp_path, max_steps=1000, max_minutes=0.1, warmup_steps=0, eval_every=0)
     result = Trainer(model, task, cfg).fit()
     assert result.steps == 6 and result.stopped == "budget"
@@ -283,11 +280,13 @@ def test_corrupt_and_incompatible_checkpoints_are_clear_errors(tmp_path):
 
 
 def _cli_args(corpus: Path, out: Path, steps: int) -> list[str]:
-    return [sys.executable, "-m", "scratchllm", "pretrain", "--corpus", str(corpus), "--vocab-size", "300",
-            "--model", "nano", "--context-length", "32", "--batch-size", "4", "--max-steps", str(steps),
-            "--eval-every", "50", "--eval-batches", "2", "--checkpoint-every", "10", "--log-every", "1",
-            "--drop-rate", "0.1", "--progress", "false", "--sample-tokens", "0", "--keep-last", "100",
-            "--warmup-steps", "5", "--workers", "1", "--device", "cpu", "--out-dir", str(out)]  # fmt: skip
+    settings = shlex.split(
+        "--vocab-size 300 --model nano --context-length 32 --batch-size 4 --eval-every 50 --eval-batches 2 "
+        "--checkpoint-every 10 --log-every 1 --drop-rate 0.1 --progress false --sample-tokens 0 --keep-last 100 "
+        "--warmup-steps 5 --workers 1 --device cpu"
+    )
+    command = [sys.executable, "-m", "scratchllm", "pretrain", "--corpus", str(corpus), *settings]
+    return [*command, "--max-steps", str(steps), "--out-dir", str(out)]
 
 
 def _train_losses(run: Path) -> dict[int, float]:
@@ -327,8 +326,10 @@ def test_resume_after_kill_9_is_bitwise_identical(corpus, reference_run, tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "model").exists(), "the run finished before it was killed; the test proves less"
-    resumed = subprocess.run(_cli_args(corpus, out, 200) + ["--resume", str(out / "checkpoints" / "step-000020")],
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    resume = ["--resume", str(out / "checkpoints" / "step-000020")]
+    resumed = subprocess.run(
+        [*_cli_args(corpus, out, 200), *resume], capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     ref, got = _train_losses(reference_run), _train_losses(out)
     assert sorted(got) == sorted(ref) == list(range(1, 201))

@@ -1,45 +1,33 @@
-"""Byte-level BPE: trained from scratch here, encoded through tiktoken's engine.
-
-A byte-level BPE tokenizer is three things:
-- a pre-tokenization regex that cuts text into pieces (words with their leading space, numbers,
-  punctuation runs, whitespace); tokens never cross a piece boundary;
-- `mergeable_ranks`: byte string -> id. Every single byte is a token, so any text can be spelled;
-  the other tokens were learned by merging frequent adjacent pairs, and a lower id means learned
-  earlier;
-- special tokens (`<|endoftext|>`) with ids after the learned ones; they never come out of text
-  unless the caller allows them, so `decode(encode(s)) == s` for every string (that is valid
-  Unicode: lone surrogates cannot be UTF-8 and become U+FFFD, as in tiktoken).
-
-`train_bpe` learns the ranks from a corpus (pure Python, incremental; see its docstring).
-`BPETokenizer.encode` runs on a `tiktoken.Encoding` built from the ranks (Rust, fast);
-`BPETokenizer.reference_encode` is the same algorithm in a few lines of Python, to read and to
-test the fast path against.
-
-On disk: `tokenizer.tiktoken` (tiktoken's format: base64 of the token's bytes, a space, the id),
-plus OpenAI's GPT-2 layout `encoder.json` (token string -> id) and `vocab.bpe` (the merges), with
-bytes shown through GPT-2's `bytes_to_unicode` table. Either format loads.
+"""`BPETokenizer`: the pre-tokenization patterns, the merge rule in plain Python, and encoding
+through a `tiktoken.Encoding` built from the ranks (Rust, fast). `reference_encode` is the same
+algorithm in a few lines of Python, to read and to test the fast path against.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import heapq
-import itertools
+import hashlib
 import json
 import os
-import warnings
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import regex
+import tiktoken
 
-from ..errors import ScratchLLMError
-from .tokenizer import EOT, AllowedSpecial, Tokenizer, check_not_text
+from ...errors import ScratchLLMError
+from ..tokenizer import EOT, AllowedSpecial, Tokenizer, check_not_text
+from .files import (
+    ENCODER_FILE,
+    MERGES_FILE,
+    TIKTOKEN_FILE,
+    dump_tiktoken_ranks,
+    read_encoder_files,
+    read_merges_file,
+    read_tiktoken_file,
+    token_to_unicode,
+)
 
 # GPT-2's pre-tokenizer as tiktoken writes it (possessive quantifiers, same pieces as OpenAI's
 # original `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`, faster).
@@ -55,10 +43,6 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 # encode_batch: threads, and the total length below which one thread is faster
 BATCH_THREADS = min(8, os.cpu_count() or 1)
 BATCH_MIN_CHARS = 100_000
-
-TIKTOKEN_FILE = "tokenizer.tiktoken"
-ENCODER_FILE = "encoder.json"
-MERGES_FILE = "vocab.bpe"
 
 
 def pieces_pattern(pat_str: str) -> str:
@@ -96,8 +80,6 @@ def resolve_pattern(pattern: str) -> str:
             f"pre-tokenization pattern {pattern!r} can match the empty string, and tiktoken then drops the "
             "character there; make every alternative match at least one character (+ instead of *)"
         )
-    import tiktoken
-
     try:
         tiktoken.Encoding(
             "check", pat_str=pieces_pattern(pat_str), mergeable_ranks=_BYTE_RANKS, special_tokens={}
@@ -116,44 +98,6 @@ _PROBE = "The cat's 12 (x) \u00e9\u4e2d\U0001f600!\n\t  end."  # letters, digits
 def pattern_name(pat_str: str) -> str:
     """The preset name of a pattern, or the pattern itself."""
     return next((name for name, p in PATTERNS.items() if p == pat_str), pat_str)
-
-
-# ----------------------------------------------------------------------------------------------
-# GPT-2's printable view of bytes (used by encoder.json and vocab.bpe)
-
-
-@cache
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's table byte -> one printable character: printable Latin-1 bytes stand for
-    themselves, the rest (controls, space, ...) are moved to chr(256 + n). With it, any token's
-    bytes become a string without whitespace or control characters, so merges fit `left right`."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in keep}
-    n = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + n)
-            n += 1
-    return table
-
-
-@cache
-def unicode_to_bytes() -> dict[str, int]:
-    return {c: b for b, c in bytes_to_unicode().items()}
-
-
-def token_to_unicode(token: bytes) -> str:
-    table = bytes_to_unicode()
-    return "".join(table[b] for b in token)
-
-
-def unicode_to_token(text: str) -> bytes | None:
-    """Inverse of `token_to_unicode`; None if `text` has a character outside GPT-2's table."""
-    table = unicode_to_bytes()
-    try:
-        return bytes(table[c] for c in text)
-    except KeyError:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,8 +156,6 @@ class BPETokenizer(Tokenizer):
         a mapping string -> id, or a sequence of strings numbered after the last learned id.
         `merges`: the pairs that built the multi-byte tokens, in id order (written as vocab.bpe;
         derived from the ranks when not given)."""
-        import tiktoken
-
         self.name = name
         self.pattern = resolve_pattern(pattern)
         self.mergeable_ranks = dict(mergeable_ranks)
@@ -405,8 +347,6 @@ class BPETokenizer(Tokenizer):
         """Hash of what decides the ids (pattern, specials, ranks), not of how they are stored: a
         GPT-2 read from encoder.json + vocab.bpe and one read from a .tiktoken file agree."""
         if self._fingerprint is None:
-            import hashlib
-
             h = hashlib.sha256()
             head = {"kind": self.kind, "pattern": self.pattern, "special_tokens": self.special_tokens}
             h.update(json.dumps(head, sort_keys=True).encode())
@@ -480,257 +420,3 @@ def _split_at_specials(text: str, allowed: frozenset[str]) -> Iterable[tuple[str
         yield text[start : m.start()], m.group()
         start = m.end()
     yield text[start:], None
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading the two file formats. tiktoken.load has readers too, but they cache by a hash of the
-# path in a temp dir: a tokenizer retrained and saved to the same path would load stale ranks.
-
-
-def dump_tiktoken_ranks(ranks: Mapping[bytes, int]) -> bytes:
-    """{token: rank} -> the .tiktoken format, one `base64(token) rank` line per token by rank."""
-    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
-    return b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in by_rank)
-
-
-def read_tiktoken_file(path: Path) -> dict[bytes, int]:
-    """`base64(token) rank` per line -> {token: rank}."""
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as e:
-        raise ScratchLLMError(f"cannot read {path}: {e.strerror or e}") from e
-    ranks: dict[bytes, int] = {}
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            token_b64, rank = line.split()
-            ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
-            if not 0 <= int(rank) < 2**32:  # tiktoken's ranks are 32-bit unsigned
-                raise ValueError("rank out of range")
-        except (ValueError, binascii.Error) as e:
-            raise ScratchLLMError(
-                f"{path}, line {lineno}: expected `base64-token rank`, got {line[:60]!r}; is it a .tiktoken file?"
-            ) from e
-    if len(ranks) != sum(1 for line in lines if line.strip()):
-        raise ScratchLLMError(f"{path}: a token is listed twice; the file is corrupt")
-    return ranks
-
-
-def read_merges_file(path: Path) -> list[tuple[bytes, bytes]]:
-    """vocab.bpe: an optional `#version` line, then `left right` per line in GPT-2's byte view."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ScratchLLMError(f"cannot read {path} ({e})") from e
-    merges = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line or (lineno == 1 and line.startswith("#")):
-            continue
-        parts = line.split(" ")
-        pair = [unicode_to_token(p) for p in parts]
-        if len(parts) != 2 or None in pair or not all(pair):
-            raise ScratchLLMError(f"{path}, line {lineno}: expected a merge `left right`, got {line[:60]!r}")
-        merges.append((pair[0], pair[1]))
-    return merges
-
-
-def read_encoder_files(
-    encoder_path: Path, merges_path: Path
-) -> tuple[dict[bytes, int], dict[str, int], list]:
-    """OpenAI's encoder.json + vocab.bpe -> (ranks, special tokens, merges).
-
-    The learned tokens are the 256 bytes and the result of each merge; every other entry of
-    encoder.json (GPT-2's `<|endoftext|>`) is a special token. The ids come from encoder.json.
-    """
-    try:
-        encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ScratchLLMError(f"cannot read {encoder_path} as JSON ({e})") from e
-    if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
-        raise ScratchLLMError(f"{encoder_path}: expected a JSON object token -> id")
-    merges = read_merges_file(merges_path)
-    learned = {bytes([b]) for b in range(256)} | {a + b for a, b in merges}
-    ranks: dict[bytes, int] = {}
-    specials: dict[str, int] = {}
-    for text, i in encoder.items():
-        token = unicode_to_token(text)
-        if token is not None and token in learned:
-            ranks[token] = i
-        else:
-            specials[text] = i
-    missing = learned - ranks.keys()
-    if missing:
-        example = token_to_unicode(min(missing))
-        raise ScratchLLMError(
-            f"{encoder_path}: {len(missing)} tokens made by {merges_path.name} (e.g. {example!r}) have no id; "
-            "the two files do not belong together"
-        )
-    return ranks, specials, merges
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-
-
-def count_pretokens(texts: Iterable[str], pattern: str) -> Counter[str]:
-    """How often each distinct pre-token occurs in the corpus (the trainer's only pass over text)."""
-    pat = regex.compile(resolve_pattern(pattern))
-    counts: Counter[str] = Counter()
-    if isinstance(texts, (str, bytes)):  # one string would be read character by character
-        raise ScratchLLMError("BPE training takes a list of texts, not one string; wrap it: [text]")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ScratchLLMError(f"BPE training: text {i} is a {type(text).__name__}, not a str")
-        pieces = pat.findall(text)
-        if sum(map(len, pieces)) != len(text):
-            raise ScratchLLMError(
-                f"pre-tokenization pattern {pattern!r} skips some characters of the corpus, so encoding would "
-                "lose text; make it match everything (the gpt2 and gpt4 presets do)"
-            )
-        counts.update(pieces)
-    return counts
-
-
-def check_training_args(vocab_size: int, special_tokens: Sequence[str]) -> None:
-    """The checks `train_bpe` makes before reading any text (callers can make them even earlier)."""
-    specials = list(special_tokens)
-    if len(set(specials)) != len(specials) or not all(specials):
-        raise ScratchLLMError(f"special tokens {specials} must be distinct, non-empty strings")
-    for short, long in itertools.pairwise(sorted(specials)):  # a string's extensions sort right after it
-        if long.startswith(short):
-            raise ScratchLLMError(
-                f"special token {long!r} begins with special token {short!r}, so text holding it could be "
-                "read as either (tiktoken picks one arbitrarily); rename one"
-            )
-    if vocab_size - len(specials) < 256:
-        raise ScratchLLMError(
-            f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens + {len(specials)} "
-            f"special tokens = {256 + len(specials)} at least"
-        )
-
-
-def train_bpe(
-    texts: Iterable[str],
-    vocab_size: int,
-    special_tokens: Sequence[str] = (EOT,),
-    pattern: str = "gpt2",
-    progress: bool = True,
-    name: str = "bpe",
-) -> BPETokenizer:
-    """Learn a byte-level BPE vocabulary of `vocab_size` ids (special tokens included).
-
-    Ids 0..255 are the single bytes (id = byte value), then one id per learned token, then the
-    special tokens. Each step merges the most frequent adjacent pair of tokens inside pre-tokens;
-    ties go to the smallest (left id, right id), so training is deterministic.
-
-    Cost: the text is pre-tokenized and counted once; the merges then work on the distinct
-    pre-tokens, each weighted by its count (Shakespeare: 300k pieces, 15k distinct). Pair counts
-    are kept up to date incrementally, an index pair -> pre-tokens holding it limits each merge to
-    the pre-tokens it changes, and a max-heap finds the next pair. The heap is lazy: entries are
-    never removed, and an entry whose count is out of date is re-pushed with its current count
-    when it reaches the top. That is correct because an entry is never below its pair's true
-    count: counts of existing pairs only fall, and every pair whose count rises (those with the
-    new token) is pushed again.
-
-    Should a merge produce bytes that are already a token (`a`+`bc` after `ab`+`c`), it reuses
-    that token's id instead of adding a duplicate, since tiktoken maps bytes to one id. With
-    left-to-right merging applied to every pre-token alike this is rare (it never happened on
-    Shakespeare or Python's docs up to their last possible merge), but it keeps the ranks valid.
-    """
-    specials = list(special_tokens)
-    check_training_args(vocab_size, specials)
-    n_learned = vocab_size - len(specials)
-    pat_str = resolve_pattern(pattern)
-    counts = count_pretokens(texts, pat_str)
-    if not counts:
-        raise ScratchLLMError("BPE training: the texts are empty; give some text to learn from")
-
-    # the distinct pre-tokens as lists of token ids; single bytes have no pair and are left out
-    words: list[list[int]] = []
-    freqs: list[int] = []
-    for piece, freq in counts.items():
-        data = piece.encode("utf-8", "surrogatepass")
-        if len(data) > 1:
-            words.append(list(data))
-            freqs.append(freq)
-
-    pair_counts: dict[tuple[int, int], int] = {}
-    where: dict[tuple[int, int], set[int]] = {}
-    for wi, (word, freq) in enumerate(zip(words, freqs)):
-        for pair in itertools.pairwise(word):
-            pair_counts[pair] = pair_counts.get(pair, 0) + freq
-            where.setdefault(pair, set()).add(wi)
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-
-    vocab: list[bytes] = [bytes([b]) for b in range(256)]
-    ids: dict[bytes, int] = {tok: i for i, tok in enumerate(vocab)}
-    merges: list[tuple[bytes, bytes]] = []
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n_learned - 256, desc="BPE merges", unit="merge", disable=not progress, leave=False)
-    while len(vocab) < n_learned:
-        if not heap:
-            warnings.warn(
-                f"BPE training stopped at {len(vocab)} learned tokens (asked for {n_learned}): the corpus has no "
-                "more pairs to merge; use a larger corpus or a smaller vocab_size",
-                stacklevel=2,
-            )
-            break
-        neg_count, pair = heapq.heappop(heap)
-        count = pair_counts.get(pair, 0)
-        if count <= 0:
-            continue
-        if count != -neg_count:  # out of date: put it back with its current count
-            heapq.heappush(heap, (-count, pair))
-            continue
-
-        a, b = pair
-        new_bytes = vocab[a] + vocab[b]
-        new_id = ids.get(new_bytes)
-        if new_id is None:
-            new_id = len(vocab)
-            vocab.append(new_bytes)
-            ids[new_bytes] = new_id
-            merges.append((vocab[a], vocab[b]))
-            bar.update()
-        risen: set[tuple[int, int]] = set()
-        for wi in where.pop(pair):
-            word = words[wi]
-            merged = _merge_word(word, a, b, new_id)
-            if merged is None:  # the index is lazy too: this word lost the pair earlier
-                continue
-            freq = freqs[wi]
-            for p in itertools.pairwise(word):
-                pair_counts[p] -= freq
-            for p in itertools.pairwise(merged):
-                pair_counts[p] = pair_counts.get(p, 0) + freq
-                if new_id in p:
-                    risen.add(p)
-                    where.setdefault(p, set()).add(wi)
-            words[wi] = merged
-        del pair_counts[pair]
-        for p in risen:
-            heapq.heappush(heap, (-pair_counts[p], p))
-    bar.close()
-
-    ranks = {tok: i for i, tok in enumerate(vocab)}
-    return BPETokenizer(ranks, pattern=pat_str, special_tokens=specials, name=name, merges=merges)
-
-
-def _merge_word(word: list[int], a: int, b: int, new_id: int) -> list[int] | None:
-    """`word` with every non-overlapping `a b` (left to right) replaced by `new_id`; None if none."""
-    out: list[int] = []
-    i, n = 0, len(word)
-    found = False
-    while i < n:
-        if i < n - 1 and word[i] == a and word[i + 1] == b:
-            out.append(new_id)
-            i += 2
-            found = True
-        else:
-            out.append(word[i])
-            i += 1
-    return out if found else None

@@ -1,0 +1,82 @@
+"""The CPU decode kernels (prepacked weights) and bf16 weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scratchllm.errors import ScratchLLMError
+from scratchllm.generation import Engine, GenerationConfig, PackedLinears, resolve_dtype
+from scratchllm.generation.kernels import _probe
+from tests.generation.helpers import ByteTokenizer, book_greedy, prompts_of, tiny_model
+
+
+def test_the_weight_probe_reads_inside_big_weights():
+    """Float32 positions rounded past the end of a weight above 2**24 values (GPT-2's 38.6M-value
+    head): every generation with prepacked weights on the 124M model raised IndexError."""
+    weight = torch.zeros(768 * 50257, dtype=torch.uint8)
+    weight[-1] = 9
+    probe = _probe(weight)
+    assert len(probe) == 8 and probe[-1] == 9  # the last value, not one past it
+
+
+def test_prepacked_kernels_give_the_same_tokens_and_follow_weight_changes():
+    if not PackedLinears.supported(tiny_model()):
+        pytest.skip("oneDNN's prepacked linear is not available here")
+    model = tiny_model(seed=5)
+    packed, plain = Engine(model, ByteTokenizer()), Engine(model, ByteTokenizer(), prepack=False)
+    assert packed.kernels is not None and plain.kernels is None
+    prompts = prompts_of([3, 12], seed=6)
+    cfg = GenerationConfig(max_new_tokens=30, ignore_eos=True)
+    assert [c.token_ids for c in packed.generate(prompts, cfg)] == [
+        c.token_ids for c in plain.generate(prompts, cfg)
+    ]
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the layers are restored afterwards
+    with torch.no_grad():  # training between generations: the packed copies must follow
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert [c.token_ids for c in packed.generate(prompts, cfg)] == [
+        c.token_ids for c in plain.generate(prompts, cfg)
+    ]
+    # weights copied in through .data (no version bump) or loaded under inference mode (no counter)
+    for other_seed in (7, 8):
+        other = tiny_model(seed=other_seed)
+        if other_seed == 7:
+            for p, q in zip(model.parameters(), other.parameters()):
+                p.data.copy_(q.data)
+        else:
+            with torch.inference_mode():
+                model.load_state_dict(other.state_dict())
+        assert [c.token_ids for c in packed.generate(prompts, cfg)] == [
+            c.token_ids for c in Engine(other, ByteTokenizer(), prepack=False).generate(prompts, cfg)
+        ]
+
+
+def test_linear_subclasses_keep_their_own_forward():
+    if not PackedLinears.supported(tiny_model()):
+        pytest.skip("oneDNN's prepacked linear is not available here")
+
+    class Shifted(torch.nn.Linear):  # like a LoRA layer: an nn.Linear with extra work in forward
+        def forward(self, x):
+            return super().forward(x) + 0.5
+
+    model = tiny_model(seed=7)
+    old = model.trf_blocks[0].ff.layers[0]
+    new = Shifted(old.in_features, old.out_features)
+    new.load_state_dict(old.state_dict())
+    model.trf_blocks[0].ff.layers[0] = new
+    prompts = prompts_of([5], seed=8)
+    cfg = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    a = Engine(model, ByteTokenizer()).generate(prompts, cfg)
+    assert a == Engine(model, ByteTokenizer(), prepack=False).generate(prompts, cfg)
+    assert [c.token_ids for c in a] == [book_greedy(model, p, 20) for p in prompts]
+
+
+def test_bf16_weights_generate():
+    model = tiny_model(seed=8).to(torch.bfloat16)
+    [c] = Engine(model, ByteTokenizer()).generate([[1, 2, 3]], max_new_tokens=10, ignore_eos=True)
+    assert len(c.token_ids) == 10
+    assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+    with pytest.raises(ScratchLLMError, match="fp16"):
+        resolve_dtype("fp16", torch.device("cpu"))
