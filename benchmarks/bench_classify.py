@@ -62,8 +62,10 @@ def pretraining_corpus(name: str, out: Path, spam_path: Path) -> list[str]:
         out.mkdir(parents=True, exist_ok=True)
         path = out / "sms_pretrain.txt"
         path.write_text("\n".join(texts) + "\n", encoding="utf-8")
-        print(f"pretraining corpus: {len(texts)} SMS texts ({path.stat().st_size / 1e3:.0f} kB), "
-              f"{len(held_out)} validation/test messages left out")  # fmt: skip
+        print(
+            f"pretraining corpus: {len(texts)} SMS texts ({path.stat().st_size / 1e3:.0f} kB), "
+            f"{len(held_out)} validation/test messages left out"
+        )
         return [str(path)]
     raise SystemExit(f"unknown corpus {name!r}")
 
@@ -73,19 +75,41 @@ def run_pretrain(args: argparse.Namespace, out: Path, corpus: list[str]) -> tupl
     from scratchllm.train.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(
-        corpus=corpus, tokenizer="train", vocab_size=args.vocab_size, val_fraction=0.05,
-        model="micro", emb_dim=args.emb_dim, n_layers=args.n_layers, n_heads=args.n_heads,
-        context_length=args.context_length, drop_rate=args.pretrain_dropout,
-        batch_size=16, max_steps=args.pretrain_steps, max_minutes=args.pretrain_minutes,
-        lr=2e-3, min_lr=2e-4, warmup_steps=100, beta2=0.99, weight_decay=0.1,
-        eval_every=0, eval_batches=10, sample_tokens=0, log_every=50,
-        out_dir=str(out / "pretrain"), overwrite=True, progress=False, device="cpu", seed=args.seed,
-    )  # fmt: skip
+        corpus=corpus,
+        tokenizer="train",
+        vocab_size=args.vocab_size,
+        val_fraction=0.05,
+        model="micro",
+        emb_dim=args.emb_dim,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        context_length=args.context_length,
+        drop_rate=args.pretrain_dropout,
+        batch_size=16,
+        max_steps=args.pretrain_steps,
+        max_minutes=args.pretrain_minutes,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=100,
+        beta2=0.99,
+        weight_decay=0.1,
+        eval_every=0,
+        eval_batches=10,
+        sample_tokens=0,
+        log_every=50,
+        out_dir=str(out / "pretrain"),
+        overwrite=True,
+        progress=False,
+        device="cpu",
+        seed=args.seed,
+    )
     t = time.perf_counter()
     result = pretrain(cfg)
     seconds = time.perf_counter() - t
-    print(f"pretrained {result.steps} steps, {result.tokens:,} tokens in {seconds:.0f} s "
-          f"({result.stopped}); val loss {result.metrics.get('val_loss', float('nan')):.3f}")  # fmt: skip
+    print(
+        f"pretrained {result.steps} steps, {result.tokens:,} tokens in {seconds:.0f} s "
+        f"({result.stopped}); val loss {result.metrics.get('val_loss', float('nan')):.3f}"
+    )
     return out / "pretrain" / "model", seconds
 
 
@@ -97,11 +121,28 @@ def run_finetune(
     from scratchllm.train.setup import LORA_ALPHA, LORA_RANK
 
     settings = dict(
-        model=str(base), data=str(spam_path), trainable=args.trainable, trainable_blocks=args.trainable_blocks,
-        epochs=args.epochs, batch_size=8, lr=args.lr, schedule="cosine", min_lr=args.lr / 10, warmup_steps=20,
-        weight_decay=0.1, drop_rate=0.0, eval_every=65, select_metric="val_loss", pooling=args.pooling,
-        out_dir=str(out), overwrite=True, progress=False, device="cpu", seed=args.seed, log_every=20,
-    )  # fmt: skip
+        model=str(base),
+        data=str(spam_path),
+        trainable=args.trainable,
+        trainable_blocks=args.trainable_blocks,
+        epochs=args.epochs,
+        batch_size=8,
+        lr=args.lr,
+        schedule="cosine",
+        min_lr=args.lr / 10,
+        warmup_steps=20,
+        weight_decay=0.1,
+        drop_rate=0.0,
+        eval_every=65,
+        select_metric="val_loss",
+        pooling=args.pooling,
+        out_dir=str(out),
+        overwrite=True,
+        progress=False,
+        device="cpu",
+        seed=args.seed,
+        log_every=20,
+    )
     settings.update(changes)
     t = time.perf_counter()
     result = finetune_classify(ClassifyConfig(**settings), log=lambda s: None)
@@ -129,9 +170,12 @@ def run_finetune(
 
 def seeds_summary(name: str, rows: list[dict]) -> str:
     accs = [r["test_acc"] * 100 for r in rows]
-    return (f"  {name:<34} test accuracy {sum(accs) / len(accs):.2f}% mean over seeds "
-            f"{[r['seed'] for r in rows]}: {', '.join(f'{a:.2f}' for a in accs)}  "
-            f"({rows[0]['trainable_params']:,} trainable, {sum(r['seconds'] for r in rows) / len(rows):.0f} s each)")  # fmt: skip
+    return (
+        f"  {name:<34} test accuracy {sum(accs) / len(accs):.2f}% mean over seeds "
+        f"{[r['seed'] for r in rows]}: {', '.join(f'{a:.2f}' for a in accs)}  "
+        f"({rows[0]['trainable_params']:,} trainable, "
+        f"{sum(r['seconds'] for r in rows) / len(rows):.0f} s each)"
+    )
 
 
 def main() -> None:
@@ -180,10 +224,21 @@ def main() -> None:
     main_row, ft_s = run_finetune(args, base, out / "finetune", spam_path)
     total = time.perf_counter() - t0
     print(f"load after: {load_avg()}")
-    print(json.dumps({"corpus": args.corpus, "pretrain_s": round(pre_s, 1), "finetune_s": round(ft_s, 1),
-                      "total_wall_s": round(total, 1), **main_row}))  # fmt: skip
-    print(f"\nRESULT: test accuracy {main_row['test_acc'] * 100:.2f}% (book: 95.67% with GPT-2 124M), "
-          f"total wall time {total / 60:.1f} min (goal: >= 96% in <= 15 min)\n")  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "corpus": args.corpus,
+                "pretrain_s": round(pre_s, 1),
+                "finetune_s": round(ft_s, 1),
+                "total_wall_s": round(total, 1),
+                **main_row,
+            }
+        )
+    )
+    print(
+        f"\nRESULT: test accuracy {main_row['test_acc'] * 100:.2f}% (book: 95.67% with GPT-2 124M), "
+        f"total wall time {total / 60:.1f} min (goal: >= 96% in <= 15 min)\n"
+    )
 
     extra_seeds = [args.seed + i for i in range(1, args.seeds)]
     rows = [main_row]

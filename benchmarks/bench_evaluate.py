@@ -64,7 +64,8 @@ def main() -> None:
         )
     a, b = results["plain"], results["fused"]
     print(
-        f"fused / plain: speed {a['seconds'] / b['seconds']:.2f}x, peak RSS {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x"
+        f"fused / plain: speed {a['seconds'] / b['seconds']:.2f}x, peak RSS "
+        f"{b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x"
     )
 
 

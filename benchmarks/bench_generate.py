@@ -307,7 +307,8 @@ def main() -> None:
 
     # -- batch 1 decoding speed
     print(
-        f"\nbatch 1, {args.prompt_len}-token prompt, {n_new} new tokens, greedy (best of {args.repeats}; tokens/s):"
+        f"\nbatch 1, {args.prompt_len}-token prompt, {n_new} new tokens, greedy (best of {args.repeats}; "
+        "tokens/s):"
     )
     candidates: dict[str, Callable[[], float]] = {
         "ours fp32": lambda: len(ours("ours fp32", [p])[0]),
@@ -346,8 +347,8 @@ def main() -> None:
         nbytes = bytes32 // 2 if "bf16" in name else bytes4 if "int4" in name else bytes32
         bound = bw * 1e9 / nbytes  # tokens/s if a step took only its weight reads
         print(
-            f"  {name:50s} {best:7.1f}  (median {statistics.median(r):6.1f})  {best / hf_best:5.2f}x transformers"
-            f"  {best / bound:4.0%} of the bandwidth bound ({bound:5.1f} tok/s)"
+            f"  {name:50s} {best:7.1f}  (median {statistics.median(r):6.1f})  {best / hf_best:5.2f}x "
+            f"transformers  {best / bound:4.0%} of the bandwidth bound ({bound:5.1f} tok/s)"
         )
     int4 = f", {bytes4 / 1e6:.0f} MB int4" if bytes4 else ""
     print(f"  weights read per token: {bytes32 / 1e6:.0f} MB fp32, {bytes32 / 2e6:.0f} MB bf16{int4}")
@@ -358,7 +359,8 @@ def main() -> None:
     lens = [max(1, args.prompt_len - 3 * i) for i in range(args.batch)]
     mixed = [bp[i, : lens[i]].tolist() for i in range(args.batch)]
     print(
-        f"\nbatch {args.batch}, {n_new} new tokens each, greedy (best of {args.repeats}; tokens/s over the batch):"
+        f"\nbatch {args.batch}, {n_new} new tokens each, greedy (best of {args.repeats}; tokens/s over the "
+        "batch):"
     )
     candidates = {
         "ours fp32": lambda: sum(map(len, ours("ours fp32", bp.tolist()))),

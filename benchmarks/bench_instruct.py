@@ -68,8 +68,17 @@ def make_models(shape: str, seed: int = 123) -> tuple[GPTModel, BookGPTModel]:
     torch.manual_seed(seed)
     ours = GPTModel(preset_config(shape, **overrides))
     c = ours.cfg
-    book = BookGPTModel(dict(vocab_size=c.vocab_size, context_length=c.context_length, emb_dim=c.emb_dim,
-                             n_heads=c.n_heads, n_layers=c.n_layers, drop_rate=0.0, qkv_bias=True))  # fmt: skip
+    book = BookGPTModel(
+        dict(
+            vocab_size=c.vocab_size,
+            context_length=c.context_length,
+            emb_dim=c.emb_dim,
+            n_heads=c.n_heads,
+            n_layers=c.n_layers,
+            drop_rate=0.0,
+            qkv_bias=True,
+        )
+    )
     state = {}
     for name, tensor in ours.state_dict().items():
         if ".att.qkv." in name:  # our fused projection stacks the book's W_query, W_key, W_value
@@ -110,9 +119,23 @@ def steady(step_seconds: list[float], step_tokens: list[int]) -> tuple[float, in
 def run_ours(
     model: GPTModel, task: InstructionTask, steps: int, out_dir: str
 ) -> tuple[list[float], list[int]]:
-    cfg = TrainerConfig(out_dir=out_dir, batch_size=BATCH, max_steps=steps, lr=LR, min_lr=LR, warmup_steps=0,
-                        schedule="constant", weight_decay=WEIGHT_DECAY, beta2=0.999, grad_clip=0.0,
-                        precision="fp32", device="cpu", eval_every=0, log_every=1, progress=False)  # fmt: skip
+    cfg = TrainerConfig(
+        out_dir=out_dir,
+        batch_size=BATCH,
+        max_steps=steps,
+        lr=LR,
+        min_lr=LR,
+        warmup_steps=0,
+        schedule="constant",
+        weight_decay=WEIGHT_DECAY,
+        beta2=0.999,
+        grad_clip=0.0,
+        precision="fp32",
+        device="cpu",
+        eval_every=0,
+        log_every=1,
+        progress=False,
+    )
     trainer = Trainer(model, task, cfg, log=lambda s: None)
     # time the training steps only: no evaluation, no checkpoint files
     task.evaluate = lambda model, amp: {"val_loss": 0.0}  # type: ignore[method-assign]
@@ -133,8 +156,18 @@ def run_book(model: BookGPTModel, batches: list, tokenizer) -> tuple[list[float]
     ch05.generate_and_print_sample = lambda *a, **k: None
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            ch05.train_model_simple(model, loader, loader, optimizer, "cpu", num_epochs=1, eval_freq=10**9,
-                                    eval_iter=1, start_context="", tokenizer=tokenizer)  # fmt: skip
+            ch05.train_model_simple(
+                model,
+                loader,
+                loader,
+                optimizer,
+                "cpu",
+                num_epochs=1,
+                eval_freq=10**9,
+                eval_iter=1,
+                start_context="",
+                tokenizer=tokenizer,
+            )
         end = time.perf_counter()
     finally:
         ch05.evaluate_model, ch05.generate_and_print_sample = saved
@@ -145,8 +178,14 @@ def run_book(model: BookGPTModel, batches: list, tokenizer) -> tuple[list[float]
 def throughput(shape: str, steps: int, repeats: int, train, val, tokenizer, workdir: str) -> dict:
     ours_model, book_model = make_models(shape)
     ours_ds, book_ds = InstructionDataset(train, tokenizer), BookInstructionDataset(train, tokenizer)
-    task = InstructionTask(ours_ds, InstructionDataset(val, tokenizer), batch_size=BATCH,
-                           eot_id=tokenizer.eot_id, seed=123, context_length=ours_model.cfg.context_length)  # fmt: skip
+    task = InstructionTask(
+        ours_ds,
+        InstructionDataset(val, tokenizer),
+        batch_size=BATCH,
+        eot_id=tokenizer.eot_id,
+        seed=123,
+        context_length=ours_model.cfg.context_length,
+    )
     order = task.epoch_order(0)
     index_lists = [order[i * BATCH : (i + 1) * BATCH] for i in range(steps + 1)]
     collate = partial(book_collate, device="cpu", allowed_max_length=ours_model.cfg.context_length)
@@ -163,8 +202,11 @@ def throughput(shape: str, steps: int, repeats: int, train, val, tokenizer, work
                 seconds, tokens = run_book(copy.deepcopy(book_model), book_batches, tokenizer)
             s, t = steady(seconds, tokens)
             runs[who].append(t / s)
-            print(f"  {shape} {who:10s} run {r + 1}: {t / s:,.0f} tokens/s ({s / steps:.2f} s/step, "
-                  f"load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+            print(
+                f"  {shape} {who:10s} run {r + 1}: {t / s:,.0f} tokens/s ({s / steps:.2f} s/step, "
+                f"load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
     best = {who: max(v) for who, v in runs.items()}
     return {
         "shape": shape,
@@ -187,23 +229,48 @@ def val_losses(shape: str, epochs: int, train, val, tokenizer, workdir: str) -> 
     val_ds = InstructionDataset(val, tokenizer)
     scorer = InstructionTask(val_ds, val_ds, batch_size=BATCH, eot_id=tokenizer.eot_id, context_length=ctx)
     collate = partial(book_collate, device="cpu", allowed_max_length=ctx)
-    book_val_loader = DataLoader(BookInstructionDataset(val, tokenizer), batch_size=BATCH, collate_fn=collate,
-                                 shuffle=False, drop_last=False, num_workers=0)  # fmt: skip
+    book_val_loader = DataLoader(
+        BookInstructionDataset(val, tokenizer),
+        batch_size=BATCH,
+        collate_fn=collate,
+        shuffle=False,
+        drop_last=False,
+        num_workers=0,
+    )
 
     def score(model) -> dict[str, float]:
         model.eval()
         with torch.no_grad():
-            return {"ours_per_token": scorer.dataset_loss(model, val_ds, len(val_ds), contextlib.nullcontext),
-                    "book_calc_loss_loader": ch05.calc_loss_loader(book_val_loader, model, "cpu")}  # fmt: skip
+            return {
+                "ours_per_token": scorer.dataset_loss(model, val_ds, len(val_ds), contextlib.nullcontext),
+                "book_calc_loss_loader": ch05.calc_loss_loader(book_val_loader, model, "cpu"),
+            }
 
     initial = score(ours_model)
     print(f"  {shape}: initial val loss {initial}", flush=True)
 
     # scratchllm: the `finetune instruct` code path with the book's settings
-    cfg = InstructConfig(data=str(SHARED / "instruction-data.json"), split_seed=None, model=str(base),
-                         out_dir=f"{workdir}/ours-{shape}", epochs=epochs, batch_size=BATCH, lr=LR, min_lr=LR,
-                         warmup_steps=0, schedule="constant", weight_decay=WEIGHT_DECAY, beta2=0.999, grad_clip=0.0,
-                         eval_every=0, sample_tokens=0, precision="fp32", device="cpu", progress=False, seed=123)  # fmt: skip
+    cfg = InstructConfig(
+        data=str(SHARED / "instruction-data.json"),
+        split_seed=None,
+        model=str(base),
+        out_dir=f"{workdir}/ours-{shape}",
+        epochs=epochs,
+        batch_size=BATCH,
+        lr=LR,
+        min_lr=LR,
+        warmup_steps=0,
+        schedule="constant",
+        weight_decay=WEIGHT_DECAY,
+        beta2=0.999,
+        grad_clip=0.0,
+        eval_every=0,
+        sample_tokens=0,
+        precision="fp32",
+        device="cpu",
+        progress=False,
+        seed=123,
+    )
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         result = finetune_instruct(cfg)
@@ -211,25 +278,56 @@ def val_losses(shape: str, epochs: int, train, val, tokenizer, workdir: str) -> 
     from scratchllm.checkpoint import load_model
 
     ours_final = score(load_model(Path(cfg.out_dir) / "model").model)
-    print(f"  {shape} scratchllm: {result.steps} steps, train {result.seconds:.0f} s, wall {ours_wall:.0f} s, "
-          f"val {ours_final} (load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+    print(
+        f"  {shape} scratchllm: {result.steps} steps, train {result.seconds:.0f} s, wall {ours_wall:.0f} s, "
+        f"val {ours_final} (load {os.getloadavg()[0]:.1f})",
+        flush=True,
+    )
 
     # the book: chapter 7's script steps
     torch.manual_seed(123)
-    train_loader = DataLoader(BookInstructionDataset(train, tokenizer), batch_size=BATCH, collate_fn=collate,
-                              shuffle=True, drop_last=True, num_workers=0)  # fmt: skip
+    train_loader = DataLoader(
+        BookInstructionDataset(train, tokenizer),
+        batch_size=BATCH,
+        collate_fn=collate,
+        shuffle=True,
+        drop_last=True,
+        num_workers=0,
+    )
     optimizer = torch.optim.AdamW(book_model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        ch05.train_model_simple(book_model, train_loader, book_val_loader, optimizer, "cpu", num_epochs=epochs,
-                                eval_freq=5, eval_iter=5, start_context=format_input(val[0]), tokenizer=tokenizer)  # fmt: skip
+        ch05.train_model_simple(
+            book_model,
+            train_loader,
+            book_val_loader,
+            optimizer,
+            "cpu",
+            num_epochs=epochs,
+            eval_freq=5,
+            eval_iter=5,
+            start_context=format_input(val[0]),
+            tokenizer=tokenizer,
+        )
     book_wall = time.perf_counter() - t0
     book_final = score(book_model)
-    print(f"  {shape} book: {epochs * len(train_loader)} steps, wall {book_wall:.0f} s (with its evaluation "
-          f"every 5 steps), val {book_final} (load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
-    return {"shape": shape, "epochs": epochs, "initial": initial,
-            "scratchllm": {"val": ours_final, "steps": result.steps, "train_seconds": result.seconds, "wall_seconds": ours_wall},
-            "book": {"val": book_final, "steps": epochs * len(train_loader), "wall_seconds": book_wall}}  # fmt: skip
+    print(
+        f"  {shape} book: {epochs * len(train_loader)} steps, wall {book_wall:.0f} s (with its evaluation "
+        f"every 5 steps), val {book_final} (load {os.getloadavg()[0]:.1f})",
+        flush=True,
+    )
+    return {
+        "shape": shape,
+        "epochs": epochs,
+        "initial": initial,
+        "scratchllm": {
+            "val": ours_final,
+            "steps": result.steps,
+            "train_seconds": result.seconds,
+            "wall_seconds": ours_wall,
+        },
+        "book": {"val": book_final, "steps": epochs * len(train_loader), "wall_seconds": book_wall},
+    }
 
 
 def main() -> None:
@@ -250,17 +348,24 @@ def main() -> None:
         sys.exit(f"{data_file} not found (set SCRATCHLLM_SHARED_DATA)")
     tokenizer = load_gpt2_files(SHARED)
     train, val, _ = split_data(json.loads(data_file.read_text()), seed=None)  # the book's split
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-          f"load {os.getloadavg()}; {len(train)} train / {len(val)} val examples", flush=True)  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+        f"load {os.getloadavg()}; {len(train)} train / {len(val)} val examples",
+        flush=True,
+    )
     results: dict = {"throughput": [], "loss": None}
     with tempfile.TemporaryDirectory(prefix="bench_instruct_") as work:
         for shape in [s for s in args.shape or ["gpt2-small"] if s != "none"]:
             r = throughput(shape, args.steps, args.repeats, train, val, tokenizer, work)
             results["throughput"].append(r)
-            print(f"{shape}: scratchllm {r['best_tokens_per_s']['scratchllm']:,.0f} tokens/s "
-                  f"({r['minutes_per_epoch']['scratchllm']:.1f} min/epoch), book {r['best_tokens_per_s']['book']:,.0f} "
-                  f"tokens/s ({r['minutes_per_epoch']['book']:.1f} min/epoch); ratio ours/book "
-                  f"{r['ratio_ours_over_book']:.2f}x", flush=True)  # fmt: skip
+            print(
+                f"{shape}: scratchllm {r['best_tokens_per_s']['scratchllm']:,.0f} tokens/s "
+                f"({r['minutes_per_epoch']['scratchllm']:.1f} min/epoch), "
+                f"book {r['best_tokens_per_s']['book']:,.0f} tokens/s "
+                f"({r['minutes_per_epoch']['book']:.1f} min/epoch); "
+                f"ratio ours/book {r['ratio_ours_over_book']:.2f}x",
+                flush=True,
+            )
         if args.loss_shape != "none":
             results["loss"] = val_losses(args.loss_shape, args.epochs, train, val, tokenizer, work)
     print(f"load at the end: {os.getloadavg()}")

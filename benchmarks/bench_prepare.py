@@ -1,6 +1,7 @@
 """`scratchllm prepare` throughput (MB/s of UTF-8 text) with 1 and 2 worker processes.
 
-    python benchmarks/bench_prepare.py              # GPT-2 tokenizer (from ../shared/data) and the built-in corpus
+    python benchmarks/bench_prepare.py              # GPT-2 tokenizer (from ../shared/data) and the
+                                                    # built-in corpus
     python benchmarks/bench_prepare.py --repeats 3
 
 Corpora: the built-in one (Python's docs, one document per topic) and ../shared/data/tinyshakespeare.txt

@@ -52,7 +52,8 @@ def main() -> None:
             best[name] = min(best[name], time.perf_counter() - t0)
     for name, seconds in best.items():
         print(
-            f"{name:30s} {args.tokens / seconds:6.1f} tok/s  ({seconds / best['plain greedy']:.3f}x the plain time)"
+            f"{name:30s} {args.tokens / seconds:6.1f} tok/s  ({seconds / best['plain greedy']:.3f}x the "
+            "plain time)"
         )
 
     logits = torch.randn(1, model.cfg.vocab_size)

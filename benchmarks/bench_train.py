@@ -1,6 +1,7 @@
 """Pretraining benchmarks: run peers side by side and print ratios.
 
-  python benchmarks/bench_train.py throughput    tokens/s of full training steps, ours vs the book vs transformers
+  python benchmarks/bench_train.py throughput    tokens/s of full training steps, ours vs the book vs
+                                                 transformers
   python benchmarks/bench_train.py shakespeare   val loss per wall-clock, character-level Tiny Shakespeare
                                                  (the reference recipe, our best AdamW and Muon recipes)
   python benchmarks/bench_train.py               both
@@ -45,7 +46,8 @@ def _random_batches(n: int, batch: int, ctx: int, vocab: int, seed: int = 0, dev
 
 
 def _sync(device: str) -> None:
-    """Wait for the device's queued work, so a timer read after it counts finished work (a no-op on the CPU)."""
+    """Wait for the device's queued work, so a timer read after it counts finished work (a no-op on the
+    CPU)."""
     import torch
 
     dev = torch.device(device)
@@ -88,7 +90,8 @@ def run_ours(
     compile: bool = False,
 ) -> dict:
     """Our trainer with the defaults a user gets (precision auto -> bf16 on this CPU or a GPU, fused AdamW,
-    clipping); `compile`: TrainerConfig(compile=True), torch.compile of the model (compiled in the warm-up)."""
+    clipping); `compile`: TrainerConfig(compile=True), torch.compile of the model (compiled in the
+    warm-up)."""
     import numpy as np
     import torch
 
@@ -284,7 +287,8 @@ def throughput(
         tag = f" ({r['precision']})" if "precision" in r else " (fp32)"
         gpu = f"   peak GPU memory {r['peak_gpu_mb']:6.0f} MB" if "peak_gpu_mb" in r else ""
         print(
-            f"{name + tag:{width}s} {r['tokens'] / r['seconds']:8.0f} tok/s   peak RSS {r['peak_rss_mb']:6.0f} MB{gpu}"
+            f"{name + tag:{width}s} {r['tokens'] / r['seconds']:8.0f} tok/s   peak RSS "
+            f"{r['peak_rss_mb']:6.0f} MB{gpu}"
         )
     rate = {name: r["tokens"] / r["seconds"] for name, r in rows.items()}
     best_peer = max(rate[n] for n in ("book", "transformers") if n in rate)
@@ -360,7 +364,8 @@ def shakespeare(seed: int | None = None) -> None:
         return
     print(
         "# quality per wall-clock: char-level Tiny Shakespeare, first 90% train / last 10% val, val loss on "
-        "the whole val split; wall = the whole `scratchllm pretrain` command (tokenizer, data, training, evals)"
+        "the whole val split; wall = the whole `scratchllm pretrain` command (tokenizer, data, training, "
+        "evals)"
     )
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
@@ -431,7 +436,8 @@ def main() -> None:
 
             gpu = f"; GPU: {torch.cuda.get_device_name(dev)}"
     print(
-        f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d')}{gpu}"
+        f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}; "
+        f"{time.strftime('%Y-%m-%d')}{gpu}"
     )
     if args.which in ("all", "throughput"):
         throughput(args.steps, args.warmup, args.loss_steps, args.device, args.batch, args.compile)

@@ -18,7 +18,8 @@ from .model.gpt import count_parameters
 
 
 class LLM:
-    """A model directory (or GPT-2) ready to use: `generate`, `stream`, `complete` (with details), `classify`."""
+    """A model directory (or GPT-2) ready to use: `generate`, `stream`, `complete` (with details),
+    `classify`."""
 
     def __init__(self, loaded: LoadedModel, compile: bool = False):
         """`compile`: generate with `CompiledDecoding` (torch.compile, CUDA graphs; for GPUs)."""

@@ -131,9 +131,9 @@ STAGES: dict[str, list[Command]] = {
             "scratchllm.train.pretrain",
             "PretrainConfig",
             "pretrain_command",
-            description="Pretrain a GPT from scratch (or continue from GPT-2) on text. Settings come from the "
-            "defaults, then --config (a TOML file or a preset name: demo, shakespeare-char, shakespeare-char-muon), "
-            "then the flags below.",
+            description="Pretrain a GPT from scratch (or continue from GPT-2) on text. Settings come from "
+            "the defaults, then --config (a TOML file or a preset name: demo, shakespeare-char, "
+            "shakespeare-char-muon), then the flags below.",
             training=True,
         ),
         Command(
@@ -160,9 +160,10 @@ STAGES: dict[str, list[Command]] = {
             "scratchllm.finetune.classify",
             "ClassifyConfig",
             "finetune_classify_command",
-            description="Finetune a model into a text classifier (the book's chapter 6): --data spam (the SMS "
-            "Spam Collection, the book's balanced 70/10/20 split) or a .csv/.tsv/.jsonl/.json file with a text "
-            "and a label column. Settings come from the defaults (the book's), then --config, then the flags.",
+            description="Finetune a model into a text classifier (the book's chapter 6): --data spam (the "
+            "SMS Spam Collection, the book's balanced 70/10/20 split) or a .csv/.tsv/.jsonl/.json file with "
+            "a text and a label column. Settings come from the defaults (the book's), then --config, then "
+            "the flags.",
             training=True,
         ),
         Command(
@@ -178,11 +179,11 @@ STAGES: dict[str, list[Command]] = {
             "scratchllm.finetune.instruct",
             "InstructConfig",
             "finetune_instruct_command",
-            description="Finetune a model on {instruction, input, output} records (the book's chapter 7): a JSON "
-            "list or JSONL file, split 85/5/10 train/val/test with --split-seed (none: file order, the book's "
-            "split) or given as separate files. Full finetuning, or --lora. The assistant is written to "
-            "OUT/model with its prompt template; the split goes to OUT/data. Settings come from the defaults "
-            "(the book's), then --config, then the flags.",
+            description="Finetune a model on {instruction, input, output} records (the book's chapter 7): a "
+            "JSON list or JSONL file, split 85/5/10 train/val/test with --split-seed (none: file order, the "
+            "book's split) or given as separate files. Full finetuning, or --lora. The assistant is written "
+            "to OUT/model with its prompt template; the split goes to OUT/data. Settings come from the "
+            "defaults (the book's), then --config, then the flags.",
             training=True,
         ),
         Command(
@@ -369,7 +370,8 @@ def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
         same = os.path.normpath(os.path.expanduser(overrides.get("out_dir", args.out_alias)))
         if same != os.path.normpath(os.path.expanduser(args.out_alias)):
             raise ScratchLLMError(
-                f"--out {args.out_alias} and --out-dir {overrides['out_dir']} name two run directories; give one"
+                f"--out {args.out_alias} and --out-dir {overrides['out_dir']} name two run directories; give "
+                "one"
             )
         overrides["out_dir"] = args.out_alias
     if args.resume is not None and coerce(

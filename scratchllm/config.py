@@ -309,7 +309,8 @@ def find_config(spec: str) -> tuple[dict[str, Any], str]:
     if path.exists():
         raise ScratchLLMError(f"config {spec} is a directory; give a TOML file or a preset name")
     raise ScratchLLMError(
-        f"config {spec!r} is neither a file nor a preset; presets: {', '.join(preset_names())}{_suggest(spec, preset_names())}"
+        f"config {spec!r} is neither a file nor a preset; presets: "
+        f"{', '.join(preset_names())}{_suggest(spec, preset_names())}"
     )
 
 
@@ -496,7 +497,8 @@ def check_required(cfg: Any) -> None:
     ]
     if missing:
         raise ScratchLLMError(
-            f"the following arguments are required: {', '.join(missing)} (on the command line, or in a --config file)"
+            f"the following arguments are required: {', '.join(missing)} (on the command line, or in a "
+            "--config file)"
         )
 
 

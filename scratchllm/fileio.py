@@ -197,7 +197,8 @@ def check_replaceable(path: str | os.PathLike, marker: str, what: str, inside: I
     kind = directory_kind(path)
     if kind is not None and kind != what:
         raise ScratchLLMError(
-            f"{path} is a {kind}, not a {what}; it would be replaced as a whole, so give a new or empty directory"
+            f"{path} is a {kind}, not a {what}; it would be replaced as a whole, so give a new or empty "
+            "directory"
         )
     if not (path / marker).is_file():
         raise ScratchLLMError(

@@ -1,4 +1,5 @@
-"""Model directories: round trips, atomic writes, and a clear error for every way a directory can be broken."""
+"""Model directories: round trips, atomic writes, and a clear error for every way a directory can be
+broken."""
 
 from __future__ import annotations
 
@@ -334,7 +335,8 @@ def test_wrong_shape_names_tensor_and_both_shapes(saved):
     rewrite_weights(path, lambda t: t.update({"trf_blocks.0.ff.layers.0.weight": torch.zeros(100, 32)}))
     with pytest.raises(
         ScratchLLMError,
-        match=r"tensor trf_blocks\.0\.ff\.layers\.0\.weight has shape \(100, 32\) but the model config needs \(128, 32\)",
+        match=r"tensor trf_blocks\.0\.ff\.layers\.0\.weight has shape \(100, 32\) but the model config needs "
+        r"\(128, 32\)",
     ):
         load_model(path)
 
@@ -643,9 +645,9 @@ def test_a_full_disk_during_training_is_one_line_from_the_cli(tmp_path, monkeypa
     err = capsys.readouterr().err
     step1 = out / "checkpoints" / "step-000001"
     assert err == (
-        f"scratchllm: error: cannot write the checkpoint {out / 'checkpoints' / 'step-000002'} ([Errno 28] No "
-        f"space left on device: 'model.safetensors'; is the disk full or read-only?); the last checkpoint is "
-        f"{step1}\n"
+        f"scratchllm: error: cannot write the checkpoint {out / 'checkpoints' / 'step-000002'} ([Errno 28] "
+        "No space left on device: 'model.safetensors'; is the disk full or read-only?); the last checkpoint "
+        f"is {step1}\n"
     )
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
     assert load_model(step1).config.n_layers > 0
@@ -673,9 +675,9 @@ def test_weights_with_nan_or_infinity_are_refused_naming_the_tensor(tmp_path, ba
     with pytest.raises(ScratchLLMError) as e:
         load_model(path)
     assert str(e.value) == (
-        f"{path / WEIGHTS_FILE}: tensor 'trf_blocks.1.ff.layers.0.weight' is not finite: 2 {kind} of its 4,096 values, so "
-        "every output would be NaN; the model is broken (a diverged training run?): use an earlier checkpoint, "
-        "or save or download the model again"
+        f"{path / WEIGHTS_FILE}: tensor 'trf_blocks.1.ff.layers.0.weight' is not finite: 2 {kind} of its "
+        "4,096 values, so every output would be NaN; the model is broken (a diverged training run?): use an "
+        "earlier checkpoint, or save or download the model again"
     )
 
 

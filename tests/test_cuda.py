@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _trainer(tmp_path, name: str = "run", **overrides) -> Trainer:
-    """test_trainer's nano run moved to the GPU, with the default precision; it writes to tmp_path/name/run."""
+    """test_trainer's nano run moved to the GPU, with the default precision; it writes to
+    tmp_path/name/run."""
     settings = dict(
         max_steps=40, eval_every=20, checkpoint_every=20, device="cuda", precision="auto", batch_size=8
     )

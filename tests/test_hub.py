@@ -529,8 +529,8 @@ def test_offline_mode_is_passed_to_the_hub_client(home, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     with pytest.raises(
         ScratchLLMError,
-        match=r"HF_HUB_OFFLINE is set and it is not in the Hugging Face cache\). To fix: unset HF_HUB_OFFLINE, "
-        r"connect .* `scratchllm download gpt2-xl --from DIR`",
+        match=r"HF_HUB_OFFLINE is set and it is not in the Hugging Face cache\). To fix: unset "
+        r"HF_HUB_OFFLINE, connect .* `scratchllm download gpt2-xl --from DIR`",
     ):
         hub.fetch_model("gpt2-xl")
     assert seen["local_files_only"] is True
@@ -746,9 +746,9 @@ def test_a_full_disk_during_export_is_one_line_and_keeps_the_old_export(tmp_path
     capsys.readouterr()
     assert main(["export-hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 2
     assert capsys.readouterr().err == (
-        f"scratchllm: error: cannot write the Hugging Face model directory {tmp_path / 'hf'} ([Errno 28] No space "
-        "left on device: 'model.safetensors'; is the disk full or read-only?); the Hugging Face model directory "
-        "there is unchanged\n"
+        f"scratchllm: error: cannot write the Hugging Face model directory {tmp_path / 'hf'} ([Errno 28] No "
+        "space left on device: 'model.safetensors'; is the disk full or read-only?); the Hugging Face model "
+        "directory there is unchanged\n"
     )
     after = load_file(str(tmp_path / "hf" / hub.HF_WEIGHTS_FILE))
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

@@ -44,38 +44,52 @@ NEVER_RUN = {
 # Flags appended to the commands each rule matches (all matching rules, in this order; argparse keeps a
 # repeated flag's last value), so that the whole README runs in about a minute on two cores.
 OVERRIDES = [
-    (r"^scratchllm demo\b", ["--max-steps", "20", "--sample-tokens", "8", "--progress", "false"]),
-    (r"^scratchllm demo --corpus notes/ ", ["--vocab-size", "300"]),
-    (r"^scratchllm pretrain (?!.*--resume)", ["--max-steps", "10", "--eval-every", "0", "--eval-batches", "2",
-                                              "--sample-tokens", "0", "--progress", "false"]),
-    (r"^scratchllm pretrain --corpus builtin\b", ["--vocab-size", "512"]),
-    (r"^scratchllm pretrain .*--model mini\b", ["--model", "nano"]),
-    (r"^scratchllm pretrain .*--max-minutes\b", ["--max-minutes", "0.5"]),
-    (r"^scratchllm pretrain .*--resume\b", ["--max-steps", "15", "--progress", "false"]),
-    (r"^scratchllm generate\b", ["--max-new-tokens", "5"]),
-    (r"^scratchllm perplexity\b", ["--max-tokens", "2000"]),
-    (r"^scratchllm eval-tasks\b", ["--limit", "4", "--max-new-tokens", "4", "--quiet"]),
-    (r"^scratchllm finetune classify\b", ["--max-steps", "10", "--eval-every", "0", "--eval-batches", "2",
-                                          "--progress", "false"]),
-    (r"^scratchllm finetune instruct\b", ["--max-steps", "4", "--eval-every", "0", "--eval-batches", "2",
-                                          "--sample-count", "1", "--sample-tokens", "4", "--progress", "false"]),
-    (r"^scratchllm respond\b", ["--max-new-tokens", "4", "--quiet"]),
-]  # fmt: skip
+    (r"^scratchllm demo\b", shlex.split("--max-steps 20 --sample-tokens 8 --progress false")),
+    (r"^scratchllm demo --corpus notes/ ", shlex.split("--vocab-size 300")),
+    (
+        r"^scratchllm pretrain (?!.*--resume)",
+        shlex.split("--max-steps 10 --eval-every 0 --eval-batches 2 --sample-tokens 0 --progress false"),
+    ),
+    (r"^scratchllm pretrain --corpus builtin\b", shlex.split("--vocab-size 512")),
+    (r"^scratchllm pretrain .*--model mini\b", shlex.split("--model nano")),
+    (r"^scratchllm pretrain .*--max-minutes\b", shlex.split("--max-minutes 0.5")),
+    (r"^scratchllm pretrain .*--resume\b", shlex.split("--max-steps 15 --progress false")),
+    (r"^scratchllm generate\b", shlex.split("--max-new-tokens 5")),
+    (r"^scratchllm perplexity\b", shlex.split("--max-tokens 2000")),
+    (r"^scratchllm eval-tasks\b", shlex.split("--limit 4 --max-new-tokens 4 --quiet")),
+    (
+        r"^scratchllm finetune classify\b",
+        shlex.split("--max-steps 10 --eval-every 0 --eval-batches 2 --progress false"),
+    ),
+    (
+        r"^scratchllm finetune instruct\b",
+        shlex.split(
+            "--max-steps 4 --eval-every 0 --eval-batches 2 "
+            "--sample-count 1 --sample-tokens 4 --progress false"
+        ),
+    ),
+    (r"^scratchllm respond\b", shlex.split("--max-new-tokens 4 --quiet")),
+]
 SNIPPET_OVERRIDES = [(r"max_new_tokens=\d+", "max_new_tokens=5")]
 
 # Output the README shows: each pattern must match the README's text and what the command prints.
 EXPECTED = [
-    (r"^scratchllm demo$", [r"eval \| step \d+ \| tokens \d+ \| train_loss [\d.]+ \| val_loss [\d.]+",
-                            r"  sample: '",
-                            r"(done|budget): [\d,]+ steps, [\d,]+ tokens in \d+ s of training",
-                            r"validation loss [\d.]+, perplexity [\d.]+",
-                            r"model: runs/demo/model +best: runs/demo/best +loss plot: runs/demo/loss\.png",
-                            r"next: \S*scratchllm generate --model runs/demo/model "]),
+    (
+        r"^scratchllm demo$",
+        [
+            r"eval \| step \d+ \| tokens \d+ \| train_loss [\d.]+ \| val_loss [\d.]+",
+            r"  sample: '",
+            r"(done|budget): [\d,]+ steps, [\d,]+ tokens in \d+ s of training",
+            r"validation loss [\d.]+, perplexity [\d.]+",
+            r"model: runs/demo/model +best: runs/demo/best +loss plot: runs/demo/loss\.png",
+            r"next: \S*scratchllm generate --model runs/demo/model ",
+        ],
+    ),
     (r"^scratchllm tokenizer encode .*Hello, world", [r"\b6531 44 8023\b"]),
     (r"^scratchllm tokenizer decode .* 6531 44 8023$", [r"Hello, world"]),
     (r"^scratchllm info --preset gpt2-small$", [r"124,439,808", r"163,037,184"]),
     (r"^scratchllm classify\b", [r"(?m)^(ham|spam) +\d\.\d{4} +\S"]),
-]  # fmt: skip
+]
 SNIPPET_EXPECTED = [r"'label': '(ham|spam)'"]
 
 
@@ -140,7 +154,8 @@ def prepare_inputs(command: str) -> None:
 
 
 def run_command(args: list[str], capsys) -> tuple[int, str]:
-    """Exit code and output (stdout and stderr) of one command: `scratchllm` in-process, anything else in bash."""
+    """Exit code and output (stdout and stderr) of one command: `scratchllm` in-process, anything else
+    in bash."""
     capsys.readouterr()
     if args[0] == "scratchllm":
         with single_thread():

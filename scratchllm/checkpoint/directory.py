@@ -195,7 +195,8 @@ def missing_model_error(spec: str | os.PathLike, names: Sequence[str] = ()) -> S
         )
     others = f" or one of {', '.join(names)}" if names else ""
     return ScratchLLMError(
-        f"model {str(spec)!r} not found: give a model directory (with {CONFIG_FILE} and {WEIGHTS_FILE}){others}"
+        f"model {str(spec)!r} not found: give a model directory (with {CONFIG_FILE} and "
+        f"{WEIGHTS_FILE}){others}"
     )
 
 
@@ -218,8 +219,8 @@ def _common_dtype(tensors: Mapping[str, torch.Tensor], source: Path) -> torch.dt
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise ScratchLLMError(
-                f"{source}: tensor {name!r} holds {str(t.dtype).removeprefix('torch.')} numbers, not floating "
-                "point; the file is not a model's weights, save the model again"
+                f"{source}: tensor {name!r} holds {str(t.dtype).removeprefix('torch.')} numbers, not "
+                "floating point; the file is not a model's weights, save the model again"
             )
         counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
     return max(counts, key=counts.__getitem__) if len(counts) > 1 else None
@@ -234,7 +235,10 @@ def read_config(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     if not path.is_file():
         hint = ""
         if (directory / "model.safetensors").exists() or (directory / "pytorch_model.bin").exists():
-            hint = "; if it is a Hugging Face GPT-2 directory, convert it with `scratchllm download gpt2 --from DIR`"
+            hint = (
+                "; if it is a Hugging Face GPT-2 directory, convert it with "
+                "`scratchllm download gpt2 --from DIR`"
+            )
         elif (directory / "model" / CONFIG_FILE).is_file():
             hint = f"; it looks like a training run: its final model is {directory / 'model'}"
         raise ScratchLLMError(f"{directory} is not a model directory: {CONFIG_FILE} is missing{hint}")
@@ -247,7 +251,10 @@ def read_config(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         hint = ""
         if isinstance(doc, dict) and doc.get("model_type") == "gpt2":
-            hint = "; it is a Hugging Face GPT-2 config: convert the directory with `scratchllm download gpt2 --from DIR`"
+            hint = (
+                "; it is a Hugging Face GPT-2 config: convert the directory with "
+                "`scratchllm download gpt2 --from DIR`"
+            )
         raise ScratchLLMError(f'{path}: not a scratchllm model config (expected "format": "{FORMAT}"){hint}')
     version = doc.get("version")
     if not isinstance(version, int) or version > VERSION or version < 1:

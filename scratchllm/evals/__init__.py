@@ -19,7 +19,9 @@ from its description alone (zero-shot) or from a handful of solved examples in t
     from scratchllm.evals import EvalSettings, evaluate_task
 
     loaded = load_model("gpt2")
-    result = evaluate_task(loaded.model, loaded.tokenizer, "hellaswag.jsonl", EvalSettings(shots=5, limit=100))
+    result = evaluate_task(
+        loaded.model, loaded.tokenizer, "hellaswag.jsonl", EvalSettings(shots=5, limit=100)
+    )
     print(result["summary"]["acc_norm"])
 
 Loss, perplexity and bits per byte on plain text are `scratchllm perplexity` (train/evaluate.py).

@@ -45,7 +45,8 @@ class FewShot:
         if self.shots and len(self._examples) < self.shots:
             raise ScratchLLMError(
                 f"{self.shots}-shot prompts need at least {self.shots} examples, the pool has "
-                f"{len(self._examples)} distinct ones; give fewer --shots or a bigger pool (--fewshot-file, --holdout)"
+                f"{len(self._examples)} distinct ones; give fewer --shots or a bigger pool (--fewshot-file, "
+                "--holdout)"
             )
 
     def examples(self, item: Item, index: int) -> list[Item]:

@@ -167,8 +167,8 @@ def judge_entries(
                     stop.set()
                     raise JudgeFatalError(
                         f"the judge failed the first {len(early_errors)} responses alike ({item['error']}); "
-                        "stopped instead of failing the rest the same way: check the judge and --judge-model, "
-                        "then run again (with --resume to keep any scores)"
+                        "stopped instead of failing the rest the same way: check the judge and "
+                        "--judge-model, then run again (with --resume to keep any scores)"
                     )
         return failure
 
@@ -209,8 +209,8 @@ def _context_too_short(client: JudgeClient, error: JudgeContextError) -> JudgeFa
     else:
         fix = "use a judge model with a longer context (or a lower --max-tokens, if the prompt alone fits)"
     return JudgeFatalError(
-        f"the judge model {client.model!r} at {client.endpoint} has too short a context for the judge prompt, "
-        f"even with the shortest response ({' '.join(error.detail.split())}); {fix}"
+        f"the judge model {client.model!r} at {client.endpoint} has too short a context for the judge "
+        f"prompt, even with the shortest response ({' '.join(error.detail.split())}); {fix}"
     )
 
 
@@ -375,8 +375,8 @@ def _report(judge_model: str, items: Sequence[Mapping[str, Any]], out_path: Path
     summary = summarize(items)
     average = "n/a" if summary["average"] is None else f"{summary['average']:.2f}"
     print(
-        f"judge {judge_model}: average score {average} over {summary['scored']}/{summary['count']} responses; "
-        f"results in {out_path}"
+        f"judge {judge_model}: average score {average} over {summary['scored']}/{summary['count']} "
+        f"responses; results in {out_path}"
     )
     if summary["failed"]:
         shown = ", ".join(str(i) for i in summary["failed_items"][:10])

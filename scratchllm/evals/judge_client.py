@@ -200,8 +200,8 @@ class JudgeClient:
                     )
                 if response.status_code == 404:
                     raise JudgeFatalError(
-                        f"judge at {self.endpoint} answered 404 ({_error_message(response)}); check --judge-url "
-                        f"(e.g. http://localhost:11434/v1) and --judge-model {self.model!r}"
+                        f"judge at {self.endpoint} answered 404 ({_error_message(response)}); check "
+                        f"--judge-url (e.g. http://localhost:11434/v1) and --judge-model {self.model!r}"
                     )
                 if response.status_code >= 400 and _is_context_error(response):
                     detail = _error_message(response)
@@ -213,7 +213,8 @@ class JudgeClient:
                     )
                 if response.status_code >= 400:
                     raise JudgeItemError(
-                        f"judge rejected the request: HTTP {response.status_code}: {_error_message(response)}",
+                        f"judge rejected the request: HTTP {response.status_code}: "
+                        f"{_error_message(response)}",
                         attempts,
                     )
                 return _reply_text(response), attempts
@@ -221,7 +222,8 @@ class JudgeClient:
                 if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)) and not self._answered:
                     raise JudgeFatalError(
                         f"cannot reach the judge at {self.endpoint} ({self._connect_reason(e)}); is the "
-                        "server running? (start one with `ollama serve` or `scratchllm serve`, or check --judge-url)"
+                        "server running? (start one with `ollama serve` or `scratchllm serve`, or check "
+                        "--judge-url)"
                     ) from None
                 failures += 1
                 if failures > self.retries:

@@ -43,7 +43,8 @@ class EvalSettings:
     seed: int = setting(1234, "seed for drawing the examples", "fewshot")
     separator: str = setting(
         "\n\n",
-        "text between examples; \\n and \\t, here, in --target-delimiter and in --stop, are a newline and a tab",
+        "text between examples; \\n and \\t, here, in --target-delimiter and in --stop, are a newline and a "
+        "tab",
         "fewshot",
     )
     target_delimiter: str = setting(" ", "text between a context and its answer", "fewshot")

@@ -175,6 +175,7 @@ def _label(value: Any, choices: Sequence[str], name: str, where: str) -> int:
         value = int(value)  # HellaSwag's files store the label as a string
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(choices):
         raise ScratchLLMError(
-            f"{where}: field {name!r} must be a choice index 0..{len(choices) - 1} (or the choice's text), got {value!r}"
+            f"{where}: field {name!r} must be a choice index 0..{len(choices) - 1} (or the choice's text), "
+            f"got {value!r}"
         )
     return value

@@ -498,10 +498,12 @@ def summarize(result: ClassifyResult) -> str:
     t = result.train
     model = quote(result.model_dir)
     lines = [
-        f"{t.stopped}: {t.steps} steps in {t.seconds:.0f} s of training ({result.seconds:.0f} s in all); accuracy:",
+        f"{t.stopped}: {t.steps} steps in {t.seconds:.0f} s of training ({result.seconds:.0f} s in all); "
+        "accuracy:",
         *rows,
         f"classifier: {result.model_dir}   try: {scratchllm_command()} classify --model {model} 'some text'",
-        f"report: {out / REPORT_FILE}   confusion matrix: {out / CONFUSION_PLOT}   curves: {out / CURVES_PLOT}",
+        f"report: {out / REPORT_FILE}   confusion matrix: {out / CONFUSION_PLOT}   curves: "
+        f"{out / CURVES_PLOT}",
     ]
     return "\n".join(lines)
 

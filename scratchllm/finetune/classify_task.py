@@ -83,7 +83,8 @@ def load_splits(cfg: ClassifyConfig) -> Splits:
     train, val, test = parts
     if not val:
         raise ScratchLLMError(
-            "the validation split is empty: give --val-data FILE or a validation fraction in --split (e.g. 0.7 0.1 0.2)"
+            "the validation split is empty: give --val-data FILE or a validation fraction in --split (e.g. "
+            "0.7 0.1 0.2)"
         )
     desc = (
         f"{'SMS Spam Collection ' if is_spam else ''}{path}{' (balanced)' if balance else ''}: "

@@ -242,8 +242,8 @@ class LabelSet:
         for i, e in enumerate(examples):
             if e.label not in self.ids:
                 raise ScratchLLMError(
-                    f"{e.source or split}: label {e.label!r} in the {split} split is not one of the classifier's "
-                    f"classes {self.names}; fix the label or add it to the training data"
+                    f"{e.source or split}: label {e.label!r} in the {split} split is not one of the "
+                    f"classifier's classes {self.names}; fix the label or add it to the training data"
                 )
             out[i] = self.ids[e.label]
         return out
@@ -265,7 +265,8 @@ def split_by_fractions(
     split whose fraction is not 0 (the book's test), so a split of fraction 0 stays empty."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ScratchLLMError(
-            f"split fractions must be three numbers >= 0 summing to 1 (train, val, test), got {list(fractions)}"
+            "split fractions must be three numbers >= 0 summing to 1 (train, val, test), got "
+            f"{list(fractions)}"
         )
     order = np.random.RandomState(seed).permutation(len(examples))
     shuffled = [examples[i] for i in order]

@@ -104,9 +104,10 @@ def split_data(
     train, test, val = items[:n_train], items[n_train : n_train + n_test], items[n_train + n_test :]
     if not train or not val:
         raise ScratchLLMError(
-            f"splitting {n} records {1 - val_fraction - test_fraction:.0%}/{val_fraction:.0%}/{test_fraction:.0%} "
-            f"leaves {len(train)} for training and {len(val)} for validation; give more records, "
-            "a larger --val-fraction, or a separate --val-data file"
+            f"splitting {n} records "
+            f"{1 - val_fraction - test_fraction:.0%}/{val_fraction:.0%}/{test_fraction:.0%} leaves "
+            f"{len(train)} for training and {len(val)} for validation; give more records, a larger "
+            "--val-fraction, or a separate --val-data file"
         )
     return train, val, test
 
@@ -309,7 +310,8 @@ class InstructionTask(Task):
 @dataclass
 class InstructConfig(LoRASettings, TrainerConfig):
     """Everything `scratchllm finetune instruct` needs; TOML sections [data], [model], [lora], [train],
-    [eval], [system], [run]. Training defaults follow the book's chapter 7 (AdamW, lr 5e-5, batch 8, 2 epochs)."""
+    [eval], [system], [run]. Training defaults follow the book's chapter 7 (AdamW, lr 5e-5, batch 8,
+    2 epochs)."""
 
     data: str = setting(
         "", "instruction data: a JSON list or JSONL file of {instruction, input, output}", "data", path=True
@@ -372,7 +374,8 @@ class InstructConfig(LoRASettings, TrainerConfig):
             and self.val_fraction + self.test_fraction < 1
         ):
             raise bad(
-                f"need 0 <= val_fraction, test_fraction and their sum < 1, got {self.val_fraction}, {self.test_fraction}"
+                f"need 0 <= val_fraction, test_fraction and their sum < 1, got {self.val_fraction}, "
+                f"{self.test_fraction}"
             )
         if self.epochs <= 0:
             raise bad(f"epochs must be > 0, got {self.epochs}")
@@ -407,7 +410,8 @@ def resolve_splits(cfg: InstructConfig) -> InstructData:
 
 
 def _prepare_model(cfg: InstructConfig) -> LoadedModel:
-    """`cfg.model` set up to learn (all its weights, or LoRA adapters), with a tokenizer that can end responses."""
+    """`cfg.model` set up to learn (all its weights, or LoRA adapters), with a tokenizer that can end
+    responses."""
     loaded = setup_model(
         cfg.model, drop_rate=cfg.drop_rate, lora=cfg.lora_spec(), context_length=cfg.context_length
     )
@@ -477,7 +481,8 @@ def finetune_instruct(
 def instruct_finetune(
     cfg: InstructConfig, resume: str | None = None, run_config_toml: str | None = None
 ) -> TrainResult:
-    """Deprecated: `finetune_instruct` (named like `finetune_classify`); this name goes in the next release."""
+    """Deprecated: `finetune_instruct` (named like `finetune_classify`); this name goes in the next
+    release."""
     warnings.warn(
         "instruct_finetune is now finetune_instruct; the old name goes in the next release",
         FutureWarning,
@@ -494,7 +499,8 @@ def _training_examples(
     mask_prompt: bool,
     is_main: bool,
 ) -> InstructionDataset:
-    """The training records, tokenized; with `mask_prompt`, only those with a response token in the context."""
+    """The training records, tokenized; with `mask_prompt`, only those with a response token in the
+    context."""
     train = InstructionDataset(records, tokenizer, template)
     if not mask_prompt:
         return train
@@ -540,7 +546,8 @@ def summarize(result: TrainResult) -> str:
         f"({tok_s:,.0f} tokens/s)",
         f"validation loss {m.get('val_loss', nan):.3f} (train loss {m.get('train_loss', nan):.3f}; "
         f"best validation loss {best:.3f})",
-        f"assistant: {out / 'model'}   best: {out / 'best'}   loss plot: {out / 'loss.png'}   split: {out / 'data'}",
+        f"assistant: {out / 'model'}   best: {out / 'best'}   loss plot: {out / 'loss.png'}   split: "
+        f"{out / 'data'}",
         next_hint(respond),
     ]
     return "\n".join(lines)

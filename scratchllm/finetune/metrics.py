@@ -57,7 +57,8 @@ def format_report(metrics: Mapping[str, Any], title: str = "") -> str:
     width = max(8, *(len(n) for n in labels))
     lines = [title] if title else []
     lines.append(
-        f"accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['n']} examples, macro F1 {metrics['macro_f1']:.4f}"
+        f"accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['n']} examples, macro F1 "
+        f"{metrics['macro_f1']:.4f}"
     )
     lines.append(f"  {'class':<{width}}  precision  recall     f1  support")
     for name in labels:

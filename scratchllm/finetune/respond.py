@@ -131,8 +131,8 @@ def respond(
     if progress:
         seconds = time.perf_counter() - start
         print(
-            f"{len(results)} responses ({generated:,} tokens, {generated / max(seconds, 1e-9):,.1f} tokens/s, "
-            f"template {chosen.name})" + (f" -> {out}" if out is not None else "")
+            f"{len(results)} responses ({generated:,} tokens, {generated / max(seconds, 1e-9):,.1f} "
+            f"tokens/s, template {chosen.name})" + (f" -> {out}" if out is not None else "")
         )
     return results
 

@@ -61,7 +61,8 @@ class PromptTemplate:
         )
 
     def format_example(self, entry: Mapping[str, Any]) -> tuple[str, str]:
-        """(prompt, response) of an {"instruction", "input", "output"} entry; training text = prompt + response."""
+        """(prompt, response) of an {"instruction", "input", "output"} entry; training text = prompt +
+        response."""
         return self.prompt(entry["instruction"], entry.get("input") or ""), str(entry.get("output") or "")
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
@@ -112,7 +113,10 @@ class PromptTemplate:
 ALPACA = PromptTemplate(
     name="alpaca",
     description="Alpaca style, the book's default (### Instruction / ### Input / ### Response)",
-    default_system="Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    default_system=(
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request."
+    ),
     user_format="### Instruction:\n{instruction}",
     input_format="\n\n### Input:\n{input}",
     assistant_header="### Response:\n",
@@ -165,7 +169,8 @@ def template_for_model(extra: Mapping[str, Any] | None, default: str = DEFAULT_T
 def _check_message(index: int, message: Mapping[str, str]) -> tuple[str, str]:
     if not isinstance(message, Mapping):
         raise ScratchLLMError(
-            f"chat message {index}: expected an object with 'role' and 'content', got {type(message).__name__}"
+            f"chat message {index}: expected an object with 'role' and 'content', got "
+            f"{type(message).__name__}"
         )
     role, content = message.get("role"), message.get("content")
     if role not in ROLES:

@@ -1,4 +1,5 @@
-"""`scratchllm generate`: continue prompts with a model directory or GPT-2, text to stdout, a summary to stderr."""
+"""`scratchllm generate`: continue prompts with a model directory or GPT-2, text to stdout, a summary
+to stderr."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ class GenerateSettings:
 
     model: str = setting(
         "gpt2",
-        "a model directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded and converted on first use)",
+        "a model directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded and converted on first "
+        "use)",
         "model",
     )
     prompt: list[str] = setting(

@@ -57,7 +57,8 @@ class GenerationConfig:
     )
     repetition_penalty: float = setting(
         1.0,
-        "> 1 makes tokens already in the prompt or the text less likely (e.g. 1.2; 1: off; Hugging Face's rule)",
+        "> 1 makes tokens already in the prompt or the text less likely (e.g. 1.2; 1: off; Hugging Face's "
+        "rule)",
         "sampling",
     )
     presence_penalty: float = setting(

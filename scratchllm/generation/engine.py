@@ -169,7 +169,8 @@ class Engine:
         for one in ids:
             if len(one) > ctx:
                 raise ScratchLLMError(
-                    f"generation: scoring a prompt of {len(one)} tokens needs them in one context window of {ctx}"
+                    f"generation: scoring a prompt of {len(one)} tokens needs them in one context window of "
+                    f"{ctx}"
                 )
         device = self.model.tok_emb.weight.device
         out: list[list[TokenLogprob | None]] = [[] for _ in ids]
@@ -310,7 +311,8 @@ def _config(config: GenerationConfig | None, overrides: dict) -> GenerationConfi
 
 
 def _cache_dtype(model: nn.Module) -> torch.dtype | None:
-    """fp32 keys/values for bf16 weights on CPUs (attention in bf16 is slower there), else the weights' type."""
+    """fp32 keys/values for bf16 weights on CPUs (attention in bf16 is slower there), else the weights'
+    type."""
     p = next(model.parameters())
     return torch.float32 if p.device.type == "cpu" and p.dtype == torch.bfloat16 else None
 

@@ -84,7 +84,8 @@ def read_hf_config(src: str | os.PathLike) -> Any:
         raise ScratchLLMError(f"{src} is not a directory; give a Hugging Face GPT-2 directory")
     if directory_kind(src) in ("model directory", "checkpoint"):
         raise ScratchLLMError(
-            f"{src} is a scratchllm model directory already, nothing to convert; use it as it is (--model {src})"
+            f"{src} is a scratchllm model directory already, nothing to convert; use it as it is (--model "
+            f"{src})"
         )
     return config_from_hf(_read_json(src / CONFIG_FILE), source=str(src / CONFIG_FILE))
 

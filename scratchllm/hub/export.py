@@ -75,9 +75,9 @@ def _check_export_target(out: Path) -> None:
     config = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
     if EXPORTED_BY not in config:
         raise ScratchLLMError(
-            f"{out} is a Hugging Face model directory that this export-hf did not write (its config.json has no "
-            f"{EXPORTED_BY!r}: another program's, or an export by scratchllm before 2026-11-28); the export "
-            "would replace it as a whole, so give a new or empty directory (or delete it first)"
+            f"{out} is a Hugging Face model directory that this export-hf did not write (its config.json has "
+            f"no {EXPORTED_BY!r}: another program's, or an export by scratchllm before 2026-11-28); the "
+            "export would replace it as a whole, so give a new or empty directory (or delete it first)"
         )
 
 
@@ -116,7 +116,8 @@ def export_hf(spec: str | os.PathLike | LoadedModel, out: str | os.PathLike) -> 
             else f"its {tokenizer.kind} tokenizer has no GPT-2 form"
         )
         warnings.warn(
-            f"{out} holds the weights and config only ({why}); encode text for it with scratchllm's tokenizer",
+            f"{out} holds the weights and config only ({why}); encode text for it with scratchllm's "
+            "tokenizer",
             stacklevel=2,
         )
     return out

@@ -204,8 +204,8 @@ def hf_snapshot(repo_id: str, progress: bool = True, name: str = "gpt2") -> Path
         reason = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" if offline else _one_line(e)
         raise ScratchLLMError(
             f"cannot download {repo_id} from the Hugging Face hub ({reason}). To fix: {retry} and try again, "
-            "or convert a local copy (a directory with config.json, model.safetensors, vocab.json, merges.txt) "
-            f"with `scratchllm download {name} --from DIR`"
+            "or convert a local copy (a directory with config.json, model.safetensors, vocab.json, "
+            f"merges.txt) with `scratchllm download {name} --from DIR`"
         ) from e
     # the cache can hold part of a repository (a config fetched alone): offline, that is all there is
     if not (path / CONFIG_FILE).is_file() or not any(

@@ -61,7 +61,8 @@ def list_presets(as_json: bool = False) -> None:
         print(json.dumps(infos, indent=2))
         return
     print(
-        f"{'preset':<12} {'layers':>6} {'heads':>5} {'dims':>5} {'context':>7} {'parameters':>11} {'fp32 MB':>8}"
+        f"{'preset':<12} {'layers':>6} {'heads':>5} {'dims':>5} {'context':>7} {'parameters':>11} "
+        f"{'fp32 MB':>8}"
     )
     for name, info in infos.items():
         c = info["config"]
@@ -144,7 +145,8 @@ def format_model_info(info: dict[str, Any]) -> str:
         ("size", f"{info['bytes_fp32'] / 1e6:,.1f} MB at fp32, {info['bytes_bf16'] / 1e6:,.1f} MB at bf16"),
         (
             "forward FLOPs",
-            f"{_human(info['flops_per_token'])} per token at context {cfg['context_length']:,} (2 per multiply-add)",
+            f"{_human(info['flops_per_token'])} per token at context {cfg['context_length']:,} (2 per "
+            "multiply-add)",
         ),
     ]
     width = max(len(k) for k, _ in rows)

@@ -84,7 +84,8 @@ class SelfAttention_v2(nn.Module):
 def _check_length(num_tokens: int, context_length: int) -> None:
     if num_tokens > context_length:
         raise ValueError(
-            f"{num_tokens} tokens exceed the context_length {context_length} this attention layer was built for"
+            f"{num_tokens} tokens exceed the context_length {context_length} this attention layer was built "
+            "for"
         )
 
 
@@ -169,7 +170,8 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, num_tokens, d_in = x.shape
         _check_length(num_tokens, self.context_length)
-        # (b, num_tokens, d_out) -> (b, num_tokens, num_heads, head_dim) -> (b, num_heads, num_tokens, head_dim)
+        # (b, num_tokens, d_out) -> (b, num_tokens, num_heads, head_dim)
+        #                        -> (b, num_heads, num_tokens, head_dim)
         keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)

@@ -194,8 +194,8 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     cfg = model.cfg
     if cfg.n_classes:
         raise ScratchLLMError(
-            f"this model is a classifier ({cfg.n_classes} classes), not a language model: GPT-2's Hugging Face "
-            "format has no place for its head (GPT2ForSequenceClassification has no head bias)"
+            f"this model is a classifier ({cfg.n_classes} classes), not a language model: GPT-2's Hugging "
+            "Face format has no place for its head (GPT2ForSequenceClassification has no head bias)"
         )
     ours = {name: t.detach().cpu() for name, t in model.state_dict().items()}
     out = {}

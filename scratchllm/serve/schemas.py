@@ -82,9 +82,9 @@ def context_error(ctx: int, prompt_tokens: int, max_tokens: int | None, prompt_p
         )
     else:
         message = (
-            f"this model's maximum context length is {ctx} tokens; you requested {prompt_tokens + max_tokens} "
-            f"({prompt_tokens} in the prompt, {max_tokens} in max_tokens); lower max_tokens to at most "
-            f"{ctx - prompt_tokens} or shorten the prompt"
+            f"this model's maximum context length is {ctx} tokens; you requested "
+            f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} in max_tokens); "
+            f"lower max_tokens to at most {ctx - prompt_tokens} or shorten the prompt"
         )
     param = "max_tokens" if max_tokens is not None and prompt_tokens < ctx else prompt_param
     return bad_request(message, param=param, code="context_length_exceeded")

@@ -69,7 +69,8 @@ def tokenizer_train_command(settings: TokenizerTrainSettings) -> None:
     n_tokens = sum(map(len, tok.encode_batch(texts)))
     print(f"trained {tok.vocab_size:,} tokens ({len(tok.special_tokens)} special) in {seconds:.2f} s")
     print(
-        f"corpus: {len(docs):,} documents, {n_bytes:,} bytes -> {n_tokens:,} tokens ({n_bytes / n_tokens:.2f} bytes/token)"
+        f"corpus: {len(docs):,} documents, {n_bytes:,} bytes -> {n_tokens:,} tokens "
+        f"({n_bytes / n_tokens:.2f} bytes/token)"
     )
     print(f"saved to {out_dir}")
 
@@ -113,7 +114,8 @@ def tokenizer_decode_command(settings: TokenizerDecodeSettings) -> None:
 
 
 def parse_ids(args: Sequence[str], vocab_size: int) -> list[int]:
-    """Token ids from command-line words, separated by spaces and/or commas, checked against the vocabulary."""
+    """Token ids from command-line words, separated by spaces and/or commas, checked against the
+    vocabulary."""
     ids = []
     for word in " ".join(args).replace(",", " ").split():
         try:
@@ -171,7 +173,8 @@ class PrepareSettings:
     )
     workers: int = setting(
         0,
-        "tokenizer processes (0: one per CPU core and 16 MB of text); at most one per core and per MB of text",
+        "tokenizer processes (0: one per CPU core and 16 MB of text); at most one per core and per MB of "
+        "text",
         "data",
     )
     seed: int = setting(1337, "seed of the train/val document split", "data")

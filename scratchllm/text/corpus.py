@@ -8,7 +8,8 @@ A source is one of
 - `hf:NAME[:SPLIT]`: a Hugging Face dataset's `text` column (needs `pip install scratchllm[hf]` and a
   network, or the datasets cache).
 
-Each file, section of a topic or dataset row is one `Document`; documents are later separated by `<|endoftext|>`.
+Each file, section of a topic or dataset row is one `Document`; documents are later separated by
+`<|endoftext|>`.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def read_text_file(path: str | os.PathLike, encoding_errors: str = "strict") -> 
         text = data.decode(codec, errors=encoding_errors)
     except UnicodeDecodeError as e:
         raise ScratchLLMError(
-            f"{path}: byte {e.start} (0x{data[e.start]:02x}) is not valid {codec.upper()}; convert the file to "
-            "UTF-8 or pass --encoding-errors replace"
+            f"{path}: byte {e.start} (0x{data[e.start]:02x}) is not valid {codec.upper()}; convert the file "
+            "to UTF-8 or pass --encoding-errors replace"
         ) from e
     return text.removeprefix("\ufeff")  # utf-16 and utf-32 remove the mark; a second one is not text either
 
@@ -139,7 +140,8 @@ def _text_files_in(path: Path) -> list[Path]:
         others = f"{kinds.total()} other{'s' if kinds.total() > 1 else ''}"
         _warn_once(
             f"directory {path}: read {len(files)} text files ({', '.join(TEXT_SUFFIXES)}), skipped {others} "
-            f"({listed}{', ...' if len(kinds) > 4 else ''}); a glob such as '{path}/**/*.py' reads other kinds"
+            f"({listed}{', ...' if len(kinds) > 4 else ''}); a glob such as '{path}/**/*.py' reads other "
+            "kinds"
         )
     return files
 

@@ -49,8 +49,8 @@ def load_gpt2_files(path: str | os.PathLike) -> BPETokenizer:
         ranks_files = sorted(path.glob("*.tiktoken"))
         if len(ranks_files) != 1:
             raise ScratchLLMError(
-                f"{path}: expected GPT-2 tokenizer files, {ENCODER_FILE} + {MERGES_FILE} or one .tiktoken file "
-                f"(found {len(ranks_files)} .tiktoken files)"
+                f"{path}: expected GPT-2 tokenizer files, {ENCODER_FILE} + {MERGES_FILE} or one .tiktoken "
+                f"file (found {len(ranks_files)} .tiktoken files)"
             )
         path = ranks_files[0]
     if not path.is_file():

@@ -174,7 +174,8 @@ def prepare(
         print(
             f"prepared {n_docs} documents, {n_bytes / 1e6:.2f} MB -> {meta['train_tokens']:,} train + "
             f"{meta['val_tokens']:,} val tokens ({dtype.name}) in {seconds:.1f} s "
-            f"({n_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s, {workers} worker{'s' if workers > 1 else ''}) -> {out}"
+            f"({n_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s, {workers} worker{'s' if workers > 1 else ''}) "
+            f"-> {out}"
         )
     return meta
 

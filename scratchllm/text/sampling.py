@@ -222,7 +222,8 @@ def load_prepared(path: str | os.PathLike, expected_tokenizer: Tokenizer | None 
     missing = [k for k in ("tokenizer", "dtype", "train_tokens", "val_tokens") if k not in meta]
     if missing or not isinstance(meta["tokenizer"], dict) or "fingerprint" not in meta["tokenizer"]:
         raise ScratchLLMError(
-            f"{meta_path}: damaged (no {', '.join(missing) or 'tokenizer fingerprint'}); re-run `scratchllm prepare`"
+            f"{meta_path}: damaged (no {', '.join(missing) or 'tokenizer fingerprint'}); re-run `scratchllm "
+            "prepare`"
         )
     tokenizer = load_tokenizer(path / DATA_TOKENIZER_DIR)
     if tokenizer.fingerprint() != meta["tokenizer"]["fingerprint"]:
@@ -231,13 +232,15 @@ def load_prepared(path: str | os.PathLike, expected_tokenizer: Tokenizer | None 
         )
     if expected_tokenizer is not None and expected_tokenizer.fingerprint() != tokenizer.fingerprint():
         raise ScratchLLMError(
-            f"{path} was prepared with tokenizer {meta['tokenizer']['name']!r} "
-            f"(fingerprint {tokenizer.fingerprint()}), not the requested {expected_tokenizer.name!r} "
-            f"({expected_tokenizer.fingerprint()}); re-run `scratchllm prepare --tokenizer ...` or drop --tokenizer"
+            f"{path} was prepared with tokenizer {meta['tokenizer']['name']!r} (fingerprint "
+            f"{tokenizer.fingerprint()}), not the requested {expected_tokenizer.name!r} "
+            f"({expected_tokenizer.fingerprint()}); re-run `scratchllm prepare --tokenizer ...` or drop "
+            "--tokenizer"
         )
     if meta.get("dtype") not in ("uint16", "uint32"):
         raise ScratchLLMError(
-            f"{meta_path}: token dtype {meta.get('dtype')!r} is not uint16 or uint32; re-run `scratchllm prepare`"
+            f"{meta_path}: token dtype {meta.get('dtype')!r} is not uint16 or uint32; re-run `scratchllm "
+            "prepare`"
         )
     dtype = np.dtype(meta["dtype"])
     arrays = {}
@@ -248,8 +251,8 @@ def load_prepared(path: str | os.PathLike, expected_tokenizer: Tokenizer | None 
         expected = meta[f"{split}_tokens"] * dtype.itemsize
         if file.stat().st_size != expected:
             raise ScratchLLMError(
-                f"{file} has {file.stat().st_size} bytes, {META} says {expected}; the file is truncated or stale, "
-                "re-run `scratchllm prepare`"
+                f"{file} has {file.stat().st_size} bytes, {META} says {expected}; the file is truncated or "
+                "stale, re-run `scratchllm prepare`"
             )
         arrays[split] = open_tokens(file, dtype)
     return PreparedData(path, arrays["train"], arrays["val"], meta, tokenizer)

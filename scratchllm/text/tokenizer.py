@@ -80,7 +80,8 @@ class Tokenizer(ABC):
         unknown = allowed - self.special_tokens.keys()
         if unknown:
             raise ScratchLLMError(
-                f"tokenizer {self.name!r}: unknown special tokens {sorted(unknown)}; it has {sorted(self.special_tokens)}"
+                f"tokenizer {self.name!r}: unknown special tokens {sorted(unknown)}; it has "
+                f"{sorted(self.special_tokens)}"
             )
         return allowed
 

@@ -55,7 +55,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if want.type == "cuda":
         if torch.cuda.device_count() <= local_rank:
             raise ScratchLLMError(
-                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); lower --nproc_per_node"
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); lower "
+                "--nproc_per_node"
             )
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)

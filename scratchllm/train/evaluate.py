@@ -214,7 +214,7 @@ def perplexity_command(settings: PerplexitySettings) -> None:
         print(json.dumps(result, indent=2))
     else:
         print(
-            f"{result['model']}: loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
-            f"{result['bits_per_byte']:.4f} bits/byte over {result['tokens']:,} tokens ({result['bytes']:,} bytes, "
-            f"context {result['context_length']})"
+            f"{result['model']}: loss {result['loss']:.4f} nats/token, perplexity "
+            f"{result['perplexity']:.2f}, {result['bits_per_byte']:.4f} bits/byte over {result['tokens']:,} "
+            f"tokens ({result['bytes']:,} bytes, context {result['context_length']})"
         )

@@ -52,7 +52,8 @@ MODEL_KEYS = (
 
 @dataclass
 class PretrainConfig(TrainerConfig):
-    """Everything `scratchllm pretrain` needs; TOML sections [data], [model], [train], [eval], [system], [run]."""
+    """Everything `scratchllm pretrain` needs; TOML sections [data], [model], [train], [eval], [system],
+    [run]."""
 
     corpus: list[str] = setting(
         ["builtin"],
@@ -133,8 +134,8 @@ class PretrainConfig(TrainerConfig):
             and not Path(spec).expanduser().exists()
         ):
             raise ScratchLLMError(
-                f"--tokenizer {spec}: no such tokenizer; give train (a BPE trained on the corpus), char, gpt2, "
-                "tiktoken:NAME, or a tokenizer or model directory"
+                f"--tokenizer {spec}: no such tokenizer; give train (a BPE trained on the corpus), char, "
+                "gpt2, tiktoken:NAME, or a tokenizer or model directory"
             )
         # pretraining has no epochs to count steps from: said now, not after the data is made
         if not (self.max_steps or self.max_tokens):
@@ -145,9 +146,9 @@ class PretrainConfig(TrainerConfig):
             fixed = [k for k in ARCHITECTURE_KEYS if getattr(self, k) is not None]
             if fixed:
                 raise ScratchLLMError(
-                    f"--init-from {self.init_from} fixes the model's architecture, which {', '.join(fixed)} would "
-                    f"change; leave {'it' if len(fixed) == 1 else 'them'} out of the flags and the config file "
-                    f"(or set to none: --{fixed[0].replace('_', '-')} none)"
+                    f"--init-from {self.init_from} fixes the model's architecture, which {', '.join(fixed)} "
+                    f"would change; leave {'it' if len(fixed) == 1 else 'them'} out of the flags and the "
+                    f"config file (or set to none: --{fixed[0].replace('_', '-')} none)"
                 )
         else:  # an unknown preset or a bad model setting fails now, before any tokenizer training
             preset_config(self.model, **self.model_overrides())
@@ -161,17 +162,19 @@ class PretrainConfig(TrainerConfig):
         super().check_flags(flags)
         if self.data and "corpus" in flags:
             raise ScratchLLMError(
-                f"--corpus and --data {self.data} both give the training text; give one (--data: prepared already)"
+                f"--corpus and --data {self.data} both give the training text; give one (--data: prepared "
+                "already)"
             )
         if self.init_from:
             if "model" in flags:
                 raise ScratchLLMError(
-                    f"--model {self.model} and --init-from {self.init_from}: the run takes the shape of the model it "
-                    "starts from; leave out --model"
+                    f"--model {self.model} and --init-from {self.init_from}: the run takes the shape of the "
+                    "model it starts from; leave out --model"
                 )
             if flags.get("tokenizer") in TRAINED_HERE or "vocab_size" in flags:
                 raise ScratchLLMError(
-                    f"--init-from {self.init_from} keeps its model's tokenizer; leave out --tokenizer/--vocab-size"
+                    f"--init-from {self.init_from} keeps its model's tokenizer; leave out "
+                    "--tokenizer/--vocab-size"
                 )
         elif "vocab_size" in flags and (self.data or self.tokenizer != "train"):
             uses = f"--data {self.data}'s tokenizer" if self.data else f"--tokenizer {self.tokenizer}"
@@ -238,8 +241,8 @@ class LanguageModelTask(Task):
     def evaluate(
         self, model: nn.Module, amp: Callable[[], contextlib.AbstractContextManager]
     ) -> dict[str, float]:
-        """Validation loss over `eval_batches` global batches of consecutive windows (0: the whole split), and the
-        training loss over as many windows from the start of the training split, for comparison."""
+        """Validation loss over `eval_batches` global batches of consecutive windows (0: the whole split),
+        and the training loss over as many windows from the start of the training split, for comparison."""
         device = next(model.parameters()).device
         windows = self.eval_batches * self.batch_size * self.world_size or None
         val_sum, val_n = token_loss(
@@ -313,15 +316,16 @@ def pretrain(
             init_model, init_tok = build_model(cfg, None)
             if init_tok is None and cfg.tokenizer in TRAINED_HERE and not cfg.data:
                 raise ScratchLLMError(
-                    f"--init-from {cfg.init_from} has no tokenizer files, and one trained here would not match "
-                    "its embeddings; give the tokenizer it was trained with: --tokenizer DIR (or gpt2)"
+                    f"--init-from {cfg.init_from} has no tokenizer files, and one trained here would not "
+                    "match its embeddings; give the tokenizer it was trained with: --tokenizer DIR (or gpt2)"
                 )
         tokenizer = resolve_tokenizer(cfg, out_dir, dist, init_tok, checkpoint)
         data = resolve_data(cfg, tokenizer, out_dir, dist, resuming=checkpoint is not None)
         model = init_model if init_model is not None else build_model(cfg, tokenizer)[0]
         if tokenizer.vocab_size > model.cfg.vocab_size:
             raise ScratchLLMError(
-                f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocab_size {model.cfg.vocab_size}"
+                f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocab_size "
+                f"{model.cfg.vocab_size}"
             )
         context = cfg.context_length or model.cfg.context_length
         task = LanguageModelTask(
@@ -357,8 +361,8 @@ def summarize(result: TrainResult) -> str:
     out = result.out_dir
     tok_s = result.tokens / max(result.seconds, 1e-9)
     lines = [
-        f"{result.stopped}: {result.steps:,} steps, {result.tokens:,} tokens in {result.seconds:.0f} s of training "
-        f"({tok_s:,.0f} tokens/s)",
+        f"{result.stopped}: {result.steps:,} steps, {result.tokens:,} tokens in {result.seconds:.0f} s of "
+        f"training ({tok_s:,.0f} tokens/s)",
     ]
     if "val_loss" in m:
         lines.append(
@@ -367,7 +371,8 @@ def summarize(result: TrainResult) -> str:
         )
     lines.append(f"model: {out / 'model'}   best: {out / 'best'}   loss plot: {out / PLOT_FILE}")
     lines.append(
-        f"metrics: {out / METRICS_FILE}   checkpoints: {out / CHECKPOINTS_DIR}   settings: {out / RUN_CONFIG_FILE}"
+        f"metrics: {out / METRICS_FILE}   checkpoints: {out / CHECKPOINTS_DIR}   settings: "
+        f"{out / RUN_CONFIG_FILE}"
     )
     return "\n".join(lines)
 

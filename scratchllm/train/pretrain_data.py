@@ -119,8 +119,8 @@ def resolve_data(
             used = prepared.meta.get("split", {}).get("val_fraction") or 0
             hint = "more text" if used >= 0.1 else "--val-fraction 0.1 (or more text)"
             raise ScratchLLMError(
-                f"--data {cfg.data} has {len(prepared.val)} validation tokens (--val-fraction {used}); re-run "
-                f"`scratchllm prepare` with {hint}"
+                f"--data {cfg.data} has {len(prepared.val)} validation tokens (--val-fraction {used}); "
+                f"re-run `scratchllm prepare` with {hint}"
             )
         return prepared
     data_dir = out_dir / "data"

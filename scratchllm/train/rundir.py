@@ -97,8 +97,8 @@ def run_lock(out_dir: str | os.PathLike, main: bool = True) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ScratchLLMError(
-                f"another process is training in {out_dir} (it holds {out_dir / LOCK_FILE}); wait for it to end, "
-                "or give another --out-dir"
+                f"another process is training in {out_dir} (it holds {out_dir / LOCK_FILE}); wait for it to "
+                "end, or give another --out-dir"
             ) from None
         except OSError as e:  # a file system without locks (some NFS and Lustre mounts)
             warnings.warn(
@@ -295,8 +295,8 @@ def find_resume_checkpoint(resume: str, out_dir: str | os.PathLike) -> Path:
         found = list_checkpoints(path)
         if found:  # a run directory
             raise ScratchLLMError(
-                f"--resume {resume}: a run directory, not a checkpoint; give one of its checkpoints (the newest: "
-                f"{found[-1]}), or continue it in place with --out-dir {resume} --resume"
+                f"--resume {resume}: a run directory, not a checkpoint; give one of its checkpoints (the "
+                f"newest: {found[-1]}), or continue it in place with --out-dir {resume} --resume"
             )
         raise ScratchLLMError(
             f"--resume {resume}: not a resumable checkpoint (no {STATE_FILE}); give a step-N directory"

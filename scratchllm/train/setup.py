@@ -123,7 +123,8 @@ def setup_model(
         raise ScratchLLMError(f"{where} has no tokenizer files; save the model with its tokenizer")
     if context_length is not None and context_length > model.cfg.context_length:
         raise ScratchLLMError(
-            f"{context_flag} {context_length} exceeds the context length of {where} ({model.cfg.context_length})"
+            f"{context_flag} {context_length} exceeds the context length of {where} "
+            f"({model.cfg.context_length})"
         )
     if drop_rate is not None:
         _set_dropout(model, drop_rate)

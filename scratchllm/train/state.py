@@ -225,8 +225,9 @@ def _check_processes(trainer: Trainer, path: Path, state: dict[str, Any]) -> Non
     """The data order depends on the number of processes, and the optimizer state's shape on FSDP."""
     if state.get("world_size", 1) != trainer.dist.world_size:
         raise ScratchLLMError(
-            f"{path} was written by {state.get('world_size')} processes, this run has {trainer.dist.world_size}; "
-            "resume with the same number of processes (the data order depends on it)"
+            f"{path} was written by {state.get('world_size')} processes, this run has "
+            f"{trainer.dist.world_size}; resume with the same number of processes (the data order depends on "
+            "it)"
         )
     if bool(state.get("fsdp")) != trainer.fsdp:
         raise ScratchLLMError(

@@ -125,7 +125,8 @@ class TrainerConfig:
     progress: bool = setting(True, "show a progress bar", "run")
 
     def check_fsdp(self, world_size: int) -> None:
-        """`fsdp` needs several processes, and no Muon (Newton-Schulz needs whole matrices, FSDP holds shards)."""
+        """`fsdp` needs several processes, and no Muon (Newton-Schulz needs whole matrices, FSDP holds
+        shards)."""
         if not self.fsdp:
             return
         if self.optimizer == "muon":
@@ -396,8 +397,9 @@ class Trainer:
             return
         set_aside(aside, self.step)
         self.log(
-            f"resuming at step {self.step}, before the run's newest outputs: set aside {', '.join(c.name for c in aside)} "
-            f"(renamed *.abandoned-at-step-{self.step}; delete them when not needed)"
+            f"resuming at step {self.step}, before the run's newest outputs: set aside "
+            f"{', '.join(c.name for c in aside)} (renamed *.abandoned-at-step-{self.step}; delete them when "
+            "not needed)"
         )
 
     def _plot(self) -> None:
@@ -483,7 +485,8 @@ class Trainer:
             dynamic_ncols=True,
             disable=not (self.cfg.progress and self.is_main),
         )
-        # a resumed run with nothing left to train keeps its last evaluation (unless best/ must be written again)
+        # a resumed run with nothing left to train keeps its last evaluation (unless best/ must be written
+        # again)
         evals = [r for r in self.history if r.get("kind") == "eval"] if self.best is not None else []
         last_eval: dict[str, Any] = evals[-1] if evals else {}
         self.model.train()
@@ -587,7 +590,8 @@ class Trainer:
         path = self.save_checkpoint()
         if stopped == "interrupted":
             self.log(
-                f"stopped by {self._stop_signal} at step {self.step}; resume with --resume (checkpoint {path})"
+                f"stopped by {self._stop_signal} at step {self.step}; resume with --resume (checkpoint "
+                f"{path})"
             )
         self._save_model_dir("model")
         return last_eval
@@ -649,8 +653,8 @@ class Trainer:
             found = list_checkpoints(self.out_dir)
             keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
             raise ScratchLLMError(
-                f"training loss became {value} at step {self.step + 1}; stopped without saving this state ({keep}); "
-                "lower --lr, raise --warmup-steps or use --precision fp32"
+                f"training loss became {value} at step {self.step + 1}; stopped without saving this state "
+                f"({keep}); lower --lr, raise --warmup-steps or use --precision fp32"
             )
         self._apply_gradients()
         return value, tokens * self.dist.world_size

@@ -1,4 +1,5 @@
-"""Classifier finetuning (finetune/classify.py, data.py, spam.py, metrics.py) on small generated data, offline."""
+"""Classifier finetuning (finetune/classify.py, data.py, spam.py, metrics.py) on small generated data,
+offline."""
 
 from __future__ import annotations
 

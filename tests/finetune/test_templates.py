@@ -71,7 +71,8 @@ def test_alpaca_multi_turn_chat():
         {"role": "user", "content": "Another?"},
     ]
     expected = (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request."
         "\n\n### Instruction:\nName a color.\n\n### Response:\nBlue."
         "\n\n### Instruction:\nAnother?\n\n### Response:\n"
     )

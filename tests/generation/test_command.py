@@ -1,4 +1,5 @@
-"""`scratchllm generate` as a settings dataclass: its flags, a TOML file, and a run through the command table."""
+"""`scratchllm generate` as a settings dataclass: its flags, a TOML file, and a run through the command
+table."""
 
 from __future__ import annotations
 

@@ -502,8 +502,8 @@ CONTEXT_ERRORS = {
     "scratchllm": {
         "status": 400,
         "error": {
-            "message": "this model's maximum context length is 128 tokens, and the prompt takes 300, leaving no "
-            "room for a completion; shorten the prompt",
+            "message": "this model's maximum context length is 128 tokens, and the prompt takes 300, leaving "
+            "no room for a completion; shorten the prompt",
             "type": "invalid_request_error",
             "param": "messages",
             "code": "context_length_exceeded",
@@ -512,8 +512,8 @@ CONTEXT_ERRORS = {
     "scratchllm max_tokens": {
         "status": 400,
         "error": {
-            "message": "this model's maximum context length is 512 tokens; you requested 556 (300 in the prompt, "
-            "256 in max_tokens); lower max_tokens to at most 212 or shorten the prompt",
+            "message": "this model's maximum context length is 512 tokens; you requested 556 (300 in the "
+            "prompt, 256 in max_tokens); lower max_tokens to at most 212 or shorten the prompt",
             "type": "invalid_request_error",
             "param": "max_tokens",
             "code": "context_length_exceeded",
@@ -522,8 +522,9 @@ CONTEXT_ERRORS = {
     "vllm": {
         "status": 400,
         "error": {
-            "message": "This model's maximum context length is 2048 tokens. However, you requested 2100 tokens "
-            "(1844 in the messages, 256 in the completion). Please reduce the length of the messages or completion.",
+            "message": "This model's maximum context length is 2048 tokens. However, you requested 2100 "
+            "tokens (1844 in the messages, 256 in the completion). Please reduce the length of the messages "
+            "or completion.",
             "type": "BadRequestError",
             "param": None,
             "code": 400,

@@ -282,8 +282,8 @@ def test_corrupt_and_incompatible_checkpoints_are_clear_errors(tmp_path):
 def _cli_args(corpus: Path, out: Path, steps: int) -> list[str]:
     settings = shlex.split(
         "--vocab-size 300 --model nano --context-length 32 --batch-size 4 --eval-every 50 --eval-batches 2 "
-        "--checkpoint-every 10 --log-every 1 --drop-rate 0.1 --progress false --sample-tokens 0 --keep-last 100 "
-        "--warmup-steps 5 --workers 1 --device cpu"
+        "--checkpoint-every 10 --log-every 1 --drop-rate 0.1 --progress false --sample-tokens 0 "
+        "--keep-last 100 --warmup-steps 5 --workers 1 --device cpu"
     )
     command = [sys.executable, "-m", "scratchllm", "pretrain", "--corpus", str(corpus), *settings]
     return [*command, "--max-steps", str(steps), "--out-dir", str(out)]

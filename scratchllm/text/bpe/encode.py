@@ -35,8 +35,8 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 # GPT-4's (cl100k_base): case-insensitive contractions, numbers in groups of at most 3 digits,
 # a word may start with one non-letter such as `_` or `$`, newlines kept apart from other space.
 GPT4_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|"""
-    r"""\s+(?!\S)|\s"""
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
+    r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 
@@ -86,7 +86,8 @@ def resolve_pattern(pattern: str) -> str:
         )
     except ValueError as e:  # it compiles in Python's `regex` but not in tiktoken's engine (fancy-regex)
         raise ScratchLLMError(
-            f"pre-tokenization pattern {pattern!r}: tiktoken cannot use it ({e}); write it without that construct"
+            f"pre-tokenization pattern {pattern!r}: tiktoken cannot use it ({e}); write it without that "
+            "construct"
         ) from e
     return pat_str
 
@@ -162,8 +163,8 @@ class BPETokenizer(Tokenizer):
         missing = [b for b in range(256) if bytes([b]) not in self.mergeable_ranks]
         if missing:
             raise ScratchLLMError(
-                f"BPE tokenizer {name!r}: {len(missing)} single bytes (e.g. 0x{missing[0]:02x}) are not tokens; "
-                "byte-level BPE needs all 256 to spell any text"
+                f"BPE tokenizer {name!r}: {len(missing)} single bytes (e.g. 0x{missing[0]:02x}) are not "
+                "tokens; byte-level BPE needs all 256 to spell any text"
             )
         if len(set(self.mergeable_ranks.values())) != len(self.mergeable_ranks):
             raise ScratchLLMError(

@@ -83,7 +83,8 @@ def read_tiktoken_file(path: Path) -> dict[bytes, int]:
                 raise ValueError("rank out of range")
         except (ValueError, binascii.Error) as e:
             raise ScratchLLMError(
-                f"{path}, line {lineno}: expected `base64-token rank`, got {line[:60]!r}; is it a .tiktoken file?"
+                f"{path}, line {lineno}: expected `base64-token rank`, got {line[:60]!r}; is it a .tiktoken "
+                "file?"
             ) from e
     if len(ranks) != sum(1 for line in lines if line.strip()):
         raise ScratchLLMError(f"{path}: a token is listed twice; the file is corrupt")
@@ -136,7 +137,7 @@ def read_encoder_files(
     if missing:
         example = token_to_unicode(min(missing))
         raise ScratchLLMError(
-            f"{encoder_path}: {len(missing)} tokens made by {merges_path.name} (e.g. {example!r}) have no id; "
-            "the two files do not belong together"
+            f"{encoder_path}: {len(missing)} tokens made by {merges_path.name} (e.g. {example!r}) have no "
+            "id; the two files do not belong together"
         )
     return ranks, specials, merges

@@ -28,8 +28,8 @@ def count_pretokens(texts: Iterable[str], pattern: str) -> Counter[str]:
         pieces = pat.findall(text)
         if sum(map(len, pieces)) != len(text):
             raise ScratchLLMError(
-                f"pre-tokenization pattern {pattern!r} skips some characters of the corpus, so encoding would "
-                "lose text; make it match everything (the gpt2 and gpt4 presets do)"
+                f"pre-tokenization pattern {pattern!r} skips some characters of the corpus, so encoding "
+                "would lose text; make it match everything (the gpt2 and gpt4 presets do)"
             )
         counts.update(pieces)
     return counts
@@ -98,8 +98,8 @@ def train_bpe(
         pair = pairs.most_frequent()
         if pair is None:
             warnings.warn(
-                f"BPE training stopped at {len(vocab)} learned tokens (asked for {n_learned}): the corpus has no "
-                "more pairs to merge; use a larger corpus or a smaller vocab_size",
+                f"BPE training stopped at {len(vocab)} learned tokens (asked for {n_learned}): the corpus "
+                "has no more pairs to merge; use a larger corpus or a smaller vocab_size",
                 stacklevel=2,
             )
             break
