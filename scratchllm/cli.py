@@ -355,6 +355,9 @@ def run(command: Command, args: argparse.Namespace) -> int:
         settings = load_config(args.settings_class, getattr(args, "config", None), overrides_from_args(args))
         return int(function(settings) or 0)
     result = function(getattr(args, "config", None), training_overrides(args), resume=args.resume)
+    from .train.distributed import leave_process_group  # torch is loaded by now
+
+    leave_process_group()
     train = getattr(result, "train", result)  # a classifier's result holds the trainer's
     if getattr(train, "stopped", None) != "interrupted":
         return 0

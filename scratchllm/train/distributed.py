@@ -128,7 +128,8 @@ def shard_model(model: GPTModel, device: torch.device, world_size: int) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def shutdown(info: DistInfo) -> None:
-    """Leave the process group (a no-op in a single process)."""
-    if info.enabled and dist.is_initialized():
+def leave_process_group() -> None:
+    """Destroy torchrun's process group, if this process joined one, before the process exits: left to
+    the interpreter's exit, gloo's threads can abort the process (SIGABRT) after a finished run."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
