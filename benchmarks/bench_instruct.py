@@ -55,7 +55,8 @@ from scratchllm.finetune.instruct import (
 )
 from scratchllm.model.gpt import GPTModel, preset_config
 from scratchllm.text.gpt2 import load_gpt2_files
-from scratchllm.train.trainer import Trainer, TrainerConfig
+from scratchllm.train.trainer import Trainer
+from scratchllm.train.trainer_config import TrainerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SCRATCHLLM_SHARED_DATA", REPO.parent / "shared" / "data"))

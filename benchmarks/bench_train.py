@@ -97,7 +97,8 @@ def run_ours(
 
     from scratchllm.model.gpt import GPTConfig, GPTModel, preset_config
     from scratchllm.train.pretrain import LanguageModelTask
-    from scratchllm.train.trainer import Trainer, TrainerConfig
+    from scratchllm.train.trainer import Trainer
+    from scratchllm.train.trainer_config import TrainerConfig
 
     torch.manual_seed(0)
     cfg = preset_config(preset, drop_rate=0.0) if preset else GPTConfig(**SHAPE)

@@ -52,7 +52,7 @@ _EXPORTS = {
     "save_model": "scratchllm.checkpoint",
     # Stage 2: training
     "Trainer": "scratchllm.train.trainer",
-    "TrainerConfig": "scratchllm.train.trainer",
+    "TrainerConfig": "scratchllm.train.trainer_config",
     "PretrainConfig": "scratchllm.train.pretrain",
     "pretrain": "scratchllm.train.pretrain",
 }

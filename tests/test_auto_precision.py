@@ -19,6 +19,7 @@ from scratchllm.generation import resolve_dtype
 from scratchllm.model.gpt import GPTConfig, GPTModel, preset_config
 from scratchllm.model.quantize import int4_supported
 from scratchllm.text.bpe import BPETokenizer
+from scratchllm.train.trainer_config import TrainerConfig
 
 CPU = torch.device("cpu")
 
@@ -141,6 +142,6 @@ def test_pretrain_down_every_auto_path(auto_picks_bf16, optimizer, tmp_path, mon
 def test_make_optimizer_keeps_muon_in_fp32_for_fp32_training(monkeypatch):
     monkeypatch.setenv("SCRATCHLLM_CPU_BF16", "1")
     model = GPTModel(preset_config("nano", vocab_size=64, context_length=16))
-    cfg = trainer.TrainerConfig(optimizer="muon")
+    cfg = TrainerConfig(optimizer="muon")
     assert optim.make_optimizer(model, cfg, CPU, "fp32").ns_dtype == torch.float32
     assert optim.make_optimizer(model, cfg, CPU, "bf16").ns_dtype is None  # bf16 where fast

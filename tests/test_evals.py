@@ -488,7 +488,8 @@ def copy_model(tmp_path_factory):
     """A one-block GPT trained for 500 steps (~5-10 s) on lines "key: X answer: X" with a BPE trained here."""
     from scratchllm.text.bpe import train_bpe
     from scratchllm.train.pretrain import LanguageModelTask
-    from scratchllm.train.trainer import Trainer, TrainerConfig
+    from scratchllm.train.trainer import Trainer
+    from scratchllm.train.trainer_config import TrainerConfig
 
     rng = random.Random(0)
     text = "".join(f"key: {w} answer: {w}\n" for w in rng.choices(WORDS, k=3000))

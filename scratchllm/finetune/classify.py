@@ -47,7 +47,9 @@ from ..model.lora import count_trainable, merge_lora
 from ..train.distributed import init_distributed
 from ..train.rundir import check_run_start, run_lock, settings_to_resume
 from ..train.setup import LORA_RANK, LoRASettings, setup_model
-from ..train.trainer import Trainer, TrainerConfig, TrainResult
+from ..train.task import TrainResult
+from ..train.trainer import Trainer
+from ..train.trainer_config import TrainerConfig
 from .classifier import encode_texts
 from .classify_task import SPLITS, ClassificationTask, EncodedSplit, balanced_class_weights, load_splits
 from .data import LabelSet

@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ScratchLLMError
-from ..train.trainer import Task, TrainerConfig
+from ..train.task import Task
+from ..train.trainer_config import TrainerConfig
 from .classifier import collate, pooled_logits, predict_logits
 from .data import Example, balance_classes, class_counts, read_examples, split_by_fractions
 from .spam import is_spam_file, read_spam, spam_file

@@ -46,7 +46,9 @@ from ..train.distributed import init_distributed
 from ..train.evaluate import next_token_loss
 from ..train.rundir import check_run_start, run_lock, settings_to_resume
 from ..train.setup import LoRASettings, setup_model
-from ..train.trainer import Task, Trainer, TrainerConfig, TrainResult
+from ..train.task import Task, TrainResult
+from ..train.trainer import Trainer
+from ..train.trainer_config import TrainerConfig
 from .templates import DEFAULT_TEMPLATE, TEMPLATE_KEY, PromptTemplate, get_template
 
 SPLIT_NAMES = ("train", "val", "test")  # written to out_dir/data/NAME.json

@@ -12,7 +12,7 @@ from ..errors import ScratchLLMError
 from .muon import Muon, muon_param_groups
 
 if TYPE_CHECKING:
-    from .trainer import TrainerConfig
+    from .trainer_config import TrainerConfig
 
 OPTIMIZERS = ("adamw", "muon")
 

@@ -34,7 +34,9 @@ from .evaluate import next_token_loss, perplexity, token_loss
 from .pretrain_data import TRAINED_HERE, resolve_data, resolve_tokenizer
 from .rundir import PLOT_FILE, RUN_CONFIG_FILE, check_run_start, run_lock, settings_to_resume
 from .setup import setup_model
-from .trainer import Task, Trainer, TrainerConfig, TrainResult
+from .task import Task, TrainResult
+from .trainer import Trainer
+from .trainer_config import TrainerConfig
 
 # model settings that --init-from cannot change (context_length may shrink, drop_rate may change)
 ARCHITECTURE_KEYS = ("emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_weights", "gelu")

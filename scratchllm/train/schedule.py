@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .trainer import TrainerConfig
+    from .trainer_config import TrainerConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
 

@@ -125,7 +125,8 @@ import os, sys
 import numpy as np, torch
 from scratchllm.model.gpt import GPTModel, preset_config
 from scratchllm.train.pretrain import LanguageModelTask
-from scratchllm.train.trainer import Trainer, TrainerConfig
+from scratchllm.train.trainer import Trainer
+from scratchllm.train.trainer_config import TrainerConfig
 
 class VariableTokens(LanguageModelTask):  # as classify (real lengths) and instruct (padded batches) count
     def batch_tokens(self, batch):

@@ -15,7 +15,8 @@ from scratchllm.model.lora import apply_lora, mark_only_lora_trainable
 from scratchllm.train.muon import Muon, muon_param_groups, muon_scale, newton_schulz
 from scratchllm.train.optim import param_groups
 from scratchllm.train.rundir import list_checkpoints
-from scratchllm.train.trainer import Trainer, TrainerConfig
+from scratchllm.train.trainer import Trainer
+from scratchllm.train.trainer_config import TrainerConfig
 
 from .test_trainer import VOCAB, _setup
 

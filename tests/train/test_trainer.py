@@ -23,7 +23,8 @@ from scratchllm.train.optim import param_groups
 from scratchllm.train.pretrain import LanguageModelTask
 from scratchllm.train.rundir import _remove_leftovers, find_resume_checkpoint, list_checkpoints
 from scratchllm.train.schedule import lr_at
-from scratchllm.train.trainer import Trainer, TrainerConfig
+from scratchllm.train.trainer import Trainer
+from scratchllm.train.trainer_config import TrainerConfig
 
 VOCAB = 64
 
