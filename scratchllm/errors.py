@@ -11,3 +11,9 @@ from __future__ import annotations
 
 class ScratchLLMError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), to quote it in
+    a one-line error."""
+    return (str(error).splitlines() or [type(error).__name__])[0]

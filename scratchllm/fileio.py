@@ -60,12 +60,17 @@ def _publish_mode(path: Path, directory: bool) -> None:
 
 
 def check_output_file(
-    path: str | os.PathLike, what: str = "--out", inputs: Mapping[str, object] | None = None
+    path: str | os.PathLike,
+    what: str = "--out",
+    inputs: Mapping[str, object] | None = None,
+    writable: bool = False,
 ) -> None:
     """Raise a one-line error unless `path` can become a file: commands call it before their work,
     so a directory given as the output file fails at once, not after an hour of generation.
     `inputs` ({flag: path}) are the command's input files: an output that is one of them would
-    replace the data it was made from, so that is an error too."""
+    replace the data it was made from, so that is an error too. `writable`: also create and delete
+    a file in the nearest existing folder of `path` (missing folders are made when it is written),
+    so that a read-only place fails before the work too."""
     from .errors import ScratchLLMError
 
     path = Path(path).expanduser()
@@ -79,6 +84,24 @@ def check_output_file(
                 f"{what} {path} is the input file given as {flag}: writing it would replace that "
                 "input; choose another output file"
             )
+    if writable:
+        _probe_folder(path, what)
+
+
+def _probe_folder(path: Path, what: str) -> None:
+    from .errors import ScratchLLMError
+
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.is_dir()), None)
+    if folder is None:
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise ScratchLLMError(
+            f"{what} {path}: cannot create a file in {folder} ({e.strerror or e}); choose a writable location"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _sync(path: Path) -> None:

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .. import __version__
 from ..device import pick_device
-from ..errors import ScratchLLMError
+from ..errors import ScratchLLMError, first_line
 from ..fileio import CONFIG_FILE, atomic_dir, atomic_write_json
 from ..model.gpt import count_parameters
 from ..model.lora import apply_lora_config, lora_config, merge_lora
@@ -88,7 +88,7 @@ def write_error(path: Path, what: str, error: OSError, existed: bool) -> Scratch
     disk): what the write left is the old complete output (`existed`) or nothing."""
     left = f"the {what} there is unchanged" if existed else "nothing was written"
     return ScratchLLMError(
-        f"cannot write the {what} {path} ({_first_line(error)}; is the disk full or read-only?); {left}"
+        f"cannot write the {what} {path} ({first_line(error)}; is the disk full or read-only?); {left}"
     )
 
 
@@ -303,10 +303,6 @@ def meta_model(
         if lora:
             apply_lora_config(model, lora, source=source)
     return model
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

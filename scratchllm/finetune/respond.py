@@ -8,8 +8,6 @@ is added to a copy of its record as `model_response`. The records go to a JSON l
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -100,8 +98,7 @@ def respond(
     to `out` (a JSON list, or JSONL when it ends in .jsonl) when given. `quantize` "int4": int4 weights
     (CPU only)."""
     if out is not None:
-        check_output_file(out, inputs={"--data": data})
-        _check_can_write(Path(out))
+        check_output_file(out, inputs={"--data": data}, writable=True)
     records = (
         load_instruction_data(data, require_output=False) if isinstance(data, (str, Path)) else list(data)
     )
@@ -154,23 +151,6 @@ def _generate_in_batches(
                 completions[i] = completion
             bar.update(len(rows))
     return [completions[i] for i in range(len(prompts))]
-
-
-def _check_can_write(path: Path, what: str = "--out") -> None:
-    """A one-line error unless a file can be created where `path` goes (in its nearest existing folder;
-    missing folders are made when it is written), so that a read-only place fails before generation."""
-    path = path.expanduser()
-    folder = next((p for p in (path.parent, *path.parent.parents) if p.is_dir()), None)
-    if folder is None:
-        return
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise ScratchLLMError(
-            f"{what} {path}: cannot create a file in {folder} ({e.strerror or e}); choose a writable location"
-        ) from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 def _write_records(path: Path, records: list[Entry]) -> None:

@@ -20,7 +20,7 @@ from ..checkpoint import (
     read_weights,
     write_model_files,
 )
-from ..errors import ScratchLLMError
+from ..errors import ScratchLLMError, first_line
 from ..fileio import CHECKPOINTS_DIR, STATE_FILE, atomic_dir
 from .distributed import barrier, gather_objects
 from .rundir import list_checkpoints, metrics_until, prune_checkpoints
@@ -54,10 +54,6 @@ class UnreadableCheckpoint(ScratchLLMError):
     def __init__(self, problem: str):
         super().__init__(f"{problem}; resume from an earlier checkpoint")
         self.problem = problem
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +137,7 @@ def _write(path: Path, model: nn.Module | None, tokenizer: Any, extra: dict[str,
         found = list_checkpoints(path.parent.parent)
         keep = f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
         raise ScratchLLMError(
-            f"cannot write the checkpoint {path} ({_first_line(e)}; is the disk full or read-only?); {keep}"
+            f"cannot write the checkpoint {path} ({first_line(e)}; is the disk full or read-only?); {keep}"
         ) from e
 
 
@@ -195,7 +191,7 @@ def read_state(path: Path) -> dict[str, Any]:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign file: torch raises many types, and its advice
         # (weights_only=False) would unpickle an untrusted file: not given here
-        first = _first_line(e)
+        first = first_line(e)
         if "weights only" in first.lower() or "weights_only" in first:
             first = f"{type(e).__name__}: truncated, or not a checkpoint state written by scratchllm"
         raise UnreadableCheckpoint(f"cannot read {path / STATE_FILE} ({first})") from e
@@ -217,7 +213,7 @@ def read_checkpoint_weights(path: Path, model: nn.Module) -> dict[str, torch.Ten
     except ScratchLLMError as e:
         if not isinstance(e.__cause__, SafetensorError) and (path / WEIGHTS_FILE).is_file():
             raise  # readable, but not this model's: the shape check's message
-        why = f"truncated or corrupt: {_first_line(e.__cause__)}" if e.__cause__ is not None else "missing"
+        why = f"truncated or corrupt: {first_line(e.__cause__)}" if e.__cause__ is not None else "missing"
         raise UnreadableCheckpoint(f"cannot read {path / WEIGHTS_FILE} ({why})") from e
 
 
