@@ -117,6 +117,18 @@ def steady(step_seconds: list[float], step_tokens: list[int]) -> tuple[float, in
     return sum(step_seconds[1:]), sum(step_tokens[1:])
 
 
+# the book's optimizer settings, as ours runs them: constant rate, no warmup, no clipping
+BOOK_RECIPE = dict(
+    lr=LR,
+    min_lr=LR,
+    warmup_steps=0,
+    schedule="constant",
+    weight_decay=WEIGHT_DECAY,
+    beta2=0.999,
+    grad_clip=0.0,
+)
+
+
 def run_ours(
     model: GPTModel, task: InstructionTask, steps: int, out_dir: str
 ) -> tuple[list[float], list[int]]:
@@ -124,13 +136,7 @@ def run_ours(
         out_dir=out_dir,
         batch_size=BATCH,
         max_steps=steps,
-        lr=LR,
-        min_lr=LR,
-        warmup_steps=0,
-        schedule="constant",
-        weight_decay=WEIGHT_DECAY,
-        beta2=0.999,
-        grad_clip=0.0,
+        **BOOK_RECIPE,
         precision="fp32",
         device="cpu",
         eval_every=0,
@@ -258,13 +264,7 @@ def val_losses(shape: str, epochs: int, train, val, tokenizer, workdir: str) -> 
         out_dir=f"{workdir}/ours-{shape}",
         epochs=epochs,
         batch_size=BATCH,
-        lr=LR,
-        min_lr=LR,
-        warmup_steps=0,
-        schedule="constant",
-        weight_decay=WEIGHT_DECAY,
-        beta2=0.999,
-        grad_clip=0.0,
+        **BOOK_RECIPE,
         eval_every=0,
         sample_tokens=0,
         precision="fp32",
