@@ -168,7 +168,7 @@ def test_the_program_exits_with_the_commands_code_and_all_its_output():
     )
     assert ok.returncode == 0, ok.stderr
     lines = ok.stdout.splitlines()
-    assert lines[0] == "preset nano" and lines[-1].lstrip().startswith("forward FLOPs")  # the whole report
+    assert lines[0] == "preset nano" and lines[-1].lstrip().startswith("KV cache")  # the whole report
     bad = subprocess.run(
         [sys.executable, "-m", "scratchllm", "info", "--preset", "nope"], capture_output=True, text=True
     )

@@ -28,7 +28,8 @@ from scratchllm.errors import ScratchLLMError
 from scratchllm.fileio import CONFIG_FILE
 from scratchllm.hub import info as hub_info
 from scratchllm.hub import model_info
-from scratchllm.model.gpt import PRESETS, GPTConfig, GPTModel
+from scratchllm.model.gpt import GPTConfig, GPTModel
+from scratchllm.model.registry import preset_names
 from scratchllm.text.simple import SimpleTokenizer
 from scratchllm.train.pretrain import PretrainConfig
 from tests.conftest import exit_code
@@ -469,8 +470,8 @@ def test_info_cli_lists_the_presets(capsys):
     assert main(["info", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split() for line in lines[1:-1]}
-    assert list(rows) == list(PRESETS)
-    assert rows["gpt2-small"][1:6] == ["12", "12", "768", "1024", "124.4M"]
+    assert list(rows) == preset_names()
+    assert rows["gpt2-small"][1:8] == ["gpt2", "12", "12", "12", "768", "1024", "124.4M"]
     assert main(["info", "--list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["gpt2-xl"]["parameters"] == 1_557_611_200
 
@@ -527,7 +528,7 @@ def test_info_through_the_table(capsys, saved):
     assert "parameters       124,439,808" in capsys.readouterr().out
     assert table_main(["info", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines[1:-1]] == list(PRESETS)
+    assert [line.split()[0] for line in lines[1:-1]] == preset_names()
     assert table_main(["info", "--list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["gpt2-xl"]["parameters"] == 1_557_611_200
     path, model = saved

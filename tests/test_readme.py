@@ -35,6 +35,7 @@ SKIPPED = {
 # Kinds of commands never run here, wherever they are added to the README: tests stay offline and on CPU.
 NEVER_RUN = {
     r"(^|\s)hf:": "reads a Hugging Face dataset (network)",
+    r"\bdownload (llama|qwen|gemma)\S*(?!.* --from )": "downloads from the Hugging Face hub (network)",
     r"--data spam\b": "downloads the SMS Spam Collection (network)",
     r"--(model|init-from) gpt2\b|\bdownload gpt2\b(?!.* --from )": "downloads GPT-2 (network)",
     r"--compile\b": "needs a GPU",

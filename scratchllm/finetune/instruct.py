@@ -49,7 +49,14 @@ from ..train.setup import LoRASettings, setup_model
 from ..train.task import Task, TrainResult
 from ..train.trainer import Trainer
 from ..train.trainer_config import TrainerConfig
-from .templates import DEFAULT_TEMPLATE, TEMPLATE_KEY, PromptTemplate, get_template
+from .templates import (
+    AUTO_TEMPLATE,
+    DEFAULT_TEMPLATE,
+    TEMPLATE_KEY,
+    PromptTemplate,
+    get_template,
+    template_names,
+)
 
 SPLIT_NAMES = ("train", "val", "test")  # written to out_dir/data/NAME.json
 IGNORE_INDEX = -100  # targets with this value do not count in the loss (PyTorch's cross_entropy default)
@@ -127,10 +134,11 @@ class InstructionDataset(torch.utils.data.Dataset):
         self, data: Sequence[Entry], tokenizer: Tokenizer, template: str | PromptTemplate = DEFAULT_TEMPLATE
     ):
         self.data = list(data)
-        self.template = get_template(template)
+        self.template = get_template(template, tokenizer)
         pairs = [self.template.format_example(entry) for entry in self.data]
-        self.encoded_texts: list[list[int]] = tokenizer.encode_batch([p + r for p, r in pairs])
-        prompt_ids = tokenizer.encode_batch([p for p, _ in pairs])
+        specials = self.template.allowed_special
+        self.encoded_texts: list[list[int]] = tokenizer.encode_batch([p + r for p, r in pairs], specials)
+        prompt_ids = tokenizer.encode_batch([p for p, _ in pairs], specials)
         # The prompt's tokens are normally a prefix of the full text's; where a BPE merge crosses
         # the boundary, the common prefix is the part that is certainly prompt.
         self.prompt_lengths = [_common_prefix(p, full) for p, full in zip(prompt_ids, self.encoded_texts)]
@@ -299,7 +307,8 @@ class InstructionTask(Task):
         prompts = [template.format_example(e)[0] for e in entries]
         gen = GenerationConfig(max_new_tokens=self.sample_tokens, stop=template.stop_strings)
         # no prepacked copy of the weights: they change between evaluations
-        outs = Engine(model, self.tokenizer, prepack=False).generate(prompts, gen)
+        engine = Engine(model, self.tokenizer, allowed_special=template.allowed_special, prepack=False)
+        outs = engine.generate(prompts, gen)
         return [
             f"{e['instruction'][:60]} -> {template.extract_response(o.text)}" for e, o in zip(entries, outs)
         ]
@@ -329,7 +338,12 @@ class InstructConfig(LoRASettings, TrainerConfig):
     split_seed: int | None = setting(
         123, "seed of the shuffled split; none: file order (the book's split)", "data"
     )
-    template: str = setting(DEFAULT_TEMPLATE, "prompt template: alpaca or phi3", "data")
+    template: str = setting(
+        AUTO_TEMPLATE,
+        "prompt template: auto (the model's own chat template when its tokenizer has one, else alpaca), "
+        "model, alpaca or phi3",
+        "data",
+    )
     mask_prompt: bool = setting(
         False, "learn only the response: prompt tokens are left out of the loss", "data"
     )
@@ -384,7 +398,10 @@ class InstructConfig(LoRASettings, TrainerConfig):
         self.check_lora("finetune settings")
         if self.context_length is not None and self.context_length < 2:
             raise bad(f"context_length must be >= 2, got {self.context_length}")
-        get_template(self.template)
+        if self.template not in template_names():
+            raise bad(
+                f"unknown prompt template {self.template!r}; choose one of: {', '.join(template_names())}"
+            )
         check_model_spec(self.model)  # before the data is read (or downloaded)
 
     def check_flags(self, flags: dict[str, Any]) -> None:
@@ -419,7 +436,8 @@ def _prepare_model(cfg: InstructConfig) -> LoadedModel:
     )
     if loaded.tokenizer.eot_id is None:
         raise ScratchLLMError(
-            f"the tokenizer of {cfg.model} has no <|endoftext|> token to end responses with"
+            f"the tokenizer of {cfg.model} has no end-of-text token (<|endoftext|>, or its eos_token) to end "
+            "responses with"
         )
     return loaded
 
@@ -437,10 +455,10 @@ def finetune_instruct(
     dist = init_distributed(cfg.device)
     with run_lock(out_dir, dist.is_main):  # until every output is written
         torch.manual_seed(cfg.seed)
-        template = get_template(cfg.template)
         splits = resolve_splits(cfg)
         loaded = _prepare_model(cfg)
         model, tokenizer = loaded.model, loaded.tokenizer
+        template = get_template(cfg.template, tokenizer)
         context = cfg.context_length or model.cfg.context_length
         if dist.is_main:
             for name in SPLIT_NAMES:

@@ -111,11 +111,16 @@ def respond(
     loaded = load_model(model, device=str(dev), dtype=resolve_dtype(dtype, dev), quantize=quantize)
     if loaded.tokenizer is None:
         raise ScratchLLMError(f"model {model!r} has no tokenizer files; save the model with its tokenizer")
-    chosen = get_template(template) if template else template_for_model(loaded.extra)
+    tokenizer = loaded.tokenizer
+    chosen = (
+        get_template(template, tokenizer)
+        if template
+        else template_for_model(loaded.extra, tokenizer=tokenizer)
+    )
     prompts = [chosen.format_example(r)[0] for r in records]
     start = time.perf_counter()
     completions = _generate_in_batches(
-        Engine(loaded.model, loaded.tokenizer),
+        Engine(loaded.model, tokenizer, allowed_special=chosen.allowed_special),
         prompts,
         gen.replace(stop=tuple(dict.fromkeys((*gen.stop, *chosen.stop_strings)))),
         batch_size,

@@ -18,6 +18,10 @@ The model learns to end a response with the end-of-text token (the collate funct
 it); `stop_strings` are a second guard for when it instead starts the next turn itself.
 
 Adding a template: `register_template(PromptTemplate(name=..., ...))`.
+
+A model with a chat template of its own (Llama 3, Qwen3, Gemma 3: the Jinja template in its
+tokenizer_config.json) is prompted with that one: `ModelTemplate`, named "model". "auto" picks it
+when the tokenizer has one, else alpaca.
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from scratchllm.errors import ScratchLLMError
+from scratchllm.text.tokenizer import AllowedSpecial
 
 TEMPLATE_KEY = "prompt_template"  # the key in a model directory's `extra`
 DEFAULT_TEMPLATE = "alpaca"
+MODEL_TEMPLATE = "model"  # the tokenizer's own chat template
+AUTO_TEMPLATE = "auto"  # the model's own when it has one, else DEFAULT_TEMPLATE
 ROLES = ("system", "user", "assistant")
 
 
@@ -46,6 +53,7 @@ class PromptTemplate:
     default_system: str = ""  # used when no system message is given ("" = no system block)
     separator: str = "\n\n"
     stop_strings: tuple[str, ...] = ()  # generation ends before any of these
+    allowed_special: AllowedSpecial = frozenset()  # specials its text may hold (none: all is plain text)
 
     def prompt(self, instruction: str, input: str = "", system: str | None = None) -> str:
         """The text up to where the response starts (ends with `assistant_header`)."""
@@ -92,12 +100,7 @@ class PromptTemplate:
 
     def extract_response(self, generated: str) -> str:
         """The response in generated text: cut at the first stop string, whitespace stripped."""
-        end = len(generated)
-        for stop in self.stop_strings:
-            at = generated.find(stop)
-            if at != -1:
-                end = min(end, at)
-        return generated[:end].strip()
+        return cut_at_stops(generated, self.stop_strings)
 
     def _system_block(self, system: str | None) -> list[str]:
         text = self.default_system if system is None else system
@@ -144,26 +147,102 @@ def register_template(template: PromptTemplate) -> PromptTemplate:
 
 
 def template_names() -> list[str]:
-    """The registered template names."""
-    return list(_TEMPLATES)
+    """The template names: the registered ones, the model's own ("model") and "auto"."""
+    return [*_TEMPLATES, MODEL_TEMPLATE, AUTO_TEMPLATE]
 
 
-def get_template(name: str | PromptTemplate) -> PromptTemplate:
-    """The template called `name` (a `PromptTemplate` is returned as is)."""
-    if isinstance(name, PromptTemplate):
+def get_template(name: str | PromptTemplate | ModelTemplate, tokenizer: Any = None) -> PromptTemplate:
+    """The template called `name` (a template object is returned as is). "model": the tokenizer's own
+    chat template; "auto": that one when the tokenizer has one, else the default."""
+    if isinstance(name, (PromptTemplate, ModelTemplate)):
         return name
+    own = getattr(tokenizer, "chat_template", None)
+    if name == AUTO_TEMPLATE:
+        name = MODEL_TEMPLATE if own else DEFAULT_TEMPLATE
+    if name == MODEL_TEMPLATE:
+        if not own:
+            raise ScratchLLMError(
+                "the prompt template 'model' is the tokenizer's own chat template, and this model's "
+                f"tokenizer has none; choose one of: {', '.join(_TEMPLATES)}"
+            )
+        return ModelTemplate(tokenizer)
     try:
         return _TEMPLATES[name]
     except KeyError:
         raise ScratchLLMError(
-            f"unknown prompt template {name!r}; choose one of: {', '.join(_TEMPLATES)}"
+            f"unknown prompt template {name!r}; choose one of: {', '.join(template_names())}"
         ) from None
 
 
-def template_for_model(extra: Mapping[str, Any] | None, default: str = DEFAULT_TEMPLATE) -> PromptTemplate:
-    """The template a model directory was finetuned with (its `extra["prompt_template"]`), else `default`."""
-    name = (extra or {}).get(TEMPLATE_KEY) or default
-    return get_template(name)
+def template_for_model(
+    extra: Mapping[str, Any] | None, default: str = DEFAULT_TEMPLATE, tokenizer: Any = None
+) -> PromptTemplate:
+    """The template a model directory was finetuned with (its `extra["prompt_template"]`), else its
+    tokenizer's own chat template, else `default`."""
+    name = (extra or {}).get(TEMPLATE_KEY)
+    if not name:
+        name = MODEL_TEMPLATE if getattr(tokenizer, "chat_template", None) else default
+    return get_template(name, tokenizer)
+
+
+class ModelTemplate:
+    """A model's own chat template (Jinja, from its tokenizer_config.json) as a prompt template: the
+    prompt is the conversation rendered up to the assistant's turn, the response what the template
+    writes after it up to the end-of-turn token (which training appends as the end-of-text id)."""
+
+    name = MODEL_TEMPLATE
+    description = "the model's own chat template (its tokenizer_config.json)"
+    allowed_special: AllowedSpecial = "all"  # the template writes the model's special tokens as text
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        ids = [i for i in tokenizer.stop_ids if i is not None]
+        self.stop_strings = tuple(dict.fromkeys(tokenizer.decode([i]) for i in ids))
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's template writes it (roles checked as for every template)."""
+        for i, message in enumerate(messages):
+            _check_message(i, message)
+        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt)
+
+    def _messages(self, instruction: str, input: str = "", system: str | None = None) -> list[dict[str, str]]:
+        content = f"{instruction}\n\n{input}" if input else instruction
+        return [
+            *([{"role": "system", "content": system}] if system else []),
+            {"role": "user", "content": content},
+        ]
+
+    def prompt(self, instruction: str, input: str = "", system: str | None = None) -> str:
+        """The text up to where the response starts."""
+        return self.render_chat(self._messages(instruction, input, system))
+
+    def format_example(self, entry: Mapping[str, Any]) -> tuple[str, str]:
+        """(prompt, response) of an {"instruction", "input", "output"} entry; training text = prompt +
+        response, and training appends the end-of-turn id after it."""
+        messages = self._messages(entry["instruction"], entry.get("input") or "")
+        prompt = self.render_chat(messages)
+        reply = {"role": "assistant", "content": str(entry.get("output") or "")}
+        full = self.render_chat([*messages, reply], add_generation_prompt=False)
+        if not full.startswith(prompt):
+            raise ScratchLLMError(
+                "the model's chat template writes a reply that does not continue its prompt (it rewrites "
+                "earlier turns); finetune with --template alpaca instead"
+            )
+        response = full[len(prompt) :]
+        eos = self.tokenizer.eos_token
+        if eos and eos in response:
+            response = response[: response.rindex(eos)]  # the end of turn: training appends its id
+        return prompt, response
+
+    def extract_response(self, generated: str) -> str:
+        """The response in generated text: cut at the first end-of-turn string, whitespace stripped."""
+        return cut_at_stops(generated, self.stop_strings)
+
+
+def cut_at_stops(generated: str, stops: Sequence[str]) -> str:
+    """`generated` up to the first of `stops`, whitespace stripped."""
+    end = min([at for at in (generated.find(s) for s in stops) if at != -1], default=len(generated))
+    return generated[:end].strip()
 
 
 def _check_message(index: int, message: Mapping[str, str]) -> tuple[str, str]:

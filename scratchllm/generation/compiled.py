@@ -42,7 +42,9 @@ class CompiledDecoding:
         cache = self._caches.get((batch_size, dtype))
         if cache is None or cache.k[0].device != device:
             with torch.inference_mode(False):  # plain tensors, updated in place by the compiled step
-                cache = self.model.new_kv_cache(batch_size, self.model.cfg.context_length, dtype=dtype)
+                cache = self.model.new_kv_cache(
+                    batch_size, self.model.cfg.context_length, dtype=dtype, bounded=False
+                )
                 cache.freeze()  # allocates the static-mode buffers
             for t in (*cache.k, *cache.v, cache.slot, cache.valid, cache.positions, cache.tokens):
                 torch._dynamo.mark_static_address(t)  # CUDA graphs read them in place, never copied

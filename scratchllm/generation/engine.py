@@ -92,14 +92,20 @@ class Engine:
 
     # -- public API ------------------------------------------------------------------------------
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        """The token ids of a prompt (text, or ids checked against the vocabulary)."""
+    def encode(self, prompt: Prompt, allowed_special: AllowedSpecial | None = None) -> list[int]:
+        """The token ids of a prompt (text, or ids checked against the vocabulary). Text gets the
+        tokenizer's beginning-of-sequence token first when its model expects one (Llama, Gemma);
+        `allowed_special`: the special tokens its text may hold (None: the engine's setting)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ScratchLLMError(
                     "generation: a text prompt needs a tokenizer; give token ids or a tokenizer"
                 )
-            ids = self.tokenizer.encode(prompt, allowed_special=self.allowed_special)
+            allowed = self.allowed_special if allowed_special is None else allowed_special
+            ids = self.tokenizer.encode(prompt, allowed_special=allowed)
+            bos = getattr(self.tokenizer, "bos_id", None)
+            if getattr(self.tokenizer, "add_bos", False) and bos is not None and ids[:1] != [bos]:
+                ids = [bos, *ids]
         else:
             try:
                 ids = [int(t) for t in prompt]
@@ -208,13 +214,14 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------------
 
     def _stop_ids(self, cfg: GenerationConfig) -> set[int]:
+        """The ids that end a sequence: the config's, and (unless `ignore_eos`) the end of text, which for
+        a model with a generation config of its own are all its end-of-turn ids."""
         ids = set(cfg.stop_token_ids)
         if not cfg.ignore_eos:
-            eos = (
-                cfg.eos_id if cfg.eos_id is not None else (self.tokenizer.eot_id if self.tokenizer else None)
-            )
-            if eos is not None:
-                ids.add(eos)
+            if cfg.eos_id is not None:
+                ids.add(cfg.eos_id)
+            elif self.tokenizer is not None:
+                ids |= {self.tokenizer.eot_id, *getattr(self.tokenizer, "stop_ids", ())} - {None}
         return ids
 
     def _run(

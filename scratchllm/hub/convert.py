@@ -1,6 +1,7 @@
 """A Hugging Face model directory -> a model directory: config, weights (read with safetensors only,
-one tensor at a time) and a GPT-2-style tokenizer. The name tables live with each family in model/
-(e.g. model/gpt2_hf.py); `config.json`'s model_type picks the family through the registry."""
+one tensor at a time, shards too) and the tokenizer (GPT-2's files, or the model's own tokenizer.json
+with its chat template). The name tables live with each family in model/ (model/gpt2_hf.py,
+model/transformer_hf.py); `config.json`'s model_type picks the family through the registry."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from ..errors import ScratchLLMError
 from ..fileio import CONFIG_FILE, check_replaceable, directory_kind
 from ..model.registry import Architecture, HFMapping, get_architecture, hf_architectures, preset_config
 from ..text.bpe import BPETokenizer, read_encoder_files
+from ..text.hf_tokenizer import HFTokenizer
 from ..text.tokenizer import Tokenizer
 
 HF_WEIGHTS_FILE = "model.safetensors"
 HF_INDEX_FILE = "model.safetensors.index.json"
 HF_VOCAB_FILE = "vocab.json"
 HF_MERGES_FILE = "merges.txt"
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 
 def hf_architecture(model_type: Any, source: str = "config.json") -> Architecture:
@@ -81,7 +84,7 @@ def read_hf_config(src: str | os.PathLike) -> Any:
     """Our config for the config.json of a Hugging Face directory."""
     src = Path(src).expanduser()
     if not src.is_dir():
-        raise ScratchLLMError(f"{src} is not a directory; give a Hugging Face GPT-2 directory")
+        raise ScratchLLMError(f"{src} is not a directory; give a Hugging Face model directory")
     if directory_kind(src) in ("model directory", "checkpoint"):
         raise ScratchLLMError(
             f"{src} is a scratchllm model directory already, nothing to convert; use it as it is (--model "
@@ -100,7 +103,7 @@ def load_hf_dir(src: str | os.PathLike) -> tuple[torch.nn.Module, Tokenizer | No
     tensors = from_hf_state_dict(pairs, cfg, source=str(src))
     load_state_dict_strict(model, tensors, source=f"{src} (converted from Hugging Face names)", assign=True)
     model.eval()
-    return model, load_hf_tokenizer(src)
+    return model, load_hf_tokenizer(src, gpt2_files_first=cfg.architecture == "gpt2")
 
 
 def _hf_weight_files(src: Path) -> list[Path]:
@@ -148,7 +151,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise ScratchLLMError(
-            f"{path} is missing; a Hugging Face GPT-2 directory has config.json and model.safetensors"
+            f"{path} is missing; a Hugging Face model directory has config.json and model.safetensors"
         ) from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ScratchLLMError(f"{path}: not valid JSON ({e})") from e
@@ -157,12 +160,18 @@ def _read_json(path: Path) -> dict[str, Any]:
     return doc
 
 
-def load_hf_tokenizer(src: str | os.PathLike) -> Tokenizer | None:
-    """The GPT-2-style tokenizer of a HF directory (vocab.json + merges.txt: the formats of OpenAI's
-    encoder.json + vocab.bpe under other names), or None when it has none."""
+def load_hf_tokenizer(src: str | os.PathLike, gpt2_files_first: bool = True) -> Tokenizer | None:
+    """The tokenizer of a HF directory, or None when it has none: its `tokenizer.json` (through the
+    `tokenizers` library, with its special tokens and chat template), or GPT-2-style files (vocab.json
+    + merges.txt: the formats of OpenAI's encoder.json + vocab.bpe under other names), which
+    `gpt2_files_first` prefers (GPT-2's own encode through tiktoken, faster; other families' vocab.json
+    lacks their split pattern and special tokens)."""
     src = Path(src)
     vocab, merges = src / HF_VOCAB_FILE, src / HF_MERGES_FILE
-    if not (vocab.is_file() and merges.is_file()):
+    gpt2_files = vocab.is_file() and merges.is_file()
+    if (src / HF_TOKENIZER_FILE).is_file() and not (gpt2_files and gpt2_files_first):
+        return HFTokenizer.from_dir(src)
+    if not gpt2_files:
         return None
     ranks, specials, merge_list = read_encoder_files(vocab, merges)
     # GPT-2's own, or another BPE in its format (one exported from here): named by its size then

@@ -21,6 +21,7 @@ from ..fileio import CONFIG_FILE, atomic_dir, atomic_write_json, directory_kind
 from ..model.lora import lora_layers, merge_lora
 from ..model.quantize import is_quantized
 from ..text.bpe import ENCODER_FILE, GPT2_PATTERN, MERGES_FILE, BPETokenizer
+from ..text.hf_tokenizer import HFTokenizer
 from ..text.tokenizer import EOT, Tokenizer
 from .convert import HF_MERGES_FILE, HF_VOCAB_FILE, HF_WEIGHTS_FILE, hf_mapping
 from .fetch import HUB_NAMES_HELP, load_model
@@ -36,12 +37,23 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def hf_config(cfg: Any, tokenizer: Tokenizer | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """The Hugging Face config.json for our config (e.g. a `GPT2Config` dict), marked as exported."""
     eot = tokenizer.eot_id if tokenizer is not None else None
-    return {**hf_mapping(cfg).config_to_hf(cfg, eot, dtype), EXPORTED_BY: f"scratchllm {__version__}"}
+    config = hf_mapping(cfg).config_to_hf(cfg, eot, dtype)
+    if isinstance(tokenizer, HFTokenizer):
+        config |= {"bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id}
+    return {**config, EXPORTED_BY: f"scratchllm {__version__}"}
 
 
 def hf_tokenizer_files(tokenizer: Tokenizer, context_length: int) -> dict[str, bytes] | None:
-    """vocab.json, merges.txt and tokenizer_config.json for `GPT2TokenizerFast`, or None when the
-    tokenizer is not a GPT-2-style BPE (HF's GPT-2 tokenizer has GPT-2's split pattern built in)."""
+    """The tokenizer's files for transformers: a model's own tokenizer.json and tokenizer_config.json
+    (with its chat template; generation_config.json with its end-of-turn ids), or for a GPT-2-style BPE
+    vocab.json, merges.txt and tokenizer_config.json for `GPT2TokenizerFast`; None for other kinds (HF's
+    GPT-2 tokenizer has GPT-2's split pattern built in)."""
+    if isinstance(tokenizer, HFTokenizer):
+        files = dict(tokenizer._files())
+        if tokenizer.stop_ids:
+            generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids}
+            files["generation_config.json"] = (json.dumps(generation, indent=2) + "\n").encode("utf-8")
+        return files
     if not isinstance(tokenizer, BPETokenizer) or tokenizer.pattern != GPT2_PATTERN:
         return None
     files = tokenizer._files()
@@ -83,8 +95,8 @@ def _check_export_target(out: Path) -> None:
 
 def export_hf(spec: str | os.PathLike | LoadedModel, out: str | os.PathLike) -> Path:
     """Write a model (a directory, hub name or loaded model) as a Hugging Face directory: config.json,
-    model.safetensors (+ vocab.json, merges.txt, tokenizer_config.json for a GPT-2-style BPE
-    tokenizer). Atomic: `out` appears complete or not at all."""
+    model.safetensors and the tokenizer files (`hf_tokenizer_files`). Atomic: `out` appears complete or
+    not at all."""
     loaded = spec if isinstance(spec, LoadedModel) else load_model(spec)
     model, tokenizer = loaded.model, loaded.tokenizer
     if is_quantized(model):
@@ -113,7 +125,7 @@ def export_hf(spec: str | os.PathLike | LoadedModel, out: str | os.PathLike) -> 
         why = (
             "the model has no tokenizer"
             if tokenizer is None
-            else f"its {tokenizer.kind} tokenizer has no GPT-2 form"
+            else f"its {tokenizer.kind} tokenizer has no GPT-2 form"  # nor another Hugging Face one
         )
         warnings.warn(
             f"{out} holds the weights and config only ({why}); encode text for it with scratchllm's "
@@ -125,7 +137,7 @@ def export_hf(spec: str | os.PathLike | LoadedModel, out: str | os.PathLike) -> 
 
 @dataclass
 class ExportHFSettings:
-    """`scratchllm export-hf`: a model written as a Hugging Face GPT-2 directory."""
+    """`scratchllm export-hf`: a model written as a Hugging Face directory (transformers loads it)."""
 
     model: str = setting("", f"a model directory, or {HUB_NAMES_HELP}", "model", positional=True)
     out: str = setting("", "the directory to write", "model", positional=True)
@@ -135,4 +147,4 @@ def export_hf_command(settings: ExportHFSettings) -> None:
     """`export_hf`, and a line saying where it wrote."""
     if not settings.model or not settings.out:
         raise ScratchLLMError("export-hf needs a model and the directory to write: export-hf MODEL OUT")
-    print(f"wrote a Hugging Face GPT-2 directory to {export_hf(settings.model, settings.out)}")
+    print(f"wrote a Hugging Face directory to {export_hf(settings.model, settings.out)}")

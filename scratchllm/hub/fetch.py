@@ -22,7 +22,8 @@ from ..fileio import CONFIG_FILE
 from ..model.registry import Architecture, hf_architectures
 from .convert import HF_INDEX_FILE, HF_WEIGHTS_FILE, convert_hf_dir
 
-# What a download fetches: the weights (one file, or shards with an index), the config, the tokenizer.
+# What a download fetches: the weights (one file, or shards with an index), the config, the tokenizer
+# (GPT-2's files, or tokenizer.json with its settings and chat template), the generation settings.
 HF_DOWNLOAD_FILES = [
     CONFIG_FILE,
     HF_WEIGHTS_FILE,
@@ -30,9 +31,15 @@ HF_DOWNLOAD_FILES = [
     "model-*-of-*.safetensors",
     "vocab.json",
     "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
 ]
-DOWNLOAD_NAMES = ("gpt2", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
-HUB_NAMES_HELP = "gpt2, gpt2-medium, gpt2-large, gpt2-xl (or 124M, 355M, 774M, 1558M)"
+HUB_NAMES_HELP = (
+    "a hub name (gpt2, gpt2-medium, llama3.2-1b, qwen3-0.6b, gemma3-270m, ...: `scratchllm info --list`)"
+)
 
 
 def hub_names() -> list[str]:
@@ -56,8 +63,9 @@ def canonical_name(name: str) -> str:
         key = arch.aliases.get(name, name)
         if key in arch.hf.repos:
             return key
-    labels = " or ".join(arch.hf.label for arch in hf_architectures())
-    raise ScratchLLMError(f"unknown {labels} model {name!r}; choose one of {', '.join(hub_names())}")
+    raise ScratchLLMError(
+        f"unknown model {name!r} on the Hugging Face hub; choose one of {', '.join(hub_names())}"
+    )
 
 
 def _hub_architecture(key: str) -> Architecture:
@@ -134,15 +142,16 @@ def download_model(name: str, out: str | os.PathLike | None = None, progress: bo
 
 @dataclass
 class DownloadSettings:
-    """`scratchllm download`: a GPT-2 model from the Hugging Face hub, or a local copy converted."""
+    """`scratchllm download`: a model from the Hugging Face hub, or a local copy converted."""
 
     name: str = setting(
         "gpt2",
-        "the model (--size picks among the four)",
+        "the model: gpt2 (--size picks among its four), gpt2-medium, llama3.2-1b, qwen3-0.6b, qwen3-30b-a3b, "
+        "gemma3-270m, ... (`scratchllm info --list`)",
         "model",
         positional="?",
-        choices=DOWNLOAD_NAMES,
-        metavar="{" + ",".join(DOWNLOAD_NAMES) + "}",  # the choices in the usage line, as argparse shows them
+        choices=tuple(hub_names()),
+        metavar="NAME",
     )
     size: str | None = setting(
         None, "GPT-2 size (default: 124M)", "model", choices=("124M", "355M", "774M", "1558M")
@@ -155,8 +164,8 @@ class DownloadSettings:
     )
     src: str | None = setting(
         None,
-        "convert a local Hugging Face GPT-2 directory (config.json, model.safetensors, vocab.json, "
-        "merges.txt) instead of downloading",
+        "convert a local Hugging Face directory (config.json, model.safetensors or its shards, and the "
+        "tokenizer: tokenizer.json or vocab.json + merges.txt) instead of downloading",
         "model",
         flags=("--from",),
         metavar="DIR",
@@ -201,11 +210,17 @@ def hf_snapshot(repo_id: str, progress: bool = True, name: str = "gpt2") -> Path
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=HF_DOWNLOAD_FILES, local_files_only=offline))
     except Exception as e:  # no network, offline mode, a proxy, an HTTP error: all "cannot get it now"
+        if type(e).__name__ == "GatedRepoError":
+            raise ScratchLLMError(
+                f"{repo_id} is a gated model: accept its license at https://huggingface.co/{repo_id} with "
+                "your account, then give your access token as HF_TOKEN (or run `hf auth login`) and try "
+                f"again; or convert a local copy with `scratchllm download {name} --from DIR`"
+            ) from e
         reason = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" if offline else _one_line(e)
         raise ScratchLLMError(
             f"cannot download {repo_id} from the Hugging Face hub ({reason}). To fix: {retry} and try again, "
-            "or convert a local copy (a directory with config.json, model.safetensors, vocab.json, "
-            f"merges.txt) with `scratchllm download {name} --from DIR`"
+            "or convert a local copy (a directory with config.json, the safetensors weights and the "
+            f"tokenizer files) with `scratchllm download {name} --from DIR`"
         ) from e
     # the cache can hold part of a repository (a config fetched alone): offline, that is all there is
     if not (path / CONFIG_FILE).is_file() or not any(

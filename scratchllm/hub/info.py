@@ -11,8 +11,8 @@ from typing import Any
 from ..checkpoint import meta_model, read_config
 from ..config import setting
 from ..errors import ScratchLLMError
-from ..model.gpt import PRESETS, count_parameters
-from ..model.registry import flops_per_token, preset_config
+from ..model.gpt import count_parameters
+from ..model.registry import flops_per_token, preset_config, preset_names
 from .fetch import HUB_NAMES_HELP, cached_model, canonical_name, is_hub_name, resolve_model
 
 
@@ -29,7 +29,12 @@ class InfoSettings:
         required=True,
     )
     preset: str | None = setting(
-        None, f"a model preset: {', '.join(PRESETS)}", "model", exclusive="which", required=True
+        None,
+        "a model preset (`info --list` shows them all), e.g. gpt2-medium, llama3.2-1b, qwen3-0.6b, "
+        "gemma3-270m",
+        "model",
+        exclusive="which",
+        required=True,
     )
     model: str | None = setting(
         None,
@@ -56,21 +61,25 @@ def info_command(settings: InfoSettings) -> None:
 
 def list_presets(as_json: bool = False) -> None:
     """`info --list`: every model preset's shape and size, from its config alone."""
-    infos = {name: model_info(preset=name) for name in PRESETS}
+    infos = {name: model_info(preset=name) for name in preset_names()}
     if as_json:
         print(json.dumps(infos, indent=2))
         return
     print(
-        f"{'preset':<12} {'layers':>6} {'heads':>5} {'dims':>5} {'context':>7} {'parameters':>11} "
-        f"{'fp32 MB':>8}"
+        f"{'preset':<14} {'family':<9} {'layers':>6} {'heads':>5} {'kv':>3} {'dims':>5} {'context':>7} "
+        f"{'parameters':>11} {'bf16 MB':>8} {'KV KB/tok':>9}"
     )
     for name, info in infos.items():
         c = info["config"]
         print(
-            f"{name:<12} {c['n_layers']:>6} {c['n_heads']:>5} {c['emb_dim']:>5} {c['context_length']:>7} "
-            f"{info['parameters'] / 1e6:>10.1f}M {info['bytes_fp32'] / 1e6:>8.1f}"
+            f"{name:<14} {c['architecture']:<9} {c['n_layers']:>6} {c['n_heads']:>5} {info['kv_heads']:>3} "
+            f"{c['emb_dim']:>5} {c['context_length']:>7} {info['parameters'] / 1e6:>10.1f}M "
+            f"{info['bytes_bf16'] / 1e6:>8.1f} {info['kv_cache_bytes_per_token'] / 1024:>9.1f}"
         )
-    print("(GPT-2's vocabulary of 50257 and tied embeddings; a run's own vocabulary changes the count)")
+    print(
+        "(each family's own vocabulary; the small gpt2 sizes with GPT-2's. Every family also has the sizes "
+        "nano, micro, mini and small-cpu: `pretrain --arch llama3 --model nano`)"
+    )
 
 
 def model_info(preset: str | None = None, model: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -98,6 +107,24 @@ def model_info(preset: str | None = None, model: str | os.PathLike | None = None
         "bytes_fp32": stored * 4,
         "bytes_bf16": stored * 2,
         "flops_per_token": flops_per_token(cfg),
+        **kv_cache_size(cfg),
+    }
+
+
+def kv_cache_size(cfg: Any) -> dict[str, Any]:
+    """What a KV cache costs at bf16: bytes per token of context (keys and values of every layer), what
+    multi-head attention (a KV head per query head) would cost, and the local layers' cap in tokens."""
+    kv_heads = getattr(cfg, "n_kv_groups", cfg.n_heads)
+    types = [cfg.layer_type(i) if hasattr(cfg, "layer_type") else "full" for i in range(cfg.n_layers)]
+    full = types.count("full")
+    per_layer = 2 * cfg.head_dim * 2  # keys and values, 2 bytes each
+    return {
+        "kv_heads": kv_heads,
+        "kv_cache_bytes_per_token": full * kv_heads * per_layer,
+        "kv_cache_bytes_per_token_mha": cfg.n_layers * cfg.n_heads * per_layer,
+        "local_layers": len(types) - full,
+        "local_window": getattr(cfg, "sliding_window", 0),
+        "local_bytes_max": (len(types) - full) * kv_heads * per_layer * getattr(cfg, "sliding_window", 0),
     }
 
 
@@ -119,9 +146,11 @@ def _model_config(model: str | os.PathLike) -> tuple[Any, str]:
 def format_model_info(info: dict[str, Any]) -> str:
     """`model_info` as aligned lines for people."""
     cfg = info["config"]
+    kv = f", {info['kv_heads']} key/value heads" if info["kv_heads"] != cfg["n_heads"] else ""
     rows = [
+        ("family", cfg.get("architecture", "gpt2")),
         ("layers", f"{cfg['n_layers']}"),
-        ("attention heads", f"{cfg['n_heads']} (head size {info['head_dim']})"),
+        ("attention heads", f"{cfg['n_heads']} (head size {info['head_dim']}){kv}"),
         ("embedding size", f"{cfg['emb_dim']}"),
         ("context length", f"{cfg['context_length']:,} tokens"),
     ]
@@ -148,6 +177,7 @@ def format_model_info(info: dict[str, Any]) -> str:
             f"{_human(info['flops_per_token'])} per token at context {cfg['context_length']:,} (2 per "
             "multiply-add)",
         ),
+        ("KV cache", _kv_cache(info)),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join([info["source"], *(f"  {k:<{width}}  {v}" for k, v in rows)])
@@ -158,6 +188,19 @@ def _head(cfg: dict[str, Any]) -> str:
         return f"classifier, {cfg['n_classes']} classes"
     tied = "tied to the token embedding" if cfg["tie_weights"] else "separate from the token embedding"
     return f"language model, {tied}"
+
+
+def _kv_cache(info: dict[str, Any]) -> str:
+    per_token, mha = info["kv_cache_bytes_per_token"], info["kv_cache_bytes_per_token_mha"]
+    text = f"{per_token / 1024:,.1f} KB per token at bf16"
+    if info["local_layers"]:
+        text += (
+            f" in the global layers, plus at most {info['local_bytes_max'] / 1e6:,.1f} MB for the "
+            f"{info['local_layers']} local layers (window {info['local_window']:,})"
+        )
+    if mha != per_token:
+        text += f"; {mha / 1024:,.1f} KB with a key/value head per query head"
+    return text
 
 
 def _human(n: float) -> str:

@@ -22,6 +22,8 @@ Shapes: x is (batch, num_tokens, d_in); the v0-v2 steps also take an unbatched (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -217,10 +219,16 @@ class KVCache:
         max_len: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        windows: Sequence[int] | None = None,
     ) -> None:
-        shape = (batch_size, n_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        """`windows`: per layer, 0 for a layer that sees every position, W for a sliding-window layer,
+        whose cache then keeps only the W latest positions (a ring, when W < max_len)."""
+        self.windows = [w if 0 < w < max_len else 0 for w in (windows or [0] * n_layers)]
+        self.k = [
+            torch.zeros((batch_size, n_heads, w or max_len, head_dim), device=device, dtype=dtype)
+            for w in self.windows
+        ]
+        self.v = [torch.zeros_like(k) for k in self.k]
         self.max_len = max_len
         self.pos = 0
         self.static = False
@@ -228,6 +236,13 @@ class KVCache:
         self.valid: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.tokens: torch.Tensor | None = None
+
+    def ring_span(self, window: int) -> int | None:
+        """For layers of sliding `window` kept in a ring: how many cached positions the next step sees
+        (they come before its new keys); None when those layers keep every position."""
+        if window not in self.windows:
+            return None
+        return min(self.pos, window - 1)
 
     @property
     def batch_size(self) -> int:
@@ -243,6 +258,8 @@ class KVCache:
         """Enter static mode after a prompt pass filled `pos` slots. `padding_mask` (batch, >= pos)
         is False at left padding (None: no padding). The buffers are allocated once and refilled in
         place afterwards, so a recorded CUDA graph keeps reading the right memory."""
+        if any(self.windows):
+            raise RuntimeError("static mode needs a cache that keeps every position (windows=None)")
         b, dev = self.batch_size, self.k[0].device
         if self.slot is None:
             self.slot = torch.zeros((), dtype=torch.long, device=dev)
@@ -283,12 +300,31 @@ class KVCache:
             keys.index_copy_(2, slot, k.to(keys.dtype))
             values.index_copy_(2, slot, v.to(values.dtype))
             return keys, values
+        if self.windows[layer]:
+            return self._update_ring(layer, k, v, self.windows[layer])
         start, end = self.pos, self.pos + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def _update_ring(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sliding-window layer: position p lives in slot p % window. Returns the cached positions the
+        new queries can see (`ring_span`, oldest first) followed by the new ones; keeps the latest."""
+        start, t = self.pos, k.shape[2]
+        if start + t > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {start + t} positions > max_len {self.max_len}")
+        seen = torch.arange(start - min(start, window - 1), start, device=k.device) % window
+        keys = torch.cat([self.k[layer][:, :, seen], k.to(self.k[layer].dtype)], dim=2)
+        values = torch.cat([self.v[layer][:, :, seen], v.to(self.v[layer].dtype)], dim=2)
+        kept = min(t, window)
+        slots = torch.arange(start + t - kept, start + t, device=k.device) % window
+        self.k[layer].index_copy_(2, slots, k[:, :, t - kept :].to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, slots, v[:, :, t - kept :].to(self.v[layer].dtype))
+        return keys, values
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (used when finished sequences leave a batch; not in static mode)."""

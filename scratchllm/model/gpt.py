@@ -8,21 +8,18 @@ map to Hugging Face's is in gpt2_hf.py, and registry.py registers the family.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
-import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
 from ..errors import ScratchLLMError
 from .attention import CausalSelfAttention, KVCache, step_inputs
-from .loss import head_loss
+from .base import CausalLM, ModelConfig, check_token_ids
 from .parts import GELU, GELU_FORMS, LayerNorm
 from .quantize import Int4Linear
 
@@ -30,7 +27,7 @@ ARCHITECTURE = "gpt2"
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(ModelConfig):
     """Everything that fixes the shape of a GPT model."""
 
     vocab_size: int = 50257
@@ -47,31 +44,26 @@ class GPTConfig:
     gelu: str = "tanh"
     architecture: str = ARCHITECTURE  # the model family (model/registry.py); `to_dict` puts it first
 
+    OTHER_NAMES: ClassVar[Mapping[str, str]] = {
+        # what GPT-2's config.json (transformers) and nanoGPT call these keys: the usual slips
+        "n_embd": "emb_dim",
+        "n_head": "n_heads",
+        "n_layer": "n_layers",
+        "n_ctx": "context_length",
+        "n_positions": "context_length",
+        "block_size": "context_length",
+        "dropout": "drop_rate",
+        "bias": "qkv_bias",
+    }
+
     def __post_init__(self) -> None:
-        if not isinstance(self.architecture, str):
-            raise ScratchLLMError(f"model config: architecture must be a string, got {self.architecture!r}")
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "n_classes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ScratchLLMError(f"model config: {name} must be an integer, got {value!r}")
-        for name in ("qkv_bias", "tie_weights"):
-            value = getattr(self, name)
-            if isinstance(value, str) or value not in (True, False):  # numpy bools and 0/1 too
-                raise ScratchLLMError(f"model config: {name} must be true or false, got {value!r}")
-            setattr(self, name, bool(value))
-        if isinstance(self.drop_rate, bool) or not isinstance(self.drop_rate, numbers.Real):
-            raise ScratchLLMError(f"model config: drop_rate must be a number, got {self.drop_rate!r}")
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            if getattr(self, name) < 1:
-                raise ScratchLLMError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        self.check_common()
+        self.check_ints(["vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"])
+        self.check_bools(["qkv_bias", "tie_weights"])
         if self.emb_dim % self.n_heads:
             raise ScratchLLMError(
                 f"model config: emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
             )
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ScratchLLMError(f"model config: drop_rate must be in [0, 1), got {self.drop_rate}")
-        if self.n_classes < 0:
-            raise ScratchLLMError(f"model config: n_classes must be >= 0, got {self.n_classes}")
         if self.gelu not in GELU_FORMS:
             raise ScratchLLMError(f"model config: gelu must be {' or '.join(GELU_FORMS)}, got {self.gelu!r}")
 
@@ -80,44 +72,6 @@ class GPTConfig:
         """The width of one attention head."""
         return self.emb_dim // self.n_heads
 
-    def to_dict(self) -> dict:
-        """The settings as a plain dict (what config.json holds; `from_dict` reads it back)."""
-        d = dataclasses.asdict(self)
-        return {"architecture": d.pop("architecture"), **d}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> GPTConfig:
-        """A config from `to_dict`'s keys (those left out keep their defaults); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            close = [
-                _OTHER_NAMES.get(k) or next(iter(difflib.get_close_matches(k, names, n=1)), None)
-                for k in unknown
-            ]
-            close = [c for c in close if c]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ScratchLLMError(
-                f"model config: unknown keys {unknown}{hint}; valid keys are {sorted(names)}"
-            )
-        return cls(**d)
-
-    def replace(self, **changes) -> GPTConfig:
-        """A copy with `changes` applied (and checked), e.g. `cfg.replace(drop_rate=0.0)`."""
-        return dataclasses.replace(self, **changes)
-
-
-# What GPT-2's config.json (transformers) and nanoGPT call these keys: the usual slips.
-_OTHER_NAMES = {
-    "n_embd": "emb_dim",
-    "n_head": "n_heads",
-    "n_layer": "n_layers",
-    "n_ctx": "context_length",
-    "n_positions": "context_length",
-    "block_size": "context_length",
-    "dropout": "drop_rate",
-    "bias": "qkv_bias",
-}
 
 # The four OpenAI GPT-2 sizes, and small shapes that train on a laptop CPU.
 PRESETS: dict[str, dict] = {
@@ -192,7 +146,7 @@ class TransformerBlock(nn.Module):
         return x
 
 
-class GPTModel(nn.Module):
+class GPTModel(CausalLM):
     """Token + position embeddings, `n_layers` transformer blocks, final norm, output head."""
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any]):
@@ -219,16 +173,6 @@ class GPTModel(nn.Module):
         self.reset_parameters()
         self.tie_weights()
 
-    def tie_weights(self) -> None:
-        """Share the token-embedding matrix with the LM head when the config asks for it."""
-        if self.cfg.tie_weights and not self.cfg.n_classes:
-            self.out_head.weight = self.tok_emb.weight
-
-    @property
-    def weights_tied(self) -> bool:
-        """The head shares the token-embedding matrix (a quantized head has no `weight`: never tied)."""
-        return getattr(self.out_head, "weight", None) is self.tok_emb.weight
-
     def reset_parameters(self) -> None:
         """GPT-2's initialization: N(0, 0.02) weights, zero biases, and the projections that write into
         the residual stream scaled by 1/sqrt(2 n_layers) so its variance does not grow with depth."""
@@ -241,38 +185,6 @@ class GPTModel(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
-
-    def hidden_at(self, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]) -> torch.Tensor:
-        """The final-norm hidden states at `positions[i]` of each token sequence `seqs[i]`, concatenated in
-        order: shape (total positions, emb_dim). The sequences run as one batch padded at the end, which
-        causal attention never lets a real token see; gathering only the positions that matter lets a
-        scorer put just those through the output head (for GPT-2's vocabulary, much of the work)."""
-        if not seqs or len(seqs) != len(positions) or not all(seqs):
-            raise ValueError("hidden_at needs one position list per sequence, and no empty sequence")
-        device = self.tok_emb.weight.device
-        batch = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            batch[r, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        rows = torch.tensor([r for r, p in enumerate(positions) for _ in p], dtype=torch.long, device=device)
-        cols = torch.tensor([c for p in positions for c in p], dtype=torch.long, device=device)
-        return self(batch.to(device), return_hidden=True)[rows, cols]
-
-    def new_kv_cache(
-        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
-    ) -> KVCache:
-        """An empty key/value cache for `batch_size` sequences of up to `max_len` positions (default:
-        the context length), preallocated per layer in `dtype` (default: the weights') on their device."""
-        cfg = self.cfg
-        p = self.tok_emb.weight
-        return KVCache(
-            cfg.n_layers,
-            batch_size,
-            cfg.n_heads,
-            cfg.head_dim,
-            min(max_len or cfg.context_length, cfg.context_length),
-            device=p.device,
-            dtype=dtype or p.dtype,
-        )
 
     def forward(
         self,
@@ -296,7 +208,7 @@ class GPTModel(nn.Module):
         A cache in static mode (`KVCache.freeze`) keeps the positions and the mask itself: a one-token
         step with fixed shapes, for torch.compile and CUDA graphs (`padding_mask` is not used).
         """
-        _check_token_ids(in_idx)
+        check_token_ids(in_idx, "GPTModel")
         t = in_idx.shape[1]
         pos, mask = step_inputs(t, in_idx.device, self.cfg.context_length, kv_cache, padding_mask)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
@@ -304,21 +216,7 @@ class GPTModel(nn.Module):
             x = block(x, mask=mask, kv_cache=kv_cache, layer=i)
         if kv_cache is not None:
             kv_cache.advance(t)
-        x = self.final_norm(x)
-        if return_hidden:
-            return x
-        if targets is not None:
-            return head_loss(self.out_head, x, targets, ignore_index)
-        return self.out_head(x)
-
-
-def _check_token_ids(in_idx: object) -> None:
-    if not isinstance(in_idx, torch.Tensor) or in_idx.dim() != 2:
-        got = f"shape {tuple(in_idx.shape)}" if isinstance(in_idx, torch.Tensor) else type(in_idx).__name__
-        raise ScratchLLMError(
-            f"GPTModel takes a tensor of token ids of shape (batch, T), got {got}; "
-            "for one sequence use torch.tensor([ids]) or ids.unsqueeze(0)"
-        )
+        return self._outputs(x, return_hidden, targets, ignore_index)
 
 
 def count_parameters(model: nn.Module, count_tied_twice: bool = False) -> int:

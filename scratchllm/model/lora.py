@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 from ..errors import ScratchLLMError
 
-#: The linear layers of a transformer block, by their names in `TransformerBlock`.
-DEFAULT_TARGETS = ("qkv", "out_proj", "ff.layers.0", "ff.layers.2")
+#: The linear layers of a transformer block: attention's, then the MLP's in GPT-2 (gpt.py) and in the
+#: other families (transformer.py; a mixture's experts too, its router not).
+DEFAULT_TARGETS = ("qkv", "out_proj", "ff.layers.0", "ff.layers.2", "gate", "up", "down")
 
 
 class LoRALayer(nn.Module):

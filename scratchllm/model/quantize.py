@@ -181,15 +181,15 @@ def check_quantize(mode: str, device: torch.device | str = "cpu") -> None:
 def quantize_model(model: nn.Module, mode: str = "int4", group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
     """Replace every `nn.Linear` of `model` (the attention and feed-forward projections and the
     output head, tied or not) by an `Int4Linear`, in place; returns the model, in eval mode, its
-    remaining parameters frozen. Embeddings and norms stay in floating point. Merge LoRA adapters
-    first (`merge_lora`)."""
+    remaining parameters frozen. Embeddings, norms and a mixture of experts' router (its small scores
+    pick the experts) stay in floating point. Merge LoRA adapters first (`merge_lora`)."""
     first = next(model.parameters(), None)
     check_quantize(mode, first.device if first is not None else "cpu")
     linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
     if any(isinstance(child, nn.Linear) and type(child) is not nn.Linear for _, _, child in linears):
         raise ScratchLLMError("quantization: the model has LoRA adapters; merge them first (merge_lora)")
     for parent, name, child in linears:
-        if type(child) is nn.Linear:
+        if type(child) is nn.Linear and name != "router":
             setattr(parent, name, Int4Linear(child, group_size))
     model.eval().requires_grad_(False)
     return model

@@ -42,9 +42,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import ScratchLLMError
-from . import gpt, gpt2_hf
+from . import gemma3, gpt, gpt2_hf, llama3, qwen3, transformer, transformer_hf
 
 DEFAULT_ARCHITECTURE = gpt.ARCHITECTURE  # config.json files from before configs named their family
+SIZE_NAMES = ("nano", "micro", "mini", "small-cpu")  # every family's small shapes
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class Architecture:
     config_class: type
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> config overrides
     aliases: Mapping[str, str] = field(default_factory=dict)  # other name -> preset name
+    # small shapes to pretrain from scratch (nano, micro, mini, small-cpu), named within the family
+    sizes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     flops_per_token: Callable[[Any, int | None], int] | None = None  # (config, seq_len) -> forward FLOPs
     hf: HFMapping | None = None
 
@@ -128,13 +131,33 @@ def preset_names() -> list[str]:
     return [name for arch in ARCHITECTURES.values() for name in arch.presets]
 
 
-def preset_config(name: str, **overrides: Any) -> Any:
-    """The config of a named preset of any family (or an alias of one), with keyword overrides."""
+def preset_config(name: str, architecture: str | None = None, **overrides: Any) -> Any:
+    """The config of a named preset of any family (or an alias of one), with keyword overrides; with
+    `architecture`, also that family's small sizes (`preset_config("nano", "llama3")`)."""
+    if architecture is not None:
+        arch = get_architecture(architecture)
+        if name in arch.sizes:
+            return arch.config_class.from_dict({**arch.sizes[name], **overrides})
     for arch in ARCHITECTURES.values():
         key = arch.aliases.get(name, name)
         if key in arch.presets:
+            if architecture is not None and arch.name != architecture:
+                sizes = ", ".join(get_architecture(architecture).sizes)
+                raise ScratchLLMError(
+                    f"model preset {name!r} is a {arch.name} model, not {architecture}; leave out the "
+                    f"architecture, or pick one of its sizes: {sizes}"
+                )
             return arch.config_class.from_dict({**arch.presets[key], **overrides})
-    raise ScratchLLMError(f"unknown model preset {name!r}; choose one of {', '.join(preset_names())}")
+    sizes = f" (or with an architecture: {', '.join(SIZE_NAMES)})"
+    raise ScratchLLMError(f"unknown model preset {name!r}; choose one of {', '.join(preset_names())}{sizes}")
+
+
+def architecture_of_preset(name: str) -> str | None:
+    """The family a preset name belongs to (None: no such preset)."""
+    for arch in ARCHITECTURES.values():
+        if arch.aliases.get(name, name) in arch.presets:
+            return arch.name
+    return None
 
 
 def flops_per_token(cfg: Any, seq_len: int | None = None) -> int:
@@ -157,6 +180,7 @@ register(
         config_class=gpt.GPTConfig,
         presets=gpt.PRESETS,
         aliases=gpt.PRESET_ALIASES,
+        sizes={name: gpt.PRESETS[name] for name in SIZE_NAMES},  # also presets of their own, as before
         flops_per_token=gpt.flops_per_token,
         hf=HFMapping(
             model_type=gpt2_hf.MODEL_TYPE,
@@ -170,3 +194,65 @@ register(
         ),
     )
 )
+
+
+def _transformer_hf(model_type: str, label: str, repos: Mapping[str, str], config_from_hf, config_to_hf):
+    return HFMapping(
+        model_type=model_type,
+        label=label,
+        repos=repos,
+        config_from_hf=config_from_hf,
+        config_to_hf=config_to_hf,
+        from_hf_state_dict=transformer_hf.from_hf_state_dict,
+        to_hf_state_dict=transformer_hf.to_hf_state_dict,
+        is_buffer=transformer_hf.is_buffer,
+    )
+
+
+for _name, _config, _presets, _sizes, _hf in (
+    (
+        llama3.ARCHITECTURE,
+        llama3.Llama3Config,
+        llama3.PRESETS,
+        llama3.SIZES,
+        _transformer_hf(
+            llama3.MODEL_TYPE, "Llama 3", llama3.REPOS, llama3.config_from_hf, llama3.config_to_hf
+        ),
+    ),
+    (
+        qwen3.ARCHITECTURE,
+        qwen3.Qwen3Config,
+        qwen3.PRESETS,
+        qwen3.SIZES,
+        _transformer_hf(qwen3.MODEL_TYPE, "Qwen3", qwen3.REPOS, qwen3.config_from_hf, qwen3.config_to_hf),
+    ),
+    (
+        qwen3.MOE_ARCHITECTURE,
+        qwen3.Qwen3MoEConfig,
+        qwen3.MOE_PRESETS,
+        qwen3.MOE_SIZES,
+        _transformer_hf(
+            qwen3.MOE_MODEL_TYPE, "Qwen3 MoE", qwen3.MOE_REPOS, qwen3.moe_config_from_hf, qwen3.config_to_hf
+        ),
+    ),
+    (
+        gemma3.ARCHITECTURE,
+        gemma3.Gemma3Config,
+        gemma3.PRESETS,
+        gemma3.SIZES,
+        _transformer_hf(
+            gemma3.MODEL_TYPE, "Gemma 3", gemma3.REPOS, gemma3.config_from_hf, gemma3.config_to_hf
+        ),
+    ),
+):
+    register(
+        Architecture(
+            name=_name,
+            model_class=transformer.Transformer,
+            config_class=_config,
+            presets=_presets,
+            sizes=_sizes,
+            flops_per_token=transformer.flops_per_token,
+            hf=_hf,
+        )
+    )

@@ -78,7 +78,7 @@ class ChatModel:
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         """The prompt token ids of a conversation."""
-        return self.engine.encode(self.render(messages))
+        return self.engine.encode(self.render(messages), allowed_special=self.template.allowed_special)
 
     def stop_strings(self, extra: Iterable[str] = ()) -> tuple[str, ...]:
         """The template's stop strings (the model starting the next turn itself) plus `extra`."""
@@ -102,10 +102,13 @@ def chat_model(
 ) -> ChatModel:
     """A `ChatModel` for an engine: `template` if given, else the one stored in the model's `extra`,
     else the default template."""
+    tokenizer = engine.tokenizer
     if template is not None:
-        return ChatModel(engine, get_template(template), name, template_is_default=False)
-    stored = bool((extra or {}).get(TEMPLATE_KEY))
-    return ChatModel(engine, template_for_model(extra), name, template_is_default=not stored)
+        return ChatModel(engine, get_template(template, tokenizer), name, template_is_default=False)
+    own = bool((extra or {}).get(TEMPLATE_KEY) or getattr(tokenizer, "chat_template", None))
+    return ChatModel(
+        engine, template_for_model(extra, tokenizer=tokenizer), name, template_is_default=not own
+    )
 
 
 def load_chat_model(
@@ -117,8 +120,8 @@ def load_chat_model(
     quantize: str | None = None,
 ) -> ChatModel:
     """Load a model directory (or a hub name such as `gpt2`) with its tokenizer and template."""
-    if template is not None:
-        get_template(template)  # an unknown name fails before the (slow) model load
+    if template is not None and template not in template_names():  # fails before the (slow) model load
+        get_template(template)
     dev = pick_device(device)
     loaded = load_model(spec, device=dev, dtype=resolve_dtype(dtype, dev), quantize=quantize)
     if loaded.tokenizer is None:

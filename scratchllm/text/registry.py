@@ -15,10 +15,14 @@ from ..errors import ScratchLLMError
 from .bpe import BPETokenizer
 from .char import CharTokenizer
 from .gpt2 import load_gpt2_files, load_gpt2_tokenizer, load_tiktoken_encoding
+from .hf_tokenizer import TOKENIZER_FILE as HF_TOKENIZER_FILE
+from .hf_tokenizer import HFTokenizer
 from .simple import SimpleTokenizer
 from .tokenizer import META_FILE, Tokenizer
 
-KINDS: dict[str, type[Tokenizer]] = {k.kind: k for k in (SimpleTokenizer, BPETokenizer, CharTokenizer)}
+KINDS: dict[str, type[Tokenizer]] = {
+    k.kind: k for k in (SimpleTokenizer, BPETokenizer, CharTokenizer, HFTokenizer)
+}
 
 
 def load_tokenizer(spec: str | os.PathLike | Tokenizer) -> Tokenizer:
@@ -28,7 +32,9 @@ def load_tokenizer(spec: str | os.PathLike | Tokenizer) -> Tokenizer:
     - `tiktoken:NAME`: any encoding tiktoken knows (e.g. `tiktoken:cl100k_base`; needs a network
       the first time);
     - a directory written by `Tokenizer.save` or a model directory;
-    - GPT-2-format files: a directory with `encoder.json` + `vocab.bpe`, or a `.tiktoken` ranks file.
+    - GPT-2-format files: a directory with `encoder.json` + `vocab.bpe`, or a `.tiktoken` ranks file;
+    - a Hugging Face model's tokenizer: a directory with `tokenizer.json` (and its tokenizer_config.json,
+      chat_template.jinja, generation_config.json), or the `tokenizer.json` file itself.
     """
     if isinstance(spec, Tokenizer):
         return spec
@@ -41,17 +47,22 @@ def load_tokenizer(spec: str | os.PathLike | Tokenizer) -> Tokenizer:
     if not path.exists():
         raise ScratchLLMError(
             f"tokenizer {s!r} not found: give `gpt2`, a tokenizer or model directory, an encoder.json + "
-            "vocab.bpe directory, or a .tiktoken file"
+            "vocab.bpe directory, a Hugging Face tokenizer.json (or its directory), or a .tiktoken file"
         )
     if path.is_file():
         # a file of a saved tokenizer stands for its directory, whose settings (pattern, special
         # tokens) it lacks; a lone .tiktoken file is GPT-2's ranks
         if path.name in ("encoder.json", "vocab.bpe", META_FILE) or (path.parent / META_FILE).is_file():
             path = path.parent
+        elif path.name == HF_TOKENIZER_FILE:
+            return HFTokenizer.from_dir(path.parent)
         else:
             return load_gpt2_files(path)
     if (path / META_FILE).exists():
         return _load_saved(path)
+    # GPT-2's own files first, as before; Hugging Face's tokenizer.json otherwise
+    if (path / HF_TOKENIZER_FILE).is_file() and not (path / "encoder.json").is_file():
+        return HFTokenizer.from_dir(path)
     return load_gpt2_files(path)
 
 

@@ -11,6 +11,7 @@ The flow of one run directory (`out_dir`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,9 @@ from ..fileio import CHECKPOINTS_DIR, DATA_META_FILE, METRICS_FILE, TOKENIZER_ME
 from ..generation import Engine, GenerationConfig
 from ..hints import next_hint, quote
 from ..hub import check_model_spec
-from ..model.gpt import GPTModel, count_parameters, preset_config
+from ..model import registry
+from ..model.gpt import count_parameters
+from ..model.registry import DEFAULT_ARCHITECTURE, architecture_of_preset, get_architecture, preset_config
 from ..text.sampling import TokenWindows
 from ..text.tokenizer import Tokenizer
 from .distributed import init_distributed
@@ -39,17 +42,23 @@ from .trainer import Trainer
 from .trainer_config import TrainerConfig
 
 # model settings that --init-from cannot change (context_length may shrink, drop_rate may change)
-ARCHITECTURE_KEYS = ("emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_weights", "gelu")
-MODEL_KEYS = (
-    "context_length",
+ARCHITECTURE_KEYS = (
     "emb_dim",
     "n_layers",
     "n_heads",
-    "drop_rate",
     "qkv_bias",
     "tie_weights",
     "gelu",
+    "n_kv_groups",
+    "head_dim",
+    "hidden_dim",
+    "n_experts",
+    "n_experts_per_tok",
+    "moe_hidden_dim",
+    "sliding_window",
+    "rope_base",
 )
+MODEL_KEYS = ("context_length", "drop_rate", *ARCHITECTURE_KEYS)
 
 
 @dataclass
@@ -85,7 +94,17 @@ class PretrainConfig(TrainerConfig):
     workers: int = setting(
         0, "tokenizer processes for preparing the corpus (0: one per core and 16 MB of text)", "data"
     )
-    model: str = setting("micro", "model preset (see `scratchllm info --list`)", "model")
+    model: str = setting(
+        "micro",
+        "model preset: a size (nano, micro, mini, small-cpu) of --arch, or a named shape such as gpt2-medium "
+        "or qwen3-0.6b (see `scratchllm info --list`)",
+        "model",
+    )
+    arch: str | None = setting(
+        None,
+        "model family: gpt2, llama3, qwen3, qwen3-moe or gemma3 (none: the named preset's, gpt2 for sizes)",
+        "model",
+    )
     init_from: str | None = setting(
         None, "continue from a model directory or GPT-2 (gpt2, gpt2-medium, ...)", "model", path="dir"
     )
@@ -102,9 +121,22 @@ class PretrainConfig(TrainerConfig):
     )
     gelu: str | None = setting(
         None,
-        "override: GELU as tanh (GPT-2's approximation) or exact (with erf, as nanoGPT); none: the preset's",
+        "override (gpt2): GELU as tanh (GPT-2's approximation) or exact (with erf, as nanoGPT); none: the "
+        "preset's",
         "model",
     )
+    n_kv_groups: int | None = setting(
+        None, "override (llama3, qwen3, gemma3): key/value heads shared by the query heads", "model"
+    )
+    head_dim: int | None = setting(None, "override (not gpt2): the width of one attention head", "model")
+    hidden_dim: int | None = setting(None, "override (not gpt2): the gated MLP's width", "model")
+    n_experts: int | None = setting(None, "override (qwen3-moe): experts per block", "model")
+    n_experts_per_tok: int | None = setting(None, "override (qwen3-moe): experts each token uses", "model")
+    moe_hidden_dim: int | None = setting(None, "override (qwen3-moe): one expert's MLP width", "model")
+    sliding_window: int | None = setting(
+        None, "override (gemma3): positions a query of a local layer sees", "model"
+    )
+    rope_base: float | None = setting(None, "override (not gpt2): the rotary embeddings' base", "model")
     sample_prompts: list[str] = setting(
         ["The", "A function", "In Python,"], "prompts sampled at each evaluation", "eval"
     )
@@ -115,6 +147,19 @@ class PretrainConfig(TrainerConfig):
     def model_overrides(self) -> dict[str, Any]:
         """The model settings given (not None), which change the preset's or `init_from`'s."""
         return {k: getattr(self, k) for k in MODEL_KEYS if getattr(self, k) is not None}
+
+    def model_config(self, **changes: Any) -> Any:
+        """The config of a new model: the preset (a size of `arch`, or a named shape), the overrides,
+        then `changes`; a setting the family does not have is an error that says so."""
+        arch = self.arch or (None if architecture_of_preset(self.model) else DEFAULT_ARCHITECTURE)
+        overrides = self.model_overrides()
+        family = arch or architecture_of_preset(self.model) or DEFAULT_ARCHITECTURE
+        known = {f.name for f in dataclasses.fields(get_architecture(family).config_class)}
+        foreign = sorted(set(overrides) - known)
+        if foreign:
+            flags = ", ".join(f"--{k.replace('_', '-')}" for k in foreign)
+            raise ScratchLLMError(f"{flags}: not a setting of {family} models; leave it out or pick --arch")
+        return preset_config(self.model, arch, **overrides, **changes)
 
     def validate(self) -> None:
         """The trainer's checks, then the data and model settings'."""
@@ -153,7 +198,7 @@ class PretrainConfig(TrainerConfig):
                     f"config file (or set to none: --{fixed[0].replace('_', '-')} none)"
                 )
         else:  # an unknown preset or a bad model setting fails now, before any tokenizer training
-            preset_config(self.model, **self.model_overrides())
+            self.model_config()
         if self.encoding_errors not in ("strict", "replace"):
             raise ScratchLLMError(
                 f"training settings: encoding_errors must be strict or replace, got {self.encoding_errors!r}"
@@ -281,7 +326,7 @@ class LanguageModelTask(Task):
 # wiring
 
 
-def build_model(cfg: PretrainConfig, tokenizer: Tokenizer | None) -> tuple[GPTModel, Tokenizer | None]:
+def build_model(cfg: PretrainConfig, tokenizer: Tokenizer | None) -> tuple[nn.Module, Tokenizer | None]:
     """A fresh model from the preset (+ overrides) for `tokenizer`, or the weights of `init_from` with
     their tokenizer (None when they have no tokenizer files)."""
     if cfg.init_from:
@@ -295,8 +340,7 @@ def build_model(cfg: PretrainConfig, tokenizer: Tokenizer | None) -> tuple[GPTMo
         return loaded.model, loaded.tokenizer
     if tokenizer is None:
         raise ValueError("a model made from a preset needs the run's tokenizer (its vocabulary size)")
-    model_cfg = preset_config(cfg.model, **cfg.model_overrides(), vocab_size=tokenizer.vocab_size)
-    return GPTModel(model_cfg), None
+    return registry.build_model(cfg.model_config(vocab_size=tokenizer.vocab_size)), None
 
 
 def pretrain(

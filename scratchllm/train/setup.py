@@ -60,7 +60,8 @@ class LoRASettings:
     )
     lora_targets: list[str] = setting(
         list(DEFAULT_TARGETS),
-        "linear layers to adapt, by name or name ending (qkv, out_proj, ff.layers.0, ...)",
+        "linear layers to adapt, by name or name ending (attention: qkv, out_proj; the MLP: ff.layers.0 and "
+        "ff.layers.2 for GPT-2, gate, up, down for the other families)",
         "lora",
     )
     lora_dropout: float = setting(0.0, "dropout on the LoRA input", "lora")

@@ -118,6 +118,7 @@ def save_checkpoint(trainer: Trainer) -> Path:
             "optimizer": optimizer_state,
             "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
             "rng": rng_states,
+            "cpu_threads": torch.get_num_threads(),
             "trainer_config": asdict(trainer.cfg),
         }
         _write(path, model, trainer.tokenizer, trainer.extra, state)
@@ -159,9 +160,21 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
     trainer.train_seconds = float(state["train_seconds"])
     trainer.best = state["best"]
     _set_rng_state(state["rng"][trainer.dist.rank])
+    _check_threads(trainer, state.get("cpu_threads"))
     history = metrics_until(trainer.out_dir, trainer.step, rewrite=trainer.is_main)
     if history is not None:
         trainer.history = history
+
+
+def _check_threads(trainer: Trainer, threads: Any) -> None:
+    """CPU kernels sum in an order that depends on the thread count: a resume with another count goes on
+    as well, but not bitwise as the stopped run would have; said, with the fix."""
+    if trainer.device.type == "cpu" and isinstance(threads, int) and threads != torch.get_num_threads():
+        trainer.log(
+            f"note: resuming with {torch.get_num_threads()} CPU threads where the run had {threads}: "
+            "training goes on, but its numbers will not match an uninterrupted run's bit for bit (set "
+            f"OMP_NUM_THREADS={threads} for that)"
+        )
 
 
 def load_resume_checkpoint(trainer: Trainer, path: Path, latest: bool) -> Path:

@@ -286,7 +286,7 @@ class BPETokenizer(Tokenizer):
         unassigned to the other) can be pre-tokenized differently. Assigned text agrees.
         """
         allowed = self._allowed(allowed_special)
-        text = _replace_lone_surrogates(text)
+        text = replace_lone_surrogates(text)
         ids: list[int] = []
         for stretch, special in _split_at_specials(text, allowed):
             for piece in self._pat.findall(stretch):
@@ -400,7 +400,7 @@ def _split_evenly(texts: list[str], n: int) -> list[list[str]]:
     return runs
 
 
-def _replace_lone_surrogates(text: str) -> str:
+def replace_lone_surrogates(text: str) -> str:
     """What tiktoken does with text that cannot be UTF-8 (lone surrogates become U+FFFD)."""
     try:
         text.encode("utf-8")
