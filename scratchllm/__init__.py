@@ -11,6 +11,7 @@ The Python API mirrors the command line:
 
     tok = scratchllm.train_bpe(["some text ..."], vocab_size=512)   # Stage 1: tokenizers
     model = scratchllm.GPTModel(scratchllm.preset_config("gpt2-small"))  # Stage 1: the model
+    qwen = scratchllm.build_model(scratchllm.preset_config("nano", "qwen3"))  # or Llama 3, Gemma 3
 
 The main classes are importable from here; submodules are imported on first use, so `import scratchllm`
 stays fast.
@@ -33,6 +34,7 @@ _EXPORTS = {
     "SimpleTokenizer": "scratchllm.text.simple",
     "CharTokenizer": "scratchllm.text.char",
     "BPETokenizer": "scratchllm.text.bpe",
+    "HFTokenizer": "scratchllm.text.hf_tokenizer",
     "train_bpe": "scratchllm.text.bpe",
     "GPTDatasetV1": "scratchllm.text.sampling",
     "create_dataloader": "scratchllm.text.sampling",
@@ -43,7 +45,14 @@ _EXPORTS = {
     "MultiHeadAttention": "scratchllm.model.attention",
     "TransformerBlock": "scratchllm.model.gpt",
     "SimpleTokenizerV2": "scratchllm.text.simple",
-    "preset_config": "scratchllm.model.gpt",
+    "preset_config": "scratchllm.model.registry",
+    "build_model": "scratchllm.model.registry",
+    "Transformer": "scratchllm.model.transformer",
+    "TransformerConfig": "scratchllm.model.transformer",
+    "Llama3Config": "scratchllm.model.llama3",
+    "Qwen3Config": "scratchllm.model.qwen3",
+    "Qwen3MoEConfig": "scratchllm.model.qwen3",
+    "Gemma3Config": "scratchllm.model.gemma3",
     "Engine": "scratchllm.generation",
     "GenerationConfig": "scratchllm.generation",
     "generate": "scratchllm.generation",

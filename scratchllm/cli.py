@@ -187,6 +187,19 @@ STAGES: dict[str, list[Command]] = {
             training=True,
         ),
         Command(
+            "finetune dpo",
+            "align a model with preference pairs (Direct Preference Optimization; LoRA too)",
+            "scratchllm.finetune.dpo",
+            "DPOConfig",
+            "finetune_dpo_command",
+            description="Direct Preference Optimization (the book's bonus chapter): {instruction, input, "
+            "chosen, rejected} records (or prompt or messages instead of instruction), split like finetune "
+            "instruct, prompted with the model's template. The frozen reference (the starting model, or "
+            "--ref-model) scores every pair once before training. Full finetuning, or --lora. Settings come "
+            "from the defaults (the book's), then --config, then the flags.",
+            training=True,
+        ),
+        Command(
             "respond",
             "answer every instruction of a file, batched (adds model_response)",
             "scratchllm.finetune.respond",

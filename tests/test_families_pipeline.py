@@ -108,6 +108,15 @@ def test_pretrain_finetune_serve_and_evaluate(arch, corpus, instructions, tmp_pa
         )
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= 6
 
+    cli("generate", "--model", str(sft / "model"), "--prompt", "the cat", "--max-new-tokens", "4",
+        "--quantize", "int4")  # fmt: skip
+    labelled = tmp_path / "labels.jsonl"
+    rows = [{"text": f"the {w} sat", "label": "cat" if i % 2 else "dog"} for i, w in enumerate(WORDS * 4)]
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cli("finetune", "classify", "--model", str(base / "model"), "--data", str(labelled), "--max-steps", "3",
+        "--eval-every", "3", "--eval-batches", "1", "--out-dir", str(tmp_path / "cls"), *common)  # fmt: skip
+    assert load_model(tmp_path / "cls" / "model").model.cfg.n_classes == 2
+
     task = tmp_path / "task.jsonl"
     items = [{"context": f"the {w}", "choices": [f" {w}", " zzz"], "answer": 0} for w in WORDS[:6]]
     task.write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")

@@ -69,6 +69,13 @@ OVERRIDES = [
             "--sample-count 1 --sample-tokens 4 --progress false"
         ),
     ),
+    (
+        r"^scratchllm finetune dpo\b",
+        shlex.split(
+            "--max-steps 2 --eval-every 0 --eval-batches 1 --sample-count 1 --sample-tokens 4 "
+            "--progress false"
+        ),
+    ),
     (r"^scratchllm respond\b", shlex.split("--max-new-tokens 4 --quiet")),
 ]
 SNIPPET_OVERRIDES = [(r"max_new_tokens=\d+", "max_new_tokens=5")]

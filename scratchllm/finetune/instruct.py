@@ -417,12 +417,14 @@ class InstructData:
     test: list[Entry]
 
 
-def resolve_splits(cfg: InstructConfig) -> InstructData:
-    """The train/val/test records: separate files, or a split of `data`."""
-    records = load_instruction_data(cfg.data)
-    test = load_instruction_data(cfg.test_data) if cfg.test_data else []
+def resolve_splits(
+    cfg: InstructConfig, load: Callable[[str], list[Entry]] = load_instruction_data
+) -> InstructData:
+    """The train/val/test records (read by `load`): separate files, or a split of `data`."""
+    records = load(cfg.data)
+    test = load(cfg.test_data) if cfg.test_data else []
     if cfg.val_data:
-        return InstructData(records, load_instruction_data(cfg.val_data), test)
+        return InstructData(records, load(cfg.val_data), test)
     test_fraction = 0.0 if cfg.test_data else cfg.test_fraction
     train, val, split_test = split_data(records, cfg.val_fraction, test_fraction, cfg.split_seed)
     return InstructData(train, val, test or split_test)

@@ -70,7 +70,9 @@ class MoEFeedForward(nn.Module):
         weight_of = weights.flatten()[order]
         start = 0
         for e, count in enumerate(counts):
-            if count:
+            # training: an expert no token chose still runs (on none), so it gets a zero gradient, not
+            # none: processes that shard or average gradients (FSDP, DDP) then exchange the same tensors
+            if count or (self.training and torch.is_grad_enabled()):
                 tokens = token_of[start : start + count]
                 y = self.experts[e](flat[tokens]) * weight_of[start : start + count, None]
                 out.index_add_(0, tokens, y.to(out.dtype))

@@ -213,11 +213,12 @@ class PretrainConfig(TrainerConfig):
                 "already)"
             )
         if self.init_from:
-            if "model" in flags:
-                raise ScratchLLMError(
-                    f"--model {self.model} and --init-from {self.init_from}: the run takes the shape of the "
-                    "model it starts from; leave out --model"
-                )
+            for flag in ("model", "arch"):
+                if flag in flags:
+                    raise ScratchLLMError(
+                        f"--{flag} {getattr(self, flag)} and --init-from {self.init_from}: the run takes the "
+                        f"shape of the model it starts from; leave out --{flag}"
+                    )
             if flags.get("tokenizer") in TRAINED_HERE or "vocab_size" in flags:
                 raise ScratchLLMError(
                     f"--init-from {self.init_from} keeps its model's tokenizer; leave out "

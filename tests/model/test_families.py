@@ -301,3 +301,11 @@ def test_the_cache_of_sliding_layers_holds_their_window_only(pair):
                 got.append(ours(ids[:, i : i + 1], kv_cache=cache, padding_mask=mask[:, : i + 1]))
         torch.testing.assert_close(torch.cat(got, dim=1)[0, 7:], want[0, 7:], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.cat(got, dim=1)[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+def test_in_training_every_expert_gets_a_gradient_even_when_no_token_chose_it():
+    moe = MoEFeedForward(8, 16, n_experts=6, n_experts_per_tok=1)
+    moe(torch.randn(1, 2, 8)).sum().backward()  # two tokens choose at most two of the six experts
+    grads = [p.grad for p in moe.parameters()]
+    assert all(g is not None for g in grads)  # else DDP and FSDP processes would exchange different sets
+    assert sum(bool(g.abs().sum()) for g in grads) < len(grads)  # the unchosen ones' are zero

@@ -52,7 +52,14 @@ def _losses(run: Path) -> list[float]:
     ]
 
 
-MODES = {"ddp": [], "fsdp": ["--fsdp", "true"], "ddp-muon": ["--optimizer", "muon"]}
+MODES = {
+    "ddp": [],
+    "fsdp": ["--fsdp", "true"],
+    "ddp-muon": ["--optimizer", "muon"],
+    "ddp-gemma3": ["--arch", "gemma3"],  # sliding windows, GeGLU, sandwich norms
+    "fsdp-qwen3-moe": ["--fsdp", "true", "--arch", "qwen3-moe"],  # a mixture of experts, sharded
+}
+FSDP = ["--fsdp", "true"]
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +92,17 @@ def single(tmp_path_factory):
             "fsdp", marks=pytest.mark.skipif(not has_fully_shard(), reason="--fsdp needs torch >= 2.6")
         ),
         "ddp-muon",
+        "ddp-gemma3",
+        pytest.param(
+            "fsdp-qwen3-moe",
+            marks=pytest.mark.skipif(not has_fully_shard(), reason="--fsdp needs torch >= 2.6"),
+        ),
     ],
 )
 def test_two_processes_match_one_with_the_same_global_batch(single, tmp_path, mode):
     corpus, single_run = single
     extra = MODES[mode]
-    reference = single_run([] if mode == "fsdp" else extra)
+    reference = single_run(extra[2:] if extra[:2] == FSDP else extra)  # one process shards nothing
     out = tmp_path / mode
     done = _torchrun(_args(corpus, out, 4) + extra)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -280,6 +280,13 @@ def test_init_from_a_model_without_a_tokenizer_asks_for_one(trained, corpus, tmp
         # flags that would be silently ignored
         (["--data", "d", "--corpus", "a.txt"], "--corpus and --data d both give the training text; give one"),
         (["--init-from", "gpt2", "--model", "mini"], "leave out --model"),
+        (["--init-from", "gpt2", "--arch", "qwen3"], "leave out --arch"),
+        # model families
+        (["--arch", "llama3", "--gelu", "exact"], "--gelu: not a setting of llama3 models"),
+        (["--arch", "gpt2", "--n-kv-groups", "2"], "--n-kv-groups: not a setting of gpt2 models"),
+        (["--arch", "llama3", "--model", "qwen3-0.6b"], "'qwen3-0.6b' is a qwen3 model, not llama3"),
+        (["--arch", "mamba"], "unknown model architecture 'mamba'"),
+        (["--arch", "qwen3", "--n-kv-groups", "3"], "must be divisible by n_kv_groups"),
         (["--init-from", "gpt2", "--tokenizer", "char"], "keeps its model's tokenizer"),
         # refused before the model is loaded (or downloaded: gpt2 is not in this test's cache)
         (
