@@ -57,6 +57,7 @@ _EXPORTS = {
     "GenerationConfig": "scratchllm.generation",
     "generate": "scratchllm.generation",
     "generate_text_simple": "scratchllm.generation",
+    "majority_vote": "scratchllm.evals.voting",
     "load_model": "scratchllm.hub",
     "save_model": "scratchllm.checkpoint",
     # Stage 2: training

@@ -72,14 +72,23 @@ class LLM:
         return self.engine.generate(prompts, config, **settings)
 
     def generate(
-        self, prompt: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, **settings: Any
-    ) -> str | list[str]:
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        config: GenerationConfig | None = None,
+        n: int = 1,
+        **settings: Any,
+    ) -> str | list[str] | list[list[str]]:
         """The text that continues `prompt` (text or token ids), or a list of texts for a list of
-        prompts (one batch).
+        prompts (one batch). `n` > 1: that many samples of each prompt (a list per prompt; with a
+        temperature, else they are all the greedy text), e.g. for `majority_vote`.
         Settings: `GenerationConfig`'s, e.g. max_new_tokens, temperature, top_k, top_p, seed, stop,
         repetition_penalty."""
-        texts = [c.text for c in self.complete(prompt, config, **settings)]
-        return texts[0] if is_one_prompt(prompt) else texts
+        prompts = [prompt] if is_one_prompt(prompt) else list(prompt)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ScratchLLMError(f"generate: n must be an integer >= 1, got {n!r}")
+        texts = [c.text for c in self.complete([p for p in prompts for _ in range(n)], config, **settings)]
+        per_prompt = [texts[i * n : (i + 1) * n] for i in range(len(prompts))] if n > 1 else texts
+        return per_prompt[0] if is_one_prompt(prompt) else per_prompt
 
     def stream(
         self, prompt: Prompt, config: GenerationConfig | None = None, **settings: Any

@@ -593,3 +593,79 @@ def test_the_example_task_files_shipped_in_the_repo_parse():
     )
     generation = read_task(root / "python-completions.jsonl")
     assert generation.format == "generation" and len(generation.items) == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# inference-time scaling: majority vote and best-of-N
+
+
+def test_majority_vote_normalises_and_breaks_ties_by_first_seen():
+    from scratchllm.evals.voting import majority_vote
+
+    assert majority_vote([" Paris", "paris ", "Rome"]) == "paris"
+    assert majority_vote(["b", "a", "a", "b"]) == "b"  # a tie: the first seen
+    assert majority_vote([]) is None
+
+
+class _ScriptedEngine:
+    """Returns given completions (text, token log-probabilities) in order: the picks become checkable."""
+
+    def __init__(self, scripted):
+        self.scripted = list(scripted)
+
+    def generate(self, prompts, config):
+        from scratchllm.generation.completion import Completion
+        from scratchllm.generation.sampling import TokenLogprob
+
+        assert config.logprobs == 0 and len(prompts) == len(self.scripted)
+        return [
+            Completion(text, [1] * len(lps), "stop", 1, logprobs=[TokenLogprob(1, lp) for lp in lps])
+            for text, lps in self.scripted
+        ]
+
+
+def test_the_three_picks_of_sampled_answers():
+    from scratchllm.evals.voting import sample_answers
+    from scratchllm.generation import GenerationConfig
+
+    # item 1: the vote is right, the surest sample not; item 2: no majority (the first seen), the surest right
+    first = [("red", [-1.0]), ("blue", [-0.1, -0.1]), ("red", [-2.0])]
+    second = [("cat", [-3.0]), ("dog", [-0.5]), ("cow", [-4.0])]
+    engine = _ScriptedEngine(first + second)
+    out = sample_answers(engine, [[1], [2]], [{"red"}, {"dog"}], 3, GenerationConfig(temperature=1.0, seed=0))
+    assert [o["majority_answer"] for o in out] == ["red", "cat"]
+    assert [o["majority_match"] for o in out] == [1.0, 0.0]
+    assert [o["best_of_n_logprob"] for o in out] == [0.0, 1.0]
+    assert [o["best_of_n_verifier"] for o in out] == [1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_eval_tasks_with_samples_reports_vote_and_best_of_n(copy_model, tmp_path, capsys):
+    _, _, model_dir = copy_model
+    task = write_jsonl(tmp_path / "gen.jsonl", copy_task_records(8, seed=4, generation=True))
+    out = tmp_path / "gen.json"
+    argv = ["eval-tasks", "--model", str(model_dir), "--task", str(task), "--samples", "5"]
+    argv += ["--max-new-tokens", "4", "--sample-temperature", "1.0", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    s = result["summary"]
+    assert s["samples"] == 5 and "majority_match" in capsys.readouterr().out
+    for item in result["items"]:
+        assert len(item["samples"]) == 5
+        # the verifier picks a right sample whenever there is one: never below the other two picks
+        assert item["best_of_n_verifier"] >= max(item["majority_match"], item["best_of_n_logprob"])
+    assert s["best_of_n_verifier"] >= s["majority_match"] > 0.5  # the trained copy task mostly agrees
+    assert main([*argv[:-3], "--sample-temperature", "0", "--quiet"]) == 2
+
+
+def test_the_api_samples_n_answers(copy_model):
+    import scratchllm
+
+    _, _, model_dir = copy_model
+    llm = scratchllm.load(str(model_dir))
+    samples = llm.generate("key:", n=4, temperature=1.5, top_k=None, seed=0, max_new_tokens=3)
+    assert isinstance(samples, list) and len(samples) == 4 and len(set(samples)) > 1
+    both = llm.generate(["key:", "answer:"], n=2, temperature=1.0, seed=0, max_new_tokens=2)
+    assert [len(b) for b in both] == [2, 2]
+    assert isinstance(llm.generate("key:", max_new_tokens=2), str)
+    assert scratchllm.majority_vote(["Key", "key ", "answer"]) == "key"

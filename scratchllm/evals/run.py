@@ -16,13 +16,14 @@ from ..config import setting
 from ..device import autocast, pick_device, resolve_precision
 from ..errors import ScratchLLMError
 from ..fileio import atomic_write_json, check_output_file
-from ..generation import Engine
+from ..generation import Engine, GenerationConfig
 from ..hub import load_model
 from ..model.gpt import GPTModel
 from ..text.tokenizer import Tokenizer
 from .fewshot import FewShot
 from .scoring import score_generation, score_multiple_choice
 from .tasks import GenerationItem, Item, MultipleChoiceItem, TaskFile, read_task
+from .voting import SAMPLED_METRICS
 
 
 @dataclass
@@ -62,6 +63,15 @@ class EvalSettings:
         "task",
         choices=("auto", "hellaswag", "choice", "generation"),
     )
+    samples: int = setting(
+        0,
+        "generation: also sample N answers per item and report majority vote (self-consistency) and "
+        "best-of-N (by the verifier, and by the model's mean log-probability) next to greedy",
+        "generation",
+        metavar="N",
+    )
+    sample_temperature: float = setting(0.7, "generation: the samples' temperature", "generation")
+    sample_top_k: int | None = setting(40, "generation: the samples' top-k (none: all tokens)", "generation")
 
     def validate(self) -> None:
         for name in ("shots", "holdout"):
@@ -73,6 +83,11 @@ class EvalSettings:
             raise ScratchLLMError("--batch-size and --max-new-tokens must be >= 1")
         if self.holdout and self.fewshot_file:
             raise ScratchLLMError("give either --fewshot-file or --holdout (the pool of examples), not both")
+        if self.samples < 0 or (self.samples and self.sample_temperature <= 0):
+            raise ScratchLLMError(
+                "--samples must be >= 0, and sampling needs --sample-temperature > 0 (at 0 every sample is "
+                "the greedy answer)"
+            )
 
 
 def evaluate_task(
@@ -111,6 +126,10 @@ def evaluate_task(
                 batch_size=settings.batch_size,
                 progress=bar.update,
                 first_index=first,
+                samples=settings.samples,
+                sample_config=GenerationConfig(
+                    temperature=settings.sample_temperature, top_k=settings.sample_top_k, seed=settings.seed
+                ),
             )
         else:
             per_item = score_multiple_choice(
@@ -126,11 +145,14 @@ def evaluate_task(
         bar.close()
     seconds = time.perf_counter() - start
     metrics = ("exact_match",) if generation else ("acc", "acc_norm")
+    if generation and settings.samples:
+        metrics += SAMPLED_METRICS
     summary: dict[str, Any] = {
         "task": task.path,
         "format": task.format,
         "n": len(per_item),
         "shots": settings.shots,
+        **({"samples": settings.samples} if generation and settings.samples else {}),
     }
     for m in metrics:
         values = [r[m] for r in per_item]
@@ -232,12 +254,14 @@ def eval_tasks_command(settings: EvalTasksSettings) -> None:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    metrics = [k for k in ("acc", "acc_norm", "exact_match") if k in s]
+    metrics = [k for k in ("acc", "acc_norm", "exact_match", *SAMPLED_METRICS) if k in s]
     scores = ", ".join(f"{m} {s[m]:.4f} ± {s[f'{m}_stderr']:.4f}" for m in metrics)
     cut = f", {s['truncated_items']} truncated" if s.get("truncated_items") else ""
     model = f"{s['model']} on " if "model" in s else ""
+    sampled = f", {s['samples']} samples per item" if s.get("samples") else ""
     return (
-        f"{model}{s['task']}: {scores} (n={s['n']}, {s['shots']}-shot{cut}; {s['items_per_s']:.1f} items/s)"
+        f"{model}{s['task']}: {scores} (n={s['n']}, {s['shots']}-shot{cut}{sampled}; "
+        f"{s['items_per_s']:.1f} items/s)"
     )
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from ..model.gpt import GPTModel
 from ..text.tokenizer import Tokenizer
 from .fewshot import FewShot
 from .tasks import GenerationItem, MultipleChoiceItem
+from .voting import normalize_answer, sample_answers
 
 Progress = Callable[[int], None]  # called with the number of sequences just finished
 
@@ -311,11 +312,6 @@ def score_multiple_choice(
     return out
 
 
-def normalize_answer(text: str) -> str:
-    """Lower case, whitespace runs become one space, no leading or trailing space."""
-    return " ".join(text.lower().split())
-
-
 def score_generation(
     engine,  # generation.Engine (imported lazily by the caller)
     items: Sequence[GenerationItem],
@@ -325,8 +321,12 @@ def score_generation(
     batch_size: int = 16,
     progress: Progress | None = None,
     first_index: int = 0,
+    samples: int = 0,
+    sample_config: Any = None,
 ) -> list[dict]:
-    """Greedy completions of every item's prompt through `engine`, compared with its answers.
+    """Greedy completions of every item's prompt through `engine`, compared with its answers; with
+    `samples` N, also N completions sampled with `sample_config` (a `GenerationConfig`), picked by majority
+    vote and best-of-N (voting.py).
 
     Prompts are cut from the left to leave room for `max_new_tokens` in the context window, and
     run in batches of similar length."""
@@ -354,17 +354,22 @@ def score_generation(
             outputs[i] = completion.text
         if progress is not None:
             progress(len(batch))
+    accepted = [{normalize_answer(a) for a in item.answers} for item in items]
+    sampled: list[dict] = [{} for _ in items]
+    if samples:
+        config = sample_config.replace(max_new_tokens=max_new_tokens, stop=tuple(stop))
+        sampled = sample_answers(engine, prompts, accepted, samples, config, batch_size, progress)
     out = []
     for i, (item, text) in enumerate(zip(items, outputs)):
-        accepted = {normalize_answer(a) for a in item.answers}
         out.append(
             {
                 "index": first_index + i,
                 "line": item.line,
                 "answers": list(item.answers),
                 "output": text,
-                "exact_match": float(normalize_answer(text) in accepted),
+                "exact_match": float(normalize_answer(text) in accepted[i]),
                 "truncated": cuts[i],
+                **sampled[i],
             }
         )
     return out
