@@ -46,6 +46,7 @@ from .judge_client import (
     JudgeItemError,
     chat_url,
 )
+from .preferences import OPPOSITE, make_preferences
 
 BOOK_PROMPT = (
     "Given the input `{input}` and correct output `{output}`, score the model response `{response}` "
@@ -235,7 +236,12 @@ class JudgeSettings:
     score (they are listed in the output)."""
 
     responses: str = setting(
-        "", "records to score (.json, .jsonl)", "judge", path=True, required=True, metavar="FILE"
+        "",
+        "records to score (.json, .jsonl); with --make-preferences the instruction records to make pairs of",
+        "judge",
+        path=True,
+        required=True,
+        metavar="FILE",
     )
     judge_url: str = setting(
         "",
@@ -263,10 +269,31 @@ class JudgeSettings:
     workers: int = setting(1, "requests in flight at once", "request")
     resume: bool = setting(False, "keep the scores already in --out, judge the rest", "judge")
     quiet: bool = setting(False, "no progress bar", "judge")
+    make_preferences: bool = setting(
+        False,
+        "write {instruction, input, chosen, rejected} pairs for finetune dpo instead of scores: the judge "
+        "rewrites each output in --style or its opposite (the book's way), or picks between --pick's two",
+        "preferences",
+    )
+    style: str = setting(
+        "polite", "the preferred style of the rewrites (its opposite is rejected)", "preferences"
+    )
+    pick: list[str] = setting(
+        [],
+        "two fields holding candidate responses: the judge picks the better one",
+        "preferences",
+        metavar="FIELD",
+    )
+    seed: int = setting(123, "seed drawing which style each record is rewritten in", "preferences")
 
 
 def judge_command(settings: JudgeSettings) -> int:
-    """`scratchllm judge`: `judge_file` with the command's settings (`--max-tokens 0`: no cap)."""
+    """`scratchllm judge`: `judge_file` with the command's settings (`--max-tokens 0`: no cap), or with
+    --make-preferences `preferences.make_preferences`."""
+    if settings.make_preferences:
+        return _preferences_command(settings)
+    if settings.pick:
+        raise ScratchLLMError("--pick needs --make-preferences")
     return judge_file(
         settings.responses,
         settings.judge_url,
@@ -282,6 +309,36 @@ def judge_command(settings: JudgeSettings) -> int:
         resume=settings.resume,
         progress=not settings.quiet,
     )
+
+
+def _preferences_command(settings: JudgeSettings) -> int:
+    if settings.pick and len(settings.pick) != 2:
+        raise ScratchLLMError(f"--pick takes two fields (the candidate responses), got {settings.pick}")
+    if settings.style not in OPPOSITE:
+        raise ScratchLLMError(f"--style must be one of {', '.join(OPPOSITE)}, got {settings.style!r}")
+    out = settings.out or str(
+        Path(settings.responses).with_name(Path(settings.responses).stem + "-preferences.json")
+    )
+    api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
+    client = JudgeClient(
+        settings.judge_url,
+        settings.judge_model,
+        api_key=api_key,
+        timeout=settings.timeout,
+        retries=settings.retries,
+        max_tokens=settings.max_tokens or None,
+    )
+    with client:
+        return make_preferences(
+            settings.responses,
+            client,
+            out,
+            style=settings.style,
+            pick=settings.pick,
+            seed=settings.seed,
+            resume=settings.resume,
+            progress=not settings.quiet,
+        )
 
 
 def judge_file(

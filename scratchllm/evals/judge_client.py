@@ -165,6 +165,10 @@ class JudgeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def chat(self, prompt: str) -> tuple[str, int]:
+        """The judge's reply to one user message, and the requests made (retries included)."""
+        return self._complete([{"role": "user", "content": prompt}], 0)
+
     def ask(self, prompt: str) -> tuple[int | None, str, int]:
         """Score one prompt: (score or None, the judge's last reply, requests made)."""
         messages = [{"role": "user", "content": prompt}]

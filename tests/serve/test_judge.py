@@ -574,3 +574,51 @@ def test_one_entry_too_long_for_the_judge_is_its_own_failure(fake):
     with client_for(judge) as client, pytest.raises(JudgeFatalError, match="too short a context"):
         judge_entries([ENTRIES[2], long_first], client)
     assert len(judge.requests) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# preference pairs from the judge (`judge --make-preferences`), end to end
+
+
+def test_make_preferences_against_scratchllm_serve_then_dpo_reads_them(tmp_path, bpe, capsys):
+    from scratchllm.finetune.dpo import load_preference_data
+
+    rewrite = "Paris is the capital."
+    records = [{**e, "instruction": f"{e['instruction']} ({i})"} for i, e in enumerate(ENTRIES * 3)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "pairs.json"
+    rewriter = save_model(tmp_path / "rewriter", scoring_model(bpe, rewrite), bpe)
+    app = create_app(load_chat_model(str(rewriter), dtype="fp32"), model_name="judge")
+    with BackgroundServer(app) as server:
+        argv = ["judge", "--make-preferences", "--responses", str(data), "--judge-url", server.url + "/v1"]
+        argv += ["--judge-model", "judge", "--out", str(out), "--max-tokens", "16", "--quiet"]
+        assert main(argv) == 0
+        assert f"{len(records)} preference pairs from {len(records)} records" in capsys.readouterr().out
+        pairs = json.loads(out.read_text())
+        assert {p["rewritten_as"] for p in pairs} == {"polite", "impolite"}  # drawn per record, seeded
+        for record, pair in zip(records, pairs):
+            polite = pair["rewritten_as"] == "polite"
+            assert (pair["chosen"], pair["rejected"]) == (
+                (rewrite, record["output"]) if polite else (record["output"], rewrite)
+            )
+            assert pair["instruction"] == record["instruction"] and pair["error"] is None
+        assert [p["chosen"] for p in load_preference_data(out)] == [p["chosen"] for p in pairs]
+
+        batches = app.state.scheduler.batches_run  # --resume asks nothing again
+        assert main([*argv, "--resume"]) == 0 and app.state.scheduler.batches_run == batches
+        assert json.loads(out.read_text()) == pairs
+        assert main([*argv[:-3], "--style", "rude"]) == 2
+        assert "--style must be one of" in capsys.readouterr().err
+
+    # pick: the judge answers "B", so the second candidate is chosen
+    picker = save_model(tmp_path / "picker", scoring_model(bpe, "B"), bpe)
+    app = create_app(load_chat_model(str(picker), dtype="fp32"), model_name="judge")
+    with BackgroundServer(app) as server:
+        picked = tmp_path / "picked.json"
+        argv = ["judge", "--make-preferences", "--pick", "output", "model_response", "--responses", str(data)]
+        argv += ["--judge-url", server.url + "/v1", "--judge-model", "judge", "--out", str(picked)]
+        argv += ["--max-tokens", "8", "--quiet"]
+        assert main(argv) == 0
+    for record, pair in zip(records, json.loads(picked.read_text())):
+        assert (pair["chosen"], pair["rejected"]) == (record["model_response"], record["output"])
