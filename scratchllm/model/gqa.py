@@ -68,18 +68,15 @@ class GroupedQueryAttention(nn.Module):
         `mask`: None for plain causal attention, else bool (batch or 1, 1, T, S), True where a query
         may attend to a key."""
         b, t, _ = x.shape
-        sizes = [
-            self.n_heads * self.head_dim,
-            self.n_kv_groups * self.head_dim,
-            self.n_kv_groups * self.head_dim,
-        ]
-        q, k, v = self.qkv(x).split(sizes, dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, n_heads, t, head_dim)
-        k = k.view(b, t, self.n_kv_groups, self.head_dim).transpose(1, 2)  # (b, n_kv_groups, t, head_dim)
-        v = v.view(b, t, self.n_kv_groups, self.head_dim).transpose(1, 2)
+        heads = [self.n_heads, self.n_kv_groups]
+        qk, v = self.qkv(x).split([sum(heads) * self.head_dim, self.n_kv_groups * self.head_dim], dim=-1)
+        # queries and keys side by side as (b, n_heads + n_kv_groups, t, head_dim): one RoPE call for both
+        qk = qk.view(b, t, sum(heads), self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_groups, self.head_dim).transpose(1, 2)  # (b, n_kv_groups, t, head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = qk.split(heads, dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
+        q, k = apply_rope(qk, *rope).split(heads, dim=1)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
             q = q.to(k.dtype)  # the cache may keep a wider type than the weights

@@ -272,7 +272,8 @@ class Transformer(CausalLM):
             x = x * torch.tensor(cfg.emb_dim**0.5).to(x.dtype)  # rounded as Gemma's weights' type
         x = self.drop_emb(x)
         kinds = {cfg.layer_type(i) for i in range(cfg.n_layers)}
-        ropes = {kind: rope_tables(self._inv_freq[kind], pos) for kind in kinds}
+        # cast once per step to the activations' type, not in every layer (apply_rope's cast is then a no-op)
+        ropes = {kind: tuple(r.to(x.dtype) for r in rope_tables(self._inv_freq[kind], pos)) for kind in kinds}
         masks = {"full": mask}
         if "sliding" in kinds:
             masks["sliding"] = window_mask(mask, t, cfg.sliding_window, in_idx.device, kv_cache)
