@@ -200,6 +200,26 @@ STAGES: dict[str, list[Command]] = {
             training=True,
         ),
         Command(
+            "finetune grpo",
+            "reinforcement learning with verifiable rewards (GRPO; LoRA too)",
+            "scratchllm.finetune.grpo",
+            "GRPOConfig",
+            "finetune_grpo_command",
+            description="GRPO: sample a group of completions per prompt with the generation engine, reward "
+            "each with a verifier (exact, numeric, regex or your function), and push the model toward the "
+            "completions better than their group's mean, with a clipped ratio (and an optional KL penalty). "
+            "Data: {prompt, answer} records, e.g. from `scratchllm data arithmetic`. Held-out prompts are "
+            "answered greedily at each evaluation.",
+            training=True,
+        ),
+        Command(
+            "data arithmetic",
+            "write a synthetic arithmetic task (a corpus, GRPO prompts, held-out problems)",
+            "scratchllm.finetune.arithmetic",
+            "ArithmeticSettings",
+            "arithmetic_command",
+        ),
+        Command(
             "respond",
             "answer every instruction of a file, batched (adds model_response)",
             "scratchllm.finetune.respond",

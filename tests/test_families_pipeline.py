@@ -84,18 +84,59 @@ def instructions(tmp_path_factory) -> Path:
 def test_pretrain_finetune_serve_and_evaluate(arch, corpus, instructions, tmp_path):
     base, sft = tmp_path / "base", tmp_path / "sft"
     common = ["--progress", "false", "--device", "cpu", "--batch-size", "2"]
-    cli("pretrain", "--arch", arch, "--model", "nano", "--corpus", str(corpus), "--vocab-size", "300",
-        "--max-steps", "6", "--context-length", "256", "--eval-every", "6", "--eval-batches", "1",
-        "--sample-tokens", "0", "--out-dir", str(base), *common)  # fmt: skip
+    cli(
+        "pretrain",
+        "--arch",
+        arch,
+        "--model",
+        "nano",
+        "--corpus",
+        str(corpus),
+        "--vocab-size",
+        "300",
+        "--max-steps",
+        "6",
+        "--context-length",
+        "256",
+        "--eval-every",
+        "6",
+        "--eval-batches",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--out-dir",
+        str(base),
+        *common,
+    )
     loaded = load_model(base / "model")
     assert (
         loaded.model.cfg.architecture
         == arch
         == json.loads((base / "model" / "config.json").read_text())["model"]["architecture"]
     )
-    cli("finetune", "instruct", "--model", str(base / "model"), "--data", str(instructions), "--max-steps",
-        "4", "--eval-every", "4", "--eval-batches", "1", "--sample-count", "0", "--out-dir", str(sft),
-        "--lora", "true", "--lora-rank", "4", *common)  # fmt: skip
+    cli(
+        "finetune",
+        "instruct",
+        "--model",
+        str(base / "model"),
+        "--data",
+        str(instructions),
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "4",
+        "--eval-batches",
+        "1",
+        "--sample-count",
+        "0",
+        "--out-dir",
+        str(sft),
+        "--lora",
+        "true",
+        "--lora-rank",
+        "4",
+        *common,
+    )
     tuned = load_model(sft / "model")
     assert tuned.extra[TEMPLATE_KEY] == "alpaca"  # a tokenizer trained here has no chat template
     assert not any("lora" in name for name in tuned.model.state_dict())  # adapters merged
@@ -108,13 +149,37 @@ def test_pretrain_finetune_serve_and_evaluate(arch, corpus, instructions, tmp_pa
         )
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= 6
 
-    cli("generate", "--model", str(sft / "model"), "--prompt", "the cat", "--max-new-tokens", "4",
-        "--quantize", "int4")  # fmt: skip
+    cli(
+        "generate",
+        "--model",
+        str(sft / "model"),
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "4",
+        "--quantize",
+        "int4",
+    )
     labelled = tmp_path / "labels.jsonl"
     rows = [{"text": f"the {w} sat", "label": "cat" if i % 2 else "dog"} for i, w in enumerate(WORDS * 4)]
     labelled.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    cli("finetune", "classify", "--model", str(base / "model"), "--data", str(labelled), "--max-steps", "3",
-        "--eval-every", "3", "--eval-batches", "1", "--out-dir", str(tmp_path / "cls"), *common)  # fmt: skip
+    cli(
+        "finetune",
+        "classify",
+        "--model",
+        str(base / "model"),
+        "--data",
+        str(labelled),
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "1",
+        "--out-dir",
+        str(tmp_path / "cls"),
+        *common,
+    )
     assert load_model(tmp_path / "cls" / "model").model.cfg.n_classes == 2
 
     task = tmp_path / "task.jsonl"
@@ -151,15 +216,26 @@ def qwen_with_template(tmp_path_factory) -> Path:
     tok = chatml_tokenizer()
     hf = tmp_path_factory.mktemp("hf-qwen")
     config = transformers.Qwen3Config(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
         eos_token_id=tok.token_to_id("<|im_end|>"),
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     transformers.Qwen3ForCausalLM(config).save_pretrained(hf)
     tok.save(str(hf / "tokenizer.json"))
-    settings = {"chat_template": CHATML, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                "bos_token": None, "tokenizer_class": "PreTrainedTokenizerFast"}  # fmt: skip
+    settings = {
+        "chat_template": CHATML,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     (hf / "tokenizer_config.json").write_text(json.dumps(settings))
     ids = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
     (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": ids}))
@@ -197,10 +273,32 @@ def test_instruct_finetuning_uses_the_models_template(qwen_with_template, instru
     assert data.encoded_texts[0][: data.prompt_lengths[0]] == tok.encode(prompt, "all")
 
     out = tmp_path / "sft"
-    cli("finetune", "instruct", "--model", str(qwen_with_template), "--data", str(instructions),
-        "--max-steps", "2", "--eval-every", "2", "--eval-batches", "1", "--sample-count", "1",
-        "--sample-tokens", "3", "--batch-size", "2", "--out-dir", str(out), "--progress", "false",
-        "--device", "cpu")  # fmt: skip
+    cli(
+        "finetune",
+        "instruct",
+        "--model",
+        str(qwen_with_template),
+        "--data",
+        str(instructions),
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--sample-count",
+        "1",
+        "--sample-tokens",
+        "3",
+        "--batch-size",
+        "2",
+        "--out-dir",
+        str(out),
+        "--progress",
+        "false",
+        "--device",
+        "cpu",
+    )
     tuned = load_model(out / "model")
     assert tuned.extra[TEMPLATE_KEY] == "model"
     assert isinstance(tuned.tokenizer, HFTokenizer) and tuned.tokenizer.chat_template == CHATML

@@ -803,3 +803,20 @@ def test_download_and_export_through_the_table(home, fake_hub, tmp_path, capsys)
     )
     assert table_main(["export-hf", str(tmp_path / "missing"), str(tmp_path / "hf2")]) == 2
     assert "not found" in capsys.readouterr().err and not (tmp_path / "hf2").exists()
+
+
+def test_a_gated_repository_says_to_accept_its_license_and_give_hf_token(home, monkeypatch, capsys):
+    from huggingface_hub.errors import GatedRepoError
+
+    class Gated(GatedRepoError):
+        def __init__(self):  # the real one wants an HTTP response
+            Exception.__init__(self, "403 Client Error: access to this model is restricted")
+
+    def snapshot_download(repo_id, **kwargs):
+        raise Gated()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert table_main(["download", "llama3.2-1b"]) == 2
+    err = capsys.readouterr().err
+    assert "meta-llama/Llama-3.2-1B is a gated model" in err and "HF_TOKEN" in err
+    assert "https://huggingface.co/meta-llama/Llama-3.2-1B" in err and "--from DIR" in err

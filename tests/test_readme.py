@@ -76,6 +76,13 @@ OVERRIDES = [
             "--progress false"
         ),
     ),
+    (
+        r"^scratchllm finetune grpo\b",
+        shlex.split(
+            "--max-steps 2 --eval-every 0 --eval-limit 4 --group-size 4 --batch-size 4 --progress false"
+        ),
+    ),
+    (r"^scratchllm data arithmetic\b", shlex.split("--train 500 --test 20")),
     (r"^scratchllm respond\b", shlex.split("--max-new-tokens 4 --quiet")),
 ]
 SNIPPET_OVERRIDES = [(r"max_new_tokens=\d+", "max_new_tokens=5")]

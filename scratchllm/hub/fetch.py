@@ -200,6 +200,7 @@ def hf_snapshot(repo_id: str, progress: bool = True, name: str = "gpt2") -> Path
     already in huggingface_hub's cache, the rest downloaded (resumable). The only network call of
     hub/; with HF_HUB_OFFLINE set, the cache alone. `name`: the hub name errors advise."""
     from huggingface_hub import snapshot_download  # optional and slow to import
+    from huggingface_hub.errors import GatedRepoError
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     if not progress:
@@ -210,7 +211,7 @@ def hf_snapshot(repo_id: str, progress: bool = True, name: str = "gpt2") -> Path
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=HF_DOWNLOAD_FILES, local_files_only=offline))
     except Exception as e:  # no network, offline mode, a proxy, an HTTP error: all "cannot get it now"
-        if type(e).__name__ == "GatedRepoError":
+        if isinstance(e, GatedRepoError):
             raise ScratchLLMError(
                 f"{repo_id} is a gated model: accept its license at https://huggingface.co/{repo_id} with "
                 "your account, then give your access token as HF_TOKEN (or run `hf auth login`) and try "

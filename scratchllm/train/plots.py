@@ -39,7 +39,8 @@ def plot_losses(records: Sequence[dict[str, Any]], path: str | os.PathLike, titl
     ax.set_xlabel("steps")
     ax.set_ylabel("loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(loc="upper right")
+    if train or val:  # a stage without a validation loss (GRPO) has nothing to label before its first log
+        ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     points = sorted({(s, t) for s, t, _ in train + val})
     if len(points) >= 2 and points[-1][0] > 0:

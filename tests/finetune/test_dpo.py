@@ -92,11 +92,42 @@ def base(tmp_path_factory) -> Path:
 
 def _run(base: Path, data: Path, out: Path, *extra: str) -> int:
     return main(
-        ["finetune", "dpo", "--model", str(base), "--data", str(data), "--out-dir", str(out), "--batch-size",
-         "4", "--lr", "3e-3", "--min-lr", "3e-3", "--warmup-steps", "0", "--beta", "0.5", "--eval-batches",
-         "0", "--sample-count", "0", "--progress", "false", "--device", "cpu", "--val-fraction", "0.2",
-         "--test-fraction", "0", "--drop-rate", "0", *extra]
-    )  # fmt: skip
+        [
+            "finetune",
+            "dpo",
+            "--model",
+            str(base),
+            "--data",
+            str(data),
+            "--out-dir",
+            str(out),
+            "--batch-size",
+            "4",
+            "--lr",
+            "3e-3",
+            "--min-lr",
+            "3e-3",
+            "--warmup-steps",
+            "0",
+            "--beta",
+            "0.5",
+            "--eval-batches",
+            "0",
+            "--sample-count",
+            "0",
+            "--progress",
+            "false",
+            "--device",
+            "cpu",
+            "--val-fraction",
+            "0.2",
+            "--test-fraction",
+            "0",
+            "--drop-rate",
+            "0",
+            *extra,
+        ]
+    )
 
 
 def test_a_tiny_model_learns_the_preference_and_resumes_exactly(base, tmp_path):
@@ -132,8 +163,22 @@ def test_a_tiny_model_learns_the_preference_and_resumes_exactly(base, tmp_path):
     # exact resume from the middle checkpoint (the reference comes from the cache)
     again = tmp_path / "again"
     shutil.copytree(out, again, ignore=shutil.ignore_patterns("step-000016", "model", "best"))
-    assert _run(base, data, again, "--max-steps", "16", "--eval-every", "8", "--checkpoint-every", "8",
-                "--resume", str(again / "checkpoints" / "step-000008")) == 0  # fmt: skip
+    assert (
+        _run(
+            base,
+            data,
+            again,
+            "--max-steps",
+            "16",
+            "--eval-every",
+            "8",
+            "--checkpoint-every",
+            "8",
+            "--resume",
+            str(again / "checkpoints" / "step-000008"),
+        )
+        == 0
+    )
     a = (out / "model" / "model.safetensors").read_bytes()
     assert (again / "model" / "model.safetensors").read_bytes() == a
 
