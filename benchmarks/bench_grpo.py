@@ -1,7 +1,7 @@
 """GRPO on the synthetic arithmetic task: held-out accuracy after pretraining on the task's format, and after
 GRPO, with the wall time of each phase, all on the CPU of this machine.
 
-    .venv/bin/python benchmarks/bench_grpo.py                      # the default recipe (about 20 minutes)
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_grpo.py    # the default recipe (~20 min)
     .venv/bin/python benchmarks/bench_grpo.py --pretrain-steps 600 --grpo-minutes 3   # a quick look
 
 The phases are the README's commands: `data arithmetic`, `pretrain` (a character-level model on the
@@ -52,9 +52,9 @@ def main() -> None:
     )
     parser.add_argument("--digits", type=int, default=2)
     parser.add_argument("--model", default="micro")
-    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument("--pretrain-steps", type=int, default=4000)
     parser.add_argument("--grpo-minutes", type=float, default=10.0)
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--lr", type=float, default=1e-4, help="GRPO's (constant) learning rate")
     parser.add_argument("--dir", default=None, help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-grpo-"))
