@@ -244,3 +244,17 @@ def test_chat_message_pairs_use_the_template(base):
     data = PreferenceDataset(pairs, tok, get_template("alpaca"))
     assert data.prompts[0].endswith("### Response:\n")
     assert tok.decode(data.chosen[0][data.chosen_prompt[0] :]) == "Hello."
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen3-moe", "gemma3"])
+def test_dpo_runs_for_every_family(arch, base, tmp_path):
+    from scratchllm.model import registry
+
+    tok = load_model(base).tokenizer
+    cfg = registry.preset_config("nano", arch, vocab_size=tok.vocab_size, context_length=256)
+    family = save_model(tmp_path / arch, registry.build_model(cfg), tok)
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(PAIRS[:16]))
+    assert _run(family, data, tmp_path / "run", "--max-steps", "2", "--lora", "true", "--lora-rank", "4") == 0
+    tuned = load_model(tmp_path / "run" / "model")
+    assert tuned.model.cfg.architecture == arch and not any("lora" in k for k in tuned.model.state_dict())

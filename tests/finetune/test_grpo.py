@@ -216,3 +216,18 @@ def test_arithmetic_data_and_bad_settings(tmp_path, capsys):
     ]:
         assert exit_code(main, [*base, *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen3-moe", "gemma3"])
+def test_grpo_runs_for_every_family(arch, tiny, tmp_path):
+    from scratchllm.checkpoint import load_model
+    from scratchllm.model import registry
+
+    tok = load_model(tiny / "base").tokenizer
+    cfg = registry.preset_config("nano", arch, vocab_size=tok.vocab_size, context_length=32)
+    root = tmp_path / "family"
+    (root / "base").parent.mkdir(parents=True)
+    save_model(root / "base", registry.build_model(cfg), tok)
+    shutil.copy(tiny / "prompts.jsonl", root / "prompts.jsonl")
+    assert _grpo(root, tmp_path / "run", "--max-steps", "2", "--eval-every", "2", "--kl-coef", "0.1") == 0
+    assert load_model(tmp_path / "run" / "model").model.cfg.architecture == arch
