@@ -490,6 +490,12 @@ def entry() -> None:
     """The `scratchllm` program: `main`, then exit without Python's final garbage collection over
     everything torch created at import (`gc.freeze` moves the live objects out of its sight)."""
     code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a torchrun process: its work is done and written; gloo's threads can abort one at the C++
+        # teardown of the interpreter's exit (SIGABRT, "terminate called without an active exception")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     import gc
 
     gc.freeze()
