@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,6 +50,7 @@ from .instruct import (
     IGNORE_INDEX,
     SPLIT_NAMES,
     InstructConfig,
+    InstructionTask,
     _common_prefix,
     _merge_saved_adapters,
     _prepare_model,
@@ -227,10 +227,13 @@ class DPOTask(Task):
         self.eval_batches, self.tokenizer = eval_batches, tokenizer
         self.sample_count, self.sample_tokens = sample_count, sample_tokens
         self.batches_per_epoch = max(1, len(train) // batch_size)
+        self._perm: tuple[int, list[int]] | None = None
+
+    epoch_order = InstructionTask.epoch_order  # one seeded permutation per epoch, computed once
 
     def train_batch(self, index: int, rank: int = 0, world_size: int = 1) -> tuple[Any, ...]:
         epoch, position = divmod(index * world_size + rank, self.batches_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train)).tolist()
+        order = self.epoch_order(epoch)
         rows = order[position * self.batch_size : (position + 1) * self.batch_size]
         return self._batch(self.train, "train", rows)
 
