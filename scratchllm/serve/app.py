@@ -30,7 +30,6 @@ The routes are plain functions of the request; what they serve lives on `app.sta
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import secrets
 import time
@@ -44,6 +43,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ScratchLLMError
+from .access import authorize, check_model
 from .chat import ChatModel
 from .openai_format import (
     ChatTokens,
@@ -150,33 +150,6 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 # ----------------------------------------------------------------------------------------------
 # Checks
-
-
-def authorize(request: Request) -> None:
-    """A 401 unless the request carries the server's API key (when it has one)."""
-    api_key = request.app.state.settings.api_key
-    if api_key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-        raise APIError(
-            401,
-            "missing or incorrect API key: send the header `Authorization: Bearer KEY` "
-            "(the key the server was started with)",
-            code="invalid_api_key",
-        )
-
-
-def check_model(request: Request, name: str) -> None:
-    """A 404 unless `name` is the served model's id."""
-    model_id = request.app.state.settings.model_id
-    if name != model_id:
-        raise APIError(
-            404,
-            f"the model {name!r} does not exist; this server serves {model_id!r}",
-            param="model",
-            code="model_not_found",
-        )
 
 
 def completion_prompts(prompt: Any, model: ChatModel) -> list[list[int]]:
