@@ -31,6 +31,7 @@ SKIPPED = {
     r"^scratchllm chat\b": "an interactive session that waits for input (tests/serve/test_chat.py)",
     r"^scratchllm serve\b": "a server that runs until stopped (tests/serve/test_server.py)",
     r"^scratchllm judge\b": "needs a judge model behind a server such as Ollama (tests/serve/test_judge.py)",
+    r"^lm_eval\b": "downloads HellaSwag and needs a running server (tests/serve/test_lm_eval.py runs it offline)",
 }
 # Kinds of commands never run here, wherever they are added to the README: tests stay offline and on CPU.
 NEVER_RUN = {

@@ -5,6 +5,7 @@
     POST /v1/completions        raw text continuation (no template), `prompt` a string, strings or token ids
     POST /v1/chat/completions   a conversation, rendered with the model's prompt template (chat.py)
     GET  /health                liveness, no API key needed
+    GET  /tokenizer_info, POST /tokenize, POST /detokenize: the tokenizer, in vLLM's shape (tokenize.py)
 
 Any OpenAI client works (`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)`), streaming
 (`stream: true`) or not. Bad requests get a 4xx answer in OpenAI's error shape (schemas.py): 400
@@ -43,6 +44,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ScratchLLMError
+from . import tokenize
 from .access import authorize, check_model
 from .chat import ChatModel
 from .openai_format import (
@@ -109,6 +111,7 @@ def create_app(
     app.add_exception_handler(ScratchLLMError, _user_error)
     app.add_exception_handler(Exception, _internal)
     app.include_router(router)
+    app.include_router(tokenize.router)
     return app
 
 
