@@ -6,6 +6,7 @@
     POST /v1/chat/completions   a conversation, rendered with the model's prompt template (chat.py)
     GET  /health                liveness, no API key needed
     GET  /tokenizer_info, POST /tokenize, POST /detokenize: the tokenizer, in vLLM's shape (tokenize.py)
+    POST /api/chat, /api/generate, /api/show; GET /api/tags, /api/ps, /api/version: Ollama's API (ollama.py)
 
 Any OpenAI client works (`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)`), streaming
 (`stream: true`) or not. Bad requests get a 4xx answer in OpenAI's error shape (schemas.py): 400
@@ -44,7 +45,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ScratchLLMError
-from . import tokenize
+from . import ollama, tokenize
 from .access import authorize, check_model
 from .chat import ChatModel
 from .openai_format import (
@@ -112,6 +113,7 @@ def create_app(
     app.add_exception_handler(Exception, _internal)
     app.include_router(router)
     app.include_router(tokenize.router)
+    app.include_router(ollama.router)
     return app
 
 
@@ -138,7 +140,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     message = f"{request.method} {request.url.path}: {exc.detail}"
     if exc.status_code == 404:
-        message += "; the API is under /v1 (/v1/models, /v1/completions, /v1/chat/completions)"
+        message += (
+            "; the API is under /v1 (/v1/models, /v1/completions, /v1/chat/completions), Ollama's under /api "
+            "(/api/chat, /api/generate, /api/tags, /api/show)"
+        )
     return APIError(exc.status_code, message, code=code).response()
 
 
