@@ -5,6 +5,7 @@
     POST /v1/completions        raw text continuation (no template), `prompt` a string, strings or token ids
     POST /v1/chat/completions   a conversation, rendered with the model's prompt template (chat.py)
     GET  /health                liveness, no API key needed
+    GET  /                      the web chat page (page.py; the page itself needs no API key)
     GET  /tokenizer_info, POST /tokenize, POST /detokenize: the tokenizer, in vLLM's shape (tokenize.py)
     POST /api/chat, /api/generate, /api/show; GET /api/tags, /api/ps, /api/version: Ollama's API (ollama.py)
 
@@ -45,7 +46,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ScratchLLMError
-from . import ollama, tokenize
+from . import ollama, page, tokenize
 from .access import authorize, check_model
 from .chat import ChatModel
 from .openai_format import (
@@ -113,6 +114,7 @@ def create_app(
     app.add_exception_handler(Exception, _internal)
     app.include_router(router)
     app.include_router(tokenize.router)
+    app.include_router(page.router)
     app.include_router(ollama.router)
     return app
 
