@@ -105,6 +105,13 @@ STAGES: dict[str, list[Command]] = {
             "export_hf_command",
         ),
         Command(
+            "export-gguf",
+            "write a model as one GGUF file for llama.cpp, with an Ollama Modelfile",
+            "scratchllm.hub.gguf_export",
+            "ExportGGUFSettings",
+            "export_gguf_command",
+        ),
+        Command(
             "generate",
             "continue a prompt (greedy, temperature, top-k, top-p, streaming)",
             "scratchllm.generation.command",

@@ -8,6 +8,8 @@
   the conversion alone, for a local copy and without a network. convert.py.
 - `export_hf`: a model directory -> a directory `transformers.GPT2LMHeadModel.from_pretrained`
   (and `GPT2TokenizerFast`) loads. export.py.
+- `export_gguf`: a model directory -> one GGUF file that llama.cpp and Ollama run, with an Ollama
+  Modelfile beside it. gguf_export.py (weights, hyperparameters), gguf_tokenizer.py, gguf_modelfile.py.
 - `model_info`: `scratchllm info`. info.py.
 
 Each family's weight-name table and config conversion are in model/ (model/gpt2_hf.py for GPT-2),
@@ -44,6 +46,7 @@ from .fetch import (
     load_model,
     resolve_model,
 )
+from .gguf_export import export_gguf, write_gguf
 from .info import format_model_info, model_info
 
 __all__ = [
@@ -61,6 +64,7 @@ __all__ = [
     "convert_hf_dir",
     "download_command",
     "download_model",
+    "export_gguf",
     "export_hf",
     "fetch_model",
     "format_model_info",
@@ -79,4 +83,5 @@ __all__ = [
     "read_hf_config",
     "resolve_model",
     "to_hf_state_dict",
+    "write_gguf",
 ]
