@@ -31,7 +31,7 @@ SKIPPED = {
     r"^scratchllm chat\b": "an interactive session that waits for input (tests/serve/test_chat.py)",
     r"^scratchllm serve\b": "a server that runs until stopped (tests/serve/test_server.py)",
     r"^scratchllm judge\b": "needs a judge model behind a server such as Ollama (tests/serve/test_judge.py)",
-    r"^lm_eval\b": "downloads HellaSwag and needs a running server (tests/serve/test_lm_eval.py runs it offline)",
+    r"^lm_eval\b": "downloads HellaSwag, needs a running server (tests/serve/test_lm_eval.py: offline)",
     r"^llama-cli\b": "llama.cpp's command line (tests/test_gguf.py runs the file in llama.cpp)",
     r"^ollama\b": "needs Ollama, not installed here (tests/test_gguf.py checks the Modelfile)",
 }

@@ -6,7 +6,7 @@
     scheduler.py      the one engine thread that requests queue for
     access.py         the API-key and model-name checks every router uses
     app.py            create_app: the FastAPI app and its OpenAI routes
-    tokenize.py       /tokenize, /detokenize, /tokenizer_info in vLLM's shape (lm-evaluation-harness uses them)
+    tokenize.py       /tokenize, /detokenize, /tokenizer_info as vLLM has them (for lm-evaluation-harness)
     ollama*.py        Ollama's API: routes, request bodies and options, answers and streams
     page.py, static/  the web chat page at /
     server.py         `scratchllm serve`: bind, load, run uvicorn
