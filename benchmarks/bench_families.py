@@ -3,7 +3,7 @@
 Decoding: the Qwen3-0.6B and Llama-3.2-1B shapes with random bf16 weights (the same weights in both
 engines: ours exported into transformers' `Qwen3ForCausalLM` / `LlamaForCausalLM`, whose logits are
 checked against ours first), a 32-token prompt, 128 new tokens, batch 1, greedy. Candidates: our
-`Engine` with bf16 weights and with int4 weights (`quantize_model`, what `--quantize int4` runs), and
+`Engine` with bf16 weights, int8 and int4 weights (`quantize_model`, what `--quantize int8/int4` runs), and
 transformers' `generate` (bf16 weights, its KV cache). They run in rotation (A B C A B C ...) with a
 memory-bandwidth measurement, best of --repeats. A decode step reads every linear weight once (the
 LM head included), one embedding row and the KV cache so far: the bound is read bandwidth / those
@@ -46,7 +46,7 @@ from bench_generate import load_average, read_bandwidth, rotate
 
 from scratchllm.generation import Engine, GenerationConfig
 from scratchllm.hub import hf_config, to_hf_state_dict
-from scratchllm.model.quantize import Int4Linear, int4_supported, quantize_model
+from scratchllm.model.quantize import Int4Linear, Int8Linear, int4_supported, quantize_model
 from scratchllm.model.registry import build_model, preset_config
 
 MODELS = ("qwen3-0.6b", "llama3.2-1b")
@@ -107,6 +107,8 @@ def bytes_per_token(model: nn.Module, kv_positions: float, kv_dtype: torch.dtype
     for m in model.modules():
         if type(m) is nn.Linear:
             tensors = [m.weight, m.bias]
+        elif isinstance(m, Int8Linear):
+            tensors = [m.qweight, m.scale, m.bias]
         elif isinstance(m, Int4Linear):
             tensors = [m._kernel_weight, m._kernel_scales, m.bias]
         else:
@@ -135,6 +137,8 @@ def bench_decode(name: str, args: argparse.Namespace, bw: float) -> dict[str, fl
     n_new = args.new_tokens
     greedy = GenerationConfig(max_new_tokens=n_new, ignore_eos=True)
     engines = {"ours bf16 weights": Engine(model)}
+    model_int8 = quantize_model(copy.deepcopy(model), "int8")
+    engines["ours int8 weights"] = Engine(model_int8)
     model_int4 = None
     if int4_supported():
         model_int4 = quantize_model(copy.deepcopy(model))
@@ -173,6 +177,7 @@ def bench_decode(name: str, args: argparse.Namespace, bw: float) -> dict[str, fl
     kv_dtype = torch.float32  # the engine's cache for bf16 weights on CPUs (transformers': bf16)
     need = {"ours bf16 weights": bytes_per_token(model, kv_positions, kv_dtype)}
     need[hf_name] = bytes_per_token(model, kv_positions, torch.bfloat16)
+    need["ours int8 weights"] = bytes_per_token(model_int8, kv_positions, kv_dtype)
     if model_int4 is not None:
         need["ours int4 weights"] = bytes_per_token(model_int4, kv_positions, kv_dtype)
     hf_best = max(rates[hf_name])

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from scratchllm.generation import Engine, GenerationConfig, generate_text_simple
 from scratchllm.model.gpt import GPTModel, preset_config
-from scratchllm.model.quantize import Int4Linear, int4_supported, quantize_model
+from scratchllm.model.quantize import Int4Linear, Int8Linear, int4_supported, quantize_model
 
 
 def load_average() -> str:
@@ -71,13 +71,15 @@ def _timed(fn: Callable[[], object], device: torch.device = CPU) -> float:
 
 def weight_bytes_per_token(model: GPTModel) -> int:
     """Bytes of weights a decode step reads: every linear layer's matrix and bias (the tied LM head
-    included); int4 layers their codes, steps and zeros. The norms' and the embeddings' few
-    bytes (one row each) are ignored."""
+    included); int8 layers their codes and scales, int4 layers their codes, steps and zeros. The norms'
+    and the embeddings' few bytes (one row each) are ignored."""
     total = 0
     for m in model.modules():
         tensors = []
         if isinstance(m, nn.Linear):
             tensors = [m.weight, m.bias]
+        elif isinstance(m, Int8Linear):
+            tensors = [m.qweight, m.scale, m.bias]
         elif isinstance(m, Int4Linear):
             tensors = [m.qweight, m.step, m.zero, m.bias]
         total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -229,8 +231,11 @@ def main() -> None:
     if not gpu:  # prepacking is for CPUs: on a GPU both engines would be the same
         engines["ours fp32, PyTorch's default linear kernels"] = Engine(model, prepack=False)
     engines["ours bf16 weights"] = Engine(model_bf16)
-    model_int4 = None
-    if not gpu and int4_supported():  # the int4 kernel is a CPU one
+    model_int4 = model_int8 = None
+    if not gpu:  # the int8 and int4 kernels are CPU ones
+        model_int8 = quantize_model(copy.deepcopy(model), "int8")
+        engines["ours int8 weights"] = Engine(model_int8)
+    if not gpu and int4_supported():
         model_int4 = quantize_model(copy.deepcopy(model))
         engines["ours int4 weights"] = Engine(model_int4)
     compiled = [f"ours {w} compiled" for w in ("fp32", "bf16 weights")] if args.compile else []
@@ -277,6 +282,8 @@ def main() -> None:
         uncached = generate_text_simple(book, prompt_d, 32, ctx)
         checks["book generate_text_simple (uncached)"] = uncached[0, -32:].tolist()
     checks["ours bf16 weights"] = ours("ours bf16 weights", [p])[0]
+    if model_int8 is not None:
+        checks["ours int8 weights"] = ours("ours int8 weights", [p])[0]
     if model_int4 is not None:
         checks["ours int4 weights"] = ours("ours int4 weights", [p])[0]
     for name in compiled:  # the first call of each batch size compiles
@@ -300,8 +307,8 @@ def main() -> None:
     if gpu:
         print("  (bf16 runs, and fp32 ones with other GPU kernels, may part from fp32 after a near-tie)")
     else:
-        print("  (bf16 and int4 weights are rounded: random weights, whose top logits nearly tie, part")
-        print("   from fp32 after a few tokens; `scratchllm perplexity --quantize int4` measures quality)")
+        print("  (bf16, int8 and int4 weights are rounded: random weights, whose top logits nearly tie, part")
+        print("   from fp32 after a few tokens; `scratchllm perplexity --quantize` measures quality)")
     if book_kv_error and has_book:
         print(f"  llms_from_scratch.kv_cache.gpt2.GPTModel is not usable: {book_kv_error}")
 
@@ -314,6 +321,8 @@ def main() -> None:
         "ours fp32": lambda: len(ours("ours fp32", [p])[0]),
         "ours bf16 weights": lambda: len(ours("ours bf16 weights", [p])[0]),
     }
+    if model_int8 is not None:
+        candidates["ours int8 weights"] = lambda: len(ours("ours int8 weights", [p])[0])
     if model_int4 is not None:
         candidates["ours int4 weights"] = lambda: len(ours("ours int4 weights", [p])[0])
     for name in compiled:
@@ -342,16 +351,19 @@ def main() -> None:
     hf_best = max(rates[hf_name])
     bytes32 = weight_bytes_per_token(model)
     bytes4 = weight_bytes_per_token(model_int4) if model_int4 is not None else 0
+    bytes8 = weight_bytes_per_token(model_int8) if model_int8 is not None else 0
     for name, r in rates.items():
         best = max(r)
-        nbytes = bytes32 // 2 if "bf16" in name else bytes4 if "int4" in name else bytes32
+        kinds = {"bf16": bytes32 // 2, "int8": bytes8, "int4": bytes4}
+        nbytes = next((n for k, n in kinds.items() if k in name), bytes32)
         bound = bw * 1e9 / nbytes  # tokens/s if a step took only its weight reads
         print(
             f"  {name:50s} {best:7.1f}  (median {statistics.median(r):6.1f})  {best / hf_best:5.2f}x "
             f"transformers  {best / bound:4.0%} of the bandwidth bound ({bound:5.1f} tok/s)"
         )
+    int8 = f", {bytes8 / 1e6:.0f} MB int8" if bytes8 else ""
     int4 = f", {bytes4 / 1e6:.0f} MB int4" if bytes4 else ""
-    print(f"  weights read per token: {bytes32 / 1e6:.0f} MB fp32, {bytes32 / 2e6:.0f} MB bf16{int4}")
+    print(f"  weights read per token: {bytes32 / 1e6:.0f} MB fp32, {bytes32 / 2e6:.0f} MB bf16{int8}{int4}")
 
     # -- batch 8
     bp = torch.randint(0, 50256, (args.batch, args.prompt_len), generator=g)
@@ -365,6 +377,11 @@ def main() -> None:
     candidates = {
         "ours fp32": lambda: sum(map(len, ours("ours fp32", bp.tolist()))),
         "ours bf16 weights": lambda: sum(map(len, ours("ours bf16 weights", bp.tolist()))),
+        **(
+            {"ours int8 weights": lambda: sum(map(len, ours("ours int8 weights", bp.tolist())))}
+            if model_int8
+            else {}
+        ),
         **(
             {"ours int4 weights": lambda: sum(map(len, ours("ours int4 weights", bp.tolist())))}
             if model_int4
@@ -393,6 +410,7 @@ def main() -> None:
     candidates = {
         "ours fp32": lambda: ours("ours fp32", [lp], one) and 1,
         "ours bf16 weights": lambda: ours("ours bf16 weights", [lp], one) and 1,
+        **({"ours int8 weights": lambda: ours("ours int8 weights", [lp], one) and 1} if model_int8 else {}),
         **({"ours int4 weights": lambda: ours("ours int4 weights", [lp], one) and 1} if model_int4 else {}),
         "transformers": lambda: hf_generate(long_d, 1).shape[1],
     }

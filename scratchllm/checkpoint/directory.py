@@ -108,7 +108,7 @@ def write_model_files(
         raise TypeError(f"save_model: {e}") from e
     if is_quantized(model):
         raise ScratchLLMError(
-            "a quantized model cannot be saved (int4 is for inference); save the model before quantize_model"
+            "a quantized model cannot be saved (it is for inference); save the model before quantize_model"
         )
     cfg = model.cfg
     tensors = model_tensors(model)

@@ -188,8 +188,10 @@ class RuntimeSettings:
     )
     quantize: str | None = setting(
         None,
-        "int4: 4-bit weights in groups of 128 (CPU only): faster decoding than fp32 on CPUs without native "
-        "bf16, at a small loss of quality; long prompts take longer to start (see benchmarks/RESULTS.md)",
+        "int8: 8-bit weights (a scale per output channel) multiplied in int8 with 8-bit activations (each "
+        "token's own range); int4: 4-bit weights in groups of 128. CPU only: faster decoding at a small loss "
+        "of quality (`perplexity --quantize` measures it); long prompts take longer to start (see "
+        "benchmarks/RESULTS.md)",
         "model",
         choices=QUANTIZE_MODES,
     )

@@ -27,6 +27,7 @@ class PackedLinears:
         self.model = model
         self._linears: list[nn.Linear] = []
         self._packed: list[torch.Tensor] = []
+        self._forwards: list[Callable[[torch.Tensor], torch.Tensor]] = []
         self._key: tuple | None = None
 
     @staticmethod
@@ -49,7 +50,7 @@ class PackedLinears:
         """Pack the current weights, unless nothing changed since the last call. False (and nothing
         packed) when the model no longer qualifies, e.g. after moving to a GPU."""
         if not self.supported(self.model):
-            self._linears, self._packed, self._key = [], [], None
+            self._linears, self._packed, self._forwards, self._key = [], [], [], None
             return False
         linears = [m for m in self.model.modules() if type(m) is nn.Linear]
         key = tuple(
@@ -59,14 +60,15 @@ class PackedLinears:
         if key != self._key:
             self._linears = linears
             self._packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1) for m in linears]
+            self._forwards = [_packed_forward(w, m.bias) for m, w in zip(linears, self._packed)]
             self._key = key
         return True
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """Route the linear layers through the packed weights (call `refresh()` first)."""
-        for m, w in zip(self._linears, self._packed):
-            m.forward = _packed_forward(w, m.bias)  # an instance attribute shadows the class's forward
+        for m, forward in zip(self._linears, self._forwards):
+            m.forward = forward  # an instance attribute shadows the class's forward
         try:
             yield
         finally:

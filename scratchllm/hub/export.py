@@ -101,7 +101,7 @@ def export_hf(spec: str | os.PathLike | LoadedModel, out: str | os.PathLike) -> 
     model, tokenizer = loaded.model, loaded.tokenizer
     if is_quantized(model):
         raise ScratchLLMError(
-            "a quantized model cannot be exported (int4 is for inference); export the original"
+            "a quantized model cannot be exported (it is for inference); export the original"
         )
     if lora_layers(model):  # Hugging Face's models have no place for adapters: they fold into a copy
         model = copy.deepcopy(model)

@@ -21,7 +21,7 @@ from ..errors import ScratchLLMError
 from .attention import CausalSelfAttention, KVCache, step_inputs
 from .base import CausalLM, ModelConfig, check_token_ids
 from .parts import GELU, GELU_FORMS, LayerNorm
-from .quantize import Int4Linear
+from .quantize import QuantizedLinear
 
 ARCHITECTURE = "gpt2"
 
@@ -223,8 +223,8 @@ def count_parameters(model: nn.Module, count_tied_twice: bool = False) -> int:
     """Number of parameters; a tied head counts once unless `count_tied_twice` (the book's 163M figure).
     Works for any registered architecture (model/registry.py)."""
     n = sum(p.numel() for p in model.parameters())  # .parameters() yields shared tensors once
-    # int4 layers keep their weights in buffers; a quantized tied head is a copy of the embedding
-    quantized = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    # quantized layers keep their weights in buffers; a quantized tied head is a copy of the embedding
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     n += sum(m.in_features * m.out_features for m in quantized)
     cfg = getattr(model, "cfg", None)
     if cfg is not None and cfg.tie_weights and not cfg.n_classes:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quantize import Int4Linear
+from .quantize import QuantizedLinear
 
 # Logits per chunk: on a CPU with gradients, a chunk about the size of its caches (128 rows x 50,257 fp32
 # values are 26 MB); on GPUs, and without gradients anywhere, larger chunks, since small ones starve the
@@ -68,8 +68,8 @@ def head_loss(
     better than it compiles the chunk loop) and for heads with a bias or LoRA adapters."""
     if type(head) is nn.Linear and head.bias is None and not torch.compiler.is_compiling():
         return linear_cross_entropy(hidden, head.weight, targets, ignore_index)
-    if isinstance(head, Int4Linear) and head.bias is None:  # its weights, as the kernel sees x
-        return linear_cross_entropy(hidden.bfloat16().float(), head.weight_fp32(), targets, ignore_index)
+    if isinstance(head, QuantizedLinear) and head.bias is None:  # its weights, as its kernel sees x
+        return linear_cross_entropy(head.kernel_input(hidden), head.weight_fp32(), targets, ignore_index)
     logits = head(hidden).flatten(0, 1).float()
     return F.cross_entropy(logits, targets.flatten(), ignore_index=ignore_index)
 

@@ -101,7 +101,7 @@ def evaluate_text(
 ) -> dict[str, Any]:
     """Loss and perplexity per token of the text, and bits per byte, of a model on a corpus: each
     document follows an <|endoftext|> that is context only, so every text token is predicted once.
-    `quantize` "int4": of the model with int4 weights (what `generate --quantize int4` runs)."""
+    `quantize` "int8" or "int4": of the model quantized so (what `generate --quantize` runs)."""
     if batch_size < 1:
         raise ScratchLLMError(f"--batch-size must be >= 1, got {batch_size}")
     if context_length is not None and context_length < 1:
@@ -188,7 +188,7 @@ class PerplexitySettings:
     precision: str = setting("fp32", "fp32 (exact), bf16, fp16 or auto", "model")
     quantize: str | None = setting(
         None,
-        "evaluate the model with int4 weights, as `generate --quantize int4` runs it (CPU only)",
+        "evaluate the model with int8 or int4 weights, as `generate --quantize` runs it (CPU only)",
         "model",
         choices=QUANTIZE_MODES,
     )

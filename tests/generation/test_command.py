@@ -153,5 +153,5 @@ def test_generate_errors_are_one_line(model_dir, capsys):
     assert main([*hello, "--prompt", "again", "--stream"]) == 2
     assert "--stream takes one --prompt" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main([*hello, "--quantize", "int8"])
+        main([*hello, "--quantize", "int3"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
