@@ -32,6 +32,7 @@ from ..model.gpt import count_parameters
 from ..model.registry import DEFAULT_ARCHITECTURE, architecture_of_preset, get_architecture, preset_config
 from ..text.sampling import TokenWindows
 from ..text.tokenizer import Tokenizer
+from .autosize import AUTO, check_auto, resolve_auto
 from .distributed import init_distributed
 from .evaluate import next_token_loss, perplexity, token_loss
 from .pretrain_data import TRAINED_HERE, resolve_data, resolve_tokenizer
@@ -96,8 +97,9 @@ class PretrainConfig(TrainerConfig):
     )
     model: str = setting(
         "micro",
-        "model preset: a size (nano, micro, mini, small-cpu) of --arch, or a named shape such as gpt2-medium "
-        "or qwen3-0.6b (see `scratchllm info --list`)",
+        "model preset: a size (nano, micro, mini, small-cpu) of --arch, a named shape such as gpt2-medium "
+        "or qwen3-0.6b (see `scratchllm info --list`), or auto: the size, context and batch that suit "
+        "--max-minutes on this machine and corpus (train/autosize.py)",
         "model",
     )
     arch: str | None = setting(
@@ -198,7 +200,8 @@ class PretrainConfig(TrainerConfig):
                     f"config file (or set to none: --{fixed[0].replace('_', '-')} none)"
                 )
         else:  # an unknown preset or a bad model setting fails now, before any tokenizer training
-            self.model_config()
+            check_auto(self)
+            (dataclasses.replace(self, model="nano") if self.model == AUTO else self).model_config()
         if self.encoding_errors not in ("strict", "replace"):
             raise ScratchLLMError(
                 f"training settings: encoding_errors must be strict or replace, got {self.encoding_errors!r}"
@@ -368,6 +371,8 @@ def pretrain(
                 )
         tokenizer = resolve_tokenizer(cfg, out_dir, dist, init_tok, checkpoint)
         data = resolve_data(cfg, tokenizer, out_dir, dist, resuming=checkpoint is not None)
+        if cfg.model == AUTO:  # the chosen shape replaces auto in the saved settings, so a resume keeps it
+            cfg = resolve_auto(cfg, data.train, tokenizer.vocab_size, dist.world_size, checkpoint is not None)
         model = init_model if init_model is not None else build_model(cfg, tokenizer)[0]
         if tokenizer.vocab_size > model.cfg.vocab_size:
             raise ScratchLLMError(
