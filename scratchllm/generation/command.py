@@ -61,6 +61,8 @@ def generate_command(settings: GenerateSettings) -> None:
         dtype=resolve_dtype(runtime.dtype, device),
         compile=runtime.compile,
         quantize=runtime.quantize,
+        draft_model=runtime.draft_model,
+        draft_tokens=runtime.draft_tokens,
     )
     start = time.perf_counter()
     if settings.stream:
@@ -82,8 +84,9 @@ def generate_command(settings: GenerateSettings) -> None:
         n = sum(c.completion_tokens for c in completions)
         reasons = ", ".join(sorted({c.finish_reason for c in completions}))
         weights = runtime.quantize or str(next(engine.model.parameters()).dtype).removeprefix("torch.")
+        draft = f"; {engine.last_speculation.describe()}" if engine.last_speculation else ""
         print(
             f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s, finish: {reasons}; "
-            f"{device.type}, {weights}]",
+            f"{device.type}, {weights}{draft}]",
             file=sys.stderr,
         )

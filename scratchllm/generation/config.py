@@ -195,6 +195,17 @@ class RuntimeSettings:
         "model",
         choices=QUANTIZE_MODES,
     )
+    draft_model: str | None = setting(
+        None,
+        "speculative decoding: a small model with the same tokenizer (a directory or hub name) proposes "
+        "tokens that the model checks in one pass; the same text (greedy) or the same distribution "
+        "(sampling), faster at batch 1 when the draft guesses well; batches decode without it "
+        "(serve: one request at a time)",
+        "model",
+    )
+    draft_tokens: int = setting(
+        4, "tokens the draft proposes per pass of the model (with --draft-model)", "model"
+    )
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

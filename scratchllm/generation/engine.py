@@ -34,6 +34,7 @@ from .config import MAX_TOP_LOGPROBS, GenerationConfig
 from .decoder import Decoder
 from .kernels import PackedLinears
 from .sampling import TokenLogprob, token_logprobs
+from .speculative import SpeculationStats, SpeculativeDecoder, check_draft, check_draft_tokens, load_draft
 
 Prompt = str | Sequence[int]
 
@@ -46,6 +47,11 @@ class Engine:
     (encoded with `allowed_special`, by default none: special-token strings stay plain text) or a
     list of token ids. The model runs in eval mode under `torch.inference_mode` and is put back in
     its previous mode afterwards. Not thread-safe: serve one request at a time per engine.
+
+    With a `draft` model (same tokenizer, smaller), a batch of one prompt decodes speculatively
+    (speculative.py): the draft proposes `draft_tokens` tokens, the target checks them in one pass.
+    Batches, `use_cache=False` and prompts longer than the context window decode without it.
+    `last_speculation` holds the counts of the latest generation's speculation (None: it had none).
     """
 
     def __init__(
@@ -56,11 +62,15 @@ class Engine:
         allowed_special: AllowedSpecial = frozenset(),
         prepack: bool | None = None,
         compile: bool = False,
+        draft: GPTModel | None = None,
+        draft_tokens: int = 4,
     ):
         """`tokenizer`: a `Tokenizer`, or what `load_tokenizer` takes (a name such as "gpt2", a directory).
         `prepack`: decode with `PackedLinears` (None: wherever supported, i.e. on CPUs).
         `compile`: decode with `CompiledDecoding` (torch.compile; CUDA graphs on GPUs), for GPUs and
-        long generations: the first generation of each batch size pays the compilation."""
+        long generations: the first generation of each batch size pays the compilation.
+        `draft`: a small model over the same token ids for speculative decoding, `draft_tokens` the
+        tokens it proposes per round."""
         if getattr(model.cfg, "n_classes", 0):
             raise ScratchLLMError("generation needs a language model; this model has a classifier head")
         self.model = model
@@ -73,6 +83,17 @@ class Engine:
             check_compile(model.tok_emb.weight.device)
         self.compiled = CompiledDecoding(model) if compile else None
         self.kernels = PackedLinears(model) if use_packed and not compile else None
+        self.draft = draft
+        self.draft_tokens = check_draft_tokens(draft_tokens)
+        self.draft_kernels = None
+        self.last_speculation: SpeculationStats | None = None
+        if draft is not None:
+            if compile:
+                raise ScratchLLMError("a draft model does not combine with compile: leave one of them out")
+            check_draft(model, draft)
+            self.draft_kernels = (
+                PackedLinears(draft) if use_packed and PackedLinears.supported(draft) else None
+            )
 
     @classmethod
     def load(
@@ -82,13 +103,19 @@ class Engine:
         dtype: torch.dtype | str | None = None,
         compile: bool = False,
         quantize: str | None = None,
+        draft_model: str | None = None,
+        draft_tokens: int = 4,
     ) -> Engine:
         """An engine for a model directory or a hub name (`gpt2`, `gpt2-medium`, ...). `quantize`
-        "int4": int4 weights (CPU only; model/quantize.py)."""
+        "int4": int4 weights (CPU only; model/quantize.py). `draft_model`: a directory or hub name of a
+        draft for speculative decoding (loaded in `dtype`, not quantized)."""
         loaded = load_model(spec, device=device, dtype=dtype, quantize=quantize)
         if loaded.tokenizer is None:
             raise ScratchLLMError(f"model {spec!r} has no tokenizer files; save the model with its tokenizer")
-        return cls(loaded.model, loaded.tokenizer, compile=compile)
+        draft = None
+        if draft_model:
+            draft = load_draft(draft_model, loaded.model, loaded.tokenizer, device=device, dtype=dtype)
+        return cls(loaded.model, loaded.tokenizer, compile=compile, draft=draft, draft_tokens=draft_tokens)
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -232,16 +259,10 @@ class Engine:
         if incremental and self.tokenizer is None:
             raise ScratchLLMError("generation: streaming and stop strings need a tokenizer")
         rows = [RowText(prompt_tokens=len(p), stops=cfg.stop) for p in prompts]
-        with _eval_mode(self.model):
+        with _eval_mode(self.model), _eval_mode(self.draft):
             if cfg.max_new_tokens > 0 and prompts:
-                dec = Decoder(
-                    self.model,
-                    prompts,
-                    cfg,
-                    kernels=self.kernels,
-                    cache_dtype=_cache_dtype(self.model),
-                    compiled=self.compiled,
-                )
+                dec = self._decoder(prompts, cfg)
+                self.last_speculation = dec.stats if isinstance(dec, SpeculativeDecoder) else None
                 yield from self._decode(dec, rows, cfg, incremental)
         for row in rows:
             if incremental:
@@ -250,8 +271,35 @@ class Engine:
                 text = self.tokenizer.decode(row.token_ids) if self.tokenizer else ""
             result.append(row.completion(text, with_logprobs=cfg.logprobs is not None))
 
+    def _decoder(self, prompts: list[list[int]], cfg: GenerationConfig) -> Decoder | SpeculativeDecoder:
+        """A speculative decoder for one prompt when there is a draft, else the `Decoder`."""
+        if (
+            self.draft is not None
+            and len(prompts) == 1
+            and cfg.use_cache
+            and len(prompts[0]) <= self.model.cfg.context_length
+        ):
+            return SpeculativeDecoder(
+                self.model,
+                self.draft,
+                prompts[0],
+                cfg,
+                draft_tokens=self.draft_tokens,
+                kernels=self.kernels,
+                draft_kernels=self.draft_kernels,
+                cache_dtype=_cache_dtype(self.model),
+            )
+        return Decoder(
+            self.model,
+            prompts,
+            cfg,
+            kernels=self.kernels,
+            cache_dtype=_cache_dtype(self.model),
+            compiled=self.compiled,
+        )
+
     def _decode(
-        self, dec: Decoder, rows: list[RowText], cfg: GenerationConfig, incremental: bool
+        self, dec: Decoder | SpeculativeDecoder, rows: list[RowText], cfg: GenerationConfig, incremental: bool
     ) -> Iterator[tuple[int, str, list[TokenLogprob]]]:
         """Step `dec` until every row has finished (a stop token, a stop string or the length limit),
         keeping each row's tokens, logprobs and (when `incremental`) text, and yielding its pieces."""
@@ -325,7 +373,10 @@ def _cache_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def _eval_mode(model: nn.Module | None) -> Iterator[None]:
+    if model is None:
+        yield
+        return
     was_training = model.training
     model.eval()
     try:

@@ -85,6 +85,15 @@ def sample_next_token(
     """
     if temperature == 0.0:
         return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float = 1.0
+) -> torch.Tensor:
+    """The distribution (rows, vocab_size) that `sample_next_token` draws from at `temperature` > 0:
+    the softmax of the logits divided by the temperature and cut to top-k, then top-p."""
     scaled = logits.float() / temperature
     if not torch.isfinite(scaled.amax(dim=-1)).all():  # a tiny temperature overflowed: the same softmax,
         shifted = logits.float() - logits.float().amax(dim=-1, keepdim=True)  # from logits that peak at 0
@@ -100,8 +109,7 @@ def sample_next_token(
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return torch.softmax(logits, dim=-1)
 
 
 def apply_penalties(

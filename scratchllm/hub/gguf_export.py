@@ -341,7 +341,7 @@ def _plain_model(model: nn.Module) -> nn.Module:
     """The model with LoRA adapters folded into a copy (llama.cpp has no place for them); int4 refused."""
     if is_quantized(model):
         raise ScratchLLMError(
-            "a quantized model cannot be exported (int4 is for inference); export the original"
+            "a quantized model cannot be exported (int8 and int4 are for inference); export the original"
         )
     if lora_layers(model):
         model = copy.deepcopy(model)

@@ -254,6 +254,16 @@ class KVCache:
         self.pos = 0
         self.static = False
 
+    def truncate(self, n: int) -> None:
+        """Forget every position from `n` on (speculative decoding drops the rejected tokens' keys and
+        values). A ring of a sliding-window layer has overwritten older positions, so a cache with one
+        cannot go back: make it with `new_kv_cache(..., bounded=False)`."""
+        if self.static or any(self.windows):
+            raise RuntimeError("truncate() needs a cache outside static mode that keeps every position")
+        if not 0 <= n <= self.pos:
+            raise ValueError(f"cannot truncate a cache of {self.pos} positions to {n}")
+        self.pos = n
+
     def freeze(self, padding_mask: torch.Tensor | None = None) -> None:
         """Enter static mode after a prompt pass filled `pos` slots. `padding_mask` (batch, >= pos)
         is False at left padding (None: no padding). The buffers are allocated once and refilled in
@@ -334,6 +344,126 @@ class KVCache:
         self.v = [v[rows] for v in self.v]
 
 
+class SlotKVCache(KVCache):
+    """Keys and values of up to `n_slots` independent sequences, each at its own length: the cache of
+    continuous batching, where sequences join and leave a running batch between steps.
+
+    Slot s keeps one sequence's keys and values in columns 0 .. `lengths[s]` - 1: a token's column is
+    its position, nothing is padded on the left, and every layer keeps every position (a sliding
+    window is a mask, `window_mask`). Before each forward step, `use(slots, counts)` names the slot of
+    each batch row and how many of the row's new tokens are real; the rest is padding on the right,
+    whose keys land after the row's end (or in a spare last column) where no real query looks. The
+    step then writes each row's keys after its own end, each query sees its own row up to itself, and
+    `advance` moves each row's end on by its count. Slots given as one ascending range are read as a
+    view, others are gathered, so a caller keeps the rows it decodes together in `slots[:n]`, moving
+    sequences with `move` and `swap`. The columns (`capacity`) grow, doubling, as the longest sequence
+    does, up to `max_len`.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_slots: int,
+        n_heads: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        capacity: int = 256,
+    ) -> None:
+        self.capacity = min(capacity, max_len)  # columns allocated, and after them the spare one
+        super().__init__(n_layers, n_slots, n_heads, head_dim, self.capacity + 1, device, dtype)
+        self.max_len = max_len
+        self.lengths = [0] * n_slots
+        self._slots: list[int] = []
+        self._counts: list[int] = []
+        self._rows: torch.Tensor | None = None  # (b, 1) the step's slots
+        self._cols: torch.Tensor | None = None  # (b, t) the columns the step writes
+        self._pos: torch.Tensor | None = None  # (b, t) the new tokens' positions
+        self._span = 0  # the columns the step reads
+
+    def use(self, slots: Sequence[int], counts: Sequence[int] | None = None) -> None:
+        """Set the slots of the next step's batch rows, and each row's real new tokens (None: all)."""
+        self._slots, self._counts = list(slots), None if counts is None else list(counts)
+
+    def step_inputs(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positions (batch, t) of the next step's tokens and its attention mask (batch, 1, t, S)."""
+        device = self.k[0].device
+        starts = [self.lengths[s] for s in self._slots]
+        if self._counts is None:
+            self._counts = [t] * len(starts)
+        need = max(s + c for s, c in zip(starts, self._counts))
+        if need > self.max_len:
+            raise RuntimeError(f"KV cache overflow: a sequence outgrows max_len {self.max_len}")
+        self._grow(need)
+        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(t, device=device)
+        self._rows = torch.tensor(self._slots, device=device)[:, None]
+        self._cols = pos.clamp(max=self.capacity)  # padding past the end writes the spare column
+        self._pos = pos.clamp(max=self.max_len - 1)
+        self._span = min(max(starts) + t, self.capacity)
+        keys = torch.arange(self._span, device=device)
+        return self._pos, (keys <= pos[..., None])[:, None]
+
+    def _grow(self, need: int) -> None:
+        """Make room for `need` columns: twice the capacity at least, up to `max_len`."""
+        if need <= self.capacity:
+            return
+        capacity = min(self.max_len, max(need, 2 * self.capacity))
+        for cache in (self.k, self.v):
+            for i, x in enumerate(cache):
+                grown = x.new_zeros((x.shape[0], x.shape[1], capacity + 1, x.shape[3]))
+                grown[:, :, : self.capacity] = x[:, :, : self.capacity]
+                cache[i] = grown
+        self.capacity = capacity
+
+    def window_mask(self, mask: torch.Tensor, window: int) -> torch.Tensor:
+        """`mask` narrowed to a sliding window: a query at position q sees keys after q - window."""
+        keys = torch.arange(self._span, device=mask.device)
+        return mask & (keys > self._pos[..., None] - window)[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's keys/values after each row's end; return each row's columns so far."""
+        keys, values = self.k[layer], self.v[layer]
+        keys[self._rows, :, self._cols] = k.transpose(1, 2).to(keys.dtype)
+        values[self._rows, :, self._cols] = v.transpose(1, 2).to(values.dtype)
+        return self._read(keys), self._read(values)
+
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
+        first, n = self._slots[0], len(self._slots)
+        if self._slots == list(range(first, first + n)):
+            return x[first : first + n, :, : self._span]
+        return x[self._rows[:, 0], :, : self._span]
+
+    def advance(self, t: int) -> None:
+        for s, c in zip(self._slots, self._counts or [t] * len(self._slots)):
+            self.lengths[s] += c
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src`'s sequence into slot `dst` (`src` keeps its copy)."""
+        n = self.lengths[src]
+        for x in (*self.k, *self.v):
+            x[dst, :, :n] = x[src, :, :n]
+        self.lengths[dst] = n
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchange the sequences of slots `a` and `b`."""
+        na, nb = self.lengths[a], self.lengths[b]
+        for x in (*self.k, *self.v):
+            kept = x[a, :, :na].clone()
+            x[a, :, :nb] = x[b, :, :nb]
+            x[b, :, :na] = kept
+        self.lengths[a], self.lengths[b] = nb, na
+
+    def select(self, rows: torch.Tensor) -> None:
+        raise RuntimeError("a SlotKVCache keeps its slots: free one by setting its length to 0")
+
+    def truncate(self, n: int) -> None:
+        raise RuntimeError("a SlotKVCache has one length per slot: set `lengths[slot]`")
+
+    def freeze(self, padding_mask: torch.Tensor | None = None) -> None:
+        raise RuntimeError("a SlotKVCache has no static mode")
+
+
 def causal_mask(start: int, t: int, device: torch.device) -> torch.Tensor:
     """(t, start + t) bool: query i (at absolute position start + i) may see keys 0..start + i."""
     q = torch.arange(start, start + t, device=device)[:, None]
@@ -353,8 +483,11 @@ def step_inputs(
     Positions continue from `kv_cache.pos`; a multi-token step on a non-empty cache gets an explicit
     causal mask. `padding_mask`: bool (batch, S) with S = cached + new positions, False at left
     padding; padded positions are skipped as keys, and positions count from each row's first real
-    token. A cache in static mode (`KVCache.freeze`) keeps the positions and the mask itself.
+    token. A cache in static mode (`KVCache.freeze`) keeps the positions and the mask itself, and a
+    `SlotKVCache` those of each of its rows.
     """
+    if isinstance(kv_cache, SlotKVCache):
+        return kv_cache.step_inputs(t)
     static = kv_cache is not None and kv_cache.static
     # static: no Python-side position here, so a compiled step is not specialized on it
     start = kv_cache.pos if kv_cache is not None and not static else 0

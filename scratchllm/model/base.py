@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ScratchLLMError
-from .attention import KVCache
+from .attention import KVCache, SlotKVCache
 from .loss import head_loss
 
 C = TypeVar("C", bound="ModelConfig")
@@ -131,6 +131,24 @@ class CausalLM(nn.Module):
             device=p.device,
             dtype=dtype or p.dtype,
             windows=self.cache_windows() if bounded else None,
+        )
+
+    def new_slot_cache(
+        self, n_slots: int, dtype: torch.dtype | None = None, capacity: int = 256
+    ) -> SlotKVCache:
+        """An empty `SlotKVCache` for continuous batching: `n_slots` sequences of up to the context length
+        each (`capacity` positions allocated at first), in `dtype` (default: the weights'); sliding-window
+        layers keep every position too."""
+        cfg, p = self.cfg, self.tok_emb.weight
+        return SlotKVCache(
+            cfg.n_layers,
+            n_slots,
+            self.n_kv_heads,
+            cfg.head_dim,
+            cfg.context_length,
+            device=p.device,
+            dtype=dtype or p.dtype,
+            capacity=capacity,
         )
 
     def _outputs(

@@ -58,7 +58,7 @@ from .openai_format import (
     completion_response,
     sse,
 )
-from .scheduler import Scheduler
+from .scheduler import Scheduler, make_scheduler
 from .schemas import (
     APIError,
     ChatRequest,
@@ -98,14 +98,17 @@ def create_app(
     api_key: str | None = None,
     max_batch_size: int = 8,
     default_max_tokens: int | None = None,
+    scheduler: str = "continuous",
+    prefill_chunk: int = 256,
 ) -> FastAPI:
     """The FastAPI app serving `model` (see the module docstring) under `model_name` (default: its
     name), requiring `api_key` if given. `default_max_tokens` caps the chat default (the rest of the
-    context window)."""
+    context window). `scheduler`: "continuous" or "static" batching (scheduler.py); `prefill_chunk`:
+    the prompt tokens a continuous batch reads per step at most."""
     check_default_max_tokens(default_max_tokens)
     app = FastAPI(title="scratchllm", version="1", lifespan=_lifespan, docs_url=None, redoc_url=None)
     app.state.chat = model
-    app.state.scheduler = Scheduler(model, max_batch_size=max_batch_size)
+    app.state.scheduler = make_scheduler(model, scheduler, max_batch_size, prefill_chunk)
     app.state.settings = ServerSettings(model_name or model.name, api_key, default_max_tokens)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)

@@ -44,6 +44,7 @@ from ..generation import (
     TextStream,
     resolve_dtype,
 )
+from ..generation.speculative import load_draft
 from ..hub import load_model
 from ..text.tokenizer import Tokenizer
 
@@ -118,8 +119,11 @@ def load_chat_model(
     template: str | None = None,
     compile: bool = False,
     quantize: str | None = None,
+    draft_model: str | None = None,
+    draft_tokens: int = 4,
 ) -> ChatModel:
-    """Load a model directory (or a hub name such as `gpt2`) with its tokenizer and template."""
+    """Load a model directory (or a hub name such as `gpt2`) with its tokenizer and template;
+    `draft_model`, a draft for speculative decoding (`Engine.load`)."""
     if template is not None and template not in template_names():  # fails before the (slow) model load
         get_template(template)
     dev = pick_device(device)
@@ -127,7 +131,13 @@ def load_chat_model(
     if loaded.tokenizer is None:
         raise ScratchLLMError(f"model {spec!r} has no tokenizer files; save the model with its tokenizer")
     name = Path(spec).name if Path(spec).expanduser().is_dir() else str(spec)
-    return chat_model(Engine(loaded.model, loaded.tokenizer, compile=compile), loaded.extra, name, template)
+    draft = None
+    if draft_model:
+        draft = load_draft(
+            draft_model, loaded.model, loaded.tokenizer, device=dev, dtype=resolve_dtype(dtype, dev)
+        )
+    engine = Engine(loaded.model, loaded.tokenizer, compile=compile, draft=draft, draft_tokens=draft_tokens)
+    return chat_model(engine, loaded.extra, name, template)
 
 
 class WhitespaceStripper:
@@ -405,6 +415,8 @@ def chat_command(settings: ChatSettings) -> None:
         template=settings.template,
         compile=runtime.compile,
         quantize=runtime.quantize,
+        draft_model=runtime.draft_model,
+        draft_tokens=runtime.draft_tokens,
     )
     if runtime.compile:
         print("compiling the decode step...", end=" ", flush=True)

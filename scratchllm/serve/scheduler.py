@@ -1,12 +1,18 @@
-"""The server's scheduler: one thread runs the engine, requests queue for it.
+"""The server's schedulers: one thread runs the engine, requests queue for it.
 
-The engine is not thread-safe and one forward pass already uses every core, so the model runs one
-batch at a time and requests wait in a FIFO queue instead of failing. Waiting non-streaming jobs
-with equal sampling settings (and no seed, unless greedy) run together as one batch, which the
-engine's batched decoding makes several times faster than one by one; streaming and seeded sampling
-jobs run alone (a seed reproduces a completion only within the same batch).
+The engine is not thread-safe and one forward pass already uses every core, so one worker thread
+runs the model and requests wait in a FIFO queue instead of failing. Two ways to batch them:
 
-    scheduler = Scheduler(chat_model, max_batch_size=8)
+- `ContinuousScheduler` (the default, `scratchllm serve --scheduler continuous`): continuous batching
+  through `generation.batcher.Batcher`. Requests join the running batch at token boundaries as rows
+  free up, each with its own settings, stop strings and length; long prompts are read in chunks
+  between the running rows' tokens. Greedy outputs equal each request served alone, and so do
+  seeded samples (each row has its own generator).
+- `Scheduler` (`--scheduler static`): one engine call at a time. Waiting non-streaming jobs with
+  equal sampling settings (and no seed, unless greedy) run together as one batch; streaming and seeded
+  sampling jobs run alone (a seed reproduces a completion only within the same batch).
+
+    scheduler = make_scheduler(chat_model, "continuous", max_batch_size=8)
     completions, scores = await scheduler.run(prompts, cfg)     # from the event loop
     async for kind, value in scheduler.stream(prompt, cfg): ...
 """
@@ -22,6 +28,7 @@ from typing import Any
 
 from ..errors import ScratchLLMError
 from ..generation import Completion, GenerationConfig, TokenLogprob
+from ..generation.batcher import Batcher, Request
 from .chat import ChatModel
 from .schemas import APIError
 
@@ -82,6 +89,10 @@ def _set_result(future: asyncio.Future, value: Any) -> None:
 def _set_exception(future: asyncio.Future, error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error")
 
 
 class Scheduler:
@@ -162,9 +173,7 @@ class Scheduler:
                 while not self._jobs and not self._closed:
                     self._cv.wait()
                 if self._closed:
-                    for job in self._jobs:
-                        job.fail(APIError(503, "the server is shutting down", type="server_error"))
-                    self._jobs.clear()
+                    self._fail_queued()
                     return []
                 first = self._jobs.popleft()
                 if not first.cancelled.is_set():
@@ -181,6 +190,12 @@ class Scheduler:
                     rest.append(job)
             self._jobs = rest
             return batch
+
+    def _fail_queued(self) -> None:
+        """Answer every queued job that the server is shutting down (called holding `_cv`)."""
+        for job in self._jobs:
+            job.fail(_shutting_down())
+        self._jobs.clear()
 
     def _work(self) -> None:
         while batch := self._take():
@@ -252,4 +267,123 @@ class Scheduler:
             stream.close()
 
 
-__all__ = ["Job", "Scheduler"]
+class ContinuousScheduler(Scheduler):
+    """Runs every generation of one `ChatModel` on a single worker thread by continuous batching
+    (generation/batcher.py): up to `max_batch_size` prompts decode together, each joining the batch
+    when a slot frees and leaving it when it ends; each step reads `prefill_chunk` prompt tokens at most.
+
+    The jobs the batcher does not take run alone between its steps, as `Scheduler` runs them: a prompt
+    whose reply would outgrow the context window (the engine crops it), `use_cache=False`, and seeded
+    sampling with several prompts (which share one generator). An engine with a draft model
+    (speculative decoding) or under torch.compile gets `Scheduler`'s loop instead. `batches_run` counts
+    the jobs run to their end.
+    """
+
+    def __init__(self, model: ChatModel, max_batch_size: int = 8, prefill_chunk: int = 256):
+        super().__init__(model, max_batch_size)
+        if prefill_chunk < 1:
+            raise ScratchLLMError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self._batcher: Batcher | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Jobs not started, and prompts waiting for a slot of the batch."""
+        batcher = self._batcher
+        return len(self._jobs) + (batcher.waiting if batcher is not None else 0)
+
+    def _work(self) -> None:
+        if not Batcher.supports(self.model.engine):
+            return super()._work()
+        batcher = self._batcher = Batcher(self.model.engine, self.max_batch_size, self.prefill_chunk)
+        running: dict[Job, list[Request]] = {}
+        while (jobs := self._take_new(wait=not running)) is not None:
+            for job in jobs:
+                self._start(job, batcher, running)
+            for job in [job for job in running if job.cancelled.is_set()]:  # the client went away
+                for request in running.pop(job):
+                    batcher.cancel(request)
+            if not running:
+                continue
+            try:
+                batcher.step()
+            except Exception as e:  # the jobs in the batch get the error; the worker keeps serving
+                for job in running:
+                    job.fail(e)
+                running.clear()
+                batcher.clear()
+                continue
+            self._deliver(running)
+        for job in running:
+            job.fail(_shutting_down())
+
+    def _take_new(self, wait: bool) -> list[Job] | None:
+        """The jobs queued since the last call (when `wait`, once there is one); None once closed."""
+        with self._cv:
+            while wait and not self._jobs and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                self._fail_queued()
+                return None
+            jobs = [job for job in self._jobs if not job.cancelled.is_set()]
+            self._jobs.clear()
+            return jobs
+
+    def _start(self, job: Job, batcher: Batcher, running: dict[Job, list[Request]]) -> None:
+        """Hand a job's prompts to the batcher (scored first if it asks), or run it alone."""
+        cfg, engine = job.cfg, self.model.engine
+        shared_seed = len(job.prompts) > 1 and cfg.temperature > 0 and cfg.seed is not None
+        try:
+            if shared_seed or not all(batcher.accepts(len(p), cfg) for p in job.prompts):
+                if job.stream:
+                    self._run_stream(job)
+                else:
+                    self._run_batch([job])
+                return
+            if job.score is not None and job.stream:
+                job.post("scores", engine.prompt_logprobs(job.prompts[0], job.score))
+            elif job.score is not None:
+                job.scores = engine.score_prompts(job.prompts, job.score)
+            requests: list[Request] = []
+            try:
+                for prompt in job.prompts:
+                    requests.append(batcher.add(prompt, cfg, incremental=job.stream))
+            except Exception:
+                for request in requests:
+                    batcher.cancel(request)
+                raise
+            running[job] = requests
+        except Exception as e:  # the job's handler answers it; the worker keeps serving
+            job.fail(e)
+
+    def _deliver(self, running: dict[Job, list[Request]]) -> None:
+        """Post the pieces the last step produced; answer the jobs whose prompts have all finished."""
+        for job, requests in list(running.items()):
+            if job.stream:
+                for piece in requests[0].take_pieces():
+                    job.post("piece", piece)
+            if any(r.completion is None for r in requests):
+                continue
+            del running[job]
+            self.batches_run += 1  # counted before the answer, which a caller may be waiting on
+            if job.stream:
+                job.post("done", (requests[0].completion, requests[0].rest_logprobs))
+            else:
+                job.resolve([r.completion for r in requests])  # type: ignore[misc]
+
+
+SCHEDULERS = ("continuous", "static")
+
+
+def make_scheduler(
+    model: ChatModel, kind: str = "continuous", max_batch_size: int = 8, prefill_chunk: int = 256
+) -> Scheduler:
+    """The scheduler of `kind` (`SCHEDULERS`): continuous batching, or static batches of waiting jobs."""
+    if kind == "continuous":
+        return ContinuousScheduler(model, max_batch_size, prefill_chunk)
+    if kind == "static":
+        return Scheduler(model, max_batch_size)
+    raise ScratchLLMError(f"unknown scheduler {kind!r}; use {' or '.join(SCHEDULERS)}")
+
+
+__all__ = ["SCHEDULERS", "ContinuousScheduler", "Job", "Scheduler", "make_scheduler"]

@@ -25,6 +25,7 @@ from .chat import MODEL_HELP, TEMPLATE_HELP, load_chat_model
 
 API_KEY_ENV = "SCRATCHLLM_API_KEY"
 GENERIC_DIR_NAMES = ("model", "best")  # the model directories every training run writes
+SCHEDULERS = ("continuous", "static")  # scheduler.py's, named here so that --help imports no FastAPI
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -87,8 +88,13 @@ def serve(
     log_level: str = "info",
     compile: bool = False,
     quantize: str | None = None,
+    draft_model: str | None = None,
+    draft_tokens: int = 4,
+    scheduler: str = "continuous",
+    prefill_chunk: int = 256,
 ) -> None:
-    """`scratchllm serve`: load the model and answer requests until Ctrl-C."""
+    """`scratchllm serve`: load the model and answer requests until Ctrl-C. `draft_model`: a draft for
+    speculative decoding, which runs one request at a time."""
     try:  # the `serve` extra, imported here so that `scratchllm serve --help` needs none of it
         import uvicorn
 
@@ -103,10 +109,21 @@ def serve(
     check_default_max_tokens(default_max_tokens)
     if max_batch_size < 1:
         raise ScratchLLMError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    if scheduler not in SCHEDULERS:
+        raise ScratchLLMError(f"--scheduler {scheduler!r} is unknown; use {' or '.join(SCHEDULERS)}")
+    if prefill_chunk < 1:
+        raise ScratchLLMError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
     sock = bind_socket(host, port)  # fail fast, before the model loads, when the port is taken
     try:
         chat = load_chat_model(
-            model, device=device, dtype=dtype, template=template, compile=compile, quantize=quantize
+            model,
+            device=device,
+            dtype=dtype,
+            template=template,
+            compile=compile,
+            quantize=quantize,
+            draft_model=draft_model,
+            draft_tokens=draft_tokens,
         )
         if compile:  # compile here; the engine thread then records its own CUDA graphs (per thread, quick)
             t = time.perf_counter()
@@ -121,6 +138,8 @@ def serve(
             model_name=model_name or served_model_name(model),
             api_key=api_key,
             max_batch_size=max_batch_size,
+            scheduler=scheduler,
+            prefill_chunk=prefill_chunk,
             default_max_tokens=default_max_tokens,
         )
         base = f"http://{url_host(host)}:{sock.getsockname()[1]}/v1"
@@ -144,7 +163,8 @@ class ServeSettings:
     """`scratchllm serve`: serve a model over OpenAI's API: GET /v1/models, POST /v1/completions (raw
     text), POST /v1/chat/completions (rendered with the prompt template), streaming as server-sent
     events. Any OpenAI client works with base_url http://HOST:PORT/v1. Requests queue for the model;
-    waiting ones with equal settings run as one batch."""
+    requests join the running batch as its rows finish (continuous batching; --scheduler static: waiting
+    ones with equal settings run as one batch)."""
 
     model: str = setting("", MODEL_HELP, "model", required=True)
     template: str | None = setting(None, TEMPLATE_HELP, "model", choices=tuple(template_names()))
@@ -161,6 +181,18 @@ class ServeSettings:
         "server",
     )
     max_batch_size: int = setting(8, "requests decoded together at most", "server")
+    scheduler: str = setting(
+        "continuous",
+        "continuous: requests join and leave the running batch at every token; static: one batch at a "
+        "time, of the waiting requests with equal settings (--compile and a draft model always run static)",
+        "server",
+        choices=SCHEDULERS,
+    )
+    prefill_chunk: int = setting(
+        256,
+        "continuous: prompt tokens read per step at most, between the running requests' tokens",
+        "server",
+    )
     default_max_tokens: int | None = setting(
         None, "cap for chat replies without max_tokens (default: the rest of the context window)", "server"
     )
@@ -180,12 +212,16 @@ def serve_command(settings: ServeSettings) -> None:
         model_name=settings.model_name or None,
         template=settings.template,
         max_batch_size=settings.max_batch_size,
+        scheduler=settings.scheduler,
+        prefill_chunk=settings.prefill_chunk,
         default_max_tokens=settings.default_max_tokens,
         device=runtime.device,
         dtype=runtime.dtype,
         log_level=settings.log_level,
         compile=runtime.compile,
         quantize=runtime.quantize,
+        draft_model=runtime.draft_model,
+        draft_tokens=runtime.draft_tokens,
     )
 
 

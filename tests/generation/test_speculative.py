@@ -1,0 +1,332 @@
+"""Speculative decoding (generation/speculative.py): greedy decoding gives the target's own tokens (stops,
+limits, penalties and logprobs included, for GPT-2, Qwen3 and Gemma 3's sliding windows), sampling keeps
+the target's distribution (a chi-square test against the exact one), and --draft-model runs through
+generate, chat and serve."""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import math
+
+import pytest
+import torch
+import uvicorn
+
+from scratchllm.checkpoint import save_model
+from scratchllm.cli import main
+from scratchllm.errors import ScratchLLMError
+from scratchllm.generation import Engine, GenerationConfig, RuntimeSettings
+from scratchllm.generation.sampling import sampling_probs
+from scratchllm.generation.speculative import SpeculativeDecoder, check_draft
+from scratchllm.model import registry
+from scratchllm.model.attention import KVCache
+from scratchllm.model.gpt import GPTConfig, GPTModel
+from scratchllm.serve.chat import load_chat_model
+from scratchllm.text.bpe import BPETokenizer
+from tests.conftest import single_thread
+
+from .helpers import ByteTokenizer
+
+VOCAB = 257
+
+
+def lm(seed: int, arch: str = "gpt2", vocab: int = VOCAB, ctx: int = 64, **changes) -> torch.nn.Module:
+    """A random model whose next tokens vary (an untied, sharpened head: a random tied model mostly
+    repeats its last token)."""
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = GPTConfig(
+            vocab_size=vocab,
+            context_length=ctx,
+            emb_dim=32,
+            n_heads=4,
+            n_layers=2,
+            drop_rate=0.0,
+            tie_weights=False,
+        )
+        model = GPTModel(cfg.replace(**changes))
+    else:
+        cfg = registry.preset_config(
+            "nano", arch, vocab_size=vocab, context_length=ctx, tie_weights=False, **changes
+        )
+        model = registry.build_model(cfg)
+    with torch.no_grad():
+        model.out_head.weight.mul_(30)
+    return model.eval()
+
+
+def near(model: torch.nn.Module, noise: float, seed: int = 1) -> torch.nn.Module:
+    """A copy of `model` whose head is perturbed: a draft that agrees with it often, not always."""
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = draft.out_head.weight
+        w.add_(noise * w.std() * torch.randn(w.shape, generator=g))
+    return draft
+
+
+def greedy_pairs(target, drafts, prompts, k, **settings):
+    """(plain, speculative) completions of every prompt, and the acceptance rate of each draft."""
+    plain = Engine(target, ByteTokenizer())
+    rates = []
+    for draft in drafts:
+        engine = Engine(target, ByteTokenizer(), draft=draft, draft_tokens=k)
+        proposed = accepted = 0
+        for prompt in prompts:
+            [want] = plain.generate(prompt, **settings)
+            [got] = engine.generate(prompt, **settings)
+            assert got == want, (prompt, k)
+            proposed += engine.last_speculation.proposed
+            accepted += engine.last_speculation.accepted
+        rates.append(accepted / proposed)
+    return rates
+
+
+def assert_same_logprobs(got, want) -> None:
+    """Equal tokens and alternatives, log-probabilities equal up to rounding (one pass scores k + 1)."""
+    assert (got is None) == (want is None)
+    for a, b in zip(got or [], want or [], strict=True):
+        assert a.token_id == b.token_id and math.isclose(a.logprob, b.logprob, abs_tol=1e-4)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+PROMPTS = [[1, 2, 3], [200], list(range(40, 70))]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_greedy_gives_the_targets_own_tokens_whatever_the_draft(arch):
+    target = lm(0, arch)
+    drafts = [target, near(target, 0.2), lm(5, arch)]
+    with single_thread():
+        for k in (1, 4, 7):
+            same, close, other = greedy_pairs(target, drafts, PROMPTS, k, max_new_tokens=30, ignore_eos=True)
+            assert same == 1.0 and 0.2 < close < 0.9 and other < 0.1, (k, same, close, other)
+
+
+def test_stop_tokens_stop_strings_and_limits_end_a_row_inside_a_round():
+    target = lm(0)
+    plain = Engine(target, ByteTokenizer())
+    engine = Engine(target, ByteTokenizer(), draft=target, draft_tokens=4)  # every round: 5 tokens
+    prompt = "Once upon"
+    [full] = plain.generate(prompt, max_new_tokens=30, ignore_eos=True)
+    tokens, text = full.token_ids, full.text
+    stop_id = next(t for i, t in enumerate(tokens) if i % 5 and t not in tokens[:i])  # not a round's first
+    limits = [dict(max_new_tokens=n, ignore_eos=True) for n in (1, 2, 5, 7, 13)]
+    stops = [
+        dict(max_new_tokens=30, stop_token_ids=[stop_id]),
+        dict(max_new_tokens=30, stop=[text[8:10]], ignore_eos=True),
+        dict(max_new_tokens=30, stop=[text[11:13], "never"], logprobs=2, ignore_eos=True),
+    ]
+    with single_thread():
+        for settings in limits + stops:
+            [want] = plain.generate(prompt, **settings)
+            [got] = engine.generate(prompt, **settings)
+            assert want.finish_reason == ("stop" if settings in stops else "length"), settings
+            assert got.token_ids == want.token_ids and got.text == want.text, settings
+            assert (got.finish_reason, got.stop) == (want.finish_reason, want.stop), settings
+            assert_same_logprobs(got.logprobs, want.logprobs)
+            assert list(engine.stream(prompt, **settings)) == list(plain.stream(prompt, **settings)), settings
+    assert engine.last_speculation.acceptance_rate == 1.0
+
+
+def test_penalties_and_logprobs_are_the_targets_own():
+    target = lm(0)
+    engine = Engine(target, ByteTokenizer(), draft=near(target, 0.6), draft_tokens=3)
+    plain = Engine(target, ByteTokenizer())
+    settings = dict(
+        max_new_tokens=40,
+        ignore_eos=True,
+        logprobs=3,
+        repetition_penalty=1.3,
+        presence_penalty=0.4,
+        frequency_penalty=0.3,
+    )
+    with single_thread():
+        [want] = plain.generate([5, 6, 7, 5, 6], **settings)
+        [got] = engine.generate([5, 6, 7, 5, 6], **settings)
+    assert got.token_ids == want.token_ids
+    stats = engine.last_speculation
+    assert 0 < stats.accepted < stats.proposed  # both paths: accepted and rejected proposals
+    assert_same_logprobs(got.logprobs, want.logprobs)
+
+
+def test_windows_full_or_short_and_sliding_windows():
+    target = lm(0, ctx=24)
+    plain = Engine(target, ByteTokenizer())
+    with single_thread():
+        # the text outgrows the target's window (then one token at a time); a draft of a shorter window crops
+        for draft in (near(target, 0.5), lm(3, ctx=6)):
+            engine = Engine(target, ByteTokenizer(), draft=draft, draft_tokens=4)
+            for prompt in ([9] * 3, list(range(100, 118)), list(range(24))):
+                [want] = plain.generate(prompt, max_new_tokens=30, ignore_eos=True)
+                assert engine.generate(prompt, max_new_tokens=30, ignore_eos=True) == [want]
+        # a prompt longer than the window, or a batch: decoded without the draft
+        with pytest.warns(UserWarning, match="more than the context window"):
+            assert engine.generate(list(range(30)), max_new_tokens=5) == plain.generate(
+                list(range(30)), max_new_tokens=5
+            )
+        assert engine.last_speculation is None
+        assert engine.generate([[1], [2, 3]], max_new_tokens=5) == plain.generate(
+            [[1], [2, 3]], max_new_tokens=5
+        )
+        assert engine.last_speculation is None
+        # Gemma 3: sliding-window layers keep every position in the speculative caches
+        gemma = lm(0, "gemma3", sliding_window=6)
+        engine = Engine(gemma, ByteTokenizer(), draft=near(gemma, 0.5), draft_tokens=3)
+        [want] = Engine(gemma, ByteTokenizer()).generate(
+            list(range(10, 20)), max_new_tokens=30, ignore_eos=True
+        )
+        assert engine.generate(list(range(10, 20)), max_new_tokens=30, ignore_eos=True) == [want]
+        assert 0 < engine.last_speculation.accepted < engine.last_speculation.proposed
+
+
+def exact_distribution(model, prompt: list[int], n: int, **sampling) -> dict[tuple[int, ...], float]:
+    """The probability of every continuation of `n` tokens, by enumeration (no KV cache)."""
+    vocab = model.cfg.vocab_size
+    seqs = list(itertools.product(range(vocab), repeat=n))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + list(s[:-1]) for s in seqs]))[:, len(prompt) - 1 :]
+    probs = sampling_probs(logits.reshape(-1, vocab), **sampling).reshape(len(seqs), n, vocab)
+    out = {}
+    for i, s in enumerate(seqs):
+        out[s] = math.prod(probs[i, j, t].item() for j, t in enumerate(s))
+    return out
+
+
+def chi_square_p(counts: dict, expected: dict[tuple, float], total: int) -> float:
+    """The p-value of observed `counts` against the distribution `expected` (cells expected fewer than
+    5 times pooled): the chi-square survival function as the regularized upper incomplete gamma."""
+    cells, pooled = [], [0, 0.0]
+    for s, p in expected.items():
+        if p * total >= 5:
+            cells.append((counts.get(s, 0), p * total))
+        else:
+            pooled[0] += counts.get(s, 0)
+            pooled[1] += p * total
+    if pooled[1] > 0:
+        cells.append(tuple(pooled))
+    stat = sum((o - e) ** 2 / e for o, e in cells)
+    df = len(cells) - 1
+    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2)).item()
+
+
+@pytest.mark.parametrize(
+    "k, sampling", [(1, dict(temperature=0.9, top_k=3)), (2, dict(temperature=1.2, top_p=0.9))]
+)
+def test_sampling_keeps_the_targets_distribution(k, sampling):
+    """The first two tokens of speculative samples against the target's exact distribution: a chi-square
+    test that also rejects the draft's own. k = 1 draws the second token as the bonus or after a new
+    proposal; k = 2 keeps or rejects two proposals in a row."""
+    target, draft = lm(0, vocab=4, ctx=8, n_layers=1), lm(1, vocab=4, ctx=8, n_layers=1)
+    prompt, n, samples = [1, 2], 2, 1500
+    exact = exact_distribution(target, prompt, n, **sampling)
+    counts: dict[tuple[int, ...], int] = {}
+    proposed = accepted = 0
+    with single_thread(), torch.inference_mode():
+        for seed in range(samples):
+            cfg = GenerationConfig(max_new_tokens=3, seed=seed, **sampling)
+            dec = SpeculativeDecoder(target, draft, prompt, cfg, draft_tokens=k)
+            s = tuple(dec.step()[0] for _ in range(n))
+            counts[s] = counts.get(s, 0) + 1
+            proposed, accepted = proposed + dec.stats.proposed, accepted + dec.stats.accepted
+    assert 0.3 < accepted / proposed < 0.9, accepted / proposed  # proposals kept and rejected, often
+    assert chi_square_p(counts, exact, samples) > 1e-3
+    assert chi_square_p(counts, exact_distribution(draft, prompt, n, **sampling), samples) < 1e-6
+
+
+def test_kv_cache_truncate_forgets_positions_and_refuses_rings():
+    cache = KVCache(1, 1, 2, 4, max_len=8)
+    cache.pos = 5
+    cache.truncate(3)
+    assert cache.pos == 3
+    with pytest.raises(ValueError):
+        cache.truncate(4)
+    ring = KVCache(2, 1, 2, 4, max_len=8, windows=[0, 4])
+    with pytest.raises(RuntimeError, match="keeps every position"):
+        ring.truncate(0)
+
+
+def test_drafts_that_cannot_serve_are_refused():
+    target = lm(0)
+    with pytest.raises(ScratchLLMError, match="its vocabulary has 300 ids, the target's 257"):
+        Engine(target, ByteTokenizer(), draft=lm(1, vocab=300))
+    with pytest.raises(ScratchLLMError, match="does not combine with compile"):
+        Engine(target, ByteTokenizer(), draft=target, compile=True)
+    with pytest.raises(ScratchLLMError, match="draft_tokens must be an integer from 1 to 32"):
+        Engine(target, ByteTokenizer(), draft=target, draft_tokens=0)
+    shifted = BPETokenizer({bytes([b]): (b + 1) % 256 for b in range(256)})
+    same = BPETokenizer({bytes([b]): b for b in range(256)})
+    with pytest.raises(ScratchLLMError, match="splits 'Hello, world! The qu' into other ids"):
+        check_draft(target, target, same, shifted, "d")
+    check_draft(target, target, same, BPETokenizer({bytes([b]): b for b in range(256)}))
+
+
+@pytest.fixture
+def model_dirs(tmp_path):
+    """A target, a draft with its tokenizer, and a draft with another tokenizer, saved."""
+    tok = BPETokenizer({bytes([b]): b for b in range(256)})
+    target = lm(0, vocab=tok.vocab_size)
+    save_model(tmp_path / "target", target, tok)
+    save_model(tmp_path / "draft", near(target, 0.6), tok)
+    shifted = BPETokenizer({bytes([b]): (b + 1) % 256 for b in range(256)})
+    save_model(tmp_path / "other", lm(2, vocab=shifted.vocab_size), shifted)
+    return tmp_path, Engine(target, tok)
+
+
+def test_generate_chat_and_serve_take_a_draft_model(model_dirs, capsys, monkeypatch):
+    path, engine = model_dirs
+    expected = engine.generate("Hello", max_new_tokens=12)[0].text
+    hello = ["generate", "--model", str(path / "target"), "--prompt", "Hello", "--max-new-tokens", "12"]
+    hello += [
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--draft-model",
+        str(path / "draft"),
+        "--draft-tokens",
+        "3",
+    ]
+    assert main(hello) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n"
+    assert "finish: length; cpu, float32; draft: " in err and "tokens per target pass]" in err
+
+    assert main([*hello[:-4], "--draft-model", str(path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "draft model" in err and "the target's tokenizer" in err
+
+    chat = load_chat_model(str(path / "target"), device="cpu", dtype="fp32", draft_model=str(path / "draft"))
+    assert chat.engine.draft is not None and chat.engine.draft_tokens == 4
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi there\n/exit\n"))
+    argv = [
+        "chat",
+        "--model",
+        str(path / "target"),
+        "--max-new-tokens",
+        "10",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+    ]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi there\n/exit\n"))
+    assert main([*argv, "--draft-model", str(path / "draft")]) == 0
+    assert capsys.readouterr().out == plain
+
+    started = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: started.append(self.config.app))
+    serve = ["serve", "--model", str(path / "target"), "--port", "0", "--device", "cpu", "--dtype", "fp32"]
+    assert main([*serve, "--draft-model", str(path / "draft"), "--draft-tokens", "2"]) == 0
+    [app] = started
+    assert app.state.chat.engine.draft is not None and app.state.chat.engine.draft_tokens == 2
+    assert main([*serve, "--draft-model", str(path / "other")]) == 2
+    assert "draft model" in capsys.readouterr().err
+
+
+def test_runtime_settings_hold_the_draft():
+    assert (RuntimeSettings().draft_model, RuntimeSettings().draft_tokens) == (None, 4)
