@@ -1,14 +1,17 @@
 """Speculative decoding at batch 1: a target and a draft trained here on the same corpus, greedy decoding
 with and without the draft, tokens/s, acceptance rate and speedup.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_speculative.py    # trains both, then measures
-    .venv/bin/python benchmarks/bench_speculative.py --dir runs/bench-spec   # reuses the models there
+    .venv/bin/python benchmarks/bench_speculative.py --distill   # trains (about an hour), then measures
+    .venv/bin/python benchmarks/bench_speculative.py --distill --threads 1   # again: reuses the models
 
 Training is the README's `scratchllm pretrain` on the built-in corpus (Python's reference documentation),
-context 256, batch 8: the target (--target-shape, default 512 dims x 8 layers, 27M parameters, lr 1e-3)
-trains a byte-level BPE of 4096 ids and itself for --target-minutes; the draft (--draft-shape, default
-the demo's `micro` shape 128 x 4, 1.3M, lr 2e-3) trains with the target's tokenizer for --draft-minutes.
-A model directory already in --dir is reused.
+context 256, batch 8, keeping each run's best checkpoint (evaluated every 100 steps): the target
+(--target-shape, default 512 dims x 8 layers, 27M parameters, lr 1e-3) trains a byte-level BPE of 4096 ids
+and itself for --target-minutes; the draft (--draft-shape, default 256 x 2, 2.7M, lr 2e-3) trains with the
+target's tokenizer for --draft-steps. With --distill, a third model of the draft's shape trains on the
+corpus plus the target's greedy continuations of prefixes of the training documents (the usual way to raise
+acceptance). A model directory already in --dir is reused; train where nothing else runs, or the time
+budget buys fewer steps (RESULTS.md).
 
 Measurement: the first 8 tokens of --prompts documents that the target's run held out for validation,
 each continued by --new-tokens greedy tokens (past the end of text), plainly and with the draft proposing
@@ -93,10 +96,10 @@ def heldout_prompts(data: Path, tokenizer, n: int, tokens: int = 8) -> list[str]
     return [tokenizer.decode(tokenizer.encode(d.text)[:tokens]) for d in picked]
 
 
-def distill_corpus(out: Path, target: Engine, data: Path, tokens: int = 8, new_tokens: int = 96) -> Path:
-    """The target's greedy continuations of two prefixes of each training document (its start and its
-    middle; the prepared train.bin), one file each in `out`: text for a draft to learn the target's ways.
-    Reused when `out` exists."""
+def distill_corpus(out: Path, target: Engine, data: Path, tokens: int = 8, every: int = 64) -> Path:
+    """The target's greedy continuations (`every` tokens long) of the `tokens`-token prefixes that start
+    every `every` tokens of each training document (the prepared train.bin), one file each in `out`:
+    text for a draft to learn the target's ways (distillation). Reused when `out` exists."""
     if out.is_dir():
         return out
     ids = np.fromfile(data / "train.bin", dtype=np.uint16).tolist()
@@ -104,15 +107,14 @@ def distill_corpus(out: Path, target: Engine, data: Path, tokens: int = 8, new_t
     docs, start = [], 0
     for i, t in enumerate([*ids, eot]):
         if t == eot:
-            if i - start >= 2 * tokens:
-                docs.append(ids[start:i])
+            docs.append(ids[start:i])
             start = i + 1
-    prompts = [p for d in docs for p in (d[:tokens], d[len(d) // 2 : len(d) // 2 + tokens])]
+    prompts = [d[i : i + tokens] for d in docs for i in range(0, len(d) - tokens, every)]
     started = time.perf_counter()
     texts = []
     for b in range(0, len(prompts), 8):
         batch = prompts[b : b + 8]
-        for prompt, c in zip(batch, target.generate(batch, max_new_tokens=new_tokens)):
+        for prompt, c in zip(batch, target.generate(batch, max_new_tokens=every)):
             texts.append(target.tokenizer.decode(prompt) + c.text)
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -184,7 +186,7 @@ def main() -> None:
     ap.add_argument(
         "--distilled-draft", help="a distilled draft directory to measure instead of training one"
     )
-    ap.add_argument("--draft-tokens", default="2,3,4,6", help="the k values to measure")
+    ap.add_argument("--draft-tokens", default="1,2,3,4", help="the k values to measure")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
