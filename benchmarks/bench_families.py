@@ -100,10 +100,10 @@ def check_logits(model: nn.Module, hf: nn.Module, prompt: torch.Tensor) -> str:
     return f"max |logit diff| {diff:.3g} (largest logit {scale:.3g}), same top token at {same_top:.0%}"
 
 
-def bytes_per_token(model: nn.Module, kv_positions: float, kv_dtype: torch.dtype) -> dict[str, float]:
-    """Bytes a decode step reads: every linear layer's weights as its kernel stores them (int4: the
-    packed codes and the scales), one embedding row, and the KV cache at `kv_positions` keys."""
-    linear = 0
+def linear_bytes(model: nn.Module) -> int:
+    """Bytes of every linear layer's weights as its kernel stores them (int8: the codes and the
+    per-channel scales; int4: the packed codes and the scales), biases included."""
+    total = 0
     for m in model.modules():
         if type(m) is nn.Linear:
             tensors = [m.weight, m.bias]
@@ -113,7 +113,14 @@ def bytes_per_token(model: nn.Module, kv_positions: float, kv_dtype: torch.dtype
             tensors = [m._kernel_weight, m._kernel_scales, m.bias]
         else:
             continue
-        linear += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
+
+
+def bytes_per_token(model: nn.Module, kv_positions: float, kv_dtype: torch.dtype) -> dict[str, float]:
+    """Bytes a decode step reads: the linear layers' weights (`linear_bytes`), one embedding row, and
+    the KV cache at `kv_positions` keys."""
+    linear = linear_bytes(model)
     cfg, emb = model.cfg, model.tok_emb.weight
     row = cfg.emb_dim * emb.element_size()
     kv_width = 2 * cfg.n_layers * cfg.n_kv_groups * cfg.head_dim * kv_dtype.itemsize

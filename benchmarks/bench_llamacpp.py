@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from bench_families import cpu_name
+from bench_families import cpu_name, linear_bytes
 from bench_generate import load_average, read_bandwidth, rotate
 
 from scratchllm.checkpoint import LoadedModel
@@ -56,23 +56,6 @@ PAIRS = {"fp32": ("f32",), "bf16 weights": ("f16", "bf16"), "int8": ("q8_0",)}
 def gpt2_tokenizer():
     env = os.environ.get("SCRATCHLLM_GPT2_TOKENIZER")
     return load_gpt2_files(env or SHARED_DATA)
-
-
-def our_bytes(model: nn.Module) -> int:
-    """Bytes a decode step reads: every linear layer's weights as its kernel stores them (int8: the codes
-    and the per-channel scales), biases included. One embedding row and the KV cache are left out."""
-    total = 0
-    for m in model.modules():
-        if type(m) is nn.Linear:
-            tensors = [m.weight, m.bias]
-        elif isinstance(m, Int8Linear):
-            tensors = [m.qweight, m.scale, m.bias]
-        elif isinstance(m, Int4Linear):
-            tensors = [m._kernel_weight, m._kernel_scales, m.bias]
-        else:
-            continue
-        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-    return total
 
 
 def gguf_bytes(path: Path) -> int:
@@ -313,7 +296,7 @@ def main() -> None:
             rates = compare(
                 {k: Engine(m) for k, m in ours.items()}, llamas, prompt, args.new_tokens, args.repeats
             )
-        need = {f"ours {name}": our_bytes(m) for name, m in ours.items()}
+        need = {f"ours {name}": linear_bytes(m) for name, m in ours.items()}
         need |= {f"llama.cpp {kind}": gguf_bytes(path) for kind, path in files.items()}
     finally:
         shutil.rmtree(tmp)
