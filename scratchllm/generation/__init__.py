@@ -6,6 +6,8 @@ and evaluation.
     decoder.py      Decoder: a batch of token-id prompts, a KV cache, one token per row per step
     completion.py   a row's text as its tokens arrive (UTF-8, stop strings), Completion, TextStream
     engine.py       Engine: prompts in, Completions or a stream of text out
+    speculative.py  SpeculativeDecoder: a draft model proposes tokens, the model checks them in one pass
+    batcher.py      Batcher: continuous batching, requests joining and leaving at token boundaries (serve)
     kernels.py      PackedLinears: CPU weights packed for oneDNN's decode kernel
     compiled.py     CompiledDecoding: fixed-shape steps under torch.compile (CUDA graphs on GPUs)
 

@@ -204,7 +204,7 @@ class RuntimeSettings:
         "model",
     )
     draft_tokens: int = setting(
-        4, "tokens the draft proposes per pass of the model (with --draft-model)", "model"
+        3, "tokens the draft proposes per pass of the model (with --draft-model)", "model"
     )
 
 

@@ -63,7 +63,7 @@ class Engine:
         prepack: bool | None = None,
         compile: bool = False,
         draft: GPTModel | None = None,
-        draft_tokens: int = 4,
+        draft_tokens: int = 3,
     ):
         """`tokenizer`: a `Tokenizer`, or what `load_tokenizer` takes (a name such as "gpt2", a directory).
         `prepack`: decode with `PackedLinears` (None: wherever supported, i.e. on CPUs).
@@ -104,7 +104,7 @@ class Engine:
         compile: bool = False,
         quantize: str | None = None,
         draft_model: str | None = None,
-        draft_tokens: int = 4,
+        draft_tokens: int = 3,
     ) -> Engine:
         """An engine for a model directory or a hub name (`gpt2`, `gpt2-medium`, ...). `quantize`
         "int4": int4 weights (CPU only; model/quantize.py). `draft_model`: a directory or hub name of a

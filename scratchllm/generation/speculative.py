@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -150,7 +150,8 @@ def check_draft_tokens(k: object) -> int:
 
 class _CachedModel:
     """A model with a KV cache (batch 1) over the text from `offset` on (a draft with a short window
-    moves it), holding the first `cache.pos` of those tokens."""
+    moves it), holding the first `cache.pos` of those tokens; its prepacked `kernels` (refreshed here)
+    are installed by the decoder around each round."""
 
     def __init__(
         self, model: GPTModel, kernels: PackedLinears | None, cache_dtype: torch.dtype | None, max_len: int
@@ -168,16 +169,14 @@ class _CachedModel:
         start = self.offset + self.cache.pos
         new = text[start:] + list(extra[max(0, start - len(text)) :])
         idx = torch.tensor([new], dtype=torch.long, device=self.device)
-        with self.kernels.installed() if self.kernels is not None else contextlib.nullcontext():
-            hidden = self.model(idx, kv_cache=self.cache, return_hidden=True)
-            return self.model.out_head(hidden[0, -last:]).float()
+        hidden = self.model(idx, kv_cache=self.cache, return_hidden=True)
+        return self.model.out_head(hidden[0, -last:]).float()
 
     def window_logits(self, text: list[int]) -> torch.Tensor:
         """Without the cache: the logits (1, vocab_size) after the last `context_length` tokens of
         `text`, their positions counted from 0 (the book's crop)."""
         idx = torch.tensor([text[-self.model.cfg.context_length :]], dtype=torch.long, device=self.device)
-        with self.kernels.installed() if self.kernels is not None else contextlib.nullcontext():
-            return self.model.out_head(self.model(idx, return_hidden=True)[0, -1:]).float()
+        return self.model.out_head(self.model(idx, return_hidden=True)[0, -1:]).float()
 
     def keep(self, n: int) -> None:
         """Keep only what the cache holds of the first `n` tokens of the text."""
@@ -210,7 +209,7 @@ class SpeculativeDecoder:
         prompt: Sequence[int],
         config: GenerationConfig,
         *,
-        draft_tokens: int = 4,
+        draft_tokens: int = 3,
         kernels: PackedLinears | None = None,
         draft_kernels: PackedLinears | None = None,
         cache_dtype: torch.dtype | None = None,
@@ -257,12 +256,22 @@ class SpeculativeDecoder:
         if self.steps >= self.config.max_new_tokens:
             raise RuntimeError("SpeculativeDecoder.step(): max_new_tokens already generated")
         if not self._pending:
-            self._round()
+            with self._kernels_installed():
+                self._round()
         token, logprob = self._pending.popleft()
         self.steps += 1
         if logprob is not None:
             self.last_logprobs = [logprob]
         return [token]
+
+    @contextlib.contextmanager
+    def _kernels_installed(self) -> Iterator[None]:
+        """Route both models' linear layers through their prepacked weights (a shared set once)."""
+        sets = {id(k): k for k in (self.target.kernels, self.draft.kernels) if k is not None}
+        with contextlib.ExitStack() as stack:
+            for kernels in sets.values():
+                stack.enter_context(kernels.installed())
+            yield
 
     # -- a round ---------------------------------------------------------------------------------
 
@@ -352,6 +361,8 @@ class SpeculativeDecoder:
 
     def _count(self, tokens: list[int]) -> None:
         """Add a round's tokens to what the penalties look at."""
+        if self._seen is None and self._counts is None:
+            return
         ids = torch.tensor(tokens, device=self.device)
         if self._seen is not None:
             self._seen[0, ids] = True

@@ -120,7 +120,7 @@ def load_chat_model(
     compile: bool = False,
     quantize: str | None = None,
     draft_model: str | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = 3,
 ) -> ChatModel:
     """Load a model directory (or a hub name such as `gpt2`) with its tokenizer and template;
     `draft_model`, a draft for speculative decoding (`Engine.load`)."""

@@ -89,7 +89,7 @@ def serve(
     compile: bool = False,
     quantize: str | None = None,
     draft_model: str | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = 3,
     scheduler: str = "continuous",
     prefill_chunk: int = 256,
 ) -> None:
@@ -133,17 +133,20 @@ def serve(
                 f"{time.perf_counter() - t:.0f} s",
                 flush=True,
             )
+        speculative = chat.engine.draft is not None  # a batch-1 tool: requests run one at a time
         app = create_app(
             chat,
             model_name=model_name or served_model_name(model),
             api_key=api_key,
-            max_batch_size=max_batch_size,
+            max_batch_size=1 if speculative else max_batch_size,
             scheduler=scheduler,
             prefill_chunk=prefill_chunk,
             default_max_tokens=default_max_tokens,
         )
         base = f"http://{url_host(host)}:{sock.getsockname()[1]}/v1"
         print(f"serving {app.state.settings.model_id!r} ({chat.describe_template()}) at {base}", flush=True)
+        if speculative:
+            print(f"speculative decoding with the draft {draft_model}: one request at a time", flush=True)
         if api_key is None and not _is_loopback(host):
             print(
                 f"warning: listening on {host} without an API key: anyone who can reach it can use the "

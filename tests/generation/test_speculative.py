@@ -299,7 +299,7 @@ def test_generate_chat_and_serve_take_a_draft_model(model_dirs, capsys, monkeypa
     assert err.count("\n") == 1 and "draft model" in err and "the target's tokenizer" in err
 
     chat = load_chat_model(str(path / "target"), device="cpu", dtype="fp32", draft_model=str(path / "draft"))
-    assert chat.engine.draft is not None and chat.engine.draft_tokens == 4
+    assert chat.engine.draft is not None and chat.engine.draft_tokens == 3
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi there\n/exit\n"))
     argv = [
         "chat",
@@ -324,9 +324,10 @@ def test_generate_chat_and_serve_take_a_draft_model(model_dirs, capsys, monkeypa
     assert main([*serve, "--draft-model", str(path / "draft"), "--draft-tokens", "2"]) == 0
     [app] = started
     assert app.state.chat.engine.draft is not None and app.state.chat.engine.draft_tokens == 2
+    assert app.state.scheduler.max_batch_size == 1 and "one request at a time" in capsys.readouterr().out
     assert main([*serve, "--draft-model", str(path / "other")]) == 2
     assert "draft model" in capsys.readouterr().err
 
 
 def test_runtime_settings_hold_the_draft():
-    assert (RuntimeSettings().draft_model, RuntimeSettings().draft_tokens) == (None, 4)
+    assert (RuntimeSettings().draft_model, RuntimeSettings().draft_tokens) == (None, 3)
