@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -13,10 +15,12 @@ class PackedLinears:
     """Every `nn.Linear` weight of a model reordered once into oneDNN's blocked layout, for CPUs.
 
     A decode step multiplies one activation row by every weight matrix, so its speed is how fast
-    the weights stream from memory. PyTorch's default CPU matrix-vector path reads them well below
-    the memory bandwidth; oneDNN's kernel on prepacked weights (the one `torch.compile`'s freezing
-    picks) comes closer (benchmarks/RESULTS.md). The packed copies take as much memory again as the
-    linear weights. `refresh()` rebuilds them when a weight has changed (training between
+    the weights stream from memory. PyTorch's default CPU matrix-vector path reads bf16 weights, and
+    fp32 ones on some CPUs, well below the memory bandwidth; oneDNN's kernel on prepacked weights (the
+    one `torch.compile`'s freezing picks) comes closer (benchmarks/RESULTS.md). Where the default kernel
+    is the faster one for a single row (fp32 on AVX-512 CPUs: `packing_pays` measures it), one row takes
+    it and several rows (batches, prompts) the packed one. The packed copies take as much memory again
+    as the linear weights. `refresh()` rebuilds them when a weight has changed (training between
     generations; found by the version counter, the storage and eight sampled values of each weight,
     so an edit in place that touches none of those is not seen: make a new Engine then);
     `installed()` routes the linear layers through them, for inference only. Subclasses of
@@ -60,7 +64,11 @@ class PackedLinears:
         if key != self._key:
             self._linears = linears
             self._packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1) for m in linears]
-            self._forwards = [_packed_forward(w, m.bias) for m, w in zip(linears, self._packed)]
+            one_row_plain = not packing_pays(linears[0].weight.dtype)
+            self._forwards = [
+                _packed_forward(w, m.bias, m.weight if one_row_plain else None)
+                for m, w in zip(linears, self._packed)
+            ]
             self._key = key
         return True
 
@@ -74,6 +82,39 @@ class PackedLinears:
         finally:
             for m in self._linears:
                 m.__dict__.pop("forward", None)
+
+
+@functools.cache
+def packing_pays(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's prepacked kernel multiplies one row (decoding one sequence) by weights of
+    `dtype` faster than PyTorch's default kernel on this CPU (several rows always go packed).
+    bf16: always (PyTorch's own bf16 matrix-vector product reads the weights at about half the rate
+    everywhere measured). fp32: it depends on the CPU (on AVX2 the packed kernel read 1.7x faster, on
+    AVX-512 MKL's default one 1.2x faster: benchmarks/RESULTS.md), so a probe times both over 64 MB
+    of weights, once per process, and keeps the packed kernel unless the default one is clearly
+    (10%) faster."""
+    if dtype != torch.float32:
+        return True
+    with torch.inference_mode():
+        weights = [torch.randn(1024, 1024) for _ in range(16)]  # beyond the caches, like a model's
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+        x = torch.randn(1, 1024)
+
+        def plain_pass() -> float:
+            start = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(x, w)
+            return time.perf_counter() - start
+
+        def packed_pass() -> float:
+            start = time.perf_counter()
+            for w in packed:
+                torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            return time.perf_counter() - start
+
+        plain_pass(), packed_pass()  # warm-up: oneDNN builds its kernel on first use
+        times = [(plain_pass(), packed_pass()) for _ in range(3)]
+    return min(t[1] for t in times) <= 1.1 * min(t[0] for t in times)
 
 
 def _probe(weight: torch.Tensor) -> tuple[float, ...]:
@@ -93,11 +134,14 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _packed_forward(
-    weight: torch.Tensor, bias: torch.Tensor | None
+    weight: torch.Tensor, bias: torch.Tensor | None, one_row: torch.Tensor | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The packed product; with `one_row` (the plain weight), a single row takes PyTorch's default kernel."""
     linear = torch.ops.mkldnn._linear_pointwise
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if one_row is not None and x.numel() == x.shape[-1]:
+            return torch.nn.functional.linear(x, one_row, bias)
         return linear(x, weight, bias, "none", [], "")
 
     return forward

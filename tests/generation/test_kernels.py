@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from scratchllm.errors import ScratchLLMError
-from scratchllm.generation import Engine, GenerationConfig, PackedLinears, resolve_dtype
-from scratchllm.generation.kernels import _probe
+from scratchllm.generation import Engine, GenerationConfig, PackedLinears, kernels, resolve_dtype
+from scratchllm.generation.kernels import _probe, packing_pays
 from tests.generation.helpers import ByteTokenizer, book_greedy, prompts_of, tiny_model
 
 
@@ -50,6 +50,33 @@ def test_prepacked_kernels_give_the_same_tokens_and_follow_weight_changes():
         assert [c.token_ids for c in packed.generate(prompts, cfg)] == [
             c.token_ids for c in Engine(other, ByteTokenizer(), prepack=False).generate(prompts, cfg)
         ]
+
+
+@pytest.mark.parametrize("packed_one_row", [True, False])
+def test_one_row_takes_the_kernel_the_probe_found_faster(monkeypatch, packed_one_row):
+    if not PackedLinears.supported(tiny_model()):
+        pytest.skip("oneDNN's prepacked linear is not available here")
+    assert packing_pays(torch.bfloat16) is True and isinstance(packing_pays(torch.float32), bool)
+    monkeypatch.setattr(kernels, "packing_pays", lambda dtype: packed_one_row)
+    plain_rows: list[int] = []
+    default_linear = torch.nn.functional.linear
+
+    def counting_linear(x, weight, bias=None):
+        plain_rows.append(x.numel() // x.shape[-1])
+        return default_linear(x, weight, bias)
+
+    model = tiny_model(seed=3)
+    packed, plain = Engine(model, ByteTokenizer()), Engine(model, ByteTokenizer(), prepack=False)
+    cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    for prompts in (prompts_of([5], seed=1), prompts_of([4, 9], seed=2)):
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.nn.functional, "linear", counting_linear)
+            got = [c.token_ids for c in packed.generate(prompts, cfg)]
+        assert got == [c.token_ids for c in plain.generate(prompts, cfg)]
+    if packed_one_row:
+        assert plain_rows == []
+    else:  # the single prompt's decode steps, one row each; the batch of two stays packed
+        assert plain_rows and set(plain_rows) == {1}
 
 
 def test_linear_subclasses_keep_their_own_forward():
