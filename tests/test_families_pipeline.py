@@ -13,12 +13,12 @@ import torch
 
 from scratchllm.cli import main
 from scratchllm.finetune.instruct import InstructionDataset
-from scratchllm.finetune.templates import TEMPLATE_KEY, get_template
 from scratchllm.generation import GenerationConfig
 from scratchllm.hub import load_model
 from scratchllm.serve.app import create_app
 from scratchllm.serve.chat import load_chat_model
 from scratchllm.text.hf_tokenizer import HFTokenizer
+from scratchllm.text.templates import TEMPLATE_KEY, get_template
 from tests.conftest import require_transformers
 from tests.serve.helpers import BackgroundServer
 
@@ -257,7 +257,7 @@ def test_a_converted_model_keeps_its_tokenizer_and_template(qwen_with_template):
     want = theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert chat.render(MESSAGES) == want
     assert chat.encode_chat(MESSAGES) == theirs(want, add_special_tokens=False)["input_ids"]
-    stops = chat.engine._stop_ids(GenerationConfig(max_new_tokens=4))
+    stops = chat.engine.stop_ids(GenerationConfig(max_new_tokens=4))
     assert {tok.special_tokens["<|im_end|>"], tok.special_tokens["<|endoftext|>"]} <= stops
 
 

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from scratchllm.checkpoint import LoadedModel, save_model
 from scratchllm.cli import main
 from scratchllm.errors import ScratchLLMError
-from scratchllm.finetune.templates import ALPACA, PHI3, TEMPLATE_KEY
 from scratchllm.generation.sampling import generate_text_simple
 from scratchllm.hub import export_gguf, load_model
 from scratchllm.hub.gguf_export import write_gguf
@@ -31,6 +30,7 @@ from scratchllm.text.char import CharTokenizer
 from scratchllm.text.chat_template import render_chat
 from scratchllm.text.gpt2 import load_gpt2_files
 from scratchllm.text.hf_tokenizer import HFTokenizer
+from scratchllm.text.templates import ALPACA, PHI3, TEMPLATE_KEY
 from tests.conftest import exit_code, shared_file
 
 tokenizers = pytest.importorskip("tokenizers")

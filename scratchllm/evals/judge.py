@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..config import setting
 from ..errors import ScratchLLMError
 from ..fileio import atomic_write_json, check_output_file, read_json_records
-from ..finetune.templates import get_template, template_names
+from ..text.templates import get_template, template_names
 from .judge_client import (
     API_KEY_ENV,
     JudgeClient,

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ScratchLLMError
 from ..fileio import atomic_write_json, check_output_file, read_json_records
-from ..finetune.templates import get_template
+from ..text.templates import get_template
 from .judge_client import JudgeClient, JudgeItemError
 
 OPPOSITE = {"polite": "impolite", "impolite": "polite", "concise": "verbose", "verbose": "concise"}

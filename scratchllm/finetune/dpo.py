@@ -41,6 +41,7 @@ from ..errors import ScratchLLMError
 from ..fileio import atomic_write_json, read_json_records
 from ..generation import Engine, GenerationConfig
 from ..hub import load_model
+from ..text.templates import TEMPLATE_KEY, get_template
 from ..text.tokenizer import Tokenizer
 from ..train.distributed import init_distributed
 from ..train.rundir import check_run_start, run_lock, settings_to_resume
@@ -56,7 +57,6 @@ from .instruct import (
     _prepare_model,
     resolve_splits,
 )
-from .templates import TEMPLATE_KEY, get_template
 
 Pair = dict[str, Any]
 REFERENCE_FILE = "reference_logps.safetensors"  # the frozen reference's log-probabilities, per split

@@ -38,6 +38,7 @@ from ..errors import ScratchLLMError
 from ..fileio import atomic_write_json, read_json_records
 from ..generation import Engine, GenerationConfig
 from ..hub import check_model_spec
+from ..text.templates import TEMPLATE_KEY, get_template, template_names
 from ..text.tokenizer import Tokenizer
 from ..train.distributed import init_distributed
 from ..train.rundir import check_run_start, run_lock, settings_to_resume
@@ -47,7 +48,6 @@ from ..train.trainer import Trainer
 from ..train.trainer_config import TrainerConfig
 from .instruct import IGNORE_INDEX, _merge_saved_adapters
 from .rewards import Reward, combine, make_reward
-from .templates import TEMPLATE_KEY, get_template, template_names
 
 ROLLOUT_FILE = "rollout.safetensors"  # the rollout the current optimizer steps learn from
 NO_TEMPLATE = "none"

@@ -41,6 +41,14 @@ from ..hints import next_hint, quote
 from ..hub import check_model_spec, load_model
 from ..model.gpt import count_parameters
 from ..model.lora import merge_lora
+from ..text.templates import (
+    AUTO_TEMPLATE,
+    DEFAULT_TEMPLATE,
+    TEMPLATE_KEY,
+    PromptTemplate,
+    get_template,
+    template_names,
+)
 from ..text.tokenizer import Tokenizer
 from ..train.distributed import init_distributed
 from ..train.evaluate import next_token_loss
@@ -49,14 +57,6 @@ from ..train.setup import LoRASettings, setup_model
 from ..train.task import Task, TrainResult
 from ..train.trainer import Trainer
 from ..train.trainer_config import TrainerConfig
-from .templates import (
-    AUTO_TEMPLATE,
-    DEFAULT_TEMPLATE,
-    TEMPLATE_KEY,
-    PromptTemplate,
-    get_template,
-    template_names,
-)
 
 SPLIT_NAMES = ("train", "val", "test")  # written to out_dir/data/NAME.json
 IGNORE_INDEX = -100  # targets with this value do not count in the loss (PyTorch's cross_entropy default)

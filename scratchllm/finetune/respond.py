@@ -22,8 +22,8 @@ from ..errors import ScratchLLMError
 from ..fileio import atomic_write_text, check_output_file
 from ..generation import SAMPLING_FLAGS, Completion, Engine, GenerationConfig, RuntimeSettings, resolve_dtype
 from ..hub import load_model
+from ..text.templates import get_template, template_for_model, template_names
 from .instruct import Entry, load_instruction_data
-from .templates import get_template, template_for_model, template_names
 
 RESPONSE_KEY = "model_response"  # the field `respond` adds, as in the book
 

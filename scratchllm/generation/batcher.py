@@ -44,7 +44,7 @@ from ..errors import ScratchLLMError
 from ..model.attention import SlotKVCache
 from .completion import Completion, RowText
 from .config import GenerationConfig
-from .engine import Engine, _cache_dtype, _eval_mode
+from .engine import Engine, cache_dtype, eval_mode
 from .sampling import TokenLogprob, apply_penalties, sample_next_token, token_logprobs
 
 Piece = tuple[str, list[TokenLogprob]]  # a text piece and the logprobs of the tokens that begin in it
@@ -169,7 +169,7 @@ class Batcher:
         if incremental and self.engine.tokenizer is None:
             raise ScratchLLMError("generation: streaming and stop strings need a tokenizer")
         request = Request(
-            ids, cfg, incremental, self.engine._stop_ids(cfg), RowText(prompt_tokens=len(ids), stops=cfg.stop)
+            ids, cfg, incremental, self.engine.stop_ids(cfg), RowText(prompt_tokens=len(ids), stops=cfg.stop)
         )
         if cfg.temperature > 0:
             request.generator = torch.Generator(device=self.device)
@@ -211,11 +211,11 @@ class Batcher:
     def step(self) -> None:
         """One iteration (see the module docstring): admit, decode a token per row, prefill a chunk."""
         if self.cache is None:
-            self.cache = self.model.new_slot_cache(self.max_batch_size, dtype=_cache_dtype(self.model))
+            self.cache = self.model.new_slot_cache(self.max_batch_size, dtype=cache_dtype(self.model))
         if self._admit():  # packed again only when the weights changed
             kernels = self.engine.kernels
             self._kernels = kernels if kernels is not None and kernels.refresh() else None
-        with _eval_mode(self.model), self._packed():
+        with eval_mode(self.model), self._packed():
             if self.decoding:
                 self._decode()
             if self.prefilling:

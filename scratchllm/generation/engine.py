@@ -217,7 +217,7 @@ class Engine:
             seqs = [ids[i] for i in rows]
             # every position but the last predicts a prompt token; only those go through the output head
             targets = torch.tensor([t for one in seqs for t in one[1:]], dtype=torch.long, device=device)
-            with _eval_mode(self.model), torch.inference_mode():
+            with eval_mode(self.model), torch.inference_mode():
                 hidden = self.model.hidden_at(seqs, [range(len(one) - 1) for one in seqs])
                 scored = token_logprobs(self.model.out_head(hidden), targets, top)
             at = 0
@@ -238,11 +238,9 @@ class Engine:
             self.generate([[0]] * n, GenerationConfig(max_new_tokens=4, ignore_eos=True))
         return sizes
 
-    # -- the loop --------------------------------------------------------------------------------
-
-    def _stop_ids(self, cfg: GenerationConfig) -> set[int]:
-        """The ids that end a sequence: the config's, and (unless `ignore_eos`) the end of text, which for
-        a model with a generation config of its own are all its end-of-turn ids."""
+    def stop_ids(self, cfg: GenerationConfig) -> set[int]:
+        """The ids that end a sequence under `cfg`: the config's, and (unless `ignore_eos`) the end of
+        text, which for a model with a generation config of its own are all its end-of-turn ids."""
         ids = set(cfg.stop_token_ids)
         if not cfg.ignore_eos:
             if cfg.eos_id is not None:
@@ -250,6 +248,8 @@ class Engine:
             elif self.tokenizer is not None:
                 ids |= {self.tokenizer.eot_id, *getattr(self.tokenizer, "stop_ids", ())} - {None}
         return ids
+
+    # -- the loop --------------------------------------------------------------------------------
 
     def _run(
         self, prompts: list[list[int]], cfg: GenerationConfig, result: list[Completion], incremental: bool
@@ -259,7 +259,7 @@ class Engine:
         if incremental and self.tokenizer is None:
             raise ScratchLLMError("generation: streaming and stop strings need a tokenizer")
         rows = [RowText(prompt_tokens=len(p), stops=cfg.stop) for p in prompts]
-        with _eval_mode(self.model), _eval_mode(self.draft):
+        with eval_mode(self.model), eval_mode(self.draft):
             if cfg.max_new_tokens > 0 and prompts:
                 dec = self._decoder(prompts, cfg)
                 self.last_speculation = dec.stats if isinstance(dec, SpeculativeDecoder) else None
@@ -287,14 +287,14 @@ class Engine:
                 draft_tokens=self.draft_tokens,
                 kernels=self.kernels,
                 draft_kernels=self.draft_kernels,
-                cache_dtype=_cache_dtype(self.model),
+                cache_dtype=cache_dtype(self.model),
             )
         return Decoder(
             self.model,
             prompts,
             cfg,
             kernels=self.kernels,
-            cache_dtype=_cache_dtype(self.model),
+            cache_dtype=cache_dtype(self.model),
             compiled=self.compiled,
         )
 
@@ -303,7 +303,7 @@ class Engine:
     ) -> Iterator[tuple[int, str, list[TokenLogprob]]]:
         """Step `dec` until every row has finished (a stop token, a stop string or the length limit),
         keeping each row's tokens, logprobs and (when `incremental`) text, and yielding its pieces."""
-        stop_ids = self._stop_ids(cfg)
+        stop_ids = self.stop_ids(cfg)
         while dec.active:
             tokens = dec.step()
             done = []
@@ -365,7 +365,7 @@ def _config(config: GenerationConfig | None, overrides: dict) -> GenerationConfi
     return cfg
 
 
-def _cache_dtype(model: nn.Module) -> torch.dtype | None:
+def cache_dtype(model: nn.Module) -> torch.dtype | None:
     """fp32 keys/values for bf16 weights on CPUs (attention in bf16 is slower there), else the weights'
     type."""
     p = next(model.parameters())
@@ -373,7 +373,8 @@ def _cache_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module | None) -> Iterator[None]:
+def eval_mode(model: nn.Module | None) -> Iterator[None]:
+    """The model (if any) in eval mode inside the block, then back in the mode it was in."""
     if model is None:
         yield
         return

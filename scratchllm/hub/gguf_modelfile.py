@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ScratchLLMError
-from ..finetune.templates import (
+from ..text.templates import (
     AUTO_TEMPLATE,
     MODEL_TEMPLATE,
     TEMPLATE_KEY,

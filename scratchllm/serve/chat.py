@@ -2,7 +2,7 @@
 
 An assistant model answers well only when prompted in the layout it was finetuned on, so a
 `ChatModel` pairs the generation engine with the model's stored prompt template
-(finetune/templates.py). A model without one (a plain pretrained LM, GPT-2) still chats, through
+(text/templates.py). A model without one (a plain pretrained LM, GPT-2) still chats, through
 the default template; `template_is_default` says so, and the REPL prints it.
 
     session = ChatSession(load_chat_model("runs/sft/model"), GenerationConfig(max_new_tokens=200))
@@ -27,14 +27,6 @@ from typing import TextIO
 from ..config import setting
 from ..device import pick_device
 from ..errors import ScratchLLMError
-from ..finetune.templates import (
-    DEFAULT_TEMPLATE,
-    TEMPLATE_KEY,
-    PromptTemplate,
-    get_template,
-    template_for_model,
-    template_names,
-)
 from ..generation import (
     SAMPLING_FLAGS,
     Completion,
@@ -46,6 +38,14 @@ from ..generation import (
 )
 from ..generation.speculative import load_draft
 from ..hub import load_model
+from ..text.templates import (
+    DEFAULT_TEMPLATE,
+    TEMPLATE_KEY,
+    PromptTemplate,
+    get_template,
+    template_for_model,
+    template_names,
+)
 from ..text.tokenizer import Tokenizer
 
 Message = Mapping[str, str]

@@ -104,6 +104,14 @@ async def reply(
     return answer.final(c, c.text.strip() if strip else c.text, None)
 
 
+def accept(request: Request, body: ChatBody | GenerateBody) -> tuple[int, Options]:
+    """The request's start (ns) and its options, once its model name and fields are checked."""
+    started = time.perf_counter_ns()
+    check_model(request, body.model)
+    body.check_unsupported()
+    return started, Options.parse(body.options)
+
+
 # ----------------------------------------------------------------------------------------------
 # Routes
 
@@ -113,10 +121,7 @@ router = APIRouter(prefix="/api", route_class=OllamaRoute, dependencies=[Depends
 
 @router.post("/chat", response_model=None)
 async def chat(body: ChatBody, request: Request) -> dict[str, Any] | StreamingResponse:
-    started = time.perf_counter_ns()
-    check_model(request, body.model)
-    body.check_unsupported()
-    options = Options.parse(body.options)
+    started, options = accept(request, body)
     answer = Answer(True, body.model, started)
     messages = body.conversation()
     if not messages:
@@ -128,10 +133,7 @@ async def chat(body: ChatBody, request: Request) -> dict[str, Any] | StreamingRe
 
 @router.post("/generate", response_model=None)
 async def generate(body: GenerateBody, request: Request) -> dict[str, Any] | StreamingResponse:
-    started = time.perf_counter_ns()
-    check_model(request, body.model)
-    body.check_unsupported()
-    options = Options.parse(body.options)
+    started, options = accept(request, body)
     model: ChatModel = request.app.state.chat
     context = body.checked_context(model.vocab_size)
     if not body.prompt and not context:

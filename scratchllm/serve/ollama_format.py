@@ -22,10 +22,10 @@ from fastapi.responses import StreamingResponse
 
 from .. import __version__
 from ..checkpoint import meta_model
-from ..finetune.templates import ModelTemplate
 from ..generation import Completion
 from ..model.gpt import count_parameters
 from ..model.quantize import is_quantized
+from ..text.templates import ModelTemplate
 from .chat import ChatModel, WhitespaceStripper
 from .ollama_schemas import ollama_error
 

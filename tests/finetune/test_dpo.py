@@ -22,9 +22,9 @@ from scratchllm.finetune.dpo import (
     load_preference_data,
     response_logps,
 )
-from scratchllm.finetune.templates import get_template
 from scratchllm.model.gpt import GPTConfig, GPTModel
 from scratchllm.text.bpe import train_bpe
+from scratchllm.text.templates import get_template
 from tests.conftest import exit_code, shared_file
 
 THINGS = ["cats", "dogs", "birds", "trees", "rivers", "stars", "books", "songs", "boats", "clouds"]

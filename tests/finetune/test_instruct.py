@@ -30,12 +30,12 @@ from scratchllm.finetune.instruct import (
     split_data,
 )
 from scratchllm.finetune.respond import RespondSettings, respond
-from scratchllm.finetune.templates import ALPACA, PHI3, TEMPLATE_KEY, template_for_model
 from scratchllm.generation import GenerationConfig, RuntimeSettings
 from scratchllm.hints import scratchllm_command
 from scratchllm.model.gpt import GPTModel, preset_config
 from scratchllm.model.quantize import int4_supported
 from scratchllm.text.bpe import train_bpe
+from scratchllm.text.templates import ALPACA, PHI3, TEMPLATE_KEY, template_for_model
 from scratchllm.train.rundir import list_checkpoints
 from tests.conftest import shared_file
 

@@ -46,11 +46,20 @@ class ByteTokenizer(Tokenizer):
         return cls()
 
 
-def tiny_model(seed: int = 0, ctx: int = CTX, vocab: int = 257, layers: int = 2) -> GPTModel:
-    """A small GPT in eval mode whose next-token choices are clear (few near ties)."""
+def tiny_model(
+    seed: int = 0, ctx: int = CTX, vocab: int = 257, layers: int = 2, tie_weights: bool = True
+) -> GPTModel:
+    """A small GPT in eval mode whose next-token choices are clear (few near ties). Untied
+    (`tie_weights=False`), its replies vary more: a random tied model mostly repeats its last token."""
     torch.manual_seed(seed)
     cfg = GPTConfig(
-        vocab_size=vocab, context_length=ctx, emb_dim=32, n_heads=4, n_layers=layers, drop_rate=0.0
+        vocab_size=vocab,
+        context_length=ctx,
+        emb_dim=32,
+        n_heads=4,
+        n_layers=layers,
+        drop_rate=0.0,
+        tie_weights=tie_weights,
     )
     model = GPTModel(cfg).eval()
     with torch.no_grad():  # sharper next-token distributions than GPT-2's tiny initial weights give

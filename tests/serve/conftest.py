@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from scratchllm.checkpoint import save_model
-from scratchllm.model.gpt import GPTConfig, GPTModel
+from scratchllm.model.gpt import GPTModel
 from scratchllm.text.bpe import BPETokenizer, train_bpe
+from tests.generation.helpers import tiny_model
 
 TEXT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -26,21 +26,8 @@ def bpe() -> BPETokenizer:
 
 
 def tiny_gpt(vocab: int, ctx: int = 256, seed: int = 0) -> GPTModel:
-    torch.manual_seed(seed)
-    # untied output head: a random tied model mostly repeats its last token, so replies would be empty or dull
-    cfg = GPTConfig(
-        vocab_size=vocab,
-        context_length=ctx,
-        emb_dim=32,
-        n_heads=4,
-        n_layers=2,
-        drop_rate=0.0,
-        tie_weights=False,
-    )
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():  # sharper next-token distributions than the tiny initial weights give
-        model.tok_emb.weight.mul_(10)
-    return model
+    # untied: a random tied model mostly repeats its last token, so replies would be empty or dull
+    return tiny_model(seed=seed, ctx=ctx, vocab=vocab, tie_weights=False)
 
 
 @pytest.fixture(scope="session")

@@ -21,10 +21,10 @@ from scratchllm.evals import judge as judge_module
 from scratchllm.evals import judge_client
 from scratchllm.evals.judge import SAME_FAILURES_FATAL, judge_entries, judge_prompt, read_responses
 from scratchllm.evals.judge_client import FOLLOW_UP, JudgeClient, JudgeFatalError, chat_url, parse_score
-from scratchllm.finetune.templates import get_template
 from scratchllm.model.gpt import GPTConfig, GPTModel
 from scratchllm.serve.app import create_app
 from scratchllm.serve.chat import load_chat_model
+from scratchllm.text.templates import get_template
 from tests.serve.helpers import BackgroundServer
 
 ENTRIES = [

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from llms_from_scratch.ch07 import format_input
 
 from scratchllm.errors import ScratchLLMError
-from scratchllm.finetune import templates
-from scratchllm.finetune.templates import (
+from scratchllm.text import templates
+from scratchllm.text.templates import (
     ALPACA,
     PHI3,
     TEMPLATE_KEY,
