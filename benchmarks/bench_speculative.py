@@ -15,7 +15,8 @@ budget buys fewer steps (RESULTS.md).
 
 Measurement: the first 8 tokens of --prompts documents that the target's run held out for validation,
 each continued by --new-tokens greedy tokens (past the end of text), plainly and with the draft proposing
-k tokens for each k of --draft-tokens, candidates in rotation (plain, k1, k2, ... per prompt) so that load
+k tokens for each k of --draft-tokens (and each --draft-confidence: stopping early where the draft is
+unsure), candidates in rotation (plain, k1, k2, ... per prompt) so that load
 changes hit them alike; each figure sums each prompt's best time of --repeats runs. The greedy
 texts with and without the draft are compared (bf16 weights may part at near ties: the target scores
 k + 1 positions in one pass). The issue's goal: at least 1.5x at batch 1 when the acceptance rate is
@@ -187,6 +188,11 @@ def main() -> None:
         "--distilled-draft", help="a distilled draft directory to measure instead of training one"
     )
     ap.add_argument("--draft-tokens", default="1,2,3,4", help="the k values to measure")
+    ap.add_argument(
+        "--draft-confidence",
+        default="0",
+        help="the draft_confidence values to measure with each k (0: the draft always proposes k)",
+    )
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
@@ -223,12 +229,17 @@ def main() -> None:
             corpus=("builtin", str(corpus)),
         )
     ks = [int(k) for k in args.draft_tokens.split(",")]
+    confidences = [float(c) for c in args.draft_confidence.split(",")]
     engines = {"target alone": plain}
     for label, path in drafts.items():
         draft = load_model(path, device=device, dtype=dtype).model
         print(f"{label}: {path}, {count_parameters(draft) / 1e6:.2f}M parameters")
         for k in ks:
-            engines[f"{label}, k={k}"] = Engine(target.model, target.tokenizer, draft=draft, draft_tokens=k)
+            for c in confidences:
+                name = f"{label}, k={k}" + (f", confidence {c:g}" if c else "")
+                engines[name] = Engine(
+                    target.model, target.tokenizer, draft=draft, draft_tokens=k, draft_confidence=c
+                )
     print(
         f"target: {target_dir}, {count_parameters(target.model) / 1e6:.1f}M parameters; {dtype}, "
         f"{torch.get_num_threads()} threads"

@@ -63,6 +63,7 @@ def generate_command(settings: GenerateSettings) -> None:
         quantize=runtime.quantize,
         draft_model=runtime.draft_model,
         draft_tokens=runtime.draft_tokens,
+        draft_confidence=runtime.draft_confidence,
     )
     start = time.perf_counter()
     if settings.stream:

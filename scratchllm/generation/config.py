@@ -206,6 +206,12 @@ class RuntimeSettings:
     draft_tokens: int = setting(
         3, "tokens the draft proposes per pass of the model (with --draft-model)", "model"
     )
+    draft_confidence: float = setting(
+        0.0,
+        "the draft stops proposing early when its most likely next token's probability is below this "
+        "(0: always --draft-tokens)",
+        "model",
+    )
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -34,7 +34,14 @@ from .config import MAX_TOP_LOGPROBS, GenerationConfig
 from .decoder import Decoder
 from .kernels import PackedLinears
 from .sampling import TokenLogprob, token_logprobs
-from .speculative import SpeculationStats, SpeculativeDecoder, check_draft, check_draft_tokens, load_draft
+from .speculative import (
+    SpeculationStats,
+    SpeculativeDecoder,
+    check_draft,
+    check_draft_confidence,
+    check_draft_tokens,
+    load_draft,
+)
 
 Prompt = str | Sequence[int]
 
@@ -64,13 +71,14 @@ class Engine:
         compile: bool = False,
         draft: GPTModel | None = None,
         draft_tokens: int = 3,
+        draft_confidence: float = 0.0,
     ):
         """`tokenizer`: a `Tokenizer`, or what `load_tokenizer` takes (a name such as "gpt2", a directory).
         `prepack`: decode with `PackedLinears` (None: wherever supported, i.e. on CPUs).
         `compile`: decode with `CompiledDecoding` (torch.compile; CUDA graphs on GPUs), for GPUs and
         long generations: the first generation of each batch size pays the compilation.
         `draft`: a small model over the same token ids for speculative decoding, `draft_tokens` the
-        tokens it proposes per round."""
+        tokens it proposes per round, fewer where its top probability falls below `draft_confidence`."""
         if getattr(model.cfg, "n_classes", 0):
             raise ScratchLLMError("generation needs a language model; this model has a classifier head")
         self.model = model
@@ -85,6 +93,7 @@ class Engine:
         self.kernels = PackedLinears(model) if use_packed and not compile else None
         self.draft = draft
         self.draft_tokens = check_draft_tokens(draft_tokens)
+        self.draft_confidence = check_draft_confidence(draft_confidence)
         self.draft_kernels = None
         self.last_speculation: SpeculationStats | None = None
         if draft is not None:
@@ -105,6 +114,7 @@ class Engine:
         quantize: str | None = None,
         draft_model: str | None = None,
         draft_tokens: int = 3,
+        draft_confidence: float = 0.0,
     ) -> Engine:
         """An engine for a model directory or a hub name (`gpt2`, `gpt2-medium`, ...). `quantize`
         "int4": int4 weights (CPU only; model/quantize.py). `draft_model`: a directory or hub name of a
@@ -115,7 +125,14 @@ class Engine:
         draft = None
         if draft_model:
             draft = load_draft(draft_model, loaded.model, loaded.tokenizer, device=device, dtype=dtype)
-        return cls(loaded.model, loaded.tokenizer, compile=compile, draft=draft, draft_tokens=draft_tokens)
+        return cls(
+            loaded.model,
+            loaded.tokenizer,
+            compile=compile,
+            draft=draft,
+            draft_tokens=draft_tokens,
+            draft_confidence=draft_confidence,
+        )
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -285,6 +302,7 @@ class Engine:
                 prompts[0],
                 cfg,
                 draft_tokens=self.draft_tokens,
+                draft_confidence=self.draft_confidence,
                 kernels=self.kernels,
                 draft_kernels=self.draft_kernels,
                 cache_dtype=cache_dtype(self.model),

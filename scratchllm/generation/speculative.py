@@ -7,7 +7,8 @@ positions costs hardly more. So each round:
 
 1. the draft proposes k tokens d1..dk one at a time (with its own KV cache), each drawn from its
    distribution q_i under the same settings as the target (temperature, top-k, top-p, penalties;
-   greedy: its most likely token);
+   greedy: its most likely token); with a `draft_confidence`, it stops early where q_i's largest
+   probability falls below it (a guess the target would likely reject costs a draft step for nothing);
 2. the target runs once over the last token and d1..dk (k + 1 positions, with its KV cache), which
    gives its distributions p_1..p_(k+1) of the next token after each of them;
 3. d_i is kept with probability min(1, p_i(d_i) / q_i(d_i)) (greedy: if it is p_i's most likely
@@ -141,6 +142,13 @@ def load_draft(
     return loaded.model
 
 
+def check_draft_confidence(c: object) -> float:
+    """The probability under which the draft stops proposing, checked (0: never stops early)."""
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < 1:
+        raise ScratchLLMError(f"draft_confidence must be a number from 0 up to (not including) 1, got {c!r}")
+    return float(c)
+
+
 def check_draft_tokens(k: object) -> int:
     """The number of tokens a draft proposes per round, checked."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
@@ -210,6 +218,7 @@ class SpeculativeDecoder:
         config: GenerationConfig,
         *,
         draft_tokens: int = 3,
+        draft_confidence: float = 0.0,
         kernels: PackedLinears | None = None,
         draft_kernels: PackedLinears | None = None,
         cache_dtype: torch.dtype | None = None,
@@ -218,6 +227,7 @@ class SpeculativeDecoder:
         check_draft(model, draft)
         self.config = config
         self.k = check_draft_tokens(draft_tokens)
+        self.confidence = check_draft_confidence(draft_confidence)
         self.tokens = [int(t) for t in prompt]
         if not self.tokens:
             raise ScratchLLMError("generation: the prompt is empty; give at least one token")
@@ -302,7 +312,7 @@ class SpeculativeDecoder:
             logprobs = token_logprobs(raw[: len(new)], torch.tensor(new, device=self.device), cfg.logprobs)
         self._pending.extend(zip(new, logprobs))
         self.stats.rounds += 1
-        self.stats.proposed += k
+        self.stats.proposed += len(drafts)
         self.stats.accepted += accepted
         self.stats.tokens += len(new)
 
@@ -316,9 +326,14 @@ class SpeculativeDecoder:
         for _ in range(k):
             logits = self._penalized(draft.logits(text, tokens), tokens)
             if self.generator is None:
+                if self.confidence and float(torch.softmax(logits, -1).max()) < self.confidence:
+                    break
                 tokens.append(int(logits.argmax()))
             else:
                 q = sampling_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+                # the stop depends on the text so far only, so each kept token's distribution stays exact
+                if self.confidence and float(q.max()) < self.confidence:
+                    break
                 tokens.append(int(torch.multinomial(q, 1, generator=self.generator)))
                 probs.append(q)
         return tokens, torch.cat(probs) if probs else None

@@ -121,6 +121,7 @@ def load_chat_model(
     quantize: str | None = None,
     draft_model: str | None = None,
     draft_tokens: int = 3,
+    draft_confidence: float = 0.0,
 ) -> ChatModel:
     """Load a model directory (or a hub name such as `gpt2`) with its tokenizer and template;
     `draft_model`, a draft for speculative decoding (`Engine.load`)."""
@@ -136,7 +137,14 @@ def load_chat_model(
         draft = load_draft(
             draft_model, loaded.model, loaded.tokenizer, device=dev, dtype=resolve_dtype(dtype, dev)
         )
-    engine = Engine(loaded.model, loaded.tokenizer, compile=compile, draft=draft, draft_tokens=draft_tokens)
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        compile=compile,
+        draft=draft,
+        draft_tokens=draft_tokens,
+        draft_confidence=draft_confidence,
+    )
     return chat_model(engine, loaded.extra, name, template)
 
 
@@ -417,6 +425,7 @@ def chat_command(settings: ChatSettings) -> None:
         quantize=runtime.quantize,
         draft_model=runtime.draft_model,
         draft_tokens=runtime.draft_tokens,
+        draft_confidence=runtime.draft_confidence,
     )
     if runtime.compile:
         print("compiling the decode step...", end=" ", flush=True)

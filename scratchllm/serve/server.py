@@ -92,6 +92,7 @@ def serve(
     quantize: str | None = None,
     draft_model: str | None = None,
     draft_tokens: int = 3,
+    draft_confidence: float = 0.0,
     scheduler: str = "continuous",
     prefill_chunk: int = 256,
 ) -> None:
@@ -126,6 +127,7 @@ def serve(
             quantize=quantize,
             draft_model=draft_model,
             draft_tokens=draft_tokens,
+            draft_confidence=draft_confidence,
         )
         if compile:  # compile here; the engine thread then records its own CUDA graphs (per thread, quick)
             t = time.perf_counter()
@@ -227,6 +229,7 @@ def serve_command(settings: ServeSettings) -> None:
         quantize=runtime.quantize,
         draft_model=runtime.draft_model,
         draft_tokens=runtime.draft_tokens,
+        draft_confidence=runtime.draft_confidence,
     )
 
 

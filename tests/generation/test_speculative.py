@@ -105,6 +105,34 @@ def test_greedy_gives_the_targets_own_tokens_whatever_the_draft(arch):
             assert same == 1.0 and 0.2 < close < 0.9 and other < 0.1, (k, same, close, other)
 
 
+def test_an_unsure_draft_stops_proposing_early():
+    """With `draft_confidence` the draft proposes only tokens it is sure enough of: the same text, fewer
+    proposals, more of them kept."""
+    target = lm(0)
+    draft = near(target, 0.3)
+    plain = Engine(target, ByteTokenizer())
+    counts = {}
+    with single_thread():
+        for confidence in (0.0, 0.6):
+            engine = Engine(target, ByteTokenizer(), draft=draft, draft_tokens=6, draft_confidence=confidence)
+            proposed = accepted = rounds = 0
+            for prompt in PROMPTS:
+                [want] = plain.generate(prompt, max_new_tokens=40, ignore_eos=True)
+                assert engine.generate(prompt, max_new_tokens=40, ignore_eos=True) == [want]
+                stats = engine.last_speculation
+                proposed, accepted, rounds = (
+                    proposed + stats.proposed,
+                    accepted + stats.accepted,
+                    rounds + stats.rounds,
+                )
+            counts[confidence] = (proposed, accepted, rounds)
+    (p0, a0, r0), (p1, a1, r1) = counts[0.0], counts[0.6]
+    assert 0 < p1 < p0 and a1 / p1 > a0 / p0, counts
+    assert p1 < 0.9 * 6 * r1, counts  # rounds that stopped early, often
+    with pytest.raises(ScratchLLMError, match="draft_confidence"):
+        Engine(target, ByteTokenizer(), draft=draft, draft_confidence=1.0)
+
+
 def test_stop_tokens_stop_strings_and_limits_end_a_row_inside_a_round():
     target = lm(0)
     plain = Engine(target, ByteTokenizer())
@@ -213,25 +241,34 @@ def chi_square_p(counts: dict, expected: dict[tuple, float], total: int) -> floa
 
 
 @pytest.mark.parametrize(
-    "k, sampling", [(1, dict(temperature=0.9, top_k=3)), (2, dict(temperature=1.2, top_p=0.9))]
+    "k, sampling, confidence",
+    [
+        (1, dict(temperature=0.9, top_k=3), 0.0),
+        (2, dict(temperature=1.2, top_p=0.9), 0.0),
+        (2, dict(temperature=1.0), 0.45),
+    ],
 )
-def test_sampling_keeps_the_targets_distribution(k, sampling):
+def test_sampling_keeps_the_targets_distribution(k, sampling, confidence):
     """The first two tokens of speculative samples against the target's exact distribution: a chi-square
     test that also rejects the draft's own. k = 1 draws the second token as the bonus or after a new
-    proposal; k = 2 keeps or rejects two proposals in a row."""
+    proposal; k = 2 keeps or rejects two proposals in a row; with a confidence, some rounds propose
+    fewer (or none)."""
     target, draft = lm(0, vocab=4, ctx=8, n_layers=1), lm(1, vocab=4, ctx=8, n_layers=1)
     prompt, n, samples = [1, 2], 2, 1500
     exact = exact_distribution(target, prompt, n, **sampling)
     counts: dict[tuple[int, ...], int] = {}
-    proposed = accepted = 0
+    proposed = accepted = rounds = 0
     with single_thread(), torch.inference_mode():
         for seed in range(samples):
             cfg = GenerationConfig(max_new_tokens=3, seed=seed, **sampling)
-            dec = SpeculativeDecoder(target, draft, prompt, cfg, draft_tokens=k)
+            dec = SpeculativeDecoder(target, draft, prompt, cfg, draft_tokens=k, draft_confidence=confidence)
             s = tuple(dec.step()[0] for _ in range(n))
             counts[s] = counts.get(s, 0) + 1
             proposed, accepted = proposed + dec.stats.proposed, accepted + dec.stats.accepted
+            rounds += dec.stats.rounds
     assert 0.3 < accepted / proposed < 0.9, accepted / proposed  # proposals kept and rejected, often
+    if confidence:
+        assert proposed < 0.9 * k * rounds, (proposed, rounds)  # rounds that stopped early, often
     assert chi_square_p(counts, exact, samples) > 1e-3
     assert chi_square_p(counts, exact_distribution(draft, prompt, n, **sampling), samples) < 1e-6
 
@@ -297,6 +334,9 @@ def test_generate_chat_and_serve_take_a_draft_model(model_dirs, capsys, monkeypa
     assert main([*hello[:-4], "--draft-model", str(path / "other")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "draft model" in err and "the target's tokenizer" in err
+    assert main([*hello, "--draft-confidence", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "draft_confidence must be a number from 0 up to" in err
 
     chat = load_chat_model(str(path / "target"), device="cpu", dtype="fp32", draft_model=str(path / "draft"))
     assert chat.engine.draft is not None and chat.engine.draft_tokens == 3
@@ -321,13 +361,16 @@ def test_generate_chat_and_serve_take_a_draft_model(model_dirs, capsys, monkeypa
     started = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: started.append(self.config.app))
     serve = ["serve", "--model", str(path / "target"), "--port", "0", "--device", "cpu", "--dtype", "fp32"]
-    assert main([*serve, "--draft-model", str(path / "draft"), "--draft-tokens", "2"]) == 0
+    draft = ["--draft-model", str(path / "draft"), "--draft-tokens", "2", "--draft-confidence", "0.4"]
+    assert main([*serve, *draft]) == 0
     [app] = started
     assert app.state.chat.engine.draft is not None and app.state.chat.engine.draft_tokens == 2
+    assert app.state.chat.engine.draft_confidence == 0.4
     assert app.state.scheduler.max_batch_size == 1 and "one request at a time" in capsys.readouterr().out
     assert main([*serve, "--draft-model", str(path / "other")]) == 2
     assert "draft model" in capsys.readouterr().err
 
 
 def test_runtime_settings_hold_the_draft():
-    assert (RuntimeSettings().draft_model, RuntimeSettings().draft_tokens) == (None, 3)
+    settings = RuntimeSettings()
+    assert (settings.draft_model, settings.draft_tokens, settings.draft_confidence) == (None, 3, 0.0)
