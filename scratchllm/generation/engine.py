@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from ..checkpoint import LoadedModel
 from ..device import check_compile
 from ..errors import ScratchLLMError
 from ..hub import load_model
@@ -120,11 +121,35 @@ class Engine:
         "int4": int4 weights (CPU only; model/quantize.py). `draft_model`: a directory or hub name of a
         draft for speculative decoding (loaded in `dtype`, not quantized)."""
         loaded = load_model(spec, device=device, dtype=dtype, quantize=quantize)
+        return cls.from_loaded(
+            loaded,
+            spec,
+            compile=compile,
+            draft_model=draft_model,
+            draft_tokens=draft_tokens,
+            draft_confidence=draft_confidence,
+        )
+
+    @classmethod
+    def from_loaded(
+        cls,
+        loaded: LoadedModel,
+        spec: str,
+        compile: bool = False,
+        draft_model: str | None = None,
+        draft_tokens: int = 3,
+        draft_confidence: float = 0.0,
+    ) -> Engine:
+        """An engine for a loaded model (`spec`: where it came from, for errors), with its draft loaded
+        from `draft_model` on the same device and in the same dtype."""
         if loaded.tokenizer is None:
             raise ScratchLLMError(f"model {spec!r} has no tokenizer files; save the model with its tokenizer")
         draft = None
         if draft_model:
-            draft = load_draft(draft_model, loaded.model, loaded.tokenizer, device=device, dtype=dtype)
+            weights = next(loaded.model.parameters())
+            draft = load_draft(
+                draft_model, loaded.model, loaded.tokenizer, device=weights.device, dtype=weights.dtype
+            )
         return cls(
             loaded.model,
             loaded.tokenizer,

@@ -36,7 +36,6 @@ from ..generation import (
     TextStream,
     resolve_dtype,
 )
-from ..generation.speculative import load_draft
 from ..hub import load_model
 from ..text.templates import (
     DEFAULT_TEMPLATE,
@@ -129,22 +128,15 @@ def load_chat_model(
         get_template(template)
     dev = pick_device(device)
     loaded = load_model(spec, device=dev, dtype=resolve_dtype(dtype, dev), quantize=quantize)
-    if loaded.tokenizer is None:
-        raise ScratchLLMError(f"model {spec!r} has no tokenizer files; save the model with its tokenizer")
-    name = Path(spec).name if Path(spec).expanduser().is_dir() else str(spec)
-    draft = None
-    if draft_model:
-        draft = load_draft(
-            draft_model, loaded.model, loaded.tokenizer, device=dev, dtype=resolve_dtype(dtype, dev)
-        )
-    engine = Engine(
-        loaded.model,
-        loaded.tokenizer,
+    engine = Engine.from_loaded(
+        loaded,
+        spec,
         compile=compile,
-        draft=draft,
+        draft_model=draft_model,
         draft_tokens=draft_tokens,
         draft_confidence=draft_confidence,
     )
+    name = Path(spec).name if Path(spec).expanduser().is_dir() else str(spec)
     return chat_model(engine, loaded.extra, name, template)
 
 
