@@ -186,10 +186,11 @@ def _summary(stdout: str) -> dict:
     raise SystemExit(f"no summary line in the run's output:\n{stdout[-2000:]}")
 
 
-def compare(corpora: list[str], budgets: list[float], arch: str | None, which: str) -> None:
-    """Every preset and auto at each budget, one at a time (`which`: all, presets or auto)."""
+def compare(corpora: list[str], budgets: list[float], arch: str | None, which: list[str]) -> None:
+    """Every preset and auto at each budget, one at a time (`which`: all, presets, auto or names)."""
     family = ["--arch", arch] if arch else []
-    names = {"all": [*PRESETS, "auto"], "presets": list(PRESETS), "auto": ["auto"]}[which]
+    groups = {"all": [*PRESETS, "auto"], "presets": list(PRESETS)}
+    names = [name for w in which for name in groups.get(w, [w])]
     for minutes in budgets:
         for corpus in corpora:
             for name in names:
@@ -226,7 +227,13 @@ def report() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("prepare", "compare", "sweep", "report"))
-    ap.add_argument("--which", default="all", choices=("all", "presets", "auto"), help="compare: what to run")
+    ap.add_argument(
+        "--which",
+        nargs="+",
+        default=["all"],
+        choices=("all", "presets", "auto", *PRESETS),
+        help="compare: what to run (two processes can split the runs between the two cores)",
+    )
     ap.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
     ap.add_argument("--minutes", nargs="+", type=float, default=[5.0, 15.0])
     ap.add_argument("--shapes", nargs="+", default=list(SWEEP), choices=list(SWEEP))
