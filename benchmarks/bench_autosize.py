@@ -190,7 +190,7 @@ def compare(corpora: list[str], budgets: list[float], arch: str | None, which: l
     """Every preset and auto at each budget, one at a time (`which`: all, presets, auto or names)."""
     family = ["--arch", arch] if arch else []
     groups = {"all": [*PRESETS, "auto"], "presets": list(PRESETS)}
-    names = [name for w in which for name in groups.get(w, [w])]
+    names = list(dict.fromkeys(name for w in which for name in groups.get(w, [w])))
     for minutes in budgets:
         for corpus in corpora:
             for name in names:

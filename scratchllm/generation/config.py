@@ -208,8 +208,9 @@ class RuntimeSettings:
     )
     draft_confidence: float = setting(
         0.0,
-        "the draft stops proposing early when its most likely next token's probability is below this "
-        "(0: always --draft-tokens)",
+        "the draft stops a round's proposals where its most likely next token's probability (under the "
+        "sampling settings; greedy: at temperature 1) is below this (0: never stops early; with "
+        "--draft-model)",
         "model",
     )
 

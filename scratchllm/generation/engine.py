@@ -40,6 +40,7 @@ from .speculative import (
     SpeculativeDecoder,
     check_draft,
     check_draft_confidence,
+    check_draft_settings,
     check_draft_tokens,
     load_draft,
 )
@@ -119,7 +120,8 @@ class Engine:
     ) -> Engine:
         """An engine for a model directory or a hub name (`gpt2`, `gpt2-medium`, ...). `quantize`
         "int4": int4 weights (CPU only; model/quantize.py). `draft_model`: a directory or hub name of a
-        draft for speculative decoding (loaded in `dtype`, not quantized)."""
+        draft for speculative decoding (`from_loaded`)."""
+        check_draft_settings(draft_tokens, draft_confidence)  # before the (slow) loads
         loaded = load_model(spec, device=device, dtype=dtype, quantize=quantize)
         return cls.from_loaded(
             loaded,
@@ -141,7 +143,8 @@ class Engine:
         draft_confidence: float = 0.0,
     ) -> Engine:
         """An engine for a loaded model (`spec`: where it came from, for errors), with its draft loaded
-        from `draft_model` on the same device and in the same dtype."""
+        from `draft_model` on the model's device and in its dtype (not quantized)."""
+        check_draft_settings(draft_tokens, draft_confidence)
         if loaded.tokenizer is None:
             raise ScratchLLMError(f"model {spec!r} has no tokenizer files; save the model with its tokenizer")
         draft = None
@@ -409,8 +412,8 @@ def _config(config: GenerationConfig | None, overrides: dict) -> GenerationConfi
 
 
 def cache_dtype(model: nn.Module) -> torch.dtype | None:
-    """fp32 keys/values for bf16 weights on CPUs (attention in bf16 is slower there), else the weights'
-    type."""
+    """fp32 keys/values for bf16 weights on CPUs (attention in bf16 is slower there), else None (the
+    weights' type)."""
     p = next(model.parameters())
     return torch.float32 if p.device.type == "cpu" and p.dtype == torch.bfloat16 else None
 

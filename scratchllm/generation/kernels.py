@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,8 +19,8 @@ class PackedLinears:
     the weights stream from memory. PyTorch's default CPU matrix-vector path reads bf16 weights, and
     fp32 ones on some CPUs, well below the memory bandwidth; oneDNN's kernel on prepacked weights (the
     one `torch.compile`'s freezing picks) comes closer (benchmarks/RESULTS.md). Where the default kernel
-    is the faster one for a single row (fp32 on AVX-512 CPUs: `packing_pays` measures it), one row takes
-    it and several rows (batches, prompts) the packed one. The packed copies take as much memory again
+    is the faster one for a single row (fp32 on some CPUs: `packing_pays` measures it), one row takes it
+    and several rows (batches, prompts) the packed one. The packed copies take as much memory again
     as the linear weights. `refresh()` rebuilds them when a weight has changed (training between
     generations; found by the version counter, the storage and eight sampled values of each weight,
     so an edit in place that touches none of those is not seen: make a new Engine then);
@@ -84,21 +85,30 @@ class PackedLinears:
                 m.__dict__.pop("forward", None)
 
 
-@functools.cache
+_probe_lock = threading.Lock()
+
+
 def packing_pays(dtype: torch.dtype) -> bool:
     """Whether oneDNN's prepacked kernel multiplies one row (decoding one sequence) by weights of
-    `dtype` faster than PyTorch's default kernel on this CPU (several rows always go packed).
-    bf16: always (PyTorch's own bf16 matrix-vector product reads the weights at about half the rate
-    everywhere measured). fp32: it depends on the CPU (on AVX2 the packed kernel read 1.7x faster, on
-    AVX-512 MKL's default one 1.2x faster: benchmarks/RESULTS.md), so a probe times both over 64 MB
-    of weights, once per process, and keeps the packed kernel unless the default one is clearly
-    (10%) faster."""
+    `dtype` faster than PyTorch's default kernel on this CPU at the current thread count (several
+    rows always go packed). Callers check `PackedLinears.supported` first. bf16: always. fp32: it
+    depends on the CPU (benchmarks/RESULTS.md, "Idle rerun"), so a probe times both kernels over
+    64 MB of weights, once per process and thread count, and keeps the packed kernel unless the
+    default one is clearly (10%) faster."""
     if dtype != torch.float32:
         return True
+    with _probe_lock:
+        return _fp32_packing_pays(torch.get_num_threads())
+
+
+@functools.cache
+def _fp32_packing_pays(threads: int) -> bool:
+    """The fp32 probe for `threads` threads (seeded data, the global random state untouched)."""
+    g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        weights = [torch.randn(1024, 1024) for _ in range(16)]  # beyond the caches, like a model's
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
-        x = torch.randn(1, 1024)
+        weights = [torch.randn(1024, 1024, generator=g, dtype=torch.float32) for _ in range(16)]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]  # beyond the caches
+        x = torch.randn(1, 1024, generator=g, dtype=torch.float32)
 
         def plain_pass() -> float:
             start = time.perf_counter()

@@ -8,12 +8,13 @@ positions costs hardly more. So each round:
 1. the draft proposes k tokens d1..dk one at a time (with its own KV cache), each drawn from its
    distribution q_i under the same settings as the target (temperature, top-k, top-p, penalties;
    greedy: its most likely token); with a `draft_confidence`, it stops early where q_i's largest
-   probability falls below it (a guess the target would likely reject costs a draft step for nothing);
-2. the target runs once over the last token and d1..dk (k + 1 positions, with its KV cache), which
-   gives its distributions p_1..p_(k+1) of the next token after each of them;
+   probability falls below it (a guess the target would likely reject costs a draft step for
+   nothing), so that j <= k tokens are proposed;
+2. the target runs once over the last token and d1..dj (j + 1 positions, with its KV cache), which
+   gives its distributions p_1..p_(j+1) of the next token after each of them;
 3. d_i is kept with probability min(1, p_i(d_i) / q_i(d_i)) (greedy: if it is p_i's most likely
    token); at the first rejection the round's last token is drawn from max(0, p_i - q_i), normalized,
-   and if all k are kept, a bonus token is drawn from p_(k+1);
+   and if all j are kept, a bonus token is drawn from p_(j+1);
 4. both KV caches forget the rejected tokens (`KVCache.truncate`).
 
 A round emits 1 to k + 1 tokens, each distributed exactly as the target alone samples it: greedy
@@ -154,6 +155,12 @@ def check_draft_tokens(k: object) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
         raise ScratchLLMError(f"draft_tokens must be an integer from 1 to {MAX_DRAFT_TOKENS}, got {k!r}")
     return k
+
+
+def check_draft_settings(draft_tokens: object, draft_confidence: object) -> None:
+    """Both draft settings checked, before anything is loaded."""
+    check_draft_tokens(draft_tokens)
+    check_draft_confidence(draft_confidence)
 
 
 class _CachedModel:
@@ -399,6 +406,8 @@ __all__ = [
     "SpeculationStats",
     "SpeculativeDecoder",
     "check_draft",
+    "check_draft_confidence",
+    "check_draft_settings",
     "check_draft_tokens",
     "load_draft",
 ]

@@ -36,6 +36,7 @@ from ..generation import (
     TextStream,
     resolve_dtype,
 )
+from ..generation.speculative import check_draft_settings
 from ..hub import load_model
 from ..text.templates import (
     DEFAULT_TEMPLATE,
@@ -126,6 +127,7 @@ def load_chat_model(
     `draft_model`, a draft for speculative decoding (`Engine.load`)."""
     if template is not None and template not in template_names():  # fails before the (slow) model load
         get_template(template)
+    check_draft_settings(draft_tokens, draft_confidence)
     dev = pick_device(device)
     loaded = load_model(spec, device=dev, dtype=resolve_dtype(dtype, dev), quantize=quantize)
     engine = Engine.from_loaded(

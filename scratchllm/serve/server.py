@@ -4,10 +4,10 @@ page) on a port until Ctrl-C.
 The app and its routes are app.py. This module binds the socket (before the model loads, so a
 taken port fails fast and an early client waits in the backlog), names the served model
 (`served_model_name`) and runs uvicorn. The server binds 127.0.0.1 unless told otherwise;
-`--api-key` (or $SCRATCHLLM_API_KEY) requires `Authorization: Bearer KEY` on every /v1 and /api
-request (the chat page asks for the key), and listening beyond this machine without one prints a
-warning. `ServeSettings` are the command's settings and `serve_command` runs it through `serve`,
-which Python callers use with keywords.
+`--api-key` (or $SCRATCHLLM_API_KEY) requires `Authorization: Bearer KEY` on every API request
+(/v1, /api, the tokenizer routes; the chat page asks for the key), and listening beyond this machine
+without one prints a warning. `ServeSettings` are the command's settings and `serve_command` runs it
+through `serve`, which Python callers use with keywords.
 """
 
 from __future__ import annotations
