@@ -79,6 +79,14 @@ def test_one_row_takes_the_kernel_the_probe_found_faster(monkeypatch, packed_one
         assert plain_rows and set(plain_rows) == {1}
 
 
+def test_the_fp32_probe_leaves_the_random_state_alone():
+    if not PackedLinears.supported(tiny_model()):
+        pytest.skip("oneDNN's prepacked linear is not available here")
+    state = torch.random.get_rng_state()
+    assert isinstance(kernels._fp32_packing_pays.__wrapped__(torch.get_num_threads()), bool)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_linear_subclasses_keep_their_own_forward():
     if not PackedLinears.supported(tiny_model()):
         pytest.skip("oneDNN's prepacked linear is not available here")
