@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, causal_mask
+from .attention import KVCache, SlotKVCache, causal_mask
 from .parts import RMSNorm, apply_rope
 
 
@@ -103,7 +103,9 @@ def window_mask(
     """`mask` (a step's attention mask over every position so far, None for plain causal) narrowed to a
     sliding window: query position q sees key position k only if q - window < k. For a cache that keeps
     these layers' keys in a ring, over the keys it returns (`KVCache.ring_span`). None when no query's
-    window leaves anything out."""
+    window leaves anything out. A `SlotKVCache` narrows each of its rows' masks itself."""
+    if isinstance(kv_cache, SlotKVCache):
+        return kv_cache.window_mask(mask, window)
     static = kv_cache is not None and kv_cache.static
     start = 0 if kv_cache is None or static else kv_cache.pos
     if not static and start + t <= window:

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ScratchLLMError
-from .attention import KVCache, SlotKVCache, step_inputs
+from .attention import KVCache, step_inputs
 from .base import CausalLM, ModelConfig, check_token_ids
 from .gqa import GroupedQueryAttention, window_mask
 from .moe import MoEFeedForward
@@ -275,9 +275,7 @@ class Transformer(CausalLM):
         # cast once per step to the activations' type, not in every layer (apply_rope's cast is then a no-op)
         ropes = {kind: tuple(r.to(x.dtype) for r in rope_tables(self._inv_freq[kind], pos)) for kind in kinds}
         masks = {"full": mask}
-        if "sliding" in kinds and isinstance(kv_cache, SlotKVCache):
-            masks["sliding"] = kv_cache.window_mask(mask, cfg.sliding_window)
-        elif "sliding" in kinds:
+        if "sliding" in kinds:
             masks["sliding"] = window_mask(mask, t, cfg.sliding_window, in_idx.device, kv_cache)
         for i, block in enumerate(self.trf_blocks):
             kind = cfg.layer_type(i)
