@@ -308,28 +308,14 @@ class Batcher:
         return finished
 
     def _accept(self, r: Request, token: int, logprob: TokenLogprob | None) -> bool:
-        """Add a sampled token to a row's text (as `Engine._decode` does); True when the row finished."""
+        """Add a sampled token to a row's text (`RowText.add`, as the engine does); True when the row
+        finished."""
         row, cfg = r.text, r.cfg
-        if token in r.stop_ids:
-            row.finish_reason, row.stop = "stop", token
-            if logprob is not None:
-                row.stop_logprob = logprob
-        else:
-            row.token_ids.append(token)
-            if logprob is not None:
-                row.logprobs.append(logprob)
-            if r.incremental:
-                piece = row.advance(self.engine.tokenizer)  # type: ignore[arg-type]
-                if piece:
-                    r.pieces.append((piece, row.piece_logprobs()))
-            if row.finish_reason is None and len(row.token_ids) >= cfg.max_new_tokens:
-                row.finish_reason = "length"
+        tokenizer = self.engine.tokenizer if r.incremental else None
+        r.pieces.extend(row.add(token, logprob, r.stop_ids, cfg.max_new_tokens, tokenizer))
         if row.finish_reason is None:
             return False
         if r.incremental:
-            piece = row.flush()
-            if piece:
-                r.pieces.append((piece, row.piece_logprobs()))
             text = row.text
         else:
             tokenizer = self.engine.tokenizer

@@ -64,6 +64,34 @@ class RowText:
     starts: list[int] = field(default_factory=list)  # where each token's text begins in `text`
     sent: int = 0  # logprobs already handed out with streamed pieces
 
+    def add(
+        self,
+        token: int,
+        logprob: TokenLogprob | None,
+        stop_ids: set[int],
+        max_new_tokens: int,
+        tokenizer: Tokenizer | None,
+    ) -> list[tuple[str, list[TokenLogprob]]]:
+        """Take a generated token: a stop id ends the row; any other joins it (decoded into text when
+        a `tokenizer` is given: streaming or stop strings), and the length limit may end it. Returns the
+        text pieces now safe to show, with the logprobs of the tokens that begin in them."""
+        pieces = []
+        if token in stop_ids:
+            self.finish_reason, self.stop = "stop", token
+            if logprob is not None:
+                self.stop_logprob = logprob
+        else:
+            self.token_ids.append(token)
+            if logprob is not None:
+                self.logprobs.append(logprob)
+            if tokenizer is not None and (piece := self.advance(tokenizer)):
+                pieces.append((piece, self.piece_logprobs()))
+            if self.finish_reason is None and len(self.token_ids) >= max_new_tokens:
+                self.finish_reason = "length"
+        if self.finish_reason is not None and tokenizer is not None and (piece := self.flush()):
+            pieces.append((piece, self.piece_logprobs()))
+        return pieces
+
     def advance(self, tokenizer: Tokenizer) -> str:
         """Decode the newest token into `text`, end it at a stop string, and return the text that is
         now safe to show."""

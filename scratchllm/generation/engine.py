@@ -355,26 +355,12 @@ class Engine:
             done = []
             for i, (r, t) in enumerate(zip(dec.active, tokens)):
                 row = rows[r]
-                if t in stop_ids:
-                    row.finish_reason, row.stop = "stop", t
-                    if cfg.logprobs is not None:
-                        row.stop_logprob = dec.last_logprobs[i]
-                else:
-                    row.token_ids.append(t)
-                    if cfg.logprobs is not None:
-                        row.logprobs.append(dec.last_logprobs[i])
-                    if incremental:
-                        piece = row.advance(self.tokenizer)  # type: ignore[arg-type]
-                        if piece:
-                            yield r, piece, row.piece_logprobs()
-                    if row.finish_reason is None and len(row.token_ids) >= cfg.max_new_tokens:
-                        row.finish_reason = "length"
+                logprob = dec.last_logprobs[i] if cfg.logprobs is not None else None
+                tokenizer = self.tokenizer if incremental else None
+                for piece, logprobs in row.add(t, logprob, stop_ids, cfg.max_new_tokens, tokenizer):
+                    yield r, piece, logprobs
                 if row.finish_reason is not None:
                     done.append(r)
-                    if incremental:
-                        piece = row.flush()
-                        if piece:
-                            yield r, piece, row.piece_logprobs()
             dec.finish(done)
 
 
