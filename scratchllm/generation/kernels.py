@@ -1,4 +1,5 @@
-"""CPU kernels for decoding: every linear weight packed once into oneDNN's blocked layout."""
+"""CPU kernels for decoding: every linear weight packed once into oneDNN's blocked layout, and one row
+on whichever kernel a probe finds fastest."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from .. import native
+
 
 class PackedLinears:
     """Every `nn.Linear` weight of a model reordered once into oneDNN's blocked layout, for CPUs.
@@ -18,14 +21,14 @@ class PackedLinears:
     A decode step multiplies one activation row by every weight matrix, so its speed is how fast
     the weights stream from memory. PyTorch's default CPU matrix-vector path reads bf16 weights, and
     fp32 ones on some CPUs, well below the memory bandwidth; oneDNN's kernel on prepacked weights (the
-    one `torch.compile`'s freezing picks) comes closer (benchmarks/RESULTS.md). Where the default kernel
-    is the faster one for a single row (fp32 on some CPUs: `packing_pays` measures it), one row takes it
-    and several rows (batches, prompts) the packed one. The packed copies take as much memory again
-    as the linear weights. `refresh()` rebuilds them when a weight has changed (training between
-    generations; found by the version counter, the storage and eight sampled values of each weight,
-    so an edit in place that touches none of those is not seen: make a new Engine then);
-    `installed()` routes the linear layers through them, for inference only. Subclasses of
-    `nn.Linear` (LoRA layers) keep their own forward.
+    one `torch.compile`'s freezing picks) comes closer (benchmarks/RESULTS.md), and scratchllm's own
+    (scratchllm/native) closer still on some CPUs. One row takes whichever of the three a probe finds
+    fastest (`one_row_kernel`); several rows (batches, prompts) the packed one. The packed copies take
+    as much memory again as the linear weights. `refresh()` rebuilds them when a weight has changed
+    (training between generations; found by the version counter, the storage and eight sampled
+    values of each weight, so an edit in place that touches none of those is not seen: make a new
+    Engine then); `installed()` routes the linear layers through them, for inference only.
+    Subclasses of `nn.Linear` (LoRA layers) keep their own forward.
     """
 
     def __init__(self, model: nn.Module):
@@ -65,11 +68,8 @@ class PackedLinears:
         if key != self._key:
             self._linears = linears
             self._packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1) for m in linears]
-            one_row_plain = not packing_pays(linears[0].weight.dtype)
-            self._forwards = [
-                _packed_forward(w, m.bias, m.weight if one_row_plain else None)
-                for m, w in zip(linears, self._packed)
-            ]
+            one_row = one_row_kernel(linears[0].weight.dtype)
+            self._forwards = [_packed_forward(w, m, one_row) for m, w in zip(linears, self._packed)]
             self._key = key
         return True
 
@@ -86,45 +86,49 @@ class PackedLinears:
 
 
 _probe_lock = threading.Lock()
+#: The kernels one row can take, in order of preference when a probe finds them within 10% of each other.
+ONE_ROW_KERNELS = ("native", "packed", "plain")
 
 
-def packing_pays(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's prepacked kernel multiplies one row (decoding one sequence) by weights of
-    `dtype` faster than PyTorch's default kernel on this CPU at the current thread count (several
-    rows always go packed). Callers check `PackedLinears.supported` first. bf16: always. fp32: it
-    depends on the CPU (benchmarks/RESULTS.md, "Idle rerun"), so a probe times both kernels over
-    64 MB of weights, once per process and thread count, and keeps the packed kernel unless the
-    default one is clearly (10%) faster."""
-    if dtype != torch.float32:
-        return True
+def one_row_kernel(dtype: torch.dtype) -> str:
+    """Which kernel multiplies one row (decoding one sequence) by weights of `dtype` fastest on this
+    CPU at the current thread count: "native" (scratchllm/native's hand-written kernel, where it
+    builds), "packed" (oneDNN on prepacked weights) or "plain" (PyTorch's default, MKL for fp32).
+    Several rows always go packed. It depends on the CPU (benchmarks/RESULTS.md), so a probe times
+    each over 64 MB of weights, once per process, dtype and thread count, and takes the first in
+    `ONE_ROW_KERNELS` within 10% of the fastest. Callers check `PackedLinears.supported` first."""
     with _probe_lock:
-        return _fp32_packing_pays(torch.get_num_threads())
+        return _probe_one_row(dtype, torch.get_num_threads(), native.available())
 
 
 @functools.cache
-def _fp32_packing_pays(threads: int) -> bool:
-    """The fp32 probe for `threads` threads (seeded data, the global random state untouched)."""
+def _probe_one_row(dtype: torch.dtype, threads: int, with_native: bool) -> str:
+    """The probe for `dtype` and `threads` threads (seeded data, the global random state untouched)."""
     g = torch.Generator().manual_seed(0)
+    count = 64 * 2**20 // (1024 * 1024 * torch.finfo(dtype).bits // 8)  # beyond the caches
     with torch.inference_mode():
-        weights = [torch.randn(1024, 1024, generator=g, dtype=torch.float32) for _ in range(16)]
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]  # beyond the caches
-        x = torch.randn(1, 1024, generator=g, dtype=torch.float32)
+        weights = [torch.randn(1024, 1024, generator=g).to(dtype) for _ in range(count)]
+        x = torch.randn(1, 1024, generator=g).to(dtype)
+        candidates = {"plain": (torch.nn.functional.linear, weights)}
+        candidates["packed"] = (
+            lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+            [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights],
+        )
+        if with_native:
+            candidates["native"] = (lambda x, w: native.one_row_linear(x, w, None), weights)
 
-        def plain_pass() -> float:
+        def one_pass(name: str) -> float:
+            kernel, ws = candidates[name]
             start = time.perf_counter()
-            for w in weights:
-                torch.nn.functional.linear(x, w)
+            for w in ws:
+                kernel(x, w)
             return time.perf_counter() - start
 
-        def packed_pass() -> float:
-            start = time.perf_counter()
-            for w in packed:
-                torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-            return time.perf_counter() - start
-
-        plain_pass(), packed_pass()  # warm-up: oneDNN builds its kernel on first use
-        times = [(plain_pass(), packed_pass()) for _ in range(3)]
-    return min(t[1] for t in times) <= 1.1 * min(t[0] for t in times)
+        for name in candidates:  # warm-up: oneDNN builds its kernel on first use
+            one_pass(name)
+        times = {name: min(one_pass(name) for _ in range(3)) for name in candidates}
+    fastest = min(times.values())
+    return next(name for name in ONE_ROW_KERNELS if times.get(name, float("inf")) <= 1.1 * fastest)
 
 
 def _probe(weight: torch.Tensor) -> tuple[float, ...]:
@@ -144,14 +148,16 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _packed_forward(
-    weight: torch.Tensor, bias: torch.Tensor | None, one_row: torch.Tensor | None = None
+    packed: torch.Tensor, linear: nn.Linear, one_row: str = "packed"
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The packed product; with `one_row` (the plain weight), a single row takes PyTorch's default kernel."""
-    linear = torch.ops.mkldnn._linear_pointwise
+    """`linear`'s product on its `packed` weight; a single row takes the `one_row` kernel."""
+    weight, bias = linear.weight, linear.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if one_row is not None and x.numel() == x.shape[-1]:
-            return torch.nn.functional.linear(x, one_row, bias)
-        return linear(x, weight, bias, "none", [], "")
+        if one_row != "packed" and x.numel() == x.shape[-1]:
+            if one_row == "native" and x.is_contiguous() and x.dtype == weight.dtype:
+                return native.one_row_linear(x, weight, bias)
+            return torch.nn.functional.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     return forward

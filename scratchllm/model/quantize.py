@@ -15,11 +15,12 @@ quantized on the fly too, each token's row to 8 bits over its own range (dynamic
 min(row, 0)..max(row, 0) onto codes 0..255 with one step and one zero point per row, so that one
 token's outlier does not coarsen the others), and the int32 sums are scaled back to floating point.
 `F.linear(kernel_input(x), weight_fp32(), bias)` states the numbers. One row (decoding one sequence)
-runs on FBGEMM's packed weights (`quantized::linear_dynamic`, the kernel of PyTorch's
-`quantize_dynamic`); several rows (a prompt, a batch) on one int8 x int8 product (`torch._int_mm`,
-oneDNN) with each row's zero point taken out afterwards; both sum the same integers (without either,
-a plain fp32 product computes the stated numbers). On x86 CPUs
-without VNNI the activations get 7 bits (`reduce_range`): FBGEMM's older instructions would overflow
+runs on scratchllm's own kernel (scratchllm/native) where it uses AVX-512 VNNI's u8 x s8 dot products
+or where PyTorch has no FBGEMM, and elsewhere on FBGEMM's packed weights (`quantized::linear_dynamic`,
+the kernel of PyTorch's `quantize_dynamic`); several rows (a prompt, a batch) on one int8 x int8
+product (`torch._int_mm`, oneDNN) with each row's zero point taken out afterwards; all sum the same
+integers (without any, a plain fp32 product computes the stated numbers). Where FBGEMM runs on an x86
+CPU without VNNI the activations get 7 bits (`reduce_range`): its older instructions would overflow
 16-bit sums of 8-bit products.
 
 **int4** (`Int4Linear`): group-wise affine quantization stores each run of `group_size` consecutive
@@ -37,12 +38,14 @@ bf16's 8 bits of `zero` are coarser than the step, and the error is bf16's, not 
 Activations stay in floating point (weight-only quantization); the model computes as before with
 slightly different weights.
 
-`Int4Linear` keeps the codes readable (two per byte, `qweight`) and hands the multiplication to
-PyTorch's CPU kernel for int4 weights (`aten._weight_int4pack_mm_for_cpu`, the kernel torchao's
-int4 CPU layout uses), which reads the packed codes and takes bf16 activations. For one row it beats
-fp32 by reading an eighth of the bytes (benchmarks/RESULTS.md, "Generation"), but its cost grows with
-every row: from `DEQUANTIZE_ROWS` rows on (long prompts, evaluations) the layer instead dequantizes
-its weights block by block and runs one fp32 matrix product.
+`Int4Linear` keeps the codes readable (two per byte, `qweight`). One row goes to scratchllm's own kernel
+(scratchllm/native), which reads them as they are, where it uses AVX-512 BF16 (groups of 64 or more);
+several rows, or one elsewhere, go to PyTorch's CPU kernel for int4 weights
+(`aten._weight_int4pack_mm_for_cpu`, the kernel torchao's int4 CPU layout uses), which reads its own
+packing of the codes. Both take bf16 activations and round the result to bf16. For one row int4 beats
+fp32 by reading an eighth of the bytes (benchmarks/RESULTS.md, "Generation"), but PyTorch's kernel's
+cost grows with every row: from `DEQUANTIZE_ROWS` rows on (long prompts, evaluations) the layer
+instead dequantizes its weights block by block and runs one fp32 matrix product.
 
     quantize_model(model, "int8")        # every nn.Linear (and the tied head) -> Int8Linear, in place
     Engine(model, tokenizer).generate(...)
@@ -58,6 +61,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import native
 from ..errors import ScratchLLMError
 
 #: Group sizes the int4 CPU kernel accepts, largest first.
@@ -219,7 +223,9 @@ class Int8Linear(QuantizedLinear):
             None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         )
         self.register_buffer("_row_sums", q.sum(dim=1, dtype=torch.int32), persistent=False)
-        self._packed = _fbgemm_pack(q, scale, self.bias) if int8_kernel_supported() else None
+        self._native = _native_kernel("int8") or (native.available() and not int8_kernel_supported())
+        fbgemm = int8_kernel_supported() and not self._native
+        self._packed = _fbgemm_pack(q, scale, self.bias) if fbgemm else None
         # FBGEMM on x86 without VNNI sums pairs of u8 x s8 products in 16 bits, which 8-bit inputs overflow
         self.reduce_range = self._packed is not None and not _has_vnni()
 
@@ -233,8 +239,11 @@ class Int8Linear(QuantizedLinear):
         if x.device.type != "cpu":
             raise ScratchLLMError(f"int8 layers run on CPUs only, got an input on {x.device.type}")
         rows = x.reshape(-1, self.in_features)
-        # one sequence: FBGEMM's kernel (torch.compile cannot trace it: its weights are a ScriptObject)
-        if len(rows) == 1 and self._packed is not None and not torch.compiler.is_compiling():
+        # one sequence: scratchllm's kernel or FBGEMM's (torch.compile traces neither)
+        one_row = len(rows) == 1 and not torch.compiler.is_compiling()
+        if one_row and self._native:
+            y = native.int8_one_row_linear(rows, self.qweight, self.scale, self._row_sums, self.bias)
+        elif one_row and self._packed is not None:
             y = torch.ops.quantized.linear_dynamic(rows.float(), self._packed, self.reduce_range)
         elif hasattr(torch, "_int_mm"):
             y = self._several_rows(rows, x.dtype)
@@ -260,6 +269,12 @@ class Int8Linear(QuantizedLinear):
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
+
+
+def _native_kernel(kind: str) -> bool:
+    """scratchllm's one-row kernel for `kind` weights runs on the CPU's own instructions here (its
+    portable loops are slower than FBGEMM's and PyTorch's int4 kernel, which have such paths)."""
+    return native.available() and native.instructions()[kind] != "portable"
 
 
 def _has_vnni() -> bool:
@@ -297,7 +312,8 @@ class Int4Linear(QuantizedLinear):
         self.bias = (
             None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         )
-        # the kernel's layout: rows padded to a multiple of 16, steps and zeros as (groups, out, 2)
+        self._native = _native_kernel("int4") and self.group_size >= 64
+        # PyTorch's kernel's layout: rows padded to a multiple of 16, steps and zeros as (groups, out, 2)
         pad = -self.out_features % 16
         q = F.pad(q, (0, 0, 0, pad)).to(torch.int32)
         steps_zeros = torch.stack((step, zero), dim=-1).transpose(0, 1)
@@ -326,7 +342,9 @@ class Int4Linear(QuantizedLinear):
             raise ScratchLLMError(f"int4 layers run on CPUs only, got an input on {x.device.type}")
         # a slice of a bf16 batch (the last position of each row) is a view the kernel refuses
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        if rows.shape[0] < DEQUANTIZE_ROWS:
+        if len(rows) == 1 and self._native and not torch.compiler.is_compiling():
+            y = native.int4_one_row_linear(rows, self.qweight, self.step, self.zero, self.group_size)
+        elif rows.shape[0] < DEQUANTIZE_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows, self._kernel_weight, self.group_size, self._kernel_scales
             )

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from scratchllm import native
 from scratchllm.errors import ScratchLLMError
 from scratchllm.generation import Engine, GenerationConfig, PackedLinears, kernels, resolve_dtype
-from scratchllm.generation.kernels import _probe, packing_pays
+from scratchllm.generation.kernels import ONE_ROW_KERNELS, _probe, one_row_kernel
 from tests.generation.helpers import ByteTokenizer, book_greedy, prompts_of, tiny_model
 
 
@@ -52,38 +53,44 @@ def test_prepacked_kernels_give_the_same_tokens_and_follow_weight_changes():
         ]
 
 
-@pytest.mark.parametrize("packed_one_row", [True, False])
-def test_one_row_takes_the_kernel_the_probe_found_faster(monkeypatch, packed_one_row):
+@pytest.mark.parametrize("one_row", ONE_ROW_KERNELS)
+def test_one_row_takes_the_kernel_the_probe_found_fastest(monkeypatch, one_row):
     if not PackedLinears.supported(tiny_model()):
         pytest.skip("oneDNN's prepacked linear is not available here")
-    assert packing_pays(torch.bfloat16) is True and isinstance(packing_pays(torch.float32), bool)
-    monkeypatch.setattr(kernels, "packing_pays", lambda dtype: packed_one_row)
-    plain_rows: list[int] = []
-    default_linear = torch.nn.functional.linear
+    if one_row == "native" and not native.available():
+        pytest.skip(f"scratchllm's kernels are not available here: {native.unavailable_reason()}")
+    assert {one_row_kernel(torch.float32), one_row_kernel(torch.bfloat16)} <= set(ONE_ROW_KERNELS)
+    monkeypatch.setattr(kernels, "one_row_kernel", lambda dtype: one_row)
+    rows = {"plain": [], "native": []}
+    default_linear, native_linear = torch.nn.functional.linear, native.one_row_linear
 
-    def counting_linear(x, weight, bias=None):
-        plain_rows.append(x.numel() // x.shape[-1])
-        return default_linear(x, weight, bias)
+    def counting(kind, kernel):
+        def count(x, weight, bias=None):
+            rows[kind].append(x.numel() // x.shape[-1])
+            return kernel(x, weight, bias)
+
+        return count
 
     model = tiny_model(seed=3)
     packed, plain = Engine(model, ByteTokenizer()), Engine(model, ByteTokenizer(), prepack=False)
     cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
     for prompts in (prompts_of([5], seed=1), prompts_of([4, 9], seed=2)):
         with monkeypatch.context() as patch:
-            patch.setattr(torch.nn.functional, "linear", counting_linear)
+            patch.setattr(torch.nn.functional, "linear", counting("plain", default_linear))
+            patch.setattr(native, "one_row_linear", counting("native", native_linear))
             got = [c.token_ids for c in packed.generate(prompts, cfg)]
         assert got == [c.token_ids for c in plain.generate(prompts, cfg)]
-    if packed_one_row:
-        assert plain_rows == []
-    else:  # the single prompt's decode steps, one row each; the batch of two stays packed
-        assert plain_rows and set(plain_rows) == {1}
+    for kind, counted in rows.items():  # the single prompt's decode steps, one row each; batches stay packed
+        assert set(counted) == ({1} if kind == one_row else set())
 
 
-def test_the_fp32_probe_leaves_the_random_state_alone():
+def test_the_probe_leaves_the_random_state_alone():
     if not PackedLinears.supported(tiny_model()):
         pytest.skip("oneDNN's prepacked linear is not available here")
     state = torch.random.get_rng_state()
-    assert isinstance(kernels._fp32_packing_pays.__wrapped__(torch.get_num_threads()), bool)
+    for dtype in (torch.float32, torch.bfloat16):
+        kernel = kernels._probe_one_row.__wrapped__(dtype, torch.get_num_threads(), native.available())
+        assert kernel in ONE_ROW_KERNELS
     assert torch.equal(torch.random.get_rng_state(), state)
 
 

@@ -1,0 +1,129 @@
+"""Hand-written CPU kernels (C++, `gemv.cpp`), compiled for this CPU the first time they are needed.
+
+Decoding one sequence multiplies one activation row by every weight matrix, so it runs at the speed the
+weights stream from memory, and PyTorch's own one-row kernels read bf16, int8 and int4 weights well
+below that speed (benchmarks/RESULTS.md). These do the product the plain way: four weight rows per
+pass over the input while the next four are prefetched, the rows split between PyTorch's threads, on
+the instructions made for each weight type where the CPU has them (`instructions()`):
+`one_row_linear` for fp32 and bf16 weights, `int8_one_row_linear` and `int4_one_row_linear` for the
+layers of model/quantize.py.
+
+The source is built once per CPU, PyTorch version and source text with `-march=native` into PyTorch's
+extension cache (`~/.cache/torch_extensions`, or `TORCH_EXTENSIONS_DIR`), which takes a C++ compiler and
+ninja. Without them, or with `SCRATCHLLM_NATIVE=0`, `available()` is False (`unavailable_reason()` says
+why) and callers keep PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("gemv.cpp")
+#: Set to 0 to keep PyTorch's kernels (comparisons, or a machine whose compiler misbehaves).
+ENV_SWITCH = "SCRATCHLLM_NATIVE"
+_lock = threading.Lock()
+_reason: list[str] = []
+
+
+def available() -> bool:
+    """True when the kernels are built and loaded (building them on the first call, ~15 s)."""
+    with _lock:
+        return _load()
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (None when it is True or was not asked yet)."""
+    return _reason[0] if _reason else None
+
+
+def one_row_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, portable: bool = False
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for an `x` holding one contiguous row, fp32 or bf16 like `weight`
+    (contiguous, CPU), summed in fp32. `portable`: the plain loops even where the CPU has faster
+    instructions (`instructions()`). Call `available()` first."""
+    return torch.ops.scratchllm.one_row_linear(x, weight, bias, portable)
+
+
+def int8_one_row_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    row_sums: torch.Tensor,
+    bias: torch.Tensor | None,
+    reduce_range: bool = False,
+    portable: bool = False,
+) -> torch.Tensor:
+    """`Int8Linear`'s product (model/quantize.py) for an `x` holding one row: the row quantized to 8-bit
+    codes as `quantize_activations` does, exact int32 sums against the int8 weights `qweight` (N, K)
+    (`row_sums`: each weight row's sum, int32), scaled by the row's step and `scale` (one per output),
+    plus `bias`. fp32 result. Call `available()` first."""
+    return torch.ops.scratchllm.int8_one_row_linear(x, qweight, scale, row_sums, bias, reduce_range, portable)
+
+
+def int4_one_row_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    step: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    portable: bool = False,
+) -> torch.Tensor:
+    """`Int4Linear`'s product (model/quantize.py) for an `x` holding one row: x rounded to bf16, the
+    weights zero + (q - 8) * step from two 4-bit codes per byte of `qweight` (N, K / 2) and a bf16 step
+    and zero per `group_size` columns (N, K / group_size), fp32 sums, a bf16 result (no bias).
+    Call `available()` first."""
+    return torch.ops.scratchllm.int4_one_row_linear(x, qweight, step, zero, group_size, portable)
+
+
+def instructions() -> dict[str, str]:
+    """What each kernel runs on in this build, by weight type: {"fp32": "avx512", "bf16": "avx512bf16",
+    "int8": "avx512vnni", "int4": "avx512bf16"} on a CPU with all of them, "portable" (the plain loops)
+    where one is missing. int4's fast path also needs groups of 64 columns or more. Call `available()`
+    first."""
+    return dict(item.split("=") for item in torch.ops.scratchllm.instructions().split())
+
+
+@functools.cache
+def _load() -> bool:
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        _reason.append(f"turned off by {ENV_SWITCH}=0")
+        return False
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, load
+
+        name = f"scratchllm_native_{_fingerprint()}"
+        if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
+            print("building scratchllm's CPU kernels for this CPU (once, about 15 s)", file=sys.stderr)
+        load(
+            name=name,
+            sources=[str(SOURCE)],
+            # OpenMP: at::parallel_for is inline, and splits work only where the including code has it
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, a CPU the flags do not fit: PyTorch's kernels remain
+        last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        _reason.append(f"the C++ kernels did not build: {last_line[:200]}")
+        return False
+    return True
+
+
+def _fingerprint() -> str:
+    """The CPU's feature flags, PyTorch's version and the source: one build per combination."""
+    flags = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), flags)
+    text = "\n".join([flags, torch.__version__, SOURCE.read_text(encoding="utf-8")])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

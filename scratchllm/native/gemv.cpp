@@ -1,0 +1,449 @@
+// One-row products for decoding one sequence: y = W x + b, each weight read once from memory.
+//
+// Decoding one token multiplies a single activation row by every weight matrix, so the time goes into
+// streaming the weights, not into arithmetic. These kernels walk the weight rows in order, four at a
+// time so that each load of x serves four rows (and the next four rows are prefetched meanwhile), and
+// split the rows between PyTorch's threads. Weights come as fp32, bf16, int8 (one scale per row, the
+// activations quantized to 8 bits on the fly) or int4 (two codes per byte, a step and a zero per group
+// of columns); sums are exact in int32 for int8 and kept in fp32 otherwise. The portable loops are what
+// the kernels compute (the compiler vectorizes them for the CPU it builds on); with AVX-512 BF16, bf16
+// and int4 rows go through vdpbf16ps (32 bf16 products added into 16 fp32 sums in one instruction), and
+// with AVX-512 VNNI int8 rows through vpdpbusd (64 u8 x s8 products into 16 int32 sums).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kRows = 4;     // weight rows per pass over x
+constexpr int64_t kGrain = 16;   // passes per thread task at least (64 rows)
+
+inline float to_float(float v) { return v; }
+
+inline float to_float(uint16_t h) {  // bf16 is the top half of an fp32
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even, as PyTorch does
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffff) > 0x7f800000) return 0x7fc0;  // NaN
+  return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+// y[n] = sum_k w[n, k] * x[k] for rows n0..n1 (portable).
+template <typename W>
+void rows_portable(const W* w, const float* x, float* y, int64_t K, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kRows <= n1; n += kRows) {
+    const W *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t k = 0; k < K; k++) {
+      s0 += to_float(w0[k]) * x[k];
+      s1 += to_float(w1[k]) * x[k];
+      s2 += to_float(w2[k]) * x[k];
+      s3 += to_float(w3[k]) * x[k];
+    }
+    y[n] = s0, y[n + 1] = s1, y[n + 2] = s2, y[n + 3] = s3;
+  }
+  for (; n < n1; n++) {
+    const W* w0 = w + n * K;
+    float s0 = 0;
+#pragma omp simd reduction(+ : s0)
+    for (int64_t k = 0; k < K; k++) s0 += to_float(w0[k]) * x[k];
+    y[n] = s0;
+  }
+}
+
+#ifdef __AVX512F__
+// What the AVX-512 row kernel needs of a weight type: columns per instruction, loads and the product.
+struct F32 {
+  using T = float;
+  static constexpr int kCols = 16;
+  static __m512i load(const float* p) { return _mm512_castps_si512(_mm512_loadu_ps(p)); }
+  static __m512i load_tail(uint64_t mask, const float* p) {
+    return _mm512_castps_si512(_mm512_maskz_loadu_ps((__mmask16)mask, p));
+  }
+  static __m512 dot(__m512 acc, __m512i x, __m512i w) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
+  }
+};
+
+#ifdef __AVX512BF16__
+struct BF16 {  // vdpbf16ps: 32 bf16 products added pairwise into 16 fp32 sums
+  using T = uint16_t;
+  static constexpr int kCols = 32;
+  static __m512i load(const uint16_t* p) { return _mm512_loadu_si512(p); }
+  static __m512i load_tail(uint64_t mask, const uint16_t* p) { return _mm512_maskz_loadu_epi16((__mmask32)mask, p); }
+  static __m512 dot(__m512 acc, __m512i x, __m512i w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
+};
+#endif
+
+// Rows n..n + R of y = W x (R a constant, so the sums stay in registers): two sums per row keep 2R
+// independent chains in flight, and the next R rows are prefetched at the same columns meanwhile.
+template <typename E, int R>
+void block_avx512(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t n) {
+  constexpr int C = E::kCols;
+  const int64_t full = K / C * C;
+  const typename E::T* r[R];
+  __m512 a[R][2];
+  for (int i = 0; i < R; i++) r[i] = w + (n + i) * K, a[i][0] = a[i][1] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 2 * C <= full; k += 2 * C) {  // 128 bytes of each row: two cache lines
+    const __m512i x0 = E::load(x + k), x1 = E::load(x + k + C);
+    for (int i = 0; i < R; i++) {
+      const char* next = (const char*)(r[i] + R * K + k);
+      _mm_prefetch(next, _MM_HINT_T0);
+      _mm_prefetch(next + 64, _MM_HINT_T0);
+      a[i][0] = E::dot(a[i][0], x0, E::load(r[i] + k));
+      a[i][1] = E::dot(a[i][1], x1, E::load(r[i] + k + C));
+    }
+  }
+  if (k < full) {
+    const __m512i x0 = E::load(x + k);
+    for (int i = 0; i < R; i++) a[i][0] = E::dot(a[i][0], x0, E::load(r[i] + k));
+  }
+  if (full < K) {  // the last < C columns, masked
+    const uint64_t mask = (1ull << (K - full)) - 1;
+    const __m512i x0 = E::load_tail(mask, x + full);
+    for (int i = 0; i < R; i++) a[i][1] = E::dot(a[i][1], x0, E::load_tail(mask, r[i] + full));
+  }
+  for (int i = 0; i < R; i++) y[n + i] = _mm512_reduce_add_ps(_mm512_add_ps(a[i][0], a[i][1]));
+}
+
+template <typename E>
+void rows_avx512(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kRows <= n1; n += kRows) block_avx512<E, kRows>(w, x, y, K, n);
+  for (; n < n1; n++) block_avx512<E, 1>(w, x, y, K, n);
+}
+#endif
+
+
+// ---- int8 weights (one scale per row) times one row of activations quantized to 8 bits on the fly ----
+
+// The row's step and zero point: min(x, 0)..max(x, 0) onto codes 0..qmax, chosen as PyTorch's
+// ChooseQuantizationParams chooses them for FBGEMM (scratchllm/model/quantize.py, activation_qparams).
+void activation_qparams(const float* x, int64_t K, int qmax, double& scale, int& zero) {
+  constexpr double kMinStep = 6.1e-5;
+  float lo_f = 0, hi_f = 0;
+  for (int64_t k = 0; k < K; k++) lo_f = std::min(lo_f, x[k]), hi_f = std::max(hi_f, x[k]);
+  double lo = lo_f, hi = hi_f;
+  scale = (hi - lo) / qmax;
+  const float single = float(scale);
+  if (single == 0 || std::isinf(1.0f / single)) scale = 0.1;
+  if (scale < kMinStep) {
+    const double widen = kMinStep / scale;
+    const double lo2 = hi == 0 ? -kMinStep * qmax : lo * widen, hi2 = lo == 0 ? kMinStep * qmax : hi * widen;
+    lo = lo2, hi = hi2, scale = kMinStep;
+  }
+  const double below = lo / scale, above = hi / scale;
+  const double z = -std::abs(below) < qmax - std::abs(above) ? -below : qmax - above;
+  zero = int(std::min<double>(std::max<double>(std::nearbyint(z), 0), qmax));
+}
+
+// sums[n] = sum_k xq[k] * w[n, k], unsigned codes times signed weights (portable).
+void rows_int8_portable(const int8_t* w, const uint8_t* xq, int32_t* sums, int64_t K, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* row = w + n * K;
+    int32_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < K; k++) s += int32_t(xq[k]) * int32_t(row[k]);
+    sums[n] = s;
+  }
+}
+
+#ifdef __AVX512VNNI__
+// The same with vpdpbusd: 64 u8 x s8 products summed into 16 int32 lanes per instruction, exactly.
+void rows_int8_vnni(const int8_t* w, const uint8_t* xq, int32_t* sums, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t full = K / 64 * 64;
+  const __mmask64 tail = K - full ? (__mmask64)((1ull << (K - full)) - 1) : 0;
+  int64_t n = n0;
+  for (; n + kRows <= n1; n += kRows) {
+    const int8_t* r[kRows] = {w + n * K, w + (n + 1) * K, w + (n + 2) * K, w + (n + 3) * K};
+    __m512i a[kRows];
+    for (auto& v : a) v = _mm512_setzero_si512();
+    for (int64_t k = 0; k < full; k += 64) {
+      const __m512i xs = _mm512_loadu_si512(xq + k);
+      for (int i = 0; i < kRows; i++) {
+        _mm_prefetch((const char*)(r[i] + kRows * K + k), _MM_HINT_T0);  // the next block's rows
+        a[i] = _mm512_dpbusd_epi32(a[i], xs, _mm512_loadu_si512(r[i] + k));
+      }
+    }
+    if (tail) {
+      const __m512i xs = _mm512_maskz_loadu_epi8(tail, xq + full);
+      for (int i = 0; i < kRows; i++) a[i] = _mm512_dpbusd_epi32(a[i], xs, _mm512_maskz_loadu_epi8(tail, r[i] + full));
+    }
+    for (int i = 0; i < kRows; i++) sums[n + i] = _mm512_reduce_add_epi32(a[i]);
+  }
+  rows_int8_portable(w, xq, sums, K, n, n1);
+}
+#endif
+
+// ---- int4 weights: two 4-bit codes per byte (column 2j in the low half, 2j + 1 in the high half) and,
+// per group of columns, a bf16 step and zero: w = zero + (q - 8) * step. bf16 activations. ----
+
+// For each group g of the row: sum_k w_k x_k = step * sum_k q_k x_k + (zero - 8 step) * xsum[g].
+// `xe`, `xo`: the even and odd columns of x (fp32 here).
+void rows_int4_portable(const uint8_t* w, const uint16_t* step, const uint16_t* zero, const float* xe,
+                        const float* xo, const float* xsum, float* y, int64_t K, int64_t G, int64_t n0, int64_t n1) {
+  const int64_t groups = K / G, half = G / 2;
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* row = w + n * (K / 2);
+    float s = 0;
+    for (int64_t g = 0; g < groups; g++) {
+      float d = 0;
+      const int64_t j0 = g * half;
+#pragma omp simd reduction(+ : d)
+      for (int64_t j = j0; j < j0 + half; j++) d += float(row[j] & 15) * xe[j] + float(row[j] >> 4) * xo[j];
+      const float st = to_float(step[n * groups + g]), ze = to_float(zero[n * groups + g]);
+      s += st * d + (ze - 8 * st) * xsum[g];
+    }
+    y[n] = s;
+  }
+}
+
+#ifdef __AVX512BF16__
+// The same with vdpbf16ps: a code q becomes the bf16 number 128 + q by setting the bits of 128 around it
+// (0x4300 | q), so sum_k (128 + q_k) x_k = D comes from one instruction per 32 columns, and
+// step * sum q x + (zero - 8 step) xsum = step * D + (zero - 136 step) xsum. Groups of 64+ columns.
+// R rows from row n on (R a constant, so the sums stay in registers).
+template <int R>
+void int4_block_avx512bf16(const uint8_t* w, const uint16_t* step, const uint16_t* zero, const uint16_t* xe,
+                           const uint16_t* xo, const float* xsum, float* y, int64_t K, int64_t G, int64_t n) {
+  const int64_t groups = K / G, half = G / 2;
+  const __m512i bits128 = _mm512_set1_epi16(0x4300), low4 = _mm512_set1_epi16(0x000f);
+  __m512 total[R];
+  float rest[R];
+  for (int i = 0; i < R; i++) total[i] = _mm512_setzero_ps(), rest[i] = 0;
+  for (int64_t g = 0; g < groups; g++) {
+    __m512 d[R];
+    for (int i = 0; i < R; i++) d[i] = _mm512_setzero_ps();
+    for (int64_t j = g * half; j < (g + 1) * half; j += 32) {
+      const __m512bh even = (__m512bh)_mm512_loadu_si512(xe + j), odd = (__m512bh)_mm512_loadu_si512(xo + j);
+      for (int i = 0; i < R; i++) {
+        const auto* bytes = (const __m256i*)(w + (n + i) * (K / 2) + j);
+        _mm_prefetch((const char*)bytes + R * (K / 2), _MM_HINT_T0);  // the next block's row, same place
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(bytes));
+        const __m512i lo = _mm512_ternarylogic_epi32(b, low4, bits128, 0xEA);  // (b & low4) | bits128
+        const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(b, 4), bits128);
+        d[i] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(d[i], (__m512bh)lo, even), (__m512bh)hi, odd);
+      }
+    }
+    for (int i = 0; i < R; i++) {
+      const float st = to_float(step[(n + i) * groups + g]), ze = to_float(zero[(n + i) * groups + g]);
+      total[i] = _mm512_fmadd_ps(_mm512_set1_ps(st), d[i], total[i]);
+      rest[i] += (ze - 136 * st) * xsum[g];
+    }
+  }
+  for (int i = 0; i < R; i++) y[n + i] = _mm512_reduce_add_ps(total[i]) + rest[i];
+}
+
+void rows_int4_avx512bf16(const uint8_t* w, const uint16_t* step, const uint16_t* zero, const uint16_t* xe,
+                          const uint16_t* xo, const float* xsum, float* y, int64_t K, int64_t G, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kRows <= n1; n += kRows) int4_block_avx512bf16<kRows>(w, step, zero, xe, xo, xsum, y, K, G, n);
+  for (; n < n1; n++) int4_block_avx512bf16<1>(w, step, zero, xe, xo, xsum, y, K, G, n);
+}
+#endif
+
+void check(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.device().is_cpu(),
+              "one_row_linear: the weight must be a contiguous 2-d CPU tensor");
+  TORCH_CHECK(x.numel() == weight.size(1) && x.is_contiguous() && x.scalar_type() == weight.scalar_type(),
+              "one_row_linear: x must be one contiguous row of the weight's width and dtype");
+  TORCH_CHECK(!bias || (bias->numel() == weight.size(0) && bias->is_contiguous()),
+              "one_row_linear: the bias must be contiguous, one value per output");
+}
+
+// Runs `rows(n0, n1)` over the weight rows in blocks of kRows, split between PyTorch's threads.
+template <typename F>
+void over_rows(int64_t N, F rows) {
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, kGrain, [&](int64_t b, int64_t e) { rows(b * kRows, std::min(e * kRows, N)); });
+}
+
+}  // namespace
+
+// x (..., K) holding one row, weight (N, K), bias (N) or none; fp32 or bf16 throughout. Returns (..., N).
+// `portable`: the portable loops even where the CPU has faster instructions (tests, comparisons).
+at::Tensor one_row_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          bool portable) {
+  check(x, weight, bias);
+  const int64_t N = weight.size(0), K = weight.size(1);
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  auto sums = at::empty({N}, x.options().dtype(at::kFloat));
+  float* y = sums.data_ptr<float>();
+  if (weight.scalar_type() == at::kFloat) {
+    const float *w = weight.data_ptr<float>(), *xs = x.data_ptr<float>();
+#ifdef __AVX512F__
+    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_avx512<F32>(w, xs, y, K, n0, n1); });
+#else
+    portable = true;
+#endif
+    if (portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_portable(w, xs, y, K, n0, n1); });
+  } else {
+    TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "one_row_linear: weights must be fp32 or bf16");
+    const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+    const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
+#ifdef __AVX512BF16__
+    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_avx512<BF16>(w, xs, y, K, n0, n1); });
+#else
+    portable = true;
+#endif
+    if (portable) {
+      std::vector<float> xf(K);
+      for (int64_t k = 0; k < K; k++) xf[k] = to_float(xs[k]);
+      over_rows(N, [&](int64_t n0, int64_t n1) { rows_portable(w, xf.data(), y, K, n0, n1); });
+    }
+  }
+  if (bias) {
+    auto b = bias->to(at::kFloat);
+    const float* bp = b.data_ptr<float>();
+    for (int64_t n = 0; n < N; n++) y[n] += bp[n];
+  }
+  if (weight.scalar_type() == at::kFloat) return sums.view(sizes);
+  auto out = at::empty(sizes, x.options());
+  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+  for (int64_t n = 0; n < N; n++) o[n] = to_bf16(y[n]);
+  return out;
+}
+
+
+// Int8Linear's product for x (..., K) holding one row: the row quantized to 8 bits (codes 0..255 with
+// `reduce_range` false, else 0..127), summed exactly in int32 against the int8 weights (N, K), the zero
+// point taken out with each weight row's sum (`row_sums`), then scaled by the row's and each weight
+// row's step (`scale`, fp32) and the bias added. Returns fp32 (..., N).
+at::Tensor int8_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                               const at::Tensor& row_sums, const std::optional<at::Tensor>& bias, bool reduce_range,
+                               bool portable) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.scalar_type() == at::kChar,
+              "int8_one_row_linear: the weight must be a contiguous 2-d int8 tensor");
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK(x.numel() == K, "int8_one_row_linear: x must be one row of the weight's width");
+  TORCH_CHECK(scale.numel() == N && row_sums.numel() == N && row_sums.scalar_type() == at::kInt,
+              "int8_one_row_linear: one fp32 scale and one int32 row sum per output");
+  auto xf = x.to(at::kFloat).contiguous();
+  auto sc = scale.to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  const int qmax = reduce_range ? 127 : 255;
+  double step;
+  int zero;
+  activation_qparams(xp, K, qmax, step, zero);
+  std::vector<uint8_t> xq(K);
+  const float inverse = 1.0f / float(step);
+  for (int64_t k = 0; k < K; k++)
+    xq[k] = uint8_t(std::min<float>(std::max<float>(std::nearbyint(xp[k] * inverse) + zero, 0), qmax));
+  auto sums = at::empty({N}, x.options().dtype(at::kInt));
+  int32_t* sp = sums.data_ptr<int32_t>();
+  const auto* w = qweight.data_ptr<int8_t>();
+#ifdef __AVX512VNNI__
+  if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_int8_vnni(w, xq.data(), sp, K, n0, n1); });
+#else
+  portable = true;
+#endif
+  if (portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_int8_portable(w, xq.data(), sp, K, n0, n1); });
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  auto out = at::empty(sizes, x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const float* s = sc.data_ptr<float>();
+  const int32_t* rs = row_sums.data_ptr<int32_t>();
+  const float xstep = float(step);
+  for (int64_t n = 0; n < N; n++) o[n] = float(sp[n] - zero * rs[n]) * (xstep * s[n]);
+  if (bias) {
+    auto b = bias->to(at::kFloat).contiguous();
+    const float* bp = b.data_ptr<float>();
+    for (int64_t n = 0; n < N; n++) o[n] += bp[n];
+  }
+  return out;
+}
+
+// Int4Linear's product for x (..., K) holding one row: x rounded to bf16, the codes `qweight` (N, K / 2,
+// uint8) with bf16 `step` and `zero` (N, K / group_size), sums in fp32, the result rounded to bf16.
+at::Tensor int4_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& step,
+                               const at::Tensor& zero, int64_t group_size, bool portable) {
+  const int64_t N = qweight.size(0), K = 2 * qweight.size(1), G = group_size;
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.scalar_type() == at::kByte,
+              "int4_one_row_linear: the codes must be a contiguous 2-d uint8 tensor");
+  TORCH_CHECK(x.numel() == K && G % 2 == 0 && K % G == 0, "int4_one_row_linear: x must be one row of the weight's width");
+  TORCH_CHECK(step.sizes() == zero.sizes() && step.numel() == N * (K / G) && step.is_contiguous() &&
+                  zero.is_contiguous() && step.scalar_type() == at::kBFloat16 && zero.scalar_type() == at::kBFloat16,
+              "int4_one_row_linear: one bf16 step and zero per group of each row");
+  auto xb = x.to(at::kBFloat16).contiguous();
+  const auto* xs = reinterpret_cast<const uint16_t*>(xb.data_ptr());
+  std::vector<float> xsum(K / G, 0.0f);
+  for (int64_t k = 0; k < K; k++) xsum[k / G] += to_float(xs[k]);
+  const auto* w = qweight.data_ptr<uint8_t>();
+  const auto* st = reinterpret_cast<const uint16_t*>(step.data_ptr());
+  const auto* ze = reinterpret_cast<const uint16_t*>(zero.data_ptr());
+  std::vector<float> y(N);
+#ifdef __AVX512BF16__
+  if (!portable && (G / 2) % 32 == 0) {
+    std::vector<uint16_t> xe(K / 2), xo(K / 2);
+    for (int64_t j = 0; j < K / 2; j++) xe[j] = xs[2 * j], xo[j] = xs[2 * j + 1];
+    over_rows(N, [&](int64_t n0, int64_t n1) {
+      rows_int4_avx512bf16(w, st, ze, xe.data(), xo.data(), xsum.data(), y.data(), K, G, n0, n1);
+    });
+  } else
+#endif
+  {
+    std::vector<float> xe(K / 2), xo(K / 2);
+    for (int64_t j = 0; j < K / 2; j++) xe[j] = to_float(xs[2 * j]), xo[j] = to_float(xs[2 * j + 1]);
+    over_rows(N, [&](int64_t n0, int64_t n1) {
+      rows_int4_portable(w, st, ze, xe.data(), xo.data(), xsum.data(), y.data(), K, G, n0, n1);
+    });
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  auto out = at::empty(sizes, x.options().dtype(at::kBFloat16));
+  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+  for (int64_t n = 0; n < N; n++) o[n] = to_bf16(y[n]);
+  return out;
+}
+
+// The instructions each kernel runs on this build, e.g. "fp32=avx512 bf16=avx512bf16 int8=avx512vnni
+// int4=avx512bf16" ("portable": the portable loops; int4's fast path needs groups of 64 columns or more).
+std::string instructions() {
+  std::string fp32 = "portable", bf16 = "portable", int8 = "portable";
+#ifdef __AVX512F__
+  fp32 = "avx512";
+#endif
+#ifdef __AVX512BF16__
+  bf16 = "avx512bf16";
+#endif
+#ifdef __AVX512VNNI__
+  int8 = "avx512vnni";
+#endif
+  return "fp32=" + fp32 + " bf16=" + bf16 + " int8=" + int8 + " int4=" + bf16;
+}
+
+TORCH_LIBRARY(scratchllm, m) {
+  m.def("one_row_linear(Tensor x, Tensor weight, Tensor? bias, bool portable=False) -> Tensor", &one_row_linear);
+  m.def(
+      "int8_one_row_linear(Tensor x, Tensor qweight, Tensor scale, Tensor row_sums, Tensor? bias, "
+      "bool reduce_range=False, bool portable=False) -> Tensor",
+      &int8_one_row_linear);
+  m.def(
+      "int4_one_row_linear(Tensor x, Tensor qweight, Tensor step, Tensor zero, int group_size, "
+      "bool portable=False) -> Tensor",
+      &int4_one_row_linear);
+  m.def("instructions() -> str", &instructions);
+}

@@ -1,0 +1,175 @@
+"""scratchllm's own one-row CPU kernels (scratchllm/native) against PyTorch's products."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scratchllm import native
+from scratchllm.model.quantize import (
+    Int4Linear,
+    Int8Linear,
+    activation_qparams,
+    int4_supported,
+    quantize_activations,
+)
+
+pytestmark = pytest.mark.skipif(
+    not native.available(),
+    reason=f"scratchllm's kernels are not available here: {native.unavailable_reason()}",
+)
+
+# widths off the kernels' blocks (32 and 64 columns, 4 rows) as well as on them
+SHAPES = [(768, 768), (7, 37), (130, 100), (5, 64), (2304, 96), (1, 1)]
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_one_row_linear_is_the_linear_product(dtype, out_features, in_features, with_bias, portable):
+    g = torch.Generator().manual_seed(out_features * 1000 + in_features)
+    w = torch.randn(out_features, in_features, generator=g).to(dtype)
+    x = torch.randn(1, 1, in_features, generator=g).to(dtype)
+    b = torch.randn(out_features, generator=g).to(dtype) if with_bias else None
+    got = native.one_row_linear(x, w, b, portable)
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.shape == (1, 1, out_features) and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    else:  # fp32 sums, then one rounding to bf16: within one bf16 step of the exact value
+        step = exact.abs().clamp(min=1e-3) * 2**-7
+        assert ((got.double() - exact).abs() <= step).all()
+
+
+def test_the_split_between_threads_does_not_change_a_sum():
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(1000, 300, generator=g), torch.randn(300, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.one_row_linear(x, w, None)
+        torch.set_num_threads(max(2, threads))
+        several = native.one_row_linear(x, w, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, several)
+
+
+def test_one_row_linear_refuses_what_it_cannot_multiply():
+    w = torch.randn(8, 16)
+    for x in (torch.randn(2, 16), torch.randn(16, 2).t()[0], torch.randn(16).bfloat16()):
+        with pytest.raises(RuntimeError, match="one_row_linear"):
+            native.one_row_linear(x, w, None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        native.one_row_linear(torch.randn(8), w.t(), None)
+
+
+def _int8_layer(out_features: int, in_features: int, seed: int) -> Int8Linear:
+    torch.manual_seed(seed)
+    return Int8Linear(torch.nn.Linear(in_features, out_features))
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_int8_one_row_is_int8linears_stated_product(out_features, in_features, reduce_range, portable):
+    layer = _int8_layer(out_features, in_features, seed=in_features)
+    g = torch.Generator().manual_seed(1)
+    rows = [
+        torch.randn(1, in_features, generator=g) * 3,
+        torch.rand(1, in_features, generator=g) + 1,  # all positive: zero point at code 0
+        torch.zeros(1, in_features),  # no range at all
+        torch.full((1, in_features), -1e-7),  # narrower than 255 smallest steps: widened
+    ]
+    for x in rows:
+        got = native.int8_one_row_linear(
+            x, layer.qweight, layer.scale, layer._row_sums, layer.bias, reduce_range, portable
+        )
+        stated = F.linear(quantize_activations(x, reduce_range), layer.weight_fp32(), layer.bias)
+        step, _ = activation_qparams(x, reduce_range)
+        # the same integer sums; a code may round the other way at an exact tie
+        slack = 1e-5 + float(step) * layer.weight_fp32().abs().amax()
+        torch.testing.assert_close(got, stated, rtol=1e-5, atol=slack)
+
+
+def test_int8_layers_take_the_kernel_for_one_row_and_match_fbgemm():
+    layer = _int8_layer(300, 200, seed=3)
+    if native.instructions()["int8"] == "portable" and layer._packed is not None:
+        pytest.skip("no VNNI here: int8 layers keep FBGEMM's kernel")
+    assert layer._native and layer._packed is None and not layer.reduce_range  # no second copy of the weights
+    x = torch.randn(1, 200) * 2
+    got = layer(x)
+    stated = F.linear(quantize_activations(x), layer.weight_fp32(), layer.bias)
+    torch.testing.assert_close(got, stated, rtol=1e-5, atol=1e-5)
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        from scratchllm.model.quantize import _fbgemm_pack
+
+        fbgemm = torch.ops.quantized.linear_dynamic(
+            x, _fbgemm_pack(layer.qweight, layer.scale, layer.bias), False
+        )
+        torch.testing.assert_close(got, fbgemm, rtol=1e-5, atol=1e-5)
+
+
+def test_instructions_name_each_kernels_path():
+    paths = native.instructions()
+    assert set(paths) == {"fp32", "bf16", "int8", "int4"}
+    assert paths["fp32"] in ("avx512", "portable") and paths["int8"] in ("avx512vnni", "portable")
+    assert paths["bf16"] in ("avx512bf16", "portable") and paths["int4"] == paths["bf16"]
+
+
+def test_the_switch_keeps_pytorchs_kernels():
+    code = (
+        "from scratchllm import native; import torch; from scratchllm.model.quantize import Int8Linear\n"
+        "print(native.available(), native.unavailable_reason())\n"
+        "print(Int8Linear(torch.nn.Linear(8, 4))._native)"
+    )
+    env = {**os.environ, native.ENV_SWITCH: "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [f"False turned off by {native.ENV_SWITCH}=0", "False"]
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "group_size"),
+    [(768, 768, 128), (7, 256, 64), (130, 96, 32), (9, 512, 256)],
+)
+def test_int4_one_row_is_int4linears_stated_product(out_features, in_features, group_size, portable):
+    if not int4_supported():
+        pytest.skip("this PyTorch has no int4 CPU kernel")
+    torch.manual_seed(group_size)
+    layer = Int4Linear(torch.nn.Linear(in_features, out_features), group_size)
+    fast = native.instructions()["int4"] != "portable" and group_size >= 64
+    assert layer.group_size == group_size and layer._native == fast
+    x = torch.randn(1, 1, in_features)
+    got = native.int4_one_row_linear(x, layer.qweight, layer.step, layer.zero, group_size, portable)
+    exact = F.linear(layer.kernel_input(x).double(), layer.weight_fp32().double())
+    assert got.shape == (1, 1, out_features) and got.dtype == torch.bfloat16
+    step = exact.abs().clamp(min=1e-3) * 2**-7  # fp32 sums, then one rounding to bf16
+    assert ((got.double() - exact).abs() <= step).all()
+    # the layer takes it for one row; PyTorch's kernel for several, on the same numbers
+    one = layer(x)
+    several = layer(x.expand(1, 3, in_features))
+    torch.testing.assert_close(one.expand(1, 3, out_features), several, rtol=2**-7, atol=1e-3)
+
+
+def test_without_a_compiler_pytorchs_kernels_remain(tmp_path):
+    code = (
+        "from scratchllm import native; import torch; from scratchllm.model.quantize import Int8Linear\n"
+        "print(native.available()); print(native.unavailable_reason())\n"
+        "layer = Int8Linear(torch.nn.Linear(8, 4)); x = torch.randn(1, 8)\n"
+        "print(layer._native, torch.allclose(layer(x), torch.nn.functional.linear(layer.kernel_input(x), "
+        "layer.weight_fp32(), layer.bias), atol=1e-5))"
+    )
+    env = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    env.pop(native.ENV_SWITCH, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    available, reason, layer = out.stdout.splitlines()
+    assert available == "False" and reason.startswith("the C++ kernels did not build")
+    assert layer == "False True"
+    assert "building scratchllm's CPU kernels" in out.stderr  # said once, before trying
