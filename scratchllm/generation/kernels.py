@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .. import native
+from ..model.parts import RMSNorm
 
 
 class PackedLinears:
@@ -24,7 +25,8 @@ class PackedLinears:
     one `torch.compile`'s freezing picks) comes closer (benchmarks/RESULTS.md), and scratchllm's own
     (scratchllm/native) closer still on some CPUs. One row takes whichever of the three a probe finds
     fastest (`one_row_kernel`); several rows (batches, prompts) the packed one. The packed copies take
-    as much memory again as the linear weights. `refresh()` rebuilds them when a weight has changed
+    as much memory again as the linear weights. Where native builds, the RMSNorms of a decode step
+    run on its fused kernel too. `refresh()` rebuilds them when a weight has changed
     (training between generations; found by the version counter, the storage and eight sampled
     values of each weight, so an edit in place that touches none of those is not seen: make a new
     Engine then); `installed()` routes the linear layers through them, for inference only.
@@ -36,6 +38,7 @@ class PackedLinears:
         self._linears: list[nn.Linear] = []
         self._packed: list[torch.Tensor] = []
         self._forwards: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        self._norms: list[RMSNorm] = []
         self._key: tuple | None = None
 
     @staticmethod
@@ -58,7 +61,7 @@ class PackedLinears:
         """Pack the current weights, unless nothing changed since the last call. False (and nothing
         packed) when the model no longer qualifies, e.g. after moving to a GPU."""
         if not self.supported(self.model):
-            self._linears, self._packed, self._forwards, self._key = [], [], [], None
+            self._linears, self._packed, self._forwards, self._norms, self._key = [], [], [], [], None
             return False
         linears = [m for m in self.model.modules() if type(m) is nn.Linear]
         key = tuple(
@@ -70,18 +73,23 @@ class PackedLinears:
             self._packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1) for m in linears]
             one_row = one_row_kernel(linears[0].weight.dtype)
             self._forwards = [_packed_forward(w, m, one_row) for m, w in zip(linears, self._packed)]
+            norms = [m for m in self.model.modules() if type(m) is RMSNorm]
+            self._norms = norms if native.available() else []
             self._key = key
         return True
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """Route the linear layers through the packed weights (call `refresh()` first)."""
+        """Route the linear layers through the packed weights, and a decode step's RMSNorms through
+        native's fused one (call `refresh()` first)."""
         for m, forward in zip(self._linears, self._forwards):
             m.forward = forward  # an instance attribute shadows the class's forward
+        for norm in self._norms:
+            norm.forward = _native_norm_forward(norm)
         try:
             yield
         finally:
-            for m in self._linears:
+            for m in (*self._linears, *self._norms):
                 m.__dict__.pop("forward", None)
 
 
@@ -159,5 +167,22 @@ def _packed_forward(
                 return native.one_row_linear(x, weight, bias)
             return torch.nn.functional.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    return forward
+
+
+#: Up to this many rows (a decode step's tokens, or its heads under QK-norm), RMSNorm takes native's kernel.
+NATIVE_NORM_ROWS = 64
+
+
+def _native_norm_forward(norm: RMSNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`norm`'s forward in one native call for a decode step's few rows (eager PyTorch spends about ten
+    small operations on it); prompts and other inputs take the module's own forward."""
+    weight, default = norm.weight, RMSNorm.forward.__get__(norm)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == weight.dtype and x.is_contiguous() and x.numel() <= NATIVE_NORM_ROWS * x.shape[-1]:
+            return native.rms_norm(x, weight, norm.eps, norm.unit_offset)
+        return default(x)
 
     return forward

@@ -6,7 +6,8 @@ below that speed (benchmarks/RESULTS.md). These do the product the plain way: fo
 pass over the input while the next four are prefetched, the rows split between PyTorch's threads, on
 the instructions made for each weight type where the CPU has them (`instructions()`):
 `one_row_linear` for fp32 and bf16 weights, `int8_one_row_linear` and `int4_one_row_linear` for the
-layers of model/quantize.py.
+layers of model/quantize.py. `rms_norm` does a decode step's RMSNorm in one call instead of eager
+PyTorch's ten small ones.
 
 The source is built once per CPU, PyTorch version and source text with `-march=native` into PyTorch's
 extension cache (`~/.cache/torch_extensions`, or `TORCH_EXTENSIONS_DIR`), which takes a C++ compiler and
@@ -82,6 +83,12 @@ def int4_one_row_linear(
     and zero per `group_size` columns (N, K / group_size), fp32 sums, a bf16 result (no bias).
     Call `available()` first."""
     return torch.ops.scratchllm.int4_one_row_linear(x, qweight, step, zero, group_size, portable)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+    """`RMSNorm`'s forward (model/parts.py) in one call, for the few rows of a decode step: x and
+    weight contiguous and of one type, fp32 or bf16. Call `available()` first."""
+    return torch.ops.scratchllm.rms_norm(x, weight, eps, unit_offset)
 
 
 def instructions() -> dict[str, str]:

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -419,6 +420,50 @@ at::Tensor int4_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
   return out;
 }
 
+// RMSNorm (scratchllm/model/parts.py) over the rows of x (..., D), for the few rows of a decode step, where
+// PyTorch's version is about ten small operations: x / sqrt(mean(x^2) + eps) in fp32, then times the
+// weight, after the cast back to x's type (`unit_offset` false: Llama, Qwen) or before it, as 1 + weight
+// (true: Gemma). x and weight of one type, fp32 or bf16.
+template <typename T>
+void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t D, float eps, bool unit_offset) {
+  auto round = [](float v) {  // to T and back: the rounding of a cast to x's type
+    if constexpr (std::is_same_v<T, float>) return v;
+    else return to_float(to_bf16(v));
+  };
+  auto store = [](float v) {
+    if constexpr (std::is_same_v<T, float>) return v;
+    else return to_bf16(v);
+  };
+  std::vector<float> w(D);
+  for (int64_t d = 0; d < D; d++) w[d] = to_float(weight[d]) + (unit_offset ? 1.0f : 0.0f);
+  for (int64_t r = 0; r < rows; r++) {
+    const T* row = x + r * D;
+    float squares = 0;
+    for (int64_t d = 0; d < D; d++) squares += to_float(row[d]) * to_float(row[d]);
+    const float scale = 1.0f / std::sqrt(squares / float(D) + eps);
+    for (int64_t d = 0; d < D; d++) {
+      const float normed = to_float(row[d]) * scale;
+      out[r * D + d] = store(unit_offset ? normed * w[d] : w[d] * round(normed));
+    }
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool unit_offset) {
+  const int64_t D = weight.numel();
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.size(-1) == D && x.scalar_type() == weight.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "rms_norm: x and weight must be contiguous, of one type (fp32 or bf16), weight as wide as x's rows");
+  auto out = at::empty_like(x);
+  const int64_t rows = D ? x.numel() / D : 0;
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_rows(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), rows, D, float(eps), unit_offset);
+  } else {
+    auto ptr = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+    rms_norm_rows<uint16_t>(ptr(x), ptr(weight), ptr(out), rows, D, float(eps), unit_offset);
+  }
+  return out;
+}
+
 // The instructions each kernel runs on this build, e.g. "fp32=avx512 bf16=avx512bf16 int8=avx512vnni
 // int4=avx512bf16" ("portable": the portable loops; int4's fast path needs groups of 64 columns or more).
 std::string instructions() {
@@ -445,5 +490,6 @@ TORCH_LIBRARY(scratchllm, m) {
       "int4_one_row_linear(Tensor x, Tensor qweight, Tensor step, Tensor zero, int group_size, "
       "bool portable=False) -> Tensor",
       &int4_one_row_linear);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, bool unit_offset) -> Tensor", &rms_norm);
   m.def("instructions() -> str", &instructions);
 }

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from scratchllm import native
+from scratchllm.model.parts import RMSNorm
 from scratchllm.model.quantize import (
     Int4Linear,
     Int8Linear,
@@ -173,3 +174,45 @@ def test_without_a_compiler_pytorchs_kernels_remain(tmp_path):
     assert available == "False" and reason.startswith("the C++ kernels did not build")
     assert layer == "False True"
     assert "building scratchllm's CPU kernels" in out.stderr  # said once, before trying
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_rms_norm_is_the_modules_forward(dtype, unit_offset):
+    torch.manual_seed(int(unit_offset))
+    norm = RMSNorm(96, eps=1e-6, unit_offset=unit_offset)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96) * 0.3 + (0.0 if unit_offset else 1.0))
+    norm = norm.to(dtype)
+    x = (torch.randn(1, 16, 1, 96) * 3).to(dtype)  # QK-norm's 16 heads of one decode step
+    with torch.inference_mode():
+        got, want = native.rms_norm(x, norm.weight, norm.eps, unit_offset), norm(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.bfloat16:  # the same roundings: equal
+        assert torch.equal(got, want)
+    else:  # the sum of squares in another order
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_decode_steps_take_the_fused_norm_and_keep_the_tokens(monkeypatch, arch):
+    from scratchllm.generation import Engine, GenerationConfig
+    from scratchllm.model import registry
+    from tests.generation.helpers import ByteTokenizer
+
+    cfg = registry.preset_config("nano", arch, vocab_size=256, context_length=64)
+    model = registry.build_model(cfg).eval().to(torch.bfloat16)
+    calls: list[int] = []
+    fused = native.rms_norm
+
+    def counting(x, weight, eps, unit_offset=False):
+        calls.append(x.numel() // x.shape[-1])
+        return fused(x, weight, eps, unit_offset)
+
+    monkeypatch.setattr(native, "rms_norm", counting)
+    prompts, settings = [[5, 9, 14, 2, 7, 30, 1]], GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    packed = Engine(model, ByteTokenizer()).generate(prompts, settings)
+    assert calls and max(calls) <= 64  # decode steps' rows (tokens, or heads under QK-norm)
+    assert all("forward" not in m.__dict__ for m in model.modules())  # restored afterwards
+    plain = Engine(model, ByteTokenizer(), prepack=False).generate(prompts, settings)
+    assert [c.token_ids for c in packed] == [c.token_ids for c in plain]
