@@ -44,13 +44,17 @@ class PackedLinears:
     @staticmethod
     def supported(model: nn.Module) -> bool:
         """True when every linear weight is on the CPU, in fp32 or (with native support) bf16, and
-        PyTorch has oneDNN's prepacked linear."""
+        PyTorch has oneDNN's prepacked linear; or, for a model with no plain linear layers left (int8
+        and int4 weights), when it is on the CPU and has RMSNorms for native's fused kernel."""
+        weights = [m.weight for m in model.modules() if type(m) is nn.Linear]
+        if not weights:
+            on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+            return on_cpu and any(type(m) is RMSNorm for m in model.modules()) and native.available()
         if not torch.backends.mkldnn.is_available() or not hasattr(
             torch.ops.mkldnn, "_reorder_linear_weight"
         ):
             return False
-        weights = [m.weight for m in model.modules() if type(m) is nn.Linear]
-        if not weights or any(w.device.type != "cpu" or w.dtype != weights[0].dtype for w in weights):
+        if any(w.device.type != "cpu" or w.dtype != weights[0].dtype for w in weights):
             return False
         if weights[0].dtype == torch.bfloat16:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -71,7 +75,7 @@ class PackedLinears:
         if key != self._key:
             self._linears = linears
             self._packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1) for m in linears]
-            one_row = one_row_kernel(linears[0].weight.dtype)
+            one_row = one_row_kernel(linears[0].weight.dtype) if linears else "packed"
             self._forwards = [_packed_forward(w, m, one_row) for m, w in zip(linears, self._packed)]
             norms = [m for m in self.model.modules() if type(m) is RMSNorm]
             self._norms = norms if native.available() else []

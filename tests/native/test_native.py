@@ -18,6 +18,7 @@ from scratchllm.model.quantize import (
     activation_qparams,
     int4_supported,
     quantize_activations,
+    quantize_model,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -216,3 +217,12 @@ def test_decode_steps_take_the_fused_norm_and_keep_the_tokens(monkeypatch, arch)
     assert all("forward" not in m.__dict__ for m in model.modules())  # restored afterwards
     plain = Engine(model, ByteTokenizer(), prepack=False).generate(prompts, settings)
     assert [c.token_ids for c in packed] == [c.token_ids for c in plain]
+    # int8 weights leave no plain linear layer to pack; the norms still take the fused kernel
+    quantize_model(model.float(), "int8")
+    calls.clear()
+    engine = Engine(model, ByteTokenizer())
+    assert engine.kernels is not None
+    packed = engine.generate(prompts, settings)
+    assert calls and [c.token_ids for c in packed] == [
+        c.token_ids for c in Engine(model, ByteTokenizer(), prepack=False).generate(prompts, settings)
+    ]
