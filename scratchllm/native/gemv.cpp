@@ -240,7 +240,8 @@ void int4_block_avx512bf16(const uint8_t* w, const uint16_t* step, const uint16_
       const __m512bh even = (__m512bh)_mm512_loadu_si512(xe + j), odd = (__m512bh)_mm512_loadu_si512(xo + j);
       for (int i = 0; i < R; i++) {
         const auto* bytes = (const __m256i*)(w + (n + i) * (K / 2) + j);
-        _mm_prefetch((const char*)bytes + R * (K / 2), _MM_HINT_T0);  // the next block's row, same place
+        // the row two blocks on, same place: int4 rows are short, one block ahead is too close
+        _mm_prefetch((const char*)bytes + 2 * R * (K / 2), _MM_HINT_T0);
         const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(bytes));
         const __m512i lo = _mm512_ternarylogic_epi32(b, low4, bits128, 0xEA);  // (b & low4) | bits128
         const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(b, 4), bits128);
