@@ -66,7 +66,7 @@ def int8_one_row_linear(
     """`Int8Linear`'s product (model/quantize.py) for an `x` holding one row: the row quantized to 8-bit
     codes as `quantize_activations` does, exact int32 sums against the int8 weights `qweight` (N, K)
     (`row_sums`: each weight row's sum, int32), scaled by the row's step and `scale` (one per output),
-    plus `bias`. fp32 result. Call `available()` first."""
+    plus `bias`. The result in bf16 for a bf16 `x`, else fp32. Call `available()` first."""
     return torch.ops.scratchllm.int8_one_row_linear(x, qweight, scale, row_sums, bias, reduce_range, portable)
 
 

@@ -332,7 +332,7 @@ at::Tensor one_row_linear(const at::Tensor& x, const at::Tensor& weight, const s
 // Int8Linear's product for x (..., K) holding one row: the row quantized to 8 bits (codes 0..255 with
 // `reduce_range` false, else 0..127), summed exactly in int32 against the int8 weights (N, K), the zero
 // point taken out with each weight row's sum (`row_sums`), then scaled by the row's and each weight
-// row's step (`scale`, fp32) and the bias added. Returns fp32 (..., N).
+// row's step (`scale`, fp32) and the bias added. Returns (..., N) in bf16 for a bf16 x, else fp32.
 at::Tensor int8_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                                const at::Tensor& row_sums, const std::optional<at::Tensor>& bias, bool reduce_range,
                                bool portable) {
@@ -342,9 +342,13 @@ at::Tensor int8_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
   TORCH_CHECK(x.numel() == K, "int8_one_row_linear: x must be one row of the weight's width");
   TORCH_CHECK(scale.numel() == N && row_sums.numel() == N && row_sums.scalar_type() == at::kInt,
               "int8_one_row_linear: one fp32 scale and one int32 row sum per output");
-  auto xf = x.to(at::kFloat).contiguous();
+  // a bf16 row is widened here, and the result comes back in x's type: no casts around the call
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && x.is_contiguous();
+  auto xf = bf16 ? at::Tensor() : x.to(at::kFloat).contiguous();
+  std::vector<float> widened(bf16 ? K : 0);
+  for (int64_t k = 0; k < (bf16 ? K : 0); k++) widened[k] = to_float(reinterpret_cast<const uint16_t*>(x.data_ptr())[k]);
+  const float* xp = bf16 ? widened.data() : xf.data_ptr<float>();
   auto sc = scale.to(at::kFloat).contiguous();
-  const float* xp = xf.data_ptr<float>();
   const int qmax = reduce_range ? 127 : 255;
   double step;
   int zero;
@@ -365,7 +369,7 @@ at::Tensor int8_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   auto out = at::empty(sizes, x.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
+  float* o = out.data_ptr<float>();  // fp32 sums; rounded to bf16 at the end for a bf16 x
   const float* s = sc.data_ptr<float>();
   const int32_t* rs = row_sums.data_ptr<int32_t>();
   const float xstep = float(step);
@@ -375,7 +379,11 @@ at::Tensor int8_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
     const float* bp = b.data_ptr<float>();
     for (int64_t n = 0; n < N; n++) o[n] += bp[n];
   }
-  return out;
+  if (!bf16) return out;
+  auto rounded = at::empty(sizes, x.options());
+  auto* r = reinterpret_cast<uint16_t*>(rounded.data_ptr());
+  for (int64_t n = 0; n < N; n++) r[n] = to_bf16(o[n]);
+  return rounded;
 }
 
 // Int4Linear's product for x (..., K) holding one row: x rounded to bf16, the codes `qweight` (N, K / 2,

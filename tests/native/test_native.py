@@ -98,6 +98,15 @@ def test_int8_one_row_is_int8linears_stated_product(out_features, in_features, r
         # the same integer sums; a code may round the other way at an exact tie
         slack = 1e-5 + float(step) * layer.weight_fp32().abs().amax()
         torch.testing.assert_close(got, stated, rtol=1e-5, atol=slack)
+        # a bf16 row (a bf16 model's activations): widened inside, the result rounded to bf16
+        row = x.bfloat16()
+        got = native.int8_one_row_linear(
+            row, layer.qweight, layer.scale, layer._row_sums, layer.bias, reduce_range, portable
+        )
+        want = native.int8_one_row_linear(
+            row.float(), layer.qweight, layer.scale, layer._row_sums, layer.bias, reduce_range, portable
+        )
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
 
 
 def test_int8_layers_take_the_kernel_for_one_row_and_match_fbgemm():
