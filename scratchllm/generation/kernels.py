@@ -24,7 +24,8 @@ class PackedLinears:
     fp32 ones on some CPUs, well below the memory bandwidth; oneDNN's kernel on prepacked weights (the
     one `torch.compile`'s freezing picks) comes closer (benchmarks/RESULTS.md), and scratchllm's own
     (scratchllm/native) closer still on some CPUs. One row takes whichever of the three a probe finds
-    fastest (`one_row_kernel`); several rows (batches, prompts) the packed one. The packed copies take
+    fastest (`one_row_kernel`), 2 to 8 rows (small batches, a draft's tokens checked) native's or the
+    packed one (`few_rows_kernel`), more rows (prompts, batches) the packed one. The packed copies take
     as much memory again as the linear weights. Where native builds, the RMSNorms of a decode step
     run on its fused kernel too. `refresh()` rebuilds them when a weight has changed
     (training between generations; found by the version counter, the storage and eight sampled
@@ -75,8 +76,9 @@ class PackedLinears:
         if key != self._key:
             self._linears = linears
             self._packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1) for m in linears]
-            one_row = one_row_kernel(linears[0].weight.dtype) if linears else "packed"
-            self._forwards = [_packed_forward(w, m, one_row) for m, w in zip(linears, self._packed)]
+            dtype = linears[0].weight.dtype if linears else None
+            one_row, few_rows = (one_row_kernel(dtype), few_rows_kernel(dtype)) if dtype else ("packed",) * 2
+            self._forwards = [_packed_forward(w, m, one_row, few_rows) for m, w in zip(linears, self._packed)]
             norms = [m for m in self.model.modules() if type(m) is RMSNorm]
             self._norms = norms if native.available() else []
             self._key = key
@@ -106,30 +108,43 @@ def one_row_kernel(dtype: torch.dtype) -> str:
     """Which kernel multiplies one row (decoding one sequence) by weights of `dtype` fastest on this
     CPU at the current thread count: "native" (scratchllm/native's hand-written kernel, where it
     builds), "packed" (oneDNN on prepacked weights) or "plain" (PyTorch's default, MKL for fp32).
-    Several rows always go packed. It depends on the CPU (benchmarks/RESULTS.md), so a probe times
-    each over 64 MB of weights, once per process, dtype and thread count, and takes the first in
-    `ONE_ROW_KERNELS` within 10% of the fastest. Callers check `PackedLinears.supported` first."""
+    It depends on the CPU (benchmarks/RESULTS.md), so a probe times each over 64 MB of weights, once
+    per process, dtype and thread count, and takes the first in `ONE_ROW_KERNELS` within 10% of the
+    fastest. Callers check `PackedLinears.supported` first."""
     with _probe_lock:
-        return _probe_one_row(dtype, torch.get_num_threads(), native.available())
+        return _time_kernels(dtype, torch.get_num_threads(), native.available())[0]
+
+
+def few_rows_kernel(dtype: torch.dtype) -> str:
+    """The same for 2 to `FEW_ROWS` rows (a few sequences, a draft's tokens checked in one pass):
+    "native" where its product of four rows is at least as fast as oneDNN's packed one (each row then
+    gets exactly its one-row result), else "packed"; more rows always go packed."""
+    with _probe_lock:
+        return _time_kernels(dtype, torch.get_num_threads(), native.available())[1]
+
+
+#: Up to this many rows, `few_rows_kernel` decides (native's kernel takes at most 8).
+FEW_ROWS = 8
 
 
 @functools.cache
-def _probe_one_row(dtype: torch.dtype, threads: int, with_native: bool) -> str:
-    """The probe for `dtype` and `threads` threads (seeded data, the global random state untouched)."""
+def _time_kernels(dtype: torch.dtype, threads: int, with_native: bool) -> tuple[str, str]:
+    """The probe for `dtype` and `threads` threads (seeded data, the global random state untouched):
+    the one-row kernel and the few-rows kernel."""
     g = torch.Generator().manual_seed(0)
     count = 64 * 2**20 // (1024 * 1024 * torch.finfo(dtype).bits // 8)  # beyond the caches
     with torch.inference_mode():
         weights = [torch.randn(1024, 1024, generator=g).to(dtype) for _ in range(count)]
-        x = torch.randn(1, 1024, generator=g).to(dtype)
+        x1, x4 = torch.randn(1, 1024, generator=g).to(dtype), torch.randn(4, 1024, generator=g).to(dtype)
         candidates = {"plain": (torch.nn.functional.linear, weights)}
         candidates["packed"] = (
             lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
             [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights],
         )
         if with_native:
-            candidates["native"] = (lambda x, w: native.one_row_linear(x, w, None), weights)
+            candidates["native"] = (lambda x, w: native.few_rows_linear(x, w, None), weights)
 
-        def one_pass(name: str) -> float:
+        def one_pass(name: str, x: torch.Tensor) -> float:
             kernel, ws = candidates[name]
             start = time.perf_counter()
             for w in ws:
@@ -137,10 +152,16 @@ def _probe_one_row(dtype: torch.dtype, threads: int, with_native: bool) -> str:
             return time.perf_counter() - start
 
         for name in candidates:  # warm-up: oneDNN builds its kernel on first use
-            one_pass(name)
-        times = {name: min(one_pass(name) for _ in range(3)) for name in candidates}
+            one_pass(name, x1)
+        times = {name: min(one_pass(name, x1) for _ in range(3)) for name in candidates}
+        few = "packed"
+        if with_native:
+            one_pass("packed", x4)
+            native_time, packed_time = (min(one_pass(n, x4) for _ in range(3)) for n in ("native", "packed"))
+            few = "native" if native_time <= packed_time else "packed"
     fastest = min(times.values())
-    return next(name for name in ONE_ROW_KERNELS if times.get(name, float("inf")) <= 1.1 * fastest)
+    one = next(name for name in ONE_ROW_KERNELS if times.get(name, float("inf")) <= 1.1 * fastest)
+    return one, few
 
 
 def _probe(weight: torch.Tensor) -> tuple[float, ...]:
@@ -160,15 +181,18 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _packed_forward(
-    packed: torch.Tensor, linear: nn.Linear, one_row: str = "packed"
+    packed: torch.Tensor, linear: nn.Linear, one_row: str = "packed", few_rows: str = "packed"
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`linear`'s product on its `packed` weight; a single row takes the `one_row` kernel."""
+    """`linear`'s product on its `packed` weight; a single row takes the `one_row` kernel, 2 to
+    `FEW_ROWS` rows the `few_rows` one."""
     weight, bias = linear.weight, linear.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if one_row != "packed" and x.numel() == x.shape[-1]:
-            if one_row == "native" and x.is_contiguous() and x.dtype == weight.dtype:
-                return native.one_row_linear(x, weight, bias)
+        rows = x.numel() // x.shape[-1]
+        kernel = one_row if rows == 1 else few_rows if rows <= FEW_ROWS else "packed"
+        if kernel == "native" and x.is_contiguous() and x.dtype == weight.dtype:
+            return native.few_rows_linear(x, weight, bias)
+        if kernel == "plain":
             return torch.nn.functional.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 

@@ -5,9 +5,9 @@ weights stream from memory, and PyTorch's own one-row kernels read bf16, int8 an
 below that speed (benchmarks/RESULTS.md). These do the product the plain way: four weight rows per
 pass over the input while the next four are prefetched, the rows split between PyTorch's threads, on
 the instructions made for each weight type where the CPU has them (`instructions()`):
-`one_row_linear` for fp32 and bf16 weights, `int8_one_row_linear` and `int4_one_row_linear` for the
-layers of model/quantize.py. `rms_norm` does a decode step's RMSNorm in one call instead of eager
-PyTorch's ten small ones.
+`few_rows_linear` for fp32 and bf16 weights (one row, or up to 8), `int8_one_row_linear` and
+`int4_one_row_linear` for the layers of model/quantize.py. `rms_norm` does a decode step's RMSNorm in
+one call instead of eager PyTorch's ten small ones.
 
 The source is built once per CPU, PyTorch version and source text with `-march=native` into PyTorch's
 extension cache (`~/.cache/torch_extensions`, or `TORCH_EXTENSIONS_DIR`), which takes a C++ compiler and
@@ -45,13 +45,14 @@ def unavailable_reason() -> str | None:
     return _reason[0] if _reason else None
 
 
-def one_row_linear(
+def few_rows_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, portable: bool = False
 ) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for an `x` holding one contiguous row, fp32 or bf16 like `weight`
-    (contiguous, CPU), summed in fp32. `portable`: the plain loops even where the CPU has faster
-    instructions (`instructions()`). Call `available()` first."""
-    return torch.ops.scratchllm.one_row_linear(x, weight, bias, portable)
+    """`F.linear(x, weight, bias)` for an `x` holding 1 to 8 contiguous rows, fp32 or bf16 like
+    `weight` (contiguous, CPU), summed in fp32; each weight row is read once for all of them, and each
+    row's result is bitwise the one it gets alone. `portable`: the plain loops even where the CPU has
+    faster instructions (`instructions()`). Call `available()` first."""
+    return torch.ops.scratchllm.few_rows_linear(x, weight, bias, portable)
 
 
 def int8_one_row_linear(

@@ -30,6 +30,7 @@ namespace {
 
 constexpr int64_t kRows = 4;     // weight rows per pass over x
 constexpr int64_t kGrain = 16;   // passes per thread task at least (64 rows)
+constexpr int64_t kMaxRows = 8;  // rows of x that few_rows_linear takes
 
 inline float to_float(float v) { return v; }
 
@@ -126,6 +127,71 @@ void block_avx512(const typename E::T* w, const typename E::T* x, float* y, int6
     for (int i = 0; i < R; i++) a[i][1] = E::dot(a[i][1], x0, E::load_tail(mask, r[i] + full));
   }
   for (int i = 0; i < R; i++) y[n + i] = _mm512_reduce_add_ps(_mm512_add_ps(a[i][0], a[i][1]));
+}
+
+// Weight rows n..n + R times the M rows of x (M x K): y[j * N + n + i]. Each weight row is read once for all
+// M; each sum is kept exactly as block_avx512 keeps it, so a row's result does not depend on the rows beside it.
+template <typename E, int R, int M>
+void rows_times_rows_block(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t N, int64_t n) {
+  constexpr int C = E::kCols;
+  const int64_t full = K / C * C;
+  __m512 a[R][M][2];
+  for (int i = 0; i < R; i++)
+    for (int j = 0; j < M; j++) a[i][j][0] = a[i][j][1] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 2 * C <= full; k += 2 * C) {
+    for (int i = 0; i < R; i++) {
+      const typename E::T* r = w + (n + i) * K;
+      _mm_prefetch((const char*)(r + R * K + k), _MM_HINT_T0);  // the next block's rows
+      _mm_prefetch((const char*)(r + R * K + k) + 64, _MM_HINT_T0);
+      const __m512i w0 = E::load(r + k), w1 = E::load(r + k + C);
+      for (int j = 0; j < M; j++) {
+        a[i][j][0] = E::dot(a[i][j][0], E::load(x + j * K + k), w0);
+        a[i][j][1] = E::dot(a[i][j][1], E::load(x + j * K + k + C), w1);
+      }
+    }
+  }
+  for (int i = 0; i < R; i++) {
+    const typename E::T* r = w + (n + i) * K;
+    if (k < full) {
+      const __m512i w0 = E::load(r + k);
+      for (int j = 0; j < M; j++) a[i][j][0] = E::dot(a[i][j][0], E::load(x + j * K + k), w0);
+    }
+    if (full < K) {
+      const uint64_t mask = (1ull << (K - full)) - 1;
+      const __m512i w0 = E::load_tail(mask, r + full);
+      for (int j = 0; j < M; j++) a[i][j][1] = E::dot(a[i][j][1], E::load_tail(mask, x + j * K + full), w0);
+    }
+    for (int j = 0; j < M; j++) y[j * N + n + i] = _mm512_reduce_add_ps(_mm512_add_ps(a[i][j][0], a[i][j][1]));
+  }
+}
+
+template <typename E, int M>
+void rows_times_rows_avx512(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t N,
+                            int64_t n0, int64_t n1) {
+  constexpr int R = M <= 4 ? 2 : 1;  // R x M x 2 sums in registers
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) rows_times_rows_block<E, R, M>(w, x, y, K, N, n);
+  for (; n < n1; n++) rows_times_rows_block<E, 1, M>(w, x, y, K, N, n);
+}
+
+template <typename E>
+void rows_avx512(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t n0, int64_t n1);
+
+// All M (1..kMaxRows) rows of x times weight rows n0..n1.
+template <typename E>
+void rows_avx512(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t N, int64_t M,
+                 int64_t n0, int64_t n1) {
+  switch (M) {
+    case 2: return rows_times_rows_avx512<E, 2>(w, x, y, K, N, n0, n1);
+    case 3: return rows_times_rows_avx512<E, 3>(w, x, y, K, N, n0, n1);
+    case 4: return rows_times_rows_avx512<E, 4>(w, x, y, K, N, n0, n1);
+    case 5: return rows_times_rows_avx512<E, 5>(w, x, y, K, N, n0, n1);
+    case 6: return rows_times_rows_avx512<E, 6>(w, x, y, K, N, n0, n1);
+    case 7: return rows_times_rows_avx512<E, 7>(w, x, y, K, N, n0, n1);
+    case 8: return rows_times_rows_avx512<E, 8>(w, x, y, K, N, n0, n1);
+    default: return rows_avx512<E>(w, x, y, K, n0, n1);
+  }
 }
 
 template <typename E>
@@ -267,11 +333,13 @@ void rows_int4_avx512bf16(const uint8_t* w, const uint16_t* step, const uint16_t
 
 void check(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.device().is_cpu(),
-              "one_row_linear: the weight must be a contiguous 2-d CPU tensor");
-  TORCH_CHECK(x.numel() == weight.size(1) && x.is_contiguous() && x.scalar_type() == weight.scalar_type(),
-              "one_row_linear: x must be one contiguous row of the weight's width and dtype");
+              "few_rows_linear: the weight must be a contiguous 2-d CPU tensor");
+  const int64_t K = weight.size(1);
+  TORCH_CHECK(K > 0 && x.numel() % K == 0 && x.numel() / K >= 1 && x.numel() / K <= kMaxRows && x.is_contiguous() &&
+                  x.scalar_type() == weight.scalar_type(),
+              "few_rows_linear: x must be 1 to 8 contiguous rows of the weight's width and dtype");
   TORCH_CHECK(!bias || (bias->numel() == weight.size(0) && bias->is_contiguous()),
-              "one_row_linear: the bias must be contiguous, one value per output");
+              "few_rows_linear: the bias must be contiguous, one value per output");
 }
 
 // Runs `rows(n0, n1)` over the weight rows in blocks of kRows, split between PyTorch's threads.
@@ -284,47 +352,50 @@ void over_rows(int64_t N, F rows) {
 }  // namespace
 
 // x (..., K) holding one row, weight (N, K), bias (N) or none; fp32 or bf16 throughout. Returns (..., N).
-// `portable`: the portable loops even where the CPU has faster instructions (tests, comparisons).
-at::Tensor one_row_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          bool portable) {
+// x (..., K) holding M <= kMaxRows rows (decoding one or a few sequences, checking a draft's tokens), weight
+// (N, K), bias (N) or none; fp32 or bf16 throughout. Returns (..., N). Each row's result is the one it gets
+// alone. `portable`: the portable loops even where the CPU has faster instructions (tests, comparisons).
+at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           bool portable) {
   check(x, weight, bias);
-  const int64_t N = weight.size(0), K = weight.size(1);
+  const int64_t N = weight.size(0), K = weight.size(1), M = x.numel() / K;
   auto sizes = x.sizes().vec();
   sizes.back() = N;
-  auto sums = at::empty({N}, x.options().dtype(at::kFloat));
+  auto sums = at::empty({M, N}, x.options().dtype(at::kFloat));
   float* y = sums.data_ptr<float>();
   if (weight.scalar_type() == at::kFloat) {
     const float *w = weight.data_ptr<float>(), *xs = x.data_ptr<float>();
 #ifdef __AVX512F__
-    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_avx512<F32>(w, xs, y, K, n0, n1); });
+    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_avx512<F32>(w, xs, y, K, N, M, n0, n1); });
 #else
     portable = true;
 #endif
-    if (portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_portable(w, xs, y, K, n0, n1); });
+    for (int64_t j = 0; portable && j < M; j++)
+      over_rows(N, [&](int64_t n0, int64_t n1) { rows_portable(w, xs + j * K, y + j * N, K, n0, n1); });
   } else {
-    TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "one_row_linear: weights must be fp32 or bf16");
+    TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "few_rows_linear: weights must be fp32 or bf16");
     const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
     const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
 #ifdef __AVX512BF16__
-    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_avx512<BF16>(w, xs, y, K, n0, n1); });
+    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_avx512<BF16>(w, xs, y, K, N, M, n0, n1); });
 #else
     portable = true;
 #endif
-    if (portable) {
-      std::vector<float> xf(K);
-      for (int64_t k = 0; k < K; k++) xf[k] = to_float(xs[k]);
-      over_rows(N, [&](int64_t n0, int64_t n1) { rows_portable(w, xf.data(), y, K, n0, n1); });
+    std::vector<float> xf(portable ? K : 0);
+    for (int64_t j = 0; portable && j < M; j++) {
+      for (int64_t k = 0; k < K; k++) xf[k] = to_float(xs[j * K + k]);
+      over_rows(N, [&](int64_t n0, int64_t n1) { rows_portable(w, xf.data(), y + j * N, K, n0, n1); });
     }
   }
   if (bias) {
     auto b = bias->to(at::kFloat);
     const float* bp = b.data_ptr<float>();
-    for (int64_t n = 0; n < N; n++) y[n] += bp[n];
+    for (int64_t i = 0; i < M * N; i++) y[i] += bp[i % N];
   }
   if (weight.scalar_type() == at::kFloat) return sums.view(sizes);
   auto out = at::empty(sizes, x.options());
   auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  for (int64_t n = 0; n < N; n++) o[n] = to_bf16(y[n]);
+  for (int64_t i = 0; i < M * N; i++) o[i] = to_bf16(y[i]);
   return out;
 }
 
@@ -490,7 +561,7 @@ std::string instructions() {
 }
 
 TORCH_LIBRARY(scratchllm, m) {
-  m.def("one_row_linear(Tensor x, Tensor weight, Tensor? bias, bool portable=False) -> Tensor", &one_row_linear);
+  m.def("few_rows_linear(Tensor x, Tensor weight, Tensor? bias, bool portable=False) -> Tensor", &few_rows_linear);
   m.def(
       "int8_one_row_linear(Tensor x, Tensor qweight, Tensor scale, Tensor row_sums, Tensor? bias, "
       "bool reduce_range=False, bool portable=False) -> Tensor",

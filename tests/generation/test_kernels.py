@@ -61,8 +61,9 @@ def test_one_row_takes_the_kernel_the_probe_found_fastest(monkeypatch, one_row):
         pytest.skip(f"scratchllm's kernels are not available here: {native.unavailable_reason()}")
     assert {one_row_kernel(torch.float32), one_row_kernel(torch.bfloat16)} <= set(ONE_ROW_KERNELS)
     monkeypatch.setattr(kernels, "one_row_kernel", lambda dtype: one_row)
+    monkeypatch.setattr(kernels, "few_rows_kernel", lambda dtype: "packed")
     rows = {"plain": [], "native": []}
-    default_linear, native_linear = torch.nn.functional.linear, native.one_row_linear
+    default_linear, native_linear = torch.nn.functional.linear, native.few_rows_linear
 
     def counting(kind, kernel):
         def count(x, weight, bias=None):
@@ -77,11 +78,31 @@ def test_one_row_takes_the_kernel_the_probe_found_fastest(monkeypatch, one_row):
     for prompts in (prompts_of([5], seed=1), prompts_of([4, 9], seed=2)):
         with monkeypatch.context() as patch:
             patch.setattr(torch.nn.functional, "linear", counting("plain", default_linear))
-            patch.setattr(native, "one_row_linear", counting("native", native_linear))
+            patch.setattr(native, "few_rows_linear", counting("native", native_linear))
             got = [c.token_ids for c in packed.generate(prompts, cfg)]
         assert got == [c.token_ids for c in plain.generate(prompts, cfg)]
     for kind, counted in rows.items():  # the single prompt's decode steps, one row each; batches stay packed
         assert set(counted) == ({1} if kind == one_row else set())
+
+
+def test_a_few_rows_take_native_where_the_probe_says_so(monkeypatch):
+    if not PackedLinears.supported(tiny_model()) or not native.available():
+        pytest.skip("needs oneDNN's prepacked linear and scratchllm's kernels")
+    monkeypatch.setattr(kernels, "few_rows_kernel", lambda dtype: "native")
+    rows: list[int] = []
+    native_linear = native.few_rows_linear
+
+    def counting(x, weight, bias=None):
+        rows.append(x.numel() // x.shape[-1])
+        return native_linear(x, weight, bias)
+
+    model = tiny_model(seed=4)
+    prompts, cfg = prompts_of([4, 9, 6], seed=5), GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "few_rows_linear", counting)
+        got = [c.token_ids for c in Engine(model, ByteTokenizer()).generate(prompts, cfg)]
+    assert 3 in rows and max(rows) <= kernels.FEW_ROWS  # the batch's decode steps; its prompt stays packed
+    assert got == [c.token_ids for c in Engine(model, ByteTokenizer(), prepack=False).generate(prompts, cfg)]
 
 
 def test_the_probe_leaves_the_random_state_alone():
@@ -89,8 +110,8 @@ def test_the_probe_leaves_the_random_state_alone():
         pytest.skip("oneDNN's prepacked linear is not available here")
     state = torch.random.get_rng_state()
     for dtype in (torch.float32, torch.bfloat16):
-        kernel = kernels._probe_one_row.__wrapped__(dtype, torch.get_num_threads(), native.available())
-        assert kernel in ONE_ROW_KERNELS
+        one, few = kernels._time_kernels.__wrapped__(dtype, torch.get_num_threads(), native.available())
+        assert one in ONE_ROW_KERNELS and few in ("native", "packed")
     assert torch.equal(torch.random.get_rng_state(), state)
 
 

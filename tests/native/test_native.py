@@ -34,12 +34,12 @@ SHAPES = [(768, 768), (7, 37), (130, 100), (5, 64), (2304, 96), (1, 1)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_one_row_linear_is_the_linear_product(dtype, out_features, in_features, with_bias, portable):
+def test_few_rows_linear_is_the_linear_product(dtype, out_features, in_features, with_bias, portable):
     g = torch.Generator().manual_seed(out_features * 1000 + in_features)
     w = torch.randn(out_features, in_features, generator=g).to(dtype)
     x = torch.randn(1, 1, in_features, generator=g).to(dtype)
     b = torch.randn(out_features, generator=g).to(dtype) if with_bias else None
-    got = native.one_row_linear(x, w, b, portable)
+    got = native.few_rows_linear(x, w, b, portable)
     exact = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert got.shape == (1, 1, out_features) and got.dtype == dtype
     if dtype == torch.float32:
@@ -55,21 +55,34 @@ def test_the_split_between_threads_does_not_change_a_sum():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native.one_row_linear(x, w, None)
+        one = native.few_rows_linear(x, w, None)
         torch.set_num_threads(max(2, threads))
-        several = native.one_row_linear(x, w, None)
+        several = native.few_rows_linear(x, w, None)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, several)
 
 
-def test_one_row_linear_refuses_what_it_cannot_multiply():
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_few_rows_get_each_rows_own_result(dtype, portable):
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(130, 100, generator=g).to(dtype), torch.randn(130, generator=g).to(dtype)
+    for rows in range(2, 9):
+        x = torch.randn(rows, 100, generator=g).to(dtype)
+        together = native.few_rows_linear(x, w, b, portable)
+        assert together.shape == (rows, 130)
+        for j in range(rows):  # bitwise: speculative checks and batches agree with decoding alone
+            assert torch.equal(together[j], native.few_rows_linear(x[j : j + 1], w, b, portable)[0])
+
+
+def test_few_rows_linear_refuses_what_it_cannot_multiply():
     w = torch.randn(8, 16)
-    for x in (torch.randn(2, 16), torch.randn(16, 2).t()[0], torch.randn(16).bfloat16()):
-        with pytest.raises(RuntimeError, match="one_row_linear"):
-            native.one_row_linear(x, w, None)
+    for x in (torch.randn(9, 16), torch.randn(24), torch.randn(16, 2).t()[0], torch.randn(16).bfloat16()):
+        with pytest.raises(RuntimeError, match="few_rows_linear"):
+            native.few_rows_linear(x, w, None)
     with pytest.raises(RuntimeError, match="contiguous"):
-        native.one_row_linear(torch.randn(8), w.t(), None)
+        native.few_rows_linear(torch.randn(8), w.t(), None)
 
 
 def _int8_layer(out_features: int, in_features: int, seed: int) -> Int8Linear:
