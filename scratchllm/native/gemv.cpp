@@ -1,9 +1,9 @@
 // One-row products for decoding one sequence: y = W x + b, each weight read once from memory.
 //
 // Decoding one token multiplies a single activation row by every weight matrix, so the time goes into
-// streaming the weights, not into arithmetic. These kernels walk the weight rows in order, four at a
-// time so that each load of x serves four rows (and the next four rows are prefetched meanwhile), and
-// split the rows between PyTorch's threads. Weights come as fp32, bf16, int8 (one scale per row, the
+// streaming the weights, not into arithmetic. These kernels walk the weight rows in order, a few at a
+// time while the next few are prefetched, read each weight once for every row of x they take, and split
+// the weight rows between PyTorch's threads. Weights come as fp32, bf16, int8 (one scale per row, the
 // activations quantized to 8 bits on the fly) or int4 (two codes per byte, a step and a zero per group
 // of columns); sums are exact in int32 for int8 and kept in fp32 otherwise. The portable loops are what
 // the kernels compute (the compiler vectorizes them for the CPU it builds on); with AVX-512 BF16, bf16
@@ -97,40 +97,9 @@ struct BF16 {  // vdpbf16ps: 32 bf16 products added pairwise into 16 fp32 sums
 };
 #endif
 
-// Rows n..n + R of y = W x (R a constant, so the sums stay in registers): two sums per row keep 2R
-// independent chains in flight, and the next R rows are prefetched at the same columns meanwhile.
-template <typename E, int R>
-void block_avx512(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t n) {
-  constexpr int C = E::kCols;
-  const int64_t full = K / C * C;
-  const typename E::T* r[R];
-  __m512 a[R][2];
-  for (int i = 0; i < R; i++) r[i] = w + (n + i) * K, a[i][0] = a[i][1] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 2 * C <= full; k += 2 * C) {  // 128 bytes of each row: two cache lines
-    const __m512i x0 = E::load(x + k), x1 = E::load(x + k + C);
-    for (int i = 0; i < R; i++) {
-      const char* next = (const char*)(r[i] + R * K + k);
-      _mm_prefetch(next, _MM_HINT_T0);
-      _mm_prefetch(next + 64, _MM_HINT_T0);
-      a[i][0] = E::dot(a[i][0], x0, E::load(r[i] + k));
-      a[i][1] = E::dot(a[i][1], x1, E::load(r[i] + k + C));
-    }
-  }
-  if (k < full) {
-    const __m512i x0 = E::load(x + k);
-    for (int i = 0; i < R; i++) a[i][0] = E::dot(a[i][0], x0, E::load(r[i] + k));
-  }
-  if (full < K) {  // the last < C columns, masked
-    const uint64_t mask = (1ull << (K - full)) - 1;
-    const __m512i x0 = E::load_tail(mask, x + full);
-    for (int i = 0; i < R; i++) a[i][1] = E::dot(a[i][1], x0, E::load_tail(mask, r[i] + full));
-  }
-  for (int i = 0; i < R; i++) y[n + i] = _mm512_reduce_add_ps(_mm512_add_ps(a[i][0], a[i][1]));
-}
-
-// Weight rows n..n + R times the M rows of x (M x K): y[j * N + n + i]. Each weight row is read once for all
-// M; each sum is kept exactly as block_avx512 keeps it, so a row's result does not depend on the rows beside it.
+// Weight rows n..n + R times the M rows of x (M x K): y[j * N + n + i], each weight row read once for all M
+// (R and M constants, so the sums stay in registers). Two sums per pair alternate over the columns, 2RM chains
+// in flight, in an order that does not depend on M: a row of x gets the same result with or without others.
 template <typename E, int R, int M>
 void rows_times_rows_block(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t N, int64_t n) {
   constexpr int C = E::kCols;
@@ -142,7 +111,7 @@ void rows_times_rows_block(const typename E::T* w, const typename E::T* x, float
   for (; k + 2 * C <= full; k += 2 * C) {
     for (int i = 0; i < R; i++) {
       const typename E::T* r = w + (n + i) * K;
-      _mm_prefetch((const char*)(r + R * K + k), _MM_HINT_T0);  // the next block's rows
+      _mm_prefetch((const char*)(r + R * K + k), _MM_HINT_T0);  // the next block's rows, 128 bytes each
       _mm_prefetch((const char*)(r + R * K + k) + 64, _MM_HINT_T0);
       const __m512i w0 = E::load(r + k), w1 = E::load(r + k + C);
       for (int j = 0; j < M; j++) {
@@ -169,36 +138,26 @@ void rows_times_rows_block(const typename E::T* w, const typename E::T* x, float
 template <typename E, int M>
 void rows_times_rows_avx512(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t N,
                             int64_t n0, int64_t n1) {
-  constexpr int R = M <= 4 ? 2 : 1;  // R x M x 2 sums in registers
+  constexpr int R = M == 1 ? kRows : M <= 4 ? 2 : 1;  // R x M x 2 sums in registers
   int64_t n = n0;
   for (; n + R <= n1; n += R) rows_times_rows_block<E, R, M>(w, x, y, K, N, n);
   for (; n < n1; n++) rows_times_rows_block<E, 1, M>(w, x, y, K, N, n);
 }
-
-template <typename E>
-void rows_avx512(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t n0, int64_t n1);
 
 // All M (1..kMaxRows) rows of x times weight rows n0..n1.
 template <typename E>
 void rows_avx512(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t N, int64_t M,
                  int64_t n0, int64_t n1) {
   switch (M) {
+    case 1: return rows_times_rows_avx512<E, 1>(w, x, y, K, N, n0, n1);
     case 2: return rows_times_rows_avx512<E, 2>(w, x, y, K, N, n0, n1);
     case 3: return rows_times_rows_avx512<E, 3>(w, x, y, K, N, n0, n1);
     case 4: return rows_times_rows_avx512<E, 4>(w, x, y, K, N, n0, n1);
     case 5: return rows_times_rows_avx512<E, 5>(w, x, y, K, N, n0, n1);
     case 6: return rows_times_rows_avx512<E, 6>(w, x, y, K, N, n0, n1);
     case 7: return rows_times_rows_avx512<E, 7>(w, x, y, K, N, n0, n1);
-    case 8: return rows_times_rows_avx512<E, 8>(w, x, y, K, N, n0, n1);
-    default: return rows_avx512<E>(w, x, y, K, n0, n1);
+    default: return rows_times_rows_avx512<E, 8>(w, x, y, K, N, n0, n1);
   }
-}
-
-template <typename E>
-void rows_avx512(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) block_avx512<E, kRows>(w, x, y, K, n);
-  for (; n < n1; n++) block_avx512<E, 1>(w, x, y, K, n);
 }
 #endif
 
@@ -243,9 +202,9 @@ void rows_int8_vnni(const int8_t* w, const uint8_t* xq, int32_t* sums, int64_t K
   const __mmask64 tail = K - full ? (__mmask64)((1ull << (K - full)) - 1) : 0;
   int64_t n = n0;
   for (; n + kRows <= n1; n += kRows) {
-    const int8_t* r[kRows] = {w + n * K, w + (n + 1) * K, w + (n + 2) * K, w + (n + 3) * K};
+    const int8_t* r[kRows];
     __m512i a[kRows];
-    for (auto& v : a) v = _mm512_setzero_si512();
+    for (int i = 0; i < kRows; i++) r[i] = w + (n + i) * K, a[i] = _mm512_setzero_si512();
     for (int64_t k = 0; k < full; k += 64) {
       const __m512i xs = _mm512_loadu_si512(xq + k);
       for (int i = 0; i < kRows; i++) {
@@ -342,6 +301,22 @@ void check(const at::Tensor& x, const at::Tensor& weight, const std::optional<at
               "few_rows_linear: the bias must be contiguous, one value per output");
 }
 
+// fp32 sums (M x N) plus the bias, as a tensor of `sizes` in fp32 or, for `bf16`, rounded to bf16.
+at::Tensor finish(at::Tensor sums, const std::optional<at::Tensor>& bias, at::IntArrayRef sizes, bool bf16) {
+  float* y = sums.data_ptr<float>();
+  const int64_t count = sums.numel(), N = sizes.back();
+  if (bias) {
+    auto b = bias->to(at::kFloat).contiguous();
+    const float* bp = b.data_ptr<float>();
+    for (int64_t i = 0; i < count; i++) y[i] += bp[i % N];
+  }
+  if (!bf16) return sums.view(sizes);
+  auto out = at::empty(sizes, sums.options().dtype(at::kBFloat16));
+  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+  for (int64_t i = 0; i < count; i++) o[i] = to_bf16(y[i]);
+  return out;
+}
+
 // Runs `rows(n0, n1)` over the weight rows in blocks of kRows, split between PyTorch's threads.
 template <typename F>
 void over_rows(int64_t N, F rows) {
@@ -351,7 +326,6 @@ void over_rows(int64_t N, F rows) {
 
 }  // namespace
 
-// x (..., K) holding one row, weight (N, K), bias (N) or none; fp32 or bf16 throughout. Returns (..., N).
 // x (..., K) holding M <= kMaxRows rows (decoding one or a few sequences, checking a draft's tokens), weight
 // (N, K), bias (N) or none; fp32 or bf16 throughout. Returns (..., N). Each row's result is the one it gets
 // alone. `portable`: the portable loops even where the CPU has faster instructions (tests, comparisons).
@@ -387,16 +361,7 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const 
       over_rows(N, [&](int64_t n0, int64_t n1) { rows_portable(w, xf.data(), y + j * N, K, n0, n1); });
     }
   }
-  if (bias) {
-    auto b = bias->to(at::kFloat);
-    const float* bp = b.data_ptr<float>();
-    for (int64_t i = 0; i < M * N; i++) y[i] += bp[i % N];
-  }
-  if (weight.scalar_type() == at::kFloat) return sums.view(sizes);
-  auto out = at::empty(sizes, x.options());
-  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  for (int64_t i = 0; i < M * N; i++) o[i] = to_bf16(y[i]);
-  return out;
+  return finish(sums, bias, sizes, weight.scalar_type() == at::kBFloat16);
 }
 
 
@@ -439,22 +404,13 @@ at::Tensor int8_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
   if (portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_int8_portable(w, xq.data(), sp, K, n0, n1); });
   auto sizes = x.sizes().vec();
   sizes.back() = N;
-  auto out = at::empty(sizes, x.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();  // fp32 sums; rounded to bf16 at the end for a bf16 x
+  auto out = at::empty({N}, x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
   const float* s = sc.data_ptr<float>();
   const int32_t* rs = row_sums.data_ptr<int32_t>();
   const float xstep = float(step);
   for (int64_t n = 0; n < N; n++) o[n] = float(sp[n] - zero * rs[n]) * (xstep * s[n]);
-  if (bias) {
-    auto b = bias->to(at::kFloat).contiguous();
-    const float* bp = b.data_ptr<float>();
-    for (int64_t n = 0; n < N; n++) o[n] += bp[n];
-  }
-  if (!bf16) return out;
-  auto rounded = at::empty(sizes, x.options());
-  auto* r = reinterpret_cast<uint16_t*>(rounded.data_ptr());
-  for (int64_t n = 0; n < N; n++) r[n] = to_bf16(o[n]);
-  return rounded;
+  return finish(out, bias, sizes, bf16);
 }
 
 // Int4Linear's product for x (..., K) holding one row: x rounded to bf16, the codes `qweight` (N, K / 2,
@@ -475,13 +431,14 @@ at::Tensor int4_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
   const auto* w = qweight.data_ptr<uint8_t>();
   const auto* st = reinterpret_cast<const uint16_t*>(step.data_ptr());
   const auto* ze = reinterpret_cast<const uint16_t*>(zero.data_ptr());
-  std::vector<float> y(N);
+  auto sums = at::empty({N}, x.options().dtype(at::kFloat));
+  float* y = sums.data_ptr<float>();
 #ifdef __AVX512BF16__
   if (!portable && (G / 2) % 32 == 0) {
     std::vector<uint16_t> xe(K / 2), xo(K / 2);
     for (int64_t j = 0; j < K / 2; j++) xe[j] = xs[2 * j], xo[j] = xs[2 * j + 1];
     over_rows(N, [&](int64_t n0, int64_t n1) {
-      rows_int4_avx512bf16(w, st, ze, xe.data(), xo.data(), xsum.data(), y.data(), K, G, n0, n1);
+      rows_int4_avx512bf16(w, st, ze, xe.data(), xo.data(), xsum.data(), y, K, G, n0, n1);
     });
   } else
 #endif
@@ -489,15 +446,12 @@ at::Tensor int4_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
     std::vector<float> xe(K / 2), xo(K / 2);
     for (int64_t j = 0; j < K / 2; j++) xe[j] = to_float(xs[2 * j]), xo[j] = to_float(xs[2 * j + 1]);
     over_rows(N, [&](int64_t n0, int64_t n1) {
-      rows_int4_portable(w, st, ze, xe.data(), xo.data(), xsum.data(), y.data(), K, G, n0, n1);
+      rows_int4_portable(w, st, ze, xe.data(), xo.data(), xsum.data(), y, K, G, n0, n1);
     });
   }
   auto sizes = x.sizes().vec();
   sizes.back() = N;
-  auto out = at::empty(sizes, x.options().dtype(at::kBFloat16));
-  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  for (int64_t n = 0; n < N; n++) o[n] = to_bf16(y[n]);
-  return out;
+  return finish(sums, std::nullopt, sizes, true);
 }
 
 // RMSNorm (scratchllm/model/parts.py) over the rows of x (..., D), for the few rows of a decode step, where
