@@ -40,6 +40,7 @@ class PackedLinears:
         self._packed: list[torch.Tensor] = []
         self._forwards: list[Callable[[torch.Tensor], torch.Tensor]] = []
         self._norms: list[RMSNorm] = []
+        self._norm_forwards: list[Callable[[torch.Tensor], torch.Tensor]] = []
         self._key: tuple | None = None
 
     @staticmethod
@@ -66,7 +67,8 @@ class PackedLinears:
         """Pack the current weights, unless nothing changed since the last call. False (and nothing
         packed) when the model no longer qualifies, e.g. after moving to a GPU."""
         if not self.supported(self.model):
-            self._linears, self._packed, self._forwards, self._norms, self._key = [], [], [], [], None
+            self._linears, self._packed, self._forwards, self._key = [], [], [], None
+            self._norms, self._norm_forwards = [], []
             return False
         linears = [m for m in self.model.modules() if type(m) is nn.Linear]
         key = tuple(
@@ -81,6 +83,7 @@ class PackedLinears:
             self._forwards = [_packed_forward(w, m, one_row, few_rows) for m, w in zip(linears, self._packed)]
             norms = [m for m in self.model.modules() if type(m) is RMSNorm]
             self._norms = norms if native.available() else []
+            self._norm_forwards = [_native_norm_forward(norm) for norm in self._norms]
             self._key = key
         return True
 
@@ -90,8 +93,8 @@ class PackedLinears:
         native's fused one (call `refresh()` first)."""
         for m, forward in zip(self._linears, self._forwards):
             m.forward = forward  # an instance attribute shadows the class's forward
-        for norm in self._norms:
-            norm.forward = _native_norm_forward(norm)
+        for norm, forward in zip(self._norms, self._norm_forwards):
+            norm.forward = forward
         try:
             yield
         finally:

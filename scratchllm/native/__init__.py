@@ -92,6 +92,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
     return torch.ops.scratchllm.rms_norm(x, weight, eps, unit_offset)
 
 
+@functools.cache
 def instructions() -> dict[str, str]:
     """What each kernel runs on in this build, by weight type: {"fp32": "avx512", "bf16": "avx512bf16",
     "int8": "avx512vnni", "int4": "avx512bf16"} on a CPU with all of them, "portable" (the plain loops)

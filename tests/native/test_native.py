@@ -124,14 +124,17 @@ def test_int8_one_row_is_int8linears_stated_product(out_features, in_features, r
 
 def test_int8_layers_take_the_kernel_for_one_row_and_match_fbgemm():
     layer = _int8_layer(300, 200, seed=3)
-    if native.instructions()["int8"] == "portable" and layer._packed is not None:
-        pytest.skip("no VNNI here: int8 layers keep FBGEMM's kernel")
-    assert layer._native and layer._packed is None and not layer.reduce_range  # no second copy of the weights
+    chosen = layer._native
+    if chosen:
+        assert layer._packed is None and not layer.reduce_range  # no second copy of the weights
+    else:  # no VNNI here, so FBGEMM's kernel was kept: the native (portable) route is forced instead
+        assert native.instructions()["int8"] == "portable" and layer._packed is not None
+        layer._native, layer.reduce_range = True, False
     x = torch.randn(1, 200) * 2
     got = layer(x)
     stated = F.linear(quantize_activations(x), layer.weight_fp32(), layer.bias)
     torch.testing.assert_close(got, stated, rtol=1e-5, atol=1e-5)
-    if "fbgemm" in torch.backends.quantized.supported_engines:
+    if chosen and "fbgemm" in torch.backends.quantized.supported_engines:  # 8-bit codes need VNNI there
         from scratchllm.model.quantize import _fbgemm_pack
 
         fbgemm = torch.ops.quantized.linear_dynamic(
@@ -176,7 +179,9 @@ def test_int4_one_row_is_int4linears_stated_product(out_features, in_features, g
     assert got.shape == (1, 1, out_features) and got.dtype == torch.bfloat16
     step = exact.abs().clamp(min=1e-3) * 2**-7  # fp32 sums, then one rounding to bf16
     assert ((got.double() - exact).abs() <= step).all()
-    # the layer takes it for one row; PyTorch's kernel for several, on the same numbers
+    # the layer takes it for one row (forced where it would not: portable loops, small groups);
+    # PyTorch's kernel for several, on the same numbers
+    layer._native = True
     one = layer(x)
     several = layer(x.expand(1, 3, in_features))
     torch.testing.assert_close(one.expand(1, 3, out_features), several, rtol=2**-7, atol=1e-3)
