@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import time
 from collections.abc import Callable
 
 import torch
+from bench_families import cpu_name
+from bench_generate import _timed, load_average, read_bandwidth
 
 from scratchllm import native
 from scratchllm.model.quantize import Int4Linear, Int8Linear, _fbgemm_pack, int4_supported
@@ -33,19 +33,6 @@ SHAPES = {
     "qwen3-0.6b": [(4096, 1024), (1024, 2048), (3072, 1024), (3072, 1024), (1024, 3072)] * 6,
 }
 Kernel = Callable[[torch.Tensor, object], torch.Tensor]
-
-
-def bandwidth(repeats: int = 7) -> float:
-    x = torch.ones(128 * 1024 * 1024)
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(repeats))
-    return x.numel() * 4 / best / 1e9
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def candidates(dtype: str, shapes: list[tuple[int, int]]) -> tuple[int, dict[str, tuple[Kernel, list]]]:
@@ -104,11 +91,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     paths = native.instructions() if native.available() else f"unavailable: {native.unavailable_reason()}"
     print(
-        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"# machine: {cpu_name()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); native kernels: {paths}; "
-        f"load average: {os.getloadavg()[0]:.1f}"
+        f"load average: {load_average()}"
     )
-    bw = bandwidth()
+    bw = read_bandwidth()
     print(f"read bandwidth (sum of a 512 MiB tensor): {bw:.1f} GB/s")
     for shape in SHAPES if args.shape == "all" else [args.shape]:
         for dtype in args.dtypes:
