@@ -7,7 +7,9 @@ checked against ours first), a 32-token prompt, 128 new tokens, batch 1, greedy.
 transformers' `generate` (bf16 weights, its KV cache). They run in rotation (A B C A B C ...) with a
 memory-bandwidth measurement, best of --repeats. A decode step reads every linear weight once (the
 LM head included), one embedding row and the KV cache so far: the bound is read bandwidth / those
-bytes.
+bytes. Each candidate is also timed on the prompt and first token alone, in the same rotation; the
+rest of a whole run is its decode steps, reported on their own (tokens/s of the steps, as llama.cpp's
+`tg` reports decoding apart from the prompt).
 
 Loading: a Llama-3.2-1B-shape Hugging Face directory (random bf16 weights, two safetensors shards and
 an index) is converted with `convert_hf_dir`, then the model directory is loaded with `load_model`,
@@ -155,17 +157,19 @@ def bench_decode(name: str, args: argparse.Namespace, bw: float) -> dict[str, fl
     def ours(engine: Engine) -> list[int]:
         return engine.generate([p], greedy)[0].token_ids
 
-    def theirs() -> list[int]:
+    def theirs(n: int = n_new) -> list[int]:
         with torch.inference_mode():
             out = hf.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),
                 do_sample=False,
-                max_new_tokens=n_new,
-                min_new_tokens=n_new,
+                max_new_tokens=n,
+                min_new_tokens=n,
                 use_cache=True,
             )
         return out[0, prompt.shape[1] :].tolist()
+
+    first = GenerationConfig(max_new_tokens=1, ignore_eos=True)
 
     ref = theirs()
     for label, engine in engines.items():
@@ -175,6 +179,10 @@ def bench_decode(name: str, args: argparse.Namespace, bw: float) -> dict[str, fl
     candidates: dict[str, Callable[[], float]] = {k: (lambda e=e: len(ours(e))) for k, e in engines.items()}
     hf_name = f"transformers {type(hf).__name__}.generate (bf16)"
     candidates[hf_name] = lambda: len(theirs())
+    # the prompt and first token alone: the rest of a run's time is its n_new - 1 decode steps
+    for label, engine in engines.items():
+        candidates[f"{label} (first token)"] = lambda e=engine: len(e.generate([p], first)[0].token_ids)
+    candidates[f"{hf_name} (first token)"] = lambda: len(theirs(1))
     big = torch.ones(128 * 1024 * 1024)
     candidates["(read bandwidth, GB/s)"] = lambda: big.sum().item() * 4 / 1e9
     rates = rotate(candidates, args.repeats)
@@ -187,15 +195,20 @@ def bench_decode(name: str, args: argparse.Namespace, bw: float) -> dict[str, fl
     need["ours int8 weights"] = bytes_per_token(model_int8, kv_positions, kv_dtype)
     if model_int4 is not None:
         need["ours int4 weights"] = bytes_per_token(model_int4, kv_positions, kv_dtype)
+    first_token = {label: 1 / max(rates.pop(f"{label} (first token)")) for label in need}
     hf_best = max(rates[hf_name])
+    hf_decode = (n_new - 1) / (n_new / hf_best - first_token[hf_name])
     out = {"bandwidth": bw}
+    print(f"  {'':48s} whole run: prompt, first token and {n_new - 1} steps | the steps alone")
     for label, r in rates.items():
         best, nbytes = max(r), sum(need[label].values())
         bound = bw * 1e9 / nbytes
-        out[label] = best
+        decode = (n_new - 1) / (n_new / best - first_token[label])
+        out[label], out[f"{label} decode"] = best, decode
         print(
             f"  {label:48s} {best:6.2f} tok/s (median {statistics.median(r):6.2f})  {best / hf_best:5.2f}x "
-            f"transformers  {best / bound:4.0%} of the bound ({bound:5.1f} tok/s)"
+            f"transformers  {best / bound:4.0%} of the bound ({bound:5.1f} tok/s) | "
+            f"{decode:6.2f} tok/s  {decode / hf_decode:5.2f}x  {decode / bound:4.0%}"
         )
     for label, parts in need.items():
         shown = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in parts.items())

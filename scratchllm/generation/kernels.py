@@ -13,7 +13,10 @@ import torch
 import torch.nn as nn
 
 from .. import native
+from ..model.attention import CausalSelfAttention
+from ..model.gqa import GroupedQueryAttention
 from ..model.parts import RMSNorm
+from .fused import fused_routes
 
 
 class PackedLinears:
@@ -26,8 +29,8 @@ class PackedLinears:
     (scratchllm/native) closer still on some CPUs. One row takes whichever of the three a probe finds
     fastest (`one_row_kernel`), 2 to 8 rows (small batches, a draft's tokens checked) native's or the
     packed one (`few_rows_kernel`), more rows (prompts, batches) the packed one. The packed copies take
-    as much memory again as the linear weights. Where native builds, the RMSNorms of a decode step
-    run on its fused kernel too. `refresh()` rebuilds them when a weight has changed
+    as much memory again as the linear weights. Where native builds, a decode step's RMSNorms,
+    attention and blocks take fused.py's forwards too. `refresh()` rebuilds them when a weight has changed
     (training between generations; found by the version counter, the storage and eight sampled
     values of each weight, so an edit in place that touches none of those is not seen: make a new
     Engine then); `installed()` routes the linear layers through them, for inference only.
@@ -39,19 +42,19 @@ class PackedLinears:
         self._linears: list[nn.Linear] = []
         self._packed: list[torch.Tensor] = []
         self._forwards: list[Callable[[torch.Tensor], torch.Tensor]] = []
-        self._norms: list[RMSNorm] = []
-        self._norm_forwards: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        self._routes: list[tuple[nn.Module, Callable[..., torch.Tensor]]] = []  # fused.py's forwards
         self._key: tuple | None = None
 
     @staticmethod
     def supported(model: nn.Module) -> bool:
         """True when every linear weight is on the CPU, in fp32 or (with native support) bf16, and
         PyTorch has oneDNN's prepacked linear; or, for a model with no plain linear layers left (int8
-        and int4 weights), when it is on the CPU and has RMSNorms for native's fused kernel."""
+        and int4 weights), when it is on the CPU and native's fused norm or attention applies."""
         weights = [m.weight for m in model.modules() if type(m) is nn.Linear]
         if not weights:
             on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-            return on_cpu and any(type(m) is RMSNorm for m in model.modules()) and native.available()
+            fusable = (RMSNorm, GroupedQueryAttention, CausalSelfAttention)
+            return on_cpu and any(type(m) in fusable for m in model.modules()) and native.available()
         if not torch.backends.mkldnn.is_available() or not hasattr(
             torch.ops.mkldnn, "_reorder_linear_weight"
         ):
@@ -68,7 +71,7 @@ class PackedLinears:
         packed) when the model no longer qualifies, e.g. after moving to a GPU."""
         if not self.supported(self.model):
             self._linears, self._packed, self._forwards, self._key = [], [], [], None
-            self._norms, self._norm_forwards = [], []
+            self._routes = []
             return False
         linears = [m for m in self.model.modules() if type(m) is nn.Linear]
         key = tuple(
@@ -81,24 +84,21 @@ class PackedLinears:
             dtype = linears[0].weight.dtype if linears else None
             one_row, few_rows = (one_row_kernel(dtype), few_rows_kernel(dtype)) if dtype else ("packed",) * 2
             self._forwards = [_packed_forward(w, m, one_row, few_rows) for m, w in zip(linears, self._packed)]
-            norms = [m for m in self.model.modules() if type(m) is RMSNorm]
-            self._norms = norms if native.available() else []
-            self._norm_forwards = [_native_norm_forward(norm) for norm in self._norms]
+            self._routes = fused_routes(self.model) if native.available() else []
             self._key = key
         return True
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """Route the linear layers through the packed weights, and a decode step's RMSNorms through
-        native's fused one (call `refresh()` first)."""
-        for m, forward in zip(self._linears, self._forwards):
-            m.forward = forward  # an instance attribute shadows the class's forward
-        for norm, forward in zip(self._norms, self._norm_forwards):
-            norm.forward = forward
+        """Route the linear layers through the packed weights, and a decode step's RMSNorms and
+        attention through native's fused kernels (call `refresh()` first)."""
+        routes = [*zip(self._linears, self._forwards), *self._routes]
+        for m, forward in routes:
+            m.__dict__["forward"] = forward  # shadows the class's forward (past nn.Module's slow setattr)
         try:
             yield
         finally:
-            for m in (*self._linears, *self._norms):
+            for m, _ in routes:
                 m.__dict__.pop("forward", None)
 
 
@@ -198,22 +198,5 @@ def _packed_forward(
         if kernel == "plain":
             return torch.nn.functional.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-    return forward
-
-
-#: Up to this many rows (a decode step's tokens, or its heads under QK-norm), RMSNorm takes native's kernel.
-NATIVE_NORM_ROWS = 64
-
-
-def _native_norm_forward(norm: RMSNorm) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`norm`'s forward in one native call for a decode step's few rows (eager PyTorch spends about ten
-    small operations on it); prompts and other inputs take the module's own forward."""
-    weight, default = norm.weight, RMSNorm.forward.__get__(norm)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == weight.dtype and x.is_contiguous() and x.numel() <= NATIVE_NORM_ROWS * x.shape[-1]:
-            return native.rms_norm(x, weight, norm.eps, norm.unit_offset)
-        return default(x)
 
     return forward

@@ -1,4 +1,5 @@
-"""Hand-written CPU kernels (C++, `gemv.cpp`), compiled for this CPU the first time they are needed.
+"""Hand-written CPU kernels (C++: `gemv.cpp`, `decode.cpp`), compiled for this CPU the first time
+they are needed.
 
 Decoding one sequence multiplies one activation row by every weight matrix, so it runs at the speed the
 weights stream from memory, and PyTorch's own one-row kernels read bf16, int8 and int4 weights well
@@ -6,8 +7,10 @@ below that speed (benchmarks/RESULTS.md). These do the product the plain way: fo
 pass over the input while the next four are prefetched, the rows split between PyTorch's threads, on
 the instructions made for each weight type where the CPU has them (`instructions()`):
 `few_rows_linear` for fp32 and bf16 weights (one row, or up to 8), `int8_one_row_linear` and
-`int4_one_row_linear` for the layers of model/quantize.py. `rms_norm` does a decode step's RMSNorm in
-one call instead of eager PyTorch's ten small ones.
+`int4_one_row_linear` for the layers of model/quantize.py. The rest of a decode step is little
+arithmetic in many small eager operations, each costing more to call than to compute: `rms_norm` does
+an RMSNorm in one call instead of ten, `decode_attention` a new token's attention (QK-norm, RoPE, the
+cache write and the attention itself) in one instead of about twenty-five.
 
 The source is built once per CPU, PyTorch version and source text with `-march=native` into PyTorch's
 extension cache (`~/.cache/torch_extensions`, or `TORCH_EXTENSIONS_DIR`), which takes a C++ compiler and
@@ -27,7 +30,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gemv.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "gemv.cpp", HERE / "decode.cpp"]  # and the header they share, bf16.h
+# OpenMP: at::parallel_for is inline, and splits work only where the including code has it; no
+# contraction into fused multiply-adds, so that elementwise steps round as PyTorch's do
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 #: Set to 0 to keep PyTorch's kernels (comparisons, or a machine whose compiler misbehaves).
 ENV_SWITCH = "SCRATCHLLM_NATIVE"
 _lock = threading.Lock()
@@ -92,6 +99,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
     return torch.ops.scratchllm.rms_norm(x, weight, eps, unit_offset)
 
 
+def decode_attention(
+    qkv: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    unit_offset: bool,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: int,
+    scale: float,
+) -> torch.Tensor:
+    """One new token per sequence through attention (model/gqa.py's and model/attention.py's forward for
+    one position): `qkv` (batch, 1, (n_heads + 2 n_kv_heads) * head_dim) is the fused projection's output,
+    fp32 or bf16; `q_norm`/`k_norm` the QK-norm weights (or None); `cos`/`sin` the new position's RoPE
+    row (or None); the key and value are written into `k_cache`/`v_cache` (batch, n_kv_heads, max_len,
+    head_dim; fp32 or bf16, contiguous) at `pos`, and each query attends over positions 0..pos with
+    scores times `scale`. Returns (batch, 1, n_heads * head_dim) in qkv's type. Call `available()`
+    first."""
+    return torch.ops.scratchllm.decode_attention(
+        qkv, n_heads, n_kv_heads, q_norm, k_norm, eps, unit_offset, cos, sin, k_cache, v_cache, pos, scale
+    )
+
+
 @functools.cache
 def instructions() -> dict[str, str]:
     """What each kernel runs on in this build, by weight type: {"fp32": "avx512", "bf16": "avx512bf16",
@@ -114,9 +148,8 @@ def _load() -> bool:
             print("building scratchllm's CPU kernels for this CPU (once, about 15 s)", file=sys.stderr)
         load(
             name=name,
-            sources=[str(SOURCE)],
-            # OpenMP: at::parallel_for is inline, and splits work only where the including code has it
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            sources=[str(path) for path in SOURCES],
+            extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
@@ -129,10 +162,12 @@ def _load() -> bool:
 
 
 def _fingerprint() -> str:
-    """The CPU's feature flags, PyTorch's version and the source: one build per combination."""
+    """The CPU's feature flags, PyTorch's version, the compiler flags and the sources: one build per
+    combination."""
     flags = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), flags)
-    text = "\n".join([flags, torch.__version__, SOURCE.read_text(encoding="utf-8")])
+    sources = [path.read_text(encoding="utf-8") for path in (*SOURCES, HERE / "bf16.h")]
+    text = "\n".join([flags, torch.__version__, *CFLAGS, *sources])
     return hashlib.sha256(text.encode()).hexdigest()[:12]

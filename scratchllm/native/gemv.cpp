@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,21 +34,8 @@ constexpr int64_t kRows = 4;     // weight rows per pass over x
 constexpr int64_t kGrain = 16;   // passes per thread task at least (64 rows)
 constexpr int64_t kMaxRows = 8;  // rows of x that few_rows_linear takes
 
-inline float to_float(float v) { return v; }
-
-inline float to_float(uint16_t h) {  // bf16 is the top half of an fp32
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t to_bf16(float f) {  // round to nearest even, as PyTorch does
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffff) > 0x7f800000) return 0x7fc0;  // NaN
-  return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
+using scratchllm::to_bf16;
+using scratchllm::to_float;
 
 // y[n] = sum_k w[n, k] * x[k] for rows n0..n1 (portable).
 template <typename W>
@@ -454,50 +443,6 @@ at::Tensor int4_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
   return finish(sums, std::nullopt, sizes, true);
 }
 
-// RMSNorm (scratchllm/model/parts.py) over the rows of x (..., D), for the few rows of a decode step, where
-// PyTorch's version is about ten small operations: x / sqrt(mean(x^2) + eps) in fp32, then times the
-// weight, after the cast back to x's type (`unit_offset` false: Llama, Qwen) or before it, as 1 + weight
-// (true: Gemma). x and weight of one type, fp32 or bf16.
-template <typename T>
-void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t D, float eps, bool unit_offset) {
-  auto round = [](float v) {  // to T and back: the rounding of a cast to x's type
-    if constexpr (std::is_same_v<T, float>) return v;
-    else return to_float(to_bf16(v));
-  };
-  auto store = [](float v) {
-    if constexpr (std::is_same_v<T, float>) return v;
-    else return to_bf16(v);
-  };
-  std::vector<float> w(D);
-  for (int64_t d = 0; d < D; d++) w[d] = to_float(weight[d]) + (unit_offset ? 1.0f : 0.0f);
-  for (int64_t r = 0; r < rows; r++) {
-    const T* row = x + r * D;
-    float squares = 0;
-    for (int64_t d = 0; d < D; d++) squares += to_float(row[d]) * to_float(row[d]);
-    const float scale = 1.0f / std::sqrt(squares / float(D) + eps);
-    for (int64_t d = 0; d < D; d++) {
-      const float normed = to_float(row[d]) * scale;
-      out[r * D + d] = store(unit_offset ? normed * w[d] : w[d] * round(normed));
-    }
-  }
-}
-
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool unit_offset) {
-  const int64_t D = weight.numel();
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.size(-1) == D && x.scalar_type() == weight.scalar_type() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "rms_norm: x and weight must be contiguous, of one type (fp32 or bf16), weight as wide as x's rows");
-  auto out = at::empty_like(x);
-  const int64_t rows = D ? x.numel() / D : 0;
-  if (x.scalar_type() == at::kFloat) {
-    rms_norm_rows(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), rows, D, float(eps), unit_offset);
-  } else {
-    auto ptr = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
-    rms_norm_rows<uint16_t>(ptr(x), ptr(weight), ptr(out), rows, D, float(eps), unit_offset);
-  }
-  return out;
-}
-
 // The instructions each kernel runs on this build, e.g. "fp32=avx512 bf16=avx512bf16 int8=avx512vnni
 // int4=avx512bf16" ("portable": the portable loops; int4's fast path needs groups of 64 columns or more).
 std::string instructions() {
@@ -524,6 +469,5 @@ TORCH_LIBRARY(scratchllm, m) {
       "int4_one_row_linear(Tensor x, Tensor qweight, Tensor step, Tensor zero, int group_size, "
       "bool portable=False) -> Tensor",
       &int4_one_row_linear);
-  m.def("rms_norm(Tensor x, Tensor weight, float eps, bool unit_offset) -> Tensor", &rms_norm);
   m.def("instructions() -> str", &instructions);
 }

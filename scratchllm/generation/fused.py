@@ -1,0 +1,193 @@
+"""A decode step's small operations in fewer calls, on CPUs where scratchllm/native builds.
+
+Past the weight products, a decode step is little arithmetic spread over many small eager operations
+and module calls, each costing more to launch than to compute: at Qwen3-0.6B size they took a fifth of
+an int8 step (benchmarks/RESULTS.md). `PackedLinears.installed()` routes modules through these forwards:
+`norm_forward` (an RMSNorm in one native call), `attention_forward` (a new token's QK-norm, RoPE, cache
+write and attention in one) and `block_forward` (a block without nn.Module's per-call machinery and its
+identity layers). Each takes the module's own forward wherever it does not compute the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from .. import native
+from ..model import gpt, transformer
+from ..model.attention import CausalSelfAttention, KVCache, causal_mask
+from ..model.gqa import GroupedQueryAttention
+from ..model.parts import ACTIVATIONS, GatedFeedForward, RMSNorm
+
+#: Up to this many rows (a decode step's tokens, or its heads under QK-norm), RMSNorm takes native's kernel.
+NATIVE_NORM_ROWS = 64
+
+
+def fused_routes(model: nn.Module) -> list[tuple[nn.Module, Callable[..., torch.Tensor]]]:
+    """The modules of `model` that a decode step runs faster through this module's forwards, each with
+    its forward: RMSNorms, attention layers and blocks (blocks only where no module has forward hooks,
+    which their forward would skip). Call `native.available()` first."""
+    routes: list[tuple[nn.Module, Callable[..., torch.Tensor]]] = []
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    for m in model.modules():
+        if type(m) is RMSNorm:
+            routes.append((m, norm_forward(m)))
+        elif type(m) in (GroupedQueryAttention, CausalSelfAttention):
+            routes.append((m, attention_forward(m)))
+        elif not hooked and (forward := block_forward(m)) is not None:
+            routes.append((m, forward))
+    return routes
+
+
+def norm_forward(norm: RMSNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`norm`'s forward in one native call for a decode step's few rows (eager PyTorch spends about ten
+    small operations on it); prompts and other inputs take the module's own forward."""
+    weight, default = norm.weight, RMSNorm.forward.__get__(norm)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == weight.dtype and x.is_contiguous() and x.numel() <= NATIVE_NORM_ROWS * x.shape[-1]:
+            return native.rms_norm(x, weight, norm.eps, norm.unit_offset)
+        return default(x)
+
+    return forward
+
+
+def attention_forward(att: GroupedQueryAttention | CausalSelfAttention) -> Callable[..., torch.Tensor]:
+    """`att`'s forward with a decode step's attention in one native call (`native.decode_attention`):
+    up to `FUSED_ATTENTION_TOKENS` new tokens per row, no padding (no mask, or the plain causal one), a
+    plain cache keeping every position of this layer. Everything else (longer prompts, padded batches,
+    sliding-window rings, slot caches, static mode, training) takes the module's own forward."""
+    gqa = isinstance(att, GroupedQueryAttention)
+    default = type(att).forward.__get__(att)
+    n_heads = att.n_heads
+    n_kv = att.n_kv_groups if gqa else att.n_heads
+    q_norm, k_norm = (att.q_norm, att.k_norm) if gqa else (None, None)
+    scale = att.scale if gqa and att.scale is not None else att.head_dim**-0.5
+
+    def fused(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask, kv_cache, layer):
+        if not _fusable(att, x, rope, mask, kv_cache, layer, q_norm):
+            return None
+        qkv = att.qkv(x)
+        if qkv.dtype != x.dtype:
+            return None
+        cos, sin = rope if rope is not None else (None, None)
+        y = native.decode_attention(
+            qkv,
+            n_heads,
+            n_kv,
+            None if q_norm is None else q_norm.weight,
+            None if k_norm is None else k_norm.weight,
+            q_norm.eps if q_norm is not None else 0.0,
+            q_norm.unit_offset if q_norm is not None else False,
+            cos,
+            sin,
+            kv_cache.k[layer],
+            kv_cache.v[layer],
+            kv_cache.pos,
+            scale,
+        )
+        return att.out_proj(y)
+
+    if gqa:
+
+        def forward(x, rope, mask=None, kv_cache=None, layer=0):
+            y = fused(x, rope, mask, kv_cache, layer)
+            return default(x, rope, mask, kv_cache, layer) if y is None else y
+
+    else:
+
+        def forward(x, mask=None, kv_cache=None, layer=0):
+            y = fused(x, None, mask, kv_cache, layer)
+            return default(x, mask, kv_cache, layer) if y is None else y
+
+    return forward
+
+
+#: Up to this many new tokens per row (a decode step, a draft's tokens checked, a short prompt),
+#: attention takes `native.decode_attention`.
+FUSED_ATTENTION_TOKENS = 8
+
+
+def _fusable(att: nn.Module, x: torch.Tensor, rope, mask, kv_cache, layer: int, norm: RMSNorm | None) -> bool:
+    """Whether `native.decode_attention` computes this call as the module's forward would."""
+    if type(kv_cache) is not KVCache or kv_cache.static or kv_cache.windows[layer]:
+        return False
+    t = x.shape[1]
+    if t > FUSED_ATTENTION_TOKENS or (att.training and att.dropout) or x.dtype not in _TYPES:
+        return False
+    keys = kv_cache.k[layer]
+    if kv_cache.pos + t > keys.shape[2] or keys.device.type != "cpu" or not keys.is_contiguous():
+        return False
+    if rope is not None and (rope[0].dtype != x.dtype or rope[0].numel() != t * keys.shape[3]):
+        return False
+    if mask is not None and not _plain_causal(mask, kv_cache.pos, t):
+        return False
+    return norm is None or norm.weight.dtype == x.dtype
+
+
+_TYPES = (torch.float32, torch.bfloat16)
+_causal_seen: list[torch.Tensor] = []  # the last mask found plain causal (a step hands it to every layer)
+
+
+def _plain_causal(mask: torch.Tensor, start: int, t: int) -> bool:
+    """Whether `mask` is `step_inputs`' causal mask of `t` tokens after `start` (no padding): what
+    each new token sees in `native.decode_attention` too. Checked once per step's mask."""
+    if _causal_seen and _causal_seen[0] is mask:
+        return True
+    if mask.dtype != torch.bool or mask.shape != (1, 1, t, start + t):
+        return False
+    if not torch.equal(mask[0, 0], causal_mask(start, t, mask.device)):
+        return False
+    _causal_seen[:] = [mask]
+    return True
+
+
+def block_forward(block: nn.Module) -> Callable[..., torch.Tensor] | None:
+    """A block's inference forward (`transformer.TransformerBlock`, `gpt.TransformerBlock`) calling its
+    parts' forwards directly: the same arithmetic as the block's own forward in eval mode, without
+    nn.Module's per-call machinery (about fifteen calls per block) and the identity layers (dropout
+    when not training, Gemma's post-norms where absent). None for other blocks; in training mode the
+    block's own forward runs. Forward hooks on its parts are not called: install it only on models
+    without them."""
+    if type(block) not in (transformer.TransformerBlock, gpt.TransformerBlock):
+        return None
+    default = type(block).forward.__get__(block)
+    norm1, norm2, att = block.norm1, block.norm2, block.att
+    if type(block) is transformer.TransformerBlock:
+        ff = _mlp_forward(block.ff)
+        post_att, post_ff = (_unless_identity(m) for m in (block.post_att_norm, block.post_ff_norm))
+
+        def forward(x, rope, mask=None, kv_cache=None, layer=0):
+            if block.training:
+                return default(x, rope, mask, kv_cache, layer)
+            x = x + post_att(att.forward(norm1.forward(x), rope, mask, kv_cache, layer))
+            return x + post_ff(ff(norm2.forward(x)))
+
+        return forward
+    ff = _mlp_forward(block.ff)
+
+    def gpt_forward(x, mask=None, kv_cache=None, layer=0):
+        if block.training:
+            return default(x, mask, kv_cache, layer)
+        x = x + att.forward(norm1.forward(x), mask, kv_cache, layer)
+        return x + ff(norm2.forward(x))
+
+    return gpt_forward
+
+
+def _unless_identity(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    # looked up at each call: the forward installed then (a norm's fused one) is the one to run
+    return (lambda x: x) if type(module) is nn.Identity else (lambda x: module.forward(x))
+
+
+def _mlp_forward(ff: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A feed-forward's forward with its layers' forwards called directly (each the one installed then)."""
+    if type(ff) is GatedFeedForward:
+        gate, up, down, act = ff.gate, ff.up, ff.down, ACTIVATIONS[ff.activation]
+        return lambda x: down.forward(act(gate.forward(x)) * up.forward(x))
+    if type(ff) is gpt.FeedForward and len(ff.layers) == 3:
+        first, act, last = ff.layers
+        return lambda x: last.forward(act.forward(first.forward(x)))
+    return lambda x: ff.forward(x)

@@ -1,0 +1,273 @@
+// The rest of a decode step, one call each where eager PyTorch spends many small operations: the RMSNorm of
+// a few rows, and attention for one new token per sequence (QK-norm, RoPE, the KV-cache write and attention
+// over every cached position). Decoding one token is so little arithmetic that the calls themselves, not
+// the work, set how long these parts take.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "bf16.h"
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using scratchllm::round_as;
+using scratchllm::store_as;
+using scratchllm::to_float;
+
+// RMSNorm (scratchllm/model/parts.py) of `rows` rows of D: x / sqrt(mean(x^2) + eps) in fp32, then times
+// the weight, after the cast back to x's type (`unit_offset` false: Llama, Qwen) or before it, as
+// 1 + weight (true: Gemma).
+template <typename T>
+void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t D, float eps, bool unit_offset) {
+  std::vector<float> w(D);
+  for (int64_t d = 0; d < D; d++) w[d] = to_float(weight[d]) + (unit_offset ? 1.0f : 0.0f);
+  for (int64_t r = 0; r < rows; r++) {
+    const T* row = x + r * D;
+    float squares = 0;
+    for (int64_t d = 0; d < D; d++) squares += to_float(row[d]) * to_float(row[d]);
+    const float scale = 1.0f / std::sqrt(squares / float(D) + eps);
+    for (int64_t d = 0; d < D; d++) {
+      const float normed = to_float(row[d]) * scale;
+      out[r * D + d] = store_as<T>(unit_offset ? normed * w[d] : w[d] * round_as<T>(normed));
+    }
+  }
+}
+
+template <typename T>
+const T* data(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+
+template <typename T>
+T* data_mut(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+// The settings of one decode_attention call that do not change between heads.
+template <typename T>
+struct HeadPrep {
+  int64_t D;
+  const T* q_norm;  // nullptr: no QK-norm
+  const T* k_norm;
+  float eps;
+  bool unit_offset;
+  const T* cos;  // nullptr: no RoPE
+  const T* sin;
+};
+
+// One query or key head as GroupedQueryAttention computes it: QK-norm, then RoPE (x cos + rotate_half(x) sin),
+// every operation rounded to T as PyTorch's would be. Writes fp32 values of T.
+template <typename T>
+void prepare_head(const T* in, const T* norm, const HeadPrep<T>& p, float* out) {
+  const int64_t D = p.D, half = D / 2;
+  std::vector<T> normed(in, in + D);
+  if (norm) rms_norm_rows(in, norm, normed.data(), 1, D, p.eps, p.unit_offset);
+  for (int64_t d = 0; d < D; d++) out[d] = to_float(normed[d]);
+  if (!p.cos) return;
+  std::vector<float> x(out, out + D);
+  for (int64_t d = 0; d < D; d++) {
+    const float rotated = d < half ? -x[d + half] : x[d - half];
+    const float a = round_as<T>(x[d] * to_float(p.cos[d])), b = round_as<T>(rotated * to_float(p.sin[d]));
+    out[d] = round_as<T>(a + b);
+  }
+}
+
+// a . b over D fp32 values.
+inline float dot(const float* a, const float* b, int64_t D) {
+  int64_t d = 0;
+  float sum = 0;
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; d < D; d++) sum += a[d] * b[d];
+  return sum;
+}
+
+// out += p * row over D fp32 values.
+inline void add_scaled(float* out, float p, const float* row, int64_t D) {
+  int64_t d = 0;
+#ifdef __AVX512F__
+  const __m512 scale = _mm512_set1_ps(p);
+  for (; d + 16 <= D; d += 16) {
+    _mm512_storeu_ps(out + d, _mm512_fmadd_ps(scale, _mm512_loadu_ps(row + d), _mm512_loadu_ps(out + d)));
+  }
+#endif
+  for (; d < D; d++) out[d] += p * row[d];
+}
+
+// Softmax(q . k_j * scale) over the n cached positions, times the values, for the R query heads `q` (R x D)
+// that share one key/value head (C: the cache's type), in fp32: each key and value row is read once for
+// all R. Writes R x D fp32 values rounded to C.
+template <typename C>
+void attend(const float* q, int64_t R, const C* keys, const C* values, int64_t n, int64_t D, float scale,
+            float* out) {
+  std::vector<float> scores(R * n), row(D);
+  for (int64_t j = 0; j < n; j++) {
+    const C* k = keys + j * D;
+    for (int64_t d = 0; d < D; d++) row[d] = to_float(k[d]);
+    for (int64_t r = 0; r < R; r++) scores[r * n + j] = dot(q + r * D, row.data(), D) * scale;
+  }
+  std::vector<float> total(R, 0.0f);
+  for (int64_t r = 0; r < R; r++) {
+    float* s = &scores[r * n];
+    const float top = *std::max_element(s, s + n);
+    for (int64_t j = 0; j < n; j++) total[r] += s[j] = std::exp(s[j] - top);
+  }
+  std::fill(out, out + R * D, 0.0f);
+  for (int64_t j = 0; j < n; j++) {
+    const C* v = values + j * D;
+    for (int64_t d = 0; d < D; d++) row[d] = to_float(v[d]);
+    for (int64_t r = 0; r < R; r++) add_scaled(out + r * D, scores[r * n + j], row.data(), D);
+  }
+  for (int64_t r = 0; r < R; r++) {
+    for (int64_t d = 0; d < D; d++) out[r * D + d] = round_as<C>(out[r * D + d] / total[r]);
+  }
+}
+
+template <typename T, typename C>
+void decode_attention_typed(const at::Tensor& qkv, int64_t H, int64_t G, const HeadPrep<T>& p, at::Tensor& k_cache,
+                            at::Tensor& v_cache, int64_t pos, float scale, at::Tensor& y) {
+  const int64_t B = k_cache.size(0), D = p.D, L = k_cache.size(2), width = (H + 2 * G) * D;
+  const int64_t T_new = qkv.numel() / (B * width);
+  const T* in = data<T>(qkv);
+  C* kc = data_mut<C>(k_cache);
+  C* vc = data_mut<C>(v_cache);
+  std::vector<float> q(B * T_new * H * D), k(D);
+  for (int64_t bt = 0; bt < B * T_new; bt++) {  // the new keys and values into the caches, the queries prepared
+    const int64_t b = bt / T_new, t = bt % T_new;
+    const T* row = in + bt * width;
+    HeadPrep<T> at_t = p;
+    if (p.cos) at_t.cos = p.cos + t * D, at_t.sin = p.sin + t * D;
+    for (int64_t h = 0; h < H; h++) {
+      float* qh = &q[(bt * H + h) * D];
+      prepare_head(row + h * D, p.q_norm, at_t, qh);
+      for (int64_t d = 0; d < D; d++) qh[d] = round_as<C>(qh[d]);
+    }
+    for (int64_t g = 0; g < G; g++) {
+      prepare_head(row + (H + g) * D, p.k_norm, at_t, k.data());
+      const T* v = row + (H + G + g) * D;
+      C* kslot = kc + ((b * G + g) * L + pos + t) * D;
+      C* vslot = vc + ((b * G + g) * L + pos + t) * D;
+      for (int64_t d = 0; d < D; d++) {
+        kslot[d] = store_as<C>(k[d]);
+        vslot[d] = store_as<C>(to_float(v[d]));
+      }
+    }
+  }
+  T* out = data_mut<T>(y);
+  const int64_t R = H / G;  // query heads per key/value head, next to each other in q and in y
+  const int64_t work = (pos + T_new) * D * R * T_new;
+  const int64_t grain = std::max<int64_t>(1, 16384 / work);  // small contexts stay on one thread
+  at::parallel_for(0, B * G, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> heads(R * D);
+    for (int64_t i = begin; i < end; i++) {  // i = b * G + g
+      const int64_t b = i / G, g = i % G, base = i * L * D;
+      for (int64_t t = 0; t < T_new; t++) {  // new token t sees positions 0 .. pos + t, as alone
+        const int64_t first = ((b * T_new + t) * H + g * R) * D;  // its query heads g R .. g R + R - 1
+        attend(&q[first], R, kc + base, vc + base, pos + t + 1, D, scale, heads.data());
+        for (int64_t e = 0; e < R * D; e++) out[first + e] = store_as<T>(heads[e]);
+      }
+    }
+  });
+}
+
+void check_attention(const at::Tensor& qkv, int64_t H, int64_t G, const std::optional<at::Tensor>& q_norm,
+                     const std::optional<at::Tensor>& k_norm, const std::optional<at::Tensor>& cos,
+                     const std::optional<at::Tensor>& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     int64_t pos) {
+  const auto type = qkv.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16, "decode_attention: qkv must be fp32 or bf16");
+  TORCH_CHECK(H > 0 && G > 0 && H % G == 0, "decode_attention: n_kv_heads must divide n_heads");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
+                  (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
+              "decode_attention: the caches must be contiguous (batch, n_kv_heads, max_len, head_dim), fp32 or bf16");
+  const int64_t B = k_cache.size(0), D = k_cache.size(3);
+  const int64_t width = (H + 2 * G) * D, T_new = qkv.dim() == 3 ? qkv.size(1) : 0;
+  TORCH_CHECK(k_cache.size(1) == G && D % 2 == 0 && qkv.is_contiguous() && qkv.dim() == 3 && qkv.size(0) == B &&
+                  qkv.size(2) == width && T_new >= 1,
+              "decode_attention: qkv must be contiguous (batch, new tokens, (n_heads + 2 n_kv_heads) head_dim)");
+  TORCH_CHECK(0 <= pos && pos + T_new <= k_cache.size(2), "decode_attention: positions ", pos, " to ",
+              pos + T_new - 1, " are outside the cache");
+  for (const auto* t : {&q_norm, &k_norm}) {
+    TORCH_CHECK(!t->has_value() || ((*t)->scalar_type() == type && (*t)->is_contiguous() && (*t)->numel() == D),
+                "decode_attention: norm weights must be contiguous, head_dim values of qkv's type");
+  }
+  for (const auto* t : {&cos, &sin}) {
+    TORCH_CHECK(!t->has_value() || ((*t)->scalar_type() == type && (*t)->is_contiguous() && (*t)->numel() == T_new * D),
+                "decode_attention: cos and sin must be contiguous, head_dim values of qkv's type per new token");
+  }
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value() && cos.has_value() == sin.has_value(),
+              "decode_attention: give both norms or neither, both of cos and sin or neither");
+}
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool unit_offset) {
+  const int64_t D = weight.numel();
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.size(-1) == D && x.scalar_type() == weight.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "rms_norm: x and weight must be contiguous, of one type (fp32 or bf16), weight as wide as x's rows");
+  auto out = at::empty_like(x);
+  const int64_t rows = D ? x.numel() / D : 0;
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_rows(data<float>(x), data<float>(weight), data_mut<float>(out), rows, D, float(eps), unit_offset);
+  } else {
+    rms_norm_rows(data<uint16_t>(x), data<uint16_t>(weight), data_mut<uint16_t>(out), rows, D, float(eps), unit_offset);
+  }
+  return out;
+}
+
+// A few new tokens per sequence through attention, from their fused projection `qkv` (B, T, (H + 2G) D): H
+// query heads, then G key and G value heads (G divides H; G = H for GPT-2). As the modules' eager forward
+// does it: QK-norm (`q_norm`, `k_norm`: D weights, or none), RoPE with the new positions' `cos`/`sin` (T x D
+// values, or none), the keys and values written into the caches (B, G, max_len, D) at pos .. pos + T - 1,
+// and each query's attention over the positions up to its own, in fp32 (scores times `scale`); each token's
+// result is bitwise the one it gets alone. Returns (B, T, H D) in qkv's type.
+at::Tensor decode_attention(const at::Tensor& qkv, int64_t n_heads, int64_t n_kv_heads,
+                            const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                            double eps, bool unit_offset, const std::optional<at::Tensor>& cos,
+                            const std::optional<at::Tensor>& sin, at::Tensor k_cache, at::Tensor v_cache, int64_t pos,
+                            double scale) {
+  check_attention(qkv, n_heads, n_kv_heads, q_norm, k_norm, cos, sin, k_cache, v_cache, pos);
+  const int64_t B = k_cache.size(0), D = k_cache.size(3);
+  auto y = at::empty({B, qkv.size(1), n_heads * D}, qkv.options());
+  auto opt = [](const std::optional<at::Tensor>& t, auto* type) {
+    return t ? data<std::remove_pointer_t<decltype(type)>>(*t) : nullptr;
+  };
+  auto run = [&](auto* t_type, auto* c_type) {
+    using T = std::remove_pointer_t<decltype(t_type)>;
+    using C = std::remove_pointer_t<decltype(c_type)>;
+    HeadPrep<T> p{D, opt(q_norm, t_type), opt(k_norm, t_type), float(eps), unit_offset, opt(cos, t_type), opt(sin, t_type)};
+    decode_attention_typed<T, C>(qkv, n_heads, n_kv_heads, p, k_cache, v_cache, pos, float(scale), y);
+  };
+  const bool t32 = qkv.scalar_type() == at::kFloat, c32 = k_cache.scalar_type() == at::kFloat;
+  float* f = nullptr;
+  uint16_t* h = nullptr;
+  if (t32 && c32) run(f, f);
+  else if (t32) run(f, h);
+  else if (c32) run(h, f);
+  else run(h, h);
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(scratchllm, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, bool unit_offset) -> Tensor", &rms_norm);
+  m.def(
+      "decode_attention(Tensor qkv, int n_heads, int n_kv_heads, Tensor? q_norm, Tensor? k_norm, float eps, "
+      "bool unit_offset, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, float scale) "
+      "-> Tensor",
+      &decode_attention);
+}

@@ -1,0 +1,260 @@
+"""A decode step's fused parts (scratchllm/native/decode.cpp, generation/fused.py) against the modules'
+own forwards: the same attention, the same cache contents, the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scratchllm import native
+from scratchllm.generation import Engine, GenerationConfig, PackedLinears
+from scratchllm.model import registry
+from scratchllm.model.attention import CausalSelfAttention, KVCache, step_inputs
+from scratchllm.model.gqa import GroupedQueryAttention
+from scratchllm.model.parts import rope_inverse_frequencies, rope_tables
+from tests.generation.helpers import ByteTokenizer
+
+pytestmark = pytest.mark.skipif(
+    not native.available(),
+    reason=f"scratchllm's kernels are not available here: {native.unavailable_reason()}",
+)
+
+EMB, D = 96, 32
+# (n_heads, n_kv_groups, QK-norm, Gemma's unit-offset norms and query scale); None: GPT-2's attention
+SHAPES = {
+    "qwen3": (8, 4, True, False),
+    "llama3": (8, 2, False, False),
+    "gemma3": (4, 1, True, True),
+    "gpt2": None,
+}
+
+
+def _attention(kind: str, dtype: torch.dtype, seed: int = 0) -> tuple[torch.nn.Module, int, int]:
+    torch.manual_seed(seed)
+    if SHAPES[kind] is None:
+        att = CausalSelfAttention(4 * D, 4 * D, 4, qkv_bias=True)  # GPT-2's: as wide as the model
+        with torch.no_grad():
+            att.qkv.bias.normal_()
+        return att.to(dtype).eval(), 4, 4
+    heads, groups, qk_norm, gemma = SHAPES[kind]
+    att = GroupedQueryAttention(
+        EMB, heads, groups, D, qk_norm=qk_norm, norm_unit_offset=gemma, scale=20.0**-0.5 if gemma else None
+    )
+    if qk_norm:
+        with torch.no_grad():
+            att.q_norm.weight.normal_(0.0 if gemma else 1.0, 0.3)
+            att.k_norm.weight.normal_(0.0 if gemma else 1.0, 0.3)
+    return att.to(dtype).eval(), heads, groups
+
+
+def _rope(t: int, pos: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    tables = rope_tables(rope_inverse_frequencies(D, 10_000.0), torch.arange(pos, pos + t))
+    return tuple(r.to(dtype) for r in tables)
+
+
+def _fused(att, kind, qkv, cache, pos):
+    """native.decode_attention for the tokens of `qkv` at `pos` on: attention's output, before out_proj."""
+    gqa = kind != "gpt2"
+    norms = (att.q_norm, att.k_norm) if gqa and att.q_norm is not None else (None, None)
+    return native.decode_attention(
+        qkv,
+        att.n_heads,
+        att.n_kv_groups if gqa else att.n_heads,
+        None if norms[0] is None else norms[0].weight,
+        None if norms[1] is None else norms[1].weight,
+        1e-6,
+        bool(norms[0] is not None and norms[0].unit_offset),
+        *(_rope(qkv.shape[1], pos, qkv.dtype) if gqa else (None, None)),
+        cache.k[0],
+        cache.v[0],
+        pos,
+        att.scale if gqa and att.scale is not None else D**-0.5,
+    )
+
+
+def _step(att, kind, x, cache, pos, fused: bool):
+    """One token at `pos` through `att`: its own forward, or native.decode_attention."""
+    cache.pos = pos
+    with torch.inference_mode():
+        if not fused:
+            return (
+                att(x, kv_cache=cache) if kind == "gpt2" else att(x, _rope(1, pos, x.dtype), kv_cache=cache)
+            )
+        return att.out_proj(_fused(att, kind, att.qkv(x), cache, pos))
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.parametrize(
+    ("dtype", "cache_dtype"),
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
+)
+@pytest.mark.parametrize("pos", [0, 29])
+def test_decode_attention_is_the_modules_forward(kind, dtype, cache_dtype, pos):
+    att, heads, groups = _attention(kind, dtype)
+    caches = [KVCache(1, 2, groups, D, 40, dtype=cache_dtype) for _ in range(2)]
+    torch.manual_seed(1)
+    for name in ("k", "v"):
+        filled = torch.randn(2, groups, 40, D).to(cache_dtype)
+        for cache in caches:
+            getattr(cache, name)[0].copy_(filled)
+    x = torch.randn(2, 1, att.qkv.in_features).to(dtype)
+    want = _step(att, kind, x, caches[0], pos, fused=False)
+    got = _step(att, kind, x, caches[1], pos, fused=True)
+    assert got.shape == want.shape == x.shape and got.dtype == dtype
+    assert torch.equal(caches[1].v[0], caches[0].v[0])
+    if dtype == torch.bfloat16 and cache_dtype == torch.float32:  # the bf16 roundings are PyTorch's: equal
+        assert torch.equal(got, want) and torch.equal(caches[1].k[0], caches[0].k[0])
+    else:  # fp32 sums in another order; a bf16 cache's attention rounds inside PyTorch's kernel
+        tol = 1e-5 if cache_dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        torch.testing.assert_close(caches[1].k[0], caches[0].k[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_few_tokens_at_once_get_each_tokens_own_result(kind, dtype):
+    att, heads, groups = _attention(kind, dtype)
+    torch.manual_seed(6)
+    x = torch.randn(2, 5, att.qkv.in_features).to(dtype)
+    caches = [KVCache(1, 2, groups, D, 40) for _ in range(3)]
+    for cache in caches:
+        torch.manual_seed(7)
+        cache.k[0].normal_(), cache.v[0].normal_()
+    with torch.inference_mode():
+        qkv = att.qkv(x)
+        together = _fused(att, kind, qkv, caches[0], 20)
+        alone = torch.cat(
+            [_fused(att, kind, qkv[:, i : i + 1].contiguous(), caches[1], 20 + i) for i in range(5)], 1
+        )
+        assert torch.equal(together, alone) and torch.equal(caches[0].k[0], caches[1].k[0])
+        # the module's own forward, with the causal mask that a step over a filled cache gets
+        caches[2].pos = 20
+        mask = step_inputs(5, x.device, 64, caches[2])[1]
+        if kind == "gpt2":
+            want = att(x, mask=mask, kv_cache=caches[2])
+        else:
+            want = att(x, _rope(5, 20, dtype), mask=mask, kv_cache=caches[2])
+        got = att.out_proj(together)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_long_context_splits_between_threads_with_the_same_result():
+    att, heads, groups = _attention("llama3", torch.float32)
+    x = torch.randn(1, 1, EMB)
+    results = []
+    for threads in (1, 2):
+        cache = KVCache(1, 1, groups, D, 1200)
+        torch.manual_seed(2)
+        cache.k[0].normal_(), cache.v[0].normal_()
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            results.append(_step(att, "llama3", x, cache, 1100, fused=True))
+        finally:
+            torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])  # each head's sums are one task's, whatever the split
+
+
+def test_decode_attention_refuses_what_it_cannot_compute():
+    cache = KVCache(1, 1, 2, D, 8)
+    qkv = torch.randn(1, 1, (4 + 4) * D)
+
+    def call(qkv=qkv, n_kv_heads=2, norm=None, pos=0):
+        native.decode_attention(
+            qkv, 4, n_kv_heads, norm, norm, 1e-6, False, None, None, *cache.k, *cache.v, pos, 1.0
+        )
+
+    call()
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        call(pos=8)
+    with pytest.raises(RuntimeError, match="new tokens"):
+        call(qkv=qkv[..., :-1])
+    with pytest.raises(RuntimeError, match="n_kv_heads must divide"):
+        call(n_kv_heads=3)
+    with pytest.raises(RuntimeError, match="qkv's type"):
+        call(norm=torch.ones(D, dtype=torch.bfloat16))
+
+
+def _model(arch: str, dtype: torch.dtype, **overrides):
+    cfg = registry.preset_config("nano", arch, vocab_size=256, context_length=64, **overrides)
+    torch.manual_seed(3)
+    return registry.build_model(cfg).eval().to(dtype)
+
+
+FAMILIES = [
+    ("gpt2", {}),
+    ("llama3", {}),
+    ("qwen3", {}),
+    ("qwen3-moe", {}),
+    ("gemma3", {"sliding_window": 6}),  # its sliding layers' cache becomes a ring: their own forward
+]
+
+
+@pytest.mark.parametrize(("arch", "overrides"), FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_takes_the_fused_attention_and_keeps_the_tokens(monkeypatch, arch, overrides, dtype):
+    model = _model(arch, dtype, **overrides)
+    calls: list[int] = []
+    fused = native.decode_attention
+
+    def counting(qkv, *args):
+        calls.append(args[-2])  # the position written
+        return fused(qkv, *args)
+
+    monkeypatch.setattr(native, "decode_attention", counting)
+    prompts = [[5, 9, 14, 2, 7, 30, 1]]
+    settings = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    engine = Engine(model, ByteTokenizer())
+    got = [c.token_ids for c in engine.generate(prompts, settings)]
+    n_layers = model.cfg.n_layers
+    windows = model.cache_windows() if hasattr(model, "cache_windows") else [0] * n_layers
+    fused_layers = sum(1 for w in windows if not 0 < w < 7 + 12)
+    # the 7-token prompt at position 0, then each new token but the last
+    assert len(calls) == 12 * fused_layers and sorted(set(calls)) == [0, *range(7, 18)]
+    assert all("forward" not in m.__dict__ for m in model.modules())  # restored afterwards
+    plain = Engine(model, ByteTokenizer(), prepack=False).generate(prompts, settings)
+    assert got == [c.token_ids for c in plain]
+    # a batch with left padding masks its attention: the modules' own forward
+    calls.clear()
+    batch = engine.generate([[5, 9, 14], [5, 9, 14, 2, 7, 30, 1]], settings)
+    assert not calls and all(len(c.token_ids) == 12 for c in batch)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3", "qwen3-moe"])
+def test_the_installed_block_forward_is_the_blocks_own(arch):
+    model = _model(arch, torch.float32, drop_rate=0.1)
+    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    kernels, without_blocks = PackedLinears(model), PackedLinears(model)
+    assert kernels.refresh() and without_blocks.refresh()
+    without_blocks._routes = [(m, f) for m, f in without_blocks._routes if "Block" not in type(m).__name__]
+    with torch.inference_mode():
+        with without_blocks.installed():
+            want = model(tokens)
+        with kernels.installed():
+            assert "forward" in model.trf_blocks[0].__dict__
+            got = model(tokens)
+    assert torch.equal(got, want)  # the same operations, minus the identity ones
+    model.train()
+    with torch.inference_mode():
+        torch.manual_seed(5)
+        with without_blocks.installed():
+            want = model(tokens)
+        torch.manual_seed(5)
+        with kernels.installed():
+            got = model(tokens)  # training: dropout applies, through the block's own forward
+        assert torch.equal(got, want) and not torch.equal(got, model.eval()(tokens))
+
+
+def test_blocks_with_hooks_keep_their_forward():
+    model = _model("llama3", torch.float32)
+    seen = []
+    model.trf_blocks[0].ff.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    kernels = PackedLinears(model)
+    assert kernels.refresh()
+    with torch.inference_mode(), kernels.installed():
+        assert "forward" not in model.trf_blocks[0].__dict__
+        model(torch.tensor([[1, 2, 3]]))
+    assert seen == [(1, 3, model.cfg.emb_dim)]
