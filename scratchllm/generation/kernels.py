@@ -120,8 +120,10 @@ def one_row_kernel(dtype: torch.dtype) -> str:
 
 def few_rows_kernel(dtype: torch.dtype) -> str:
     """The same for 2 to `FEW_ROWS` rows (a few sequences, a draft's tokens checked in one pass):
-    "native" where its product of four rows is at least as fast as oneDNN's packed one (each row then
-    gets exactly its one-row result), else "packed"; more rows always go packed."""
+    "native" wherever one row takes native (each row then gets exactly its one-row result: a batch's
+    rows are scored as each alone would be, and a draft's tokens as decoding them one at a time would
+    score them), else native only where its product of four rows is at least as fast as oneDNN's
+    packed one; more rows always go packed."""
     with _probe_lock:
         return _time_kernels(dtype, torch.get_num_threads(), native.available())[1]
 
@@ -157,13 +159,13 @@ def _time_kernels(dtype: torch.dtype, threads: int, with_native: bool) -> tuple[
         for name in candidates:  # warm-up: oneDNN builds its kernel on first use
             one_pass(name, x1)
         times = {name: min(one_pass(name, x1) for _ in range(3)) for name in candidates}
-        few = "packed"
-        if with_native:
+        fastest = min(times.values())
+        one = next(name for name in ONE_ROW_KERNELS if times.get(name, float("inf")) <= 1.1 * fastest)
+        few = "native" if one == "native" else "packed"
+        if with_native and one != "native":
             one_pass("packed", x4)
             native_time, packed_time = (min(one_pass(n, x4) for _ in range(3)) for n in ("native", "packed"))
             few = "native" if native_time <= packed_time else "packed"
-    fastest = min(times.values())
-    one = next(name for name in ONE_ROW_KERNELS if times.get(name, float("inf")) <= 1.1 * fastest)
     return one, few
 
 

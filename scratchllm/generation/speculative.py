@@ -182,10 +182,16 @@ class _CachedModel:
         """Feed the tokens of `text` followed by `extra` that the cache does not hold yet; return the
         fp32 logits (last, vocab_size) of the next token after each of the `last` tokens fed."""
         start = self.offset + self.cache.pos
-        new = text[start:] + list(extra[max(0, start - len(text)) :])
-        idx = torch.tensor([new], dtype=torch.long, device=self.device)
-        hidden = self.model(idx, kv_cache=self.cache, return_hidden=True)
-        return self.model.out_head(hidden[0, -last:]).float()
+        parts = [text[start:], list(extra[max(0, start - len(text)) :])]
+        if len(parts[0]) <= 1 or not parts[1]:
+            parts = [parts[0] + parts[1]]
+        # else the text first (a prompt), as plain decoding feeds it: the keys and values of the tokens
+        # after it, and so the verdicts on a draft's, then match one-token-at-a-time decoding
+        hidden = []
+        for ids in parts:
+            idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+            hidden.append(self.model(idx, kv_cache=self.cache, return_hidden=True))
+        return self.model.out_head(torch.cat(hidden, dim=1)[0, -last:]).float()
 
     def window_logits(self, text: list[int]) -> torch.Tensor:
         """Without the cache: the logits (1, vocab_size) after the last `context_length` tokens of

@@ -14,10 +14,11 @@ import pytest
 import torch
 import uvicorn
 
+from scratchllm import native
 from scratchllm.checkpoint import save_model
 from scratchllm.cli import main
 from scratchllm.errors import ScratchLLMError
-from scratchllm.generation import Engine, GenerationConfig, RuntimeSettings
+from scratchllm.generation import Engine, GenerationConfig, RuntimeSettings, kernels
 from scratchllm.generation.sampling import sampling_probs
 from scratchllm.generation.speculative import SpeculativeDecoder, check_draft
 from scratchllm.model import registry
@@ -103,6 +104,25 @@ def test_greedy_gives_the_targets_own_tokens_whatever_the_draft(arch):
         for k in (1, 4, 7):
             same, close, other = greedy_pairs(target, drafts, PROMPTS, k, max_new_tokens=30, ignore_eos=True)
             assert same == 1.0 and 0.2 < close < 0.9 and other < 0.1, (k, same, close, other)
+
+
+@pytest.mark.skipif(
+    not native.available() or kernels.one_row_kernel(torch.bfloat16) != "native",
+    reason="checking k + 1 positions bitwise as one needs native's bf16 kernels (the probe picks them)",
+)
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_bf16_checks_score_each_position_bitwise_as_decoding_one_at_a_time(arch):
+    # wide enough that PyTorch's many-row kernels round otherwise than a row alone
+    target = lm(0, arch, emb_dim=256, n_heads=4).to(torch.bfloat16)
+    draft = near(target, 0.2)
+    plain = Engine(target, ByteTokenizer())
+    for k in (2, 7):
+        engine = Engine(target, ByteTokenizer(), draft=draft, draft_tokens=k)
+        for prompt in [*PROMPTS, list(range(90, 96))]:
+            settings = dict(max_new_tokens=30, ignore_eos=True, logprobs=3)
+            [want], [got] = plain.generate(prompt, **settings), engine.generate(prompt, **settings)
+            assert got.token_ids == want.token_ids and got.logprobs == want.logprobs, (prompt, k)
+            assert engine.last_speculation.accepted > 0
 
 
 def test_an_unsure_draft_stops_proposing_early():
