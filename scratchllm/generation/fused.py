@@ -4,8 +4,9 @@ Past the weight products, a decode step is little arithmetic spread over many sm
 and module calls, each costing more to launch than to compute: at Qwen3-0.6B size they took a fifth of
 an int8 step (benchmarks/RESULTS.md). `PackedLinears.installed()` routes modules through these forwards:
 `norm_forward` (an RMSNorm in one native call), `attention_forward` (a new token's QK-norm, RoPE, cache
-write and attention in one) and `block_forward` (a block without nn.Module's per-call machinery and its
-identity layers). Each takes the module's own forward wherever it does not compute the same thing.
+write and attention in one), `quantized_forward` (an int8 or int4 layer straight to its kernel) and
+`block_forward` (a block without nn.Module's per-call machinery and its identity layers). Each takes
+the module's own forward wherever it does not compute the same thing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..model import gpt, transformer
 from ..model.attention import CausalSelfAttention, KVCache, causal_mask
 from ..model.gqa import GroupedQueryAttention
 from ..model.parts import ACTIVATIONS, GatedFeedForward, RMSNorm
+from ..model.quantize import Int4Linear, Int8Linear
 
 #: Up to this many rows (a decode step's tokens, or its heads under QK-norm), RMSNorm takes native's kernel.
 NATIVE_NORM_ROWS = 64
@@ -36,9 +38,36 @@ def fused_routes(model: nn.Module) -> list[tuple[nn.Module, Callable[..., torch.
             routes.append((m, norm_forward(m)))
         elif type(m) in (GroupedQueryAttention, CausalSelfAttention):
             routes.append((m, attention_forward(m)))
+        elif type(m) in (Int8Linear, Int4Linear) and m._native:
+            routes.append((m, quantized_forward(m)))
         elif not hooked and (forward := block_forward(m)) is not None:
             routes.append((m, forward))
     return routes
+
+
+def quantized_forward(layer: Int8Linear | Int4Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An int8 or int4 layer's forward straight to native's one-row kernel for a decode step's single
+    row of bf16 (int4: and no bias; int8: or fp32) activations, the result as the layer's own; other
+    inputs take the layer's forward."""
+    default = type(layer).forward.__get__(layer)
+    width = layer.in_features
+    if isinstance(layer, Int8Linear):
+        weight, scale, sums, bias = layer.qweight, layer.scale, layer._row_sums, layer.bias
+
+        def int8(x: torch.Tensor) -> torch.Tensor:
+            if x.numel() == width and x.dtype in _TYPES and x.is_contiguous():
+                return native.int8_one_row_linear(x, weight, scale, sums, bias)
+            return default(x)
+
+        return int8
+    codes, step, zero, group = layer.qweight, layer.step, layer.zero, layer.group_size
+
+    def int4(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == width and x.dtype == torch.bfloat16 and x.is_contiguous() and layer.bias is None:
+            return native.int4_one_row_linear(x, codes, step, zero, group)
+        return default(x)
+
+    return int4
 
 
 def norm_forward(norm: RMSNorm) -> Callable[[torch.Tensor], torch.Tensor]:

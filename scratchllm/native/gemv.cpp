@@ -158,7 +158,16 @@ void rows_avx512(const typename E::T* w, const typename E::T* x, float* y, int64
 void activation_qparams(const float* x, int64_t K, int qmax, double& scale, int& zero) {
   constexpr double kMinStep = 6.1e-5;
   float lo_f = 0, hi_f = 0;
-  for (int64_t k = 0; k < K; k++) lo_f = std::min(lo_f, x[k]), hi_f = std::max(hi_f, x[k]);
+  int64_t k = 0;
+#ifdef __AVX512F__
+  __m512 lows = _mm512_setzero_ps(), highs = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    lows = _mm512_min_ps(lows, v), highs = _mm512_max_ps(highs, v);
+  }
+  lo_f = _mm512_reduce_min_ps(lows), hi_f = _mm512_reduce_max_ps(highs);
+#endif
+  for (; k < K; k++) lo_f = std::min(lo_f, x[k]), hi_f = std::max(hi_f, x[k]);
   double lo = lo_f, hi = hi_f;
   scale = (hi - lo) / qmax;
   const float single = float(scale);
@@ -171,6 +180,32 @@ void activation_qparams(const float* x, int64_t K, int qmax, double& scale, int&
   const double below = lo / scale, above = hi / scale;
   const double z = -std::abs(below) < qmax - std::abs(above) ? -below : qmax - above;
   zero = int(std::min<double>(std::max<double>(std::nearbyint(z), 0), qmax));
+}
+
+// The codes of x: round(x / step) + zero, clamped to 0..qmax (rounding half to even, as nearbyint does).
+void quantize_row(const float* x, int64_t K, float inverse, int zero, int qmax, uint8_t* codes) {
+  int64_t k = 0;
+#ifdef __AVX512F__
+  const __m512 inv = _mm512_set1_ps(inverse), z = _mm512_set1_ps(float(zero)), top = _mm512_set1_ps(float(qmax));
+  for (; k + 16 <= K; k += 16) {
+    const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv), _MM_FROUND_TO_NEAREST_INT);
+    const __m512 c = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, z), _mm512_setzero_ps()), top);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c)));
+  }
+#endif
+  for (; k < K; k++) codes[k] = uint8_t(std::min<float>(std::max<float>(std::nearbyint(x[k] * inverse) + zero, 0), qmax));
+}
+
+// bf16 values widened to fp32.
+void widen(const uint16_t* x, float* out, int64_t K) {
+  int64_t k = 0;
+#ifdef __AVX512F__
+  for (; k + 16 <= K; k += 16) {
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k)));
+    _mm512_storeu_ps(out + k, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+  }
+#endif
+  for (; k < K; k++) out[k] = to_float(x[k]);
 }
 
 // sums[n] = sum_k xq[k] * w[n, k], unsigned codes times signed weights (portable).
@@ -371,7 +406,7 @@ at::Tensor int8_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
   const bool bf16 = x.scalar_type() == at::kBFloat16 && x.is_contiguous();
   auto xf = bf16 ? at::Tensor() : x.to(at::kFloat).contiguous();
   std::vector<float> widened(bf16 ? K : 0);
-  for (int64_t k = 0; k < (bf16 ? K : 0); k++) widened[k] = to_float(reinterpret_cast<const uint16_t*>(x.data_ptr())[k]);
+  if (bf16) widen(reinterpret_cast<const uint16_t*>(x.data_ptr()), widened.data(), K);
   const float* xp = bf16 ? widened.data() : xf.data_ptr<float>();
   auto sc = scale.to(at::kFloat).contiguous();
   const int qmax = reduce_range ? 127 : 255;
@@ -379,9 +414,7 @@ at::Tensor int8_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
   int zero;
   activation_qparams(xp, K, qmax, step, zero);
   std::vector<uint8_t> xq(K);
-  const float inverse = 1.0f / float(step);
-  for (int64_t k = 0; k < K; k++)
-    xq[k] = uint8_t(std::min<float>(std::max<float>(std::nearbyint(xp[k] * inverse) + zero, 0), qmax));
+  quantize_row(xp, K, 1.0f / float(step), zero, qmax, xq.data());
   auto sums = at::empty({N}, x.options().dtype(at::kInt));
   int32_t* sp = sums.data_ptr<int32_t>();
   const auto* w = qweight.data_ptr<int8_t>();

@@ -12,6 +12,7 @@ from scratchllm.model import registry
 from scratchllm.model.attention import CausalSelfAttention, KVCache, step_inputs
 from scratchllm.model.gqa import GroupedQueryAttention
 from scratchllm.model.parts import rope_inverse_frequencies, rope_tables
+from scratchllm.model.quantize import Int4Linear, Int8Linear, quantize_model
 from tests.generation.helpers import ByteTokenizer
 
 pytestmark = pytest.mark.skipif(
@@ -258,3 +259,28 @@ def test_blocks_with_hooks_keep_their_forward():
         assert "forward" not in model.trf_blocks[0].__dict__
         model(torch.tensor([[1, 2, 3]]))
     assert seen == [(1, 3, model.cfg.emb_dim)]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_layers_go_straight_to_their_kernel(monkeypatch, mode):
+    model = _model("qwen3", torch.bfloat16)
+    quantize_model(model, mode)
+    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    if not all(m._native for m in layers):
+        pytest.skip(f"{mode} layers take PyTorch's kernels on this CPU")
+    own_forward = type(layers[0]).forward
+    calls: list[int] = []
+
+    def counting(self, x):
+        calls.append(x.numel() // x.shape[-1])
+        return own_forward(self, x)
+
+    monkeypatch.setattr(type(layers[0]), "forward", counting)
+    prompts, settings = [[5, 9, 14, 2, 7, 30, 1]], GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    routed = Engine(model, ByteTokenizer()).generate(prompts, settings)
+    # the prompt's 7 rows only (the head sees its last row alone): single rows went straight through
+    assert calls == [7] * (len(layers) - 1)
+    calls.clear()
+    own = Engine(model, ByteTokenizer(), prepack=False).generate(prompts, settings)
+    assert len(calls) == 12 * len(layers)
+    assert [c.token_ids for c in routed] == [c.token_ids for c in own]
