@@ -43,7 +43,7 @@ from scratchllm.checkpoint import LoadedModel
 from scratchllm.generation import Engine, GenerationConfig
 from scratchllm.hub import export_gguf
 from scratchllm.model.gpt import GPTModel, preset_config
-from scratchllm.model.quantize import Int4Linear, Int8Linear, quantize_model
+from scratchllm.model.quantize import quantize_model
 from scratchllm.text.gpt2 import load_gpt2_files
 
 SHARED_DATA = Path(
@@ -124,36 +124,65 @@ def step_ms(engine: Engine, prompt: list[int], n: int, repeats: int) -> float:
 
 
 @contextlib.contextmanager
-def stubbed(model: nn.Module, matmuls: bool, attention: bool) -> Iterator[None]:
-    """The linear layers and/or attention replaced by no-ops that return a (cached) output of the right
-    shape, nothing computed: what is left of a step is everything else."""
+def stubbed(matmuls: bool, attention: bool) -> Iterator[None]:
+    """The kernels of a decode step's matrix products and/or its attention replaced by no-ops that
+    return a (cached) output of the right shape, nothing computed: what is left of a step is everything
+    else. The step runs as `Engine` runs it (packed weights, native's kernels and fused forwards)."""
     import torch.nn.functional as F
 
-    layers = (
-        [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))] if matmuls else []
-    )
+    from scratchllm import native
+
     outputs: dict[tuple, torch.Tensor] = {}
 
-    def no_op(n_out: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            key = (*x.shape[:-1], n_out, x.dtype)
-            if key not in outputs:
-                outputs[key] = torch.zeros(*x.shape[:-1], n_out, dtype=x.dtype)
-            return outputs[key]
+    def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+        if (*shape, dtype) not in outputs:
+            outputs[(*shape, dtype)] = torch.zeros(*shape, dtype=dtype)
+        return outputs[(*shape, dtype)]
 
-        return forward
-
-    sdpa = F.scaled_dot_product_attention
-    for m in layers:
-        m.forward = no_op(m.out_features)
+    patches: list[tuple[object, str, Callable]] = []
+    if matmuls:
+        patches += [
+            (
+                native,
+                "few_rows_linear",
+                lambda x, w, *a, **k: zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype),
+            ),
+            (F, "linear", lambda x, w, *a, **k: zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype)),
+            (
+                native,
+                "int8_one_row_linear",
+                lambda x, w, *a, **k: zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype),
+            ),
+            (
+                native,
+                "int4_one_row_linear",
+                lambda x, w, *a, **k: zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype),
+            ),
+        ]
+        patches.append(
+            (
+                torch.ops.mkldnn,
+                "_linear_pointwise",
+                lambda x, w, *a: zeros(*x.shape[:-1], w.size(0), dtype=x.dtype),
+            )
+        )
     if attention:
-        F.scaled_dot_product_attention = lambda q, k, v, **kw: q
+        patches += [
+            (
+                native,
+                "decode_attention",
+                lambda qkv, h, *a: zeros(*qkv.shape[:2], h * a[7].shape[-1], dtype=qkv.dtype),
+            ),
+            (F, "scaled_dot_product_attention", lambda q, k, v, **kw: q),
+        ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, stub in patches:
+        setattr(owner, name, stub)
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = sdpa
-        for m in layers:
-            m.__dict__.pop("forward", None)
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 def breakdown(name: str, model: nn.Module, prompt: list[int], n: int, repeats: int) -> None:
@@ -161,14 +190,14 @@ def breakdown(name: str, model: nn.Module, prompt: list[int], n: int, repeats: i
     (the argmax), the other ATen ops, and the rest (Python, dispatch), each as ms and share of the step."""
     from torch.profiler import ProfilerActivity, profile
 
-    full = step_ms(Engine(model), prompt, n, repeats)
-    plain = Engine(model, prepack=False)  # the layers' own forward, so that the no-ops replace it
-    with stubbed(model, matmuls=True, attention=False):
-        no_matmul = step_ms(plain, prompt, n, repeats)
-    with stubbed(model, matmuls=True, attention=True):
-        rest = step_ms(plain, prompt, n, repeats)
+    engine = Engine(model)
+    full = step_ms(engine, prompt, n, repeats)
+    with stubbed(matmuls=True, attention=False):
+        no_matmul = step_ms(engine, prompt, n, repeats)
+    with stubbed(matmuls=True, attention=True):
+        rest = step_ms(engine, prompt, n, repeats)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            plain.generate([prompt], GenerationConfig(max_new_tokens=n, ignore_eos=True))
+            engine.generate([prompt], GenerationConfig(max_new_tokens=n, ignore_eos=True))
     logits = torch.randn(1, model.cfg.vocab_size)
     t = time.perf_counter()
     for _ in range(200):
@@ -178,7 +207,7 @@ def breakdown(name: str, model: nn.Module, prompt: list[int], n: int, repeats: i
     ops = sum(e.self_cpu_time_total for e in events if e.key != "aten::argmax") / 1e3 / n
     parts = {
         "matrix products": full - no_matmul,
-        "attention (SDPA)": no_matmul - rest,
+        "attention": no_matmul - rest,
         "sampling (argmax)": argmax,
         "other ATen ops": max(min(ops, rest - argmax), 0.0),
         "Python, dispatch": max(rest - argmax - ops, 0.0),
