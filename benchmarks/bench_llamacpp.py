@@ -11,8 +11,12 @@ run in rotation with a 512 MiB read-bandwidth measurement, best of --repeats. A 
 matrix once (the tied head included): the bound is read bandwidth / those bytes, ours as their kernels
 store them, llama.cpp's as the GGUF file stores them.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_llamacpp.py          # about 5 minutes
-    .venv/bin/python benchmarks/bench_llamacpp.py --quick                           # 32 tokens, 2 repeats
+    .venv/bin/python benchmarks/bench_llamacpp.py                  # about 3 minutes
+    .venv/bin/python benchmarks/bench_llamacpp.py --quick          # 32 tokens, 2 repeats
+    .venv/bin/python benchmarks/bench_llamacpp.py --breakdown      # also: where a step of ours goes
+
+Both sides run their threads on OpenMP (llama.cpp's ggml is built with it), so libgomp's default
+spin-waiting is each one's normal setting; `OMP_WAIT_POLICY=PASSIVE` slows both (RESULTS.md).
 
 `--llama-extra-bufts` lets llama.cpp repack weights for its AMX kernels (off by default: its AMX q8_0
 matmul crashes on some CPUs, tests/test_gguf.py).

@@ -8,7 +8,8 @@ and evaluation.
     engine.py       Engine: prompts in, Completions or a stream of text out
     speculative.py  SpeculativeDecoder: a draft model proposes tokens, the model checks them in one pass
     batcher.py      Batcher: continuous batching, requests joining and leaving at token boundaries (serve)
-    kernels.py      PackedLinears: CPU weights packed for oneDNN's decode kernel
+    kernels.py      PackedLinears: CPU weights packed for oneDNN's decode kernel, the kernel probes
+    fused.py        a decode step's norms, attention, int8/int4 rows and blocks in fewer calls (native)
     compiled.py     CompiledDecoding: fixed-shape steps under torch.compile (CUDA graphs on GPUs)
 
 Penalties against repetition (Hugging Face's `repetition_penalty`, OpenAI's `presence_penalty` and

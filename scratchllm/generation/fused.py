@@ -29,20 +29,28 @@ NATIVE_NORM_ROWS = 64
 
 def fused_routes(model: nn.Module) -> list[tuple[nn.Module, Callable[..., torch.Tensor]]]:
     """The modules of `model` that a decode step runs faster through this module's forwards, each with
-    its forward: RMSNorms, attention layers and blocks (blocks only where no module has forward hooks,
-    which their forward would skip). Call `native.available()` first."""
+    its forward: RMSNorms, int8/int4 layers, and, where no module has forward hooks (which they would
+    skip: a block's parts, attention's QK-norms), attention layers and blocks. Call
+    `native.available()` first."""
     routes: list[tuple[nn.Module, Callable[..., torch.Tensor]]] = []
-    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    hooked = has_hooks(model)
     for m in model.modules():
         if type(m) is RMSNorm:
             routes.append((m, norm_forward(m)))
-        elif type(m) in (GroupedQueryAttention, CausalSelfAttention):
-            routes.append((m, attention_forward(m)))
         elif type(m) in (Int8Linear, Int4Linear) and m._native:
             routes.append((m, quantized_forward(m)))
-        elif not hooked and (forward := block_forward(m)) is not None:
+        elif hooked:
+            continue
+        elif type(m) in (GroupedQueryAttention, CausalSelfAttention):
+            routes.append((m, attention_forward(m)))
+        elif (forward := block_forward(m)) is not None:
             routes.append((m, forward))
     return routes
+
+
+def has_hooks(model: nn.Module) -> bool:
+    """Whether any module of `model` has forward hooks."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def quantized_forward(layer: Int8Linear | Int4Linear) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -76,7 +84,8 @@ def norm_forward(norm: RMSNorm) -> Callable[[torch.Tensor], torch.Tensor]:
     weight, default = norm.weight, RMSNorm.forward.__get__(norm)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == weight.dtype and x.is_contiguous() and x.numel() <= NATIVE_NORM_ROWS * x.shape[-1]:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if x.dtype == weight.dtype and x.dtype in _TYPES and x.is_contiguous() and rows <= NATIVE_NORM_ROWS:
             return native.rms_norm(x, weight, norm.eps, norm.unit_offset)
         return default(x)
 
@@ -143,12 +152,18 @@ def _fusable(att: nn.Module, x: torch.Tensor, rope, mask, kv_cache, layer: int, 
     """Whether `native.decode_attention` computes this call as the module's forward would."""
     if type(kv_cache) is not KVCache or kv_cache.static or kv_cache.windows[layer]:
         return False
-    t = x.shape[1]
-    if t > FUSED_ATTENTION_TOKENS or (att.training and att.dropout) or x.dtype not in _TYPES:
+    b, t = x.shape[:2]
+    if not (1 <= t <= FUSED_ATTENTION_TOKENS and b >= 1) or x.dtype not in _TYPES:
         return False
-    keys = kv_cache.k[layer]
-    if kv_cache.pos + t > keys.shape[2] or keys.device.type != "cpu" or not keys.is_contiguous():
+    if (att.training and att.dropout) or (x.requires_grad and torch.is_grad_enabled()):
+        return False  # dropout, or gradients: the kernel has neither
+    keys, values = kv_cache.k[layer], kv_cache.v[layer]
+    if kv_cache.pos + t > keys.shape[2] or keys.device.type != "cpu" or keys.dtype not in _TYPES:
         return False
+    if not (keys.is_contiguous() and values.is_contiguous()):
+        return False
+    if mask is None and t > 1 and kv_cache.pos > 0:
+        return False  # the module's forward refuses this (a filled cache needs a mask)
     if rope is not None and (rope[0].dtype != x.dtype or rope[0].numel() != t * keys.shape[3]):
         return False
     if mask is not None and not _plain_causal(mask, kv_cache.pos, t):

@@ -16,7 +16,7 @@ from .. import native
 from ..model.attention import CausalSelfAttention
 from ..model.gqa import GroupedQueryAttention
 from ..model.parts import RMSNorm
-from .fused import fused_routes
+from .fused import fused_routes, has_hooks
 
 
 class PackedLinears:
@@ -77,7 +77,7 @@ class PackedLinears:
         key = tuple(
             (id(m), m.weight.data_ptr(), _version(m.weight), m.weight.dtype, id(m.bias), _probe(m.weight))
             for m in linears
-        )
+        ) + (has_hooks(self.model),)  # hooks added since: fewer fused routes
         if key != self._key:
             self._linears = linears
             self._packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1) for m in linears]

@@ -140,7 +140,7 @@ template <typename T, typename C>
 void decode_attention_typed(const at::Tensor& qkv, int64_t H, int64_t G, const HeadPrep<T>& p, at::Tensor& k_cache,
                             at::Tensor& v_cache, int64_t pos, float scale, at::Tensor& y) {
   const int64_t B = k_cache.size(0), D = p.D, L = k_cache.size(2), width = (H + 2 * G) * D;
-  const int64_t T_new = qkv.numel() / (B * width);
+  const int64_t T_new = qkv.size(1);
   const T* in = data<T>(qkv);
   C* kc = data_mut<C>(k_cache);
   C* vc = data_mut<C>(v_cache);

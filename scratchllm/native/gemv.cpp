@@ -163,7 +163,7 @@ void activation_qparams(const float* x, int64_t K, int qmax, double& scale, int&
   __m512 lows = _mm512_setzero_ps(), highs = _mm512_setzero_ps();
   for (; k + 16 <= K; k += 16) {
     const __m512 v = _mm512_loadu_ps(x + k);
-    lows = _mm512_min_ps(lows, v), highs = _mm512_max_ps(highs, v);
+    lows = _mm512_min_ps(v, lows), highs = _mm512_max_ps(v, highs);  // a NaN in v keeps the old value, as std::min
   }
   lo_f = _mm512_reduce_min_ps(lows), hi_f = _mm512_reduce_max_ps(highs);
 #endif

@@ -106,12 +106,12 @@ def test_greedy_gives_the_targets_own_tokens_whatever_the_draft(arch):
             assert same == 1.0 and 0.2 < close < 0.9 and other < 0.1, (k, same, close, other)
 
 
-@pytest.mark.skipif(
-    not native.available() or kernels.one_row_kernel(torch.bfloat16) != "native",
-    reason="checking k + 1 positions bitwise as one needs native's bf16 kernels (the probe picks them)",
-)
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
 def test_bf16_checks_score_each_position_bitwise_as_decoding_one_at_a_time(arch):
+    if not native.available() or kernels.one_row_kernel(torch.bfloat16) != "native":
+        pytest.skip(
+            "checking k + 1 positions bitwise as one needs native's bf16 kernels (the probe picks them)"
+        )
     # wide enough that PyTorch's many-row kernels round otherwise than a row alone
     target = lm(0, arch, emb_dim=256, n_heads=4).to(torch.bfloat16)
     draft = near(target, 0.2)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from scratchllm import native
-from scratchllm.generation import Engine, GenerationConfig, PackedLinears
+from scratchllm.generation import Engine, GenerationConfig, PackedLinears, fused
 from scratchllm.model import registry
 from scratchllm.model.attention import CausalSelfAttention, KVCache, step_inputs
 from scratchllm.model.gqa import GroupedQueryAttention
@@ -103,8 +103,11 @@ def test_decode_attention_is_the_modules_forward(kind, dtype, cache_dtype, pos):
     got = _step(att, kind, x, caches[1], pos, fused=True)
     assert got.shape == want.shape == x.shape and got.dtype == dtype
     assert torch.equal(caches[1].v[0], caches[0].v[0])
-    if dtype == torch.bfloat16 and cache_dtype == torch.float32:  # the bf16 roundings are PyTorch's: equal
-        assert torch.equal(got, want) and torch.equal(caches[1].k[0], caches[0].k[0])
+    if dtype == torch.bfloat16 and cache_dtype == torch.float32:
+        # PyTorch's roundings, sums in another order: the same value, or one bf16 step away
+        assert (got == want).float().mean() > 0.95
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=2**-9)
+        torch.testing.assert_close(caches[1].k[0], caches[0].k[0], rtol=2**-8, atol=0.0)
     else:  # fp32 sums in another order; a bf16 cache's attention rounds inside PyTorch's kernel
         tol = 1e-5 if cache_dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
@@ -136,8 +139,8 @@ def test_a_few_tokens_at_once_get_each_tokens_own_result(kind, dtype):
         else:
             want = att(x, _rope(5, 20, dtype), mask=mask, kv_cache=caches[2])
         got = att.out_proj(together)
-    if dtype == torch.bfloat16:
-        assert torch.equal(got, want)
+    if dtype == torch.bfloat16:  # as above: the same, or one bf16 step away
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=2**-9)
     else:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -284,3 +287,71 @@ def test_quantized_layers_go_straight_to_their_kernel(monkeypatch, mode):
     own = Engine(model, ByteTokenizer(), prepack=False).generate(prompts, settings)
     assert len(calls) == 12 * len(layers)
     assert [c.token_ids for c in routed] == [c.token_ids for c in own]
+
+
+FALLBACKS = [
+    "padding",
+    "ring",
+    "static",
+    "rope dtype",
+    "dropout",
+    "gradients",
+    "overflow",
+    "no mask on a filled cache",
+]
+
+
+@pytest.mark.parametrize("case", FALLBACKS)
+def test_the_fused_attention_leaves_what_it_does_not_compute_to_the_module(monkeypatch, case):
+    att, heads, groups = _attention("qwen3", torch.float32)
+    windows = [4] if case == "ring" else None
+    caches = [KVCache(1, 1, groups, D, 16, windows=windows) for _ in range(2)]
+    t, pos, mask, rope_dtype = 1, 5, None, torch.float32
+    if case == "padding":
+        mask = torch.ones(1, 1, 1, pos + 1, dtype=torch.bool)
+        mask[..., 0] = False
+    if case == "overflow":
+        pos = 16
+    if case == "no mask on a filled cache":
+        t = 2
+    if case == "rope dtype":
+        rope_dtype = torch.bfloat16
+    if case == "dropout":
+        att.train()
+        att.dropout = 0.5
+    x = torch.randn(1, t, EMB, requires_grad=case == "gradients")
+    for cache in caches:
+        cache.pos = min(pos, 15)
+        torch.manual_seed(8)
+        cache.k[0].normal_(), cache.v[0].normal_()
+        cache.pos = pos
+        if case == "static":
+            cache.freeze()
+    if case == "static":
+        mask = caches[0].static_step_inputs()[1]
+        caches[1].static_step_inputs()
+    rope = _rope(t, min(pos, 15), rope_dtype)
+    monkeypatch.setattr(native, "decode_attention", lambda *a: pytest.fail("took the fused attention"))
+    fused_forward = fused.attention_forward(att)
+    results = []
+    for forward, cache in ((fused_forward, caches[0]), (att.forward, caches[1])):
+        torch.manual_seed(9)
+        try:
+            results.append(forward(x, rope, mask, cache, 0))
+        except (RuntimeError, ValueError) as e:
+            results.append(type(e))
+    if isinstance(results[1], type):
+        assert results[0] is results[1]  # the module's own refusal
+    else:
+        assert torch.equal(results[0], results[1]) and torch.equal(caches[0].k[0], caches[1].k[0])
+
+
+def test_hooks_added_after_a_generation_are_called_in_the_next():
+    model = _model("llama3", torch.float32)
+    engine = Engine(model, ByteTokenizer())
+    settings = GenerationConfig(max_new_tokens=3, ignore_eos=True)
+    engine.generate([[1, 2, 3]], settings)
+    seen: list[tuple[int, ...]] = []
+    model.trf_blocks[0].ff.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    engine.generate([[1, 2, 3]], settings)
+    assert len(seen) == 3  # the prompt and two steps: the blocks took their own forward
