@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .. import native
 from ..model import gpt, transformer
-from ..model.attention import CausalSelfAttention, KVCache, causal_mask
+from ..model.attention import CausalSelfAttention, KVCache, SlotKVCache, causal_mask
 from ..model.gqa import GroupedQueryAttention
 from ..model.parts import ACTIVATIONS, GatedFeedForward, RMSNorm
 from ..model.quantize import Int4Linear, Int8Linear
@@ -94,9 +94,10 @@ def norm_forward(norm: RMSNorm) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def attention_forward(att: GroupedQueryAttention | CausalSelfAttention) -> Callable[..., torch.Tensor]:
     """`att`'s forward with a decode step's attention in one native call (`native.decode_attention`):
-    up to `FUSED_ATTENTION_TOKENS` new tokens per row, no padding (no mask, or the plain causal one), a
-    plain cache keeping every position of this layer. Everything else (longer prompts, padded batches,
-    sliding-window rings, slot caches, static mode, training) takes the module's own forward."""
+    up to `FUSED_ATTENTION_TOKENS` new tokens per row, on a plain cache keeping every position of this
+    layer without left padding (no mask, or the plain causal one), or on a `SlotKVCache` (continuous
+    batching: each row at its own length, its step mask unchanged). Everything else (longer prompts,
+    padded batches, sliding windows, static mode, training) takes the module's own forward."""
     gqa = isinstance(att, GroupedQueryAttention)
     default = type(att).forward.__get__(att)
     n_heads = att.n_heads
@@ -125,6 +126,7 @@ def attention_forward(att: GroupedQueryAttention | CausalSelfAttention) -> Calla
             kv_cache.v[layer],
             kv_cache.pos,
             scale,
+            *((kv_cache._pos, kv_cache._rows.view(-1)) if type(kv_cache) is SlotKVCache else (None, None)),
         )
         return att.out_proj(y)
 
@@ -150,25 +152,34 @@ FUSED_ATTENTION_TOKENS = 8
 
 def _fusable(att: nn.Module, x: torch.Tensor, rope, mask, kv_cache, layer: int, norm: RMSNorm | None) -> bool:
     """Whether `native.decode_attention` computes this call as the module's forward would."""
-    if type(kv_cache) is not KVCache or kv_cache.static or kv_cache.windows[layer]:
+    slotted = type(kv_cache) is SlotKVCache
+    if not (type(kv_cache) is KVCache or slotted) or kv_cache.static or kv_cache.windows[layer]:
         return False
     b, t = x.shape[:2]
     if not (1 <= t <= FUSED_ATTENTION_TOKENS and b >= 1) or x.dtype not in _TYPES:
         return False
     if (att.training and att.dropout) or (x.requires_grad and torch.is_grad_enabled()):
         return False  # dropout, or gradients: the kernel has neither
+    if norm is not None and norm.weight.dtype != x.dtype:
+        return False
     keys, values = kv_cache.k[layer], kv_cache.v[layer]
-    if kv_cache.pos + t > keys.shape[2] or keys.device.type != "cpu" or keys.dtype not in _TYPES:
+    if (
+        keys.device.type != "cpu"
+        or keys.dtype not in _TYPES
+        or not (keys.is_contiguous() and values.is_contiguous())
+    ):
         return False
-    if not (keys.is_contiguous() and values.is_contiguous()):
+    if rope is not None and (
+        rope[0].dtype != x.dtype or rope[0].numel() not in (t * keys.shape[3], b * t * keys.shape[3])
+    ):
         return False
-    if mask is None and t > 1 and kv_cache.pos > 0:
-        return False  # the module's forward refuses this (a filled cache needs a mask)
-    if rope is not None and (rope[0].dtype != x.dtype or rope[0].numel() != t * keys.shape[3]):
+    if slotted:  # each row at its own length: its own step mask (not a sliding window's) says it all
+        return mask is kv_cache.mask
+    if kv_cache.pos + t > keys.shape[2] or (rope is not None and rope[0].numel() != t * keys.shape[3]):
         return False
-    if mask is not None and not _plain_causal(mask, kv_cache.pos, t):
-        return False
-    return norm is None or norm.weight.dtype == x.dtype
+    if mask is None:  # the module's forward refuses several tokens on a filled cache without a mask
+        return t == 1 or kv_cache.pos == 0
+    return _plain_causal(mask, kv_cache.pos, t)
 
 
 _TYPES = (torch.float32, torch.bfloat16)

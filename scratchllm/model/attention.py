@@ -381,6 +381,7 @@ class SlotKVCache(KVCache):
         self._cols: torch.Tensor | None = None  # (b, t) the columns the step writes
         self._pos: torch.Tensor | None = None  # (b, t) the new tokens' positions
         self._span = 0  # the columns the step reads
+        self.mask: torch.Tensor | None = None  # the step's attention mask, as step_inputs returned it
 
     def use(self, slots: Sequence[int], counts: Sequence[int] | None = None) -> None:
         """Set the slots of the next step's batch rows, and each row's real new tokens (None: all)."""
@@ -402,7 +403,8 @@ class SlotKVCache(KVCache):
         self._pos = pos.clamp(max=self.max_len - 1)
         self._span = min(max(starts) + t, self.capacity)
         keys = torch.arange(self._span, device=device)
-        return self._pos, (keys <= pos[..., None])[:, None]
+        self.mask = (keys <= pos[..., None])[:, None]  # kept: a fused attention knows its own mask by it
+        return self._pos, self.mask
 
     def _grow(self, need: int) -> None:
         """Make room for `need` columns: twice the capacity at least, up to `max_len`."""

@@ -113,16 +113,34 @@ def decode_attention(
     v_cache: torch.Tensor,
     pos: int,
     scale: float,
+    positions: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One new token per sequence through attention (model/gqa.py's and model/attention.py's forward for
-    one position): `qkv` (batch, 1, (n_heads + 2 n_kv_heads) * head_dim) is the fused projection's output,
+    """A few new tokens per sequence through attention (model/gqa.py's and model/attention.py's forward):
+    `qkv` (batch, new tokens, (n_heads + 2 n_kv_heads) * head_dim) is the fused projection's output,
     fp32 or bf16; `q_norm`/`k_norm` the QK-norm weights (or None); `cos`/`sin` the new position's RoPE
     row (or None); the key and value are written into `k_cache`/`v_cache` (batch, n_kv_heads, max_len,
-    head_dim; fp32 or bf16, contiguous) at `pos`, and each query attends over positions 0..pos with
-    scores times `scale`. Returns (batch, 1, n_heads * head_dim) in qkv's type. Call `available()`
-    first."""
+    head_dim; fp32 or bf16, contiguous) at `pos` and after, and each query attends over the positions up
+    to its own with scores times `scale`. A cache of independent sequences (`SlotKVCache`) gives each new
+    token's position (`positions`, int64 (batch, new tokens)) and each row's cache row (`slots`, int64
+    (batch,)); a position past the cache's last column writes into that column (a row's padding).
+    Returns (batch, new tokens, n_heads * head_dim) in qkv's type. Call `available()` first."""
     return torch.ops.scratchllm.decode_attention(
-        qkv, n_heads, n_kv_heads, q_norm, k_norm, eps, unit_offset, cos, sin, k_cache, v_cache, pos, scale
+        qkv,
+        n_heads,
+        n_kv_heads,
+        q_norm,
+        k_norm,
+        eps,
+        unit_offset,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        pos,
+        scale,
+        positions,
+        slots,
     )
 
 

@@ -136,47 +136,60 @@ void attend(const float* q, int64_t R, const C* keys, const C* values, int64_t n
   }
 }
 
+// Where each new token goes: token t of batch row b sits at position pos(b, t) of cache row slot(b), in column
+// min(pos, L - 1) (a row padded on the right writes its padding into the last, spare column), and sees the
+// columns up to its own.
+struct Places {
+  int64_t pos = 0;                        // the first new token's position in every row, without `positions`
+  const int64_t* positions = nullptr;     // (B, T): each token's own
+  const int64_t* slots = nullptr;         // (B): each batch row's cache row; none: row b is cache row b
+  int64_t T = 1, L = 1;
+  int64_t position(int64_t b, int64_t t) const { return positions ? positions[b * T + t] : pos + t; }
+  int64_t column(int64_t b, int64_t t) const { return std::min(position(b, t), L - 1); }
+  int64_t slot(int64_t b) const { return slots ? slots[b] : b; }
+};
+
 template <typename T, typename C>
 void decode_attention_typed(const at::Tensor& qkv, int64_t H, int64_t G, const HeadPrep<T>& p, at::Tensor& k_cache,
-                            at::Tensor& v_cache, int64_t pos, float scale, at::Tensor& y) {
-  const int64_t B = k_cache.size(0), D = p.D, L = k_cache.size(2), width = (H + 2 * G) * D;
-  const int64_t T_new = qkv.size(1);
+                            at::Tensor& v_cache, const Places& places, bool rope_per_row, float scale, at::Tensor& y) {
+  const int64_t B = qkv.size(0), T_new = qkv.size(1), D = p.D, L = k_cache.size(2), width = (H + 2 * G) * D;
   const T* in = data<T>(qkv);
   C* kc = data_mut<C>(k_cache);
   C* vc = data_mut<C>(v_cache);
   std::vector<float> q(B * T_new * H * D), k(D);
+  int64_t longest = 0;
   for (int64_t bt = 0; bt < B * T_new; bt++) {  // the new keys and values into the caches, the queries prepared
-    const int64_t b = bt / T_new, t = bt % T_new;
+    const int64_t b = bt / T_new, t = bt % T_new, column = places.column(b, t);
+    longest = std::max(longest, column + 1);
     const T* row = in + bt * width;
-    HeadPrep<T> at_t = p;
-    if (p.cos) at_t.cos = p.cos + t * D, at_t.sin = p.sin + t * D;
+    HeadPrep<T> here = p;
+    const int64_t table_row = rope_per_row ? bt : t;
+    if (p.cos) here.cos = p.cos + table_row * D, here.sin = p.sin + table_row * D;
     for (int64_t h = 0; h < H; h++) {
       float* qh = &q[(bt * H + h) * D];
-      prepare_head(row + h * D, p.q_norm, at_t, qh);
+      prepare_head(row + h * D, p.q_norm, here, qh);
       for (int64_t d = 0; d < D; d++) qh[d] = round_as<C>(qh[d]);
     }
     for (int64_t g = 0; g < G; g++) {
-      prepare_head(row + (H + g) * D, p.k_norm, at_t, k.data());
+      prepare_head(row + (H + g) * D, p.k_norm, here, k.data());
       const T* v = row + (H + G + g) * D;
-      C* kslot = kc + ((b * G + g) * L + pos + t) * D;
-      C* vslot = vc + ((b * G + g) * L + pos + t) * D;
+      const int64_t at_column = ((places.slot(b) * G + g) * L + column) * D;
       for (int64_t d = 0; d < D; d++) {
-        kslot[d] = store_as<C>(k[d]);
-        vslot[d] = store_as<C>(to_float(v[d]));
+        kc[at_column + d] = store_as<C>(k[d]);
+        vc[at_column + d] = store_as<C>(to_float(v[d]));
       }
     }
   }
   T* out = data_mut<T>(y);
   const int64_t R = H / G;  // query heads per key/value head, next to each other in q and in y
-  const int64_t work = (pos + T_new) * D * R * T_new;
-  const int64_t grain = std::max<int64_t>(1, 16384 / work);  // small contexts stay on one thread
+  const int64_t grain = std::max<int64_t>(1, 16384 / (longest * D * R * T_new));  // small contexts stay on one thread
   at::parallel_for(0, B * G, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> heads(R * D);
     for (int64_t i = begin; i < end; i++) {  // i = b * G + g
-      const int64_t b = i / G, g = i % G, base = i * L * D;
-      for (int64_t t = 0; t < T_new; t++) {  // new token t sees positions 0 .. pos + t, as alone
+      const int64_t b = i / G, g = i % G, base = (places.slot(b) * G + g) * L * D;
+      for (int64_t t = 0; t < T_new; t++) {  // new token t sees the columns up to its own, as alone
         const int64_t first = ((b * T_new + t) * H + g * R) * D;  // its query heads g R .. g R + R - 1
-        attend(&q[first], R, kc + base, vc + base, pos + t + 1, D, scale, heads.data());
+        attend(&q[first], R, kc + base, vc + base, places.column(b, t) + 1, D, scale, heads.data());
         for (int64_t e = 0; e < R * D; e++) out[first + e] = store_as<T>(heads[e]);
       }
     }
@@ -186,28 +199,47 @@ void decode_attention_typed(const at::Tensor& qkv, int64_t H, int64_t G, const H
 void check_attention(const at::Tensor& qkv, int64_t H, int64_t G, const std::optional<at::Tensor>& q_norm,
                      const std::optional<at::Tensor>& k_norm, const std::optional<at::Tensor>& cos,
                      const std::optional<at::Tensor>& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                     int64_t pos) {
+                     int64_t pos, const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& slots) {
   const auto type = qkv.scalar_type();
   TORCH_CHECK(type == at::kFloat || type == at::kBFloat16, "decode_attention: qkv must be fp32 or bf16");
   TORCH_CHECK(H > 0 && G > 0 && H % G == 0, "decode_attention: n_kv_heads must divide n_heads");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
                   (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
-              "decode_attention: the caches must be contiguous (batch, n_kv_heads, max_len, head_dim), fp32 or bf16");
-  const int64_t B = k_cache.size(0), D = k_cache.size(3);
-  const int64_t width = (H + 2 * G) * D, T_new = qkv.dim() == 3 ? qkv.size(1) : 0;
-  TORCH_CHECK(k_cache.size(1) == G && D % 2 == 0 && qkv.is_contiguous() && qkv.dim() == 3 && qkv.size(0) == B &&
-                  qkv.size(2) == width && T_new >= 1,
+              "decode_attention: the caches must be contiguous (rows, n_kv_heads, max_len, head_dim), fp32 or bf16");
+  const int64_t D = k_cache.size(3), L = k_cache.size(2), width = (H + 2 * G) * D;
+  const int64_t B = qkv.dim() == 3 ? qkv.size(0) : -1, T_new = qkv.dim() == 3 ? qkv.size(1) : 0;
+  TORCH_CHECK(k_cache.size(1) == G && D % 2 == 0 && qkv.is_contiguous() && qkv.dim() == 3 && qkv.size(2) == width &&
+                  T_new >= 1,
               "decode_attention: qkv must be contiguous (batch, new tokens, (n_heads + 2 n_kv_heads) head_dim)");
-  TORCH_CHECK(0 <= pos && pos + T_new <= k_cache.size(2), "decode_attention: positions ", pos, " to ",
-              pos + T_new - 1, " are outside the cache");
+  if (slots) {
+    TORCH_CHECK(slots->scalar_type() == at::kLong && slots->is_contiguous() && slots->numel() == B,
+                "decode_attention: slots must be one int64 cache row per batch row");
+    const int64_t* s = slots->data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; b++)
+      TORCH_CHECK(0 <= s[b] && s[b] < k_cache.size(0), "decode_attention: slot ", s[b], " is outside the cache");
+  } else {
+    TORCH_CHECK(B == k_cache.size(0), "decode_attention: without slots, one cache row per batch row");
+  }
+  if (positions) {
+    TORCH_CHECK(positions->scalar_type() == at::kLong && positions->is_contiguous() && positions->numel() == B * T_new,
+                "decode_attention: positions must be int64 (batch, new tokens)");
+    const int64_t* ps = positions->data_ptr<int64_t>();
+    for (int64_t i = 0; i < B * T_new; i++)
+      TORCH_CHECK(ps[i] >= 0, "decode_attention: positions must be >= 0");
+  } else {
+    TORCH_CHECK(0 <= pos && pos + T_new <= L, "decode_attention: positions ", pos, " to ", pos + T_new - 1,
+                " are outside the cache");
+  }
   for (const auto* t : {&q_norm, &k_norm}) {
     TORCH_CHECK(!t->has_value() || ((*t)->scalar_type() == type && (*t)->is_contiguous() && (*t)->numel() == D),
                 "decode_attention: norm weights must be contiguous, head_dim values of qkv's type");
   }
   for (const auto* t : {&cos, &sin}) {
-    TORCH_CHECK(!t->has_value() || ((*t)->scalar_type() == type && (*t)->is_contiguous() && (*t)->numel() == T_new * D),
-                "decode_attention: cos and sin must be contiguous, head_dim values of qkv's type per new token");
+    TORCH_CHECK(!t->has_value() || ((*t)->scalar_type() == type && (*t)->is_contiguous() &&
+                                    ((*t)->numel() == T_new * D || (*t)->numel() == B * T_new * D)),
+                "decode_attention: cos and sin must be contiguous, head_dim values of qkv's type per new token "
+                "(or per row and new token)");
   }
   TORCH_CHECK(q_norm.has_value() == k_norm.has_value() && cos.has_value() == sin.has_value(),
               "decode_attention: give both norms or neither, both of cos and sin or neither");
@@ -233,17 +265,22 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
 // A few new tokens per sequence through attention, from their fused projection `qkv` (B, T, (H + 2G) D): H
 // query heads, then G key and G value heads (G divides H; G = H for GPT-2). As the modules' eager forward
 // does it: QK-norm (`q_norm`, `k_norm`: D weights, or none), RoPE with the new positions' `cos`/`sin` (T x D
-// values, or none), the keys and values written into the caches (B, G, max_len, D) at pos .. pos + T - 1,
-// and each query's attention over the positions up to its own, in fp32 (scores times `scale`); each token's
-// result is bitwise the one it gets alone. Returns (B, T, H D) in qkv's type.
+// values, or per row and token, or none), the keys and values written into the caches (rows, G, max_len, D) at
+// pos .. pos + T - 1 (or at `positions`, (B, T), of cache rows `slots`, (B), when given: a cache of
+// independent sequences), and each query's attention over the positions up to its own, in fp32 (scores times
+// `scale`); each token's result is bitwise the one it gets alone. Returns (B, T, H D) in qkv's type.
 at::Tensor decode_attention(const at::Tensor& qkv, int64_t n_heads, int64_t n_kv_heads,
                             const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
                             double eps, bool unit_offset, const std::optional<at::Tensor>& cos,
                             const std::optional<at::Tensor>& sin, at::Tensor k_cache, at::Tensor v_cache, int64_t pos,
-                            double scale) {
-  check_attention(qkv, n_heads, n_kv_heads, q_norm, k_norm, cos, sin, k_cache, v_cache, pos);
-  const int64_t B = k_cache.size(0), D = k_cache.size(3);
-  auto y = at::empty({B, qkv.size(1), n_heads * D}, qkv.options());
+                            double scale, const std::optional<at::Tensor>& positions,
+                            const std::optional<at::Tensor>& slots) {
+  check_attention(qkv, n_heads, n_kv_heads, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, positions, slots);
+  const int64_t B = qkv.size(0), T_new = qkv.size(1), D = k_cache.size(3);
+  auto y = at::empty({B, T_new, n_heads * D}, qkv.options());
+  Places places{pos, positions ? positions->data_ptr<int64_t>() : nullptr, slots ? slots->data_ptr<int64_t>() : nullptr,
+            T_new, k_cache.size(2)};
+  const bool rope_per_row = cos && cos->numel() == B * T_new * D && B > 1;
   auto opt = [](const std::optional<at::Tensor>& t, auto* type) {
     return t ? data<std::remove_pointer_t<decltype(type)>>(*t) : nullptr;
   };
@@ -251,7 +288,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, int64_t n_heads, int64_t n_kv
     using T = std::remove_pointer_t<decltype(t_type)>;
     using C = std::remove_pointer_t<decltype(c_type)>;
     HeadPrep<T> p{D, opt(q_norm, t_type), opt(k_norm, t_type), float(eps), unit_offset, opt(cos, t_type), opt(sin, t_type)};
-    decode_attention_typed<T, C>(qkv, n_heads, n_kv_heads, p, k_cache, v_cache, pos, float(scale), y);
+    decode_attention_typed<T, C>(qkv, n_heads, n_kv_heads, p, k_cache, v_cache, places, rope_per_row, float(scale), y);
   };
   const bool t32 = qkv.scalar_type() == at::kFloat, c32 = k_cache.scalar_type() == at::kFloat;
   float* f = nullptr;
@@ -267,7 +304,7 @@ TORCH_LIBRARY_FRAGMENT(scratchllm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, bool unit_offset) -> Tensor", &rms_norm);
   m.def(
       "decode_attention(Tensor qkv, int n_heads, int n_kv_heads, Tensor? q_norm, Tensor? k_norm, float eps, "
-      "bool unit_offset, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, float scale) "
-      "-> Tensor",
+      "bool unit_offset, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, float scale, "
+      "Tensor? positions=None, Tensor? slots=None) -> Tensor",
       &decode_attention);
 }

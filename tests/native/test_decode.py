@@ -9,7 +9,7 @@ import torch
 from scratchllm import native
 from scratchllm.generation import Engine, GenerationConfig, PackedLinears, fused
 from scratchllm.model import registry
-from scratchllm.model.attention import CausalSelfAttention, KVCache, step_inputs
+from scratchllm.model.attention import CausalSelfAttention, KVCache, SlotKVCache, step_inputs
 from scratchllm.model.gqa import GroupedQueryAttention
 from scratchllm.model.parts import rope_inverse_frequencies, rope_tables
 from scratchllm.model.quantize import Int4Linear, Int8Linear, quantize_model
@@ -205,7 +205,7 @@ def test_decoding_takes_the_fused_attention_and_keeps_the_tokens(monkeypatch, ar
     fused = native.decode_attention
 
     def counting(qkv, *args):
-        calls.append(args[-2])  # the position written
+        calls.append(args[10])  # the position written (pos)
         return fused(qkv, *args)
 
     monkeypatch.setattr(native, "decode_attention", counting)
@@ -355,3 +355,36 @@ def test_hooks_added_after_a_generation_are_called_in_the_next():
     model.trf_blocks[0].ff.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
     engine.generate([[1, 2, 3]], settings)
     assert len(seen) == 3  # the prompt and two steps: the blocks took their own forward
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gpt2"])
+@pytest.mark.parametrize("t", [1, 3])
+def test_a_slot_cache_takes_the_fused_attention_row_by_row(monkeypatch, kind, t):
+    """Continuous batching: rows of their own lengths, in slots out of order, the shorter ones padded on
+    the right; each real token's result and every real key as the module's forward gives them."""
+    att, heads, groups = _attention(kind, torch.bfloat16)
+    caches = [SlotKVCache(1, 3, groups, D, 32, capacity=8) for _ in range(2)]
+    for cache in caches:
+        torch.manual_seed(10)
+        cache.k[0].normal_(), cache.v[0].normal_()
+        cache.lengths = [5, 0, 2]
+        cache.use([2, 0], [t, 1])  # slot 2 (2 cached) takes t tokens, slot 0 (5 cached) one and padding
+    x = torch.randn(2, t, att.qkv.in_features).to(torch.bfloat16)
+    outs = []
+    calls = []
+    real = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    for forward, cache in ((fused.attention_forward(att), caches[0]), (att.forward, caches[1])):
+        positions, mask = cache.step_inputs(t)
+        tables = rope_tables(rope_inverse_frequencies(D, 10_000.0), positions)
+        rope = tuple(r.to(torch.bfloat16) for r in tables)
+        with torch.inference_mode():
+            outs.append(forward(x, mask, cache, 0) if kind == "gpt2" else forward(x, rope, mask, cache, 0))
+    assert len(calls) == 1  # the fused forward took the kernel; the module's own did not
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=2**-7, atol=2**-9)  # slot 2: every token real
+    torch.testing.assert_close(outs[0][1, :1], outs[1][1, :1], rtol=2**-7, atol=2**-9)  # slot 0: its first
+    for slot, n in ((2, 2 + t), (0, 6)):  # the real columns of both rows
+        torch.testing.assert_close(
+            caches[0].k[0][slot, :, :n], caches[1].k[0][slot, :, :n], rtol=2**-8, atol=0.0
+        )
+        assert torch.equal(caches[0].v[0][slot, :, :n], caches[1].v[0][slot, :, :n])
