@@ -34,6 +34,11 @@ def fused_routes(model: nn.Module) -> list[tuple[nn.Module, Callable[..., torch.
     `native.available()` first."""
     routes: list[tuple[nn.Module, Callable[..., torch.Tensor]]] = []
     hooked = has_hooks(model)
+    windows = {  # the sliding window of each attention layer that has one
+        id(m.att): model.cfg.sliding_window
+        for m in model.modules()
+        if type(m) is transformer.TransformerBlock and m.sliding
+    }
     for m in model.modules():
         if type(m) is RMSNorm:
             routes.append((m, norm_forward(m)))
@@ -42,7 +47,7 @@ def fused_routes(model: nn.Module) -> list[tuple[nn.Module, Callable[..., torch.
         elif hooked:
             continue
         elif type(m) in (GroupedQueryAttention, CausalSelfAttention):
-            routes.append((m, attention_forward(m)))
+            routes.append((m, attention_forward(m, windows.get(id(m), 0))))
         elif (forward := block_forward(m)) is not None:
             routes.append((m, forward))
     return routes
@@ -92,12 +97,15 @@ def norm_forward(norm: RMSNorm) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
-def attention_forward(att: GroupedQueryAttention | CausalSelfAttention) -> Callable[..., torch.Tensor]:
+def attention_forward(
+    att: GroupedQueryAttention | CausalSelfAttention, window: int = 0
+) -> Callable[..., torch.Tensor]:
     """`att`'s forward with a decode step's attention in one native call (`native.decode_attention`):
     up to `FUSED_ATTENTION_TOKENS` new tokens per row, on a plain cache keeping every position of this
     layer without left padding (no mask, or the plain causal one), or on a `SlotKVCache` (continuous
-    batching: each row at its own length, its step mask unchanged). Everything else (longer prompts,
-    padded batches, sliding windows, static mode, training) takes the module's own forward."""
+    batching: each row at its own length, its step mask unchanged). `window`: the layer's sliding window
+    (0: none), whose cache may be a ring (then one token per row). Everything else (longer prompts, padded
+    batches, a slot cache's sliding windows, static mode, training) takes the module's own forward."""
     gqa = isinstance(att, GroupedQueryAttention)
     default = type(att).forward.__get__(att)
     n_heads = att.n_heads
@@ -106,7 +114,7 @@ def attention_forward(att: GroupedQueryAttention | CausalSelfAttention) -> Calla
     scale = att.scale if gqa and att.scale is not None else att.head_dim**-0.5
 
     def fused(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask, kv_cache, layer):
-        if not _fusable(att, x, rope, mask, kv_cache, layer, q_norm):
+        if not _fusable(att, x, rope, mask, kv_cache, layer, q_norm, window):
             return None
         qkv = att.qkv(x)
         if qkv.dtype != x.dtype:
@@ -127,6 +135,8 @@ def attention_forward(att: GroupedQueryAttention | CausalSelfAttention) -> Calla
             kv_cache.pos,
             scale,
             *((kv_cache._pos, kv_cache._rows.view(-1)) if type(kv_cache) is SlotKVCache else (None, None)),
+            window,
+            kv_cache.windows[layer] > 0,
         )
         return att.out_proj(y)
 
@@ -150,10 +160,12 @@ def attention_forward(att: GroupedQueryAttention | CausalSelfAttention) -> Calla
 FUSED_ATTENTION_TOKENS = 8
 
 
-def _fusable(att: nn.Module, x: torch.Tensor, rope, mask, kv_cache, layer: int, norm: RMSNorm | None) -> bool:
+def _fusable(
+    att: nn.Module, x: torch.Tensor, rope, mask, kv_cache, layer: int, norm: RMSNorm | None, window: int = 0
+) -> bool:
     """Whether `native.decode_attention` computes this call as the module's forward would."""
     slotted = type(kv_cache) is SlotKVCache
-    if not (type(kv_cache) is KVCache or slotted) or kv_cache.static or kv_cache.windows[layer]:
+    if not (type(kv_cache) is KVCache or slotted) or kv_cache.static:
         return False
     b, t = x.shape[:2]
     if not (1 <= t <= FUSED_ATTENTION_TOKENS and b >= 1) or x.dtype not in _TYPES:
@@ -174,28 +186,42 @@ def _fusable(att: nn.Module, x: torch.Tensor, rope, mask, kv_cache, layer: int, 
     ):
         return False
     if slotted:  # each row at its own length: its own step mask (not a sliding window's) says it all
-        return mask is kv_cache.mask
-    if kv_cache.pos + t > keys.shape[2] or (rope is not None and rope[0].numel() != t * keys.shape[3]):
+        return mask is kv_cache.mask and not window
+    ring = kv_cache.windows[layer] > 0
+    if ring and not (t == 1 and window == keys.shape[2]):
+        return False
+    if not ring and kv_cache.pos + t > keys.shape[2]:
+        return False
+    if rope is not None and rope[0].numel() != t * keys.shape[3]:
         return False
     if mask is None:  # the module's forward refuses several tokens on a filled cache without a mask
         return t == 1 or kv_cache.pos == 0
-    return _plain_causal(mask, kv_cache.pos, t)
+    return _expected_mask(mask, kv_cache.pos, t, window, ring)
 
 
 _TYPES = (torch.float32, torch.bfloat16)
-_causal_seen: list[torch.Tensor] = []  # the last mask found plain causal (a step hands it to every layer)
+_masks_seen: list[
+    tuple[torch.Tensor, tuple]
+] = []  # masks found as expected (a step hands each to many layers)
 
 
-def _plain_causal(mask: torch.Tensor, start: int, t: int) -> bool:
-    """Whether `mask` is `step_inputs`' causal mask of `t` tokens after `start` (no padding): what
-    each new token sees in `native.decode_attention` too. Checked once per step's mask."""
-    if _causal_seen and _causal_seen[0] is mask:
+def _expected_mask(mask: torch.Tensor, start: int, t: int, window: int, ring: bool) -> bool:
+    """Whether `mask` is the one `step_inputs` and `window_mask` give `t` tokens after `start` with no
+    padding: causal, within `window` (0: none); over a ring, every key it holds. That is what each new
+    token sees in `native.decode_attention` too. Checked once per mask and layer kind."""
+    key = (start, t, window, ring)
+    if any(seen is mask and k == key for seen, k in _masks_seen):
         return True
-    if mask.dtype != torch.bool or mask.shape != (1, 1, t, start + t):
+    if ring:
+        want = torch.ones(1, 1, 1, min(start, window - 1) + 1, dtype=torch.bool, device=mask.device)
+    else:
+        want = causal_mask(start, t, mask.device)[None, None]
+        if window:
+            queries = torch.arange(start, start + t, device=mask.device)[:, None]
+            want = want & (torch.arange(start + t, device=mask.device)[None, :] > queries - window)
+    if mask.dtype != torch.bool or mask.shape != want.shape or not torch.equal(mask, want):
         return False
-    if not torch.equal(mask[0, 0], causal_mask(start, t, mask.device)):
-        return False
-    _causal_seen[:] = [mask]
+    _masks_seen[:] = [*_masks_seen[-3:], (mask, key)]
     return True
 
 

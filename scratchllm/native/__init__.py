@@ -115,6 +115,8 @@ def decode_attention(
     scale: float,
     positions: torch.Tensor | None = None,
     slots: torch.Tensor | None = None,
+    window: int = 0,
+    ring: bool = False,
 ) -> torch.Tensor:
     """A few new tokens per sequence through attention (model/gqa.py's and model/attention.py's forward):
     `qkv` (batch, new tokens, (n_heads + 2 n_kv_heads) * head_dim) is the fused projection's output,
@@ -124,6 +126,8 @@ def decode_attention(
     to its own with scores times `scale`. A cache of independent sequences (`SlotKVCache`) gives each new
     token's position (`positions`, int64 (batch, new tokens)) and each row's cache row (`slots`, int64
     (batch,)); a position past the cache's last column writes into that column (a row's padding).
+    `window` > 0: each token sees only the `window` latest positions (a sliding-window layer); `ring`:
+    the cache keeps just those, position p in column p % window (one new token per row).
     Returns (batch, new tokens, n_heads * head_dim) in qkv's type. Call `available()` first."""
     return torch.ops.scratchllm.decode_attention(
         qkv,
@@ -141,6 +145,8 @@ def decode_attention(
         scale,
         positions,
         slots,
+        window,
+        ring,
     )
 
 

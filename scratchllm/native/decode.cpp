@@ -139,13 +139,23 @@ void attend(const float* q, int64_t R, const C* keys, const C* values, int64_t n
 // Where each new token goes: token t of batch row b sits at position pos(b, t) of cache row slot(b), in column
 // min(pos, L - 1) (a row padded on the right writes its padding into the last, spare column), and sees the
 // columns up to its own.
+// A sliding window (`window` > 0) shows a token only the `window` latest positions, itself included; a cache
+// kept as a ring (`ring`: L == window columns) holds position p in column p % L, and then all its columns are
+// those positions.
 struct Places {
   int64_t pos = 0;                        // the first new token's position in every row, without `positions`
   const int64_t* positions = nullptr;     // (B, T): each token's own
   const int64_t* slots = nullptr;         // (B): each batch row's cache row; none: row b is cache row b
-  int64_t T = 1, L = 1;
+  int64_t T = 1, L = 1, window = 0;
+  bool ring = false;
   int64_t position(int64_t b, int64_t t) const { return positions ? positions[b * T + t] : pos + t; }
-  int64_t column(int64_t b, int64_t t) const { return std::min(position(b, t), L - 1); }
+  int64_t column(int64_t b, int64_t t) const {
+    return ring ? position(b, t) % L : std::min(position(b, t), L - 1);
+  }
+  int64_t first_seen(int64_t b, int64_t t) const {  // the first column the token sees (the last: its own)
+    return ring || window == 0 ? 0 : std::max<int64_t>(0, column(b, t) - window + 1);
+  }
+  int64_t last_seen(int64_t b, int64_t t) const { return ring ? std::min(position(b, t), L - 1) : column(b, t); }
   int64_t slot(int64_t b) const { return slots ? slots[b] : b; }
 };
 
@@ -189,7 +199,8 @@ void decode_attention_typed(const at::Tensor& qkv, int64_t H, int64_t G, const H
       const int64_t b = i / G, g = i % G, base = (places.slot(b) * G + g) * L * D;
       for (int64_t t = 0; t < T_new; t++) {  // new token t sees the columns up to its own, as alone
         const int64_t first = ((b * T_new + t) * H + g * R) * D;  // its query heads g R .. g R + R - 1
-        attend(&q[first], R, kc + base, vc + base, places.column(b, t) + 1, D, scale, heads.data());
+        const int64_t lo = places.first_seen(b, t), n = places.last_seen(b, t) - lo + 1;
+        attend(&q[first], R, kc + base + lo * D, vc + base + lo * D, n, D, scale, heads.data());
         for (int64_t e = 0; e < R * D; e++) out[first + e] = store_as<T>(heads[e]);
       }
     }
@@ -199,7 +210,8 @@ void decode_attention_typed(const at::Tensor& qkv, int64_t H, int64_t G, const H
 void check_attention(const at::Tensor& qkv, int64_t H, int64_t G, const std::optional<at::Tensor>& q_norm,
                      const std::optional<at::Tensor>& k_norm, const std::optional<at::Tensor>& cos,
                      const std::optional<at::Tensor>& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                     int64_t pos, const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& slots) {
+                     int64_t pos, const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& slots,
+                     bool ring) {
   const auto type = qkv.scalar_type();
   TORCH_CHECK(type == at::kFloat || type == at::kBFloat16, "decode_attention: qkv must be fp32 or bf16");
   TORCH_CHECK(H > 0 && G > 0 && H % G == 0, "decode_attention: n_kv_heads must divide n_heads");
@@ -228,7 +240,7 @@ void check_attention(const at::Tensor& qkv, int64_t H, int64_t G, const std::opt
     for (int64_t i = 0; i < B * T_new; i++)
       TORCH_CHECK(ps[i] >= 0, "decode_attention: positions must be >= 0");
   } else {
-    TORCH_CHECK(0 <= pos && pos + T_new <= L, "decode_attention: positions ", pos, " to ", pos + T_new - 1,
+    TORCH_CHECK(0 <= pos && (ring || pos + T_new <= L), "decode_attention: positions ", pos, " to ", pos + T_new - 1,
                 " are outside the cache");
   }
   for (const auto* t : {&q_norm, &k_norm}) {
@@ -268,18 +280,22 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
 // values, or per row and token, or none), the keys and values written into the caches (rows, G, max_len, D) at
 // pos .. pos + T - 1 (or at `positions`, (B, T), of cache rows `slots`, (B), when given: a cache of
 // independent sequences), and each query's attention over the positions up to its own, in fp32 (scores times
-// `scale`); each token's result is bitwise the one it gets alone. Returns (B, T, H D) in qkv's type.
+// `scale`), or over the `window` latest (a sliding window; `ring`: the cache keeps just those, in a ring, and
+// takes one token per row); each token's result is bitwise the one it gets alone. Returns (B, T, H D) in
+// qkv's type.
 at::Tensor decode_attention(const at::Tensor& qkv, int64_t n_heads, int64_t n_kv_heads,
                             const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
                             double eps, bool unit_offset, const std::optional<at::Tensor>& cos,
                             const std::optional<at::Tensor>& sin, at::Tensor k_cache, at::Tensor v_cache, int64_t pos,
                             double scale, const std::optional<at::Tensor>& positions,
-                            const std::optional<at::Tensor>& slots) {
-  check_attention(qkv, n_heads, n_kv_heads, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, positions, slots);
+                            const std::optional<at::Tensor>& slots, int64_t window, bool ring) {
+  TORCH_CHECK(window >= 0 && (!ring || (window == k_cache.size(2) && qkv.dim() == 3 && qkv.size(1) == 1 && !positions)),
+              "decode_attention: a ring of `window` columns takes one new token per row");
+  check_attention(qkv, n_heads, n_kv_heads, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, positions, slots, ring);
   const int64_t B = qkv.size(0), T_new = qkv.size(1), D = k_cache.size(3);
   auto y = at::empty({B, T_new, n_heads * D}, qkv.options());
   Places places{pos, positions ? positions->data_ptr<int64_t>() : nullptr, slots ? slots->data_ptr<int64_t>() : nullptr,
-            T_new, k_cache.size(2)};
+                T_new, k_cache.size(2), window, ring};
   const bool rope_per_row = cos && cos->numel() == B * T_new * D && B > 1;
   auto opt = [](const std::optional<at::Tensor>& t, auto* type) {
     return t ? data<std::remove_pointer_t<decltype(type)>>(*t) : nullptr;
@@ -305,6 +321,6 @@ TORCH_LIBRARY_FRAGMENT(scratchllm, m) {
   m.def(
       "decode_attention(Tensor qkv, int n_heads, int n_kv_heads, Tensor? q_norm, Tensor? k_norm, float eps, "
       "bool unit_offset, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, float scale, "
-      "Tensor? positions=None, Tensor? slots=None) -> Tensor",
+      "Tensor? positions=None, Tensor? slots=None, int window=0, bool ring=False) -> Tensor",
       &decode_attention);
 }

@@ -10,7 +10,7 @@ from scratchllm import native
 from scratchllm.generation import Engine, GenerationConfig, PackedLinears, fused
 from scratchllm.model import registry
 from scratchllm.model.attention import CausalSelfAttention, KVCache, SlotKVCache, step_inputs
-from scratchllm.model.gqa import GroupedQueryAttention
+from scratchllm.model.gqa import GroupedQueryAttention, window_mask
 from scratchllm.model.parts import rope_inverse_frequencies, rope_tables
 from scratchllm.model.quantize import Int4Linear, Int8Linear, quantize_model
 from tests.generation.helpers import ByteTokenizer
@@ -193,7 +193,7 @@ FAMILIES = [
     ("llama3", {}),
     ("qwen3", {}),
     ("qwen3-moe", {}),
-    ("gemma3", {"sliding_window": 6}),  # its sliding layers' cache becomes a ring: their own forward
+    ("gemma3", {"sliding_window": 6}),  # its sliding layers' cache becomes a ring of 6 columns
 ]
 
 
@@ -215,9 +215,10 @@ def test_decoding_takes_the_fused_attention_and_keeps_the_tokens(monkeypatch, ar
     got = [c.token_ids for c in engine.generate(prompts, settings)]
     n_layers = model.cfg.n_layers
     windows = model.cache_windows() if hasattr(model, "cache_windows") else [0] * n_layers
-    fused_layers = sum(1 for w in windows if not 0 < w < 7 + 12)
-    # the 7-token prompt at position 0, then each new token but the last
-    assert len(calls) == 12 * fused_layers and sorted(set(calls)) == [0, *range(7, 18)]
+    rings = sum(1 for w in windows if 0 < w < 7 + 12)
+    # the 7-token prompt at position 0 (not on a ring: one token at a time there), then each new token
+    # but the last
+    assert len(calls) == 12 * n_layers - rings and sorted(set(calls)) == [0, *range(7, 18)]
     assert all("forward" not in m.__dict__ for m in model.modules())  # restored afterwards
     plain = Engine(model, ByteTokenizer(), prepack=False).generate(prompts, settings)
     assert got == [c.token_ids for c in plain]
@@ -388,3 +389,30 @@ def test_a_slot_cache_takes_the_fused_attention_row_by_row(monkeypatch, kind, t)
             caches[0].k[0][slot, :, :n], caches[1].k[0][slot, :, :n], rtol=2**-8, atol=0.0
         )
         assert torch.equal(caches[0].v[0][slot, :, :n], caches[1].v[0][slot, :, :n])
+
+
+@pytest.mark.parametrize(("ring", "t"), [(False, 1), (False, 3), (True, 1)])
+def test_a_sliding_window_takes_the_fused_attention(monkeypatch, ring, t):
+    """Gemma 3's local layers: each token sees the window's latest positions, from a cache that keeps
+    them all or from a ring of `window` columns."""
+    window, pos = 8, 29
+    att, heads, groups = _attention("gemma3", torch.bfloat16)
+    caches = [KVCache(1, 1, groups, D, 40, windows=[window] if ring else None) for _ in range(2)]
+    for cache in caches:
+        torch.manual_seed(11)
+        cache.k[0].normal_(), cache.v[0].normal_()
+        cache.pos = pos
+    x = torch.randn(1, t, EMB).to(torch.bfloat16)
+    _, mask = step_inputs(t, x.device, 64, caches[0])
+    mask = window_mask(mask, t, window, x.device, caches[0])
+    rope = _rope(t, pos, torch.bfloat16)
+    calls = []
+    real = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(a[-2:]) or real(*a))
+    with torch.inference_mode():
+        got = fused.attention_forward(att, window)(x, rope, mask, caches[0], 0)
+        want = att(x, rope, mask, caches[1], 0)
+    assert calls == [(window, ring)]
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=2**-9)
+    torch.testing.assert_close(caches[0].k[0], caches[1].k[0], rtol=2**-8, atol=0.0)
+    assert torch.equal(caches[0].v[0], caches[1].v[0])
