@@ -64,6 +64,7 @@ def quantized_forward(layer: Int8Linear | Int4Linear) -> Callable[[torch.Tensor]
     inputs take the layer's forward."""
     default = type(layer).forward.__get__(layer)
     width = layer.in_features
+    # the tensors are captured, not read off the layer per call: nn.Module's lookup of buffers is slow
     if isinstance(layer, Int8Linear):
         weight, scale, sums, bias = layer.qweight, layer.scale, layer._row_sums, layer.bias
 
@@ -181,18 +182,18 @@ def _fusable(
         or not (keys.is_contiguous() and values.is_contiguous())
     ):
         return False
-    if rope is not None and (
-        rope[0].dtype != x.dtype or rope[0].numel() not in (t * keys.shape[3], b * t * keys.shape[3])
-    ):
+    if rope is not None and rope[0].dtype != x.dtype:
         return False
+    tables = t * keys.shape[3]  # the RoPE values of one row's new tokens
     if slotted:  # each row at its own length: its own step mask (not a sliding window's) says it all
-        return mask is kv_cache.mask and not window
+        rope_ok = rope is None or rope[0].numel() in (tables, b * tables)
+        return rope_ok and mask is kv_cache.mask and not window
     ring = kv_cache.windows[layer] > 0
     if ring and not (t == 1 and window == keys.shape[2]):
         return False
     if not ring and kv_cache.pos + t > keys.shape[2]:
         return False
-    if rope is not None and rope[0].numel() != t * keys.shape[3]:
+    if rope is not None and rope[0].numel() != tables:
         return False
     if mask is None:  # the module's forward refuses several tokens on a filled cache without a mask
         return t == 1 or kv_cache.pos == 0

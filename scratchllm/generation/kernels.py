@@ -13,9 +13,6 @@ import torch
 import torch.nn as nn
 
 from .. import native
-from ..model.attention import CausalSelfAttention
-from ..model.gqa import GroupedQueryAttention
-from ..model.parts import RMSNorm
 from .fused import fused_routes, has_hooks
 
 
@@ -49,12 +46,11 @@ class PackedLinears:
     def supported(model: nn.Module) -> bool:
         """True when every linear weight is on the CPU, in fp32 or (with native support) bf16, and
         PyTorch has oneDNN's prepacked linear; or, for a model with no plain linear layers left (int8
-        and int4 weights), when it is on the CPU and native's fused norm or attention applies."""
+        and int4 weights), when it is on the CPU and fused.py has a forward for some of its modules."""
         weights = [m.weight for m in model.modules() if type(m) is nn.Linear]
         if not weights:
             on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-            fusable = (RMSNorm, GroupedQueryAttention, CausalSelfAttention)
-            return on_cpu and any(type(m) in fusable for m in model.modules()) and native.available()
+            return on_cpu and native.available() and bool(fused_routes(model))
         if not torch.backends.mkldnn.is_available() or not hasattr(
             torch.ops.mkldnn, "_reorder_linear_weight"
         ):

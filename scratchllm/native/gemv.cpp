@@ -381,7 +381,7 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const 
 #endif
     std::vector<float> xf(portable ? K : 0);
     for (int64_t j = 0; portable && j < M; j++) {
-      for (int64_t k = 0; k < K; k++) xf[k] = to_float(xs[j * K + k]);
+      widen(xs + j * K, xf.data(), K);
       over_rows(N, [&](int64_t n0, int64_t n1) { rows_portable(w, xf.data(), y + j * N, K, n0, n1); });
     }
   }
