@@ -1,8 +1,8 @@
 """A decode step's small operations in fewer calls, on CPUs where scratchllm/native builds.
 
 Past the weight products, a decode step is little arithmetic spread over many small eager operations
-and module calls, each costing more to launch than to compute: at Qwen3-0.6B size they took a fifth of
-an int8 step (benchmarks/RESULTS.md). `PackedLinears.installed()` routes modules through these forwards:
+and module calls, each costing more to launch than to compute (benchmarks/RESULTS.md, "A decode step's
+rest in single calls"). `PackedLinears.installed()` routes modules through these forwards:
 `norm_forward` (an RMSNorm in one native call), `attention_forward` (a new token's QK-norm, RoPE, cache
 write and attention in one), `quantized_forward` (an int8 or int4 layer straight to its kernel) and
 `block_forward` (a block without nn.Module's per-call machinery and its identity layers). Each takes
