@@ -49,6 +49,9 @@ CHROMIUM_ARGS = [
 ]
 KEY = "sk-page-test"
 SENTENCE = " The quick brown fox jumps over the lazy dog."
+# fox's context, and a reply long enough that it cannot end before a test stops it (a step takes well
+# under a millisecond, so 3,000 tokens could end between the first text and a click)
+FOX_CONTEXT, LONG_REPLY = 65_536, 60_000
 PAYLOAD = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script><b>bold</b>'
 
 
@@ -103,7 +106,7 @@ def fox(tmp_path_factory: pytest.TempPathFactory, rule_tokenizer) -> ChatModel:
     cycle = rule_tokenizer.encode(SENTENCE)
     assert len(set(cycle)) == len(cycle) == 10  # each word one token, no token twice
     rules = {t: cycle[(i + 1) % len(cycle)] for i, t in enumerate(cycle)}
-    model = rule_model(rule_tokenizer.vocab_size, rules, cycle[0], context_length=4096)
+    model = rule_model(rule_tokenizer.vocab_size, rules, cycle[0], context_length=FOX_CONTEXT)
     directory = save_model(tmp_path_factory.mktemp("models") / "fox", model, rule_tokenizer)
     return load_chat_model(str(directory), device="cpu", dtype="fp32")
 
@@ -242,7 +245,7 @@ def test_the_page_and_its_files_are_served_without_a_key(tiny_chat):
 def test_a_reply_streams_in_pieces_and_the_conversation_goes_on(page, fox_server):
     bodies = chat_requests(page)
     open_chat(page, fox_server)
-    assert page.text_content("#model") == "fox · context 4096 tokens"  # from GET /v1/models
+    assert page.text_content("#model") == f"fox · context {FOX_CONTEXT} tokens"  # from GET /v1/models
     page.evaluate(
         """() => {
             window.seen = [];
@@ -271,13 +274,13 @@ def test_a_reply_streams_in_pieces_and_the_conversation_goes_on(page, fox_server
         {"role": "user", "content": "And then?"},
     ]
     assert bodies[1]["stream"] is True and bodies[1]["model"] == "fox"
-    assert "of the 4096-token context" in page.text_content("#usage")
+    assert f"of the {FOX_CONTEXT}-token context" in page.text_content("#usage")
 
 
 def test_stop_ends_a_long_reply_and_frees_the_model(page, fox_server):
     bodies = chat_requests(page)
     open_chat(page, fox_server)
-    set_field(page, "#max-tokens", 3000)
+    set_field(page, "#max-tokens", LONG_REPLY)
     send(page, "Recite it all.", wait=False)
     page.wait_for_function("() => document.querySelector('.message.assistant')?.textContent.length > 50")
     page.click("#stop")
@@ -285,8 +288,8 @@ def test_stop_ends_a_long_reply_and_frees_the_model(page, fox_server):
     [stopped] = replies(page)
     time.sleep(0.3)
     assert replies(page) == [stopped]  # nothing arrives after Stop
-    assert stopped.startswith("The quick brown fox") and len(stopped) < len(recited(3000)) // 2
-    assert recited(3000).startswith(stopped)
+    assert stopped.startswith("The quick brown fox") and len(stopped) < len(recited(LONG_REPLY)) // 2
+    assert recited(LONG_REPLY).startswith(stopped)
     assert "stopped" in page.get_attribute(".message.assistant", "class")
 
     set_field(page, "#max-tokens", 3)
@@ -309,7 +312,7 @@ def test_new_chat_forgets_the_conversation(page, fox_server):
     assert replies(page) == [recited(5)]
     assert bodies[1]["messages"] == [{"role": "user", "content": "A fresh start."}]
 
-    set_field(page, "#max-tokens", 3000)  # New chat while a reply streams stops it
+    set_field(page, "#max-tokens", LONG_REPLY)  # New chat while a reply streams stops it
     send(page, "Go on and on.", wait=False)
     page.wait_for_function("() => document.querySelector('.message.assistant')?.textContent.length > 20")
     page.click("#new-chat")
@@ -421,7 +424,7 @@ def test_a_busy_server_is_told_so(page, fox):
     body = {
         "model": "fox",
         "messages": [{"role": "user", "content": "hog"}],
-        "max_tokens": 3000,
+        "max_tokens": LONG_REPLY,
         "stream": True,
     }
     with serving(fox, "fox", max_batch_size=1) as server:  # one request at a time
