@@ -4,9 +4,10 @@ Past the weight products, a decode step is little arithmetic spread over many sm
 and module calls, each costing more to launch than to compute (benchmarks/RESULTS.md, "A decode step's
 rest in single calls"). `PackedLinears.installed()` routes modules through these forwards:
 `norm_forward` (an RMSNorm in one native call), `attention_forward` (a new token's QK-norm, RoPE, cache
-write and attention in one), `quantized_forward` (an int8 or int4 layer straight to its kernel) and
-`block_forward` (a block without nn.Module's per-call machinery and its identity layers). Each takes
-the module's own forward wherever it does not compute the same thing.
+write and attention in one), `quantized_forward` (an int8 or int4 layer straight to its kernel),
+`block_forward` (a block without nn.Module's per-call machinery and its identity layers), and
+`gpt_model_forward` and `transformer_model_forward` (all of a model's blocks in one native call). Each
+takes the module's own forward wherever it does not compute the same thing.
 """
 
 from __future__ import annotations
@@ -20,18 +21,21 @@ from .. import native
 from ..model import gpt, transformer
 from ..model.attention import CausalSelfAttention, KVCache, SlotKVCache, causal_mask
 from ..model.gqa import GroupedQueryAttention
-from ..model.parts import ACTIVATIONS, GatedFeedForward, RMSNorm
+from ..model.parts import ACTIVATIONS, GELU, GatedFeedForward, LayerNorm, RMSNorm
 from ..model.quantize import Int4Linear, Int8Linear
 
 #: Up to this many rows (a decode step's tokens, or its heads under QK-norm), RMSNorm takes native's kernel.
 NATIVE_NORM_ROWS = 64
 
 
-def fused_routes(model: nn.Module) -> list[tuple[nn.Module, Callable[..., torch.Tensor]]]:
+def fused_routes(
+    model: nn.Module, native_linears: bool = False
+) -> list[tuple[nn.Module, Callable[..., torch.Tensor]]]:
     """The modules of `model` that a decode step runs faster through this module's forwards, each with
     its forward: RMSNorms, int8/int4 layers, and, where no module has forward hooks (which they would
-    skip: a block's parts, attention's QK-norms), attention layers and blocks. Call
-    `native.available()` first."""
+    skip: a block's parts, attention's QK-norms), attention layers and blocks, and the model itself where
+    its linear layers take `native.few_rows_linear` for a step's rows (`native_linears`: the kernels
+    `PackedLinears` picked): its layers then run in one call. Call `native.available()` first."""
     routes: list[tuple[nn.Module, Callable[..., torch.Tensor]]] = []
     hooked = has_hooks(model)
     windows = {  # the sliding window of each attention layer that has one
@@ -46,6 +50,8 @@ def fused_routes(model: nn.Module) -> list[tuple[nn.Module, Callable[..., torch.
             routes.append((m, quantized_forward(m)))
         elif hooked:
             continue
+        elif native_linears and (forward := gpt_model_forward(m) or transformer_model_forward(m)):
+            routes.append((m, forward))
         elif type(m) in (GroupedQueryAttention, CausalSelfAttention):
             routes.append((m, attention_forward(m, windows.get(id(m), 0))))
         elif (forward := block_forward(m)) is not None:
@@ -201,6 +207,8 @@ def _fusable(
 
 
 _TYPES = (torch.float32, torch.bfloat16)
+#: Up to this many rows, `few_rows_kernel` decides a linear layer's kernel (native's takes at most 8).
+FEW_ROWS = 8
 _masks_seen: list[
     tuple[torch.Tensor, tuple]
 ] = []  # masks found as expected (a step hands each to many layers)
@@ -257,6 +265,173 @@ def block_forward(block: nn.Module) -> Callable[..., torch.Tensor] | None:
         return x + ff(norm2.forward(x))
 
     return gpt_forward
+
+
+def gpt_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] | None:
+    """`GPTModel`'s forward with a decode step's blocks in one native call (`native.gpt_layers`): the
+    same arithmetic as the blocks' fused forwards (the products through `native.few_rows_linear`, so
+    install it only where `PackedLinears` routes a step's rows there). What the fused attention does not
+    take (see `attention_forward`), padding masks, more than `FEW_ROWS` new tokens, losses and training
+    take the model's own forward. None for other models, and for blocks with other parts (LoRA layers,
+    replaced modules)."""
+    if type(model) is not gpt.GPTModel or not model.trf_blocks:
+        return None
+    blocks = list(model.trf_blocks)
+    if not all(_plain_gpt_block(b) for b in blocks):
+        return None
+    params = [t for b in blocks for t in _gpt_params(b)]
+    eps = {n.eps for b in blocks for n in (b.norm1, b.norm2)}
+    gelu = {b.ff.layers[1]._approximate for b in blocks}
+    if len(eps) != 1 or len(gelu) != 1 or len({t.dtype for t in params if t is not None}) != 1:
+        return None
+    (eps,), (gelu,) = eps, gelu
+    first = blocks[0].att
+    scale = first.head_dim**-0.5
+
+    def layers(in_idx: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        x, mask = model.layer_inputs(in_idx, kv_cache)
+        if x.dtype != params[2].dtype or not _fusable(first, x, None, mask, kv_cache, 0, None):
+            for i, block in enumerate(blocks):
+                x = block(x, mask=mask, kv_cache=kv_cache, layer=i)
+            return x
+        return native.gpt_layers(
+            x, params, kv_cache.k, kv_cache.v, kv_cache.pos, first.n_heads, eps, gelu, scale,
+            *_slots(kv_cache),
+        )  # fmt: skip
+
+    return _step_forward(model, layers)
+
+
+def transformer_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] | None:
+    """`Transformer`'s forward (Llama 3, Qwen3, Gemma 3) with a decode step's blocks in one native call
+    (`native.transformer_layers`), as `gpt_model_forward` does for GPT-2: the same arithmetic as the
+    blocks' fused forwards, on the same conditions. None for mixtures of experts and for blocks with
+    other parts."""
+    if type(model) is not transformer.Transformer or not model.trf_blocks:
+        return None
+    blocks, cfg = list(model.trf_blocks), model.cfg
+    if not all(_plain_transformer_block(b) for b in blocks):
+        return None
+    params = [t for b in blocks for t in _transformer_params(b)]
+    norms = {(m.eps, m.unit_offset) for b in blocks for m in b.modules() if type(m) is RMSNorm}
+    acts = {b.ff.activation for b in blocks}
+    scales = {b.att.scale for b in blocks}
+    dtypes = {t.dtype for t in params if t is not None}
+    if len(norms) != 1 or len(acts) != 1 or len(scales) != 1 or len(dtypes) != 1:
+        return None
+    ((eps, unit_offset),), (act,) = norms, acts
+    first = blocks[0].att
+    scale = first.scale if first.scale is not None else first.head_dim**-0.5
+    kinds = [cfg.layer_type(i) for i in range(len(blocks))]
+    windows = [cfg.sliding_window if kind == "sliding" else 0 for kind in kinds]
+
+    def layers(in_idx: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        x, ropes, masks = model.layer_inputs(in_idx, kv_cache)
+        rings = [0] * len(blocks) if type(kv_cache) is SlotKVCache else [int(w > 0) for w in kv_cache.windows]
+        firsts = {(kind, ring): i for i, (kind, ring) in reversed(list(enumerate(zip(kinds, rings))))}
+        if x.dtype != params[0].dtype or not all(
+            _fusable(blocks[i].att, x, ropes[k], masks[k], kv_cache, i, blocks[i].att.q_norm, windows[i])
+            for (k, _), i in firsts.items()
+        ):
+            for i, block in enumerate(blocks):
+                x = block(x, ropes[kinds[i]], mask=masks[kinds[i]], kv_cache=kv_cache, layer=i)
+            return x
+        tables = [*ropes["full" if "full" in ropes else "sliding"], *ropes.get("sliding", (None, None))]
+        return native.transformer_layers(
+            x, params, kv_cache.k, kv_cache.v, kv_cache.pos, first.n_heads, first.n_kv_groups, eps,
+            unit_offset, scale, act, tables, windows, rings, *_slots(kv_cache),
+        )  # fmt: skip
+
+    return _step_forward(model, layers)
+
+
+def _step_forward(
+    model: nn.Module, layers: Callable[[torch.Tensor, KVCache], torch.Tensor]
+) -> Callable[..., torch.Tensor]:
+    """A model's forward that runs a decode step's tokens through `layers(in_idx, kv_cache)` (the
+    hidden states after the last block), and everything else through the model's own forward."""
+    default = type(model).forward.__get__(model)
+
+    def forward(in_idx, *, kv_cache=None, padding_mask=None, return_hidden=False, targets=None, **kwargs):
+        if (
+            kv_cache is None
+            or padding_mask is not None
+            or targets is not None
+            or kwargs
+            or model.training
+            or in_idx.numel() > FEW_ROWS
+        ):
+            return default(
+                in_idx, kv_cache=kv_cache, padding_mask=padding_mask, return_hidden=return_hidden,
+                targets=targets, **kwargs,
+            )  # fmt: skip
+        x = layers(in_idx, kv_cache)
+        kv_cache.advance(in_idx.shape[1])
+        return model._outputs(x, return_hidden, None, -100)
+
+    return forward
+
+
+def _slots(kv_cache: KVCache) -> tuple[torch.Tensor, ...]:
+    """A `SlotKVCache`'s positions of the step's tokens and its rows' slots (nothing for a plain cache)."""
+    return (kv_cache._pos, kv_cache._rows.view(-1)) if type(kv_cache) is SlotKVCache else ()
+
+
+def _plain_gpt_block(block: nn.Module) -> bool:
+    """Whether `block` is model/gpt.py's block made of its own parts (what `native.gpt_layers` computes)."""
+    att, ff = block.att, block.ff
+    return (
+        type(block) is gpt.TransformerBlock
+        and type(att) is CausalSelfAttention
+        and type(ff) is gpt.FeedForward
+        and len(ff.layers) == 3
+        and type(ff.layers[1]) is GELU
+        and all(type(n) is LayerNorm for n in (block.norm1, block.norm2))
+        and all(type(m) is nn.Linear for m in (att.qkv, att.out_proj, ff.layers[0], ff.layers[2]))
+        and att.head_dim * att.n_heads == att.d_out
+    )
+
+
+def _gpt_params(block: nn.Module) -> list[torch.Tensor | None]:
+    """A GPT-2 block's 12 tensors in `native.gpt_layers`' order."""
+    att, (fc1, _, fc2) = block.att, block.ff.layers
+    norm1, norm2 = block.norm1, block.norm2
+    return [
+        *(norm1.scale, norm1.shift, att.qkv.weight, att.qkv.bias, att.out_proj.weight, att.out_proj.bias),
+        *(norm2.scale, norm2.shift, fc1.weight, fc1.bias, fc2.weight, fc2.bias),
+    ]
+
+
+def _plain_transformer_block(block: nn.Module) -> bool:
+    """Whether `block` is model/transformer.py's block with a gated MLP, made of its own parts (what
+    `native.transformer_layers` computes)."""
+    att, ff = block.att, block.ff
+    norms = [block.norm1, block.norm2, att.q_norm, att.k_norm, block.post_att_norm, block.post_ff_norm]
+    return (
+        type(block) is transformer.TransformerBlock
+        and type(att) is GroupedQueryAttention
+        and type(ff) is GatedFeedForward
+        and ff.activation in ACTIVATIONS
+        and all(type(m) is nn.Linear for m in (att.qkv, att.out_proj, ff.gate, ff.up, ff.down))
+        and type(block.norm1) is RMSNorm
+        and type(block.norm2) is RMSNorm
+        and all(n is None or type(n) in (RMSNorm, nn.Identity) for n in norms)
+        and (att.q_norm is None) == (att.k_norm is None)
+    )
+
+
+def _transformer_params(block: nn.Module) -> list[torch.Tensor | None]:
+    """A block's 13 tensors in `native.transformer_layers`' order."""
+    att, ff = block.att, block.ff
+
+    def weight(norm: nn.Module | None) -> torch.Tensor | None:
+        return norm.weight if type(norm) is RMSNorm else None
+
+    return [
+        *(block.norm1.weight, att.qkv.weight, att.qkv.bias, weight(att.q_norm), weight(att.k_norm)),
+        *(att.out_proj.weight, att.out_proj.bias, weight(block.post_att_norm), block.norm2.weight),
+        *(ff.gate.weight, ff.up.weight, ff.down.weight, weight(block.post_ff_norm)),
+    ]
 
 
 def _unless_identity(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .. import native
-from .fused import fused_routes, has_hooks
+from .fused import FEW_ROWS, fused_routes, has_hooks
 
 
 class PackedLinears:
@@ -74,13 +74,16 @@ class PackedLinears:
             (id(m), m.weight.data_ptr(), _version(m.weight), m.weight.dtype, id(m.bias), _probe(m.weight))
             for m in linears
         ) + (has_hooks(self.model),)  # hooks added since: fewer fused routes
+        # the routes hold the other parameters (norms, biases) too: one replaced means new routes
+        key += tuple((id(p), p.data_ptr()) for p in self.model.parameters())
         if key != self._key:
             self._linears = linears
             self._packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1) for m in linears]
             dtype = linears[0].weight.dtype if linears else None
             one_row, few_rows = (one_row_kernel(dtype), few_rows_kernel(dtype)) if dtype else ("packed",) * 2
             self._forwards = [_packed_forward(w, m, one_row, few_rows) for m, w in zip(linears, self._packed)]
-            self._routes = fused_routes(self.model) if native.available() else []
+            native_rows = one_row == "native" and few_rows == "native"
+            self._routes = fused_routes(self.model, native_rows) if native.available() else []
             self._key = key
         return True
 
@@ -122,10 +125,6 @@ def few_rows_kernel(dtype: torch.dtype) -> str:
     packed one; more rows always go packed."""
     with _probe_lock:
         return _time_kernels(dtype, torch.get_num_threads(), native.available())[1]
-
-
-#: Up to this many rows, `few_rows_kernel` decides (native's kernel takes at most 8).
-FEW_ROWS = 8
 
 
 @functools.cache

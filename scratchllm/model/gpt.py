@@ -208,15 +208,24 @@ class GPTModel(CausalLM):
         A cache in static mode (`KVCache.freeze`) keeps the positions and the mask itself: a one-token
         step with fixed shapes, for torch.compile and CUDA graphs (`padding_mask` is not used).
         """
-        check_token_ids(in_idx, "GPTModel")
-        t = in_idx.shape[1]
-        pos, mask = step_inputs(t, in_idx.device, self.cfg.context_length, kv_cache, padding_mask)
-        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
+        x, mask = self.layer_inputs(in_idx, kv_cache, padding_mask)
         for i, block in enumerate(self.trf_blocks):
             x = block(x, mask=mask, kv_cache=kv_cache, layer=i)
         if kv_cache is not None:
-            kv_cache.advance(t)
+            kv_cache.advance(in_idx.shape[1])
         return self._outputs(x, return_hidden, targets, ignore_index)
+
+    def layer_inputs(
+        self,
+        in_idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the first block takes: token plus position embeddings, and the attention mask."""
+        check_token_ids(in_idx, "GPTModel")
+        t, ctx = in_idx.shape[1], self.cfg.context_length
+        pos, mask = step_inputs(t, in_idx.device, ctx, kv_cache, padding_mask)
+        return self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos)), mask
 
 
 def count_parameters(model: nn.Module, count_tied_twice: bool = False) -> int:

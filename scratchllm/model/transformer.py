@@ -264,6 +264,22 @@ class Transformer(CausalLM):
     ) -> torch.Tensor:
         """Logits (batch, T, vocab_size or n_classes), the final-norm hidden states, or with `targets`
         the mean next-token loss; `kv_cache` and `padding_mask` as for `GPTModel.forward`."""
+        x, ropes, masks = self.layer_inputs(in_idx, kv_cache, padding_mask)
+        for i, block in enumerate(self.trf_blocks):
+            kind = self.cfg.layer_type(i)
+            x = block(x, ropes[kind], mask=masks[kind], kv_cache=kv_cache, layer=i)
+        if kv_cache is not None:
+            kv_cache.advance(in_idx.shape[1])
+        return self._outputs(x, return_hidden, targets, ignore_index)
+
+    def layer_inputs(
+        self,
+        in_idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor | None]]:
+        """What the first block takes: the (scaled) token embeddings, and per layer kind ("full",
+        "sliding") the RoPE tables (cos, sin) of the new positions and the attention mask."""
         check_token_ids(in_idx, type(self).__name__)
         cfg, t = self.cfg, in_idx.shape[1]
         pos, mask = step_inputs(t, in_idx.device, cfg.context_length, kv_cache, padding_mask)
@@ -277,12 +293,7 @@ class Transformer(CausalLM):
         masks = {"full": mask}
         if "sliding" in kinds:
             masks["sliding"] = window_mask(mask, t, cfg.sliding_window, in_idx.device, kv_cache)
-        for i, block in enumerate(self.trf_blocks):
-            kind = cfg.layer_type(i)
-            x = block(x, ropes[kind], mask=masks[kind], kv_cache=kv_cache, layer=i)
-        if kv_cache is not None:
-            kv_cache.advance(t)
-        return self._outputs(x, return_hidden, targets, ignore_index)
+        return x, ropes, masks
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int | None = None) -> int:

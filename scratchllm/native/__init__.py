@@ -10,7 +10,8 @@ the instructions made for each weight type where the CPU has them (`instructions
 `int4_one_row_linear` for the layers of model/quantize.py. The rest of a decode step is little
 arithmetic in many small eager operations, each costing more to call than to compute: `rms_norm` does
 an RMSNorm in one call instead of ten, `decode_attention` a new token's attention (QK-norm, RoPE, the
-cache write and the attention itself) in one instead of about twenty-five.
+cache write and the attention itself) in one instead of about twenty-five, and `gpt_layers` and
+`transformer_layers` all of a model's blocks for a step in one call instead of a dozen per block.
 
 The source is built once per CPU, PyTorch version and source text with `-march=native` into PyTorch's
 extension cache (`~/.cache/torch_extensions`, or `TORCH_EXTENSIONS_DIR`), which takes a C++ compiler and
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "gemv.cpp", HERE / "decode.cpp"]  # and the header they share, bf16.h
+SOURCES = [HERE / "gemv.cpp", HERE / "decode.cpp", HERE / "layers.cpp"]  # and the header they share, bf16.h
 # OpenMP: at::parallel_for is inline, and splits work only where the including code has it; no
 # contraction into fused multiply-adds, so that elementwise steps round as PyTorch's do
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
@@ -97,6 +98,64 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
     """`RMSNorm`'s forward (model/parts.py) in one call, for the few rows of a decode step: x and
     weight contiguous and of one type, fp32 or bf16. Call `available()` first."""
     return torch.ops.scratchllm.rms_norm(x, weight, eps, unit_offset)
+
+
+def gpt_layers(
+    x: torch.Tensor,
+    params: list[torch.Tensor | None],
+    k_caches: list[torch.Tensor],
+    v_caches: list[torch.Tensor],
+    pos: int,
+    n_heads: int,
+    eps: float,
+    gelu: str,
+    scale: float,
+    positions: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GPT-2's blocks (model/gpt.py, eval mode) over a decode step's few new tokens `x` (batch, tokens,
+    emb_dim), in one call: per layer, `x + out_proj(attention(qkv(norm1(x))))`, then
+    `x + fc2(gelu(fc1(norm2(x))))`, with `few_rows_linear` for the products and `decode_attention` (no
+    RoPE or QK-norm; `pos`, `positions`, `slots` and `scale` as it takes them) for attention, so the
+    result equals those routes' bit for bit. `params`: 12 per layer (norm1 scale, shift; qkv weight,
+    bias or None; out_proj weight, bias; norm2 scale, shift; fc1 weight, bias; fc2 weight, bias);
+    `gelu`: F.gelu's `approximate` ("tanh" or "none"); one key and value cache per layer. Call
+    `available()` first."""
+    return torch.ops.scratchllm.gpt_layers(
+        x, params, k_caches, v_caches, pos, n_heads, eps, gelu, scale, positions, slots
+    )
+
+
+def transformer_layers(
+    x: torch.Tensor,
+    params: list[torch.Tensor | None],
+    k_caches: list[torch.Tensor],
+    v_caches: list[torch.Tensor],
+    pos: int,
+    n_heads: int,
+    n_kv_heads: int,
+    eps: float,
+    unit_offset: bool,
+    scale: float,
+    act: str,
+    ropes: list[torch.Tensor | None],
+    windows: list[int],
+    rings: list[int],
+    positions: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """model/transformer.py's blocks with a gated MLP (Llama 3, Qwen3, Gemma 3; eval mode) over a decode
+    step's few new tokens `x`, in one call, through `rms_norm`, `few_rows_linear` and `decode_attention`
+    as their routes run them (the same result, bit for bit). `params`: 13 per layer (norm1; qkv weight,
+    bias; q_norm, k_norm; out_proj weight, bias; post_att_norm; norm2; gate, up, down; post_ff_norm;
+    None where the model has none); every RMSNorm has `eps` and `unit_offset`; `act`: "silu" or
+    "gelu_tanh"; `ropes`: the full layers' cos and sin tables for the new positions, then the sliding
+    layers'; per layer its sliding window (0: none) and whether its cache is a ring (`rings`). Call
+    `available()` first."""
+    return torch.ops.scratchllm.transformer_layers(
+        x, params, k_caches, v_caches, pos, n_heads, n_kv_heads, eps, unit_offset, scale, act, ropes,
+        windows, rings, positions, slots,
+    )  # fmt: skip
 
 
 def decode_attention(

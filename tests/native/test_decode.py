@@ -201,12 +201,15 @@ FAMILIES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decoding_takes_the_fused_attention_and_keeps_the_tokens(monkeypatch, arch, overrides, dtype):
     model = _model(arch, dtype, **overrides)
+    # the layers in one call are test_layers.py's: here each layer's attention
+    monkeypatch.setattr(fused, "gpt_model_forward", lambda model: None)
+    monkeypatch.setattr(fused, "transformer_model_forward", lambda model: None)
     calls: list[int] = []
-    fused = native.decode_attention
+    fused_attention = native.decode_attention
 
     def counting(qkv, *args):
         calls.append(args[10])  # the position written (pos)
-        return fused(qkv, *args)
+        return fused_attention(qkv, *args)
 
     monkeypatch.setattr(native, "decode_attention", counting)
     prompts = [[5, 9, 14, 2, 7, 30, 1]]
