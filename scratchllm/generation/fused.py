@@ -271,9 +271,9 @@ def gpt_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] | None:
     """`GPTModel`'s forward with a decode step's blocks in one native call (`native.gpt_layers`): the
     same arithmetic as the blocks' fused forwards (the products through `native.few_rows_linear`, so
     install it only where `PackedLinears` routes a step's rows there). What the fused attention does not
-    take (see `attention_forward`), padding masks, more than `FEW_ROWS` new tokens, losses and training
-    take the model's own forward. None for other models, and for blocks with other parts (LoRA layers,
-    replaced modules)."""
+    take (see `attention_forward`), padding masks, more than `FEW_ROWS` rows of new tokens, losses,
+    training and gradients take the model's own forward (`_step_forward`). None for other models, and
+    for blocks with other parts (LoRA layers, replaced modules)."""
     if type(model) is not gpt.GPTModel or not model.trf_blocks:
         return None
     blocks = list(model.trf_blocks)
@@ -299,7 +299,7 @@ def gpt_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] | None:
             *_slots(kv_cache),
         )  # fmt: skip
 
-    return _step_forward(model, layers)
+    return _step_forward(model, blocks, layers)
 
 
 def transformer_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] | None:
@@ -342,14 +342,16 @@ def transformer_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] |
             unit_offset, scale, act, tables, windows, rings, *_slots(kv_cache),
         )  # fmt: skip
 
-    return _step_forward(model, layers)
+    return _step_forward(model, blocks, layers)
 
 
 def _step_forward(
-    model: nn.Module, layers: Callable[[torch.Tensor, KVCache], torch.Tensor]
+    model: nn.Module, blocks: list[nn.Module], layers: Callable[[torch.Tensor, KVCache], torch.Tensor]
 ) -> Callable[..., torch.Tensor]:
     """A model's forward that runs a decode step's tokens through `layers(in_idx, kv_cache)` (the
-    hidden states after the last block), and everything else through the model's own forward."""
+    hidden states after the last block), and everything else through the model's own forward: losses,
+    padding masks, more than `FEW_ROWS` rows of tokens, and training or gradients anywhere (dropout, or
+    autograd through the blocks, which the native call has not)."""
     default = type(model).forward.__get__(model)
 
     def forward(in_idx, *, kv_cache=None, padding_mask=None, return_hidden=False, targets=None, **kwargs):
@@ -358,8 +360,10 @@ def _step_forward(
             or padding_mask is not None
             or targets is not None
             or kwargs
-            or model.training
             or in_idx.numel() > FEW_ROWS
+            or torch.is_grad_enabled()
+            or model.training
+            or any(block.training for block in blocks)
         ):
             return default(
                 in_idx, kv_cache=kv_cache, padding_mask=padding_mask, return_hidden=return_hidden,
@@ -406,17 +410,17 @@ def _plain_transformer_block(block: nn.Module) -> bool:
     """Whether `block` is model/transformer.py's block with a gated MLP, made of its own parts (what
     `native.transformer_layers` computes)."""
     att, ff = block.att, block.ff
-    norms = [block.norm1, block.norm2, att.q_norm, att.k_norm, block.post_att_norm, block.post_ff_norm]
     return (
         type(block) is transformer.TransformerBlock
         and type(att) is GroupedQueryAttention
         and type(ff) is GatedFeedForward
         and ff.activation in ACTIVATIONS
         and all(type(m) is nn.Linear for m in (att.qkv, att.out_proj, ff.gate, ff.up, ff.down))
+        and all(m.bias is None for m in (ff.gate, ff.up, ff.down))
         and type(block.norm1) is RMSNorm
         and type(block.norm2) is RMSNorm
-        and all(n is None or type(n) in (RMSNorm, nn.Identity) for n in norms)
-        and (att.q_norm is None) == (att.k_norm is None)
+        and all(type(n) in (RMSNorm, nn.Identity) for n in (block.post_att_norm, block.post_ff_norm))
+        and (type(att.q_norm), type(att.k_norm)) in ((type(None),) * 2, (RMSNorm,) * 2)
     )
 
 

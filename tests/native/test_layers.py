@@ -129,10 +129,15 @@ def test_what_the_call_does_not_compute_takes_the_models_forward(native_rows, ca
         loss = model(tokens, targets=tokens)
         cache = model.new_kv_cache(1, 16)
         model(tokens, kv_cache=cache)  # this one takes the call
+        model.trf_blocks[1].train()  # one block with dropout
+        one_training = model(tokens[:, :1], kv_cache=cache)
         model.train()
         train_step = model(tokens[:, :1], kv_cache=cache)
     model.eval()
-    assert calls == [(1, 3, model.cfg.emb_dim)] and loss.ndim == 0 and train_step.shape == (1, 1, 256)
+    with torch.enable_grad(), routes.installed():  # gradients: autograd through the blocks
+        with_grad = model(tokens, kv_cache=model.new_kv_cache(1, 16))
+    assert calls == [(1, 3, model.cfg.emb_dim)] and loss.ndim == 0
+    assert one_training.shape == train_step.shape == (1, 1, 256) and with_grad.shape == (1, 3, 256)
 
 
 def test_models_with_other_parts_keep_their_blocks(native_rows):
@@ -149,7 +154,10 @@ def test_models_with_other_parts_keep_their_blocks(native_rows):
     adapted.load_state_dict(fc.state_dict())
     lora.trf_blocks[0].ff.layers[0] = adapted
     moe = _model("qwen3-moe")
-    for m, routed in ((model, True), (hooked, False), (lora, False), (moe, False)):
+    biased = _model("llama3")  # a gated MLP with biases: the call has none
+    ff = biased.trf_blocks[0].ff
+    ff.up = nn.Linear(ff.up.in_features, ff.up.out_features)
+    for m, routed in ((model, True), (hooked, False), (lora, False), (moe, False), (biased, False)):
         routes = PackedLinears(m)
         assert routes.refresh()
         assert (m in dict(routes._routes)) is routed
