@@ -3,6 +3,10 @@ with and without the draft, tokens/s, acceptance rate and speedup.
 
     .venv/bin/python benchmarks/bench_speculative.py --distill   # trains (about an hour), then measures
     .venv/bin/python benchmarks/bench_speculative.py --distill --threads 1   # again: reuses the models
+    .venv/bin/python benchmarks/bench_speculative.py --dir runs/bench-spec-large --target-shape 768,12,12 \
+        --target-tokenizer runs/bench-speculative/target/best --target-minutes 45 \
+        --draft runs/bench-speculative/draft/best --distill --draft-steps 3000 --draft-minutes 15
+        # a target three times larger (88M), with the first run's tokenizer, so its draft fits too
 
 Training is the README's `scratchllm pretrain` on the built-in corpus (Python's reference documentation),
 context 256, batch 8, keeping each run's best checkpoint (evaluated every 100 steps): the target
@@ -180,6 +184,11 @@ def main() -> None:
     ap.add_argument("--target-shape", default="512,8,8", help="emb_dim,n_layers,n_heads")
     ap.add_argument("--draft-shape", default="256,2,4", help="emb_dim,n_layers,n_heads")
     ap.add_argument("--target-minutes", type=float, default=40.0)
+    ap.add_argument(
+        "--target-tokenizer",
+        default="train",
+        help="train (a BPE of 4096 ids, trained with the target) or a model directory whose tokenizer to use",
+    )
     ap.add_argument("--draft-minutes", type=float, default=10.0)
     ap.add_argument("--draft-steps", type=int, default=1500)
     ap.add_argument("--draft", help="a draft model directory to measure instead of training one")
@@ -205,7 +214,9 @@ def main() -> None:
     root = Path(args.dir)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"load average at the start: {load_average()}")
-    target_dir = pretrain(root / "target", args.target_shape, args.target_minutes, 100_000, "train", 1e-3)
+    target_dir = pretrain(
+        root / "target", args.target_shape, args.target_minutes, 100_000, args.target_tokenizer, 1e-3
+    )
     draft_dir = Path(args.draft) if args.draft else None
     if draft_dir is None:
         draft_dir = pretrain(
