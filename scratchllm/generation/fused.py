@@ -269,20 +269,25 @@ def block_forward(block: nn.Module) -> Callable[..., torch.Tensor] | None:
 
 def gpt_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] | None:
     """`GPTModel`'s forward with a decode step's blocks in one native call (`native.gpt_layers`): the
-    same arithmetic as the blocks' fused forwards (the products through `native.few_rows_linear`, so
-    install it only where `PackedLinears` routes a step's rows there). What the fused attention does not
-    take (see `attention_forward`), padding masks, more than `FEW_ROWS` rows of new tokens, losses,
-    training and gradients take the model's own forward (`_step_forward`). None for other models, and
-    for blocks with other parts (LoRA layers, replaced modules)."""
+    same arithmetic as the blocks' fused forwards (plain linear layers through `native.few_rows_linear`,
+    so install it only where `PackedLinears` routes a step's rows there; int8 and int4 layers through
+    their one-row kernels, for one row). What the fused attention does not take (see
+    `attention_forward`), padding masks, more than `FEW_ROWS` rows of new tokens (of quantized layers,
+    more than one), losses, training and gradients take the model's own forward (`_step_forward`). None
+    for other models, and for blocks with other parts (LoRA layers, replaced modules)."""
     if type(model) is not gpt.GPTModel or not model.trf_blocks:
         return None
     blocks = list(model.trf_blocks)
     if not all(_plain_gpt_block(b) for b in blocks):
         return None
-    params = [t for b in blocks for t in _gpt_params(b)]
+    stack = _stack(
+        blocks,
+        lambda b: [b.norm1.scale, b.norm1.shift, b.norm2.scale, b.norm2.shift],
+        lambda b: [b.att.qkv, b.att.out_proj, b.ff.layers[0], b.ff.layers[2]],
+    )
     eps = {n.eps for b in blocks for n in (b.norm1, b.norm2)}
     gelu = {b.ff.layers[1]._approximate for b in blocks}
-    if len(eps) != 1 or len(gelu) != 1 or len({t.dtype for t in params if t is not None}) != 1:
+    if stack is None or len(eps) != 1 or len(gelu) != 1:
         return None
     (eps,), (gelu,) = eps, gelu
     first = blocks[0].att
@@ -290,13 +295,13 @@ def gpt_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] | None:
 
     def layers(in_idx: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         x, mask = model.layer_inputs(in_idx, kv_cache)
-        if x.dtype != params[2].dtype or not _fusable(first, x, None, mask, kv_cache, 0, None):
+        if not stack.takes(x, in_idx) or not _fusable(first, x, None, mask, kv_cache, 0, None):
             for i, block in enumerate(blocks):
                 x = block(x, mask=mask, kv_cache=kv_cache, layer=i)
             return x
         return native.gpt_layers(
-            x, params, kv_cache.k, kv_cache.v, kv_cache.pos, first.n_heads, eps, gelu, scale,
-            *_slots(kv_cache),
+            x, stack.params, stack.kinds, stack.groups, kv_cache.k, kv_cache.v, kv_cache.pos,
+            first.n_heads, eps, gelu, scale, *_slots(kv_cache),
         )  # fmt: skip
 
     return _step_forward(model, blocks, layers)
@@ -312,12 +317,22 @@ def transformer_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] |
     blocks, cfg = list(model.trf_blocks), model.cfg
     if not all(_plain_transformer_block(b) for b in blocks):
         return None
-    params = [t for b in blocks for t in _transformer_params(b)]
+
+    def weight(norm: nn.Module | None) -> torch.Tensor | None:
+        return norm.weight if type(norm) is RMSNorm else None
+
+    stack = _stack(
+        blocks,
+        lambda b: (
+            [weight(m) for m in (b.norm1, b.att.q_norm, b.att.k_norm, b.post_att_norm)]
+            + [weight(b.norm2), weight(b.post_ff_norm)]
+        ),
+        lambda b: [b.att.qkv, b.att.out_proj, b.ff.gate, b.ff.up, b.ff.down],
+    )
     norms = {(m.eps, m.unit_offset) for b in blocks for m in b.modules() if type(m) is RMSNorm}
     acts = {b.ff.activation for b in blocks}
     scales = {b.att.scale for b in blocks}
-    dtypes = {t.dtype for t in params if t is not None}
-    if len(norms) != 1 or len(acts) != 1 or len(scales) != 1 or len(dtypes) != 1:
+    if stack is None or len(norms) != 1 or len(acts) != 1 or len(scales) != 1:
         return None
     ((eps, unit_offset),), (act,) = norms, acts
     first = blocks[0].att
@@ -329,7 +344,7 @@ def transformer_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] |
         x, ropes, masks = model.layer_inputs(in_idx, kv_cache)
         rings = [0] * len(blocks) if type(kv_cache) is SlotKVCache else [int(w > 0) for w in kv_cache.windows]
         firsts = {(kind, ring): i for i, (kind, ring) in reversed(list(enumerate(zip(kinds, rings))))}
-        if x.dtype != params[0].dtype or not all(
+        if not stack.takes(x, in_idx) or not all(
             _fusable(blocks[i].att, x, ropes[k], masks[k], kv_cache, i, blocks[i].att.q_norm, windows[i])
             for (k, _), i in firsts.items()
         ):
@@ -338,11 +353,62 @@ def transformer_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] |
             return x
         tables = [*ropes["full" if "full" in ropes else "sliding"], *ropes.get("sliding", (None, None))]
         return native.transformer_layers(
-            x, params, kv_cache.k, kv_cache.v, kv_cache.pos, first.n_heads, first.n_kv_groups, eps,
-            unit_offset, scale, act, tables, windows, rings, *_slots(kv_cache),
+            x, stack.params, stack.kinds, stack.groups, kv_cache.k, kv_cache.v, kv_cache.pos,
+            first.n_heads, first.n_kv_groups, eps, unit_offset, scale, act, tables, windows, rings,
+            *_slots(kv_cache),
         )  # fmt: skip
 
     return _step_forward(model, blocks, layers)
+
+
+class _Stack:
+    """A model's blocks as a layers call takes them: `params` (each block's norm tensors, then 4 per linear
+    layer), the linear layers' `kinds` and int4 `groups` (native.LINEAR_KINDS), and the type of the
+    activations the plain tensors need (`dtype`)."""
+
+    def __init__(self, params: list, kinds: list[int], groups: list[int], dtype: torch.dtype):
+        self.params, self.kinds, self.groups, self.dtype = params, kinds, groups, dtype
+        self.quantized, self.int4 = any(kinds), 2 in kinds
+
+    def takes(self, x: torch.Tensor, in_idx: torch.Tensor) -> bool:
+        """Whether the call computes what the linear layers' routes compute for `x`: its type, and one
+        row where a layer is int8 or int4 (their routes' kernels take one), bf16 for int4."""
+        if x.dtype != self.dtype:
+            return False
+        return not self.quantized or (in_idx.numel() == 1 and (not self.int4 or x.dtype == torch.bfloat16))
+
+
+def _stack(
+    blocks: list[nn.Module],
+    norms: Callable[[nn.Module], list[torch.Tensor | None]],
+    linears: Callable[[nn.Module], list[nn.Module]],
+) -> _Stack | None:
+    """The blocks' `norms` tensors and `linears` layers for a layers call; None where a linear layer is
+    one it does not take, or the plain tensors differ in type."""
+    params: list[torch.Tensor | None] = []
+    kinds: list[int] = []
+    groups: list[int] = []
+    plain: set[torch.dtype] = set()
+    for block in blocks:
+        tensors = norms(block)
+        params += tensors
+        plain |= {t.dtype for t in tensors if t is not None}
+        for m in linears(block):
+            if type(m) is nn.Linear:
+                tensors, kind, group = [m.weight, m.bias, None, None], 0, 0
+                plain |= {t.dtype for t in tensors if t is not None}
+            elif type(m) is Int8Linear and m._native:
+                tensors, kind, group = [m.qweight, m.scale, m._row_sums, m.bias], 1, 0
+            elif type(m) is Int4Linear and m._native and m.bias is None:
+                tensors, kind, group = [m.qweight, m.step, m.zero, None], 2, m.group_size
+            else:
+                return None
+            params += tensors
+            kinds.append(kind)
+            groups.append(group)
+    if len(plain) != 1 or not plain <= set(_TYPES):
+        return None
+    return _Stack(params, kinds, groups, plain.pop())
 
 
 def _step_forward(
@@ -382,7 +448,8 @@ def _slots(kv_cache: KVCache) -> tuple[torch.Tensor, ...]:
 
 
 def _plain_gpt_block(block: nn.Module) -> bool:
-    """Whether `block` is model/gpt.py's block made of its own parts (what `native.gpt_layers` computes)."""
+    """Whether `block` is model/gpt.py's block made of its own parts (what `native.gpt_layers` computes;
+    `_stack` checks the linear layers)."""
     att, ff = block.att, block.ff
     return (
         type(block) is gpt.TransformerBlock
@@ -391,51 +458,25 @@ def _plain_gpt_block(block: nn.Module) -> bool:
         and len(ff.layers) == 3
         and type(ff.layers[1]) is GELU
         and all(type(n) is LayerNorm for n in (block.norm1, block.norm2))
-        and all(type(m) is nn.Linear for m in (att.qkv, att.out_proj, ff.layers[0], ff.layers[2]))
         and att.head_dim * att.n_heads == att.d_out
     )
 
 
-def _gpt_params(block: nn.Module) -> list[torch.Tensor | None]:
-    """A GPT-2 block's 12 tensors in `native.gpt_layers`' order."""
-    att, (fc1, _, fc2) = block.att, block.ff.layers
-    norm1, norm2 = block.norm1, block.norm2
-    return [
-        *(norm1.scale, norm1.shift, att.qkv.weight, att.qkv.bias, att.out_proj.weight, att.out_proj.bias),
-        *(norm2.scale, norm2.shift, fc1.weight, fc1.bias, fc2.weight, fc2.bias),
-    ]
-
-
 def _plain_transformer_block(block: nn.Module) -> bool:
     """Whether `block` is model/transformer.py's block with a gated MLP, made of its own parts (what
-    `native.transformer_layers` computes)."""
+    `native.transformer_layers` computes; `_stack` checks the linear layers)."""
     att, ff = block.att, block.ff
     return (
         type(block) is transformer.TransformerBlock
         and type(att) is GroupedQueryAttention
         and type(ff) is GatedFeedForward
         and ff.activation in ACTIVATIONS
-        and all(type(m) is nn.Linear for m in (att.qkv, att.out_proj, ff.gate, ff.up, ff.down))
-        and all(m.bias is None for m in (ff.gate, ff.up, ff.down))
+        and all(getattr(m, "bias", None) is None for m in (ff.gate, ff.up, ff.down))
         and type(block.norm1) is RMSNorm
         and type(block.norm2) is RMSNorm
         and all(type(n) in (RMSNorm, nn.Identity) for n in (block.post_att_norm, block.post_ff_norm))
         and (type(att.q_norm), type(att.k_norm)) in ((type(None),) * 2, (RMSNorm,) * 2)
     )
-
-
-def _transformer_params(block: nn.Module) -> list[torch.Tensor | None]:
-    """A block's 13 tensors in `native.transformer_layers`' order."""
-    att, ff = block.att, block.ff
-
-    def weight(norm: nn.Module | None) -> torch.Tensor | None:
-        return norm.weight if type(norm) is RMSNorm else None
-
-    return [
-        *(block.norm1.weight, att.qkv.weight, att.qkv.bias, weight(att.q_norm), weight(att.k_norm)),
-        *(att.out_proj.weight, att.out_proj.bias, weight(block.post_att_norm), block.norm2.weight),
-        *(ff.gate.weight, ff.up.weight, ff.down.weight, weight(block.post_ff_norm)),
-    ]
 
 
 def _unless_identity(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

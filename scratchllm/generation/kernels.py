@@ -82,7 +82,8 @@ class PackedLinears:
             dtype = linears[0].weight.dtype if linears else None
             one_row, few_rows = (one_row_kernel(dtype), few_rows_kernel(dtype)) if dtype else ("packed",) * 2
             self._forwards = [_packed_forward(w, m, one_row, few_rows) for m, w in zip(linears, self._packed)]
-            native_rows = one_row == "native" and few_rows == "native"
+            # no plain linear layer left (int8, int4): the quantized layers' own kernels decide
+            native_rows = not linears or (one_row == "native" and few_rows == "native")
             self._routes = fused_routes(self.model, native_rows) if native.available() else []
             self._key = key
         return True

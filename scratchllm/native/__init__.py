@@ -36,6 +36,12 @@ SOURCES = [HERE / "gemv.cpp", HERE / "decode.cpp", HERE / "layers.cpp"]  # and t
 # OpenMP: at::parallel_for is inline, and splits work only where the including code has it; no
 # contraction into fused multiply-adds, so that elementwise steps round as PyTorch's do
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+#: The linear layers the layers calls take, by kind number: their 4 tensors (int8 and int4: one row only).
+LINEAR_KINDS = {
+    0: "plain: weight, bias (few_rows_linear)",
+    1: "int8: codes, scale, row sums, bias (int8_one_row_linear)",
+    2: "int4: codes, step, zero, none; a group size (int4_one_row_linear)",
+}
 #: Set to 0 to keep PyTorch's kernels (comparisons, or a machine whose compiler misbehaves).
 ENV_SWITCH = "SCRATCHLLM_NATIVE"
 _lock = threading.Lock()
@@ -103,6 +109,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
 def gpt_layers(
     x: torch.Tensor,
     params: list[torch.Tensor | None],
+    kinds: list[int],
+    groups: list[int],
     k_caches: list[torch.Tensor],
     v_caches: list[torch.Tensor],
     pos: int,
@@ -115,20 +123,22 @@ def gpt_layers(
 ) -> torch.Tensor:
     """GPT-2's blocks (model/gpt.py, eval mode) over a decode step's few new tokens `x` (batch, tokens,
     emb_dim), in one call: per layer, `x + out_proj(attention(qkv(norm1(x))))`, then
-    `x + fc2(gelu(fc1(norm2(x))))`, with `few_rows_linear` for the products and `decode_attention` (no
-    RoPE or QK-norm; `pos`, `positions`, `slots` and `scale` as it takes them) for attention, so the
-    result equals those routes' bit for bit. `params`: 12 per layer (norm1 scale, shift; qkv weight,
-    bias or None; out_proj weight, bias; norm2 scale, shift; fc1 weight, bias; fc2 weight, bias);
-    `gelu`: F.gelu's `approximate` ("tanh" or "none"); one key and value cache per layer. Call
-    `available()` first."""
+    `x + fc2(gelu(fc1(norm2(x))))`, with the products of the linear layers' routes and
+    `decode_attention` (no RoPE or QK-norm; `pos`, `positions`, `slots` and `scale` as it takes them),
+    so the result equals those routes' bit for bit. `params`: 20 per layer (norm1 scale, shift; norm2
+    scale, shift; then qkv, out_proj, fc1 and fc2, 4 each as `LINEAR_KINDS` lists them, with their
+    kind and int4 group size in `kinds` and `groups`, 4 per layer); `gelu`: F.gelu's `approximate`
+    ("tanh" or "none"); one key and value cache per layer. Call `available()` first."""
     return torch.ops.scratchllm.gpt_layers(
-        x, params, k_caches, v_caches, pos, n_heads, eps, gelu, scale, positions, slots
+        x, params, kinds, groups, k_caches, v_caches, pos, n_heads, eps, gelu, scale, positions, slots
     )
 
 
 def transformer_layers(
     x: torch.Tensor,
     params: list[torch.Tensor | None],
+    kinds: list[int],
+    groups: list[int],
     k_caches: list[torch.Tensor],
     v_caches: list[torch.Tensor],
     pos: int,
@@ -145,16 +155,17 @@ def transformer_layers(
     slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """model/transformer.py's blocks with a gated MLP (Llama 3, Qwen3, Gemma 3; eval mode) over a decode
-    step's few new tokens `x`, in one call, through `rms_norm`, `few_rows_linear` and `decode_attention`
-    as their routes run them (the same result, bit for bit). `params`: 13 per layer (norm1; qkv weight,
-    bias; q_norm, k_norm; out_proj weight, bias; post_att_norm; norm2; gate, up, down; post_ff_norm;
-    None where the model has none); every RMSNorm has `eps` and `unit_offset`; `act`: "silu" or
-    "gelu_tanh"; `ropes`: the full layers' cos and sin tables for the new positions, then the sliding
-    layers'; per layer its sliding window (0: none) and whether its cache is a ring (`rings`). Call
-    `available()` first."""
+    step's few new tokens `x`, in one call, through `rms_norm`, the linear layers' products and
+    `decode_attention` as their routes run them (the same result, bit for bit). `params`: 26 per layer
+    (the weights of norm1, q_norm, k_norm, post_att_norm, norm2, post_ff_norm, None where the model has
+    none; then qkv, out_proj, gate, up and down, 4 each as `LINEAR_KINDS` lists them, with `kinds` and
+    `groups` 5 per layer); every RMSNorm has `eps` and `unit_offset`; `act`: "silu" or "gelu_tanh";
+    `ropes`: the full layers' cos and sin tables for the new positions, then the sliding layers'; per
+    layer its sliding window (0: none) and whether its cache is a ring (`rings`). Call `available()`
+    first."""
     return torch.ops.scratchllm.transformer_layers(
-        x, params, k_caches, v_caches, pos, n_heads, n_kv_heads, eps, unit_offset, scale, act, ropes,
-        windows, rings, positions, slots,
+        x, params, kinds, groups, k_caches, v_caches, pos, n_heads, n_kv_heads, eps, unit_offset, scale,
+        act, ropes, windows, rings, positions, slots,
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from scratchllm.generation.batcher import Batcher
 from scratchllm.model import registry
 from scratchllm.model.attention import SlotKVCache
 from scratchllm.model.gpt import GPTModel
+from scratchllm.model.quantize import Int4Linear, Int8Linear, quantize_model
 from tests.generation.helpers import ByteTokenizer
 
 pytestmark = pytest.mark.skipif(
@@ -202,3 +203,27 @@ def test_a_slot_cache_takes_the_layers_call_row_by_row(native_rows, calls, arch)
     for prompt, row in zip(prompts, rows):
         alone = Engine(model, ByteTokenizer(), prepack=False).generate([prompt], settings)[0]
         assert row.completion.token_ids == alone.token_ids
+
+
+@pytest.mark.parametrize(("arch", "mode"), [("qwen3", "int8"), ("qwen3", "int4"), ("gpt2", "int8")])
+def test_quantized_layers_go_into_the_call_one_row_at_a_time(native_rows, calls, arch, mode):
+    model = _model(arch, torch.bfloat16)
+    quantize_model(model, mode)
+    for m in model.modules():  # native's kernels where the CPU would not pick them too (portable loops)
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            m._native = True
+    routes = PackedLinears(model)
+    assert routes.refresh() and model in dict(routes._routes)
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2))
+    chunks = [tokens[:, :5], *(tokens[:, i : i + 1] for i in range(5, 9))]  # the prompt: the blocks
+    got, cache = _run(model, routes, chunks, whole=True)
+    assert calls == [(1, 1, model.cfg.emb_dim)] * 4
+    want, own_cache = _run(model, routes, chunks, whole=False)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(cache.k + cache.v, own_cache.k + own_cache.v))
+    calls.clear()
+    prompts, settings = [[5, 9, 14, 2, 7, 30, 1]], GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    routed = Engine(model, ByteTokenizer()).generate(prompts, settings)
+    assert calls == [(1, 1, model.cfg.emb_dim)] * 9
+    own = Engine(model, ByteTokenizer(), prepack=False).generate(prompts, settings)
+    assert [c.token_ids for c in routed] == [c.token_ids for c in own]
