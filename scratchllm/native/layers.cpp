@@ -35,7 +35,8 @@ using Params = c10::List<std::optional<at::Tensor>>;
 at::Tensor linear(const Params& params, at::IntArrayRef kinds, at::IntArrayRef groups, int64_t first, int64_t i,
                   const at::Tensor& x) {
   auto p = [&](int64_t j) { return params.get(first + 4 * i + j); };
-  TORCH_CHECK(p(0), "layers: linear layer ", i, " lacks its weight");
+  TORCH_CHECK(p(0) && (kinds[i] == 0 || (p(1) && p(2))), "layers: linear layer ", i, " lacks a tensor");
+  TORCH_CHECK(kinds[i] != 2 || (groups[i] > 0 && !p(3)), "layers: an int4 layer takes a group size and no bias");
   switch (kinds[i]) {
     case 0: return few_rows_linear(x, *p(0), p(1), false);
     case 1: return int8_one_row_linear(x, *p(0), *p(1), *p(2), p(3), false, false);

@@ -227,3 +227,19 @@ def test_quantized_layers_go_into_the_call_one_row_at_a_time(native_rows, calls,
     assert calls == [(1, 1, model.cfg.emb_dim)] * 9
     own = Engine(model, ByteTokenizer(), prepack=False).generate(prompts, settings)
     assert [c.token_ids for c in routed] == [c.token_ids for c in own]
+
+
+def test_quantized_layers_leave_batches_and_other_kernels_to_the_blocks(native_rows, calls):
+    model = _model("qwen3", torch.bfloat16)
+    quantize_model(model, "int8")
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    for m in layers:
+        m._native = True
+    settings = GenerationConfig(max_new_tokens=4, ignore_eos=True)
+    prompts = [[5, 9, 14], [2, 7, 30]]  # two rows: their layers' one-row kernels do not take them
+    got = Engine(model, ByteTokenizer()).generate(prompts, settings)
+    own = Engine(model, ByteTokenizer(), prepack=False).generate(prompts, settings)
+    assert not calls and [c.token_ids for c in got] == [c.token_ids for c in own]
+    layers[3]._native = False  # a layer on PyTorch's kernel: no call at all
+    routes = PackedLinears(model)
+    assert routes.refresh() and model not in dict(routes._routes)
