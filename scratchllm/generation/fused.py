@@ -141,7 +141,7 @@ def attention_forward(
             kv_cache.v[layer],
             kv_cache.pos,
             scale,
-            *((kv_cache._pos, kv_cache._rows.view(-1)) if type(kv_cache) is SlotKVCache else (None, None)),
+            *(_slots(kv_cache) or (None, None)),
             window,
             kv_cache.windows[layer] > 0,
         )

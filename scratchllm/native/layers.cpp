@@ -27,6 +27,8 @@ at::Tensor decode_attention(const at::Tensor& qkv, int64_t n_heads, int64_t n_kv
                             double scale, const std::optional<at::Tensor>& positions,
                             const std::optional<at::Tensor>& slots, int64_t window, bool ring);
 
+namespace {
+
 using Params = c10::List<std::optional<at::Tensor>>;
 
 // A linear layer's product as its route computes it: `kinds[i]` says which, 4 tensors at `params[4 * i]`:
@@ -44,6 +46,8 @@ at::Tensor linear(const Params& params, at::IntArrayRef kinds, at::IntArrayRef g
     default: TORCH_CHECK(false, "layers: unknown linear kind ", kinds[i]);
   }
 }
+
+}  // namespace
 
 // Tensors per GPT-2 layer in `gpt_layers`' `params`: 4 for the norms, 4 per linear layer.
 constexpr int64_t kGptParams = 20;
