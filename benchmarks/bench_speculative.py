@@ -13,8 +13,8 @@ context 256, batch 8, keeping each run's best checkpoint (evaluated every 100 st
 (--target-shape, default 512 dims x 8 layers, 27M parameters, lr 1e-3) trains a byte-level BPE of 4096 ids
 and itself for --target-minutes; the draft (--draft-shape, default 256 x 2, 2.7M, lr 2e-3) trains with the
 target's tokenizer for --draft-steps. With --distill, a third model of the draft's shape trains on the
-corpus plus the target's greedy continuations of prefixes of the training documents (the usual way to raise
-acceptance). A model directory already in --dir is reused; train where nothing else runs, or the time
+corpus plus the target's greedy continuations (64 tokens) of prefixes every --distill-every tokens of the
+training documents (the usual way to raise acceptance). A model directory already in --dir is reused; train where nothing else runs, or the time
 budget buys fewer steps (RESULTS.md).
 
 Measurement: the first 8 tokens of --prompts documents that the target's run held out for validation,
@@ -101,8 +101,10 @@ def heldout_prompts(data: Path, tokenizer, n: int, tokens: int = 8) -> list[str]
     return [tokenizer.decode(tokenizer.encode(d.text)[:tokens]) for d in picked]
 
 
-def distill_corpus(out: Path, target: Engine, data: Path, tokens: int = 8, every: int = 64) -> Path:
-    """The target's greedy continuations (`every` tokens long) of the `tokens`-token prefixes that start
+def distill_corpus(
+    out: Path, target: Engine, data: Path, tokens: int = 8, every: int = 64, length: int = 64
+) -> Path:
+    """The target's greedy continuations (`length` tokens long) of the `tokens`-token prefixes that start
     every `every` tokens of each training document (the prepared train.bin), one file each in `out`:
     text for a draft to learn the target's ways (distillation). Reused when `out` exists."""
     if out.is_dir():
@@ -119,7 +121,7 @@ def distill_corpus(out: Path, target: Engine, data: Path, tokens: int = 8, every
     texts = []
     for b in range(0, len(prompts), 8):
         batch = prompts[b : b + 8]
-        for prompt, c in zip(batch, target.generate(batch, max_new_tokens=every)):
+        for prompt, c in zip(batch, target.generate(batch, max_new_tokens=length)):
             texts.append(target.tokenizer.decode(prompt) + c.text)
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -194,6 +196,9 @@ def main() -> None:
     ap.add_argument("--draft", help="a draft model directory to measure instead of training one")
     ap.add_argument("--distill", action="store_true", help="also measure a draft distilled from the target")
     ap.add_argument(
+        "--distill-every", type=int, default=64, help="a distillation prompt every N tokens of training text"
+    )
+    ap.add_argument(
         "--distilled-draft", help="a distilled draft directory to measure instead of training one"
     )
     ap.add_argument("--draft-tokens", default="1,2,3,4", help="the k values to measure")
@@ -229,7 +234,7 @@ def main() -> None:
     plain = Engine(target.model, target.tokenizer)
     drafts = {"draft": draft_dir}
     if args.distill:
-        corpus = distill_corpus(root / "distill", plain, root / "target" / "data")
+        corpus = distill_corpus(root / "distill", plain, root / "target" / "data", every=args.distill_every)
         drafts["distilled draft"] = args.distilled_draft or pretrain(
             root / "draft-distilled",
             args.draft_shape,

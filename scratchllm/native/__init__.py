@@ -222,8 +222,9 @@ def decode_attention(
 
 @functools.cache
 def instructions() -> dict[str, str]:
-    """What each kernel runs on in this build, by weight type: {"fp32": "avx512", "bf16": "avx512bf16",
-    "int8": "avx512vnni", "int4": "avx512bf16"} on a CPU with all of them, "portable" (the plain loops)
+    """What each kernel runs on in this build, by weight type: {"fp32": "avx512", "bf16": "amx",
+    "int8": "avx512vnni", "int4": "avx512bf16"} on a CPU with all of them ("amx": bf16 products on AMX
+    tiles where the weights' width is a multiple of 32, else "avx512bf16"), "portable" (the plain loops)
     where one is missing. int4's fast path also needs groups of 64 columns or more. Call `available()`
     first."""
     return dict(item.split("=") for item in torch.ops.scratchllm.instructions().split())

@@ -82,55 +82,94 @@ void prepare_head(const T* in, const T* norm, const HeadPrep<T>& p, float* out) 
   }
 }
 
-// a . b over D fp32 values.
-inline float dot(const float* a, const float* b, int64_t D) {
+#ifdef __AVX512F__
+// 16 values of a cache row as fp32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
+// e^x in 16 lanes for x <= 0 (scores less their maximum): 2^n e^r with n = round(x / ln 2), r = x - n ln 2
+// (ln 2 in two parts, so r keeps its bits), e^r by its Taylor polynomial of degree 7 (|r| <= 0.35: below
+// one fp32 step), scaled by 2^n in one instruction (down to 0 far below the maximum).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  const float c[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  __m512 e = _mm512_set1_ps(c[0]);
+  for (int i = 1; i < 8; i++) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c[i]));
+  return _mm512_scalef_ps(e, n);
+}
+#endif
+
+// q . k over D values (k: a cache row, fp32 or bf16), in fp32.
+template <typename C>
+inline float dot(const float* q, const C* k, int64_t D) {
   int64_t d = 0;
   float sum = 0;
 #ifdef __AVX512F__
   __m512 acc = _mm512_setzero_ps();
-  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
   sum = _mm512_reduce_add_ps(acc);
 #endif
-  for (; d < D; d++) sum += a[d] * b[d];
+  for (; d < D; d++) sum += q[d] * to_float(k[d]);
   return sum;
 }
 
-// out += p * row over D fp32 values.
-inline void add_scaled(float* out, float p, const float* row, int64_t D) {
+// out += p * v over D values (v: a cache row), in fp32.
+template <typename C>
+inline void add_scaled(float* out, float p, const C* v, int64_t D) {
   int64_t d = 0;
 #ifdef __AVX512F__
   const __m512 scale = _mm512_set1_ps(p);
-  for (; d + 16 <= D; d += 16) {
-    _mm512_storeu_ps(out + d, _mm512_fmadd_ps(scale, _mm512_loadu_ps(row + d), _mm512_loadu_ps(out + d)));
-  }
+  for (; d + 16 <= D; d += 16) _mm512_storeu_ps(out + d, _mm512_fmadd_ps(scale, load16(v + d), _mm512_loadu_ps(out + d)));
 #endif
-  for (; d < D; d++) out[d] += p * row[d];
+  for (; d < D; d++) out[d] += p * to_float(v[d]);
+}
+
+// s[j] = e^(s[j] - top) for j < n; returns their sum.
+inline float exp_less(float* s, int64_t n, float top) {
+  int64_t j = 0;
+  float total = 0;
+#ifdef __AVX512F__
+  const __m512 t = _mm512_set1_ps(top);
+  __m512 sums = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), t));
+    _mm512_storeu_ps(s + j, e);
+    sums = _mm512_add_ps(sums, e);
+  }
+  if (j < n) {
+    const __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), t));
+    _mm512_mask_storeu_ps(s + j, tail, e);
+    sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(tail, e));
+    j = n;
+  }
+  total = _mm512_reduce_add_ps(sums);
+#endif
+  for (; j < n; j++) total += s[j] = std::exp(s[j] - top);
+  return total;
 }
 
 // Softmax(q . k_j * scale) over the n cached positions, times the values, for the R query heads `q` (R x D)
 // that share one key/value head (C: the cache's type), in fp32: each key and value row is read once for
-// all R. Writes R x D fp32 values rounded to C.
+// all R. Writes R x D fp32 values rounded to C. `scores`: room for R x n, `total`: for R.
 template <typename C>
 void attend(const float* q, int64_t R, const C* keys, const C* values, int64_t n, int64_t D, float scale,
-            float* out) {
-  std::vector<float> scores(R * n), row(D);
-  for (int64_t j = 0; j < n; j++) {
-    const C* k = keys + j * D;
-    for (int64_t d = 0; d < D; d++) row[d] = to_float(k[d]);
-    for (int64_t r = 0; r < R; r++) scores[r * n + j] = dot(q + r * D, row.data(), D) * scale;
-  }
-  std::vector<float> total(R, 0.0f);
+            float* scores, float* total, float* out) {
+  for (int64_t j = 0; j < n; j++)
+    for (int64_t r = 0; r < R; r++) scores[r * n + j] = dot(q + r * D, keys + j * D, D) * scale;
   for (int64_t r = 0; r < R; r++) {
     float* s = &scores[r * n];
-    const float top = *std::max_element(s, s + n);
-    for (int64_t j = 0; j < n; j++) total[r] += s[j] = std::exp(s[j] - top);
+    total[r] = exp_less(s, n, *std::max_element(s, s + n));
   }
   std::fill(out, out + R * D, 0.0f);
-  for (int64_t j = 0; j < n; j++) {
-    const C* v = values + j * D;
-    for (int64_t d = 0; d < D; d++) row[d] = to_float(v[d]);
-    for (int64_t r = 0; r < R; r++) add_scaled(out + r * D, scores[r * n + j], row.data(), D);
-  }
+  for (int64_t j = 0; j < n; j++)
+    for (int64_t r = 0; r < R; r++) add_scaled(out + r * D, scores[r * n + j], values + j * D, D);
   for (int64_t r = 0; r < R; r++) {
     for (int64_t d = 0; d < D; d++) out[r * D + d] = round_as<C>(out[r * D + d] / total[r]);
   }
@@ -194,13 +233,14 @@ void decode_attention_typed(const at::Tensor& qkv, int64_t H, int64_t G, const H
   const int64_t R = H / G;  // query heads per key/value head, next to each other in q and in y
   const int64_t grain = std::max<int64_t>(1, 16384 / (longest * D * R * T_new));  // small contexts stay on one thread
   at::parallel_for(0, B * G, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> heads(R * D);
+    std::vector<float> heads(R * D), scores(R * L), total(R);
     for (int64_t i = begin; i < end; i++) {  // i = b * G + g
       const int64_t b = i / G, g = i % G, base = (places.slot(b) * G + g) * L * D;
       for (int64_t t = 0; t < T_new; t++) {  // new token t sees the columns up to its own, as alone
         const int64_t first = ((b * T_new + t) * H + g * R) * D;  // its query heads g R .. g R + R - 1
         const int64_t lo = places.first_seen(b, t), n = places.last_seen(b, t) - lo + 1;
-        attend(&q[first], R, kc + base + lo * D, vc + base + lo * D, n, D, scale, heads.data());
+        attend(&q[first], R, kc + base + lo * D, vc + base + lo * D, n, D, scale, scores.data(), total.data(),
+               heads.data());
         for (int64_t e = 0; e < R * D; e++) out[first + e] = store_as<T>(heads[e]);
       }
     }

@@ -8,7 +8,8 @@
 // of columns); sums are exact in int32 for int8 and kept in fp32 otherwise. The portable loops are what
 // the kernels compute (the compiler vectorizes them for the CPU it builds on); with AVX-512 BF16, bf16
 // and int4 rows go through vdpbf16ps (32 bf16 products added into 16 fp32 sums in one instruction), and
-// with AVX-512 VNNI int8 rows through vpdpbusd (64 u8 x s8 products into 16 int32 sums).
+// with AVX-512 VNNI int8 rows through vpdpbusd (64 u8 x s8 products into 16 int32 sums). With AMX, bf16
+// products run on tiles of 16 weight rows, so that checking a few rows costs little more than one.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,6 +27,11 @@
 
 #ifdef __AVX512F__
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define SCRATCHLLM_AMX 1
 #endif
 
 namespace {
@@ -150,6 +156,67 @@ void rows_avx512(const typename E::T* w, const typename E::T* x, float* y, int64
 }
 #endif
 
+#ifdef SCRATCHLLM_AMX
+// ---- bf16 rows on AMX tiles: the cost of a product hardly grows with the rows of x ----
+//
+// tdpbf16ps multiplies a 16 x 32 bf16 tile A by a 32 x 16 tile B (stored as 16 rows of pairs along K) into
+// a 16 x 16 fp32 tile C. Here A is 16 weight rows read in place, B holds x's M rows paired along K, and C
+// their M sums for each of the 16 weight rows. A weight row's sum for a row of x comes out of the same
+// instruction sequence whatever M is, so a row's result is still the one it gets alone.
+
+constexpr int64_t kTile = 16;  // weight rows per tile
+constexpr int64_t kTileK = 32;  // columns per tile
+
+// Linux hands out the tile registers to a process only on request (arch_prctl, once per process).
+bool amx_ready() {
+  static const bool ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ready;
+}
+
+struct alignas(64) TileConfig {  // ldtilecfg's 64 bytes: palette 1, then each tile's width and rows
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0 sums (16 x M fp32), 1 weights (16 x 32 bf16), 2 x's pairs (16 x M pairs).
+void configure_tiles(int64_t M) {
+  TileConfig config;
+  config.rows[0] = config.rows[1] = config.rows[2] = kTile;
+  config.colsb[0] = config.colsb[2] = uint16_t(4 * M);
+  config.colsb[1] = uint16_t(2 * kTileK);
+  _tile_loadconfig(&config);
+}
+
+// Weight rows n..n + 15 times the M rows of x, whose pairs along K are `pairs` (K / 2 x M).
+void tile_rows_amx(const uint16_t* w, const uint32_t* pairs, float* y, int64_t K, int64_t N, int64_t M, int64_t n) {
+  _tile_zero(0);
+  for (int64_t k = 0; k < K; k += kTileK) {
+    _tile_loadd(2, pairs + k / 2 * M, 4 * M);
+    _tile_loadd(1, w + n * K + k, 2 * K);
+    _tile_dpbf16ps(0, 1, 2);
+  }
+  alignas(64) float sums[kTile * kMaxRows];
+  _tile_stored(0, sums, 4 * M);
+  for (int64_t i = 0; i < kTile; i++)
+    for (int64_t j = 0; j < M; j++) y[j * N + n + i] = sums[i * M + j];
+}
+
+// All M rows of x (M x K, K a multiple of 32) times every weight row: whole tiles of 16 weight rows on AMX,
+// the last N % 16 rows on vdpbf16ps, split between PyTorch's threads.
+void rows_amx(const uint16_t* w, const uint16_t* x, float* y, int64_t K, int64_t N, int64_t M) {
+  std::vector<uint32_t> pairs(K / 2 * M);
+  for (int64_t r = 0; r < K / 2; r++)
+    for (int64_t j = 0; j < M; j++) pairs[r * M + j] = uint32_t(x[j * K + 2 * r]) | uint32_t(x[j * K + 2 * r + 1]) << 16;
+  const int64_t tiles = N / kTile;
+  at::parallel_for(0, tiles, kGrain * kRows / kTile, [&](int64_t t0, int64_t t1) {
+    configure_tiles(M);
+    for (int64_t t = t0; t < t1; t++) tile_rows_amx(w, pairs.data(), y, K, N, M, t * kTile);
+    _tile_release();
+  });
+  rows_avx512<BF16>(w, x, y, K, N, M, tiles * kTile, N);
+}
+#endif
 
 // ---- int8 weights (one scale per row) times one row of activations quantized to 8 bits on the fly ----
 
@@ -325,19 +392,45 @@ void check(const at::Tensor& x, const at::Tensor& weight, const std::optional<at
               "few_rows_linear: the bias must be contiguous, one value per output");
 }
 
+// y[k] + b[k] (b: none or a bias), for k < n: back into y, or rounded into out (bf16, as to_bf16 rounds).
+void finish_span(float* y, const float* b, uint16_t* out, int64_t n) {
+  int64_t k = 0;
+#ifdef __AVX512F__
+  for (; k + 16 <= n; k += 16) {
+    __m512 v = _mm512_loadu_ps(y + k);
+    if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + k));
+    if (!out) {
+      _mm512_storeu_ps(y + k, v);
+      continue;
+    }
+    const __m512i u = _mm512_castps_si512(v), odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    h = _mm512_mask_mov_epi32(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));  // NaN
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm512_cvtepi32_epi16(h));
+  }
+#endif
+  for (; k < n; k++) {
+    const float v = b ? y[k] + b[k] : y[k];
+    if (out) out[k] = to_bf16(v);
+    else y[k] = v;
+  }
+}
+
 // fp32 sums (M x N) plus the bias, as a tensor of `sizes` in fp32 or, for `bf16`, rounded to bf16.
 at::Tensor finish(at::Tensor sums, const std::optional<at::Tensor>& bias, at::IntArrayRef sizes, bool bf16) {
   float* y = sums.data_ptr<float>();
   const int64_t count = sums.numel(), N = sizes.back();
-  if (bias) {
-    auto b = bias->to(at::kFloat).contiguous();
-    const float* bp = b.data_ptr<float>();
-    for (int64_t i = 0; i < count; i++) y[i] += bp[i % N];
-  }
-  if (!bf16) return sums.view(sizes);
-  auto out = at::empty(sizes, sums.options().dtype(at::kBFloat16));
-  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  for (int64_t i = 0; i < count; i++) o[i] = to_bf16(y[i]);
+  if (!bias && !bf16) return sums.view(sizes);
+  auto b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = bias ? b.data_ptr<float>() : nullptr;
+  auto out = bf16 ? at::empty(sizes, sums.options().dtype(at::kBFloat16)) : sums.view(sizes);
+  auto* o = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr()) : nullptr;
+  at::parallel_for(0, count, 16384, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0, n; i < i1; i += n) {  // spans within one row of N
+      n = std::min(i1 - i, N - i % N);
+      finish_span(y + i, bp ? bp + i % N : nullptr, o ? o + i : nullptr, n);
+    }
+  });
   return out;
 }
 
@@ -374,6 +467,12 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const 
     TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "few_rows_linear: weights must be fp32 or bf16");
     const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
     const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
+#ifdef SCRATCHLLM_AMX
+    if (!portable && K % kTileK == 0 && amx_ready()) {
+      rows_amx(w, xs, y, K, N, M);
+      return finish(sums, bias, sizes, true);
+    }
+#endif
 #ifdef __AVX512BF16__
     if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_avx512<BF16>(w, xs, y, K, N, M, n0, n1); });
 #else
@@ -486,10 +585,14 @@ std::string instructions() {
 #ifdef __AVX512BF16__
   bf16 = "avx512bf16";
 #endif
+  const std::string int4 = bf16;
+#ifdef SCRATCHLLM_AMX
+  if (amx_ready()) bf16 = "amx";
+#endif
 #ifdef __AVX512VNNI__
   int8 = "avx512vnni";
 #endif
-  return "fp32=" + fp32 + " bf16=" + bf16 + " int8=" + int8 + " int4=" + bf16;
+  return "fp32=" + fp32 + " bf16=" + bf16 + " int8=" + int8 + " int4=" + int4;
 }
 
 TORCH_LIBRARY(scratchllm, m) {

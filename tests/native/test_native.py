@@ -27,8 +27,8 @@ pytestmark = pytest.mark.skipif(
     reason=f"scratchllm's kernels are not available here: {native.unavailable_reason()}",
 )
 
-# widths off the kernels' blocks (32 and 64 columns, 4 rows) as well as on them
-SHAPES = [(768, 768), (7, 37), (130, 100), (5, 64), (2304, 96), (1, 1)]
+# widths off the kernels' blocks (32 and 64 columns, 4 or 16 rows) as well as on them
+SHAPES = [(768, 768), (7, 37), (130, 100), (5, 64), (2304, 96), (1, 1), (50, 160)]
 
 
 @pytest.mark.parametrize("portable", [False, True])
@@ -66,15 +66,28 @@ def test_the_split_between_threads_does_not_change_a_sum():
 
 @pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_few_rows_get_each_rows_own_result(dtype, portable):
+# 96 columns: whole tiles of 32 (AMX); 130 rows: 8 tiles of 16 and 2 more
+@pytest.mark.parametrize("in_features", [100, 96])
+def test_a_few_rows_get_each_rows_own_result(dtype, portable, in_features):
     g = torch.Generator().manual_seed(3)
-    w, b = torch.randn(130, 100, generator=g).to(dtype), torch.randn(130, generator=g).to(dtype)
+    w, b = torch.randn(130, in_features, generator=g).to(dtype), torch.randn(130, generator=g).to(dtype)
     for rows in range(2, 9):
-        x = torch.randn(rows, 100, generator=g).to(dtype)
+        x = torch.randn(rows, in_features, generator=g).to(dtype)
         together = native.few_rows_linear(x, w, b, portable)
         assert together.shape == (rows, 130)
         for j in range(rows):  # bitwise: speculative checks and batches agree with decoding alone
             assert torch.equal(together[j], native.few_rows_linear(x[j : j + 1], w, b, portable)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_infinity_come_out_where_pytorchs_product_puts_them(dtype):
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(40, 64, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
+    x = torch.randn(3, 64, generator=g).to(dtype)
+    x[0, 5], x[1, 7] = float("nan"), float("inf")
+    got, want = native.few_rows_linear(x, w, b), F.linear(x.float(), w.float(), b.float()).to(dtype)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert got[2].isfinite().all()
 
 
 def test_few_rows_linear_refuses_what_it_cannot_multiply():
@@ -148,7 +161,8 @@ def test_instructions_name_each_kernels_path():
     paths = native.instructions()
     assert set(paths) == {"fp32", "bf16", "int8", "int4"}
     assert paths["fp32"] in ("avx512", "portable") and paths["int8"] in ("avx512vnni", "portable")
-    assert paths["bf16"] in ("avx512bf16", "portable") and paths["int4"] == paths["bf16"]
+    assert paths["bf16"] in ("amx", "avx512bf16", "portable") and paths["int4"] in ("avx512bf16", "portable")
+    assert paths["int4"] == ("avx512bf16" if paths["bf16"] == "amx" else paths["bf16"])
 
 
 def test_the_switch_keeps_pytorchs_kernels():
