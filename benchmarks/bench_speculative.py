@@ -14,8 +14,8 @@ context 256, batch 8, keeping each run's best checkpoint (evaluated every 100 st
 and itself for --target-minutes; the draft (--draft-shape, default 256 x 2, 2.7M, lr 2e-3) trains with the
 target's tokenizer for --draft-steps. With --distill, a third model of the draft's shape trains on the
 corpus plus the target's greedy continuations (64 tokens) of prefixes every --distill-every tokens of the
-training documents (the usual way to raise acceptance). A model directory already in --dir is reused; train where nothing else runs, or the time
-budget buys fewer steps (RESULTS.md).
+training documents (the usual way to raise acceptance). A model directory already in --dir is reused; train
+where nothing else runs, or the time budget buys fewer steps (RESULTS.md).
 
 Measurement: the first 8 tokens of --prompts documents that the target's run held out for validation,
 each continued by --new-tokens greedy tokens (past the end of text), plainly and with the draft proposing

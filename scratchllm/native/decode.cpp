@@ -94,7 +94,7 @@ inline __m512 load16(const uint16_t* p) {
 // (ln 2 in two parts, so r keeps its bits), e^r by its Taylor polynomial of degree 7 (|r| <= 0.35: below
 // one fp32 step), scaled by 2^n in one instruction (down to 0 far below the maximum).
 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  // in this order a NaN stays NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
@@ -206,10 +206,11 @@ void decode_attention_typed(const at::Tensor& qkv, int64_t H, int64_t G, const H
   C* kc = data_mut<C>(k_cache);
   C* vc = data_mut<C>(v_cache);
   std::vector<float> q(B * T_new * H * D), k(D);
-  int64_t longest = 0;
+  int64_t longest = 0, most_seen = 0;
   for (int64_t bt = 0; bt < B * T_new; bt++) {  // the new keys and values into the caches, the queries prepared
     const int64_t b = bt / T_new, t = bt % T_new, column = places.column(b, t);
     longest = std::max(longest, column + 1);
+    most_seen = std::max(most_seen, places.last_seen(b, t) - places.first_seen(b, t) + 1);
     const T* row = in + bt * width;
     HeadPrep<T> here = p;
     const int64_t table_row = rope_per_row ? bt : t;
@@ -233,7 +234,7 @@ void decode_attention_typed(const at::Tensor& qkv, int64_t H, int64_t G, const H
   const int64_t R = H / G;  // query heads per key/value head, next to each other in q and in y
   const int64_t grain = std::max<int64_t>(1, 16384 / (longest * D * R * T_new));  // small contexts stay on one thread
   at::parallel_for(0, B * G, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> heads(R * D), scores(R * L), total(R);
+    std::vector<float> heads(R * D), scores(R * most_seen), total(R);
     for (int64_t i = begin; i < end; i++) {  // i = b * G + g
       const int64_t b = i / G, g = i % G, base = (places.slot(b) * G + g) * L * D;
       for (int64_t t = 0; t < T_new; t++) {  // new token t sees the columns up to its own, as alone

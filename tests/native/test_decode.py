@@ -145,6 +145,24 @@ def test_a_few_tokens_at_once_get_each_tokens_own_result(kind, dtype):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_a_nan_in_the_cache_comes_out_where_pytorchs_attention_puts_it(cache_dtype):
+    att, heads, groups = _attention("llama3", torch.float32)
+    caches = [KVCache(1, 1, groups, D, 40, dtype=cache_dtype) for _ in range(2)]
+    torch.manual_seed(4)
+    filled = [torch.randn(1, groups, 40, D).to(cache_dtype) for _ in range(2)]
+    filled[0][0, 1, 7, 3] = float("nan")  # a key that the second group's heads see
+    for cache in caches:
+        cache.k[0].copy_(filled[0]), cache.v[0].copy_(filled[1])
+    x = torch.randn(1, 1, EMB)
+    want = _step(att, "llama3", x, caches[0], 20, fused=False)
+    got = _step(att, "llama3", x, caches[1], 20, fused=True)
+    assert want.isnan().all() and got.isnan().all()  # out_proj mixes the heads: NaN everywhere
+    with torch.inference_mode():
+        mine = _fused(att, "llama3", att.qkv(x), caches[1], 20).view(heads, D).isnan().all(dim=1)
+    assert mine.tolist() == [g == 1 for g in range(groups) for _ in range(heads // groups)]
+
+
 def test_a_long_context_splits_between_threads_with_the_same_result():
     att, heads, groups = _attention("llama3", torch.float32)
     x = torch.randn(1, 1, EMB)

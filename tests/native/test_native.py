@@ -50,9 +50,11 @@ def test_few_rows_linear_is_the_linear_product(dtype, out_features, in_features,
         assert ((got.double() - exact).abs() <= step).all()
 
 
-def test_the_split_between_threads_does_not_change_a_sum():
+@pytest.mark.parametrize(("dtype", "in_features"), [(torch.float32, 300), (torch.bfloat16, 320)])
+def test_the_split_between_threads_does_not_change_a_sum(dtype, in_features):
     g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(1000, 300, generator=g), torch.randn(300, generator=g)
+    w = torch.randn(1000, in_features, generator=g).to(dtype)  # bf16, 320 columns: AMX where there is AMX
+    x = torch.randn(3, in_features, generator=g).to(dtype)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
