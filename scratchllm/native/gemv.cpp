@@ -133,7 +133,7 @@ void rows_times_rows_block(const typename E::T* w, const typename E::T* x, float
 template <typename E, int M>
 void rows_times_rows_avx512(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t N,
                             int64_t n0, int64_t n1) {
-  constexpr int R = M == 1 ? kRows : M <= 4 ? 2 : 1;  // R x M x 2 sums in registers
+  constexpr int R = M <= 3 ? kRows : M <= 7 ? 2 : 1;  // R x M x 2 sums in registers (at most 28 of 32)
   int64_t n = n0;
   for (; n + R <= n1; n += R) rows_times_rows_block<E, R, M>(w, x, y, K, N, n);
   for (; n < n1; n++) rows_times_rows_block<E, 1, M>(w, x, y, K, N, n);
