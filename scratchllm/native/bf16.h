@@ -4,6 +4,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 namespace scratchllm {
 
 inline float to_float(float v) { return v; }
@@ -34,5 +38,21 @@ inline float round_as(float v) {
   if constexpr (sizeof(T) == sizeof(float)) return v;
   else return to_float(to_bf16(v));
 }
+
+#ifdef __AVX512F__
+// 16 bf16 values at p widened to fp32.
+inline __m512 widen16(const uint16_t* p) {
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
+// 16 fp32 values rounded to bf16 at p, as to_bf16 rounds each (NaN included).
+inline void store_bf16x16(uint16_t* p, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v), odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  h = _mm512_mask_mov_epi32(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(h));
+}
+#endif
 
 }  // namespace scratchllm

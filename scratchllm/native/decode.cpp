@@ -85,10 +85,7 @@ void prepare_head(const T* in, const T* norm, const HeadPrep<T>& p, float* out) 
 #ifdef __AVX512F__
 // 16 values of a cache row as fp32.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-}
+inline __m512 load16(const uint16_t* p) { return scratchllm::widen16(p); }
 
 // e^x in 16 lanes for x <= 0 (scores less their maximum): 2^n e^r with n = round(x / ln 2), r = x - n ln 2
 // (ln 2 in two parts, so r keeps its bits), e^r by its Taylor polynomial of degree 7 (|r| <= 0.35: below

@@ -267,10 +267,7 @@ void quantize_row(const float* x, int64_t K, float inverse, int zero, int qmax, 
 void widen(const uint16_t* x, float* out, int64_t K) {
   int64_t k = 0;
 #ifdef __AVX512F__
-  for (; k + 16 <= K; k += 16) {
-    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k)));
-    _mm512_storeu_ps(out + k, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
-  }
+  for (; k + 16 <= K; k += 16) _mm512_storeu_ps(out + k, scratchllm::widen16(x + k));
 #endif
   for (; k < K; k++) out[k] = to_float(x[k]);
 }
@@ -399,14 +396,8 @@ void finish_span(float* y, const float* b, uint16_t* out, int64_t n) {
   for (; k + 16 <= n; k += 16) {
     __m512 v = _mm512_loadu_ps(y + k);
     if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + k));
-    if (!out) {
-      _mm512_storeu_ps(y + k, v);
-      continue;
-    }
-    const __m512i u = _mm512_castps_si512(v), odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    h = _mm512_mask_mov_epi32(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));  // NaN
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm512_cvtepi32_epi16(h));
+    if (out) scratchllm::store_bf16x16(out + k, v);
+    else _mm512_storeu_ps(y + k, v);
   }
 #endif
   for (; k < n; k++) {
