@@ -26,8 +26,10 @@ class PackedLinears:
     (scratchllm/native) closer still on some CPUs. One row takes whichever of the three a probe finds
     fastest (`one_row_kernel`), 2 to 8 rows (small batches, a draft's tokens checked) native's or the
     packed one (`few_rows_kernel`), more rows (prompts, batches) the packed one. The packed copies take
-    as much memory again as the linear weights. Where native builds, a decode step's RMSNorms,
-    attention and blocks take fused.py's forwards too. `refresh()` rebuilds them when a weight has changed
+    as much memory again as the linear weights. Where oneDNN cannot pack the dtype (bf16 on a CPU without
+    bf16 instructions) nothing is packed: one or a few rows take native's product or PyTorch's, more
+    rows PyTorch's. Where native builds, a decode step's RMSNorms, attention and blocks take fused.py's
+    forwards too. `refresh()` rebuilds them when a weight has changed
     (training between generations; found by the version counter, the storage and eight sampled
     values of each weight, so an edit in place that touches none of those is not seen: make a new
     Engine then); `installed()` routes the linear layers through them, for inference only.
@@ -44,22 +46,18 @@ class PackedLinears:
 
     @staticmethod
     def supported(model: nn.Module) -> bool:
-        """True when every linear weight is on the CPU, in fp32 or (with native support) bf16, and
-        PyTorch has oneDNN's prepacked linear; or, for a model with no plain linear layers left (int8
-        and int4 weights), when it is on the CPU and fused.py has a forward for some of its modules."""
+        """True when every linear weight is on the CPU, in fp32 or bf16, and oneDNN packs that dtype
+        here or native's product runs it on vector instructions; or, for a model with no plain linear
+        layers left (int8 and int4 weights), when it is on the CPU and fused.py has a forward for some of
+        its modules."""
         weights = [m.weight for m in model.modules() if type(m) is nn.Linear]
         if not weights:
             on_cpu = all(p.device.type == "cpu" for p in model.parameters())
             return on_cpu and native.available() and bool(fused_routes(model))
-        if not torch.backends.mkldnn.is_available() or not hasattr(
-            torch.ops.mkldnn, "_reorder_linear_weight"
-        ):
+        dtype = weights[0].dtype
+        if any(w.device.type != "cpu" or w.dtype != dtype for w in weights):
             return False
-        if any(w.device.type != "cpu" or w.dtype != weights[0].dtype for w in weights):
-            return False
-        if weights[0].dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return weights[0].dtype == torch.float32
+        return dtype in (torch.float32, torch.bfloat16) and (packs(dtype) or _native_rows(dtype))
 
     @torch.inference_mode()
     def refresh(self) -> bool:
@@ -78,10 +76,17 @@ class PackedLinears:
         key += tuple((id(p), p.data_ptr()) for p in self.model.parameters())
         if key != self._key:
             self._linears = linears
-            self._packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1) for m in linears]
             dtype = linears[0].weight.dtype if linears else None
+            packed = dtype is not None and packs(dtype)
+            self._packed = [
+                torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1) if packed else m.weight
+                for m in linears
+            ]
             one_row, few_rows = (one_row_kernel(dtype), few_rows_kernel(dtype)) if dtype else ("packed",) * 2
-            self._forwards = [_packed_forward(w, m, one_row, few_rows) for m, w in zip(linears, self._packed)]
+            many = "packed" if packed else "plain"
+            self._forwards = [
+                _packed_forward(w, m, one_row, few_rows, many) for m, w in zip(linears, self._packed)
+            ]
             # no plain linear layer left (int8, int4): the quantized layers' own kernels decide
             native_rows = not linears or (one_row == "native" and few_rows == "native")
             self._routes = fused_routes(self.model, native_rows) if native.available() else []
@@ -100,6 +105,21 @@ class PackedLinears:
         finally:
             for m, _ in routes:
                 m.__dict__.pop("forward", None)
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """oneDNN's prepacked linear runs `dtype` weights here (bf16 needs the CPU's bf16 instructions)."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+def _native_rows(dtype: torch.dtype) -> bool:
+    """scratchllm's few-rows product runs on this CPU's vector instructions for `dtype` weights."""
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
+    return name is not None and native.available() and native.instructions()[name] != "portable"
 
 
 _probe_lock = threading.Lock()
@@ -140,10 +160,11 @@ def _time_kernels(dtype: torch.dtype, threads: int, with_native: bool) -> tuple[
         weights = [torch.randn(1024, 1024, generator=g).to(dtype) for _ in range(count)]
         x1, x4 = torch.randn(1, 1024, generator=g).to(dtype), torch.randn(4, 1024, generator=g).to(dtype)
         candidates = {"plain": (torch.nn.functional.linear, weights)}
-        candidates["packed"] = (
-            lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
-            [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights],
-        )
+        if packs(dtype):
+            candidates["packed"] = (
+                lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+                [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights],
+            )
         if with_native:
             candidates["native"] = (lambda x, w: native.few_rows_linear(x, w, None), weights)
 
@@ -163,11 +184,12 @@ def _time_kernels(dtype: torch.dtype, threads: int, with_native: bool) -> tuple[
         fastest = min(times.values())
         margin = {"native": 1.2}
         one = next(n for n in ONE_ROW_KERNELS if times.get(n, float("inf")) <= margin.get(n, 1.1) * fastest)
-        few = "native" if one == "native" else "packed"
+        other = "packed" if "packed" in candidates else "plain"
+        few = "native" if one == "native" else other
         if with_native and one != "native":
-            one_pass("packed", x4)
-            native_time, packed_time = (min(one_pass(n, x4) for _ in range(3)) for n in ("native", "packed"))
-            few = "native" if native_time <= packed_time else "packed"
+            one_pass(other, x4)
+            native_time, other_time = (min(one_pass(n, x4) for _ in range(3)) for n in ("native", other))
+            few = "native" if native_time <= other_time else other
     return one, few
 
 
@@ -188,17 +210,23 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _packed_forward(
-    packed: torch.Tensor, linear: nn.Linear, one_row: str = "packed", few_rows: str = "packed"
+    packed: torch.Tensor,
+    linear: nn.Linear,
+    one_row: str = "packed",
+    few_rows: str = "packed",
+    many: str = "packed",
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """`linear`'s product on its `packed` weight; a single row takes the `one_row` kernel, 2 to
-    `FEW_ROWS` rows the `few_rows` one."""
+    `FEW_ROWS` rows the `few_rows` one, more the `many` one ("plain" where oneDNN cannot pack)."""
     weight, bias = linear.weight, linear.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        kernel = one_row if rows == 1 else few_rows if rows <= FEW_ROWS else "packed"
-        if kernel == "native" and x.is_contiguous() and x.dtype == weight.dtype:
-            return native.few_rows_linear(x, weight, bias)
+        kernel = one_row if rows == 1 else few_rows if rows <= FEW_ROWS else many
+        if kernel == "native":
+            if x.is_contiguous() and x.dtype == weight.dtype:
+                return native.few_rows_linear(x, weight, bias)
+            kernel = many
         if kernel == "plain":
             return torch.nn.functional.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

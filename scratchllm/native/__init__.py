@@ -13,7 +13,8 @@ an RMSNorm in one call instead of ten, `decode_attention` a new token's attentio
 cache write and the attention itself) in one instead of about twenty-five, and `gpt_layers` and
 `transformer_layers` all of a model's blocks for a step in one call instead of a dozen per block.
 
-The source is built once per CPU, PyTorch version and source text with `-march=native` into PyTorch's
+The source is built once per CPU, PyTorch version and source text with `-march=native` (or the
+`-march` in `SCRATCHLLM_NATIVE_ARCH`) into PyTorch's
 extension cache (`~/.cache/torch_extensions`, or `TORCH_EXTENSIONS_DIR`), which takes a C++ compiler and
 ninja. Without them, or with `SCRATCHLLM_NATIVE=0`, `available()` is False (`unavailable_reason()` says
 why) and callers keep PyTorch's kernels.
@@ -35,7 +36,9 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / "gemv.cpp", HERE / "decode.cpp", HERE / "layers.cpp"]  # and the header they share, bf16.h
 # OpenMP: at::parallel_for is inline, and splits work only where the including code has it; no
 # contraction into fused multiply-adds, so that elementwise steps round as PyTorch's do
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+#: The CPU the kernels are built for: this one unless set, e.g. to x86-64-v3 (AVX2) for an older one.
+ARCH_ENV = "SCRATCHLLM_NATIVE_ARCH"
+CFLAGS = ["-O3", f"-march={os.environ.get(ARCH_ENV) or 'native'}", "-fopenmp", "-ffp-contract=off"]
 #: The linear layers the layers calls take, by kind number: their 4 tensors (int8 and int4: one row only).
 LINEAR_KINDS = {
     0: "plain: weight, bias (few_rows_linear)",
@@ -224,9 +227,9 @@ def decode_attention(
 def instructions() -> dict[str, str]:
     """What each kernel runs on in this build, by weight type: {"fp32": "avx512", "bf16": "amx",
     "int8": "avx512vnni", "int4": "avx512bf16"} on a CPU with all of them ("amx": bf16 products on AMX
-    tiles where the weights' width is a multiple of 32, else "avx512bf16"), "portable" (the plain loops)
-    where one is missing. int4's fast path also needs groups of 64 columns or more. Call `available()`
-    first."""
+    tiles where the weights' width is a multiple of 32, else "avx512bf16"), "avx2" for each on a CPU with
+    AVX2 and FMA but no AVX-512, "portable" (the plain loops) where one is missing. int4's fast path also
+    needs groups of 64 columns or more. Call `available()` first."""
     return dict(item.split("=") for item in torch.ops.scratchllm.instructions().split())
 
 

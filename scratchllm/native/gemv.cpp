@@ -9,7 +9,9 @@
 // the kernels compute (the compiler vectorizes them for the CPU it builds on); with AVX-512 BF16, bf16
 // and int4 rows go through vdpbf16ps (32 bf16 products added into 16 fp32 sums in one instruction), and
 // with AVX-512 VNNI int8 rows through vpdpbusd (64 u8 x s8 products into 16 int32 sums). With AMX, bf16
-// products run on tiles of 16 weight rows, so that checking a few rows costs little more than one.
+// products run on tiles of 16 weight rows, so that checking a few rows costs little more than one. CPUs with
+// AVX2 and FMA but no AVX-512 take 256-bit versions of each: fp32 multiply-adds, bf16 weights widened in
+// registers, int8 through vpmaddwd on codes widened to 16 bits, int4 codes converted to fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,7 +27,10 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __AVX512F__
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define SCRATCHLLM_AVX2 1  // the 256-bit paths, for CPUs without AVX-512
+#endif
+#if defined(__AVX512F__) || defined(SCRATCHLLM_AVX2)
 #include <immintrin.h>
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -68,90 +73,178 @@ void rows_portable(const W* w, const float* x, float* y, int64_t K, int64_t n0, 
   }
 }
 
+#if defined(__AVX512F__) || defined(SCRATCHLLM_AVX2)
+// What the row kernel needs of a weight type on a vector width: columns per step (kCols), the type of x's
+// rows (X), loads of weights and of x (a tail: the `count` < kCols columns left, the rest zero), the product
+// added into fp32 sums (dot), a pair of sums added up (sum), how many rows of x one pass takes at most
+// (kMaxM) and how many weight rows for M rows of x (rows_per_pass).
 #ifdef __AVX512F__
-// What the AVX-512 row kernel needs of a weight type: columns per instruction, loads and the product.
 struct F32 {
   using T = float;
-  static constexpr int kCols = 16;
-  static __m512i load(const float* p) { return _mm512_castps_si512(_mm512_loadu_ps(p)); }
-  static __m512i load_tail(uint64_t mask, const float* p) {
-    return _mm512_castps_si512(_mm512_maskz_loadu_ps((__mmask16)mask, p));
+  using X = float;
+  using Acc = __m512;
+  using Raw = __m512i;
+  static constexpr int kCols = 16, kMaxM = 8;
+  static constexpr int rows_per_pass(int M) { return M <= 3 ? kRows : M <= 7 ? 2 : 1; }  // <= 28 of 32 registers
+  static Raw load_w(const float* p) { return _mm512_castps_si512(_mm512_loadu_ps(p)); }
+  static Raw load_x(const float* p) { return load_w(p); }
+  static Raw load_w_tail(int64_t count, const float* p) {
+    return _mm512_castps_si512(_mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), p));
   }
-  static __m512 dot(__m512 acc, __m512i x, __m512i w) {
+  static Raw load_x_tail(int64_t count, const float* p) { return load_w_tail(count, p); }
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static Acc dot(Acc acc, Raw x, Raw w) {
     return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
   }
+  static float sum(Acc a, Acc b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
 };
 
 #ifdef __AVX512BF16__
-struct BF16 {  // vdpbf16ps: 32 bf16 products added pairwise into 16 fp32 sums
+struct BF16 : F32 {  // vdpbf16ps: 32 bf16 products added pairwise into 16 fp32 sums
   using T = uint16_t;
+  using X = uint16_t;
   static constexpr int kCols = 32;
-  static __m512i load(const uint16_t* p) { return _mm512_loadu_si512(p); }
-  static __m512i load_tail(uint64_t mask, const uint16_t* p) { return _mm512_maskz_loadu_epi16((__mmask32)mask, p); }
-  static __m512 dot(__m512 acc, __m512i x, __m512i w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
+  static Raw load_w(const uint16_t* p) { return _mm512_loadu_si512(p); }
+  static Raw load_x(const uint16_t* p) { return load_w(p); }
+  static Raw load_w_tail(int64_t count, const uint16_t* p) {
+    return _mm512_maskz_loadu_epi16((__mmask32)((1ull << count) - 1), p);
+  }
+  static Raw load_x_tail(int64_t count, const uint16_t* p) { return load_w_tail(count, p); }
+  static Acc dot(Acc acc, Raw x, Raw w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
 };
 #endif
+#else
+// The eight fp32 lanes of a added up.
+inline float sum8(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 
-// Weight rows n..n + R times the M rows of x (M x K): y[j * N + n + i], each weight row read once for all M
-// (R and M constants, so the sums stay in registers). Two sums per pair alternate over the columns, 2RM chains
-// in flight, in an order that does not depend on M: a row of x gets the same result with or without others.
+struct F32 {
+  using T = float;
+  using X = float;
+  using Acc = __m256;
+  using Raw = __m256;
+  static constexpr int kCols = 8, kMaxM = 4;
+  static constexpr int rows_per_pass(int M) { return M == 1 ? kRows : M == 2 ? 2 : 1; }  // 16 registers
+  static __m256i first(int64_t count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static Raw load_w(const float* p) { return _mm256_loadu_ps(p); }
+  static Raw load_x(const float* p) { return _mm256_loadu_ps(p); }
+  static Raw load_w_tail(int64_t count, const float* p) { return _mm256_maskload_ps(p, first(count)); }
+  static Raw load_x_tail(int64_t count, const float* p) { return load_w_tail(count, p); }
+  static Acc zero() { return _mm256_setzero_ps(); }
+  static Acc dot(Acc acc, Raw x, Raw w) { return _mm256_fmadd_ps(x, w, acc); }
+  static float sum(Acc a, Acc b) { return sum8(_mm256_add_ps(a, b)); }
+};
+
+// bf16 weights, 16 columns a step: the even columns widened by a shift, the odd ones by a mask, times x
+// widened once beforehand and laid out to match (per 16 columns the 8 even ones, then the 8 odd ones;
+// `bf16_pairs_layout`), in fp32 fused multiply-adds.
+struct BF16 : F32 {
+  using T = uint16_t;
+  struct Raw {
+    __m256 even, odd;
+  };
+  static constexpr int kCols = 16;
+  static Raw load_w(const uint16_t* p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u))))};
+  }
+  static Raw load_x(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static Raw load_w_tail(int64_t count, const uint16_t* p) {
+    alignas(32) uint16_t padded[kCols] = {};
+    std::memcpy(padded, p, count * sizeof(uint16_t));
+    return load_w(padded);
+  }
+  static Raw load_x_tail(int64_t, const float* p) { return load_x(p); }  // x's layout pads with zeros
+  static Acc dot(Acc acc, Raw x, Raw w) { return _mm256_fmadd_ps(x.odd, w.odd, _mm256_fmadd_ps(x.even, w.even, acc)); }
+};
+
+// M rows of bf16 x (M x K) widened into `out` (M x ldx, ldx = K rounded up to 16), each 16 columns as
+// BF16's loads take them: the even ones, then the odd ones; zeros past K.
+int64_t bf16_pairs_layout(const uint16_t* x, int64_t M, int64_t K, std::vector<float>& out) {
+  const int64_t ldx = (K + 15) / 16 * 16;
+  out.assign(M * ldx, 0.0f);
+  for (int64_t j = 0; j < M; j++)
+    for (int64_t k = 0; k < K; k++) out[j * ldx + k / 16 * 16 + (k % 2) * 8 + k % 16 / 2] = to_float(x[j * K + k]);
+  return ldx;
+}
+#endif
+
+// Weight rows n..n + R times the M rows of x (M x K, rows ldx apart): y[j * N + n + i], each weight row read
+// once for all M (R and M constants, so the sums stay in registers). Two sums per pair alternate over the
+// columns, 2RM chains in flight, in an order that does not depend on M: a row of x gets the same result with
+// or without others.
 template <typename E, int R, int M>
-void rows_times_rows_block(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t N, int64_t n) {
+void rows_times_rows_block(const typename E::T* w, const typename E::X* x, float* y, int64_t K, int64_t ldx,
+                           int64_t N, int64_t n) {
   constexpr int C = E::kCols;
+  constexpr int kLines = int(2 * C * sizeof(typename E::T) / 64);  // cache lines of a row per step
   const int64_t full = K / C * C;
-  __m512 a[R][M][2];
+  typename E::Acc a[R][M][2];
   for (int i = 0; i < R; i++)
-    for (int j = 0; j < M; j++) a[i][j][0] = a[i][j][1] = _mm512_setzero_ps();
+    for (int j = 0; j < M; j++) a[i][j][0] = a[i][j][1] = E::zero();
   int64_t k = 0;
   for (; k + 2 * C <= full; k += 2 * C) {
     for (int i = 0; i < R; i++) {
       const typename E::T* r = w + (n + i) * K;
-      _mm_prefetch((const char*)(r + R * K + k), _MM_HINT_T0);  // the next block's rows, 128 bytes each
-      _mm_prefetch((const char*)(r + R * K + k) + 64, _MM_HINT_T0);
-      const __m512i w0 = E::load(r + k), w1 = E::load(r + k + C);
+      for (int line = 0; line < kLines; line++)  // the next block's rows
+        _mm_prefetch((const char*)(r + R * K + k) + 64 * line, _MM_HINT_T0);
+      const auto w0 = E::load_w(r + k), w1 = E::load_w(r + k + C);
       for (int j = 0; j < M; j++) {
-        a[i][j][0] = E::dot(a[i][j][0], E::load(x + j * K + k), w0);
-        a[i][j][1] = E::dot(a[i][j][1], E::load(x + j * K + k + C), w1);
+        a[i][j][0] = E::dot(a[i][j][0], E::load_x(x + j * ldx + k), w0);
+        a[i][j][1] = E::dot(a[i][j][1], E::load_x(x + j * ldx + k + C), w1);
       }
     }
   }
   for (int i = 0; i < R; i++) {
     const typename E::T* r = w + (n + i) * K;
     if (k < full) {
-      const __m512i w0 = E::load(r + k);
-      for (int j = 0; j < M; j++) a[i][j][0] = E::dot(a[i][j][0], E::load(x + j * K + k), w0);
+      const auto w0 = E::load_w(r + k);
+      for (int j = 0; j < M; j++) a[i][j][0] = E::dot(a[i][j][0], E::load_x(x + j * ldx + k), w0);
     }
     if (full < K) {
-      const uint64_t mask = (1ull << (K - full)) - 1;
-      const __m512i w0 = E::load_tail(mask, r + full);
-      for (int j = 0; j < M; j++) a[i][j][1] = E::dot(a[i][j][1], E::load_tail(mask, x + j * K + full), w0);
+      const auto w0 = E::load_w_tail(K - full, r + full);
+      for (int j = 0; j < M; j++) a[i][j][1] = E::dot(a[i][j][1], E::load_x_tail(K - full, x + j * ldx + full), w0);
     }
-    for (int j = 0; j < M; j++) y[j * N + n + i] = _mm512_reduce_add_ps(_mm512_add_ps(a[i][j][0], a[i][j][1]));
+    for (int j = 0; j < M; j++) y[j * N + n + i] = E::sum(a[i][j][0], a[i][j][1]);
   }
 }
 
+// Weight rows n..n + R times x's first A rows, then (B > 0) the same weight rows, now in the cache, times
+// the next B: more rows of x than the registers hold.
+template <typename E, int R, int A, int B>
+void rows_pass(const typename E::T* w, const typename E::X* x, float* y, int64_t K, int64_t ldx, int64_t N, int64_t n) {
+  rows_times_rows_block<E, R, A>(w, x, y, K, ldx, N, n);
+  if constexpr (B > 0) rows_times_rows_block<E, R, B>(w, x + A * ldx, y + A * N, K, ldx, N, n);
+}
+
 template <typename E, int M>
-void rows_times_rows_avx512(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t N,
-                            int64_t n0, int64_t n1) {
-  constexpr int R = M <= 3 ? kRows : M <= 7 ? 2 : 1;  // R x M x 2 sums in registers (at most 28 of 32)
+void rows_times_rows(const typename E::T* w, const typename E::X* x, float* y, int64_t K, int64_t ldx, int64_t N,
+                     int64_t n0, int64_t n1) {
+  constexpr int A = M < E::kMaxM ? M : E::kMaxM, B = M - A, R = E::rows_per_pass(A);
   int64_t n = n0;
-  for (; n + R <= n1; n += R) rows_times_rows_block<E, R, M>(w, x, y, K, N, n);
-  for (; n < n1; n++) rows_times_rows_block<E, 1, M>(w, x, y, K, N, n);
+  for (; n + R <= n1; n += R) rows_pass<E, R, A, B>(w, x, y, K, ldx, N, n);
+  for (; n < n1; n++) rows_pass<E, 1, A, B>(w, x, y, K, ldx, N, n);
 }
 
 // All M (1..kMaxRows) rows of x times weight rows n0..n1.
 template <typename E>
-void rows_avx512(const typename E::T* w, const typename E::T* x, float* y, int64_t K, int64_t N, int64_t M,
-                 int64_t n0, int64_t n1) {
+void rows_simd(const typename E::T* w, const typename E::X* x, float* y, int64_t K, int64_t ldx, int64_t N,
+               int64_t M, int64_t n0, int64_t n1) {
   switch (M) {
-    case 1: return rows_times_rows_avx512<E, 1>(w, x, y, K, N, n0, n1);
-    case 2: return rows_times_rows_avx512<E, 2>(w, x, y, K, N, n0, n1);
-    case 3: return rows_times_rows_avx512<E, 3>(w, x, y, K, N, n0, n1);
-    case 4: return rows_times_rows_avx512<E, 4>(w, x, y, K, N, n0, n1);
-    case 5: return rows_times_rows_avx512<E, 5>(w, x, y, K, N, n0, n1);
-    case 6: return rows_times_rows_avx512<E, 6>(w, x, y, K, N, n0, n1);
-    case 7: return rows_times_rows_avx512<E, 7>(w, x, y, K, N, n0, n1);
-    default: return rows_times_rows_avx512<E, 8>(w, x, y, K, N, n0, n1);
+    case 1: return rows_times_rows<E, 1>(w, x, y, K, ldx, N, n0, n1);
+    case 2: return rows_times_rows<E, 2>(w, x, y, K, ldx, N, n0, n1);
+    case 3: return rows_times_rows<E, 3>(w, x, y, K, ldx, N, n0, n1);
+    case 4: return rows_times_rows<E, 4>(w, x, y, K, ldx, N, n0, n1);
+    case 5: return rows_times_rows<E, 5>(w, x, y, K, ldx, N, n0, n1);
+    case 6: return rows_times_rows<E, 6>(w, x, y, K, ldx, N, n0, n1);
+    case 7: return rows_times_rows<E, 7>(w, x, y, K, ldx, N, n0, n1);
+    default: return rows_times_rows<E, 8>(w, x, y, K, ldx, N, n0, n1);
   }
 }
 #endif
@@ -214,7 +307,7 @@ void rows_amx(const uint16_t* w, const uint16_t* x, float* y, int64_t K, int64_t
     for (int64_t t = t0; t < t1; t++) tile_rows_amx(w, pairs.data(), y, K, N, M, t * kTile);
     _tile_release();
   });
-  rows_avx512<BF16>(w, x, y, K, N, M, tiles * kTile, N);
+  rows_simd<BF16>(w, x, y, K, K, N, M, tiles * kTile, N);
 }
 #endif
 
@@ -310,6 +403,38 @@ void rows_int8_vnni(const int8_t* w, const uint8_t* xq, int32_t* sums, int64_t K
 }
 #endif
 
+#ifdef SCRATCHLLM_AVX2
+// The same with vpmaddwd: the codes widened to int16 beforehand (`x16`), 16 weights at a time widened too,
+// pairs of products summed into 8 int32 lanes, exactly (vpmaddubsw would overflow 16 bits on 8-bit codes).
+void rows_int8_avx2(const int8_t* w, const int16_t* x16, int32_t* sums, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t full = K / 32 * 32;
+  int64_t n = n0;
+  for (; n < n1; n += kRows) {
+    const int rows = int(std::min<int64_t>(kRows, n1 - n));
+    const int8_t* r[kRows];
+    __m256i a[kRows];
+    for (int i = 0; i < kRows; i++) r[i] = w + (n + std::min(i, rows - 1)) * K, a[i] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < full; k += 32) {
+      const __m256i x0 = _mm256_loadu_si256((const __m256i*)(x16 + k));
+      const __m256i x1 = _mm256_loadu_si256((const __m256i*)(x16 + k + 16));
+      for (int i = 0; i < kRows; i++) {
+        _mm_prefetch((const char*)(r[i] + kRows * K + k), _MM_HINT_T0);  // the next block's rows
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r[i] + k)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r[i] + k + 16)));
+        a[i] = _mm256_add_epi32(a[i], _mm256_add_epi32(_mm256_madd_epi16(x0, w0), _mm256_madd_epi16(x1, w1)));
+      }
+    }
+    for (int i = 0; i < rows; i++) {
+      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a[i]), _mm256_extracti128_si256(a[i], 1));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+      int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+      for (int64_t k = full; k < K; k++) total += int32_t(x16[k]) * int32_t(r[i][k]);
+      sums[n + i] = total;
+    }
+  }
+}
+#endif
+
 // ---- int4 weights: two 4-bit codes per byte (column 2j in the low half, 2j + 1 in the high half) and,
 // per group of columns, a bf16 step and zero: w = zero + (q - 8) * step. bf16 activations. ----
 
@@ -375,6 +500,48 @@ void rows_int4_avx512bf16(const uint8_t* w, const uint16_t* step, const uint16_t
   int64_t n = n0;
   for (; n + kRows <= n1; n += kRows) int4_block_avx512bf16<kRows>(w, step, zero, xe, xo, xsum, y, K, G, n);
   for (; n < n1; n++) int4_block_avx512bf16<1>(w, step, zero, xe, xo, xsum, y, K, G, n);
+}
+#endif
+
+#ifdef SCRATCHLLM_AVX2
+// The same on 256-bit vectors: 8 bytes of codes widened to int32 lanes, the low and high halves converted
+// to fp32 and multiplied into the even and odd columns of x (fp32 here) with separate sums, 2R chains in
+// flight; step * sum q x + (zero - 8 step) xsum per group. Groups of 16+ columns. R rows from row n on.
+template <int R>
+void int4_block_avx2(const uint8_t* w, const uint16_t* step, const uint16_t* zero, const float* xe, const float* xo,
+                     const float* xsum, float* y, int64_t K, int64_t G, int64_t n) {
+  const int64_t groups = K / G, half = G / 2;
+  const __m256i low4 = _mm256_set1_epi32(15);
+  __m256 total[R];
+  float rest[R];
+  for (int i = 0; i < R; i++) total[i] = _mm256_setzero_ps(), rest[i] = 0;
+  for (int64_t g = 0; g < groups; g++) {
+    __m256 de[R], dodd[R];
+    for (int i = 0; i < R; i++) de[i] = dodd[i] = _mm256_setzero_ps();
+    for (int64_t j = g * half; j < (g + 1) * half; j += 8) {
+      const __m256 even = _mm256_loadu_ps(xe + j), odd = _mm256_loadu_ps(xo + j);
+      for (int i = 0; i < R; i++) {
+        const uint8_t* bytes = w + (n + i) * (K / 2) + j;
+        if (j % 64 == 0) _mm_prefetch((const char*)bytes + 2 * R * (K / 2), _MM_HINT_T0);  // two blocks on
+        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)bytes));
+        de[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low4)), even, de[i]);
+        dodd[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), odd, dodd[i]);
+      }
+    }
+    for (int i = 0; i < R; i++) {
+      const float st = to_float(step[(n + i) * groups + g]), ze = to_float(zero[(n + i) * groups + g]);
+      total[i] = _mm256_fmadd_ps(_mm256_set1_ps(st), _mm256_add_ps(de[i], dodd[i]), total[i]);
+      rest[i] += (ze - 8 * st) * xsum[g];
+    }
+  }
+  for (int i = 0; i < R; i++) y[n + i] = sum8(total[i]) + rest[i];
+}
+
+void rows_int4_avx2(const uint8_t* w, const uint16_t* step, const uint16_t* zero, const float* xe, const float* xo,
+                    const float* xsum, float* y, int64_t K, int64_t G, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kRows <= n1; n += kRows) int4_block_avx2<kRows>(w, step, zero, xe, xo, xsum, y, K, G, n);
+  for (; n < n1; n++) int4_block_avx2<1>(w, step, zero, xe, xo, xsum, y, K, G, n);
 }
 #endif
 
@@ -447,8 +614,8 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const 
   float* y = sums.data_ptr<float>();
   if (weight.scalar_type() == at::kFloat) {
     const float *w = weight.data_ptr<float>(), *xs = x.data_ptr<float>();
-#ifdef __AVX512F__
-    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_avx512<F32>(w, xs, y, K, N, M, n0, n1); });
+#if defined(__AVX512F__) || defined(SCRATCHLLM_AVX2)
+    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_simd<F32>(w, xs, y, K, K, N, M, n0, n1); });
 #else
     portable = true;
 #endif
@@ -464,8 +631,12 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const 
       return finish(sums, bias, sizes, true);
     }
 #endif
-#ifdef __AVX512BF16__
-    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_avx512<BF16>(w, xs, y, K, N, M, n0, n1); });
+#if defined(__AVX512BF16__)
+    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_simd<BF16>(w, xs, y, K, K, N, M, n0, n1); });
+#elif defined(SCRATCHLLM_AVX2)
+    std::vector<float> xp;
+    const int64_t ldx = portable ? 0 : bf16_pairs_layout(xs, M, K, xp);
+    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_simd<BF16>(w, xp.data(), y, K, ldx, N, M, n0, n1); });
 #else
     portable = true;
 #endif
@@ -508,8 +679,11 @@ at::Tensor int8_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
   auto sums = at::empty({N}, x.options().dtype(at::kInt));
   int32_t* sp = sums.data_ptr<int32_t>();
   const auto* w = qweight.data_ptr<int8_t>();
-#ifdef __AVX512VNNI__
+#if defined(__AVX512VNNI__)
   if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_int8_vnni(w, xq.data(), sp, K, n0, n1); });
+#elif defined(SCRATCHLLM_AVX2)
+  const std::vector<int16_t> x16(xq.begin(), xq.end());
+  if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_int8_avx2(w, x16.data(), sp, K, n0, n1); });
 #else
   portable = true;
 #endif
@@ -557,9 +731,16 @@ at::Tensor int4_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
   {
     std::vector<float> xe(K / 2), xo(K / 2);
     for (int64_t j = 0; j < K / 2; j++) xe[j] = to_float(xs[2 * j]), xo[j] = to_float(xs[2 * j + 1]);
-    over_rows(N, [&](int64_t n0, int64_t n1) {
-      rows_int4_portable(w, st, ze, xe.data(), xo.data(), xsum.data(), y, K, G, n0, n1);
-    });
+#ifdef SCRATCHLLM_AVX2
+    if (!portable && (G / 2) % 8 == 0)
+      over_rows(N, [&](int64_t n0, int64_t n1) {
+        rows_int4_avx2(w, st, ze, xe.data(), xo.data(), xsum.data(), y, K, G, n0, n1);
+      });
+    else
+#endif
+      over_rows(N, [&](int64_t n0, int64_t n1) {
+        rows_int4_portable(w, st, ze, xe.data(), xo.data(), xsum.data(), y, K, G, n0, n1);
+      });
   }
   auto sizes = x.sizes().vec();
   sizes.back() = N;
@@ -570,6 +751,9 @@ at::Tensor int4_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
 // int4=avx512bf16" ("portable": the portable loops; int4's fast path needs groups of 64 columns or more).
 std::string instructions() {
   std::string fp32 = "portable", bf16 = "portable", int8 = "portable";
+#ifdef SCRATCHLLM_AVX2
+  fp32 = bf16 = int8 = "avx2";
+#endif
 #ifdef __AVX512F__
   fp32 = "avx512";
 #endif
