@@ -61,7 +61,7 @@ def candidates(dtype: str, shapes: list[tuple[int, int]]) -> tuple[int, dict[str
             )
         }
         if native.available():
-            native_int8 = lambda x, q: native.int8_one_row_linear(x, q.qweight, q.scale, q._row_sums, None)  # noqa: E731
+            native_int8 = lambda x, q: native.int8_rows_linear(x, q.qweight, q.scale, q._row_sums, None)  # noqa: E731
             found["native"] = (native_int8, layers)
         return sum(q.qweight.numel() for q in layers), found
     layers = [Int4Linear(torch.nn.Linear(k, n, bias=False)) for n, k in shapes]

@@ -154,7 +154,7 @@ def stubbed(matmuls: bool, attention: bool) -> Iterator[None]:
             (F, "linear", lambda x, w, *a, **k: zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype)),
             (
                 native,
-                "int8_one_row_linear",
+                "int8_rows_linear",
                 lambda x, w, *a, **k: zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype),
             ),
             (

@@ -76,7 +76,7 @@ def quantized_forward(layer: Int8Linear | Int4Linear) -> Callable[[torch.Tensor]
 
         def int8(x: torch.Tensor) -> torch.Tensor:
             if x.numel() == width and x.dtype in _TYPES and x.is_contiguous():
-                return native.int8_one_row_linear(x, weight, scale, sums, bias)
+                return native.int8_rows_linear(x, weight, scale, sums, bias)
             return default(x)
 
         return int8

@@ -25,15 +25,15 @@ class PackedLinears:
     one `torch.compile`'s freezing picks) comes closer (benchmarks/RESULTS.md), and scratchllm's own
     (scratchllm/native) closer still on some CPUs. One row takes whichever of the three a probe finds
     fastest (`one_row_kernel`), 2 to 8 rows (small batches, a draft's tokens checked) native's or the
-    packed one (`few_rows_kernel`), more rows (prompts, batches) the packed one. The packed copies take
-    as much memory again as the linear weights. Where oneDNN cannot pack the dtype (bf16 on a CPU without
-    bf16 instructions) nothing is packed: one or a few rows take native's product or PyTorch's, more
-    rows PyTorch's. Where native builds, a decode step's RMSNorms, attention and blocks take fused.py's
-    forwards too. `refresh()` rebuilds them when a weight has changed
-    (training between generations; found by the version counter, the storage and eight sampled
-    values of each weight, so an edit in place that touches none of those is not seen: make a new
-    Engine then); `installed()` routes the linear layers through them, for inference only.
-    Subclasses of `nn.Linear` (LoRA layers) keep their own forward.
+    packed one (`few_rows_kernel`), more rows (prompts, batches) the packed one. The packed copies take as
+    much memory again as the linear weights. Where oneDNN cannot pack the dtype (bf16 on a CPU without
+    bf16 instructions) nothing is packed, and more rows take the few rows' kernel (native's reads the
+    weights once per 8 rows there, several times faster than PyTorch's bf16 product on such CPUs). Where
+    native builds, a decode step's RMSNorms, attention and blocks take fused.py's forwards too.
+    `refresh()` rebuilds them when a weight has changed (training between generations; found by the
+    version counter, the storage and eight sampled values of each weight, so an edit in place that touches
+    none of those is not seen: make a new Engine then); `installed()` routes the linear layers through
+    them, for inference only. Subclasses of `nn.Linear` (LoRA layers) keep their own forward.
     """
 
     def __init__(self, model: nn.Module):
@@ -83,7 +83,7 @@ class PackedLinears:
                 for m in linears
             ]
             one_row, few_rows = (one_row_kernel(dtype), few_rows_kernel(dtype)) if dtype else ("packed",) * 2
-            many = "packed" if packed else "plain"
+            many = "packed" if packed else "native" if few_rows == "native" else "plain"
             self._forwards = [
                 _packed_forward(w, m, one_row, few_rows, many) for m, w in zip(linears, self._packed)
             ]
@@ -217,16 +217,17 @@ def _packed_forward(
     many: str = "packed",
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """`linear`'s product on its `packed` weight; a single row takes the `one_row` kernel, 2 to
-    `FEW_ROWS` rows the `few_rows` one, more the `many` one ("plain" where oneDNN cannot pack)."""
+    `FEW_ROWS` rows the `few_rows` one, more the `many` one (where oneDNN cannot pack, "native" or
+    "plain")."""
     weight, bias = linear.weight, linear.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         kernel = one_row if rows == 1 else few_rows if rows <= FEW_ROWS else many
         if kernel == "native":
-            if x.is_contiguous() and x.dtype == weight.dtype:
-                return native.few_rows_linear(x, weight, bias)
-            kernel = many
+            if x.dtype == weight.dtype:
+                return native.few_rows_linear(x.contiguous(), weight, bias)
+            kernel = "plain" if many == "native" else many
         if kernel == "plain":
             return torch.nn.functional.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

@@ -14,14 +14,15 @@ runs in integers, as CPUs' int8 dot-product instructions (AVX-512 VNNI, AMX) do 
 quantized on the fly too, each token's row to 8 bits over its own range (dynamic quantization:
 min(row, 0)..max(row, 0) onto codes 0..255 with one step and one zero point per row, so that one
 token's outlier does not coarsen the others), and the int32 sums are scaled back to floating point.
-`F.linear(kernel_input(x), weight_fp32(), bias)` states the numbers. One row (decoding one sequence)
-runs on scratchllm's own kernel (scratchllm/native) where it uses AVX-512 VNNI's u8 x s8 dot products
-or where PyTorch has no FBGEMM, and elsewhere on FBGEMM's packed weights (`quantized::linear_dynamic`,
-the kernel of PyTorch's `quantize_dynamic`); several rows (a prompt, a batch) on one int8 x int8
-product (`torch._int_mm`, oneDNN) with each row's zero point taken out afterwards; all sum the same
-integers (without any, a plain fp32 product computes the stated numbers). Where FBGEMM runs on an x86
-CPU without VNNI the activations get 7 bits (`reduce_range`): its older instructions would overflow
-16-bit sums of 8-bit products.
+`F.linear(kernel_input(x), weight_fp32(), bias)` states the numbers. One row (decoding one sequence) runs
+on scratchllm's own kernel (scratchllm/native) where it has vector instructions for it (AVX-512 VNNI's u8
+x s8 dot products, or AVX2) or where PyTorch has no FBGEMM, and elsewhere on FBGEMM's packed weights
+(`quantized::linear_dynamic`, the kernel of PyTorch's `quantize_dynamic`); several rows (a prompt, a
+batch) on one int8 x int8 product (`torch._int_mm`, oneDNN) with each row's zero point taken out
+afterwards; all sum the same integers (without any, a plain fp32 product computes the stated numbers).
+Where FBGEMM runs on an x86 CPU without VNNI the activations get 7 bits (`reduce_range`): its older
+instructions would overflow 16-bit sums of 8-bit products. oneDNN's int8 product is slow without VNNI, so
+there several rows take scratchllm's kernel too (with AVX2 it reads each weight once per 8 rows).
 
 **int4** (`Int4Linear`): group-wise affine quantization stores each run of `group_size` consecutive
 input weights of an output row as 4-bit integers q in 0..15 plus two numbers for the group, a step and
@@ -228,9 +229,11 @@ class Int8Linear(QuantizedLinear):
         self._packed = _fbgemm_pack(q, scale, self.bias) if fbgemm else None
         # FBGEMM on x86 without VNNI sums pairs of u8 x s8 products in 16 bits, which 8-bit inputs overflow
         self.reduce_range = self._packed is not None and not _has_vnni()
+        # several rows too: oneDNN's int8 product is slow without VNNI
+        self._native_rows = _native_kernel("int8") and not _has_vnni()
 
     def weight_fp32(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale[:, None]
+        return self.qweight * self.scale[:, None]  # one pass: a separate .float() copies slowly
 
     def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
         return quantize_activations(x, self.reduce_range).float()
@@ -242,9 +245,11 @@ class Int8Linear(QuantizedLinear):
         # one sequence: scratchllm's kernel or FBGEMM's (torch.compile traces neither)
         one_row = len(rows) == 1 and not torch.compiler.is_compiling()
         if one_row and self._native:
-            y = native.int8_one_row_linear(rows, self.qweight, self.scale, self._row_sums, self.bias)
+            y = native.int8_rows_linear(rows, self.qweight, self.scale, self._row_sums, self.bias)
         elif one_row and self._packed is not None:
             y = torch.ops.quantized.linear_dynamic(rows.float(), self._packed, self.reduce_range)
+        elif self._native_rows and not torch.compiler.is_compiling():
+            y = native.int8_rows_linear(rows, self.qweight, self.scale, self._row_sums, self.bias)
         elif hasattr(torch, "_int_mm"):
             y = self._several_rows(rows, x.dtype)
         else:

@@ -6,7 +6,7 @@ weights stream from memory, and PyTorch's own one-row kernels read bf16, int8 an
 below that speed (benchmarks/RESULTS.md). These do the product the plain way: four weight rows per
 pass over the input while the next four are prefetched, the rows split between PyTorch's threads, on
 the instructions made for each weight type where the CPU has them (`instructions()`):
-`few_rows_linear` for fp32 and bf16 weights (one row, or up to 8), `int8_one_row_linear` and
+`few_rows_linear` for fp32 and bf16 weights (one row, or up to 8), `int8_rows_linear` and
 `int4_one_row_linear` for the layers of model/quantize.py. The rest of a decode step is little
 arithmetic in many small eager operations, each costing more to call than to compute: `rms_norm` does
 an RMSNorm in one call instead of ten, `decode_attention` a new token's attention (QK-norm, RoPE, the
@@ -42,7 +42,7 @@ CFLAGS = ["-O3", f"-march={os.environ.get(ARCH_ENV) or 'native'}", "-fopenmp", "
 #: The linear layers the layers calls take, by kind number: their 4 tensors (int8 and int4: one row only).
 LINEAR_KINDS = {
     0: "plain: weight, bias (few_rows_linear)",
-    1: "int8: codes, scale, row sums, bias (int8_one_row_linear)",
+    1: "int8: codes, scale, row sums, bias (int8_rows_linear)",
     2: "int4: codes, step, zero, none; a group size (int4_one_row_linear)",
 }
 #: Set to 0 to keep PyTorch's kernels (comparisons, or a machine whose compiler misbehaves).
@@ -65,14 +65,14 @@ def unavailable_reason() -> str | None:
 def few_rows_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, portable: bool = False
 ) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for an `x` holding 1 to 8 contiguous rows, fp32 or bf16 like
-    `weight` (contiguous, CPU), summed in fp32; each weight row is read once for all of them, and each
-    row's result is bitwise the one it gets alone. `portable`: the plain loops even where the CPU has
+    """`F.linear(x, weight, bias)` for an `x` holding contiguous rows, fp32 or bf16 like `weight` (contiguous,
+    CPU), summed in fp32; each weight row is read once for up to 8 of them (more rows take passes of 8), and
+    each row's result is bitwise the one it gets alone. `portable`: the plain loops even where the CPU has
     faster instructions (`instructions()`). Call `available()` first."""
     return torch.ops.scratchllm.few_rows_linear(x, weight, bias, portable)
 
 
-def int8_one_row_linear(
+def int8_rows_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scale: torch.Tensor,
@@ -81,11 +81,13 @@ def int8_one_row_linear(
     reduce_range: bool = False,
     portable: bool = False,
 ) -> torch.Tensor:
-    """`Int8Linear`'s product (model/quantize.py) for an `x` holding one row: the row quantized to 8-bit
-    codes as `quantize_activations` does, exact int32 sums against the int8 weights `qweight` (N, K)
-    (`row_sums`: each weight row's sum, int32), scaled by the row's step and `scale` (one per output),
-    plus `bias`. The result in bf16 for a bf16 `x`, else fp32. Call `available()` first."""
-    return torch.ops.scratchllm.int8_one_row_linear(x, qweight, scale, row_sums, bias, reduce_range, portable)
+    """`Int8Linear`'s product (model/quantize.py) for an `x` holding one or more rows: each row quantized
+    to 8-bit codes as `quantize_activations` does, exact int32 sums against the int8 weights `qweight`
+    (N, K) (`row_sums`: each weight row's sum, int32), scaled by the row's step and `scale` (one per
+    output), plus `bias`; each row's result is the one it gets alone. The result in bf16 for a bf16 `x`,
+    else fp32. Several rows read each weight once per 8 rows with AVX2, once per row otherwise (where
+    oneDNN's int8 product is the one for several). Call `available()` first."""
+    return torch.ops.scratchllm.int8_rows_linear(x, qweight, scale, row_sums, bias, reduce_range, portable)
 
 
 def int4_one_row_linear(

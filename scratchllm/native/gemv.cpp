@@ -43,7 +43,7 @@ namespace {
 
 constexpr int64_t kRows = 4;     // weight rows per pass over x
 constexpr int64_t kGrain = 16;   // passes per thread task at least (64 rows)
-constexpr int64_t kMaxRows = 8;  // rows of x that few_rows_linear takes
+constexpr int64_t kMaxRows = 8;  // rows of x that one pass of few_rows_linear takes
 
 using scratchllm::to_bf16;
 using scratchllm::to_float;
@@ -404,33 +404,61 @@ void rows_int8_vnni(const int8_t* w, const uint8_t* xq, int32_t* sums, int64_t K
 #endif
 
 #ifdef SCRATCHLLM_AVX2
-// The same with vpmaddwd: the codes widened to int16 beforehand (`x16`), 16 weights at a time widened too,
-// pairs of products summed into 8 int32 lanes, exactly (vpmaddubsw would overflow 16 bits on 8-bit codes).
-void rows_int8_avx2(const int8_t* w, const int16_t* x16, int32_t* sums, int64_t K, int64_t n0, int64_t n1) {
+// The same with vpmaddwd for M rows of codes at once (M x K, widened to int16 beforehand: `x16`): each
+// weight row's 32 int8 widened once per step and multiplied into every row's codes, pairs of products summed
+// into 8 int32 lanes, exactly (vpmaddubsw would overflow 16 bits on 8-bit codes). R weight rows from n on;
+// sums[j * N + n + i].
+template <int R, int M>
+void int8_block_avx2(const int8_t* w, const int16_t* x16, int32_t* sums, int64_t K, int64_t N, int64_t n) {
   const int64_t full = K / 32 * 32;
-  int64_t n = n0;
-  for (; n < n1; n += kRows) {
-    const int rows = int(std::min<int64_t>(kRows, n1 - n));
-    const int8_t* r[kRows];
-    __m256i a[kRows];
-    for (int i = 0; i < kRows; i++) r[i] = w + (n + std::min(i, rows - 1)) * K, a[i] = _mm256_setzero_si256();
-    for (int64_t k = 0; k < full; k += 32) {
-      const __m256i x0 = _mm256_loadu_si256((const __m256i*)(x16 + k));
-      const __m256i x1 = _mm256_loadu_si256((const __m256i*)(x16 + k + 16));
-      for (int i = 0; i < kRows; i++) {
-        _mm_prefetch((const char*)(r[i] + kRows * K + k), _MM_HINT_T0);  // the next block's rows
-        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r[i] + k)));
-        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r[i] + k + 16)));
-        a[i] = _mm256_add_epi32(a[i], _mm256_add_epi32(_mm256_madd_epi16(x0, w0), _mm256_madd_epi16(x1, w1)));
+  __m256i a[R][M];
+  for (int i = 0; i < R; i++)
+    for (int j = 0; j < M; j++) a[i][j] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < full; k += 32) {
+    for (int i = 0; i < R; i++) {
+      const int8_t* r = w + (n + i) * K;
+      _mm_prefetch((const char*)(r + kRows * K + k), _MM_HINT_T0);  // four rows on
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r + k)));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r + k + 16)));
+      for (int j = 0; j < M; j++) {
+        const int16_t* x = x16 + j * K + k;
+        const __m256i p0 = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)x), w0);
+        const __m256i p1 = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x + 16)), w1);
+        a[i][j] = _mm256_add_epi32(a[i][j], _mm256_add_epi32(p0, p1));
       }
     }
-    for (int i = 0; i < rows; i++) {
-      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a[i]), _mm256_extracti128_si256(a[i], 1));
+  }
+  for (int i = 0; i < R; i++)
+    for (int j = 0; j < M; j++) {
+      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a[i][j]), _mm256_extracti128_si256(a[i][j], 1));
       s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
       int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
-      for (int64_t k = full; k < K; k++) total += int32_t(x16[k]) * int32_t(r[i][k]);
-      sums[n + i] = total;
+      for (int64_t k = full; k < K; k++) total += int32_t(x16[j * K + k]) * int32_t(w[(n + i) * K + k]);
+      sums[j * N + n + i] = total;
     }
+}
+
+template <int M>
+void int8_rows_avx2(const int8_t* w, const int16_t* x16, int32_t* sums, int64_t K, int64_t N, int64_t n0,
+                    int64_t n1) {
+  constexpr int R = M == 1 ? kRows : M == 2 ? 2 : 1;  // R x M sums in registers
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int8_block_avx2<R, M>(w, x16, sums, K, N, n);
+  for (; n < n1; n++) int8_block_avx2<1, M>(w, x16, sums, K, N, n);
+}
+
+// M (1..kMaxRows) rows of codes times weight rows n0..n1.
+void rows_int8_avx2(const int8_t* w, const int16_t* x16, int32_t* sums, int64_t K, int64_t N, int64_t M, int64_t n0,
+                    int64_t n1) {
+  switch (M) {
+    case 1: return int8_rows_avx2<1>(w, x16, sums, K, N, n0, n1);
+    case 2: return int8_rows_avx2<2>(w, x16, sums, K, N, n0, n1);
+    case 3: return int8_rows_avx2<3>(w, x16, sums, K, N, n0, n1);
+    case 4: return int8_rows_avx2<4>(w, x16, sums, K, N, n0, n1);
+    case 5: return int8_rows_avx2<5>(w, x16, sums, K, N, n0, n1);
+    case 6: return int8_rows_avx2<6>(w, x16, sums, K, N, n0, n1);
+    case 7: return int8_rows_avx2<7>(w, x16, sums, K, N, n0, n1);
+    default: return int8_rows_avx2<8>(w, x16, sums, K, N, n0, n1);
   }
 }
 #endif
@@ -549,9 +577,9 @@ void check(const at::Tensor& x, const at::Tensor& weight, const std::optional<at
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.device().is_cpu(),
               "few_rows_linear: the weight must be a contiguous 2-d CPU tensor");
   const int64_t K = weight.size(1);
-  TORCH_CHECK(K > 0 && x.numel() % K == 0 && x.numel() / K >= 1 && x.numel() / K <= kMaxRows && x.is_contiguous() &&
+  TORCH_CHECK(K > 0 && x.numel() % K == 0 && x.numel() / K >= 1 && x.is_contiguous() &&
                   x.scalar_type() == weight.scalar_type(),
-              "few_rows_linear: x must be 1 to 8 contiguous rows of the weight's width and dtype");
+              "few_rows_linear: x must be contiguous rows of the weight's width and dtype");
   TORCH_CHECK(!bias || (bias->numel() == weight.size(0) && bias->is_contiguous()),
               "few_rows_linear: the bias must be contiguous, one value per output");
 }
@@ -601,7 +629,8 @@ void over_rows(int64_t N, F rows) {
 
 }  // namespace
 
-// x (..., K) holding M <= kMaxRows rows (decoding one or a few sequences, checking a draft's tokens), weight
+// x (..., K) holding M rows (decoding one or a few sequences, checking a draft's tokens; more rows, as a
+// prompt on a CPU where oneDNN has no bf16, in passes of kMaxRows, each reading the weights once), weight
 // (N, K), bias (N) or none; fp32 or bf16 throughout. Returns (..., N). Each row's result is the one it gets
 // alone. `portable`: the portable loops even where the CPU has faster instructions (tests, comparisons).
 at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -615,7 +644,10 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const 
   if (weight.scalar_type() == at::kFloat) {
     const float *w = weight.data_ptr<float>(), *xs = x.data_ptr<float>();
 #if defined(__AVX512F__) || defined(SCRATCHLLM_AVX2)
-    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_simd<F32>(w, xs, y, K, K, N, M, n0, n1); });
+    for (int64_t j = 0, m; !portable && j < M; j += m) {  // passes of up to kMaxRows rows
+      m = std::min(kMaxRows, M - j);
+      over_rows(N, [&](int64_t n0, int64_t n1) { rows_simd<F32>(w, xs + j * K, y + j * N, K, K, N, m, n0, n1); });
+    }
 #else
     portable = true;
 #endif
@@ -627,18 +659,28 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const 
     const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
 #ifdef SCRATCHLLM_AMX
     if (!portable && K % kTileK == 0 && amx_ready()) {
-      rows_amx(w, xs, y, K, N, M);
+      for (int64_t j = 0, m; j < M; j += m) {
+        m = std::min(kMaxRows, M - j);
+        rows_amx(w, xs + j * K, y + j * N, K, N, m);
+      }
       return finish(sums, bias, sizes, true);
     }
 #endif
 #if defined(__AVX512BF16__)
-    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_simd<BF16>(w, xs, y, K, K, N, M, n0, n1); });
+    const uint16_t* xp = xs;
+    const int64_t ldx = K;
 #elif defined(SCRATCHLLM_AVX2)
-    std::vector<float> xp;
-    const int64_t ldx = portable ? 0 : bf16_pairs_layout(xs, M, K, xp);
-    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_simd<BF16>(w, xp.data(), y, K, ldx, N, M, n0, n1); });
+    std::vector<float> widened;
+    const int64_t ldx = portable ? 0 : bf16_pairs_layout(xs, M, K, widened);
+    const float* xp = widened.data();
 #else
     portable = true;
+#endif
+#if defined(__AVX512BF16__) || defined(SCRATCHLLM_AVX2)
+    for (int64_t j = 0, m; !portable && j < M; j += m) {
+      m = std::min(kMaxRows, M - j);
+      over_rows(N, [&](int64_t n0, int64_t n1) { rows_simd<BF16>(w, xp + j * ldx, y + j * N, K, ldx, N, m, n0, n1); });
+    }
 #endif
     std::vector<float> xf(portable ? K : 0);
     for (int64_t j = 0; portable && j < M; j++) {
@@ -650,52 +692,70 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const 
 }
 
 
-// Int8Linear's product for x (..., K) holding one row: the row quantized to 8 bits (codes 0..255 with
-// `reduce_range` false, else 0..127), summed exactly in int32 against the int8 weights (N, K), the zero
-// point taken out with each weight row's sum (`row_sums`), then scaled by the row's and each weight
-// row's step (`scale`, fp32) and the bias added. Returns (..., N) in bf16 for a bf16 x, else fp32.
-at::Tensor int8_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                               const at::Tensor& row_sums, const std::optional<at::Tensor>& bias, bool reduce_range,
-                               bool portable) {
+// Int8Linear's product for x (..., K) holding M rows: each row quantized to 8 bits over its own range (codes
+// 0..255 with `reduce_range` false, else 0..127), summed exactly in int32 against the int8 weights (N, K),
+// the zero point taken out with each weight row's sum (`row_sums`), then scaled by the row's and each
+// weight row's step (`scale`, fp32) and the bias added: each row's result is the one it gets alone. Returns
+// (..., N) in bf16 for a bf16 x, else fp32. With AVX2 each weight is read once for up to 8 rows; VNNI and
+// the portable loops take the rows one by one (oneDNN's int8 product is the fast one for several there).
+at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                            const at::Tensor& row_sums, const std::optional<at::Tensor>& bias, bool reduce_range,
+                            bool portable) {
   TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.scalar_type() == at::kChar,
-              "int8_one_row_linear: the weight must be a contiguous 2-d int8 tensor");
-  const int64_t N = qweight.size(0), K = qweight.size(1);
-  TORCH_CHECK(x.numel() == K, "int8_one_row_linear: x must be one row of the weight's width");
+              "int8_rows_linear: the weight must be a contiguous 2-d int8 tensor");
+  const int64_t N = qweight.size(0), K = qweight.size(1), M = K ? x.numel() / K : 0;
+  TORCH_CHECK(K > 0 && M > 0 && x.numel() == M * K, "int8_rows_linear: x must be rows of the weight's width");
   TORCH_CHECK(scale.numel() == N && row_sums.numel() == N && row_sums.scalar_type() == at::kInt,
-              "int8_one_row_linear: one fp32 scale and one int32 row sum per output");
-  // a bf16 row is widened here, and the result comes back in x's type: no casts around the call
+              "int8_rows_linear: one fp32 scale and one int32 row sum per output");
+  // bf16 rows are widened here, and the result comes back in x's type: no casts around the call
   const bool bf16 = x.scalar_type() == at::kBFloat16 && x.is_contiguous();
   auto xf = bf16 ? at::Tensor() : x.to(at::kFloat).contiguous();
-  std::vector<float> widened(bf16 ? K : 0);
-  if (bf16) widen(reinterpret_cast<const uint16_t*>(x.data_ptr()), widened.data(), K);
+  std::vector<float> widened(bf16 ? M * K : 0);
+  if (bf16) widen(reinterpret_cast<const uint16_t*>(x.data_ptr()), widened.data(), M * K);
   const float* xp = bf16 ? widened.data() : xf.data_ptr<float>();
   auto sc = scale.to(at::kFloat).contiguous();
   const int qmax = reduce_range ? 127 : 255;
-  double step;
-  int zero;
-  activation_qparams(xp, K, qmax, step, zero);
-  std::vector<uint8_t> xq(K);
-  quantize_row(xp, K, 1.0f / float(step), zero, qmax, xq.data());
-  auto sums = at::empty({N}, x.options().dtype(at::kInt));
+  std::vector<double> steps(M);
+  std::vector<int> zeros(M);
+  std::vector<uint8_t> xq(M * K);
+  for (int64_t j = 0; j < M; j++) {
+    activation_qparams(xp + j * K, K, qmax, steps[j], zeros[j]);
+    quantize_row(xp + j * K, K, 1.0f / float(steps[j]), zeros[j], qmax, xq.data() + j * K);
+  }
+  auto sums = at::empty({M, N}, x.options().dtype(at::kInt));
   int32_t* sp = sums.data_ptr<int32_t>();
   const auto* w = qweight.data_ptr<int8_t>();
-#if defined(__AVX512VNNI__)
-  if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_int8_vnni(w, xq.data(), sp, K, n0, n1); });
-#elif defined(SCRATCHLLM_AVX2)
-  const std::vector<int16_t> x16(xq.begin(), xq.end());
-  if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_int8_avx2(w, x16.data(), sp, K, n0, n1); });
-#else
+#if defined(SCRATCHLLM_AVX2)
+  std::vector<int16_t> x16(portable ? 0 : M * K);
+  std::copy(xq.begin(), xq.begin() + x16.size(), x16.begin());
+  for (int64_t j = 0; !portable && j < M; j += kMaxRows) {
+    const int64_t m = std::min(kMaxRows, M - j);
+    const int16_t* codes = x16.data() + j * K;
+    over_rows(N, [&](int64_t n0, int64_t n1) { rows_int8_avx2(w, codes, sp + j * N, K, N, m, n0, n1); });
+  }
+#elif !defined(__AVX512VNNI__)
   portable = true;
 #endif
-  if (portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_int8_portable(w, xq.data(), sp, K, n0, n1); });
+  for (int64_t j = 0; j < M; j++) {
+    const uint8_t* codes = xq.data() + j * K;
+    int32_t* row = sp + j * N;
+#if defined(__AVX512VNNI__)
+    if (!portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_int8_vnni(w, codes, row, K, n0, n1); });
+#endif
+    if (portable) over_rows(N, [&](int64_t n0, int64_t n1) { rows_int8_portable(w, codes, row, K, n0, n1); });
+  }
   auto sizes = x.sizes().vec();
   sizes.back() = N;
-  auto out = at::empty({N}, x.options().dtype(at::kFloat));
+  auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const float* s = sc.data_ptr<float>();
   const int32_t* rs = row_sums.data_ptr<int32_t>();
-  const float xstep = float(step);
-  for (int64_t n = 0; n < N; n++) o[n] = float(sp[n] - zero * rs[n]) * (xstep * s[n]);
+  at::parallel_for(0, M, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+      const float xstep = float(steps[j]);
+      for (int64_t n = 0; n < N; n++) o[j * N + n] = float(sp[j * N + n] - zeros[j] * rs[n]) * (xstep * s[n]);
+    }
+  });
   return finish(out, bias, sizes, bf16);
 }
 
@@ -773,9 +833,9 @@ std::string instructions() {
 TORCH_LIBRARY(scratchllm, m) {
   m.def("few_rows_linear(Tensor x, Tensor weight, Tensor? bias, bool portable=False) -> Tensor", &few_rows_linear);
   m.def(
-      "int8_one_row_linear(Tensor x, Tensor qweight, Tensor scale, Tensor row_sums, Tensor? bias, "
+      "int8_rows_linear(Tensor x, Tensor qweight, Tensor scale, Tensor row_sums, Tensor? bias, "
       "bool reduce_range=False, bool portable=False) -> Tensor",
-      &int8_one_row_linear);
+      &int8_rows_linear);
   m.def(
       "int4_one_row_linear(Tensor x, Tensor qweight, Tensor step, Tensor zero, int group_size, "
       "bool portable=False) -> Tensor",

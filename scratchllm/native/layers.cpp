@@ -15,9 +15,9 @@
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool unit_offset);
 at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            bool portable);
-at::Tensor int8_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                               const at::Tensor& row_sums, const std::optional<at::Tensor>& bias, bool reduce_range,
-                               bool portable);
+at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                            const at::Tensor& row_sums, const std::optional<at::Tensor>& bias, bool reduce_range,
+                            bool portable);
 at::Tensor int4_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& step,
                                const at::Tensor& zero, int64_t group_size, bool portable);
 at::Tensor decode_attention(const at::Tensor& qkv, int64_t n_heads, int64_t n_kv_heads,
@@ -41,7 +41,7 @@ at::Tensor linear(const Params& params, at::IntArrayRef kinds, at::IntArrayRef g
   TORCH_CHECK(kinds[i] != 2 || (groups[i] > 0 && !p(3)), "layers: an int4 layer takes a group size and no bias");
   switch (kinds[i]) {
     case 0: return few_rows_linear(x, *p(0), p(1), false);
-    case 1: return int8_one_row_linear(x, *p(0), *p(1), *p(2), p(3), false, false);
+    case 1: return int8_rows_linear(x, *p(0), *p(1), *p(2), p(3), false, false);
     case 2: return int4_one_row_linear(x, *p(0), *p(1), *p(2), groups[i], false);
     default: TORCH_CHECK(false, "layers: unknown linear kind ", kinds[i]);
   }

@@ -74,7 +74,7 @@ def test_the_split_between_threads_does_not_change_a_sum(dtype, in_features):
 def test_a_few_rows_get_each_rows_own_result(dtype, portable, in_features):
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(130, in_features, generator=g).to(dtype), torch.randn(130, generator=g).to(dtype)
-    for rows in range(2, 9):
+    for rows in [*range(2, 9), 11, 20]:  # more than 8: passes of 8
         x = torch.randn(rows, in_features, generator=g).to(dtype)
         together = native.few_rows_linear(x, w, b, portable)
         assert together.shape == (rows, 130)
@@ -95,7 +95,7 @@ def test_nan_and_infinity_come_out_where_pytorchs_product_puts_them(dtype):
 
 def test_few_rows_linear_refuses_what_it_cannot_multiply():
     w = torch.randn(8, 16)
-    for x in (torch.randn(9, 16), torch.randn(24), torch.randn(16, 2).t()[0], torch.randn(16).bfloat16()):
+    for x in (torch.randn(24), torch.randn(16, 2).t()[0], torch.randn(16).bfloat16()):
         with pytest.raises(RuntimeError, match="few_rows_linear"):
             native.few_rows_linear(x, w, None)
     with pytest.raises(RuntimeError, match="contiguous"):
@@ -120,7 +120,7 @@ def test_int8_one_row_is_int8linears_stated_product(out_features, in_features, r
         torch.full((1, in_features), -1e-7),  # narrower than 255 smallest steps: widened
     ]
     for x in rows:
-        got = native.int8_one_row_linear(
+        got = native.int8_rows_linear(
             x, layer.qweight, layer.scale, layer._row_sums, layer.bias, reduce_range, portable
         )
         stated = F.linear(quantize_activations(x, reduce_range), layer.weight_fp32(), layer.bias)
@@ -130,13 +130,30 @@ def test_int8_one_row_is_int8linears_stated_product(out_features, in_features, r
         torch.testing.assert_close(got, stated, rtol=1e-5, atol=slack)
         # a bf16 row (a bf16 model's activations): widened inside, the result rounded to bf16
         row = x.bfloat16()
-        got = native.int8_one_row_linear(
+        got = native.int8_rows_linear(
             row, layer.qweight, layer.scale, layer._row_sums, layer.bias, reduce_range, portable
         )
-        want = native.int8_one_row_linear(
+        want = native.int8_rows_linear(
             row.float(), layer.qweight, layer.scale, layer._row_sums, layer.bias, reduce_range, portable
         )
         assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize(("rows", "in_features"), [(2, 100), (8, 64), (11, 96), (3, 7)])
+def test_int8_rows_each_get_their_own_codes_and_their_result_alone(rows, in_features, portable):
+    layer = _int8_layer(130, in_features, seed=rows)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, in_features, generator=g) * 2
+    x[0, 1] *= 40  # an outlier row coarsens its own codes only
+    args = layer.qweight, layer.scale, layer._row_sums, layer.bias, False, portable
+    got = native.int8_rows_linear(x, *args)
+    assert got.shape == (1, rows, 130)
+    for j in range(rows):
+        assert torch.equal(got[0, j], native.int8_rows_linear(x[0, j : j + 1], *args)[0])
+    stated = F.linear(quantize_activations(x), layer.weight_fp32(), layer.bias)
+    slack = 1e-5 + float(activation_qparams(x)[0].max()) * layer.weight_fp32().abs().amax()
+    torch.testing.assert_close(got, stated, rtol=1e-5, atol=slack)
 
 
 def test_int8_layers_take_the_kernel_for_one_row_and_match_fbgemm():
