@@ -14,7 +14,10 @@
 
 #include "bf16.h"
 
-#ifdef __AVX512F__
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define SCRATCHLLM_AVX2 1  // the 256-bit paths, for CPUs without AVX-512
+#endif
+#if defined(__AVX512F__) || defined(SCRATCHLLM_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -102,6 +105,36 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+#ifdef SCRATCHLLM_AVX2
+// 8 values of a cache row as fp32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return scratchllm::widen8(p); }
+
+inline float sum8(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// exp16's e^x (x <= 0) in 8 lanes: 2^n as two factors 2^(n/2) and 2^(n - n/2), each a normal number built
+// from its exponent bits (AVX2 has no vscalefps), down to 0 far below the maximum.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-104.0f), x);  // in this order a NaN stays NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT |
+                                                                                   _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  const float c[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  __m256 e = _mm256_set1_ps(c[0]);
+  for (int i = 1; i < 8; i++) e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(c[i]));
+  const __m256i whole = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(whole, 1);
+  const auto power = [](__m256i k) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+  };
+  return _mm256_mul_ps(_mm256_mul_ps(e, power(half)), power(_mm256_sub_epi32(whole, half)));
+}
+#endif
+
 // q . k over D values (k: a cache row, fp32 or bf16), in fp32.
 template <typename C>
 inline float dot(const float* q, const C* k, int64_t D) {
@@ -111,6 +144,10 @@ inline float dot(const float* q, const C* k, int64_t D) {
   __m512 acc = _mm512_setzero_ps();
   for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
   sum = _mm512_reduce_add_ps(acc);
+#elif defined(SCRATCHLLM_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), acc);
+  sum = sum8(acc);
 #endif
   for (; d < D; d++) sum += q[d] * to_float(k[d]);
   return sum;
@@ -123,6 +160,9 @@ inline void add_scaled(float* out, float p, const C* v, int64_t D) {
 #ifdef __AVX512F__
   const __m512 scale = _mm512_set1_ps(p);
   for (; d + 16 <= D; d += 16) _mm512_storeu_ps(out + d, _mm512_fmadd_ps(scale, load16(v + d), _mm512_loadu_ps(out + d)));
+#elif defined(SCRATCHLLM_AVX2)
+  const __m256 scale = _mm256_set1_ps(p);
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(out + d, _mm256_fmadd_ps(scale, load8(v + d), _mm256_loadu_ps(out + d)));
 #endif
   for (; d < D; d++) out[d] += p * to_float(v[d]);
 }
@@ -147,6 +187,15 @@ inline float exp_less(float* s, int64_t n, float top) {
     j = n;
   }
   total = _mm512_reduce_add_ps(sums);
+#elif defined(SCRATCHLLM_AVX2)
+  const __m256 t = _mm256_set1_ps(top);
+  __m256 sums = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), t));
+    _mm256_storeu_ps(s + j, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  total = sum8(sums);
 #endif
   for (; j < n; j++) total += s[j] = std::exp(s[j] - top);
   return total;

@@ -326,6 +326,15 @@ void activation_qparams(const float* x, int64_t K, int qmax, double& scale, int&
     lows = _mm512_min_ps(v, lows), highs = _mm512_max_ps(v, highs);  // a NaN in v keeps the old value, as std::min
   }
   lo_f = _mm512_reduce_min_ps(lows), hi_f = _mm512_reduce_max_ps(highs);
+#elif defined(SCRATCHLLM_AVX2)
+  __m256 lows = _mm256_setzero_ps(), highs = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    lows = _mm256_min_ps(v, lows), highs = _mm256_max_ps(v, highs);  // a NaN in v keeps the old value
+  }
+  alignas(32) float l[8], h[8];
+  _mm256_store_ps(l, lows), _mm256_store_ps(h, highs);
+  lo_f = *std::min_element(l, l + 8), hi_f = *std::max_element(h, h + 8);
 #endif
   for (; k < K; k++) lo_f = std::min(lo_f, x[k]), hi_f = std::max(hi_f, x[k]);
   double lo = lo_f, hi = hi_f;
@@ -351,6 +360,16 @@ void quantize_row(const float* x, int64_t K, float inverse, int zero, int qmax, 
     const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv), _MM_FROUND_TO_NEAREST_INT);
     const __m512 c = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, z), _mm512_setzero_ps()), top);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c)));
+  }
+#elif defined(SCRATCHLLM_AVX2)
+  const __m256 inv = _mm256_set1_ps(inverse), z = _mm256_set1_ps(float(zero)), top = _mm256_set1_ps(float(qmax));
+  for (; k + 8 <= K; k += 8) {
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), inv), _MM_FROUND_TO_NEAREST_INT |
+                                                                                  _MM_FROUND_NO_EXC);
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, z), _mm256_setzero_ps()), top);
+    const __m256i i = _mm256_cvtps_epi32(c);
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + k), _mm_packus_epi16(words, words));
   }
 #endif
   for (; k < K; k++) codes[k] = uint8_t(std::min<float>(std::max<float>(std::nearbyint(x[k] * inverse) + zero, 0), qmax));
