@@ -225,9 +225,16 @@ function requestBody(messages) {
 }
 
 // Streams the reply into `bubble` and returns its text. Stop or an error midway throws, and the
-// text so far stays in `bubble`.
+// text so far stays in `bubble`. Each piece is appended (not the whole reply set again) and the view
+// follows once per frame, so that a fast stream of a long reply leaves the page free to take a Stop.
 async function streamReply(response, bubble, stopWatching) {
   let reply = "";
+  let frame = 0;
+  const shown = bubble.appendChild(document.createTextNode(""));
+  const follow = () => {
+    frame = 0;
+    bubble.scrollIntoView({ block: "end" });
+  };
   for await (const event of serverSentEvents(response)) {
     if (event.error) throw new APIError(null, event.error.message, event.error.code); // failed midway
     if (event.usage) showUsage(event.usage);
@@ -237,8 +244,8 @@ async function streamReply(response, bubble, stopWatching) {
     if (piece) {
       stopWatching();
       reply += piece;
-      bubble.textContent = reply;
-      bubble.scrollIntoView({ block: "end" });
+      shown.appendData(piece);
+      if (!frame) frame = requestAnimationFrame(follow);
     }
   }
   return reply;
