@@ -57,7 +57,8 @@ class PackedLinears:
         dtype = weights[0].dtype
         if any(w.device.type != "cpu" or w.dtype != dtype for w in weights):
             return False
-        return dtype in (torch.float32, torch.bfloat16) and (packs(dtype) or _native_rows(dtype))
+        kind = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
+        return kind is not None and (packs(dtype) or native.vectorized(kind))
 
     @torch.inference_mode()
     def refresh(self) -> bool:
@@ -114,12 +115,6 @@ def packs(dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return dtype == torch.float32
-
-
-def _native_rows(dtype: torch.dtype) -> bool:
-    """scratchllm's few-rows product runs on this CPU's vector instructions for `dtype` weights."""
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
-    return name is not None and native.available() and native.instructions()[name] != "portable"
 
 
 _probe_lock = threading.Lock()

@@ -224,13 +224,13 @@ class Int8Linear(QuantizedLinear):
             None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         )
         self.register_buffer("_row_sums", q.sum(dim=1, dtype=torch.int32), persistent=False)
-        self._native = _native_kernel("int8") or (native.available() and not int8_kernel_supported())
+        self._native = native.vectorized("int8") or (native.available() and not int8_kernel_supported())
         fbgemm = int8_kernel_supported() and not self._native
         self._packed = _fbgemm_pack(q, scale, self.bias) if fbgemm else None
         # FBGEMM on x86 without VNNI sums pairs of u8 x s8 products in 16 bits, which 8-bit inputs overflow
         self.reduce_range = self._packed is not None and not _has_vnni()
         # several rows too: oneDNN's int8 product is slow without VNNI
-        self._native_rows = _native_kernel("int8") and not _has_vnni()
+        self._native_rows = native.vectorized("int8") and not _has_vnni()
 
     def weight_fp32(self) -> torch.Tensor:
         return self.qweight * self.scale[:, None]  # one pass: a separate .float() copies slowly
@@ -276,12 +276,6 @@ def _float(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 
 
-def _native_kernel(kind: str) -> bool:
-    """scratchllm's one-row kernel for `kind` weights runs on the CPU's own instructions here (its
-    portable loops are slower than FBGEMM's and PyTorch's int4 kernel, which have such paths)."""
-    return native.available() and native.instructions()[kind] != "portable"
-
-
 def _has_vnni() -> bool:
     """The CPU has int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI)."""
     check = getattr(torch.cpu, "_is_vnni_supported", None)
@@ -317,7 +311,7 @@ class Int4Linear(QuantizedLinear):
         self.bias = (
             None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         )
-        self._native = _native_kernel("int4") and self.group_size >= 64
+        self._native = native.vectorized("int4") and self.group_size >= 64
         # PyTorch's kernel's layout: rows padded to a multiple of 16, steps and zeros as (groups, out, 2)
         pad = -self.out_features % 16
         q = F.pad(q, (0, 0, 0, pad)).to(torch.int32)

@@ -235,6 +235,12 @@ def instructions() -> dict[str, str]:
     return dict(item.split("=") for item in torch.ops.scratchllm.instructions().split())
 
 
+def vectorized(kind: str) -> bool:
+    """The kernels are available and the one for `kind` weights ("fp32", "bf16", "int8", "int4") runs on
+    this CPU's vector instructions, not the portable loops (which PyTorch's own kernels outrun)."""
+    return available() and instructions()[kind] != "portable"
+
+
 @functools.cache
 def _load() -> bool:
     if os.environ.get(ENV_SWITCH, "1") == "0":

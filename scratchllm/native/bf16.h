@@ -1,4 +1,5 @@
-// bf16 <-> fp32 for the kernels: bf16 is the top half of an fp32, rounded to nearest even as PyTorch does.
+// bf16 <-> fp32 for the kernels (bf16 is the top half of an fp32, rounded to nearest even as PyTorch does),
+// and the AVX2 lane sum they share.
 #pragma once
 
 #include <cstdint>
@@ -60,6 +61,13 @@ inline void store_bf16x16(uint16_t* p, __m512 v) {
 inline __m256 widen8(const uint16_t* p) {
   const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+
+// The eight fp32 lanes of a added up (AVX2 has no reduce instruction).
+inline float sum8(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 #endif
 

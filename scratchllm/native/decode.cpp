@@ -110,12 +110,6 @@ inline __m512 exp16(__m512 x) {
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) { return scratchllm::widen8(p); }
 
-inline float sum8(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 // exp16's e^x (x <= 0) in 8 lanes: 2^n as two factors 2^(n/2) and 2^(n - n/2), each a normal number built
 // from its exponent bits (AVX2 has no vscalefps), down to 0 far below the maximum.
 inline __m256 exp8(__m256 x) {
@@ -147,7 +141,7 @@ inline float dot(const float* q, const C* k, int64_t D) {
 #elif defined(SCRATCHLLM_AVX2)
   __m256 acc = _mm256_setzero_ps();
   for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), acc);
-  sum = sum8(acc);
+  sum = scratchllm::sum8(acc);
 #endif
   for (; d < D; d++) sum += q[d] * to_float(k[d]);
   return sum;
@@ -195,7 +189,7 @@ inline float exp_less(float* s, int64_t n, float top) {
     _mm256_storeu_ps(s + j, e);
     sums = _mm256_add_ps(sums, e);
   }
-  total = sum8(sums);
+  total = scratchllm::sum8(sums);
 #endif
   for (; j < n; j++) total += s[j] = std::exp(s[j] - top);
   return total;

@@ -114,13 +114,6 @@ struct BF16 : F32 {  // vdpbf16ps: 32 bf16 products added pairwise into 16 fp32 
 };
 #endif
 #else
-// The eight fp32 lanes of a added up.
-inline float sum8(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 struct F32 {
   using T = float;
   using X = float;
@@ -137,7 +130,7 @@ struct F32 {
   static Raw load_x_tail(int64_t count, const float* p) { return load_w_tail(count, p); }
   static Acc zero() { return _mm256_setzero_ps(); }
   static Acc dot(Acc acc, Raw x, Raw w) { return _mm256_fmadd_ps(x, w, acc); }
-  static float sum(Acc a, Acc b) { return sum8(_mm256_add_ps(a, b)); }
+  static float sum(Acc a, Acc b) { return scratchllm::sum8(_mm256_add_ps(a, b)); }
 };
 
 // bf16 weights, 16 columns a step: the even columns widened by a shift, the odd ones by a mask, times x
@@ -583,7 +576,7 @@ void int4_block_avx2(const uint8_t* w, const uint16_t* step, const uint16_t* zer
       rest[i] += (ze - 8 * st) * xsum[g];
     }
   }
-  for (int i = 0; i < R; i++) y[n + i] = sum8(total[i]) + rest[i];
+  for (int i = 0; i < R; i++) y[n + i] = scratchllm::sum8(total[i]) + rest[i];
 }
 
 void rows_int4_avx2(const uint8_t* w, const uint16_t* step, const uint16_t* zero, const float* xe, const float* xo,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from scratchllm import native
 from scratchllm.generation import fused as fused_routes
+from scratchllm.generation import kernels
 from scratchllm.model import quantize
 from scratchllm.model.parts import RMSNorm
 from scratchllm.model.quantize import (
@@ -154,6 +155,57 @@ def test_int8_rows_each_get_their_own_codes_and_their_result_alone(rows, in_feat
     stated = F.linear(quantize_activations(x), layer.weight_fp32(), layer.bias)
     slack = 1e-5 + float(activation_qparams(x)[0].max()) * layer.weight_fp32().abs().amax()
     torch.testing.assert_close(got, stated, rtol=1e-5, atol=slack)
+
+
+def test_int8_layers_without_vnni_take_natives_kernel_for_several_rows(monkeypatch):
+    layer = _int8_layer(130, 96, seed=5)
+    if not native.vectorized("int8"):
+        pytest.skip("native's int8 product runs the portable loops here")
+    layer._native, layer._native_rows, layer.reduce_range = True, True, False  # as an AVX2 CPU sets them
+
+    def no_int_mm(*args):
+        raise AssertionError("several rows went to torch._int_mm")
+
+    monkeypatch.setattr(layer, "_several_rows", no_int_mm)
+    x = torch.randn(2, 5, 96)
+    together = layer(x)
+    alone = torch.stack([torch.cat([layer(row[None]) for row in seq]) for seq in x])
+    assert torch.equal(together, alone)
+    slack = 1e-5 + float(activation_qparams(x)[0].max()) * layer.weight_fp32().abs().amax()
+    stated = F.linear(layer.kernel_input(x), layer.weight_fp32(), layer.bias)
+    torch.testing.assert_close(together, stated, rtol=1e-5, atol=slack)
+
+
+def test_bf16_weights_that_onednn_cannot_pack_take_natives_product_for_any_rows(monkeypatch):
+    if not native.vectorized("bf16"):
+        pytest.skip("native's bf16 product runs the portable loops here")
+    # as on a CPU without bf16 instructions, whatever this one has
+    monkeypatch.setattr(kernels, "packs", lambda dtype: False)
+    monkeypatch.setattr(kernels, "one_row_kernel", lambda dtype: "native")
+    monkeypatch.setattr(kernels, "few_rows_kernel", lambda dtype: "native")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 40)).bfloat16().eval()
+    linears = kernels.PackedLinears(model)
+    assert kernels.PackedLinears.supported(model) and linears.refresh()
+    assert all(w is m.weight for w, m in zip(linears._packed, linears._linears))  # nothing packed
+    product, rows_taken = native.few_rows_linear, []
+
+    def counted(x, *args):
+        rows_taken.append(x.numel() // x.shape[-1])
+        return product(x, *args)
+
+    monkeypatch.setattr(native, "few_rows_linear", counted)
+    x = torch.randn(20, 64).bfloat16()
+    with torch.inference_mode(), linears.installed():
+        for rows in (1, 3, 20):  # one row, a few, more than 8: all native's, each row as alone
+            rows_taken.clear()
+            got = model(x[:rows])
+            assert rows_taken == [rows, rows]
+            assert all(torch.equal(got[j], model(x[j : j + 1])[0]) for j in range(rows))
+        strided = model(x.t().contiguous().t())  # a non-contiguous input is copied, not refused
+        assert torch.equal(strided, model(x))
+    with torch.inference_mode():
+        torch.testing.assert_close(got, model(x), rtol=2**-7, atol=1e-2)  # PyTorch's bf16 product
 
 
 def test_int8_layers_take_the_kernel_for_one_row_and_match_fbgemm():
