@@ -26,6 +26,7 @@ from bench_families import cpu_name
 from bench_generate import _timed, load_average, read_bandwidth
 
 from scratchllm import native
+from scratchllm.generation.kernels import packs
 from scratchllm.model.quantize import Int4Linear, Int8Linear, _fbgemm_pack, int4_supported
 
 SHAPES = {
@@ -41,13 +42,12 @@ def candidates(dtype: str, shapes: list[tuple[int, int]]) -> tuple[int, dict[str
     if dtype in ("fp32", "bf16"):
         t = torch.float32 if dtype == "fp32" else torch.bfloat16
         weights = [torch.randn(n, k, generator=g).to(t) for n, k in shapes]
-        found = {
-            "PyTorch's default": (lambda x, w: torch.nn.functional.linear(x, w), weights),
-            "oneDNN packed": (
+        found = {"PyTorch's default": (lambda x, w: torch.nn.functional.linear(x, w), weights)}
+        if packs(t):  # oneDNN packs bf16 only with the CPU's bf16 instructions
+            found["oneDNN packed"] = (
                 lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
                 [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights],
-            ),
-        }
+            )
         if native.available():
             found["native"] = (lambda x, w: native.few_rows_linear(x, w, None), weights)
         return sum(w.numel() * w.element_size() for w in weights), found

@@ -41,13 +41,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 from bench_families import cpu_name, linear_bytes
-from bench_generate import load_average, read_bandwidth, rotate
+from bench_generate import _timed, load_average, read_bandwidth, rotate
 
 from scratchllm.checkpoint import LoadedModel
 from scratchllm.generation import Engine, GenerationConfig
 from scratchllm.hub import export_gguf
 from scratchllm.model.gpt import GPTModel, preset_config
-from scratchllm.model.quantize import quantize_model
+from scratchllm.model.quantize import QuantizedLinear, quantize_model
 from scratchllm.text.gpt2 import load_gpt2_files
 
 SHARED_DATA = Path(
@@ -127,97 +127,33 @@ def step_ms(engine: Engine, prompt: list[int], n: int, repeats: int) -> float:
     return min(run(n) - run(1) for _ in range(repeats)) / (n - 1) * 1e3
 
 
-@contextlib.contextmanager
-def stubbed(matmuls: bool, attention: bool) -> Iterator[None]:
-    """The kernels of a decode step's matrix products and/or its attention replaced by no-ops that
-    return a (cached) output of the right shape, nothing computed: what is left of a step is everything
-    else. The step runs as `Engine` runs it (packed weights, native's kernels and fused forwards)."""
-    import torch.nn.functional as F
-
-    from scratchllm import native
-
-    outputs: dict[tuple, torch.Tensor] = {}
-
-    def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-        if (*shape, dtype) not in outputs:
-            outputs[(*shape, dtype)] = torch.zeros(*shape, dtype=dtype)
-        return outputs[(*shape, dtype)]
-
-    patches: list[tuple[object, str, Callable]] = []
-    if matmuls:
-        patches += [
-            (
-                native,
-                "few_rows_linear",
-                lambda x, w, *a, **k: zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype),
-            ),
-            (F, "linear", lambda x, w, *a, **k: zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype)),
-            (
-                native,
-                "int8_rows_linear",
-                lambda x, w, *a, **k: zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype),
-            ),
-            (
-                native,
-                "int4_one_row_linear",
-                lambda x, w, *a, **k: zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype),
-            ),
-        ]
-        patches.append(
-            (
-                torch.ops.mkldnn,
-                "_linear_pointwise",
-                lambda x, w, *a: zeros(*x.shape[:-1], w.size(0), dtype=x.dtype),
-            )
-        )
-    if attention:
-        patches += [
-            (
-                native,
-                "decode_attention",
-                lambda qkv, h, *a: zeros(*qkv.shape[:2], h * a[7].shape[-1], dtype=qkv.dtype),
-            ),
-            (F, "scaled_dot_product_attention", lambda q, k, v, **kw: q),
-        ]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, stub in patches:
-        setattr(owner, name, stub)
-    try:
-        yield
-    finally:
-        for owner, name, original in saved:
-            setattr(owner, name, original)
+def products_ms(engine: Engine, model: nn.Module, repeats: int) -> float:
+    """Milliseconds of a decode step's weight products: one row through every linear layer, in the
+    model's order, each on the route and kernel a step gives it (the engine's installed forwards; inside
+    the one-call layers the same kernels run), best of `repeats`."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    xs = {k: torch.randn(1, 1, k).to(dtype) for k in {m.in_features for m in layers}}
+    engine.kernels.refresh()
+    with torch.inference_mode(), engine.kernels.installed():
+        run = lambda: [m(xs[m.in_features]) for m in layers]  # noqa: E731
+        run()
+        return min(_timed(run) for _ in range(repeats)) * 1e3
 
 
 def breakdown(name: str, model: nn.Module, prompt: list[int], n: int, repeats: int) -> None:
-    """Print where a batch-1 decode step of `model` goes: the matrix products, attention, greedy sampling
-    (the argmax), the other ATen ops, and the rest (Python, dispatch), each as ms and share of the step."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Print where a batch-1 decode step of `model` goes: its weight products (timed alone, as the step
+    runs them) and everything else (attention, norms, activations, sampling, Python), as ms and share.
+    Timed alone, each product also pays a Python call that the one-call layers do not: the rest is at
+    least what is shown."""
     engine = Engine(model)
     full = step_ms(engine, prompt, n, repeats)
-    with stubbed(matmuls=True, attention=False):
-        no_matmul = step_ms(engine, prompt, n, repeats)
-    with stubbed(matmuls=True, attention=True):
-        rest = step_ms(engine, prompt, n, repeats)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            engine.generate([prompt], GenerationConfig(max_new_tokens=n, ignore_eos=True))
-    logits = torch.randn(1, model.cfg.vocab_size)
-    t = time.perf_counter()
-    for _ in range(200):
-        logits.argmax(dim=-1)
-    argmax = (time.perf_counter() - t) / 200 * 1e3
-    events = prof.key_averages()
-    ops = sum(e.self_cpu_time_total for e in events if e.key != "aten::argmax") / 1e3 / n
-    parts = {
-        "matrix products": full - no_matmul,
-        "attention": no_matmul - rest,
-        "sampling (argmax)": argmax,
-        "other ATen ops": max(min(ops, rest - argmax), 0.0),
-        "Python, dispatch": max(rest - argmax - ops, 0.0),
-    }
-    shares = ", ".join(f"{k} {v:.2f} ({v / full:.0%})" for k, v in parts.items())
-    print(f"  ours {name}: {full:.2f} ms per step: {shares}")
+    products = min(products_ms(engine, model, max(repeats, 5)), full)
+    rest = full - products
+    print(
+        f"  ours {name}: {full:.2f} ms per step: weight products {products:.2f} ({products / full:.0%}), "
+        f"everything else {rest:.2f} ({rest / full:.0%})"
+    )
 
 
 def first_agreeing(a: list[int], b: list[int]) -> int:
@@ -335,7 +271,9 @@ def main() -> None:
         shutil.rmtree(tmp)
     report(rates, need, bw)
     if args.breakdown:
-        print(f"\nwhere a decode step goes (ms, best of {args.repeats}; stubbing the parts out one by one):")
+        print(
+            f"\nwhere a decode step goes (ms, best of {args.repeats}; products timed alone, on its kernels):"
+        )
         for name, m in ours.items():
             breakdown(name, m, prompt, args.new_tokens, args.repeats)
     print(f"\n# load average at end: {load_average()}")

@@ -11,7 +11,8 @@
 // with AVX-512 VNNI int8 rows through vpdpbusd (64 u8 x s8 products into 16 int32 sums). With AMX, bf16
 // products run on tiles of 16 weight rows, so that checking a few rows costs little more than one. CPUs with
 // AVX2 and FMA but no AVX-512 take 256-bit versions of each: fp32 multiply-adds, bf16 weights widened in
-// registers, int8 through vpmaddwd on codes widened to 16 bits, int4 codes converted to fp32.
+// registers, int8 through vpmaddwd on codes widened to 16 bits, int4 codes converted to fp32; there each
+// thread reads its rows as a few long sequential streams (`in_streams`) rather than a few rows side by side.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -72,6 +73,18 @@ void rows_portable(const W* w, const float* x, float* y, int64_t K, int64_t n0, 
     y[n] = s0;
   }
 }
+
+#ifdef SCRATCHLLM_AVX2
+// Rows n0..n1 as R streams, each through its own run of consecutive rows (`block(n, run)`: rows n, n + run,
+// ...), then the rows left over one by one (`single(n)`). Here the hardware prefetchers keep up with a few
+// long sequential streams, not with R rows side by side, which break into short streams at every block.
+template <int R, typename Block, typename Single>
+void in_streams(int64_t n0, int64_t n1, Block block, Single single) {
+  const int64_t run = (n1 - n0) / R;
+  for (int64_t i = 0; i < run; i++) block(n0 + i, run);
+  for (int64_t n = n0 + R * run; n < n1; n++) single(n);
+}
+#endif
 
 #if defined(__AVX512F__) || defined(SCRATCHLLM_AVX2)
 // What the row kernel needs of a weight type on a vector width: columns per step (kCols), the type of x's
@@ -168,13 +181,13 @@ int64_t bf16_pairs_layout(const uint16_t* x, int64_t M, int64_t K, std::vector<f
 }
 #endif
 
-// Weight rows n..n + R times the M rows of x (M x K, rows ldx apart): y[j * N + n + i], each weight row read
-// once for all M (R and M constants, so the sums stay in registers). Two sums per pair alternate over the
-// columns, 2RM chains in flight, in an order that does not depend on M: a row of x gets the same result with
-// or without others.
+// Weight rows n, n + stride, ... (R of them) times the M rows of x (M x K, rows ldx apart): y[j * N + row],
+// each weight row read once for all M (R and M constants, so the sums stay in registers). Two sums per pair
+// alternate over the columns, 2RM chains in flight, in an order that does not depend on M: a row of x gets
+// the same result with or without others. Adjacent rows (stride 1) prefetch the next block's.
 template <typename E, int R, int M>
 void rows_times_rows_block(const typename E::T* w, const typename E::X* x, float* y, int64_t K, int64_t ldx,
-                           int64_t N, int64_t n) {
+                           int64_t N, int64_t n, int64_t stride) {
   constexpr int C = E::kCols;
   constexpr int kLines = int(2 * C * sizeof(typename E::T) / 64);  // cache lines of a row per step
   const int64_t full = K / C * C;
@@ -184,8 +197,8 @@ void rows_times_rows_block(const typename E::T* w, const typename E::X* x, float
   int64_t k = 0;
   for (; k + 2 * C <= full; k += 2 * C) {
     for (int i = 0; i < R; i++) {
-      const typename E::T* r = w + (n + i) * K;
-      for (int line = 0; line < kLines; line++)  // the next block's rows
+      const typename E::T* r = w + (n + i * stride) * K;
+      for (int line = 0; stride == 1 && line < kLines; line++)
         _mm_prefetch((const char*)(r + R * K + k) + 64 * line, _MM_HINT_T0);
       const auto w0 = E::load_w(r + k), w1 = E::load_w(r + k + C);
       for (int j = 0; j < M; j++) {
@@ -195,7 +208,7 @@ void rows_times_rows_block(const typename E::T* w, const typename E::X* x, float
     }
   }
   for (int i = 0; i < R; i++) {
-    const typename E::T* r = w + (n + i) * K;
+    const typename E::T* r = w + (n + i * stride) * K;
     if (k < full) {
       const auto w0 = E::load_w(r + k);
       for (int j = 0; j < M; j++) a[i][j][0] = E::dot(a[i][j][0], E::load_x(x + j * ldx + k), w0);
@@ -204,25 +217,32 @@ void rows_times_rows_block(const typename E::T* w, const typename E::X* x, float
       const auto w0 = E::load_w_tail(K - full, r + full);
       for (int j = 0; j < M; j++) a[i][j][1] = E::dot(a[i][j][1], E::load_x_tail(K - full, x + j * ldx + full), w0);
     }
-    for (int j = 0; j < M; j++) y[j * N + n + i] = E::sum(a[i][j][0], a[i][j][1]);
+    for (int j = 0; j < M; j++) y[j * N + n + i * stride] = E::sum(a[i][j][0], a[i][j][1]);
   }
 }
 
-// Weight rows n..n + R times x's first A rows, then (B > 0) the same weight rows, now in the cache, times
-// the next B: more rows of x than the registers hold.
+// Weight rows n, n + stride, ... (R of them) times x's first A rows, then (B > 0) the same weight rows, now in
+// the cache, times the next B: more rows of x than the registers hold.
 template <typename E, int R, int A, int B>
-void rows_pass(const typename E::T* w, const typename E::X* x, float* y, int64_t K, int64_t ldx, int64_t N, int64_t n) {
-  rows_times_rows_block<E, R, A>(w, x, y, K, ldx, N, n);
-  if constexpr (B > 0) rows_times_rows_block<E, R, B>(w, x + A * ldx, y + A * N, K, ldx, N, n);
+void rows_pass(const typename E::T* w, const typename E::X* x, float* y, int64_t K, int64_t ldx, int64_t N, int64_t n,
+               int64_t stride) {
+  rows_times_rows_block<E, R, A>(w, x, y, K, ldx, N, n, stride);
+  if constexpr (B > 0) rows_times_rows_block<E, R, B>(w, x + A * ldx, y + A * N, K, ldx, N, n, stride);
 }
 
 template <typename E, int M>
 void rows_times_rows(const typename E::T* w, const typename E::X* x, float* y, int64_t K, int64_t ldx, int64_t N,
                      int64_t n0, int64_t n1) {
   constexpr int A = M < E::kMaxM ? M : E::kMaxM, B = M - A, R = E::rows_per_pass(A);
+  auto block = [&](int64_t n, int64_t stride) { rows_pass<E, R, A, B>(w, x, y, K, ldx, N, n, stride); };
+  auto single = [&](int64_t n) { rows_pass<E, 1, A, B>(w, x, y, K, ldx, N, n, 1); };
+#ifdef SCRATCHLLM_AVX2
+  in_streams<R>(n0, n1, block, single);
+#else
   int64_t n = n0;
-  for (; n + R <= n1; n += R) rows_pass<E, R, A, B>(w, x, y, K, ldx, N, n);
-  for (; n < n1; n++) rows_pass<E, 1, A, B>(w, x, y, K, ldx, N, n);
+  for (; n + R <= n1; n += R) block(n, 1);
+  for (; n < n1; n++) single(n);
+#endif
 }
 
 // All M (1..kMaxRows) rows of x times weight rows n0..n1.
@@ -418,18 +438,18 @@ void rows_int8_vnni(const int8_t* w, const uint8_t* xq, int32_t* sums, int64_t K
 #ifdef SCRATCHLLM_AVX2
 // The same with vpmaddwd for M rows of codes at once (M x K, widened to int16 beforehand: `x16`): each
 // weight row's 32 int8 widened once per step and multiplied into every row's codes, pairs of products summed
-// into 8 int32 lanes, exactly (vpmaddubsw would overflow 16 bits on 8-bit codes). R weight rows from n on;
-// sums[j * N + n + i].
+// into 8 int32 lanes, exactly (vpmaddubsw would overflow 16 bits on 8-bit codes). Weight rows n, n + stride,
+// ... (R of them); sums[j * N + row].
 template <int R, int M>
-void int8_block_avx2(const int8_t* w, const int16_t* x16, int32_t* sums, int64_t K, int64_t N, int64_t n) {
+void int8_block_avx2(const int8_t* w, const int16_t* x16, int32_t* sums, int64_t K, int64_t N, int64_t n,
+                     int64_t stride) {
   const int64_t full = K / 32 * 32;
   __m256i a[R][M];
   for (int i = 0; i < R; i++)
     for (int j = 0; j < M; j++) a[i][j] = _mm256_setzero_si256();
   for (int64_t k = 0; k < full; k += 32) {
     for (int i = 0; i < R; i++) {
-      const int8_t* r = w + (n + i) * K;
-      _mm_prefetch((const char*)(r + k) + 1024, _MM_HINT_T0);  // ahead in the stream of rows
+      const int8_t* r = w + (n + i * stride) * K;
       const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r + k)));
       const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r + k + 16)));
       for (int j = 0; j < M; j++) {
@@ -442,23 +462,22 @@ void int8_block_avx2(const int8_t* w, const int16_t* x16, int32_t* sums, int64_t
   }
   for (int i = 0; i < R; i++)
     for (int j = 0; j < M; j++) {
+      const int64_t row = n + i * stride;
       __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a[i][j]), _mm256_extracti128_si256(a[i][j], 1));
       s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
       int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
-      for (int64_t k = full; k < K; k++) total += int32_t(x16[j * K + k]) * int32_t(w[(n + i) * K + k]);
-      sums[j * N + n + i] = total;
+      for (int64_t k = full; k < K; k++) total += int32_t(x16[j * K + k]) * int32_t(w[row * K + k]);
+      sums[j * N + row] = total;
     }
 }
 
 template <int M>
 void int8_rows_avx2(const int8_t* w, const int16_t* x16, int32_t* sums, int64_t K, int64_t N, int64_t n0,
                     int64_t n1) {
-  // R x M sums in registers; one row of x takes one weight row at a time, so that a thread's rows (short: 1 byte
-  // a weight) stream in order, which read faster here than four rows side by side
-  constexpr int R = M == 2 ? 2 : 1;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) int8_block_avx2<R, M>(w, x16, sums, K, N, n);
-  for (; n < n1; n++) int8_block_avx2<1, M>(w, x16, sums, K, N, n);
+  constexpr int R = M <= 2 ? 4 : 1;  // R x M sums in registers
+  in_streams<R>(
+      n0, n1, [&](int64_t n, int64_t stride) { int8_block_avx2<R, M>(w, x16, sums, K, N, n, stride); },
+      [&](int64_t n) { int8_block_avx2<1, M>(w, x16, sums, K, N, n, 1); });
 }
 
 // M (1..kMaxRows) rows of codes times weight rows n0..n1.
@@ -548,10 +567,11 @@ void rows_int4_avx512bf16(const uint8_t* w, const uint16_t* step, const uint16_t
 #ifdef SCRATCHLLM_AVX2
 // The same on 256-bit vectors: 8 bytes of codes widened to int32 lanes, the low and high halves converted
 // to fp32 and multiplied into the even and odd columns of x (fp32 here) with separate sums, 2R chains in
-// flight; step * sum q x + (zero - 8 step) xsum per group. Groups of 16+ columns. R rows from row n on.
+// flight; step * sum q x + (zero - 8 step) xsum per group. Groups of 16+ columns. Rows n, n + stride, ...
+// (R of them).
 template <int R>
 void int4_block_avx2(const uint8_t* w, const uint16_t* step, const uint16_t* zero, const float* xe, const float* xo,
-                     const float* xsum, float* y, int64_t K, int64_t G, int64_t n) {
+                     const float* xsum, float* y, int64_t K, int64_t G, int64_t n, int64_t stride) {
   const int64_t groups = K / G, half = G / 2;
   const __m256i low4 = _mm256_set1_epi32(15);
   __m256 total[R];
@@ -563,27 +583,28 @@ void int4_block_avx2(const uint8_t* w, const uint16_t* step, const uint16_t* zer
     for (int64_t j = g * half; j < (g + 1) * half; j += 8) {
       const __m256 even = _mm256_loadu_ps(xe + j), odd = _mm256_loadu_ps(xo + j);
       for (int i = 0; i < R; i++) {
-        const uint8_t* bytes = w + (n + i) * (K / 2) + j;
-        if (j % 64 == 0) _mm_prefetch((const char*)bytes + 2 * R * (K / 2), _MM_HINT_T0);  // two blocks on
+        const uint8_t* bytes = w + (n + i * stride) * (K / 2) + j;
         const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)bytes));
         de[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low4)), even, de[i]);
         dodd[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), odd, dodd[i]);
       }
     }
     for (int i = 0; i < R; i++) {
-      const float st = to_float(step[(n + i) * groups + g]), ze = to_float(zero[(n + i) * groups + g]);
+      const int64_t row = n + i * stride;
+      const float st = to_float(step[row * groups + g]), ze = to_float(zero[row * groups + g]);
       total[i] = _mm256_fmadd_ps(_mm256_set1_ps(st), _mm256_add_ps(de[i], dodd[i]), total[i]);
       rest[i] += (ze - 8 * st) * xsum[g];
     }
   }
-  for (int i = 0; i < R; i++) y[n + i] = scratchllm::sum8(total[i]) + rest[i];
+  for (int i = 0; i < R; i++) y[n + i * stride] = scratchllm::sum8(total[i]) + rest[i];
 }
 
 void rows_int4_avx2(const uint8_t* w, const uint16_t* step, const uint16_t* zero, const float* xe, const float* xo,
                     const float* xsum, float* y, int64_t K, int64_t G, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) int4_block_avx2<kRows>(w, step, zero, xe, xo, xsum, y, K, G, n);
-  for (; n < n1; n++) int4_block_avx2<1>(w, step, zero, xe, xo, xsum, y, K, G, n);
+  in_streams<kRows>(
+      n0, n1,
+      [&](int64_t n, int64_t stride) { int4_block_avx2<kRows>(w, step, zero, xe, xo, xsum, y, K, G, n, stride); },
+      [&](int64_t n) { int4_block_avx2<1>(w, step, zero, xe, xo, xsum, y, K, G, n, 1); });
 }
 #endif
 
