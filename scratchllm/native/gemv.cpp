@@ -89,15 +89,15 @@ void in_streams(int64_t n0, int64_t n1, Block block, Single single) {
 #if defined(__AVX512F__) || defined(SCRATCHLLM_AVX2)
 // What the row kernel needs of a weight type on a vector width: columns per step (kCols), the type of x's
 // rows (X), loads of weights and of x (a tail: the `count` < kCols columns left, the rest zero), the product
-// added into fp32 sums (dot), a pair of sums added up (sum), how many rows of x one pass takes at most
-// (kMaxM) and how many weight rows for M rows of x (rows_per_pass).
+// added into fp32 sums (dot), how many sums each pair of rows keeps (kSums) and their total (sum), how many
+// rows of x one pass takes at most (kMaxM) and how many weight rows for M rows of x (rows_per_pass).
 #ifdef __AVX512F__
 struct F32 {
   using T = float;
   using X = float;
   using Acc = __m512;
   using Raw = __m512i;
-  static constexpr int kCols = 16, kMaxM = 8;
+  static constexpr int kCols = 16, kMaxM = 8, kSums = 2;
   static constexpr int rows_per_pass(int M) { return M <= 3 ? kRows : M <= 7 ? 2 : 1; }  // <= 28 of 32 registers
   static Raw load_w(const float* p) { return _mm512_castps_si512(_mm512_loadu_ps(p)); }
   static Raw load_x(const float* p) { return load_w(p); }
@@ -132,8 +132,9 @@ struct F32 {
   using X = float;
   using Acc = __m256;
   using Raw = __m256;
-  static constexpr int kCols = 8, kMaxM = 4;
-  static constexpr int rows_per_pass(int M) { return M == 1 ? kRows : M == 2 ? 2 : 1; }  // 16 registers
+  static constexpr int kCols = 8, kMaxM = 4, kSums = 1;
+  // R x M sums, R weights and a row of x in 16 registers
+  static constexpr int rows_per_pass(int M) { return M == 1 ? kRows : M == 2 ? 4 : M == 3 ? 3 : 2; }
   static __m256i first(int64_t count) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
@@ -143,7 +144,7 @@ struct F32 {
   static Raw load_x_tail(int64_t count, const float* p) { return load_w_tail(count, p); }
   static Acc zero() { return _mm256_setzero_ps(); }
   static Acc dot(Acc acc, Raw x, Raw w) { return _mm256_fmadd_ps(x, w, acc); }
-  static float sum(Acc a, Acc b) { return scratchllm::sum8(_mm256_add_ps(a, b)); }
+  static float sum(Acc a) { return scratchllm::sum8(a); }
 };
 
 // bf16 weights, 16 columns a step: the even columns widened by a shift, the odd ones by a mask, times x
@@ -155,6 +156,7 @@ struct BF16 : F32 {
     __m256 even, odd;
   };
   static constexpr int kCols = 16;
+  static constexpr int rows_per_pass(int M) { return M == 1 ? kRows : M == 2 ? 3 : 2; }  // two registers a load
   static Raw load_w(const uint16_t* p) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
@@ -182,43 +184,46 @@ int64_t bf16_pairs_layout(const uint16_t* x, int64_t M, int64_t K, std::vector<f
 #endif
 
 // Weight rows n, n + stride, ... (R of them) times the M rows of x (M x K, rows ldx apart): y[j * N + row],
-// each weight row read once for all M (R and M constants, so the sums stay in registers). Two sums per pair
-// alternate over the columns, 2RM chains in flight, in an order that does not depend on M: a row of x gets
-// the same result with or without others. Adjacent rows (stride 1) prefetch the next block's.
+// each weight row read once for all M (R and M constants, so the sums stay in registers). Per step of kCols
+// columns the R rows' weights are loaded once and each row of x once. Each pair keeps kSums sums, alternating
+// over the steps, in an order that does not depend on M or R: a row of x gets the same result with or without
+// others. Adjacent rows (stride 1) prefetch the next block's.
 template <typename E, int R, int M>
 void rows_times_rows_block(const typename E::T* w, const typename E::X* x, float* y, int64_t K, int64_t ldx,
                            int64_t N, int64_t n, int64_t stride) {
-  constexpr int C = E::kCols;
-  constexpr int kLines = int(2 * C * sizeof(typename E::T) / 64);  // cache lines of a row per step
+  constexpr int C = E::kCols, S = E::kSums;
+  constexpr int kLines = int(2 * C * sizeof(typename E::T) / 64);  // cache lines of a row per two steps
+  const typename E::T* rows[R];
+  typename E::Acc a[R][M][S];
+  for (int i = 0; i < R; i++) {
+    rows[i] = w + (n + i * stride) * K;
+    for (int j = 0; j < M; j++)
+      for (int s = 0; s < S; s++) a[i][j][s] = E::zero();
+  }
+  // columns k..k + C (only the first `tail` where tail > 0, the rest zero) into sums s
+  auto step = [&](int64_t k, int s, int64_t tail) {
+    typename E::Raw wv[R];
+    for (int i = 0; i < R; i++) wv[i] = tail ? E::load_w_tail(tail, rows[i] + k) : E::load_w(rows[i] + k);
+    for (int j = 0; j < M; j++) {
+      const auto xv = tail ? E::load_x_tail(tail, x + j * ldx + k) : E::load_x(x + j * ldx + k);
+      for (int i = 0; i < R; i++) a[i][j][s] = E::dot(a[i][j][s], xv, wv[i]);
+    }
+  };
   const int64_t full = K / C * C;
-  typename E::Acc a[R][M][2];
-  for (int i = 0; i < R; i++)
-    for (int j = 0; j < M; j++) a[i][j][0] = a[i][j][1] = E::zero();
   int64_t k = 0;
   for (; k + 2 * C <= full; k += 2 * C) {
-    for (int i = 0; i < R; i++) {
-      const typename E::T* r = w + (n + i * stride) * K;
-      for (int line = 0; stride == 1 && line < kLines; line++)
-        _mm_prefetch((const char*)(r + R * K + k) + 64 * line, _MM_HINT_T0);
-      const auto w0 = E::load_w(r + k), w1 = E::load_w(r + k + C);
-      for (int j = 0; j < M; j++) {
-        a[i][j][0] = E::dot(a[i][j][0], E::load_x(x + j * ldx + k), w0);
-        a[i][j][1] = E::dot(a[i][j][1], E::load_x(x + j * ldx + k + C), w1);
-      }
-    }
+    for (int i = 0; stride == 1 && i < R; i++)
+      for (int line = 0; line < kLines; line++) _mm_prefetch((const char*)(rows[i] + R * K + k) + 64 * line, _MM_HINT_T0);
+    step(k, 0, 0);
+    step(k + C, S - 1, 0);
   }
-  for (int i = 0; i < R; i++) {
-    const typename E::T* r = w + (n + i * stride) * K;
-    if (k < full) {
-      const auto w0 = E::load_w(r + k);
-      for (int j = 0; j < M; j++) a[i][j][0] = E::dot(a[i][j][0], E::load_x(x + j * ldx + k), w0);
+  if (k < full) step(k, 0, 0);
+  if (full < K) step(full, S - 1, K - full);
+  for (int i = 0; i < R; i++)
+    for (int j = 0; j < M; j++) {
+      if constexpr (S == 2) y[j * N + n + i * stride] = E::sum(a[i][j][0], a[i][j][1]);
+      else y[j * N + n + i * stride] = E::sum(a[i][j][0]);
     }
-    if (full < K) {
-      const auto w0 = E::load_w_tail(K - full, r + full);
-      for (int j = 0; j < M; j++) a[i][j][1] = E::dot(a[i][j][1], E::load_x_tail(K - full, x + j * ldx + full), w0);
-    }
-    for (int j = 0; j < M; j++) y[j * N + n + i * stride] = E::sum(a[i][j][0], a[i][j][1]);
-  }
 }
 
 // Weight rows n, n + stride, ... (R of them) times x's first A rows, then (B > 0) the same weight rows, now in
