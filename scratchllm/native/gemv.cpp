@@ -213,7 +213,8 @@ void rows_times_rows_block(const typename E::T* w, const typename E::X* x, float
   int64_t k = 0;
   for (; k + 2 * C <= full; k += 2 * C) {
     for (int i = 0; stride == 1 && i < R; i++)
-      for (int line = 0; line < kLines; line++) _mm_prefetch((const char*)(rows[i] + R * K + k) + 64 * line, _MM_HINT_T0);
+      for (int line = 0; line < kLines; line++)
+        _mm_prefetch((const char*)(rows[i] + R * K + k) + 64 * line, _MM_HINT_T0);
     step(k, 0, 0);
     step(k + C, S - 1, 0);
   }
@@ -455,6 +456,7 @@ void int8_block_avx2(const int8_t* w, const int16_t* x16, int32_t* sums, int64_t
   for (int64_t k = 0; k < full; k += 32) {
     for (int i = 0; i < R; i++) {
       const int8_t* r = w + (n + i * stride) * K;
+      if constexpr (R == 1) _mm_prefetch((const char*)(r + k) + 1024, _MM_HINT_T0);  // one stream: ahead in it
       const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r + k)));
       const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r + k + 16)));
       for (int j = 0; j < M; j++) {
