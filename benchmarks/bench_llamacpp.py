@@ -129,13 +129,14 @@ def step_ms(engine: Engine, prompt: list[int], n: int, repeats: int) -> float:
 
 def products_ms(engine: Engine, model: nn.Module, repeats: int) -> float:
     """Milliseconds of a decode step's weight products: one row through every linear layer, in the
-    model's order, each on the route and kernel a step gives it (the engine's installed forwards; inside
-    the one-call layers the same kernels run), best of `repeats`."""
+    model's order, each on the route and kernel a step gives it (the engine's installed forwards, if any;
+    inside the one-call layers the same kernels run), best of `repeats`."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     xs = {k: torch.randn(1, 1, k).to(dtype) for k in {m.in_features for m in layers}}
-    engine.kernels.refresh()
-    with torch.inference_mode(), engine.kernels.installed():
+    kernels = engine.kernels  # None where the engine decodes on the modules' own forwards
+    routes = kernels.installed() if kernels is not None and kernels.refresh() else contextlib.nullcontext()
+    with torch.inference_mode(), routes:
         run = lambda: [m(xs[m.in_features]) for m in layers]  # noqa: E731
         run()
         return min(_timed(run) for _ in range(repeats)) * 1e3
