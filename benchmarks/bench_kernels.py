@@ -10,6 +10,10 @@ one row times every matrix, best of --repeats passes. Candidates per weight type
 
     .venv/bin/python benchmarks/bench_kernels.py                 # both shapes, all weight types
     .venv/bin/python benchmarks/bench_kernels.py --shape qwen3-0.6b --dtypes bf16 int8
+    .venv/bin/python benchmarks/bench_kernels.py --shape gpt2 --dtypes fp32 bf16 --rows 1,2,3,4,5,8
+
+With --rows, native's product of several rows of x at once (a draft's tokens checked, a small batch) instead:
+ms per pass over the matrices for each count of rows, in rotation, and the ratio to one row.
 
 The candidates of a row run in rotation, so a change in load hits them alike. The bandwidth is the read
 rate of summing a 512 MiB fp32 tensor. Run it on an idle machine.
@@ -79,6 +83,23 @@ def candidates(dtype: str, shapes: list[tuple[int, int]]) -> tuple[int, dict[str
     return sum(q.qweight.numel() for q in layers), found
 
 
+def few_rows(dtype: str, shapes: list[tuple[int, int]], counts: list[int], repeats: int) -> dict[int, float]:
+    """Best seconds of native's product over every matrix of `shapes` for each count of rows of x."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.float32 if dtype == "fp32" else torch.bfloat16
+    weights = [torch.randn(n, k, generator=g).to(t) for n, k in shapes]
+    xs = {m: {k: torch.randn(m, k, generator=g).to(t) for _, k in shapes} for m in counts}
+    best = dict.fromkeys(counts, float("inf"))
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):  # round 0 warms up
+            for m in counts:
+                pairs = [(xs[m][w.shape[1]], w) for w in weights]
+                seconds = _timed(lambda: [native.few_rows_linear(x, w, None) for x, w in pairs])  # noqa: B023
+                if round_:
+                    best[m] = min(best[m], seconds)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
@@ -86,6 +107,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", choices=kinds, default=kinds)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("--rows", help="counts of rows of x, as 1,2,4: native's few-rows product (fp32, bf16)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,7 +119,19 @@ def main() -> None:
     )
     bw = read_bandwidth()
     print(f"read bandwidth (sum of a 512 MiB tensor): {bw:.1f} GB/s")
-    for shape in SHAPES if args.shape == "all" else [args.shape]:
+    shapes = SHAPES if args.shape == "all" else [args.shape]
+    if args.rows:
+        if not native.available():
+            raise SystemExit("--rows measures native's kernels, which are not available here")
+        counts = sorted({1, *(int(c) for c in args.rows.split(","))})
+        for shape in shapes:
+            for dtype in (d for d in args.dtypes if d in ("fp32", "bf16")):
+                best = few_rows(dtype, SHAPES[shape], counts, args.repeats)
+                cells = " / ".join(f"{best[m] * 1e3:.2f}" for m in counts)
+                ratios = " / ".join(f"{best[m] / best[1]:.2f}" for m in counts)
+                print(f"{shape} {dtype}, rows {'/'.join(map(str, counts))}: {cells} ms = {ratios} x one row")
+        return
+    for shape in shapes:
         for dtype in args.dtypes:
             if dtype == "int4" and not int4_supported():
                 continue

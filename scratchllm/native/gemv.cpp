@@ -12,7 +12,8 @@
 // products run on tiles of 16 weight rows, so that checking a few rows costs little more than one. CPUs with
 // AVX2 and FMA but no AVX-512 take 256-bit versions of each: fp32 multiply-adds, bf16 weights widened in
 // registers, int8 through vpmaddwd on codes widened to 16 bits, int4 codes converted to fp32; there each
-// thread reads its rows as a few long sequential streams (`in_streams`) rather than a few rows side by side.
+// thread reads its rows as a few long sequential streams (`in_streams`) rather than a few rows side by side,
+// and several rows of x times fp32 weights go chunk by chunk of columns (`rows_in_chunks`).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -132,9 +133,8 @@ struct F32 {
   using X = float;
   using Acc = __m256;
   using Raw = __m256;
-  static constexpr int kCols = 8, kMaxM = 4, kSums = 1;
-  // R x M sums, R weights and a row of x in 16 registers
-  static constexpr int rows_per_pass(int M) { return M == 1 ? kRows : M == 2 ? 4 : M == 3 ? 3 : 2; }
+  static constexpr int kCols = 8, kSums = 1, kMaxM = 1;  // more rows of x: rows_in_chunks
+  static constexpr int rows_per_pass(int) { return kRows; }
   static __m256i first(int64_t count) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
@@ -144,6 +144,7 @@ struct F32 {
   static Raw load_x_tail(int64_t count, const float* p) { return load_w_tail(count, p); }
   static Acc zero() { return _mm256_setzero_ps(); }
   static Acc dot(Acc acc, Raw x, Raw w) { return _mm256_fmadd_ps(x, w, acc); }
+  static void keep(Raw& v) { asm("" : "+x"(v)); }  // in a register, not loaded again as each FMA's operand
   static float sum(Acc a) { return scratchllm::sum8(a); }
 };
 
@@ -156,7 +157,6 @@ struct BF16 : F32 {
     __m256 even, odd;
   };
   static constexpr int kCols = 16;
-  static constexpr int rows_per_pass(int M) { return M == 1 ? kRows : M == 2 ? 3 : 2; }  // two registers a load
   static Raw load_w(const uint16_t* p) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
@@ -170,6 +170,7 @@ struct BF16 : F32 {
   }
   static Raw load_x_tail(int64_t, const float* p) { return load_x(p); }  // x's layout pads with zeros
   static Acc dot(Acc acc, Raw x, Raw w) { return _mm256_fmadd_ps(x.odd, w.odd, _mm256_fmadd_ps(x.even, w.even, acc)); }
+  static void keep(Raw& v) { asm("" : "+x"(v.even), "+x"(v.odd)); }
 };
 
 // M rows of bf16 x (M x K) widened into `out` (M x ldx, ldx = K rounded up to 16), each 16 columns as
@@ -236,9 +237,10 @@ void rows_pass(const typename E::T* w, const typename E::X* x, float* y, int64_t
   if constexpr (B > 0) rows_times_rows_block<E, R, B>(w, x + A * ldx, y + A * N, K, ldx, N, n, stride);
 }
 
+// M rows of x times weight rows n0..n1, R weight rows a pass (on AVX2 R streams, `in_streams`).
 template <typename E, int M>
-void rows_times_rows(const typename E::T* w, const typename E::X* x, float* y, int64_t K, int64_t ldx, int64_t N,
-                     int64_t n0, int64_t n1) {
+void rows_in_passes(const typename E::T* w, const typename E::X* x, float* y, int64_t K, int64_t ldx, int64_t N,
+                    int64_t n0, int64_t n1) {
   constexpr int A = M < E::kMaxM ? M : E::kMaxM, B = M - A, R = E::rows_per_pass(A);
   auto block = [&](int64_t n, int64_t stride) { rows_pass<E, R, A, B>(w, x, y, K, ldx, N, n, stride); };
   auto single = [&](int64_t n) { rows_pass<E, 1, A, B>(w, x, y, K, ldx, N, n, 1); };
@@ -249,6 +251,89 @@ void rows_times_rows(const typename E::T* w, const typename E::X* x, float* y, i
   for (; n + R <= n1; n += R) block(n, 1);
   for (; n < n1; n++) single(n);
 #endif
+}
+
+#ifdef SCRATCHLLM_AVX2
+// ---- several rows of x on AVX2: chunks of columns ----
+//
+// A pass over R weight rows takes at most 2 rows of x in 16 registers (R x 2 sums, a few weights, a row of x),
+// so more rows take several passes, each over a chunk of kChunk columns, in L1 after the first pass: the
+// thread still reads R long streams from memory whatever M is. Each pair's sums wait on the stack between
+// chunks, and its additions run in the one-row kernel's order, so a row of x gets its one-row result.
+
+constexpr int64_t kChunk = 256;  // columns: R weight rows and 8 rows of x (fp32) fit L1 together
+constexpr int kGroup = 2;        // rows of x a pass over a chunk takes
+
+// How many of `left` rows of x the next pass takes: passes of at most kGroup, as even as they come.
+constexpr int group_size(int left) {
+  const int passes = (left + kGroup - 1) / kGroup;
+  return (left + passes - 1) / passes;
+}
+
+// The first `cols` columns of the R weight rows `rows` times G rows of x (ldx apart), added into their sums
+// (G x R).
+template <typename E, int R, int G>
+void chunk_pass(const typename E::T* const* rows, const float* x, int64_t ldx, __m256* sums, int64_t cols) {
+  constexpr int C = E::kCols;
+  __m256 a[G][R];
+  for (int j = 0; j < G; j++)
+    for (int i = 0; i < R; i++) a[j][i] = sums[j * R + i];
+  auto step = [&](int64_t k, int64_t tail) {
+    typename E::Raw xv[G];
+    for (int j = 0; j < G; j++) {
+      auto v = tail ? E::load_x_tail(tail, x + j * ldx + k) : E::load_x(x + j * ldx + k);
+      E::keep(v);
+      xv[j] = v;
+    }
+    for (int i = 0; i < R; i++) {
+      auto wv = tail ? E::load_w_tail(tail, rows[i] + k) : E::load_w(rows[i] + k);
+      E::keep(wv);
+      for (int j = 0; j < G; j++) a[j][i] = E::dot(a[j][i], xv[j], wv);
+    }
+  };
+  const int64_t full = cols / C * C;
+  for (int64_t k = 0; k < full; k += C) step(k, 0);
+  if (full < cols) step(full, cols - full);
+  for (int j = 0; j < G; j++)
+    for (int i = 0; i < R; i++) sums[j * R + i] = a[j][i];
+}
+
+// Rows J.. of x's M, group_size rows a pass.
+template <typename E, int R, int M, int J = 0>
+void chunk_passes(const typename E::T* const* rows, const float* x, int64_t ldx, __m256* sums, int64_t cols) {
+  constexpr int G = group_size(M - J);
+  chunk_pass<E, R, G>(rows, x + J * ldx, ldx, sums + J * R, cols);
+  if constexpr (J + G < M) chunk_passes<E, R, M, J + G>(rows, x, ldx, sums, cols);
+}
+
+// Weight rows n, n + stride, ... (R of them) times the M rows of x, chunk by chunk.
+template <typename E, int R, int M>
+void rows_in_chunks(const typename E::T* w, const float* x, float* y, int64_t K, int64_t ldx, int64_t N, int64_t n,
+                    int64_t stride) {
+  const typename E::T* rows[R];
+  __m256 sums[M * R];
+  for (auto& s : sums) s = F32::zero();
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    for (int i = 0; i < R; i++) rows[i] = w + (n + i * stride) * K + k0;
+    chunk_passes<E, R, M>(rows, x + k0, ldx, sums, std::min(kChunk, K - k0));
+  }
+  for (int j = 0; j < M; j++)
+    for (int i = 0; i < R; i++) y[j * N + n + i * stride] = F32::sum(sums[j * R + i]);
+}
+#endif
+
+// M rows of x times weight rows n0..n1 (on AVX2 several rows of x in chunks).
+template <typename E, int M>
+void rows_times_rows(const typename E::T* w, const typename E::X* x, float* y, int64_t K, int64_t ldx, int64_t N,
+                     int64_t n0, int64_t n1) {
+#ifdef SCRATCHLLM_AVX2
+  if constexpr (M > 1)
+    in_streams<kRows>(
+        n0, n1, [&](int64_t n, int64_t stride) { rows_in_chunks<E, kRows, M>(w, x, y, K, ldx, N, n, stride); },
+        [&](int64_t n) { rows_in_chunks<E, 1, M>(w, x, y, K, ldx, N, n, 1); });
+  else
+#endif
+    rows_in_passes<E, M>(w, x, y, K, ldx, N, n0, n1);
 }
 
 // All M (1..kMaxRows) rows of x times weight rows n0..n1.
