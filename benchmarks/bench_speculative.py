@@ -211,6 +211,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CPUs with native bf16), fp32, bf16")
+    ap.add_argument("--draft-dtype", help="the drafts' weights (default: --dtype's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
@@ -230,6 +231,7 @@ def main() -> None:
 
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    draft_dtype = resolve_dtype(args.draft_dtype, device) if args.draft_dtype else dtype
     target = load_model(target_dir, device=device, dtype=dtype)
     plain = Engine(target.model, target.tokenizer)
     drafts = {"draft": draft_dir}
@@ -248,8 +250,8 @@ def main() -> None:
     confidences = [float(c) for c in args.draft_confidence.split(",")]
     engines = {"target alone": plain}
     for label, path in drafts.items():
-        draft = load_model(path, device=device, dtype=dtype).model
-        print(f"{label}: {path}, {count_parameters(draft) / 1e6:.2f}M parameters")
+        draft = load_model(path, device=device, dtype=draft_dtype).model
+        print(f"{label}: {path}, {count_parameters(draft) / 1e6:.2f}M parameters, {draft_dtype}")
         for k in ks:
             for c in confidences:
                 name = f"{label}, k={k}" + (f", confidence {c:g}" if c else "")
