@@ -13,7 +13,7 @@
 // AVX2 and FMA but no AVX-512 take 256-bit versions of each: fp32 multiply-adds, bf16 weights widened in
 // registers, int8 through vpmaddwd on codes widened to 16 bits, int4 codes converted to fp32; there each
 // thread reads its rows as a few long sequential streams (`in_streams`) rather than a few rows side by side,
-// and several rows of x times fp32 weights go chunk by chunk of columns (`rows_in_chunks`).
+// and several rows of x go chunk by chunk of columns (`rows_in_chunks`).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -91,7 +91,8 @@ void in_streams(int64_t n0, int64_t n1, Block block, Single single) {
 // What the row kernel needs of a weight type on a vector width: columns per step (kCols), the type of x's
 // rows (X), loads of weights and of x (a tail: the `count` < kCols columns left, the rest zero), the product
 // added into fp32 sums (dot), how many sums each pair of rows keeps (kSums) and their total (sum), how many
-// rows of x one pass takes at most (kMaxM) and how many weight rows for M rows of x (rows_per_pass).
+// rows of x one pass takes at most (kMaxM) and how many weight rows for M rows of x (rows_per_pass; on AVX2
+// only one row of x takes such passes).
 #ifdef __AVX512F__
 struct F32 {
   using T = float;
@@ -256,8 +257,8 @@ void rows_in_passes(const typename E::T* w, const typename E::X* x, float* y, in
 #ifdef SCRATCHLLM_AVX2
 // ---- several rows of x on AVX2: chunks of columns ----
 //
-// A pass over R weight rows takes at most 2 rows of x in 16 registers (R x 2 sums, a few weights, a row of x),
-// so more rows take several passes, each over a chunk of kChunk columns, in L1 after the first pass: the
+// A pass over R weight rows takes at most 2 rows of x in 16 registers (R x 2 sums, 2 rows of x, one weight row
+// at a time), so more rows take several passes, each over a chunk of kChunk columns, in L1 after the first pass: the
 // thread still reads R long streams from memory whatever M is. Each pair's sums wait on the stack between
 // chunks, and its additions run in the one-row kernel's order, so a row of x gets its one-row result.
 

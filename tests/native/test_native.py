@@ -70,9 +70,9 @@ def test_the_split_between_threads_does_not_change_a_sum(dtype, in_features):
 
 @pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# 96 columns: whole tiles of 32 (AMX); 603: chunks of 256 columns and a tail (AVX2); 130 rows: 8 tiles of 16
-# and 2 more
-@pytest.mark.parametrize("in_features", [100, 96, 603])
+# 96 columns: whole tiles of 32 (AMX); 603, 512, 259: chunks of 256 columns, with a tail, whole, a tail alone
+# (AVX2); 130 rows: 8 tiles of 16 and 2 more
+@pytest.mark.parametrize("in_features", [100, 96, 603, 512, 259, 5])
 def test_a_few_rows_get_each_rows_own_result(dtype, portable, in_features):
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(130, in_features, generator=g).to(dtype), torch.randn(130, generator=g).to(dtype)
