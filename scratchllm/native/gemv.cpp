@@ -5,15 +5,15 @@
 // time while the next few are prefetched, read each weight once for every row of x they take, and split
 // the weight rows between PyTorch's threads. Weights come as fp32, bf16, int8 (one scale per row, the
 // activations quantized to 8 bits on the fly) or int4 (two codes per byte, a step and a zero per group
-// of columns); sums are exact in int32 for int8 and kept in fp32 otherwise. The portable loops are what
-// the kernels compute (the compiler vectorizes them for the CPU it builds on); with AVX-512 BF16, bf16
-// and int4 rows go through vdpbf16ps (32 bf16 products added into 16 fp32 sums in one instruction), and
-// with AVX-512 VNNI int8 rows through vpdpbusd (64 u8 x s8 products into 16 int32 sums). With AMX, bf16
-// products run on tiles of 16 weight rows, so that checking a few rows costs little more than one. CPUs with
-// AVX2 and FMA but no AVX-512 take 256-bit versions of each: fp32 multiply-adds, bf16 weights widened in
-// registers, int8 through vpmaddwd on codes widened to 16 bits, int4 codes converted to fp32; there each
-// thread reads its rows as a few long sequential streams (`in_streams`) rather than a few rows side by side,
-// and several rows of x go chunk by chunk of columns (`rows_in_chunks`).
+// of columns); sums are exact in int32 for int8 (and int4's groups on AVX2) and kept in fp32 otherwise.
+// The portable loops are what the kernels compute (the compiler vectorizes them for the CPU it builds on);
+// with AVX-512 BF16, bf16 and int4 rows go through vdpbf16ps (32 bf16 products added into 16 fp32 sums in
+// one instruction), and with AVX-512 VNNI int8 rows through vpdpbusd (64 u8 x s8 products into 16 int32 sums).
+// With AMX, bf16 products run on tiles of 16 weight rows, so that checking a few rows costs little more than
+// one. CPUs with AVX2 and FMA but no AVX-512 take 256-bit versions of each: fp32 multiply-adds, bf16 weights
+// widened in registers, int8 through vpmaddwd on codes widened to 16 bits, int4 too on x rounded to 16 bits;
+// there each thread reads its rows as a few long sequential streams (`in_streams`) rather than a few rows side
+// by side, and several rows of x go chunk by chunk of columns (`rows_in_chunks`).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -658,46 +658,67 @@ void rows_int4_avx512bf16(const uint8_t* w, const uint16_t* step, const uint16_t
 #endif
 
 #ifdef SCRATCHLLM_AVX2
-// The same on 256-bit vectors: 8 bytes of codes widened to int32 lanes, the low and high halves converted
-// to fp32 and multiplied into the even and odd columns of x (fp32 here) with separate sums, 2R chains in
-// flight; step * sum q x + (zero - 8 step) xsum per group. Groups of 16+ columns. Rows n, n + stride, ...
-// (R of them).
+// The same on 256-bit vectors, in integers: x rounded to 16 bits over its row's range (xq = x / scale, so the
+// product is exact for those values), 16 bytes of codes widened to 16-bit lanes, their low and high halves
+// multiplied into x's even and odd columns by vpmaddwd (pairs of products added into int32 sums, exact),
+// step * scale * sum q xq + (zero - 8 step) * xsum per group, xsum the group's sum of the rounded x. Groups of
+// 32+ columns. Rows n, n + stride, ... (R of them).
 template <int R>
-void int4_block_avx2(const uint8_t* w, const uint16_t* step, const uint16_t* zero, const float* xe, const float* xo,
-                     const float* xsum, float* y, int64_t K, int64_t G, int64_t n, int64_t stride) {
+void int4_block_avx2(const uint8_t* w, const uint16_t* step, const uint16_t* zero, const int16_t* xe, const int16_t* xo,
+                     float scale, const float* xsum, float* y, int64_t K, int64_t G, int64_t n, int64_t stride) {
   const int64_t groups = K / G, half = G / 2;
-  const __m256i low4 = _mm256_set1_epi32(15);
+  const __m256i low4 = _mm256_set1_epi16(15);
   __m256 total[R];
   float rest[R];
   for (int i = 0; i < R; i++) total[i] = _mm256_setzero_ps(), rest[i] = 0;
   for (int64_t g = 0; g < groups; g++) {
-    __m256 de[R], dodd[R];
-    for (int i = 0; i < R; i++) de[i] = dodd[i] = _mm256_setzero_ps();
-    for (int64_t j = g * half; j < (g + 1) * half; j += 8) {
-      const __m256 even = _mm256_loadu_ps(xe + j), odd = _mm256_loadu_ps(xo + j);
+    __m256i d[R];
+    for (int i = 0; i < R; i++) d[i] = _mm256_setzero_si256();
+    for (int64_t j = g * half; j < (g + 1) * half; j += 16) {
+      const __m256i even = _mm256_loadu_si256((const __m256i*)(xe + j));
+      const __m256i odd = _mm256_loadu_si256((const __m256i*)(xo + j));
       for (int i = 0; i < R; i++) {
         const uint8_t* bytes = w + (n + i * stride) * (K / 2) + j;
-        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)bytes));
-        de[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low4)), even, de[i]);
-        dodd[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), odd, dodd[i]);
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)bytes));
+        d[i] = _mm256_add_epi32(d[i], _mm256_madd_epi16(_mm256_and_si256(b, low4), even));
+        d[i] = _mm256_add_epi32(d[i], _mm256_madd_epi16(_mm256_srli_epi16(b, 4), odd));
       }
     }
     for (int i = 0; i < R; i++) {
       const int64_t row = n + i * stride;
       const float st = to_float(step[row * groups + g]), ze = to_float(zero[row * groups + g]);
-      total[i] = _mm256_fmadd_ps(_mm256_set1_ps(st), _mm256_add_ps(de[i], dodd[i]), total[i]);
+      total[i] = _mm256_fmadd_ps(_mm256_set1_ps(st * scale), _mm256_cvtepi32_ps(d[i]), total[i]);
       rest[i] += (ze - 8 * st) * xsum[g];
     }
   }
   for (int i = 0; i < R; i++) y[n + i * stride] = scratchllm::sum8(total[i]) + rest[i];
 }
 
-void rows_int4_avx2(const uint8_t* w, const uint16_t* step, const uint16_t* zero, const float* xe, const float* xo,
-                    const float* xsum, float* y, int64_t K, int64_t G, int64_t n0, int64_t n1) {
+void rows_int4_avx2(const uint8_t* w, const uint16_t* step, const uint16_t* zero, const int16_t* xe, const int16_t* xo,
+                    float scale, const float* xsum, float* y, int64_t K, int64_t G, int64_t n0, int64_t n1) {
   in_streams<kRows>(
       n0, n1,
-      [&](int64_t n, int64_t stride) { int4_block_avx2<kRows>(w, step, zero, xe, xo, xsum, y, K, G, n, stride); },
-      [&](int64_t n) { int4_block_avx2<1>(w, step, zero, xe, xo, xsum, y, K, G, n, 1); });
+      [&](int64_t n, int64_t stride) {
+        int4_block_avx2<kRows>(w, step, zero, xe, xo, scale, xsum, y, K, G, n, stride);
+      },
+      [&](int64_t n) { int4_block_avx2<1>(w, step, zero, xe, xo, scale, xsum, y, K, G, n, 1); });
+}
+
+// x's bf16 row `xs` (K) rounded to 16-bit integers over its range: the even and odd columns, the step, and
+// each group's sum of the rounded values.
+float int16_pairs(const uint16_t* xs, int64_t K, int64_t G, std::vector<int16_t>& xe, std::vector<int16_t>& xo,
+                  std::vector<float>& xsum) {
+  float top = 0;
+  for (int64_t k = 0; k < K; k++) top = std::max(top, std::fabs(to_float(xs[k])));
+  const float scale = top > 0 && std::isfinite(top) ? top / 32767 : 1;
+  xe.resize(K / 2), xo.resize(K / 2);
+  std::fill(xsum.begin(), xsum.end(), 0.0f);
+  for (int64_t k = 0; k < K; k++) {
+    const auto q = int16_t(std::nearbyint(to_float(xs[k]) / scale));
+    (k % 2 ? xo : xe)[k / 2] = q;
+    xsum[k / G] += q * scale;
+  }
+  return scale;
 }
 #endif
 
@@ -916,19 +937,23 @@ at::Tensor int4_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
     });
   } else
 #endif
+#ifdef SCRATCHLLM_AVX2
+  // x with an infinity or NaN keeps the fp32 loops, which carry them through
+  const bool finite = std::all_of(xsum.begin(), xsum.end(), [](float v) { return std::isfinite(v); });
+  if (!portable && (G / 2) % 16 == 0 && finite) {
+    std::vector<int16_t> xe, xo;
+    const float scale = int16_pairs(xs, K, G, xe, xo, xsum);
+    over_rows(N, [&](int64_t n0, int64_t n1) {
+      rows_int4_avx2(w, st, ze, xe.data(), xo.data(), scale, xsum.data(), y, K, G, n0, n1);
+    });
+  } else
+#endif
   {
     std::vector<float> xe(K / 2), xo(K / 2);
     for (int64_t j = 0; j < K / 2; j++) xe[j] = to_float(xs[2 * j]), xo[j] = to_float(xs[2 * j + 1]);
-#ifdef SCRATCHLLM_AVX2
-    if (!portable && (G / 2) % 8 == 0)
-      over_rows(N, [&](int64_t n0, int64_t n1) {
-        rows_int4_avx2(w, st, ze, xe.data(), xo.data(), xsum.data(), y, K, G, n0, n1);
-      });
-    else
-#endif
-      over_rows(N, [&](int64_t n0, int64_t n1) {
-        rows_int4_portable(w, st, ze, xe.data(), xo.data(), xsum.data(), y, K, G, n0, n1);
-      });
+    over_rows(N, [&](int64_t n0, int64_t n1) {
+      rows_int4_portable(w, st, ze, xe.data(), xo.data(), xsum.data(), y, K, G, n0, n1);
+    });
   }
   auto sizes = x.sizes().vec();
   sizes.back() = N;
