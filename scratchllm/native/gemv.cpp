@@ -258,9 +258,9 @@ void rows_in_passes(const typename E::T* w, const typename E::X* x, float* y, in
 // ---- several rows of x on AVX2: chunks of columns ----
 //
 // A pass over R weight rows takes at most 2 rows of x in 16 registers (R x 2 sums, 2 rows of x, one weight row
-// at a time), so more rows take several passes, each over a chunk of kChunk columns, in L1 after the first pass: the
-// thread still reads R long streams from memory whatever M is. Each pair's sums wait on the stack between
-// chunks, and its additions run in the one-row kernel's order, so a row of x gets its one-row result.
+// at a time), so more rows take several passes, each over a chunk of kChunk columns, in L1 after the first
+// pass: the thread still reads R long streams from memory whatever M is. Each pair's sums wait on the stack
+// between chunks, and its additions run in the one-row kernel's order, so a row of x gets its one-row result.
 
 constexpr int64_t kChunk = 256;  // columns: R weight rows and 8 rows of x (fp32) fit L1 together
 constexpr int kGroup = 2;        // rows of x a pass over a chunk takes
@@ -705,12 +705,16 @@ void rows_int4_avx2(const uint8_t* w, const uint16_t* step, const uint16_t* zero
 }
 
 // x's bf16 row `xs` (K) rounded to 16-bit integers over its range: the even and odd columns, the step, and
-// each group's sum of the rounded values.
+// each group's sum of the rounded values. 0, with nothing written, where x holds an infinity or NaN.
 float int16_pairs(const uint16_t* xs, int64_t K, int64_t G, std::vector<int16_t>& xe, std::vector<int16_t>& xo,
                   std::vector<float>& xsum) {
   float top = 0;
-  for (int64_t k = 0; k < K; k++) top = std::max(top, std::fabs(to_float(xs[k])));
-  const float scale = top > 0 && std::isfinite(top) ? top / 32767 : 1;
+  for (int64_t k = 0; k < K; k++) {
+    const float v = to_float(xs[k]);
+    if (!std::isfinite(v)) return 0;
+    top = std::max(top, std::fabs(v));
+  }
+  const float scale = top > 0 ? top / 32767 : 1;
   xe.resize(K / 2), xo.resize(K / 2);
   std::fill(xsum.begin(), xsum.end(), 0.0f);
   for (int64_t k = 0; k < K; k++) {
@@ -938,11 +942,9 @@ at::Tensor int4_one_row_linear(const at::Tensor& x, const at::Tensor& qweight, c
   } else
 #endif
 #ifdef SCRATCHLLM_AVX2
-  // x with an infinity or NaN keeps the fp32 loops, which carry them through
-  const bool finite = std::all_of(xsum.begin(), xsum.end(), [](float v) { return std::isfinite(v); });
-  if (!portable && (G / 2) % 16 == 0 && finite) {
-    std::vector<int16_t> xe, xo;
-    const float scale = int16_pairs(xs, K, G, xe, xo, xsum);
+  std::vector<int16_t> xe, xo;
+  const float scale = !portable && (G / 2) % 16 == 0 ? int16_pairs(xs, K, G, xe, xo, xsum) : 0;
+  if (scale > 0) {  // else (an infinity or NaN in x) the fp32 loops, which carry them through
     over_rows(N, [&](int64_t n0, int64_t n1) {
       rows_int4_avx2(w, st, ze, xe.data(), xo.data(), scale, xsum.data(), y, K, G, n0, n1);
     });

@@ -281,6 +281,17 @@ def test_int4_one_row_is_int4linears_stated_product(out_features, in_features, g
     torch.testing.assert_close(one.expand(1, 3, out_features), several, rtol=2**-7, atol=1e-3)
 
 
+def test_int4_carries_nan_and_infinity_through():
+    if not int4_supported():
+        pytest.skip("this PyTorch has no int4 CPU kernel")
+    torch.manual_seed(0)
+    layer = Int4Linear(torch.nn.Linear(256, 8), 64)
+    x = torch.randn(3, 256)
+    x[0, 3], x[1, 7] = float("nan"), float("inf")  # AVX2 rounds x to 16 bits only where it is finite
+    got = [native.int4_one_row_linear(row, layer.qweight, layer.step, layer.zero, 64) for row in x]
+    assert got[0].isnan().all() and not got[1].isfinite().any() and got[2].isfinite().all()
+
+
 def test_without_a_compiler_pytorchs_kernels_remain(tmp_path):
     code = (
         "from scratchllm import native; import torch; from scratchllm.model.quantize import Int8Linear\n"
