@@ -100,6 +100,14 @@ def few_rows(dtype: str, shapes: list[tuple[int, int]], counts: list[int], repea
     return best
 
 
+def row_counts(text: str) -> list[int]:
+    """--rows: positive whole numbers separated by commas (argparse reports a ValueError as bad input)."""
+    counts = [int(c) for c in text.split(",")]
+    if min(counts) < 1:
+        raise ValueError(text)
+    return counts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
@@ -107,7 +115,9 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", choices=kinds, default=kinds)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    ap.add_argument("--rows", help="counts of rows of x, as 1,2,4: native's few-rows product (fp32, bf16)")
+    ap.add_argument(
+        "--rows", type=row_counts, help="counts of rows of x, as 1,2,4: native's product of several rows"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,7 +133,7 @@ def main() -> None:
     if args.rows:
         if not native.available():
             raise SystemExit("--rows measures native's kernels, which are not available here")
-        counts = sorted({1, *(int(c) for c in args.rows.split(","))})
+        counts = sorted({1, *args.rows})
         for shape in shapes:
             for dtype in (d for d in args.dtypes if d in ("fp32", "bf16")):
                 best = few_rows(dtype, SHAPES[shape], counts, args.repeats)
