@@ -272,9 +272,10 @@ constexpr int group_size(int left) {
 }
 
 // The first `cols` columns of the R weight rows `rows` times G rows of x (ldx apart), added into their sums
-// (G x R).
+// (G x R). Always inlined: a call per pass and chunk is not free next to a pass's 16 or 32 steps.
 template <typename E, int R, int G>
-void chunk_pass(const typename E::T* const* rows, const float* x, int64_t ldx, __m256* sums, int64_t cols) {
+__attribute__((always_inline)) inline void chunk_pass(const typename E::T* const* rows, const float* x, int64_t ldx,
+                                                      __m256* sums, int64_t cols) {
   constexpr int C = E::kCols;
   __m256 a[G][R];
   for (int j = 0; j < G; j++)
@@ -737,39 +738,56 @@ void check(const at::Tensor& x, const at::Tensor& weight, const std::optional<at
               "few_rows_linear: the bias must be contiguous, one value per output");
 }
 
-// y[k] + b[k] (b: none or a bias), for k < n: back into y, or rounded into out (bf16, as to_bf16 rounds).
-void finish_span(float* y, const float* b, uint16_t* out, int64_t n) {
+// y[k] + b[k] (b: none or a bias, fp32 or bf16), for k < n: back into y, or rounded into out (bf16, as to_bf16
+// rounds).
+template <typename B>
+void finish_span(float* y, const B* b, uint16_t* out, int64_t n) {
   int64_t k = 0;
 #ifdef __AVX512F__
   for (; k + 16 <= n; k += 16) {
     __m512 v = _mm512_loadu_ps(y + k);
-    if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + k));
+    if constexpr (std::is_same_v<B, float>) {
+      if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + k));
+    } else if (b) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k));
+      v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
     if (out) scratchllm::store_bf16x16(out + k, v);
     else _mm512_storeu_ps(y + k, v);
   }
 #endif
   for (; k < n; k++) {
-    const float v = b ? y[k] + b[k] : y[k];
+    const float v = b ? y[k] + to_float(b[k]) : y[k];
     if (out) out[k] = to_bf16(v);
     else y[k] = v;
   }
 }
 
-// fp32 sums (M x N) plus the bias, as a tensor of `sizes` in fp32 or, for `bf16`, rounded to bf16.
+// fp32 sums (M x N) plus the bias (B: its element type), into `out` (bf16) or back into the sums.
+template <typename B>
+void finish_rows(float* y, const B* b, uint16_t* out, int64_t count, int64_t N) {
+  at::parallel_for(0, count, 16384, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0, n; i < i1; i += n) {  // spans within one row of N
+      n = std::min(i1 - i, N - i % N);
+      finish_span(y + i, b ? b + i % N : nullptr, out ? out + i : nullptr, n);
+    }
+  });
+}
+
+// fp32 sums (M x N) plus the bias, as a tensor of `sizes` in fp32 or, for `bf16`, rounded to bf16. A bf16 or
+// fp32 bias is read as it is: a conversion per call would cost a few microseconds of each decode step's layers.
 at::Tensor finish(at::Tensor sums, const std::optional<at::Tensor>& bias, at::IntArrayRef sizes, bool bf16) {
   float* y = sums.data_ptr<float>();
   const int64_t count = sums.numel(), N = sizes.back();
   if (!bias && !bf16) return sums.view(sizes);
-  auto b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* bp = bias ? b.data_ptr<float>() : nullptr;
   auto out = bf16 ? at::empty(sizes, sums.options().dtype(at::kBFloat16)) : sums.view(sizes);
   auto* o = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr()) : nullptr;
-  at::parallel_for(0, count, 16384, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0, n; i < i1; i += n) {  // spans within one row of N
-      n = std::min(i1 - i, N - i % N);
-      finish_span(y + i, bp ? bp + i % N : nullptr, o ? o + i : nullptr, n);
-    }
-  });
+  if (bias && bias->scalar_type() == at::kBFloat16) {
+    finish_rows(y, reinterpret_cast<const uint16_t*>(bias->data_ptr()), o, count, N);
+  } else {
+    const auto b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    finish_rows(y, bias ? b.data_ptr<float>() : nullptr, o, count, N);
+  }
   return out;
 }
 
