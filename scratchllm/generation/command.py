@@ -65,6 +65,7 @@ def generate_command(settings: GenerateSettings) -> None:
         draft_tokens=runtime.draft_tokens,
         draft_confidence=runtime.draft_confidence,
     )
+    engine.warm_up()  # the summary's tokens/s then counts decoding, not a first build of the kernels
     start = time.perf_counter()
     if settings.stream:
         stream = engine.stream(prompts[0], cfg)

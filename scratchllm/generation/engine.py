@@ -273,9 +273,14 @@ class Engine:
         return out
 
     def warm_up(self, max_batch_size: int = 1) -> list[int]:
-        """With `compile`: compile (and on GPUs record) the decode step for every cache shape that
-        batches of up to `max_batch_size` prompts use, so that no later request waits for it.
-        Returns those cache batch sizes ([] without `compile`)."""
+        """Do now what the first generation would otherwise wait for: on CPUs, pack the weights and
+        pick each product's kernel (`PackedLinears.refresh`, which builds scratchllm/native the first
+        time); with `compile`, compile (and on GPUs record) the decode step for every cache shape that
+        batches of up to `max_batch_size` prompts use. Returns those cache batch sizes ([] without
+        `compile`)."""
+        for kernels in (self.kernels, self.draft_kernels):
+            if kernels is not None:
+                kernels.refresh()
         if self.compiled is None:
             return []
         sizes = sorted({CompiledDecoding.batch_rows(n) for n in range(1, max_batch_size + 1)})

@@ -53,6 +53,25 @@ def test_prepacked_kernels_give_the_same_tokens_and_follow_weight_changes():
         ]
 
 
+def test_warm_up_packs_the_weights_before_the_first_generation(monkeypatch):
+    """`generate`'s summary times decoding only: packing, the kernel probe and native's first build
+    happen in `warm_up`, before its clock starts, for the model and its draft."""
+    model, draft = tiny_model(seed=3), tiny_model(seed=4)
+    engine = Engine(model, ByteTokenizer(), draft=draft, draft_tokens=2)
+    if engine.kernels is None or engine.draft_kernels is None:
+        pytest.skip("no prepacked CPU kernels here")
+    assert engine.warm_up() == []
+
+    def refuse(*args):
+        raise AssertionError("the weights were packed again inside the generation")
+
+    monkeypatch.setattr(kernels, "one_row_kernel", refuse)
+    monkeypatch.setattr(kernels, "few_rows_kernel", refuse)
+    cfg = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    [out] = engine.generate([[5, 9, 2]], cfg)
+    assert out.token_ids == book_greedy(model, [5, 9, 2], 6)
+
+
 @pytest.mark.parametrize("one_row", ONE_ROW_KERNELS)
 def test_one_row_takes_the_kernel_the_probe_found_fastest(monkeypatch, one_row):
     if not PackedLinears.supported(tiny_model()):
