@@ -7,7 +7,8 @@ rest in single calls"). `PackedLinears.installed()` routes modules through these
 write and attention in one), `quantized_forward` (an int8 or int4 layer straight to its kernel),
 `block_forward` (a block without nn.Module's per-call machinery and its identity layers), and
 `gpt_model_forward` and `transformer_model_forward` (all of a model's blocks in one native call). Each
-takes the module's own forward wherever it does not compute the same thing.
+takes the module's own forward wherever it does not compute the same thing. `gpt_greedy_proposals` runs a
+GPT-2 draft's greedy proposals for speculative decoding, several steps, in one native call.
 """
 
 from __future__ import annotations
@@ -275,23 +276,10 @@ def gpt_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] | None:
     `attention_forward`), padding masks, more than `FEW_ROWS` rows of new tokens (of quantized layers,
     more than one), losses, training and gradients take the model's own forward (`_step_forward`). None
     for other models, and for blocks with other parts (LoRA layers, replaced modules)."""
-    if type(model) is not gpt.GPTModel or not model.trf_blocks:
+    gpt2 = _GPTStack.of(model)
+    if gpt2 is None:
         return None
-    blocks = list(model.trf_blocks)
-    if not all(_plain_gpt_block(b) for b in blocks):
-        return None
-    stack = _stack(
-        blocks,
-        lambda b: [b.norm1.scale, b.norm1.shift, b.norm2.scale, b.norm2.shift],
-        lambda b: [b.att.qkv, b.att.out_proj, b.ff.layers[0], b.ff.layers[2]],
-    )
-    eps = {n.eps for b in blocks for n in (b.norm1, b.norm2)}
-    gelu = {b.ff.layers[1]._approximate for b in blocks}
-    if stack is None or len(eps) != 1 or len(gelu) != 1:
-        return None
-    (eps,), (gelu,) = eps, gelu
-    first = blocks[0].att
-    scale = first.head_dim**-0.5
+    blocks, stack, first = gpt2.blocks, gpt2.stack, gpt2.blocks[0].att
 
     def layers(in_idx: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         x, mask = model.layer_inputs(in_idx, kv_cache)
@@ -299,12 +287,90 @@ def gpt_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] | None:
             for i, block in enumerate(blocks):
                 x = block(x, mask=mask, kv_cache=kv_cache, layer=i)
             return x
-        return native.gpt_layers(
-            x, stack.params, stack.kinds, stack.groups, kv_cache.k, kv_cache.v, kv_cache.pos,
-            first.n_heads, eps, gelu, scale, *_slots(kv_cache),
-        )  # fmt: skip
+        return native.gpt_layers(x, *gpt2.layers_args(kv_cache), *_slots(kv_cache))
 
     return _step_forward(model, blocks, layers)
+
+
+def gpt_greedy_proposals(
+    model: nn.Module,
+) -> Callable[[list[int], KVCache, int, float], list[int] | None] | None:
+    """For a GPT-2 draft whose decode steps `gpt_model_forward` runs: `propose(ids, kv_cache, k,
+    confidence)`, its greedy proposals in one native call (`native.gpt_greedy_proposals`): `ids` (the
+    tokens its cache lacks) fed, then up to `k` tokens, each its most likely next one, stopping where
+    that one's probability is below `confidence`; the same tokens and cache as the draft's steps through
+    the model (speculative.py), without Python between them. The cache advances by what was fed. It returns
+    None where a step would not take the native call (too many tokens, another cache, gradients), and
+    the factory None for other models and for a quantized or replaced head."""
+    gpt2 = _GPTStack.of(model)
+    head, norm = model.out_head if gpt2 else None, model.final_norm if gpt2 else None
+    if (
+        gpt2 is None
+        or gpt2.stack.quantized
+        or type(head) is not nn.Linear
+        or head.weight.dtype != gpt2.stack.dtype
+        or type(norm) is not LayerNorm
+        or model.tok_emb.weight.dtype != gpt2.stack.dtype
+        or type(model.drop_emb) is not nn.Dropout
+    ):
+        return None
+
+    def propose(ids: list[int], kv_cache: KVCache, k: int, confidence: float) -> list[int] | None:
+        t, pos = len(ids), kv_cache.pos
+        if type(kv_cache) is not KVCache or model.training or any(b.training for b in gpt2.blocks):
+            return None
+        room = min(model.cfg.context_length, kv_cache.k[0].shape[2])
+        if not 1 <= t <= FEW_ROWS or pos + t + k - 1 > room or torch.is_grad_enabled():
+            return None
+        shape = torch.empty(1, t, 0, dtype=gpt2.stack.dtype)  # what `_fusable` reads of the embeddings
+        mask = causal_mask(pos, t, shape.device)[None, None] if t > 1 and pos > 0 else None
+        if not _fusable(gpt2.blocks[0].att, shape, None, mask, kv_cache, 0, None):
+            return None
+        idx = torch.tensor([ids], dtype=torch.long, device=kv_cache.k[0].device)
+        embeddings = (model.tok_emb.weight, model.pos_emb.weight)
+        proposals = native.gpt_greedy_proposals(
+            idx, embeddings, gpt2.layers_args(kv_cache), (norm.scale, norm.shift, norm.eps),
+            (head.weight, head.bias), k, confidence,
+        ).tolist()  # fmt: skip
+        kv_cache.advance(t + len(proposals) - (len(proposals) == k))
+        return proposals
+
+    return propose
+
+
+class _GPTStack:
+    """A `GPTModel`'s blocks as `native.gpt_layers` takes them (`of`: None where it cannot)."""
+
+    def __init__(self, blocks: list[nn.Module], stack: _Stack, eps: float, gelu: str):
+        self.blocks, self.stack, self.eps, self.gelu = blocks, stack, eps, gelu
+        self.scale = blocks[0].att.head_dim ** -0.5
+
+    @staticmethod
+    def of(model: nn.Module) -> _GPTStack | None:
+        """`model`'s stack, if it is a GPT-2 model of plain blocks whose layers a call takes."""
+        if type(model) is not gpt.GPTModel or not model.trf_blocks:
+            return None
+        blocks = list(model.trf_blocks)
+        if not all(_plain_gpt_block(b) for b in blocks):
+            return None
+        stack = _stack(
+            blocks,
+            lambda b: [b.norm1.scale, b.norm1.shift, b.norm2.scale, b.norm2.shift],
+            lambda b: [b.att.qkv, b.att.out_proj, b.ff.layers[0], b.ff.layers[2]],
+        )
+        eps = {n.eps for b in blocks for n in (b.norm1, b.norm2)}
+        gelu = {b.ff.layers[1]._approximate for b in blocks}
+        if stack is None or len(eps) != 1 or len(gelu) != 1:
+            return None
+        return _GPTStack(blocks, stack, eps.pop(), gelu.pop())
+
+    def layers_args(self, kv_cache: KVCache) -> tuple:
+        """`native.gpt_layers`' arguments after x, up to its scale, for a step over `kv_cache`."""
+        stack, att = self.stack, self.blocks[0].att
+        return (
+            stack.params, stack.kinds, stack.groups, kv_cache.k, kv_cache.v, kv_cache.pos,
+            att.n_heads, self.eps, self.gelu, self.scale,
+        )  # fmt: skip
 
 
 def transformer_model_forward(model: nn.Module) -> Callable[..., torch.Tensor] | None:

@@ -94,6 +94,10 @@ class PackedLinears:
             self._key = key
         return True
 
+    def fuses(self, module: nn.Module) -> bool:
+        """Whether `installed()` routes `module` through one of fused.py's forwards (after `refresh()`)."""
+        return any(m is module for m, _ in self._routes)
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """Route the linear layers through the packed weights, and a decode step's RMSNorms and

@@ -25,6 +25,9 @@ window, decoding goes on without the draft, as the `Decoder` does (each token fr
 `context_length` ones). Sliding-window layers (Gemma 3) keep every position in the caches here, so
 that they can go back.
 
+A GPT-2 draft proposing greedily (no penalties) where its steps take the fused forward runs its k steps in
+one native call (`fused.gpt_greedy_proposals`): the same tokens, without the interpreter between steps.
+
 `SpeculativeDecoder` has the `Decoder`'s interface for one prompt, so the `Engine` runs it through its
 usual per-token loop (stop tokens, stop strings, max_new_tokens end a row inside a round).
 """
@@ -45,6 +48,7 @@ from ..hub import load_model
 from ..model.gpt import GPTModel
 from ..text.tokenizer import Tokenizer
 from .config import GenerationConfig
+from .fused import gpt_greedy_proposals
 from .kernels import PackedLinears
 from .sampling import TokenLogprob, apply_penalties, sampling_probs, token_logprobs
 
@@ -177,6 +181,10 @@ class _CachedModel:
         self.cache = model.new_kv_cache(1, self.max_len, dtype=cache_dtype, bounded=False)
         self.offset = 0
         self.device = model.tok_emb.weight.device
+        # a GPT-2 draft's greedy proposals in one native call, where its steps take the fused forward
+        self.greedy = (
+            gpt_greedy_proposals(model) if self.kernels is not None and self.kernels.fuses(model) else None
+        )
 
     def logits(self, text: list[int], extra: Sequence[int] = (), last: int = 1) -> torch.Tensor:
         """Feed the tokens of `text` followed by `extra` that the cache does not hold yet; return the
@@ -334,6 +342,15 @@ class SpeculativeDecoder:
         text, draft, cfg = self.tokens, self.draft, self.config
         if len(text) - draft.offset + k - 1 > draft.max_len:  # the draft's window is full: crop
             draft.restart(len(text) - max(1, draft.max_len // 2))
+        if (
+            self.generator is None
+            and self._seen is None
+            and self._counts is None
+            and draft.greedy is not None
+        ):
+            proposals = draft.greedy(text[draft.offset + draft.cache.pos :], draft.cache, k, self.confidence)
+            if proposals is not None:  # else (a long text to feed, ...) the steps below
+                return proposals, None
         tokens: list[int] = []
         probs = []
         for _ in range(k):

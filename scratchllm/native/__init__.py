@@ -139,6 +139,27 @@ def gpt_layers(
     )
 
 
+def gpt_greedy_proposals(
+    ids: torch.Tensor,
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+    layers: tuple,
+    final_norm: tuple[torch.Tensor, torch.Tensor, float],
+    head: tuple[torch.Tensor, torch.Tensor | None],
+    k: int,
+    confidence: float,
+) -> torch.Tensor:
+    """A GPT-2 draft's greedy proposals in one call: `ids` (1, T) fed through the token and position
+    `embeddings` (from the caches' position) and `gpt_layers` (`layers`: its arguments after x, from
+    `params` to `scale`, without `positions` and `slots`), then up to `k` times the most likely next token
+    after the `final_norm` (scale, shift, eps) and the `head` (weight, bias; its product
+    `few_rows_linear`), stopping where its probability is below `confidence` (0: never), each kept one
+    fed in turn. Returns the proposals (int64); the caches then hold T more tokens and every proposal but
+    a k-th (the caller advances its position). Call `available()` first."""
+    return torch.ops.scratchllm.gpt_greedy_proposals(
+        ids, *embeddings, *layers, *final_norm, *head, k, confidence
+    )
+
+
 def transformer_layers(
     x: torch.Tensor,
     params: list[torch.Tensor | None],

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 // gemv.cpp and decode.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool unit_offset);
@@ -83,6 +84,36 @@ at::Tensor gpt_layers(at::Tensor x, const Params& params, at::IntArrayRef kinds,
   return x;
 }
 
+// A small GPT-2 model's greedy proposals for speculative decoding (generation/speculative.py), in one call:
+// feed `ids` (1, T) at `pos` through the embeddings and `gpt_layers`, then up to `k` times take the final
+// norm's and the head's most likely next token, stop where its softmax probability is below `confidence`,
+// else feed it. The same operations, in the same order, as the draft's steps through the modules' native
+// routes, without an interpreter between them. Returns the proposed tokens (int64, at most k); the caches
+// hold the fed ones (T, then every proposal but a k-th).
+at::Tensor gpt_greedy_proposals(const at::Tensor& ids, const at::Tensor& tok_emb, const at::Tensor& pos_emb,
+                                const Params& params, at::IntArrayRef kinds, at::IntArrayRef groups,
+                                at::TensorList k_caches, at::TensorList v_caches, int64_t pos, int64_t n_heads,
+                                double eps, c10::string_view gelu, double scale, const at::Tensor& norm_scale,
+                                const at::Tensor& norm_shift, double norm_eps, const at::Tensor& head,
+                                const std::optional<at::Tensor>& head_bias, int64_t k, double confidence) {
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == 1 && ids.size(1) >= 1, "gpt_greedy_proposals: ids must be (1, T)");
+  std::vector<int64_t> proposals;
+  at::Tensor next = ids;
+  for (int64_t i = 0; i < k; i++) {
+    const int64_t t = next.size(1);
+    auto x = at::embedding(tok_emb, next) + at::embedding(pos_emb, at::arange(pos, pos + t, next.options()));
+    x = gpt_layers(x, params, kinds, groups, k_caches, v_caches, pos, n_heads, eps, gelu, scale, std::nullopt,
+                   std::nullopt);
+    pos += t;
+    const auto h = at::layer_norm(x, {x.size(-1)}, norm_scale, norm_shift, norm_eps).select(0, 0).slice(0, t - 1);
+    const auto logits = few_rows_linear(h.contiguous(), head, head_bias, false).to(at::kFloat);
+    if (confidence > 0 && at::softmax(logits, -1).max().item<double>() < confidence) break;
+    proposals.push_back(logits.argmax().item<int64_t>());
+    next = at::full({1, 1}, proposals.back(), ids.options());
+  }
+  return at::tensor(proposals, ids.options());
+}
+
 // Tensors per layer in `transformer_layers`' `params`: 6 for the norms, 4 per linear layer.
 constexpr int64_t kParams = 26;
 
@@ -135,6 +166,12 @@ TORCH_LIBRARY_FRAGMENT(scratchllm, m) {
       "gpt_layers(Tensor x, Tensor?[] params, int[] kinds, int[] groups, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
       "int pos, int n_heads, float eps, str gelu, float scale, Tensor? positions=None, Tensor? slots=None) -> Tensor",
       &gpt_layers);
+  m.def(
+      "gpt_greedy_proposals(Tensor ids, Tensor tok_emb, Tensor pos_emb, Tensor?[] params, int[] kinds, int[] groups, "
+      "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int pos, int n_heads, float eps, str gelu, float scale, "
+      "Tensor norm_scale, Tensor norm_shift, float norm_eps, Tensor head, Tensor? head_bias, int k, "
+      "float confidence) -> Tensor",
+      &gpt_greedy_proposals);
   m.def(
       "transformer_layers(Tensor x, Tensor?[] params, int[] kinds, int[] groups, Tensor(a!)[] k_caches, "
       "Tensor(b!)[] v_caches, int pos, int n_heads, int n_kv_heads, float eps, bool unit_offset, float scale, "

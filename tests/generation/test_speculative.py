@@ -20,7 +20,7 @@ from scratchllm.cli import main
 from scratchllm.errors import ScratchLLMError
 from scratchllm.generation import Engine, GenerationConfig, RuntimeSettings, kernels
 from scratchllm.generation.sampling import sampling_probs
-from scratchllm.generation.speculative import SpeculativeDecoder, check_draft
+from scratchllm.generation.speculative import SpeculativeDecoder, _CachedModel, check_draft
 from scratchllm.model import registry
 from scratchllm.model.attention import KVCache
 from scratchllm.model.gpt import GPTConfig, GPTModel
@@ -409,3 +409,42 @@ def test_generate_chat_and_serve_take_a_draft_model(model_dirs, capsys, monkeypa
 def test_runtime_settings_hold_the_draft():
     settings = RuntimeSettings()
     assert (settings.draft_model, settings.draft_tokens, settings.draft_confidence) == (None, 3, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gpt2_drafts_proposals_in_one_native_call_are_its_own_steps(dtype, monkeypatch):
+    """Greedy proposals of a GPT-2 draft run in one native call where its steps take the fused forward:
+    the same tokens, confidence stops and KV cache as its steps one at a time; what the call does not
+    take (a long text to feed, no room left) falls back to the steps."""
+    if not native.available():
+        pytest.skip(f"the draft's native call needs native's kernels: {native.unavailable_reason()}")
+    monkeypatch.setattr(kernels, "one_row_kernel", lambda dtype: "native")
+    monkeypatch.setattr(kernels, "few_rows_kernel", lambda dtype: "native")
+    draft = near(lm(0, ctx=128, emb_dim=64), 0.5).to(dtype)
+    packed = kernels.PackedLinears(draft)
+    fast, steps = _CachedModel(draft, packed, None, 128), _CachedModel(draft, packed, None, 128)
+    assert fast.greedy is not None
+    text = list(range(30, 50))
+    taken = 0
+    with torch.inference_mode(), packed.installed():
+        assert fast.greedy(text, fast.cache, 3, 0.0) is None  # 20 tokens to feed: the steps' prefill
+        for cached in (fast, steps):
+            cached.logits(text)
+            cached.keep(len(text) - 1)
+        for k, confidence, kept in itertools.product((1, 3, 6), (0.0, 0.5, 0.9), (0, 1, 2)):
+            got = fast.greedy(text[fast.offset + fast.cache.pos :], fast.cache, k, confidence)
+            want: list[int] = []
+            for _ in range(k):
+                logits = steps.logits(text, want)
+                if confidence and float(torch.softmax(logits, -1).max()) < confidence:
+                    break
+                want.append(int(logits.argmax()))
+            assert got == want and fast.cache.pos == steps.cache.pos, (k, confidence)
+            for a, b in zip(fast.cache.k + fast.cache.v, steps.cache.k + steps.cache.v):
+                assert torch.equal(a[:, :, : fast.cache.pos], b[:, :, : steps.cache.pos])
+            taken += len(got) < k
+            text += want[:kept] + [text[-1] % 7]  # some proposals kept, then the target's token
+            for cached in (fast, steps):
+                cached.keep(len(text) - 1)
+        assert taken > 3  # confidence stopped some rounds early
+        assert fast.greedy(text[-1:], fast.cache, 128 - len(text) + 2, 0.0) is None  # no room for k
