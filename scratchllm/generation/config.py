@@ -16,6 +16,9 @@ from ..errors import ScratchLLMError
 from ..model.quantize import QUANTIZE_MODES
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
+#: a draft model stops a round's proposals where its top probability is below this, by default: such
+#: guesses are rarely kept, and each costs a draft step and a row of the check
+DRAFT_CONFIDENCE = 0.5
 
 
 @dataclass
@@ -207,7 +210,7 @@ class RuntimeSettings:
         3, "tokens the draft proposes per pass of the model (with --draft-model)", "model"
     )
     draft_confidence: float = setting(
-        0.0,
+        DRAFT_CONFIDENCE,
         "the draft stops a round's proposals where its most likely next token's probability (under the "
         "sampling settings; greedy: at temperature 1) is below this (0: never stops early; with "
         "--draft-model)",

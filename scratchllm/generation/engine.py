@@ -31,7 +31,7 @@ from ..text.registry import load_tokenizer
 from ..text.tokenizer import AllowedSpecial, Tokenizer
 from .compiled import CompiledDecoding
 from .completion import Completion, RowText, TextStream
-from .config import MAX_TOP_LOGPROBS, GenerationConfig
+from .config import DRAFT_CONFIDENCE, MAX_TOP_LOGPROBS, GenerationConfig
 from .decoder import Decoder
 from .kernels import PackedLinears
 from .sampling import TokenLogprob, token_logprobs
@@ -73,7 +73,7 @@ class Engine:
         compile: bool = False,
         draft: GPTModel | None = None,
         draft_tokens: int = 3,
-        draft_confidence: float = 0.0,
+        draft_confidence: float = DRAFT_CONFIDENCE,
     ):
         """`tokenizer`: a `Tokenizer`, or what `load_tokenizer` takes (a name such as "gpt2", a directory).
         `prepack`: decode with `PackedLinears` (None: wherever supported, i.e. on CPUs).
@@ -116,7 +116,7 @@ class Engine:
         quantize: str | None = None,
         draft_model: str | None = None,
         draft_tokens: int = 3,
-        draft_confidence: float = 0.0,
+        draft_confidence: float = DRAFT_CONFIDENCE,
     ) -> Engine:
         """An engine for a model directory or a hub name (`gpt2`, `gpt2-medium`, ...). `quantize`
         "int4": int4 weights (CPU only; model/quantize.py). `draft_model`: a directory or hub name of a
@@ -140,7 +140,7 @@ class Engine:
         compile: bool = False,
         draft_model: str | None = None,
         draft_tokens: int = 3,
-        draft_confidence: float = 0.0,
+        draft_confidence: float = DRAFT_CONFIDENCE,
     ) -> Engine:
         """An engine for a loaded model (`spec`: where it came from, for errors), with its draft loaded
         from `draft_model` on the model's device and in its dtype (not quantized)."""

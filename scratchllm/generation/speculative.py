@@ -47,7 +47,7 @@ from ..errors import ScratchLLMError
 from ..hub import load_model
 from ..model.gpt import GPTModel
 from ..text.tokenizer import Tokenizer
-from .config import GenerationConfig
+from .config import DRAFT_CONFIDENCE, GenerationConfig
 from .fused import gpt_greedy_proposals
 from .kernels import PackedLinears
 from .sampling import TokenLogprob, apply_penalties, sampling_probs, token_logprobs
@@ -239,7 +239,7 @@ class SpeculativeDecoder:
         config: GenerationConfig,
         *,
         draft_tokens: int = 3,
-        draft_confidence: float = 0.0,
+        draft_confidence: float = DRAFT_CONFIDENCE,
         kernels: PackedLinears | None = None,
         draft_kernels: PackedLinears | None = None,
         cache_dtype: torch.dtype | None = None,

@@ -36,6 +36,7 @@ from ..generation import (
     TextStream,
     resolve_dtype,
 )
+from ..generation.config import DRAFT_CONFIDENCE
 from ..generation.speculative import check_draft_settings
 from ..hub import load_model
 from ..text.templates import (
@@ -121,7 +122,7 @@ def load_chat_model(
     quantize: str | None = None,
     draft_model: str | None = None,
     draft_tokens: int = 3,
-    draft_confidence: float = 0.0,
+    draft_confidence: float = DRAFT_CONFIDENCE,
 ) -> ChatModel:
     """Load a model directory (or a hub name such as `gpt2`) with its tokenizer and template;
     `draft_model`, a draft for speculative decoding (`Engine.load`)."""

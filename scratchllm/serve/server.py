@@ -22,6 +22,7 @@ from pathlib import Path
 from ..config import setting
 from ..errors import ScratchLLMError
 from ..generation import RuntimeSettings
+from ..generation.config import DRAFT_CONFIDENCE
 from ..text.templates import template_names
 from .chat import MODEL_HELP, TEMPLATE_HELP, load_chat_model
 
@@ -92,7 +93,7 @@ def serve(
     quantize: str | None = None,
     draft_model: str | None = None,
     draft_tokens: int = 3,
-    draft_confidence: float = 0.0,
+    draft_confidence: float = DRAFT_CONFIDENCE,
     scheduler: str = "continuous",
     prefill_chunk: int = 256,
 ) -> None:

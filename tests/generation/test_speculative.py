@@ -408,7 +408,7 @@ def test_generate_chat_and_serve_take_a_draft_model(model_dirs, capsys, monkeypa
 
 def test_runtime_settings_hold_the_draft():
     settings = RuntimeSettings()
-    assert (settings.draft_model, settings.draft_tokens, settings.draft_confidence) == (None, 3, 0.0)
+    assert (settings.draft_model, settings.draft_tokens, settings.draft_confidence) == (None, 3, 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
