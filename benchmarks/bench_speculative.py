@@ -204,8 +204,9 @@ def main() -> None:
     ap.add_argument("--draft-tokens", default="1,2,3,4", help="the k values to measure")
     ap.add_argument(
         "--draft-confidence",
-        default="0",
-        help="the draft_confidence values to measure with each k (0: the draft always proposes k)",
+        default="0,0.5",
+        help="the draft_confidence values to measure with each k (0: the draft always proposes k; 0.5: the "
+        "CLI's default)",
     )
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=128)
