@@ -35,9 +35,10 @@ usual per-token loop (stop tokens, stop strings, max_new_tokens end a row inside
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 
 from ..errors import ScratchLLMError
 from ..hub import load_model
+from ..model.attention import KVCache
 from ..model.gpt import GPTModel
 from ..text.tokenizer import Tokenizer
 from .config import DRAFT_CONFIDENCE, GenerationConfig
@@ -181,10 +183,13 @@ class _CachedModel:
         self.cache = model.new_kv_cache(1, self.max_len, dtype=cache_dtype, bounded=False)
         self.offset = 0
         self.device = model.tok_emb.weight.device
-        # a GPT-2 draft's greedy proposals in one native call, where its steps take the fused forward
-        self.greedy = (
-            gpt_greedy_proposals(model) if self.kernels is not None and self.kernels.fuses(model) else None
-        )
+
+    @functools.cached_property
+    def greedy(self) -> Callable[[list[int], KVCache, int, float], list[int] | None] | None:
+        """A GPT-2 draft's greedy proposals in one native call where its steps take the fused forward
+        (`fused.gpt_greedy_proposals`), else None; made at first use, since only the draft proposes."""
+        fused = self.kernels is not None and self.kernels.fuses(self.model)
+        return gpt_greedy_proposals(self.model) if fused else None
 
     def logits(self, text: list[int], extra: Sequence[int] = (), last: int = 1) -> torch.Tensor:
         """Feed the tokens of `text` followed by `extra` that the cache does not hold yet; return the
