@@ -33,10 +33,10 @@ def fused_routes(
     model: nn.Module, native_linears: bool = False
 ) -> list[tuple[nn.Module, Callable[..., torch.Tensor]]]:
     """The modules of `model` that a decode step runs faster through this module's forwards, each with
-    its forward: RMSNorms, int8/int4 layers, and, where no module has forward hooks (which they would
-    skip: a block's parts, attention's QK-norms), attention layers and blocks, and the model itself where
-    its linear layers take `native.few_rows_linear` for a step's rows (`native_linears`: the kernels
-    `PackedLinears` picked): its layers then run in one call. Call `native.available()` first."""
+    its forward: RMSNorms, tanh GELUs, int8/int4 layers, and, where no module has forward hooks (which
+    they would skip: a block's parts, attention's QK-norms), attention layers and blocks, and the model
+    itself where its linear layers take `native.few_rows_linear` for a step's rows (`native_linears`: the
+    kernels `PackedLinears` picked): its layers then run in one call. Call `native.available()` first."""
     routes: list[tuple[nn.Module, Callable[..., torch.Tensor]]] = []
     hooked = has_hooks(model)
     windows = {  # the sliding window of each attention layer that has one
@@ -47,6 +47,8 @@ def fused_routes(
     for m in model.modules():
         if type(m) is RMSNorm:
             routes.append((m, norm_forward(m)))
+        elif type(m) is GELU and m.form == "tanh":
+            routes.append((m, gelu_forward(m)))
         elif type(m) in (Int8Linear, Int4Linear) and m._native:
             routes.append((m, quantized_forward(m)))
         elif hooked:
@@ -100,6 +102,19 @@ def norm_forward(norm: RMSNorm) -> Callable[[torch.Tensor], torch.Tensor]:
         rows = x.numel() // max(x.shape[-1], 1)
         if x.dtype == weight.dtype and x.dtype in _TYPES and x.is_contiguous() and rows <= NATIVE_NORM_ROWS:
             return native.rms_norm(x, weight, norm.eps, norm.unit_offset)
+        return default(x)
+
+    return forward
+
+
+def gelu_forward(gelu: GELU) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The tanh GELU's forward through native's vectorized one (`native.gpt_layers` takes the same), for
+    contiguous fp32 or bf16 inputs that need no gradient; others take the module's own forward."""
+    default = GELU.forward.__get__(gelu)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in _TYPES and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled()):
+            return native.gelu_tanh(x)
         return default(x)
 
     return forward

@@ -111,6 +111,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
     return torch.ops.scratchllm.rms_norm(x, weight, eps, unit_offset)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh GELU (`GELU()` of model/parts.py) of a contiguous fp32 or bf16 `x`, vectorized: each
+    value's result the same wherever it sits (within a few fp32 steps of `F.gelu`'s). Call `available()`
+    first."""
+    return torch.ops.scratchllm.gelu_tanh(x)
+
+
 def gpt_layers(
     x: torch.Tensor,
     params: list[torch.Tensor | None],

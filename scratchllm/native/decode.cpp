@@ -129,6 +129,64 @@ inline __m256 exp8(__m256 x) {
 }
 #endif
 
+// GPT-2's tanh GELU, 0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3), as x sigmoid(2u): with
+// t = e^(-2|u|) <= 1, x / (1 + t) where u >= 0 and x t / (1 + t) below, so nothing overflows. One block of
+// kLanes values at a time, each lane on its own: a value's result does not depend on its neighbours.
+constexpr float kGeluScale = 0.7978845608f, kGeluCube = 0.044715f;
+#ifdef __AVX512F__
+constexpr int64_t kLanes = 16;
+inline __m512 gelu16(__m512 x) {
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(kGeluScale),
+                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(kGeluCube), x), _mm512_mul_ps(x, x), x));
+  const __m512 t = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), _mm512_abs_ps(u)));
+  const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ),
+                                          _mm512_set1_ps(1.0f), t);
+  return _mm512_mul_ps(x, _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), t)));
+}
+inline void gelu_block(const float* x, float* y) { _mm512_storeu_ps(y, gelu16(_mm512_loadu_ps(x))); }
+inline void gelu_block(const uint16_t* x, uint16_t* y) { scratchllm::store_bf16x16(y, gelu16(scratchllm::widen16(x))); }
+#elif defined(SCRATCHLLM_AVX2)
+constexpr int64_t kLanes = 8;
+inline __m256 gelu8(__m256 x) {
+  const __m256 u = _mm256_mul_ps(_mm256_set1_ps(kGeluScale),
+                                 _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(kGeluCube), x), _mm256_mul_ps(x, x), x));
+  const __m256 t = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), u)));
+  const __m256 num = _mm256_blendv_ps(_mm256_set1_ps(1.0f), t, _mm256_cmp_ps(u, _mm256_setzero_ps(), _CMP_LT_OQ));
+  return _mm256_mul_ps(x, _mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.0f), t)));
+}
+inline void gelu_block(const float* x, float* y) { _mm256_storeu_ps(y, gelu8(_mm256_loadu_ps(x))); }
+inline void gelu_block(const uint16_t* x, uint16_t* y) { scratchllm::store_bf16x8(y, gelu8(scratchllm::widen8(x))); }
+#else
+constexpr int64_t kLanes = 8;
+template <typename T>
+inline void gelu_block(const T* x, T* y) {
+  for (int64_t i = 0; i < kLanes; i++) {
+    const float v = to_float(x[i]), u = kGeluScale * std::fma(kGeluCube * v, v * v, v);
+    const float t = std::exp(-2.0f * std::fabs(u));
+    y[i] = store_as<T>(v * ((u < 0 ? t : 1.0f) / (1.0f + t)));
+  }
+}
+#endif
+
+// gelu_block over n values; the last, partial block through a padded copy, so every value takes the same code.
+template <typename T>
+void gelu_values(const T* x, T* y, int64_t n) {
+  const int64_t blocks = (n + kLanes - 1) / kLanes;
+  at::parallel_for(0, blocks, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b++) {
+      const int64_t i = b * kLanes, m = std::min(kLanes, n - i);
+      if (m == kLanes) {
+        gelu_block(x + i, y + i);
+      } else {
+        T in[kLanes] = {}, out[kLanes];
+        std::copy(x + i, x + i + m, in);
+        gelu_block(in, out);
+        std::copy(out, out + m, y + i);
+      }
+    }
+  });
+}
+
 // q . k over D values (k: a cache row, fp32 or bf16), in fp32.
 template <typename C>
 inline float dot(const float* q, const C* k, int64_t D) {
@@ -355,6 +413,15 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
   return out;
 }
 
+at::Tensor gelu_tanh(const at::Tensor& x) {
+  TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "gelu_tanh: x must be contiguous, fp32 or bf16");
+  auto y = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat) gelu_values(data<float>(x), data_mut<float>(y), x.numel());
+  else gelu_values(data<uint16_t>(x), data_mut<uint16_t>(y), x.numel());
+  return y;
+}
+
 // A few new tokens per sequence through attention, from their fused projection `qkv` (B, T, (H + 2G) D): H
 // query heads, then G key and G value heads (G divides H; G = H for GPT-2). As the modules' eager forward
 // does it: QK-norm (`q_norm`, `k_norm`: D weights, or none), RoPE with the new positions' `cos`/`sin` (T x D
@@ -399,6 +466,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, int64_t n_heads, int64_t n_kv
 
 TORCH_LIBRARY_FRAGMENT(scratchllm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, bool unit_offset) -> Tensor", &rms_norm);
+  m.def("gelu_tanh(Tensor x) -> Tensor", &gelu_tanh);
   m.def(
       "decode_attention(Tensor qkv, int n_heads, int n_kv_heads, Tensor? q_norm, Tensor? k_norm, float eps, "
       "bool unit_offset, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, float scale, "

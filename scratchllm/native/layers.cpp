@@ -2,8 +2,8 @@
 // Gemma 3 (model/transformer.py). Past the weight products and the fused attention, what is
 // left of a step is the interpreter: each block's forward is a dozen Python calls, each dispatching one small
 // operation. Here the same operations run from C++, layer after layer: the same ATen kernels for LayerNorm,
-// GELU and the residual additions, and this extension's own products and attention, so the result is the one
-// the modules' forwards give through scratchllm's native routes, bit for bit.
+// the gated MLPs' activations and the residual additions, and this extension's own products, attention and
+// tanh GELU, so the result is the one the modules' forwards give through scratchllm's native routes, bit for bit.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -14,6 +14,7 @@
 
 // gemv.cpp and decode.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool unit_offset);
+at::Tensor gelu_tanh(const at::Tensor& x);
 at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            bool portable);
 at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
@@ -78,7 +79,8 @@ at::Tensor gpt_layers(at::Tensor x, const Params& params, at::IntArrayRef kinds,
                               std::nullopt, k_caches[l], v_caches[l], pos, scale, positions, slots, 0, false);
     x = x + linear(params, kl, gl, first, 1, y);
     h = at::layer_norm(x, {E}, p(2), p(3), eps);
-    auto u = at::gelu(linear(params, kl, gl, first, 2, h), gelu);
+    auto f = linear(params, kl, gl, first, 2, h);
+    auto u = gelu == "tanh" ? gelu_tanh(f) : at::gelu(f, gelu);
     x = x + linear(params, kl, gl, first, 3, u);
   }
   return x;

@@ -14,7 +14,7 @@ from scratchllm import native
 from scratchllm.generation import fused as fused_routes
 from scratchllm.generation import kernels
 from scratchllm.model import quantize
-from scratchllm.model.parts import RMSNorm
+from scratchllm.model.parts import GELU, RMSNorm
 from scratchllm.model.quantize import (
     Int4Linear,
     Int8Linear,
@@ -378,3 +378,43 @@ def test_decode_steps_take_the_fused_norm_and_keep_the_tokens(monkeypatch, arch)
     assert calls and [c.token_ids for c in packed] == [
         c.token_ids for c in Engine(model, ByteTokenizer(), prepack=False).generate(prompts, settings)
     ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_tanh_is_the_modules_gelu_with_each_value_on_its_own(dtype):
+    torch.manual_seed(2)
+    x = (torch.randn(5, 3 * 16 + 5) * 4).to(dtype)  # rows that end inside a vector block
+    x[0, :6] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0, -30.0])
+    got, want = native.gelu_tanh(x), GELU()(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got[0, :6], want[0, :6], equal_nan=True)
+    exact = GELU()(x.double())[:, 6:]
+    if dtype == torch.bfloat16:  # rounded from nearly the exact value (PyTorch's bf16 GELU rounds more often)
+        assert (got[:, 6:] == exact.to(dtype)).float().mean() > 0.95
+        torch.testing.assert_close(got[:, 6:].double(), exact, rtol=2**-7, atol=1e-6)
+    else:
+        torch.testing.assert_close(got[:, 6:].double(), exact, rtol=1e-6, atol=1e-6)
+    # a value's result does not depend on where it sits: rows alone, and shifted by one place
+    assert all(torch.equal(native.gelu_tanh(x[i : i + 1]), got[i : i + 1]) for i in range(1, 5))
+    assert torch.equal(native.gelu_tanh(x[1:, 1:].contiguous()), got[1:, 1:])
+
+
+def test_installed_gelus_take_the_native_kernel_and_keep_their_gradient():
+    from scratchllm.generation import PackedLinears
+    from scratchllm.model import registry
+
+    cfg = registry.preset_config("nano", "gpt2", vocab_size=256, context_length=64)
+    model = registry.build_model(cfg).eval()
+    exact = registry.build_model(cfg.replace(gelu="exact")).eval()
+    routes, exact_routes = PackedLinears(model), PackedLinears(exact)
+    assert routes.refresh() and exact_routes.refresh()
+    gelus = [m for m in model.modules() if type(m) is GELU]
+    assert gelus and all(routes.fuses(m) for m in gelus)
+    assert not any(exact_routes.fuses(m) for m in exact.modules() if type(m) is GELU)  # the erf form
+    x = torch.randn(3, 40, requires_grad=True)
+    with routes.installed():
+        with torch.inference_mode():
+            assert torch.equal(gelus[0](x.detach()), native.gelu_tanh(x.detach()))
+        y = gelus[0](x)  # training: PyTorch's, with its gradient
+        y.sum().backward()
+    assert y.grad_fn is not None and x.grad is not None
