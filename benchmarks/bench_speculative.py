@@ -13,9 +13,11 @@ context 256, batch 8, keeping each run's best checkpoint (evaluated every 100 st
 (--target-shape, default 512 dims x 8 layers, 27M parameters, lr 1e-3) trains a byte-level BPE of 4096 ids
 and itself for --target-minutes; the draft (--draft-shape, default 256 x 2, 2.7M, lr 2e-3) trains with the
 target's tokenizer for --draft-steps. With --distill, a third model of the draft's shape trains on the
-corpus plus the target's greedy continuations (64 tokens) of prefixes every --distill-every tokens of the
-training documents (the usual way to raise acceptance). A model directory already in --dir is reused; train
-where nothing else runs, or the time budget buys fewer steps (RESULTS.md).
+corpus plus the target's greedy continuations (--distill-length tokens) of prefixes every --distill-every
+tokens of the training documents (the usual way to raise acceptance); the corpus is named by those two
+settings (distill-64x64), that draft by them and its shape (draft-distilled-64x64-256x2x4). A model
+directory already in --dir is reused; train where nothing else runs, or the time budget buys fewer steps
+(RESULTS.md).
 
 Measurement: the first 8 tokens of --prompts documents that the target's run held out for validation,
 each continued by --new-tokens greedy tokens (past the end of text), plainly and with the draft proposing
@@ -199,6 +201,9 @@ def main() -> None:
         "--distill-every", type=int, default=64, help="a distillation prompt every N tokens of training text"
     )
     ap.add_argument(
+        "--distill-length", type=int, default=64, help="the target's greedy tokens per distillation prompt"
+    )
+    ap.add_argument(
         "--distilled-draft", help="a distilled draft directory to measure instead of training one"
     )
     ap.add_argument("--draft-tokens", default="1,2,3,4", help="the k values to measure")
@@ -237,9 +242,17 @@ def main() -> None:
     plain = Engine(target.model, target.tokenizer)
     drafts = {"draft": draft_dir}
     if args.distill:
-        corpus = distill_corpus(root / "distill", plain, root / "target" / "data", every=args.distill_every)
+        # named by their settings, so that other settings make (not reuse) a corpus and a draft
+        tag = f"{args.distill_every}x{args.distill_length}"
+        corpus = distill_corpus(
+            root / f"distill-{tag}",
+            plain,
+            root / "target" / "data",
+            every=args.distill_every,
+            length=args.distill_length,
+        )
         drafts["distilled draft"] = args.distilled_draft or pretrain(
-            root / "draft-distilled",
+            root / f"draft-distilled-{tag}-{args.draft_shape.replace(',', 'x')}",
             args.draft_shape,
             args.draft_minutes,
             args.draft_steps,
