@@ -3,12 +3,13 @@
 Past the weight products, a decode step is little arithmetic spread over many small eager operations
 and module calls, each costing more to launch than to compute (benchmarks/RESULTS.md, "A decode step's
 rest in single calls"). `PackedLinears.installed()` routes modules through these forwards:
-`norm_forward` (an RMSNorm in one native call), `attention_forward` (a new token's QK-norm, RoPE, cache
-write and attention in one), `quantized_forward` (an int8 or int4 layer straight to its kernel),
-`block_forward` (a block without nn.Module's per-call machinery and its identity layers), and
-`gpt_model_forward` and `transformer_model_forward` (all of a model's blocks in one native call). Each
-takes the module's own forward wherever it does not compute the same thing. `gpt_greedy_proposals` runs a
-GPT-2 draft's greedy proposals for speculative decoding, several steps, in one native call.
+`norm_forward` (an RMSNorm in one native call), `gelu_forward` (a tanh GELU, vectorized),
+`attention_forward` (a new token's QK-norm, RoPE, cache write and attention in one), `quantized_forward`
+(an int8 or int4 layer straight to its kernel), `block_forward` (a block without nn.Module's per-call
+machinery and its identity layers), and `gpt_model_forward` and `transformer_model_forward` (all of a
+model's blocks in one native call). Each takes the module's own forward wherever it does not compute the
+same thing. `gpt_greedy_proposals` runs a GPT-2 draft's greedy proposals for speculative decoding, several
+steps, in one native call.
 """
 
 from __future__ import annotations
