@@ -21,9 +21,9 @@ directory already in --dir is reused; train where nothing else runs, or the time
 
 Measurement: the first 8 tokens of --prompts documents that the target's run held out for validation,
 each continued by --new-tokens greedy tokens (past the end of text), plainly and with the draft proposing
-k tokens for each k of --draft-tokens (and each --draft-confidence: stopping early where the draft is
-unsure), candidates in rotation (plain, k1, k2, ... per prompt) so that load
-changes hit them alike; each figure sums each prompt's best time of --repeats runs. The greedy
+up to k tokens a round for each k of --draft-tokens, each --draft-confidence (stopping early where the
+draft is unsure) and each --draft-schedule (adaptive: as many as the last rounds suggest; fixed: k),
+candidates in rotation (plain, k1, k2, ... per prompt) so that load changes hit them alike; each figure sums each prompt's best time of --repeats runs. The greedy
 texts with and without the draft are compared (bf16 weights may part at near ties: the target scores
 k + 1 positions in one pass). The issue's goal: at least 1.5x at batch 1 when the acceptance rate is
 above 60%.
@@ -32,6 +32,7 @@ above 60%.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import subprocess
@@ -213,6 +214,12 @@ def main() -> None:
         help="the draft_confidence values to measure with each k (0: the draft always proposes k; 0.5: the "
         "CLI's default)",
     )
+    ap.add_argument(
+        "--draft-schedule",
+        default="adaptive,fixed",
+        help="the draft_schedule values to measure with each k and confidence (adaptive: k is the most a "
+        "round proposes; fixed: every round proposes k)",
+    )
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
@@ -262,16 +269,21 @@ def main() -> None:
         )
     ks = [int(k) for k in args.draft_tokens.split(",")]
     confidences = [float(c) for c in args.draft_confidence.split(",")]
+    schedules = args.draft_schedule.split(",")
     engines = {"target alone": plain}
     for label, path in drafts.items():
         draft = load_model(path, device=device, dtype=draft_dtype).model
         print(f"{label}: {path}, {count_parameters(draft) / 1e6:.2f}M parameters, {draft_dtype}")
-        for k in ks:
-            for c in confidences:
-                name = f"{label}, k={k}" + (f", confidence {c:g}" if c else "")
-                engines[name] = Engine(
-                    target.model, target.tokenizer, draft=draft, draft_tokens=k, draft_confidence=c
-                )
+        for k, c, schedule in itertools.product(ks, confidences, schedules):
+            name = f"{label}, {schedule} k={k}" + (f", confidence {c:g}" if c else "")
+            engines[name] = Engine(
+                target.model,
+                target.tokenizer,
+                draft=draft,
+                draft_tokens=k,
+                draft_confidence=c,
+                draft_schedule=schedule,
+            )
     print(
         f"target: {target_dir}, {count_parameters(target.model) / 1e6:.1f}M parameters; {dtype}, "
         f"{torch.get_num_threads()} threads"

@@ -64,6 +64,7 @@ def generate_command(settings: GenerateSettings) -> None:
         draft_model=runtime.draft_model,
         draft_tokens=runtime.draft_tokens,
         draft_confidence=runtime.draft_confidence,
+        draft_schedule=runtime.draft_schedule,
     )
     engine.warm_up()  # the summary's tokens/s then counts decoding, not a first build of the kernels
     start = time.perf_counter()

@@ -16,9 +16,16 @@ from ..errors import ScratchLLMError
 from ..model.quantize import QUANTIZE_MODES
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
-#: a draft model stops a round's proposals where its top probability is below this, by default: such
-#: guesses are rarely kept, and each costs a draft step and a row of the check
-DRAFT_CONFIDENCE = 0.5
+#: a draft model stops a round's proposals where its top probability is below this, by default (0: never;
+#: the adaptive schedule already shortens rounds where guesses fail, and drafts unsure of right guesses lose
+#: more to a stop than they save)
+DRAFT_CONFIDENCE = 0.0
+#: the most tokens a draft proposes per round, by default (up to 7, each checked token scores as alone)
+DRAFT_TOKENS = 7
+#: how the tokens a draft proposes per round are chosen: "adaptive" (within 1..draft_tokens, by how the
+#: last rounds went: `speculative.next_draft_length`) or "fixed" (always draft_tokens)
+DRAFT_SCHEDULES = ("adaptive", "fixed")
+DRAFT_SCHEDULE = "adaptive"
 
 
 @dataclass
@@ -207,7 +214,17 @@ class RuntimeSettings:
         "model",
     )
     draft_tokens: int = setting(
-        3, "tokens the draft proposes per pass of the model (with --draft-model)", "model"
+        DRAFT_TOKENS,
+        "tokens the draft proposes per pass of the model, at most (--draft-schedule adaptive) or always "
+        "(fixed; with --draft-model)",
+        "model",
+    )
+    draft_schedule: str = setting(
+        DRAFT_SCHEDULE,
+        "adaptive: each round proposes one token more than the last after all were kept, one fewer after "
+        "a rejection (from 3, within 1..--draft-tokens); fixed: always --draft-tokens (with --draft-model)",
+        "model",
+        choices=DRAFT_SCHEDULES,
     )
     draft_confidence: float = setting(
         DRAFT_CONFIDENCE,

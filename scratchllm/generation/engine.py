@@ -31,7 +31,7 @@ from ..text.registry import load_tokenizer
 from ..text.tokenizer import AllowedSpecial, Tokenizer
 from .compiled import CompiledDecoding
 from .completion import Completion, RowText, TextStream
-from .config import DRAFT_CONFIDENCE, MAX_TOP_LOGPROBS, GenerationConfig
+from .config import DRAFT_CONFIDENCE, DRAFT_SCHEDULE, DRAFT_TOKENS, MAX_TOP_LOGPROBS, GenerationConfig
 from .decoder import Decoder
 from .kernels import PackedLinears
 from .sampling import TokenLogprob, token_logprobs
@@ -40,6 +40,7 @@ from .speculative import (
     SpeculativeDecoder,
     check_draft,
     check_draft_confidence,
+    check_draft_schedule,
     check_draft_settings,
     check_draft_tokens,
     load_draft,
@@ -72,15 +73,17 @@ class Engine:
         prepack: bool | None = None,
         compile: bool = False,
         draft: GPTModel | None = None,
-        draft_tokens: int = 3,
+        draft_tokens: int = DRAFT_TOKENS,
         draft_confidence: float = DRAFT_CONFIDENCE,
+        draft_schedule: str = DRAFT_SCHEDULE,
     ):
         """`tokenizer`: a `Tokenizer`, or what `load_tokenizer` takes (a name such as "gpt2", a directory).
         `prepack`: decode with `PackedLinears` (None: wherever supported, i.e. on CPUs).
         `compile`: decode with `CompiledDecoding` (torch.compile; CUDA graphs on GPUs), for GPUs and
         long generations: the first generation of each batch size pays the compilation.
         `draft`: a small model over the same token ids for speculative decoding, `draft_tokens` the
-        tokens it proposes per round, fewer where its top probability falls below `draft_confidence`."""
+        most tokens it proposes per round (`draft_schedule` "adaptive": fewer while its guesses fail;
+        "fixed": always that many), fewer where its top probability falls below `draft_confidence`."""
         if getattr(model.cfg, "n_classes", 0):
             raise ScratchLLMError("generation needs a language model; this model has a classifier head")
         self.model = model
@@ -96,6 +99,7 @@ class Engine:
         self.draft = draft
         self.draft_tokens = check_draft_tokens(draft_tokens)
         self.draft_confidence = check_draft_confidence(draft_confidence)
+        self.draft_schedule = check_draft_schedule(draft_schedule)
         self.draft_kernels = None
         self.last_speculation: SpeculationStats | None = None
         if draft is not None:
@@ -115,13 +119,14 @@ class Engine:
         compile: bool = False,
         quantize: str | None = None,
         draft_model: str | None = None,
-        draft_tokens: int = 3,
+        draft_tokens: int = DRAFT_TOKENS,
         draft_confidence: float = DRAFT_CONFIDENCE,
+        draft_schedule: str = DRAFT_SCHEDULE,
     ) -> Engine:
         """An engine for a model directory or a hub name (`gpt2`, `gpt2-medium`, ...). `quantize`
         "int4": int4 weights (CPU only; model/quantize.py). `draft_model`: a directory or hub name of a
         draft for speculative decoding (`from_loaded`)."""
-        check_draft_settings(draft_tokens, draft_confidence)  # before the (slow) loads
+        check_draft_settings(draft_tokens, draft_confidence, draft_schedule)  # before the (slow) loads
         loaded = load_model(spec, device=device, dtype=dtype, quantize=quantize)
         return cls.from_loaded(
             loaded,
@@ -130,6 +135,7 @@ class Engine:
             draft_model=draft_model,
             draft_tokens=draft_tokens,
             draft_confidence=draft_confidence,
+            draft_schedule=draft_schedule,
         )
 
     @classmethod
@@ -139,12 +145,13 @@ class Engine:
         spec: str,
         compile: bool = False,
         draft_model: str | None = None,
-        draft_tokens: int = 3,
+        draft_tokens: int = DRAFT_TOKENS,
         draft_confidence: float = DRAFT_CONFIDENCE,
+        draft_schedule: str = DRAFT_SCHEDULE,
     ) -> Engine:
         """An engine for a loaded model (`spec`: where it came from, for errors), with its draft loaded
         from `draft_model` on the model's device and in its dtype (not quantized)."""
-        check_draft_settings(draft_tokens, draft_confidence)
+        check_draft_settings(draft_tokens, draft_confidence, draft_schedule)
         if loaded.tokenizer is None:
             raise ScratchLLMError(f"model {spec!r} has no tokenizer files; save the model with its tokenizer")
         draft = None
@@ -160,6 +167,7 @@ class Engine:
             draft=draft,
             draft_tokens=draft_tokens,
             draft_confidence=draft_confidence,
+            draft_schedule=draft_schedule,
         )
 
     # -- public API ------------------------------------------------------------------------------
@@ -336,6 +344,7 @@ class Engine:
                 cfg,
                 draft_tokens=self.draft_tokens,
                 draft_confidence=self.draft_confidence,
+                draft_schedule=self.draft_schedule,
                 kernels=self.kernels,
                 draft_kernels=self.draft_kernels,
                 cache_dtype=cache_dtype(self.model),

@@ -9,7 +9,11 @@ positions costs hardly more. So each round:
    distribution q_i under the same settings as the target (temperature, top-k, top-p, penalties;
    greedy: its most likely token); with a `draft_confidence`, it stops early where q_i's largest
    probability falls below it (a guess the target would likely reject costs a draft step for
-   nothing), so that j <= k tokens are proposed;
+   nothing), so that j <= k tokens are proposed. k is `draft_tokens` (the "fixed" schedule) or, by
+   default ("adaptive"), follows the rounds so far within 1..draft_tokens: one more after a full round
+   that was all kept, one fewer after a rejection (`next_draft_length`), so that rounds grow while the
+   draft follows the text and shrink where it does not (each row of a check costs a little, on CPUs
+   more than a little, and a guess past the first wrong one is never kept);
 2. the target runs once over the last token and d1..dj (j + 1 positions, with its KV cache), which
    gives its distributions p_1..p_(j+1) of the next token after each of them;
 3. d_i is kept with probability min(1, p_i(d_i) / q_i(d_i)) (greedy: if it is p_i's most likely
@@ -17,13 +21,13 @@ positions costs hardly more. So each round:
    and if all j are kept, a bonus token is drawn from p_(j+1);
 4. both KV caches forget the rejected tokens (`KVCache.truncate`).
 
-A round emits 1 to k + 1 tokens, each distributed exactly as the target alone samples it: greedy
-decoding gives the target's own tokens (up to floating-point rounding: the target scores k + 1
-positions in one pass). The draft needs the target's tokenizer (`check_draft`); a draft with a
-shorter context window sees only the latest part of the text. Once the text fills the target's
-window, decoding goes on without the draft, as the `Decoder` does (each token from the last
-`context_length` ones). Sliding-window layers (Gemma 3) keep every position in the caches here, so
-that they can go back.
+A round emits 1 to k + 1 tokens, each distributed exactly as the target alone samples it (the schedule
+looks only at rounds already done, so it does not change that): greedy decoding gives the target's own
+tokens (up to floating-point rounding: the target scores k + 1 positions in one pass). The draft
+needs the target's tokenizer (`check_draft`); a draft with a shorter context window sees only the
+latest part of the text. Once the text fills the target's window, decoding goes on without the draft,
+as the `Decoder` does (each token from the last `context_length` ones). Sliding-window layers (Gemma 3)
+keep every position in the caches here, so that they can go back.
 
 A GPT-2 draft proposing greedily (no penalties) where its steps take the fused forward runs its k steps in
 one native call (`fused.gpt_greedy_proposals`): the same tokens, without the interpreter between steps.
@@ -49,12 +53,13 @@ from ..hub import load_model
 from ..model.attention import KVCache
 from ..model.gpt import GPTModel
 from ..text.tokenizer import Tokenizer
-from .config import DRAFT_CONFIDENCE, GenerationConfig
+from .config import DRAFT_CONFIDENCE, DRAFT_SCHEDULE, DRAFT_SCHEDULES, DRAFT_TOKENS, GenerationConfig
 from .fused import gpt_greedy_proposals
 from .kernels import PackedLinears
 from .sampling import TokenLogprob, apply_penalties, sampling_probs, token_logprobs
 
 MAX_DRAFT_TOKENS = 32
+DRAFT_START = 3  # what an adaptive schedule's first round proposes at most
 # texts both tokenizers must split alike (a few ids are checked besides)
 PROBES = (
     "Hello, world! The quick brown fox jumps over 13 lazy dogs.\n",
@@ -163,10 +168,30 @@ def check_draft_tokens(k: object) -> int:
     return k
 
 
-def check_draft_settings(draft_tokens: object, draft_confidence: object) -> None:
-    """Both draft settings checked, before anything is loaded."""
+def check_draft_schedule(schedule: object) -> str:
+    """How the tokens a round proposes are chosen (`DRAFT_SCHEDULES`), checked."""
+    if schedule not in DRAFT_SCHEDULES:
+        raise ScratchLLMError(f"draft_schedule must be one of {', '.join(DRAFT_SCHEDULES)}, got {schedule!r}")
+    return str(schedule)
+
+
+def check_draft_settings(
+    draft_tokens: object, draft_confidence: object, draft_schedule: object = DRAFT_SCHEDULE
+) -> None:
+    """The draft settings checked, before anything is loaded."""
     check_draft_tokens(draft_tokens)
     check_draft_confidence(draft_confidence)
+    check_draft_schedule(draft_schedule)
+
+
+def next_draft_length(length: int, proposed: int, accepted: int, most: int) -> int:
+    """The adaptive schedule: how many tokens the next round proposes, after one that could propose
+    `length` and proposed `proposed`, of which the target kept `accepted`. One fewer after a rejection
+    (at least 1), one more when a full round was all kept (at most `most`), else the same: rounds grow
+    while the draft follows the text and shrink where it does not."""
+    if accepted < proposed:
+        return max(1, length - 1)
+    return min(most, length + 1) if proposed == length else length
 
 
 class _CachedModel:
@@ -243,8 +268,9 @@ class SpeculativeDecoder:
         prompt: Sequence[int],
         config: GenerationConfig,
         *,
-        draft_tokens: int = 3,
+        draft_tokens: int = DRAFT_TOKENS,
         draft_confidence: float = DRAFT_CONFIDENCE,
+        draft_schedule: str = DRAFT_SCHEDULE,
         kernels: PackedLinears | None = None,
         draft_kernels: PackedLinears | None = None,
         cache_dtype: torch.dtype | None = None,
@@ -254,6 +280,8 @@ class SpeculativeDecoder:
         self.config = config
         self.k = check_draft_tokens(draft_tokens)
         self.confidence = check_draft_confidence(draft_confidence)
+        self.adaptive = check_draft_schedule(draft_schedule) == "adaptive"
+        self.length = min(self.k, DRAFT_START) if self.adaptive else self.k  # what the next round proposes
         self.tokens = [int(t) for t in prompt]
         if not self.tokens:
             raise ScratchLLMError("generation: the prompt is empty; give at least one token")
@@ -319,7 +347,7 @@ class SpeculativeDecoder:
             k, drafts, q = 0, [], None
             raw = self.target.window_logits(text)
         else:
-            k = min(self.k, cfg.max_new_tokens - self.steps - 1, self.target.max_len - n)
+            k = min(self.length, cfg.max_new_tokens - self.steps - 1, self.target.max_len - n)
             k = min(k, self.draft.max_len - self.draft.max_len // 2)  # what fits a cropped draft window
             drafts, q = self._propose(k) if k > 0 else ([], None)
             raw = self.target.logits(text, drafts, last=len(drafts) + 1)
@@ -328,6 +356,8 @@ class SpeculativeDecoder:
             accepted, token = _verify_greedy(logits, drafts)
         else:
             accepted, token = self._verify_sampled(logits, drafts, q)
+        if self.adaptive and drafts:
+            self.length = next_draft_length(self.length, len(drafts), accepted, self.k)
         new = [*drafts[:accepted], token]
         text.extend(new)
         self.target.keep(len(text) - 1)  # every token but the newest, which the next round feeds
@@ -435,7 +465,9 @@ __all__ = [
     "SpeculativeDecoder",
     "check_draft",
     "check_draft_confidence",
+    "check_draft_schedule",
     "check_draft_settings",
     "check_draft_tokens",
     "load_draft",
+    "next_draft_length",
 ]

@@ -36,7 +36,7 @@ from ..generation import (
     TextStream,
     resolve_dtype,
 )
-from ..generation.config import DRAFT_CONFIDENCE
+from ..generation.config import DRAFT_CONFIDENCE, DRAFT_SCHEDULE, DRAFT_TOKENS
 from ..generation.speculative import check_draft_settings
 from ..hub import load_model
 from ..text.templates import (
@@ -121,14 +121,15 @@ def load_chat_model(
     compile: bool = False,
     quantize: str | None = None,
     draft_model: str | None = None,
-    draft_tokens: int = 3,
+    draft_tokens: int = DRAFT_TOKENS,
     draft_confidence: float = DRAFT_CONFIDENCE,
+    draft_schedule: str = DRAFT_SCHEDULE,
 ) -> ChatModel:
     """Load a model directory (or a hub name such as `gpt2`) with its tokenizer and template;
     `draft_model`, a draft for speculative decoding (`Engine.load`)."""
     if template is not None and template not in template_names():  # fails before the (slow) model load
         get_template(template)
-    check_draft_settings(draft_tokens, draft_confidence)
+    check_draft_settings(draft_tokens, draft_confidence, draft_schedule)
     dev = pick_device(device)
     loaded = load_model(spec, device=dev, dtype=resolve_dtype(dtype, dev), quantize=quantize)
     engine = Engine.from_loaded(
@@ -138,6 +139,7 @@ def load_chat_model(
         draft_model=draft_model,
         draft_tokens=draft_tokens,
         draft_confidence=draft_confidence,
+        draft_schedule=draft_schedule,
     )
     name = Path(spec).name if Path(spec).expanduser().is_dir() else str(spec)
     return chat_model(engine, loaded.extra, name, template)
@@ -421,6 +423,7 @@ def chat_command(settings: ChatSettings) -> None:
         draft_model=runtime.draft_model,
         draft_tokens=runtime.draft_tokens,
         draft_confidence=runtime.draft_confidence,
+        draft_schedule=runtime.draft_schedule,
     )
     if runtime.compile:
         print("compiling the decode step...", end=" ", flush=True)

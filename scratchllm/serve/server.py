@@ -22,7 +22,7 @@ from pathlib import Path
 from ..config import setting
 from ..errors import ScratchLLMError
 from ..generation import RuntimeSettings
-from ..generation.config import DRAFT_CONFIDENCE
+from ..generation.config import DRAFT_CONFIDENCE, DRAFT_SCHEDULE, DRAFT_TOKENS
 from ..text.templates import template_names
 from .chat import MODEL_HELP, TEMPLATE_HELP, load_chat_model
 
@@ -92,8 +92,9 @@ def serve(
     compile: bool = False,
     quantize: str | None = None,
     draft_model: str | None = None,
-    draft_tokens: int = 3,
+    draft_tokens: int = DRAFT_TOKENS,
     draft_confidence: float = DRAFT_CONFIDENCE,
+    draft_schedule: str = DRAFT_SCHEDULE,
     scheduler: str = "continuous",
     prefill_chunk: int = 256,
 ) -> None:
@@ -129,6 +130,7 @@ def serve(
             draft_model=draft_model,
             draft_tokens=draft_tokens,
             draft_confidence=draft_confidence,
+            draft_schedule=draft_schedule,
         )
         if compile:  # compile here; the engine thread then records its own CUDA graphs (per thread, quick)
             t = time.perf_counter()
@@ -231,6 +233,7 @@ def serve_command(settings: ServeSettings) -> None:
         draft_model=runtime.draft_model,
         draft_tokens=runtime.draft_tokens,
         draft_confidence=runtime.draft_confidence,
+        draft_schedule=runtime.draft_schedule,
     )
 
 

@@ -19,8 +19,15 @@ from scratchllm.checkpoint import save_model
 from scratchllm.cli import main
 from scratchllm.errors import ScratchLLMError
 from scratchllm.generation import Engine, GenerationConfig, RuntimeSettings, kernels
+from scratchllm.generation.config import DRAFT_CONFIDENCE, DRAFT_SCHEDULES, DRAFT_TOKENS
 from scratchllm.generation.sampling import sampling_probs
-from scratchllm.generation.speculative import SpeculativeDecoder, _CachedModel, check_draft
+from scratchllm.generation.speculative import (
+    DRAFT_START,
+    SpeculativeDecoder,
+    _CachedModel,
+    check_draft,
+    next_draft_length,
+)
 from scratchllm.model import registry
 from scratchllm.model.attention import KVCache
 from scratchllm.model.gpt import GPTConfig, GPTModel
@@ -68,12 +75,12 @@ def near(model: torch.nn.Module, noise: float, seed: int = 1) -> torch.nn.Module
     return draft
 
 
-def greedy_pairs(target, drafts, prompts, k, **settings):
+def greedy_pairs(target, drafts, prompts, k, schedule="adaptive", **settings):
     """(plain, speculative) completions of every prompt, and the acceptance rate of each draft."""
     plain = Engine(target, ByteTokenizer())
     rates = []
     for draft in drafts:
-        engine = Engine(target, ByteTokenizer(), draft=draft, draft_tokens=k)
+        engine = Engine(target, ByteTokenizer(), draft=draft, draft_tokens=k, draft_schedule=schedule)
         proposed = accepted = 0
         for prompt in prompts:
             [want] = plain.generate(prompt, **settings)
@@ -101,9 +108,11 @@ def test_greedy_gives_the_targets_own_tokens_whatever_the_draft(arch):
     target = lm(0, arch)
     drafts = [target, near(target, 0.2), lm(5, arch)]
     with single_thread():
-        for k in (1, 4, 7):
-            same, close, other = greedy_pairs(target, drafts, PROMPTS, k, max_new_tokens=30, ignore_eos=True)
-            assert same == 1.0 and 0.2 < close < 0.9 and other < 0.1, (k, same, close, other)
+        for k, schedule in itertools.product((1, 4, 7), DRAFT_SCHEDULES):
+            same, close, other = greedy_pairs(
+                target, drafts, PROMPTS, k, schedule, max_new_tokens=30, ignore_eos=True
+            )
+            assert same == 1.0 and 0.2 < close < 0.9 and other < 0.1, (k, schedule, same, close, other)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
@@ -119,12 +128,12 @@ def test_bf16_checks_score_each_position_bitwise_as_decoding_one_at_a_time(arch,
     target = lm(0, arch, emb_dim=256, n_heads=4).to(torch.bfloat16)
     draft = near(target, 0.2)
     plain = Engine(target, ByteTokenizer())
-    for k in (2, 7):
-        engine = Engine(target, ByteTokenizer(), draft=draft, draft_tokens=k)
+    for k, schedule in ((2, "fixed"), (7, "fixed"), (7, "adaptive")):
+        engine = Engine(target, ByteTokenizer(), draft=draft, draft_tokens=k, draft_schedule=schedule)
         for prompt in [*PROMPTS, list(range(90, 96))]:
             settings = dict(max_new_tokens=30, ignore_eos=True, logprobs=3)
             [want], [got] = plain.generate(prompt, **settings), engine.generate(prompt, **settings)
-            assert got.token_ids == want.token_ids and got.logprobs == want.logprobs, (prompt, k)
+            assert got.token_ids == want.token_ids and got.logprobs == want.logprobs, (prompt, k, schedule)
             assert engine.last_speculation.accepted > 0
 
 
@@ -137,7 +146,14 @@ def test_an_unsure_draft_stops_proposing_early():
     counts = {}
     with single_thread():
         for confidence in (0.0, 0.6):
-            engine = Engine(target, ByteTokenizer(), draft=draft, draft_tokens=6, draft_confidence=confidence)
+            engine = Engine(
+                target,
+                ByteTokenizer(),
+                draft=draft,
+                draft_tokens=6,
+                draft_confidence=confidence,
+                draft_schedule="fixed",
+            )
             proposed = accepted = rounds = 0
             for prompt in PROMPTS:
                 [want] = plain.generate(prompt, max_new_tokens=40, ignore_eos=True)
@@ -154,6 +170,44 @@ def test_an_unsure_draft_stops_proposing_early():
     assert p1 < 0.9 * 6 * r1, counts  # rounds that stopped early, often
     with pytest.raises(ScratchLLMError, match="draft_confidence"):
         Engine(target, ByteTokenizer(), draft=draft, draft_confidence=1.0)
+
+
+def test_the_next_rounds_length_follows_the_last_ones_verdicts():
+    # (length, proposed, accepted) -> the next round's length, at most 5
+    assert next_draft_length(3, 3, 3, 5) == 4  # a full round all kept: one more
+    assert next_draft_length(5, 5, 5, 5) == 5  # ... up to the most
+    assert next_draft_length(3, 3, 1, 5) == 2  # a rejection: one fewer
+    assert next_draft_length(1, 1, 0, 5) == 1  # ... down to 1
+    assert next_draft_length(4, 2, 2, 5) == 4  # a round cut short (a stop, a limit), all kept: the same
+
+
+def test_adaptive_rounds_grow_with_a_draft_that_follows_and_shrink_with_one_that_does_not():
+    """The same text either way; a draft that is the target itself proposes ever longer rounds, up to
+    draft_tokens, and a draft that never agrees soon proposes one token a round, where the fixed
+    schedule keeps proposing draft_tokens."""
+    target = lm(0)
+    plain = Engine(target, ByteTokenizer())
+    settings = dict(max_new_tokens=60, ignore_eos=True)
+    [want] = plain.generate([1, 2, 3], **settings)
+    stats = {}
+    with single_thread():
+        for name, draft in (("same", target), ("other", lm(5))):
+            for schedule in DRAFT_SCHEDULES:
+                engine = Engine(target, ByteTokenizer(), draft=draft, draft_tokens=7, draft_schedule=schedule)
+                lengths: list[int] = []
+                dec = engine._decoder([[1, 2, 3]], GenerationConfig(**settings))
+                dec._propose = counted(dec._propose, rounds := [])
+                tokens = [dec.step()[0] for _ in range(60)]
+                assert tokens == want.token_ids, (name, schedule)
+                lengths = [allowed for allowed, _ in rounds]
+                stats[name, schedule] = (lengths, dec.stats)
+    lengths, same = stats["same", "adaptive"]
+    assert lengths[:6] == [DRAFT_START, 4, 5, 6, 7, 7] and same.acceptance_rate == 1.0
+    assert stats["same", "fixed"][0][:3] == [7, 7, 7]
+    lengths, other = stats["other", "adaptive"]
+    assert lengths[:3] == [DRAFT_START, 2, 1] and sum(lengths) < 1.2 * len(lengths), lengths
+    fixed = stats["other", "fixed"][1]
+    assert other.acceptance_rate < 0.1 and other.proposed < fixed.proposed / 4, (other, fixed)
 
 
 def test_stop_tokens_stop_strings_and_limits_end_a_row_inside_a_round():
@@ -275,18 +329,19 @@ def counted(propose, rounds: list[tuple[int, int]]):
 
 
 @pytest.mark.parametrize(
-    "k, sampling, confidence",
+    "k, sampling, confidence, schedule",
     [
-        (1, dict(temperature=0.9, top_k=3), 0.0),
-        (2, dict(temperature=1.2, top_p=0.9), 0.0),
-        (2, dict(temperature=1.0), 0.75),
+        (1, dict(temperature=0.9, top_k=3), 0.0, "fixed"),
+        (2, dict(temperature=1.2, top_p=0.9), 0.0, "fixed"),
+        (2, dict(temperature=1.0), 0.75, "fixed"),
+        (2, dict(temperature=1.1, top_k=3), 0.0, "adaptive"),
     ],
 )
-def test_sampling_keeps_the_targets_distribution(k, sampling, confidence):
+def test_sampling_keeps_the_targets_distribution(k, sampling, confidence, schedule):
     """The first two tokens of speculative samples against the target's exact distribution: a chi-square
     test that also rejects the draft's own. k = 1 draws the second token as the bonus or after a new
     proposal; k = 2 keeps or rejects two proposals in a row; with a confidence, some rounds propose
-    fewer (or none)."""
+    fewer (or none); adaptive, a round after a rejection proposes fewer."""
     target, draft = lm(0, vocab=4, ctx=8, n_layers=1), lm(1, vocab=4, ctx=8, n_layers=1)
     prompt, n, samples = [1, 2], 2, 1500
     exact = exact_distribution(target, prompt, n, **sampling)
@@ -295,8 +350,16 @@ def test_sampling_keeps_the_targets_distribution(k, sampling, confidence):
     rounds: list[tuple[int, int]] = []  # (proposals allowed, made) of each round
     with single_thread(), torch.inference_mode():
         for seed in range(samples):
-            cfg = GenerationConfig(max_new_tokens=3, seed=seed, **sampling)
-            dec = SpeculativeDecoder(target, draft, prompt, cfg, draft_tokens=k, draft_confidence=confidence)
+            cfg = GenerationConfig(max_new_tokens=n + k, seed=seed, **sampling)  # no limit cuts 2 rounds
+            dec = SpeculativeDecoder(
+                target,
+                draft,
+                prompt,
+                cfg,
+                draft_tokens=k,
+                draft_confidence=confidence,
+                draft_schedule=schedule,
+            )
             dec._propose = counted(dec._propose, rounds)
             s = tuple(dec.step()[0] for _ in range(n))
             counts[s] = counts.get(s, 0) + 1
@@ -304,6 +367,8 @@ def test_sampling_keeps_the_targets_distribution(k, sampling, confidence):
     assert 0.3 < accepted / proposed < 0.9, accepted / proposed  # proposals kept and rejected, often
     stopped = sum(made < allowed for allowed, made in rounds)
     assert (stopped > 0.1 * len(rounds)) if confidence else stopped == 0, (stopped, len(rounds))
+    shorter = sum(allowed < k for allowed, _ in rounds)
+    assert (shorter > 0.1 * len(rounds)) if schedule == "adaptive" else shorter == 0, (shorter, len(rounds))
     assert chi_square_p(counts, exact, samples) > 1e-3
     assert chi_square_p(counts, exact_distribution(draft, prompt, n, **sampling), samples) < 1e-6
 
@@ -372,9 +437,13 @@ def test_generate_chat_and_serve_take_a_draft_model(model_dirs, capsys, monkeypa
     assert main([*hello, "--draft-confidence", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "draft_confidence must be a number from 0 up to" in err
+    with pytest.raises(SystemExit) as e:
+        main([*hello, "--draft-schedule", "sometimes"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--draft-schedule" in err and "adaptive" in err
 
     chat = load_chat_model(str(path / "target"), device="cpu", dtype="fp32", draft_model=str(path / "draft"))
-    assert chat.engine.draft is not None and chat.engine.draft_tokens == 3
+    assert chat.engine.draft is not None and chat.engine.draft_tokens == DRAFT_TOKENS
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi there\n/exit\n"))
     argv = [
         "chat",
@@ -397,10 +466,10 @@ def test_generate_chat_and_serve_take_a_draft_model(model_dirs, capsys, monkeypa
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: started.append(self.config.app))
     serve = ["serve", "--model", str(path / "target"), "--port", "0", "--device", "cpu", "--dtype", "fp32"]
     draft = ["--draft-model", str(path / "draft"), "--draft-tokens", "2", "--draft-confidence", "0.4"]
-    assert main([*serve, *draft]) == 0
+    assert main([*serve, *draft, "--draft-schedule", "fixed"]) == 0
     [app] = started
     assert app.state.chat.engine.draft is not None and app.state.chat.engine.draft_tokens == 2
-    assert app.state.chat.engine.draft_confidence == 0.4
+    assert app.state.chat.engine.draft_confidence == 0.4 and app.state.chat.engine.draft_schedule == "fixed"
     assert app.state.scheduler.max_batch_size == 1 and "one request at a time" in capsys.readouterr().out
     assert main([*serve, "--draft-model", str(path / "other")]) == 2
     assert "draft model" in capsys.readouterr().err
@@ -408,7 +477,12 @@ def test_generate_chat_and_serve_take_a_draft_model(model_dirs, capsys, monkeypa
 
 def test_runtime_settings_hold_the_draft():
     settings = RuntimeSettings()
-    assert (settings.draft_model, settings.draft_tokens, settings.draft_confidence) == (None, 3, 0.5)
+    assert (settings.draft_model, settings.draft_tokens, settings.draft_confidence) == (
+        None,
+        DRAFT_TOKENS,
+        DRAFT_CONFIDENCE,
+    )
+    assert settings.draft_schedule == "adaptive"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
