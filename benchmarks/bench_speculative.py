@@ -23,10 +23,10 @@ Measurement: the first 8 tokens of --prompts documents that the target's run hel
 each continued by --new-tokens greedy tokens (past the end of text), plainly and with the draft proposing
 up to k tokens a round for each k of --draft-tokens, each --draft-confidence (stopping early where the
 draft is unsure) and each --draft-schedule (adaptive: as many as the last rounds suggest; fixed: k),
-candidates in rotation (plain, k1, k2, ... per prompt) so that load changes hit them alike; each figure sums each prompt's best time of --repeats runs. The greedy
-texts with and without the draft are compared (bf16 weights may part at near ties: the target scores
-k + 1 positions in one pass). The issue's goal: at least 1.5x at batch 1 when the acceptance rate is
-above 60%.
+candidates in rotation (plain, k1, k2, ... per prompt) so that load changes hit them alike; each figure
+sums each prompt's best time of --repeats runs. The greedy texts with and without the draft are compared
+(bf16 weights may part at near ties: the target scores k + 1 positions in one pass). The issue's goal:
+at least 1.5x at batch 1 when the acceptance rate is above 60%.
 """
 
 from __future__ import annotations
