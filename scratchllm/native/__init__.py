@@ -111,11 +111,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
     return torch.ops.scratchllm.rms_norm(x, weight, eps, unit_offset)
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+def gelu_tanh(x: torch.Tensor, portable: bool = False) -> torch.Tensor:
     """GPT-2's tanh GELU (`GELU()` of model/parts.py) of a contiguous fp32 or bf16 `x`, vectorized: each
-    value's result the same wherever it sits (within a few fp32 steps of `F.gelu`'s). Call `available()`
-    first."""
-    return torch.ops.scratchllm.gelu_tanh(x)
+    value's result the same wherever it sits (within a few fp32 steps of `F.gelu`'s). `portable`: the
+    plain loop (std::exp) even where the CPU has vector instructions. Call `available()` first."""
+    return torch.ops.scratchllm.gelu_tanh(x, portable)
 
 
 def gpt_layers(

@@ -133,6 +133,15 @@ inline __m256 exp8(__m256 x) {
 // t = e^(-2|u|) <= 1, x / (1 + t) where u >= 0 and x t / (1 + t) below, so nothing overflows. One block of
 // kLanes values at a time, each lane on its own: a value's result does not depend on its neighbours.
 constexpr float kGeluScale = 0.7978845608f, kGeluCube = 0.044715f;
+
+// One value (portable; std::exp instead of the vector paths' polynomial).
+template <typename T>
+inline T gelu_one(T x) {
+  const float v = to_float(x), u = kGeluScale * std::fma(kGeluCube * v, v * v, v);
+  const float t = std::exp(-2.0f * std::fabs(u));
+  return store_as<T>(v * ((u < 0 ? t : 1.0f) / (1.0f + t)));
+}
+
 #ifdef __AVX512F__
 constexpr int64_t kLanes = 16;
 inline __m512 gelu16(__m512 x) {
@@ -160,22 +169,21 @@ inline void gelu_block(const uint16_t* x, uint16_t* y) { scratchllm::store_bf16x
 constexpr int64_t kLanes = 8;
 template <typename T>
 inline void gelu_block(const T* x, T* y) {
-  for (int64_t i = 0; i < kLanes; i++) {
-    const float v = to_float(x[i]), u = kGeluScale * std::fma(kGeluCube * v, v * v, v);
-    const float t = std::exp(-2.0f * std::fabs(u));
-    y[i] = store_as<T>(v * ((u < 0 ? t : 1.0f) / (1.0f + t)));
-  }
+  for (int64_t i = 0; i < kLanes; i++) y[i] = gelu_one(x[i]);
 }
 #endif
 
 // gelu_block over n values; the last, partial block through a padded copy, so every value takes the same code.
+// `portable`: gelu_one on each value even where the CPU has vector instructions (tests).
 template <typename T>
-void gelu_values(const T* x, T* y, int64_t n) {
+void gelu_values(const T* x, T* y, int64_t n, bool portable) {
   const int64_t blocks = (n + kLanes - 1) / kLanes;
   at::parallel_for(0, blocks, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b++) {
       const int64_t i = b * kLanes, m = std::min(kLanes, n - i);
-      if (m == kLanes) {
+      if (portable) {
+        for (int64_t j = i; j < i + m; j++) y[j] = gelu_one(x[j]);
+      } else if (m == kLanes) {
         gelu_block(x + i, y + i);
       } else {
         T in[kLanes] = {}, out[kLanes];
@@ -413,12 +421,12 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
   return out;
 }
 
-at::Tensor gelu_tanh(const at::Tensor& x) {
+at::Tensor gelu_tanh(const at::Tensor& x, bool portable) {
   TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "gelu_tanh: x must be contiguous, fp32 or bf16");
   auto y = at::empty_like(x);
-  if (x.scalar_type() == at::kFloat) gelu_values(data<float>(x), data_mut<float>(y), x.numel());
-  else gelu_values(data<uint16_t>(x), data_mut<uint16_t>(y), x.numel());
+  if (x.scalar_type() == at::kFloat) gelu_values(data<float>(x), data_mut<float>(y), x.numel(), portable);
+  else gelu_values(data<uint16_t>(x), data_mut<uint16_t>(y), x.numel(), portable);
   return y;
 }
 
@@ -466,7 +474,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, int64_t n_heads, int64_t n_kv
 
 TORCH_LIBRARY_FRAGMENT(scratchllm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, bool unit_offset) -> Tensor", &rms_norm);
-  m.def("gelu_tanh(Tensor x) -> Tensor", &gelu_tanh);
+  m.def("gelu_tanh(Tensor x, bool portable=False) -> Tensor", &gelu_tanh);
   m.def(
       "decode_attention(Tensor qkv, int n_heads, int n_kv_heads, Tensor? q_norm, Tensor? k_norm, float eps, "
       "bool unit_offset, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, float scale, "

@@ -14,7 +14,7 @@
 
 // gemv.cpp and decode.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool unit_offset);
-at::Tensor gelu_tanh(const at::Tensor& x);
+at::Tensor gelu_tanh(const at::Tensor& x, bool portable);
 at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            bool portable);
 at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
@@ -80,7 +80,7 @@ at::Tensor gpt_layers(at::Tensor x, const Params& params, at::IntArrayRef kinds,
     x = x + linear(params, kl, gl, first, 1, y);
     h = at::layer_norm(x, {E}, p(2), p(3), eps);
     auto f = linear(params, kl, gl, first, 2, h);
-    auto u = gelu == "tanh" ? gelu_tanh(f) : at::gelu(f, gelu);
+    auto u = gelu == "tanh" ? gelu_tanh(f, false) : at::gelu(f, gelu);
     x = x + linear(params, kl, gl, first, 3, u);
   }
   return x;

@@ -380,12 +380,14 @@ def test_decode_steps_take_the_fused_norm_and_keep_the_tokens(monkeypatch, arch)
     ]
 
 
+@pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gelu_tanh_is_the_modules_gelu_with_each_value_on_its_own(dtype):
+def test_gelu_tanh_is_the_modules_gelu_with_each_value_on_its_own(dtype, portable):
+    """The vector path of this CPU and the portable loop (what CPUs without AVX2 run) alike."""
     torch.manual_seed(2)
     x = (torch.randn(5, 3 * 16 + 5) * 4).to(dtype)  # rows that end inside a vector block
     x[0, :6] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0, -30.0])
-    got, want = native.gelu_tanh(x), GELU()(x)
+    got, want = native.gelu_tanh(x, portable), GELU()(x)
     assert got.dtype == dtype and got.shape == x.shape
     torch.testing.assert_close(got[0, :6], want[0, :6], equal_nan=True)
     exact = GELU()(x.double())[:, 6:]
@@ -395,8 +397,8 @@ def test_gelu_tanh_is_the_modules_gelu_with_each_value_on_its_own(dtype):
     else:
         torch.testing.assert_close(got[:, 6:].double(), exact, rtol=1e-6, atol=1e-6)
     # a value's result does not depend on where it sits: rows alone, and shifted by one place
-    assert all(torch.equal(native.gelu_tanh(x[i : i + 1]), got[i : i + 1]) for i in range(1, 5))
-    assert torch.equal(native.gelu_tanh(x[1:, 1:].contiguous()), got[1:, 1:])
+    assert all(torch.equal(native.gelu_tanh(x[i : i + 1], portable), got[i : i + 1]) for i in range(1, 5))
+    assert torch.equal(native.gelu_tanh(x[1:, 1:].contiguous(), portable), got[1:, 1:])
 
 
 def test_installed_gelus_take_the_native_kernel_and_keep_their_gradient():
