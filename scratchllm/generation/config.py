@@ -22,8 +22,8 @@ MAX_TOP_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
 DRAFT_CONFIDENCE = 0.0
 #: the most tokens a draft proposes per round, by default (up to 7, each checked token scores as alone)
 DRAFT_TOKENS = 7
-#: how the tokens a draft proposes per round are chosen: "adaptive" (within 1..draft_tokens, by how the
-#: last rounds went: `speculative.next_draft_length`) or "fixed" (always draft_tokens)
+#: how the tokens a draft proposes per round are chosen: "adaptive" (up to draft_tokens, by how the last
+#: rounds went: `speculative.DraftSchedule`) or "fixed" (always draft_tokens)
 DRAFT_SCHEDULES = ("adaptive", "fixed")
 DRAFT_SCHEDULE = "adaptive"
 
@@ -222,7 +222,8 @@ class RuntimeSettings:
     draft_schedule: str = setting(
         DRAFT_SCHEDULE,
         "adaptive: each round proposes one token more than the last after all were kept, one fewer after "
-        "a rejection (from 3, within 1..--draft-tokens); fixed: always --draft-tokens (with --draft-model)",
+        "a rejection (from 3, within 1..--draft-tokens), none for 1, 2, 4, ... rounds after a rejected "
+        "single guess; fixed: always --draft-tokens (with --draft-model)",
         "model",
         choices=DRAFT_SCHEDULES,
     )

@@ -11,9 +11,10 @@ positions costs hardly more. So each round:
    probability falls below it (a guess the target would likely reject costs a draft step for
    nothing), so that j <= k tokens are proposed. k is `draft_tokens` (the "fixed" schedule) or, by
    default ("adaptive"), follows the rounds so far within 1..draft_tokens: one more after a full round
-   that was all kept, one fewer after a rejection (`next_draft_length`), so that rounds grow while the
-   draft follows the text and shrink where it does not (each row of a check costs a little, on CPUs
-   more than a little, and a guess past the first wrong one is never kept);
+   that was all kept, one fewer after a rejection, none for a while after a rejected single guess
+   (`DraftSchedule`), so that rounds grow while the draft follows the text and shrink where it does not
+   (each row of a check costs a little, on CPUs more than a little, and a guess past the first wrong one
+   is never kept);
 2. the target runs once over the last token and d1..dj (j + 1 positions, with its KV cache), which
    gives its distributions p_1..p_(j+1) of the next token after each of them;
 3. d_i is kept with probability min(1, p_i(d_i) / q_i(d_i)) (greedy: if it is p_i's most likely
@@ -60,6 +61,7 @@ from .sampling import TokenLogprob, apply_penalties, sampling_probs, token_logpr
 
 MAX_DRAFT_TOKENS = 32
 DRAFT_START = 3  # what an adaptive schedule's first round proposes at most
+MAX_DRAFT_PAUSE = 16  # rounds, at most, that an adaptive schedule goes on without a failing draft
 # texts both tokenizers must split alike (a few ids are checked besides)
 PROBES = (
     "Hello, world! The quick brown fox jumps over 13 lazy dogs.\n",
@@ -184,14 +186,39 @@ def check_draft_settings(
     check_draft_schedule(draft_schedule)
 
 
-def next_draft_length(length: int, proposed: int, accepted: int, most: int) -> int:
-    """The adaptive schedule: how many tokens the next round proposes, after one that could propose
-    `length` and proposed `proposed`, of which the target kept `accepted`. One fewer after a rejection
-    (at least 1), one more when a full round was all kept (at most `most`), else the same: rounds grow
-    while the draft follows the text and shrink where it does not."""
-    if accepted < proposed:
-        return max(1, length - 1)
-    return min(most, length + 1) if proposed == length else length
+class DraftSchedule:
+    """How many tokens each round's draft proposes. "fixed": always `most`. "adaptive": from DRAFT_START,
+    one more after a full round that was all kept (at most `most`), one fewer after a rejection (at least
+    1), so that rounds grow while the draft follows the text and shrink where it does not; and a rejected
+    single guess pauses the draft for 1, 2, 4, ... rounds (at most MAX_DRAFT_PAUSE; a kept guess starts
+    over at 1), which decode as without it."""
+
+    def __init__(self, most: int, adaptive: bool = True):
+        self.most, self.adaptive = most, adaptive
+        self.length = min(most, DRAFT_START) if adaptive else most  # what a round proposes, unpaused
+        self.pause = 0  # rounds left without the draft
+        self.backoff = 0  # the latest pause
+
+    def next(self) -> int:
+        """The tokens the next round may propose (0: a paused round)."""
+        if self.pause:
+            self.pause -= 1
+            return 0
+        return self.length
+
+    def update(self, proposed: int, accepted: int) -> None:
+        """A round that proposed `proposed` tokens (fewer than `next()` said where a stop or a limit cut
+        it short) and kept `accepted` of them."""
+        if not self.adaptive or not proposed:
+            return
+        if accepted:
+            self.backoff = 0
+        if accepted == proposed:
+            self.length = min(self.most, self.length + 1) if proposed == self.length else self.length
+        elif self.length > 1:
+            self.length -= 1
+        else:
+            self.backoff = self.pause = min(MAX_DRAFT_PAUSE, 2 * self.backoff or 1)
 
 
 class _CachedModel:
@@ -280,8 +307,7 @@ class SpeculativeDecoder:
         self.config = config
         self.k = check_draft_tokens(draft_tokens)
         self.confidence = check_draft_confidence(draft_confidence)
-        self.adaptive = check_draft_schedule(draft_schedule) == "adaptive"
-        self.length = min(self.k, DRAFT_START) if self.adaptive else self.k  # what the next round proposes
+        self.schedule = DraftSchedule(self.k, check_draft_schedule(draft_schedule) == "adaptive")
         self.tokens = [int(t) for t in prompt]
         if not self.tokens:
             raise ScratchLLMError("generation: the prompt is empty; give at least one token")
@@ -347,7 +373,7 @@ class SpeculativeDecoder:
             k, drafts, q = 0, [], None
             raw = self.target.window_logits(text)
         else:
-            k = min(self.length, cfg.max_new_tokens - self.steps - 1, self.target.max_len - n)
+            k = min(self.schedule.next(), cfg.max_new_tokens - self.steps - 1, self.target.max_len - n)
             k = min(k, self.draft.max_len - self.draft.max_len // 2)  # what fits a cropped draft window
             drafts, q = self._propose(k) if k > 0 else ([], None)
             raw = self.target.logits(text, drafts, last=len(drafts) + 1)
@@ -356,8 +382,7 @@ class SpeculativeDecoder:
             accepted, token = _verify_greedy(logits, drafts)
         else:
             accepted, token = self._verify_sampled(logits, drafts, q)
-        if self.adaptive and drafts:
-            self.length = next_draft_length(self.length, len(drafts), accepted, self.k)
+        self.schedule.update(len(drafts), accepted)
         new = [*drafts[:accepted], token]
         text.extend(new)
         self.target.keep(len(text) - 1)  # every token but the newest, which the next round feeds
@@ -461,6 +486,7 @@ def _verify_greedy(logits: torch.Tensor, drafts: list[int]) -> tuple[int, int]:
 
 __all__ = [
     "MAX_DRAFT_TOKENS",
+    "DraftSchedule",
     "SpeculationStats",
     "SpeculativeDecoder",
     "check_draft",
@@ -469,5 +495,4 @@ __all__ = [
     "check_draft_settings",
     "check_draft_tokens",
     "load_draft",
-    "next_draft_length",
 ]

@@ -23,10 +23,11 @@ from scratchllm.generation.config import DRAFT_CONFIDENCE, DRAFT_SCHEDULES, DRAF
 from scratchllm.generation.sampling import sampling_probs
 from scratchllm.generation.speculative import (
     DRAFT_START,
+    MAX_DRAFT_PAUSE,
+    DraftSchedule,
     SpeculativeDecoder,
     _CachedModel,
     check_draft,
-    next_draft_length,
 )
 from scratchllm.model import registry
 from scratchllm.model.attention import KVCache
@@ -173,18 +174,37 @@ def test_an_unsure_draft_stops_proposing_early():
 
 
 def test_the_next_rounds_length_follows_the_last_ones_verdicts():
-    # (length, proposed, accepted) -> the next round's length, at most 5
-    assert next_draft_length(3, 3, 3, 5) == 4  # a full round all kept: one more
-    assert next_draft_length(5, 5, 5, 5) == 5  # ... up to the most
-    assert next_draft_length(3, 3, 1, 5) == 2  # a rejection: one fewer
-    assert next_draft_length(1, 1, 0, 5) == 1  # ... down to 1
-    assert next_draft_length(4, 2, 2, 5) == 4  # a round cut short (a stop, a limit), all kept: the same
+    def after(*rounds, most=5):  # rounds (proposed, accepted), each as long as `next()` allowed
+        schedule = DraftSchedule(most)
+        lengths = []
+        for kept in rounds:
+            lengths.append(schedule.next())
+            schedule.update(lengths[-1], kept if lengths[-1] else 0)
+        return lengths, schedule.next()
+
+    assert after(3, 4, 5, 5) == ([3, 4, 5, 5], 5)  # all kept: one more a round, up to the most
+    assert after(1, 0, 1) == ([3, 2, 1], 2)  # a rejection: one fewer (whatever was kept before it)
+    # a rejected single guess pauses the draft for 1, 2, 4, ... rounds; a kept one starts over at 1
+    lengths, _ = after(*[0] * 12, 1, 0, 0, 0)
+    assert lengths == [3, 2, 1, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1, 2, 1, 0], lengths
+    schedule = DraftSchedule(5)
+    for _ in range(200):  # never more than the longest pause in a row
+        length = schedule.next()
+        schedule.update(length, 0)
+    assert schedule.backoff == MAX_DRAFT_PAUSE
+    schedule = DraftSchedule(7)
+    schedule.update(2, 2)  # a round cut short (a stop, a limit), all kept: the same length
+    assert schedule.next() == 3
+    fixed = DraftSchedule(4, adaptive=False)
+    for proposed, kept in ((4, 0), (4, 4), (1, 0)):
+        assert fixed.next() == 4
+        fixed.update(proposed, kept)
 
 
 def test_adaptive_rounds_grow_with_a_draft_that_follows_and_shrink_with_one_that_does_not():
     """The same text either way; a draft that is the target itself proposes ever longer rounds, up to
-    draft_tokens, and a draft that never agrees soon proposes one token a round, where the fixed
-    schedule keeps proposing draft_tokens."""
+    draft_tokens, and a draft that never agrees soon proposes one token a round, then rests for
+    ever longer pauses, where the fixed schedule keeps proposing draft_tokens."""
     target = lm(0)
     plain = Engine(target, ByteTokenizer())
     settings = dict(max_new_tokens=60, ignore_eos=True)
@@ -205,9 +225,10 @@ def test_adaptive_rounds_grow_with_a_draft_that_follows_and_shrink_with_one_that
     assert lengths[:6] == [DRAFT_START, 4, 5, 6, 7, 7] and same.acceptance_rate == 1.0
     assert stats["same", "fixed"][0][:3] == [7, 7, 7]
     lengths, other = stats["other", "adaptive"]
-    assert lengths[:3] == [DRAFT_START, 2, 1] and sum(lengths) < 1.2 * len(lengths), lengths
+    assert lengths[:3] == [DRAFT_START, 2, 1] and set(lengths[3:]) == {1}, lengths
     fixed = stats["other", "fixed"][1]
     assert other.acceptance_rate < 0.1 and other.proposed < fixed.proposed / 4, (other, fixed)
+    assert other.rounds > 2 * len(lengths), (other, lengths)  # most rounds without the draft
 
 
 def test_stop_tokens_stop_strings_and_limits_end_a_row_inside_a_round():
