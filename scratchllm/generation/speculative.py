@@ -214,7 +214,8 @@ class DraftSchedule:
         if accepted:
             self.backoff = 0
         if accepted == proposed:
-            self.length = min(self.most, self.length + 1) if proposed == self.length else self.length
+            if proposed == self.length:  # a round cut short keeps its length
+                self.length = min(self.most, self.length + 1)
         elif self.length > 1:
             self.length -= 1
         else:

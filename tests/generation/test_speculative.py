@@ -174,10 +174,10 @@ def test_an_unsure_draft_stops_proposing_early():
 
 
 def test_the_next_rounds_length_follows_the_last_ones_verdicts():
-    def after(*rounds, most=5):  # rounds (proposed, accepted), each as long as `next()` allowed
+    def after(*kept_counts, most=5):  # each round proposes what `next()` allows and keeps the count given
         schedule = DraftSchedule(most)
         lengths = []
-        for kept in rounds:
+        for kept in kept_counts:
             lengths.append(schedule.next())
             schedule.update(lengths[-1], kept if lengths[-1] else 0)
         return lengths, schedule.next()
@@ -214,7 +214,6 @@ def test_adaptive_rounds_grow_with_a_draft_that_follows_and_shrink_with_one_that
         for name, draft in (("same", target), ("other", lm(5))):
             for schedule in DRAFT_SCHEDULES:
                 engine = Engine(target, ByteTokenizer(), draft=draft, draft_tokens=7, draft_schedule=schedule)
-                lengths: list[int] = []
                 dec = engine._decoder([[1, 2, 3]], GenerationConfig(**settings))
                 dec._propose = counted(dec._propose, rounds := [])
                 tokens = [dec.step()[0] for _ in range(60)]
